@@ -1,0 +1,84 @@
+"""Turn collected statistics into spectra, ranks-for-variance, bases and overlap matrices."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from .collector import SpectrumCollector
+from .eigen import LEVELS, eigh_desc, explained_variance, overlap_matrix, ranks_for
+from .stats import StreamingCovariance, sketch_covariance_eig
+
+
+def _pooled(stats: list[StreamingCovariance]) -> StreamingCovariance:
+    out = StreamingCovariance(stats[0].dim)
+    for s in stats:
+        out.merge(s)
+    return out
+
+
+def summarise(col: SpectrumCollector, basis_k: Optional[int] = None) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Eigen analysis of every statistic; returns (JSON results, tensors to save).
+
+    Per (layer, head): row eigenvalues, explained-variance curve, k90/k95/k99; per layer: the same
+    for rows pooled over heads; overall pooled. Bases for overlap use ``basis_k`` eigenvectors
+    (default: the pooled k90). Full-matrix results come from the sketch and the exact total variance.
+    """
+    L, H = col.layers, col.heads
+    res: dict[str, Any] = {"layers": L, "heads": H, "seq_len": col.seq_len, "levels": list(LEVELS)}
+    tensors: dict[str, torch.Tensor] = {}
+    head_curves, head_ranks, head_bases = {}, {}, {}
+    for (l, h), st in col.rows.items():
+        evals, evecs = eigh_desc(st.covariance())
+        curve = explained_variance(evals)
+        head_curves[(l, h)], head_ranks[(l, h)] = curve, ranks_for(curve)
+        head_bases[(l, h)] = evecs
+        tensors[f"rows.eigvals.{l}.{h}"] = evals
+        tensors[f"rows.mean.{l}.{h}"] = st.mean
+        tensors[f"rows.cov.{l}.{h}"] = st.covariance()
+    res["n_rows"] = {f"{l}.{h}": st.n for (l, h), st in col.rows.items()}
+    layer_stats = {l: _pooled([col.rows[(l, h)] for h in H]) for l in L}
+    overall = _pooled(list(layer_stats.values()))
+    ov_evals, ov_vecs = eigh_desc(overall.covariance())
+    ov_curve = explained_variance(ov_evals)
+    k = basis_k or ranks_for(ov_curve)["k90"]
+    k = max(1, min(k, col.seq_len))
+    res["basis_k"] = k
+    res["pooled"] = {"curve": ov_curve[:64].tolist(), **ranks_for(ov_curve)}
+    tensors["rows.basis.pooled"] = ov_vecs[:, :k]
+    layer_bases = {}
+    res["per_layer"] = {}
+    for l, st in layer_stats.items():
+        evals, evecs = eigh_desc(st.covariance())
+        curve = explained_variance(evals)
+        layer_bases[l] = evecs[:, :k]
+        tensors[f"rows.basis.layer.{l}"] = layer_bases[l]
+        res["per_layer"][str(l)] = {"curve": curve[:64].tolist(), **ranks_for(curve)}
+    res["per_head"] = {
+        f"{l}.{h}": {"curve": head_curves[(l, h)][:64].tolist(), **head_ranks[(l, h)]} for (l, h) in col.rows}
+    for (l, h), vecs in head_bases.items():
+        tensors[f"rows.basis.{l}.{h}"] = vecs[:, :k]
+    res["overlap_layers"] = overlap_matrix([layer_bases[l] for l in L]).tolist()
+    res["overlap_heads"] = {str(l): overlap_matrix([head_bases[(l, h)][:, :k] for h in H]).tolist() for l in L}
+    # Chance level: expected overlap of two random k-dim subspaces of R^N is k/N.
+    res["overlap_chance"] = k / col.seq_len
+    if col.sketch_size:
+        res["full_matrix"] = {}
+        for (l, h), diag in col.full_diag.items():
+            total = float(diag.covariance().sum())
+            evals, _ = sketch_covariance_eig(col.full_sketch[(l, h)].sketch(), diag.mean, diag.n, col.sketch_size)
+            curve = explained_variance(evals, total)
+            ranks = ranks_for(curve)
+            res["full_matrix"][f"{l}.{h}"] = {
+                "curve": curve.tolist(), "total_variance": total, **ranks,
+                "n_matrices": diag.n, "sketch_size": col.sketch_size}
+            tensors[f"full.eigvals.{l}.{h}"] = evals
+    res["k90_grid"] = [[head_ranks[(l, h)]["k90"] for h in H] for l in L]
+    return res, tensors
+
+
+def cross_overlap(bases_a: dict[int, torch.Tensor], bases_b: dict[int, torch.Tensor]) -> np.ndarray:
+    """Layer x layer overlap between two models' (or runs') per-layer bases."""
+    return overlap_matrix([bases_a[l] for l in sorted(bases_a)], [bases_b[l] for l in sorted(bases_b)])

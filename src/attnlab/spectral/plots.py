@@ -1,0 +1,40 @@
+"""Spectrum plots: explained variance per layer, k90 heatmap, overlap heatmaps."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..io import RunDir
+from ..report.plotting import curves, heatmap
+
+PLOTS = {
+    "spectrum_curves.png": "Explained variance of score rows (pooled over heads) per layer",
+    "spectrum_k90.png": "Rank needed for 90% of row variance, per layer and head",
+    "spectrum_overlap_layers.png": "Eigenspace overlap between layers",
+    "spectrum_full_curves.png": "Explained variance of whole score matrices (sketch) per layer, head-averaged",
+}
+
+
+def plot_spectrum(run: RunDir, res: dict[str, Any]) -> list[str]:
+    """Write the spectrum PNGs into the run directory; returns their file names."""
+    layers, heads = res["layers"], res["heads"]
+    made = []
+    series = {f"layer {l}": res["per_layer"][str(l)]["curve"] for l in layers}
+    curves(series, "Row scores: explained variance", "k (eigenvectors)", "fraction of variance",
+           run.file("spectrum_curves.png"), hlines=(0.9, 0.99))
+    made.append("spectrum_curves.png")
+    heatmap(res["k90_grid"], "k for 90% row variance", "head", "layer", run.file("spectrum_k90.png"),
+            fmt="{:.0f}", cmap="magma")
+    made.append("spectrum_k90.png")
+    heatmap(res["overlap_layers"], f"Layer eigenspace overlap (k={res['basis_k']}, chance {res['overlap_chance']:.2f})",
+            "layer", "layer", run.file("spectrum_overlap_layers.png"), vmin=0, vmax=1)
+    made.append("spectrum_overlap_layers.png")
+    if res.get("full_matrix"):
+        series = {}
+        for l in layers:
+            cs = [res["full_matrix"][f"{l}.{h}"]["curve"] for h in heads]
+            series[f"layer {l}"] = [sum(c[i] for c in cs) / len(cs) for i in range(len(cs[0]))]
+        curves(series, "Whole score matrices: explained variance (FD sketch, lower bound)", "k",
+               "fraction of variance", run.file("spectrum_full_curves.png"), hlines=(0.9,))
+        made.append("spectrum_full_curves.png")
+    return made

@@ -1,0 +1,149 @@
+"""`attnlab spectrum`: capture scores over a corpus and analyse their eigen structure (resumable, torchrun-ready)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from ..capture.corpus import token_windows
+from ..capture.hf import HFModel, check_heads, check_layers, load_model
+from ..capture.run import Model, n_heads_of, n_layers_of, stream_attention
+from ..config import fingerprint
+from ..distributed import barrier, device_for, init_distributed
+from ..errors import ConfigError, ResultsError
+from ..io import RunDir, read_tensors, write_tensors
+from ..models.transformer import SmallTransformer
+from .analysis import summarise
+from .collector import SpectrumCollector
+
+TENSORS = "spectrum.safetensors"
+
+
+@dataclass
+class SpectrumConfig:
+    """Settings of a spectrum run (CLI flags and TOML keys have the same names)."""
+
+    model: str = "minilm"  # HF hub id, local folder, or 'minilm' (packaged all-MiniLM-L6-v2)
+    corpus: Optional[str] = None  # file, directory, .jsonl, or None for stdlib docstrings
+    seq_len: int = 128  # tokens per window (special tokens included)
+    n_sequences: int = 256  # windows analysed
+    layers: Optional[list[int]] = None  # None = all
+    heads: Optional[list[int]] = None  # None = all
+    batch_size: int = 8
+    sketch_size: int = 16  # full-matrix sketch rows per head (0 disables the full-matrix analysis)
+    head_chunk: int = 4  # heads scored at once (bounds peak memory)
+    basis_k: Optional[int] = None  # basis size for overlaps (None = pooled k90)
+    split: str = "fit"  # fit | heldout | all: which documents (held-out ones are kept for evaluation)
+    device: str = "cpu"
+    seed: int = 0
+    checkpoint_every: int = 8  # batches between checkpoints (resume)
+    text_field: str = "text"  # JSON-lines field holding the text
+
+    def validate(self) -> None:
+        """Raise ConfigError on bad values."""
+        for name in ("seq_len", "n_sequences", "batch_size", "head_chunk", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(self, name)})")
+        if self.sketch_size < 0 or self.sketch_size == 1:
+            raise ConfigError(f"--sketch-size must be 0 (off) or >= 2 (got {self.sketch_size})")
+        if self.basis_k is not None and not 1 <= self.basis_k <= self.seq_len:
+            raise ConfigError(f"--basis-k must be in [1, --seq-len {self.seq_len}] (got {self.basis_k})")
+
+
+def select_windows(tokenizer, cfg: Any, n: int, split: str) -> torch.Tensor:
+    """``n`` windows drawn with ``cfg.seed`` from a pool of the corpus split (deterministic)."""
+    pool = token_windows(tokenizer, cfg.seq_len, cfg.corpus, max_windows=4 * n, split=split, text_field=cfg.text_field)
+    if len(pool) <= n:
+        return pool
+    g = torch.Generator().manual_seed(cfg.seed)
+    idx = torch.randperm(len(pool), generator=g)[:n].sort().values
+    return pool[idx]
+
+
+def resolve_model(model: str | Model, device: str, seq_len: int) -> Model:
+    """Load by name if needed and check the sequence length fits the model."""
+    m = load_model(model, device=device) if isinstance(model, str) else model
+    max_len = m.cfg.max_len if isinstance(m, SmallTransformer) else m.max_len
+    if seq_len > max_len:
+        raise ConfigError(f"--seq-len {seq_len} exceeds the model's maximum of {max_len} positions")
+    return m
+
+
+def spectrum(out: str | Path, model: str | Model = "minilm", windows: Optional[torch.Tensor] = None,
+             resume: bool = False, progress: bool = True, **settings: Any) -> dict[str, Any]:
+    """Run the spectral analysis and write it into run directory ``out``; returns the results section.
+
+    ``settings`` are :class:`SpectrumConfig` fields. Pass ``windows`` (M, seq_len) to bypass the corpus
+    (e.g. for our own small transformer). Under torchrun each rank takes a shard of the windows and
+    statistics are merged by all-reduce; rank 0 writes.
+    """
+    cfg = SpectrumConfig(model=model if isinstance(model, str) else type(model).__name__, **settings)
+    cfg.validate()
+    info = init_distributed(cfg.device)
+    device = device_for(info, cfg.device)
+    run = RunDir(out)
+    m = resolve_model(model, device, cfg.seq_len)
+    layers = check_layers(cfg.layers, n_layers_of(m))
+    heads = check_heads(cfg.heads, n_heads_of(m))
+    if windows is None:
+        if isinstance(m, SmallTransformer):
+            raise ConfigError("our own transformer has no tokenizer: pass windows=(M, seq_len) token ids")
+        windows = select_windows(m.tokenizer, cfg, cfg.n_sequences, cfg.split)
+    elif windows.dim() != 2 or windows.shape[1] != cfg.seq_len:
+        raise ConfigError(f"windows must be (M, seq_len={cfg.seq_len}), got {tuple(windows.shape)}")
+    mine = windows[info.rank::info.world_size]
+    col = SpectrumCollector(layers, heads, cfg.seq_len, cfg.sketch_size, cfg.head_chunk, device=device)
+    conf = asdict(cfg)
+    fp = fingerprint(conf)
+    ckpt = run.file(f"spectrum.ckpt.rank{info.rank}.safetensors")
+    start = 0
+    if resume and ckpt.exists():
+        state, meta = read_tensors(ckpt)
+        if meta.get("fingerprint") != fp:
+            raise ResultsError(f"{ckpt}: checkpoint is from different settings; use a new --out or drop --resume")
+        col.load_state(state)
+        start = int(meta["batches_done"])
+    elif not resume and info.is_main and run.section("spectrum") is not None:
+        pass  # a fresh run overwrites the old section at the end
+
+    def checkpoint(batch: int) -> None:
+        if (batch + 1) % cfg.checkpoint_every == 0:
+            write_tensors(ckpt, col.state(), {"fingerprint": fp, "batches_done": batch + 1})
+
+    t0 = time.perf_counter()
+    n_batches = stream_attention(m, mine, col, layers, cfg.batch_size, start_batch=start, on_batch_end=checkpoint,
+                                 desc="spectrum", show_progress=progress and info.is_main)
+    if info.enabled:
+        col.all_reduce()
+    elapsed = time.perf_counter() - t0
+    col.cpu()
+    results, tensors = summarise(col, cfg.basis_k)
+    results.update({
+        "config": conf, "model": m.describe() if isinstance(m, HFModel) else {"name": cfg.model, **m.cfg.to_dict()},
+        "n_sequences": int(len(windows)), "world_size": info.world_size, "seconds": round(elapsed, 3),
+        "batches": n_batches})
+    if info.is_main:
+        write_tensors(run.file(TENSORS), tensors, {"fingerprint": fp, "seq_len": cfg.seq_len, "model": cfg.model})
+        run.write_config("spectrum", conf)
+        run.write_section("spectrum", results)
+        from .plots import plot_spectrum
+
+        plot_spectrum(run, results)
+    barrier(info)
+    if ckpt.exists():
+        ckpt.unlink()
+    return results
+
+
+def load_bases(run_dir: str | Path) -> tuple[dict[int, torch.Tensor], dict[str, Any]]:
+    """Per-layer row bases of a finished spectrum run, with their metadata (model, seq_len)."""
+    run = RunDir(run_dir, create=False)
+    tensors, meta = read_tensors(run.file(TENSORS))
+    bases = {int(k.rsplit(".", 1)[1]): v for k, v in tensors.items() if k.startswith("rows.basis.layer.")}
+    if not bases:
+        raise ResultsError(f"{run.file(TENSORS)}: no per-layer bases (is this a spectrum run?)")
+    return bases, meta

@@ -1,0 +1,67 @@
+"""HTML fragment for the ``variables`` section of a run directory (embedded by the report module)."""
+
+from __future__ import annotations
+
+from html import escape
+from typing import Any
+
+from ..io import RunDir
+from .experiment import SECTION
+
+
+def _fmt(v: Any) -> str:
+    """Short, escaped text for a table cell."""
+    if v is None:
+        return "&mdash;"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return escape(str(v))
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    head = "".join(f"<th>{escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{_fmt(c)}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def render_section(run: RunDir) -> str:
+    """The variables section as an HTML fragment: m*(T) table, fits, probe, and <img> of the PNGs."""
+    sec = run.section(SECTION)
+    if not sec:
+        return "<section id='variables'><h2>Variable creation</h2><p>No variables results in this run.</p></section>"
+    cfg = sec.get("config", {})
+    search = cfg.get("search", {})
+    parts = [
+        "<section id='variables'><h2>Variable creation: sample complexity vs context length</h2>",
+        f"<p>Task <b>{_fmt(cfg.get('task'))}</b>, s = {_fmt(cfg.get('s'))}, {_fmt(cfg.get('seeds'))} seeds, "
+        f"threshold {_fmt(search.get('threshold'))} test accuracy in at least {_fmt(search.get('share'))} of seeds; "
+        f"device {_fmt(sec.get('device'))}, wall {_fmt(sec.get('wall_s'))} s.</p>",
+    ]
+    rows = [[r["T"], r["m_star"], r.get("lower"), ", ".join(f"{k}: {_fmt(v)}" for k, v in r.get("per_seed", {}).items()),
+             r.get("n_trials"), r.get("seconds")] for r in sec.get("results", [])]
+    parts.append(_table(["T", "m*", "largest failing m", "per seed (smallest m reached)", "trials", "seconds"], rows))
+    if sec.get("skipped_T"):
+        parts.append(f"<p>Skipped (time budget): T = {_fmt(sec['skipped_T'])}.</p>")
+    fits = sec.get("fits")
+    if fits:
+        frows = [[law, ", ".join(f"{k}={v:.4g}" for k, v in fits[law]["params"].items()), fits[law]["sse"],
+                  fits[law]["r2"], fits[law]["aic"]] for law in ("log", "power")]
+        parts.append("<h3>Fits</h3>" + _table(["law", "parameters", "SSE", "R^2", "AIC"], frows))
+        parts.append(f"<p>Better fit (lower AIC): <b>{escape(fits['best'])}</b> "
+                     f"(&Delta;AIC = {fits['delta_aic']:.2f}, {fits['n_points']} points).</p>")
+    elif sec.get("fit_error"):
+        parts.append(f"<p>Fits skipped: {escape(sec['fit_error'])}</p>")
+    probe = sec.get("probe")
+    if probe:
+        prow = [[f"L{l}H{h}", probe["mass"][l][h], probe["topk_precision"][l][h], probe["support_precision"][l][h],
+                 probe["support_recall"][l][h], probe["support_exact"][l][h]]
+                for l in range(len(probe["mass"])) for h in range(len(probe["mass"][l]))]
+        parts.append(f"<h3>Attention probe (T = {probe['T']}, m = {probe['m']}, test acc {_fmt(probe.get('test_acc'))}, "
+                     f"{escape(str(probe.get('attention')))})</h3>")
+        parts.append(_table(["head", "mass on relevant", "top-s precision", "support precision", "support recall",
+                             "support == relevant"], prow))
+    for png in sec.get("plots", []):
+        if run.file(png).exists():
+            parts.append(f"<img src='{escape(png)}' alt='{escape(png)}'>")
+    parts.append("</section>")
+    return "\n".join(parts)
