@@ -148,3 +148,14 @@ def batches(x: torch.Tensor, batch_size: int) -> Sequence[torch.Tensor]:
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1 (got {batch_size})")
     return list(x.split(batch_size))
+
+
+def select_windows(tokenizer, seq_len: int, corpus: Optional[str], n: int, split: str = "fit", seed: int = 0,
+                   text_field: str = "text") -> torch.Tensor:
+    """``n`` windows drawn with ``seed`` from a pool of 4n windows of the corpus split (deterministic)."""
+    pool = token_windows(tokenizer, seq_len, corpus, max_windows=4 * n, split=split, text_field=text_field)
+    if len(pool) <= n:
+        return pool
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(len(pool), generator=g)[:n].sort().values
+    return pool[idx]

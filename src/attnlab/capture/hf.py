@@ -103,7 +103,9 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "cpu", dtype: torch.dtyp
                head: Optional[str] = None) -> HFModel:
     """Load a model (HF hub id or local folder) and tokenizer; ``head`` may be 'masked-lm' or 'causal-lm'."""
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
     path = resolve_model_path(name)
     if not Path(path).exists() and (os.sep in name or name.startswith(".")):
         raise ModelError(f"--model {name}: no such local folder")

@@ -7,9 +7,10 @@ from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 
+from ..errors import ConfigError
 from ..models.transformer import SmallTransformer
 from ..progress import progress_bar
-from .hf import AttentionCall, HFModel, StopForward, attention_hooks, run_forward
+from .hf import AttentionCall, HFModel, StopForward, attention_hooks, load_model, run_forward
 from .own import own_model_hooks
 
 Model = HFModel | SmallTransformer
@@ -70,3 +71,12 @@ def stream_attention(
             if on_batch_end is not None:
                 on_batch_end(i)
     return len(chunks)
+
+
+def resolve_model(model: str | Model, device: str, seq_len: int) -> Model:
+    """Load by name if needed and check the sequence length fits the model."""
+    m = load_model(model, device=device) if isinstance(model, str) else model
+    max_len = m.cfg.max_len if isinstance(m, SmallTransformer) else m.max_len
+    if seq_len > max_len:
+        raise ConfigError(f"--seq-len {seq_len} exceeds the model's maximum of {max_len} positions")
+    return m

@@ -9,9 +9,9 @@ from typing import Any, Optional
 
 import torch
 
-from ..capture.corpus import token_windows
+from ..capture.corpus import select_windows  # noqa: F401  (re-exported)
 from ..capture.hf import HFModel, check_heads, check_layers, load_model
-from ..capture.run import Model, n_heads_of, n_layers_of, stream_attention
+from ..capture.run import Model, n_heads_of, n_layers_of, resolve_model, stream_attention
 from ..config import fingerprint
 from ..distributed import barrier, device_for, init_distributed
 from ..errors import ConfigError, ResultsError
@@ -54,25 +54,6 @@ class SpectrumConfig:
             raise ConfigError(f"--basis-k must be in [1, --seq-len {self.seq_len}] (got {self.basis_k})")
 
 
-def select_windows(tokenizer, cfg: Any, n: int, split: str) -> torch.Tensor:
-    """``n`` windows drawn with ``cfg.seed`` from a pool of the corpus split (deterministic)."""
-    pool = token_windows(tokenizer, cfg.seq_len, cfg.corpus, max_windows=4 * n, split=split, text_field=cfg.text_field)
-    if len(pool) <= n:
-        return pool
-    g = torch.Generator().manual_seed(cfg.seed)
-    idx = torch.randperm(len(pool), generator=g)[:n].sort().values
-    return pool[idx]
-
-
-def resolve_model(model: str | Model, device: str, seq_len: int) -> Model:
-    """Load by name if needed and check the sequence length fits the model."""
-    m = load_model(model, device=device) if isinstance(model, str) else model
-    max_len = m.cfg.max_len if isinstance(m, SmallTransformer) else m.max_len
-    if seq_len > max_len:
-        raise ConfigError(f"--seq-len {seq_len} exceeds the model's maximum of {max_len} positions")
-    return m
-
-
 def spectrum(out: str | Path, model: str | Model = "minilm", windows: Optional[torch.Tensor] = None,
              resume: bool = False, progress: bool = True, **settings: Any) -> dict[str, Any]:
     """Run the spectral analysis and write it into run directory ``out``; returns the results section.
@@ -92,7 +73,8 @@ def spectrum(out: str | Path, model: str | Model = "minilm", windows: Optional[t
     if windows is None:
         if isinstance(m, SmallTransformer):
             raise ConfigError("our own transformer has no tokenizer: pass windows=(M, seq_len) token ids")
-        windows = select_windows(m.tokenizer, cfg, cfg.n_sequences, cfg.split)
+        windows = select_windows(m.tokenizer, cfg.seq_len, cfg.corpus, cfg.n_sequences, cfg.split, cfg.seed,
+                                 cfg.text_field)
     elif windows.dim() != 2 or windows.shape[1] != cfg.seq_len:
         raise ConfigError(f"windows must be (M, seq_len={cfg.seq_len}), got {tuple(windows.shape)}")
     mine = windows[info.rank::info.world_size]

@@ -1,15 +1,35 @@
-"""Variable creation: sparse Boolean tasks, bounded-norm training, sample complexity m*(T), law fits."""
+"""Variable creation: sparse Boolean tasks, bounded-norm training, sample complexity m*(T), law fits.
 
-from .complexity import ComplexityResult, Learner, SearchConfig, TrialStore, sample_complexity, sweep
-from .experiment import SweepConfig, make_learner, run_sweep
-from .fit import FitReport, LawFit, fit_laws
-from .probe import attention_probe
-from .tasks import TASKS, Split, SparseBooleanTask, make_task
-from .train import NormControl, TrainConfig, TrainResult, model_norms, project_norms, train_model
+Names are imported lazily (PEP 562) so that ``attnlab variables --help`` does not import torch.
+"""
 
-__all__ = [
-    "TASKS", "ComplexityResult", "FitReport", "LawFit", "Learner", "NormControl", "SearchConfig", "Split",
-    "SparseBooleanTask", "SweepConfig", "TrainConfig", "TrainResult", "TrialStore", "attention_probe", "fit_laws",
-    "make_learner", "make_task", "model_norms", "project_norms", "run_sweep", "sample_complexity", "sweep",
-    "train_model",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "ComplexityResult": "complexity", "Learner": "complexity", "SearchConfig": "complexity",
+    "TrialStore": "complexity", "sample_complexity": "complexity", "sweep": "complexity",
+    "SweepConfig": "experiment", "make_learner": "experiment", "run_sweep": "experiment",
+    "FitReport": "fit", "LawFit": "fit", "fit_laws": "fit",
+    "attention_probe": "probe",
+    "plot_complexity": "plots", "plot_probe": "plots",
+    "render_section": "report",
+    "TASKS": "tasks", "Split": "tasks", "SparseBooleanTask": "tasks", "make_task": "tasks",
+    "NormControl": "train", "TrainConfig": "train", "TrainResult": "train", "model_norms": "train",
+    "project_norms": "train", "train_model": "train",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    """Import the public name from its submodule on first use."""
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+
+
+def __dir__() -> list[str]:
+    return __all__

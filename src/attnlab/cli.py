@@ -1,0 +1,203 @@
+"""`attnlab` command line. Heavy imports happen inside commands so that `--help` is instant.
+
+Precedence of settings: CLI flags > `--config file.toml` (section named after the command) > defaults.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+app = typer.Typer(
+    name="attnlab", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    help="Measure, predict and exploit the structure of self-attention in transformer models.\n\n"
+         "Start with `attnlab demo`; every command writes a run directory (results.json, *.safetensors, "
+         "*.png) that `attnlab report RUN_DIR` renders into one self-contained report.html.",
+)
+
+ConfigOpt = typer.Option(None, "--config", help="TOML file with defaults for this command ([command] section); "
+                                                  "flags given on the command line win.")
+ModelOpt = typer.Option(None, "--model", help="HF hub id (already cached), local model folder, or 'minilm' "
+                                              "(packaged all-MiniLM-L6-v2). [default: minilm]")
+CorpusOpt = typer.Option(None, "--corpus", help="Text file, directory of .txt/.md/.jsonl files, or .jsonl file. "
+                                                "[default: Python stdlib docstrings]")
+LayersOpt = typer.Option(None, "--layers", help="Layers to analyse, e.g. '0,2-4'. [default: all]")
+HeadsOpt = typer.Option(None, "--heads", help="Heads to analyse, e.g. '0-3,7'. [default: all]")
+DeviceOpt = typer.Option(None, "--device", help="cpu, cuda or cuda:N. [default: cpu]")
+SeedOpt = typer.Option(None, "--seed", help="Random seed (same seed, same numbers). [default: 0]")
+
+
+def parse_int_list(text: Optional[str | list], flag: str) -> Optional[list[int]]:
+    """Parse '0,2-4' (or a TOML list) into [0, 2, 3, 4]."""
+    from .errors import ConfigError
+
+    if text is None:
+        return None
+    if isinstance(text, list):
+        return [int(x) for x in text]
+    out: list[int] = []
+    try:
+        for part in str(text).split(","):
+            part = part.strip()
+            if not part:
+                continue
+            if "-" in part[1:]:
+                a, b = part.split("-", 1)
+                out.extend(range(int(a), int(b) + 1))
+            else:
+                out.append(int(part))
+    except ValueError as e:
+        raise ConfigError(f"{flag} {text!r}: expected integers like '0,2-4'") from e
+    if not out:
+        raise ConfigError(f"{flag} is empty; leave it out for all")
+    return out
+
+
+def settings(command: str, config: Optional[Path], defaults: dict[str, Any], **cli: Any) -> dict[str, Any]:
+    """Merge defaults, the TOML file's [command] section and the given CLI flags."""
+    from .config import load_config_file, merge
+
+    return merge(defaults, load_config_file(config, command), cli)
+
+
+@app.command()
+def capture(
+    out: Path = typer.Option(..., "--out", help="Run directory to write capture.safetensors into."),
+    model: Optional[str] = ModelOpt, corpus: Optional[str] = CorpusOpt,
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Tokens per window. [default: 128]"),
+    n_sequences: Optional[int] = typer.Option(None, "--n-sequences", help="Windows to capture. [default: 8]"),
+    layers: Optional[str] = LayersOpt, heads: Optional[str] = HeadsOpt,
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Windows per forward pass. [default: 8]"),
+    with_qk: Optional[bool] = typer.Option(None, "--with-qk/--no-qk", help="Also save queries and keys."),
+    device: Optional[str] = DeviceOpt, seed: Optional[int] = SeedOpt, config: Optional[Path] = ConfigOpt,
+) -> None:
+    """Save raw pre-softmax scores (scaled, masked as the model does) of a few windows to safetensors.
+
+    Example: attnlab capture --out runs/cap --n-sequences 4 --layers 0,5 --with-qk
+    """
+    from .capture.dump import capture as run_capture
+
+    defaults = dict(model="minilm", corpus=None, seq_len=128, n_sequences=8, layers=None, heads=None, batch_size=8,
+                    with_qk=False, device="cpu", seed=0)
+    s = settings("capture", config, defaults, model=model, corpus=corpus, seq_len=seq_len, n_sequences=n_sequences,
+                 layers=layers, heads=heads, batch_size=batch_size, with_qk=with_qk, device=device, seed=seed)
+    s["layers"], s["heads"] = parse_int_list(s["layers"], "--layers"), parse_int_list(s["heads"], "--heads")
+    meta = run_capture(out, **s)
+    typer.echo(f"captured {meta['n_sequences']} x {len(meta['layers'])} layers x {len(meta['heads'])} heads -> "
+               f"{out / 'capture.safetensors'}")
+
+
+@app.command()
+def spectrum(
+    out: Path = typer.Option(..., "--out", help="Run directory (created; results.json, spectrum.safetensors, plots)."),
+    model: Optional[str] = ModelOpt, corpus: Optional[str] = CorpusOpt,
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Tokens per window. [default: 128]"),
+    n_sequences: Optional[int] = typer.Option(None, "--n-sequences", help="Windows analysed. [default: 256]"),
+    layers: Optional[str] = LayersOpt, heads: Optional[str] = HeadsOpt,
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Windows per forward pass. [default: 8]"),
+    sketch_size: Optional[int] = typer.Option(None, "--sketch-size",
+                                              help="Full-matrix sketch rows per head; 0 disables. [default: 16]"),
+    basis_k: Optional[int] = typer.Option(None, "--basis-k", help="Basis size for overlaps. [default: pooled k90]"),
+    split: Optional[str] = typer.Option(None, "--split", help="fit | heldout | all documents. [default: fit]"),
+    device: Optional[str] = DeviceOpt, seed: Optional[int] = SeedOpt,
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its checkpoint."),
+    report: bool = typer.Option(True, "--report/--no-report", help="Render report.html at the end."),
+    config: Optional[Path] = ConfigOpt,
+) -> None:
+    """Eigen analysis of attention scores: explained variance, k for 90/95/99%, eigenspace overlaps.
+
+    Works under `torchrun --nproc-per-node K attnlab spectrum ...` (statistics merged by all-reduce).
+    Example: attnlab spectrum --out runs/minilm --n-sequences 512 --seq-len 128
+    """
+    from dataclasses import asdict
+
+    from .spectral.run import SpectrumConfig, spectrum as run_spectrum
+
+    defaults = {k: v for k, v in asdict(SpectrumConfig()).items()}
+    s = settings("spectrum", config, defaults, model=model, corpus=corpus, seq_len=seq_len, n_sequences=n_sequences,
+                 layers=layers, heads=heads, batch_size=batch_size, sketch_size=sketch_size, basis_k=basis_k,
+                 split=split, device=device, seed=seed)
+    s["layers"], s["heads"] = parse_int_list(s["layers"], "--layers"), parse_int_list(s["heads"], "--heads")
+    name = s.pop("model")
+    res = run_spectrum(out, model=name, resume=resume, **s)
+    typer.echo(f"pooled rank for 90/95/99% of row variance: {res['pooled']['k90']}/{res['pooled']['k95']}/"
+               f"{res['pooled']['k99']} of {res['seq_len']}")
+    if report:
+        _render(out)
+
+
+@app.command()
+def compare(
+    run_a: Path = typer.Argument(..., help="First spectrum run directory."),
+    run_b: Path = typer.Argument(..., help="Second spectrum run directory (same --seq-len)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Write the overlap into this run directory's results."),
+) -> None:
+    """Layer x layer eigenspace overlap between two spectrum runs (e.g. two models)."""
+    from .spectral.compare import compare_runs
+
+    res = compare_runs(run_a, run_b, out)
+    for i, row in enumerate(res["overlap"]):
+        typer.echo(f"layer {i}: " + " ".join(f"{v:.2f}" for v in row))
+
+
+@app.command()
+def report(run_dir: Path = typer.Argument(..., help="Run directory to render.")) -> None:
+    """Render every section of a run directory into one self-contained report.html."""
+    _render(run_dir)
+
+
+def _render(run_dir: Path) -> None:
+    from .report.html import render_report
+
+    path = render_report(run_dir)
+    typer.echo(f"report: {path.resolve()}")
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("runs/demo"), "--out", help="Run directory."),
+    n_sequences: int = typer.Option(128, "--n-sequences", help="Windows of stdlib docstrings to analyse."),
+    seq_len: int = typer.Option(128, "--seq-len", help="Tokens per window."),
+    quick: bool = typer.Option(False, "--quick", help="Tiny run (seconds) for smoke tests."),
+) -> None:
+    """Spectrum of the packaged MiniLM on stdlib docstrings, plus a reconstruction check, then report.html."""
+    from .demo import run_demo
+
+    path = run_demo(out, n_sequences=16 if quick else n_sequences, seq_len=64 if quick else seq_len, quick=quick)
+    typer.echo(f"report: {path.resolve()}")
+
+
+def _mount(module: str, name: str, help_text: str) -> None:
+    import importlib
+
+    try:
+        sub = importlib.import_module(f"attnlab.{module}.cli").app
+    except ImportError:  # pillar not installed in this build
+        return
+    app.add_typer(sub, name=name, help=help_text)
+
+
+_mount("reconstruct", "reconstruct", "Reconstruct attention scores from a subset of query-key pairs.")
+_mount("sparsity", "sparsity", "Sparsefinder: entmax attention graphs and learned sparsity predictors.")
+_mount("variables", "variables", "Variable creation: sparse Boolean tasks, sample complexity vs context length.")
+
+
+def main() -> None:
+    """Entry point: run the app, turning attnlab errors into one clear line and exit code 2."""
+    from .errors import AttnlabError
+
+    try:
+        app()
+    except AttnlabError as e:
+        typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        typer.secho("interrupted: results written so far are intact; re-run with --resume", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,231 @@
+"""Estimators of the unobserved scores of a row from its observed ones, per (layer, head).
+
+Both estimators work on score rows ``s`` whose constant offset is unknown (softmax is shift-invariant
+and fitted statistics are of row-centred scores), so a row is modelled as ``s = c + m 1`` with ``c``
+Gaussian (mean ``mu``, covariance ``Sigma``) and ``m`` a free offset (flat prior):
+
+- ``gaussian``: the best linear unbiased predictor mu_R + m + S_RS S_SS^-1 (s_S - mu_S - m 1) with m
+  estimated by generalised least squares (the conditional-Gaussian estimator with a diffuse offset).
+  Exact when the data are Gaussian with the fitted statistics.
+- ``basis``: least squares for coefficients a in the top-k eigenbasis U plus the offset,
+  s_S ~ mu_S + U_S a + m 1, with ridge penalty ``ridge * sigma_res^2 / lambda_j`` on a_j (the Bayesian
+  ridge when the residual outside the basis is white with variance sigma_res^2; ridge=0 is plain LS).
+- ``none``: no estimate; unobserved keys get -inf (sparse attention on the selected pairs).
+- ``mean``: unobserved entries are mu_R + m (the prior mean shifted to the row).
+
+Observed entries are always returned exactly; keys the model masks are -inf. Observed keys that are
+masked are ignored (infinite noise). Rows are processed in chunks, vectorised over rows with one
+Cholesky per row, or one shared gain matrix when the selection is shared by all rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from ..errors import ConfigError, ShapeError
+
+ESTIMATORS = ("gaussian", "basis", "none", "mean")
+_MASKED_NOISE = 1e8  # relative noise variance that makes a masked observed key carry no information
+
+
+@dataclass
+class RowModel:
+    """Fitted statistics of one (layer, head): row mean (N,) or per query position (N, N), covariance (N, N)."""
+
+    mean: torch.Tensor
+    cov: torch.Tensor
+    basis: Optional[torch.Tensor] = None  # (N, k) top eigenvectors (basis estimator)
+    eigvals: Optional[torch.Tensor] = None  # (k,) their eigenvalues
+    sigma_res: float = 0.0  # mean variance per entry left outside the basis
+
+    @property
+    def n(self) -> int:
+        """Keys per row."""
+        return self.cov.shape[0]
+
+    def with_basis(self, k: int) -> "RowModel":
+        """A copy with the top-k eigenbasis of ``cov`` attached."""
+        n = self.n
+        if not 1 <= k <= n:
+            raise ConfigError(f"--k {k} must be in [1, --seq-len {n}]")
+        evals, evecs = torch.linalg.eigh(self.cov.double())
+        evals, evecs = evals.flip(0).clamp_min(0), evecs.flip(1)
+        res = float(evals[k:].sum()) / n
+        return RowModel(self.mean, self.cov, evecs[:, :k], evals[:k], res)
+
+    def row_means(self, n_rows_per_seq: int, batch: int, dtype, device) -> torch.Tensor:
+        """Mean of every row (batch, Nq, N)."""
+        m = self.mean.to(device, dtype)
+        if m.dim() == 1:
+            return m.expand(batch, n_rows_per_seq, -1)
+        if m.shape[0] != n_rows_per_seq:
+            raise ShapeError(f"position-conditioned mean has {m.shape[0]} query positions, rows have {n_rows_per_seq}")
+        return m.expand(batch, -1, -1)
+
+
+def _expand_idx(idx: torch.Tensor, batch: int, nq: int) -> torch.Tensor:
+    if idx.dim() == 1:
+        return idx.expand(batch, nq, -1)
+    if idx.dim() == 2:
+        if idx.shape[0] != nq:
+            raise ShapeError(f"per-position selection has {idx.shape[0]} rows, attention has {nq} queries")
+        return idx.expand(batch, -1, -1)
+    if idx.dim() == 3:
+        return idx.expand(batch, -1, -1) if idx.shape[0] == 1 else idx
+    raise ShapeError(f"selection indices must be (b,), (N, b) or (B, N, b); got {tuple(idx.shape)}")
+
+
+def check_k(k: int, b: int) -> None:
+    """The basis estimator needs at most as many coefficients as observed pairs."""
+    if k > b:
+        raise ConfigError(f"--k {k} exceeds --budget {b} pairs per row; the basis fit would be underdetermined")
+
+
+def _gaussian_rows(r: torch.Tensor, idx: torch.Tensor, cov: torch.Tensor, noise: Optional[torch.Tensor],
+                   jitter: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """For rows r = s_S - mu_S (R, b) with index sets idx (R, b): (offset (R,), weights w (R, b)) such that the
+    estimate of every entry is mu + m + Sigma[:, S] w."""
+    eye = torch.eye(idx.shape[-1], dtype=r.dtype, device=r.device)
+    a = cov[idx.unsqueeze(-1), idx.unsqueeze(-2)] + jitter * eye  # (R, b, b)
+    if noise is not None:
+        a = a + torch.diag_embed(noise)
+    chol, info = torch.linalg.cholesky_ex(a)
+    if bool((info > 0).any()):
+        raise ConfigError("observed-score covariance is not positive definite; raise --jitter")
+    ones = torch.ones_like(r)
+    sol = torch.cholesky_solve(torch.stack([r, ones], -1), chol)  # (R, b, 2)
+    ainv_r, ainv_1 = sol[..., 0], sol[..., 1]
+    m = (ainv_r.sum(-1) / ainv_1.sum(-1))  # GLS offset (R,)
+    return m, ainv_r - m.unsqueeze(-1) * ainv_1
+
+
+def _basis_rows(r: torch.Tensor, idx: torch.Tensor, basis: torch.Tensor, penalty: torch.Tensor,
+                weight: Optional[torch.Tensor]) -> torch.Tensor:
+    """Coefficients [a, m] (R, k+1) of ridge LS r ~ [U_S, 1] [a; m] (no penalty on m)."""
+    phi = torch.cat([basis, torch.ones_like(basis[:, :1])], 1)[idx]  # (R, b, k+1)
+    phw = phi if weight is None else phi * weight.unsqueeze(-1)
+    gram = phw.transpose(-1, -2) @ phi + torch.diag(penalty)  # (R, k+1, k+1)
+    rhs = (phw.transpose(-1, -2) @ r.unsqueeze(-1))
+    # A tiny floor keeps the offset direction solvable when all observed keys are masked.
+    gram = gram + 1e-10 * gram.diagonal(dim1=-2, dim2=-1).mean(-1, keepdim=True).unsqueeze(-1) * torch.eye(
+        gram.shape[-1], dtype=gram.dtype, device=gram.device)
+    return torch.linalg.solve(gram, rhs).squeeze(-1)
+
+
+class Estimator:
+    """Reconstruct full score rows of one (layer, head) from a selection of exactly computed pairs."""
+
+    def __init__(self, kind: str, model: RowModel, k: Optional[int] = None, ridge: float = 1.0, jitter: float = 1e-5,
+                 dtype: torch.dtype = torch.float64, chunk_rows: int = 4096):
+        if kind not in ESTIMATORS:
+            raise ConfigError(f"--estimator must be one of {', '.join(ESTIMATORS)} (got {kind!r})")
+        if ridge < 0 or jitter < 0:
+            raise ConfigError(f"--ridge and --jitter must be >= 0 (got {ridge}, {jitter})")
+        self.kind, self.dtype, self.chunk_rows = kind, dtype, chunk_rows
+        if kind == "basis":
+            if k is None:
+                raise ConfigError("the basis estimator needs --k (basis size)")
+            model = model.with_basis(k) if model.basis is None or model.basis.shape[1] != k else model
+        self.model, self.k, self.ridge = model, k, ridge
+        diag_mean = float(torch.diagonal(model.cov).double().mean().clamp_min(1e-12))
+        self.jitter_abs = jitter * diag_mean
+        self.diag_mean = diag_mean
+        self._cov = model.cov.to(dtype)
+        if kind == "basis":
+            lam = model.eigvals.double().clamp_min(1e-12 * diag_mean)
+            pen = ridge * max(model.sigma_res, 1e-12 * diag_mean) / lam
+            self._basis = model.basis.to(dtype)
+            self._penalty = torch.cat([pen, torch.zeros(1, dtype=torch.float64)]).to(dtype)
+
+    def _to(self, device) -> None:
+        if self._cov.device != torch.device(device):
+            self._cov = self._cov.to(device)
+            if self.kind == "basis":
+                self._basis, self._penalty = self._basis.to(device), self._penalty.to(device)
+
+    def __call__(self, scores: torch.Tensor, idx: torch.Tensor, valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Estimated scores (B, Nq, N) from true ``scores`` (B, Nq, N) (only entries at ``idx`` are read) and the
+        selection ``idx`` ((b,), (Nq, b) or (B, Nq, b)); ``valid`` (B or 1, Nq, N) bool marks allowed keys."""
+        if scores.dim() != 3:
+            raise ShapeError(f"scores must be (B, Nq, N) for one head, got {tuple(scores.shape)}")
+        B, nq, n = scores.shape
+        if n != self.model.n:
+            raise ShapeError(f"rows have {n} keys but the fitted statistics have {self.model.n} (--seq-len mismatch)")
+        if idx.shape[-1] > n:
+            raise ConfigError(f"--budget {idx.shape[-1]} exceeds --seq-len {n}")
+        if self.kind == "basis":
+            check_k(self.k, idx.shape[-1])
+        dev = scores.device
+        self._to(dev)
+        s = scores.to(self.dtype)
+        vmask = None if valid is None else valid.expand(B, nq, n)
+        if vmask is not None:
+            s = torch.where(vmask, s, torch.zeros_like(s))
+        shared = idx.dim() == 1
+        full = _expand_idx(idx.to(dev), B, nq)  # (B, Nq, b)
+        obs = torch.gather(s, -1, full)  # (B, Nq, b)
+        mu = self.model.row_means(nq, B, self.dtype, dev)  # (B, Nq, N)
+        r = obs - torch.gather(mu, -1, full)
+        obs_valid = None if vmask is None else torch.gather(vmask, -1, full)
+        if self.kind == "none":
+            est = torch.full_like(s, float("-inf"))
+        else:
+            est = self._estimate(r, full, mu, obs_valid, shared)
+        est = est.scatter(-1, full, obs)  # observed entries exact
+        if vmask is not None:
+            est = est.masked_fill(~vmask, float("-inf"))
+        return est.to(scores.dtype) if scores.dtype.is_floating_point else est
+
+    def _estimate(self, r, full, mu, obs_valid, shared) -> torch.Tensor:
+        B, nq, b = full.shape
+        R = B * nq
+        rr, ii = r.reshape(R, b), full.reshape(R, b)
+        mu_f = mu.reshape(R, -1)
+        w_ok = None if obs_valid is None else obs_valid.reshape(R, b)
+        out = torch.empty_like(mu_f)
+        for a in range(0, R, self.chunk_rows):
+            sl = slice(a, a + self.chunk_rows)
+            out[sl] = self._chunk(rr[sl], ii[sl], mu_f[sl], None if w_ok is None else w_ok[sl], shared)
+        return out.reshape(B, nq, -1)
+
+    def _chunk(self, r, idx, mu, ok, shared) -> torch.Tensor:
+        if self.kind == "mean":
+            w = torch.ones_like(r) if ok is None else ok.to(r.dtype)
+            m = (r * w).sum(-1) / w.sum(-1).clamp_min(1)
+            return mu + m.unsqueeze(-1)
+        if self.kind == "gaussian":
+            cov = self._cov
+            if shared and ok is None:
+                sel = idx[0]
+                a = cov[sel][:, sel] + self.jitter_abs * torch.eye(len(sel), dtype=cov.dtype, device=cov.device)
+                chol = torch.linalg.cholesky(a)
+                ainv_1 = torch.cholesky_solve(torch.ones(len(sel), 1, dtype=cov.dtype, device=cov.device), chol)[:, 0]
+                gain = torch.cholesky_solve(cov[sel], chol)  # (b, N) = A^-1 Sigma_S.
+                m = (r @ ainv_1) / ainv_1.sum()
+                # est = mu + m + (r - m 1) A^-1 Sigma_S.
+                return mu + m.unsqueeze(-1) + (r - m.unsqueeze(-1)) @ gain
+            noise = None if ok is None else (~ok).to(r.dtype) * (_MASKED_NOISE * self.diag_mean)
+            m, w = _gaussian_rows(r, idx, cov, noise, self.jitter_abs)
+            return mu + m.unsqueeze(-1) + torch.einsum("rbn,rb->rn", cov[idx], w)
+        # basis
+        coef = _basis_rows(r, idx, self._basis, self._penalty, None if ok is None else ok.to(r.dtype))
+        return mu + coef[:, -1:] + coef[:, :-1] @ self._basis.T
+
+
+def reference_gaussian(x_obs, obs_idx, mean, cov, jitter: float = 0.0):
+    """Float64 numpy reference of the diffuse-offset conditional-Gaussian estimate of one row (tests)."""
+    import numpy as np
+
+    x_obs, mean, cov = (np.asarray(v, dtype=np.float64) for v in (x_obs, mean, cov))
+    s = np.asarray(obs_idx)
+    a = cov[np.ix_(s, s)] + jitter * np.eye(len(s))
+    r = x_obs - mean[s]
+    ainv = np.linalg.inv(a)
+    one = np.ones(len(s))
+    m = (one @ ainv @ r) / (one @ ainv @ one)
+    est = mean + m + cov[:, s] @ ainv @ (r - m * one)
+    est[s] = x_obs
+    return est

@@ -1,0 +1,171 @@
+"""Held-out evaluation of (estimator x selection) combinations, layer by layer with exact inputs.
+
+Every layer sees the model's own (exact) inputs: the error of each layer is measured in isolation
+(the drop-in replacement in :mod:`attnlab.reconstruct.approx` measures the compounding effect).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+
+from ..capture.hf import AttentionCall
+from ..errors import ConfigError
+from .estimators import ESTIMATORS, Estimator, RowModel
+from .fit import ReconstructionFit
+from .metrics import MetricSums, row_metrics
+from .selection import STRATEGIES, budget_count, select
+
+
+@dataclass(frozen=True)
+class Combo:
+    """One reconstruction method: estimator, selection and statistics variant."""
+
+    estimator: str
+    selection: str
+    position: bool = False  # mean per query position + residual covariance
+    pool_heads: bool = False  # statistics pooled over the heads of a layer
+
+    @property
+    def label(self) -> str:
+        """Short name, e.g. 'gaussian+pos/adaptive'."""
+        extra = ("+pos" if self.position else "") + ("+pooled" if self.pool_heads else "")
+        return f"{self.estimator}{extra}/{self.selection}"
+
+    def validate(self) -> None:
+        """Raise ConfigError for unknown names."""
+        if self.estimator not in ESTIMATORS:
+            raise ConfigError(f"--estimators: unknown {self.estimator!r} (choose from {', '.join(ESTIMATORS)})")
+        if self.selection not in STRATEGIES:
+            raise ConfigError(f"--selections: unknown {self.selection!r} (choose from {', '.join(STRATEGIES)})")
+
+
+@dataclass
+class Method:
+    """Everything needed to reconstruct the rows of every (layer, head) with one combo at one budget."""
+
+    fit: ReconstructionFit
+    combo: Combo
+    b: int
+    k: Optional[int] = None  # basis size (None: min(k90, b))
+    ridge: float = 1.0
+    jitter: float = 1e-5
+    proxy: str = "bilinear"
+    proxy_rank: int = 4
+    seed: int = 0
+    dtype: torch.dtype = torch.float64
+    _est: dict = field(default_factory=dict)
+    _sel: dict = field(default_factory=dict)
+    _gen: Optional[torch.Generator] = None
+
+    def row_model(self, layer: int, head: int) -> RowModel:
+        """The fitted statistics this method uses for (layer, head)."""
+        return self.fit.row_model(layer, head, self.combo.position, self.combo.pool_heads)
+
+    def estimator(self, layer: int, head: int) -> Estimator:
+        """Cached estimator of (layer, head)."""
+        key = (layer, head)
+        if key not in self._est:
+            k = self.k
+            if self.combo.estimator == "basis" and k is None:
+                k = min(self.fit.rank_for(layer, head, 0.9, self.combo.position, self.combo.pool_heads), self.b)
+            self._est[key] = Estimator(self.combo.estimator, self.row_model(layer, head), k=k, ridge=self.ridge,
+                                       jitter=self.jitter, dtype=self.dtype)
+        return self._est[key]
+
+    def selection(self, layer: int, head: int, call: AttentionCall, scores_h: torch.Tensor,
+                  valid_h: Optional[torch.Tensor]) -> torch.Tensor:
+        """Key indices to compute exactly for head ``head`` of this call."""
+        strat, n, B = self.combo.selection, scores_h.shape[-1], scores_h.shape[0]
+        if strat in ("fixed", "evenly", "local", "leverage", "qr"):
+            key = (layer, head)
+            if key not in self._sel:
+                model = self.row_model(layer, head)
+                basis = None
+                if strat == "leverage":
+                    k = min(self.fit.rank_for(layer, head, 0.9, self.combo.position, self.combo.pool_heads), self.b)
+                    basis = model.with_basis(k).basis
+                self._sel[key] = select(strat, n, self.b, cov=model.cov, basis=basis, seed=self.seed + head)
+            return self._sel[key].to(scores_h.device)
+        if strat == "random":
+            if self._gen is None:
+                self._gen = torch.Generator().manual_seed(self.seed)
+            return select("random", n, self.b, batch=B, generator=self._gen).to(scores_h.device)
+        if strat == "adaptive":
+            px = self.fit.proxy(layer, head, self.proxy, self.proxy_rank, self.seed)
+            ps = px.scores(call.query[:, head], call.key[:, head], call.scaling)
+            return select("adaptive", n, self.b, proxy_scores=ps, valid=valid_h)
+        return select("oracle", n, self.b, scores=scores_h, valid=valid_h)
+
+    def reconstruct(self, call: AttentionCall, head: int, scores_h: torch.Tensor) -> torch.Tensor:
+        """Reconstructed scores (B, Nq, N) of one head (-inf where masked)."""
+        valid_h = None if call.valid is None else call.valid[:, 0]
+        idx = self.selection(call.layer, head, call, scores_h, valid_h)
+        return self.estimator(call.layer, head)(scores_h, idx, valid_h)
+
+
+def make_methods(fit: ReconstructionFit, combos: list[Combo], budget: float | int, **kw: Any) -> list[Method]:
+    """One :class:`Method` per combo at a budget (fraction or count per row)."""
+    b = budget_count(budget, fit.seq_len)
+    k = kw.get("k")
+    if k is not None:
+        from .estimators import check_k
+
+        if any(c.estimator == "basis" for c in combos):
+            check_k(int(k), b)
+    out = []
+    for c in combos:
+        c.validate()
+        if c.selection == "adaptive" and kw.get("proxy", "bilinear") != "random" and fit.meta.get("d_head") is None:
+            raise ConfigError("--selection adaptive with a fitted proxy needs a corpus fit (query/key moments); "
+                              "this fit came from a spectrum run: use --proxy random")
+        out.append(Method(fit, c, b, **kw))
+    return out
+
+
+def evaluate(model, windows: torch.Tensor, methods: list[Method], layers: Optional[list[int]] = None,
+             heads: Optional[list[int]] = None, batch_size: int = 8, topk: int = 5,
+             progress: bool = False) -> dict[str, Any]:
+    """Per-layer / per-head held-out metrics of every method; keys are method labels (with the budget)."""
+    from ..capture.run import n_heads_of, n_layers_of, stream_attention
+    from ..capture.hf import check_heads, check_layers
+
+    fit = methods[0].fit
+    layers = check_layers(layers if layers is not None else fit.layers, n_layers_of(model))
+    heads = check_heads(heads if heads is not None else fit.heads, n_heads_of(model))
+    fit.check(seq_len=windows.shape[1])
+    sums = MetricSums()
+    timing: dict[str, float] = {}
+
+    def sink(call: AttentionCall) -> None:
+        if call.layer not in layers:
+            return
+        scores = call.scores()  # (B, H, N, N) float32, -inf where masked
+        valid = None if call.valid is None else call.valid[:, 0]
+        row_ok = None if valid is None else valid.any(-1)
+        for h in heads:
+            s = scores[:, h]
+            for m in methods:
+                t0 = time.perf_counter()
+                est = m.reconstruct(call, h, s)
+                timing[m.combo.label] = timing.get(m.combo.label, 0.0) + time.perf_counter() - t0
+                sums.add((m.combo.label, call.layer, h), row_metrics(s, est, valid, topk), row_ok)
+
+    stream_attention(model, windows, sink, layers, batch_size, desc="reconstruct eval", show_progress=progress)
+    means = sums.means()
+    out: dict[str, Any] = {}
+    for m in methods:
+        lab = m.combo.label
+        per_head = {f"{l}.{h}": means[(lab, l, h)] for l in layers for h in heads}
+        per_layer = {}
+        for l in layers:
+            vals = [means[(lab, l, h)] for h in heads]
+            per_layer[str(l)] = {met: sum(v[met] for v in vals) / len(vals) for met in vals[0]}
+        overall = {met: sum(v[met] for v in per_layer.values()) / len(per_layer) for met in next(iter(per_layer.values()))}
+        out[lab] = {"estimator": m.combo.estimator, "selection": m.combo.selection, "position": m.combo.position,
+                    "pool_heads": m.combo.pool_heads, "budget_pairs": m.b, "per_layer": per_layer,
+                    "per_head": per_head, "mean": overall, "seconds": round(timing.get(lab, 0.0), 3)}
+    return out

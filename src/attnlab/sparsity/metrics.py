@@ -1,0 +1,142 @@
+"""Sparsefinder metrics: sparsity, recall, exact fraction, efficiency; Pareto fronts.
+
+Definitions (per sequence b and head h; ``valid`` = pairs the model's mask allows, ``n`` = number of
+queries with at least one valid key, i.e. the unpadded length):
+
+* sparsity   = 1 - |pred AND valid| / |valid|                (fraction of allowed pairs *not* predicted)
+* recall     = |pred AND gold| / |gold|                       (fraction of gold entmax edges predicted)
+* exact      = share of queries with a non-empty gold row whose gold keys are all predicted (row recall 1)
+* efficiency = (|pred AND valid| + predictor_ops) / n^2       (pairs that must be scored, plus the predictor's
+  own cost, relative to dense attention; ``predictor_ops`` is counted in *pair-score equivalents*: one unit is
+  one d_head-dimensional dot product, so an r-dimensional distance costs r / d_head units)
+
+Forced edges (window, CLS, ...) are part of ``pred`` and count toward both sparsity and recall.
+Per head: mean over sequences (sequences without gold edges are skipped for recall/exact), then
+averaged over layers. Lower efficiency is better; values > 1 cost more than dense attention.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+from .graphs import check_gold, check_graphs, full_valid
+
+METRICS = ("sparsity", "recall", "exact", "efficiency")
+
+
+@dataclass
+class HeadMetrics:
+    """Metrics per head (each a float64 tensor (H,)), averaged over the sequences of a batch."""
+
+    sparsity: torch.Tensor
+    recall: torch.Tensor
+    exact: torch.Tensor
+    efficiency: torch.Tensor
+    n_sequences: int = 0
+
+    def mean(self) -> dict[str, float]:
+        """Mean over heads of each metric."""
+        return {m: float(getattr(self, m).nanmean()) for m in METRICS}
+
+    def as_dict(self) -> dict[str, list[float]]:
+        """Plain lists per metric."""
+        return {m: getattr(self, m).tolist() for m in METRICS}
+
+
+def _nanmean0(x: torch.Tensor) -> torch.Tensor:
+    """nanmean over dim 0 (sequences)."""
+    return x.nanmean(dim=0)
+
+
+def graph_metrics(pred: torch.Tensor, gold: torch.Tensor, valid: Optional[torch.Tensor] = None,
+                  predictor_ops: float = 0.0) -> HeadMetrics:
+    """Sparsity, recall, exact fraction and efficiency per head (see module docstring), averaged over the batch.
+
+    ``pred``, ``gold``: bool (B, H, Nq, Nk) of the same shape; ``valid`` broadcastable to it (None = all
+    valid); ``predictor_ops``: predictor cost per head and sequence in pair-score units (``Predictor.cost(n)``).
+    """
+    check_graphs(pred, gold, valid)
+    check_gold(gold)
+    v = full_valid(valid, tuple(gold.shape), gold.device)
+    p = pred.bool() & v
+    g = gold.bool() & v
+    n_valid = v.sum(dim=(-1, -2)).double()  # (B, H)
+    n_pred = p.sum(dim=(-1, -2)).double()
+    n_gold = g.sum(dim=(-1, -2)).double()
+    hit = (p & g).sum(dim=-1).double()  # (B, H, Nq)
+    gold_row = g.sum(dim=-1).double()
+    nan = torch.tensor(float("nan"), dtype=torch.float64, device=gold.device)
+    sparsity = torch.where(n_valid > 0, 1.0 - n_pred / n_valid.clamp(min=1), nan)
+    recall = torch.where(n_gold > 0, hit.sum(-1) / n_gold.clamp(min=1), nan)
+    rows = gold_row > 0
+    exact_rows = ((hit == gold_row) & rows).sum(-1).double()
+    exact = torch.where(rows.sum(-1) > 0, exact_rows / rows.sum(-1).clamp(min=1), nan)
+    n = v.any(dim=-1).sum(dim=-1).double()  # unpadded length per (B, H)
+    efficiency = torch.where(n > 0, (n_pred + float(predictor_ops)) / (n * n).clamp(min=1), nan)
+    return HeadMetrics(_nanmean0(sparsity).cpu(), _nanmean0(recall).cpu(), _nanmean0(exact).cpu(),
+                       _nanmean0(efficiency).cpu(), int(gold.shape[0]))
+
+
+def average_layers(per_layer: Sequence[HeadMetrics]) -> dict:
+    """Aggregate per-layer metrics: ``per_head`` (mean over layers), ``per_layer`` (mean over heads),
+    ``grid`` (layer x head) and ``mean`` (over layers and heads) for each metric."""
+    out: dict = {"mean": {}, "per_head": {}, "per_layer": {}, "grid": {}}
+    for m in METRICS:
+        grid = torch.stack([getattr(h, m) for h in per_layer])  # (L, H)
+        out["grid"][m] = grid.tolist()
+        out["per_head"][m] = grid.nanmean(dim=0).tolist()
+        out["per_layer"][m] = grid.nanmean(dim=1).tolist()
+        out["mean"][m] = float(grid.nanmean())
+    return out
+
+
+def merge_batches(parts: Sequence[HeadMetrics]) -> HeadMetrics:
+    """Combine metrics of several batches, weighting each by its number of sequences."""
+    w = torch.tensor([p.n_sequences for p in parts], dtype=torch.float64)
+    out = {}
+    for m in METRICS:
+        x = torch.stack([getattr(p, m) for p in parts])  # (P, H)
+        ww = w[:, None].expand_as(x) * ~torch.isnan(x)
+        out[m] = torch.nan_to_num(x) .mul(ww).sum(0) / ww.sum(0)
+    return HeadMetrics(**out, n_sequences=int(w.sum()))
+
+
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
+    """Indices of the non-dominated (sparsity, recall) points (both maximised), by increasing sparsity.
+
+    A point is dominated if another has sparsity >= and recall >= with one strictly greater. NaN points
+    are ignored; of identical points the first is kept.
+    """
+    idx = [i for i, (s, r) in enumerate(points) if s == s and r == r]
+    front = []
+    for i in idx:
+        si, ri = points[i]
+        dominated = any((points[j][0] >= si and points[j][1] >= ri and (points[j][0] > si or points[j][1] > ri))
+                        or (points[j] == points[i] and j < i) for j in idx if j != i)
+        if not dominated:
+            front.append(i)
+    return sorted(front, key=lambda i: (points[i][0], -points[i][1]))
+
+
+def recall_at_sparsity(points: Sequence[tuple[float, float]], target: float = 0.9) -> Optional[float]:
+    """Recall at sparsity ``target`` by linear interpolation along the Pareto front.
+
+    Between the two front points bracketing ``target`` the recall is interpolated linearly. If every point
+    is sparser than ``target``, the best recall is returned (adding edges never lowers recall, so it is a
+    lower bound); if no point reaches ``target`` sparsity, None.
+    """
+    front = [points[i] for i in pareto_front(points)]
+    if not front or front[-1][0] < target:
+        return None
+    if front[0][0] >= target:
+        return float(front[0][1])
+    for (s0, r0), (s1, r1) in zip(front, front[1:]):
+        if s0 <= target <= s1:
+            if s1 == s0:
+                return float(max(r0, r1))
+            t = (target - s0) / (s1 - s0)
+            return float(r0 + t * (r1 - r0))
+    return None

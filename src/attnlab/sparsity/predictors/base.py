@@ -1,0 +1,140 @@
+"""The predictor protocol and a small base class shared by all sparsity predictors.
+
+A predictor guesses, from a layer's queries and keys, which (query, key) pairs entmax will attend to
+(the gold graph), before attention is computed. Each one has an *operating-point knob* (threshold, k,
+number of buckets / clusters, window): ``with_knob(value)`` returns a copy at another operating point,
+``grid(n)`` lists the knob values a sweep visits (densest first; the first value predicts all pairs).
+
+Costs (``cost(n)``) are predictor operations per head and sequence of length n in *pair-score units*:
+one unit = one d_head-dimensional dot product (d_head multiply-adds); a scalar comparison or an
+r-dimensional distance costs 1/d_head resp. r/d_head units. See :mod:`attnlab.sparsity.metrics`.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Optional, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+from ...errors import ConfigError
+from ..graphs import check_qk, graph_from_ids, restrict
+
+
+@runtime_checkable
+class Predictor(Protocol):
+    """What evaluation and FlexAttention execution need from a sparsity predictor (one per layer)."""
+
+    name: str
+
+    def fit(self, q: Tensor, k: Tensor, gold: Tensor, valid: Optional[Tensor]) -> "Predictor": ...
+
+    def predict(self, q: Tensor, k: Tensor, valid: Optional[Tensor] = None) -> Tensor: ...
+
+    def cost(self, n: int) -> float: ...
+
+
+@runtime_checkable
+class BucketPredictor(Predictor, Protocol):
+    """A predictor whose graph is 'query and key share a bucket / cluster id'."""
+
+    def assign(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]: ...
+
+
+class BasePredictor:
+    """Common machinery: knob handling, valid-masking, d_head bookkeeping, config export."""
+
+    name = "base"
+    knob = ""  # attribute holding the operating point
+
+    def __init__(self) -> None:
+        self.d_head: Optional[int] = None
+        self.fitted = False
+
+    # -- protocol -------------------------------------------------------------------------------
+    def fit(self, q: Tensor, k: Tensor, gold: Tensor, valid: Optional[Tensor] = None) -> "BasePredictor":
+        """Learn from one layer's q, k (B, H, N, dh) and gold graph; returns self. Default: nothing to learn."""
+        check_qk(q, k)
+        self.d_head = q.shape[-1]
+        self.fitted = True
+        return self
+
+    def predict(self, q: Tensor, k: Tensor, valid: Optional[Tensor] = None) -> Tensor:
+        """Predicted graph, bool (B, H, Nq, Nk), restricted to ``valid``."""
+        check_qk(q, k)
+        if self.d_head is None:
+            self.d_head = q.shape[-1]
+        return restrict(self._predict(q, k, valid), valid)
+
+    def _predict(self, q: Tensor, k: Tensor, valid: Optional[Tensor]) -> Tensor:
+        if hasattr(self, "assign"):
+            qi, ki = self.assign(q, k)  # type: ignore[attr-defined]
+            return graph_from_ids(qi, ki)
+        raise NotImplementedError
+
+    def cost(self, n: int) -> float:
+        """Predictor operations per head for a sequence of length n, in pair-score units."""
+        return 0.0
+
+    # -- operating points -----------------------------------------------------------------------
+    @property
+    def knob_value(self) -> Any:
+        """Current value of the operating-point knob."""
+        return getattr(self, self.knob)
+
+    def with_knob(self, value: Any) -> "BasePredictor":
+        """A shallow copy at another operating point (learned parameters are shared, not copied)."""
+        other = copy.copy(self)
+        setattr(other, self.knob, value)
+        other._check()
+        return other
+
+    def grid(self, n: int) -> list:
+        """Knob values for a sweep at sequence length n, densest first (the first predicts all pairs)."""
+        raise NotImplementedError
+
+    def all_pairs(self, n: int) -> Any:
+        """A knob value that predicts every valid pair (recall 1)."""
+        return self.grid(n)[0]
+
+    def _check(self) -> None:
+        """Validate hyper-parameters (raise ConfigError naming the option)."""
+
+    def _require_fit(self) -> None:
+        if not self.fitted:
+            raise ConfigError(f"predictor {self.name!r} must be fitted before predict (call .fit(q, k, gold, valid))")
+
+    def config(self) -> dict:
+        """JSON-friendly hyper-parameters."""
+        return {k: v for k, v in vars(self).items()
+                if isinstance(v, (int, float, str, bool, type(None))) and not k.startswith("_")}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.knob}={self.knob_value!r})"
+
+
+def int_grid(n: int, values: list[int], full: Optional[int] = None) -> list[int]:
+    """``values`` clipped to [.., n], deduplicated, preceded by ``full`` (default n)."""
+    full = n if full is None else full
+    out = [full]
+    for v in values:
+        if v < n and v not in out:
+            out.append(v)
+    return out
+
+
+def topk_graph(scores: Tensor, k: int, valid: Optional[Tensor]) -> Tensor:
+    """Graph of the k highest-scoring valid keys per query (ties broken by index)."""
+    n = scores.shape[-1]
+    k = max(0, min(int(k), n))
+    if k >= n:
+        return torch.ones_like(scores, dtype=torch.bool)
+    s = scores
+    if valid is not None:
+        s = s.masked_fill(~valid.bool(), float("-inf"))
+    g = torch.zeros_like(scores, dtype=torch.bool)
+    if k == 0:
+        return g
+    idx = s.topk(k, dim=-1).indices
+    return g.scatter_(-1, idx, True)

@@ -1,0 +1,213 @@
+"""Baseline sparsity predictors: local window, BigBird-style, Reformer LSH, routing k-means, oracle top-k."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ...errors import ConfigError
+from ..graphs import attention_scores, check_qk, full_valid
+from .base import BasePredictor, int_grid, topk_graph
+from .clustering import kmeans, nearest_centroids
+
+
+def band(nq: int, nk: int, window: int, device=None) -> Tensor:
+    """Boolean (nq, nk) band |i - j| <= window."""
+    i = torch.arange(nq, device=device)[:, None]
+    j = torch.arange(nk, device=device)[None, :]
+    return (i - j).abs() <= window
+
+
+class WindowPredictor(BasePredictor):
+    """Local window: edge iff |i - j| <= window (input independent, no cost). Knob: ``window``."""
+
+    name = "window"
+    knob = "window"
+
+    def __init__(self, window: int = 8):
+        super().__init__()
+        self.window = window
+        self._check()
+
+    def _check(self) -> None:
+        if int(self.window) < 0:
+            raise ConfigError(f"--window must be >= 0 (got {self.window})")
+
+    def _predict(self, q, k, valid):
+        g = band(q.shape[2], k.shape[2], int(self.window), q.device)
+        return g.expand(q.shape[0], q.shape[1], -1, -1).clone()
+
+    def grid(self, n: int) -> list:
+        return int_grid(n, [48, 32, 24, 16, 12, 8, 6, 4, 3, 2, 1, 0])
+
+
+class BigBirdPredictor(BasePredictor):
+    """BigBird-style (token level): window + ``n_global`` first tokens (both ways) + ``n_random`` random keys
+    per query (seeded, fixed per call). Knob: ``window``."""
+
+    name = "bigbird"
+    knob = "window"
+
+    def __init__(self, window: int = 4, n_global: int = 1, n_random: int = 2, seed: int = 0):
+        super().__init__()
+        self.window, self.n_global, self.n_random, self.seed = window, n_global, n_random, seed
+        self._check()
+
+    def _check(self) -> None:
+        if int(self.window) < 0 or self.n_global < 0 or self.n_random < 0:
+            raise ConfigError(f"--window, --n-global, --n-random must be >= 0 (got {self.window}, {self.n_global}, "
+                              f"{self.n_random})")
+
+    def _predict(self, q, k, valid):
+        B, H, nq, _ = q.shape
+        nk = k.shape[2]
+        g = band(nq, nk, int(self.window), q.device).expand(B, H, -1, -1).clone()
+        g[..., : self.n_global, :] = True
+        g[..., :, : self.n_global] = True
+        if self.n_random:
+            gen = torch.Generator().manual_seed(self.seed)
+            r = torch.randint(nk, (B, H, nq, self.n_random), generator=gen).to(q.device)
+            g.scatter_(-1, r, True)
+        return g
+
+    def grid(self, n: int) -> list:
+        return int_grid(n, [32, 24, 16, 12, 8, 6, 4, 3, 2, 1, 0])
+
+    def cost(self, n: int) -> float:
+        return 0.0
+
+
+class LSHPredictor(BasePredictor):
+    """Reformer-style angular LSH: h(x) = argmax([xR, -xR]) of unit-normalised q and k with a shared random
+    rotation R (d_head x n_buckets/2) per head and round; edge iff q and k share a bucket in any of ``n_hashes``
+    rounds. Knob: ``n_buckets`` (1 = all pairs)."""
+
+    name = "lsh"
+    knob = "n_buckets"
+
+    def __init__(self, n_buckets: int = 8, n_hashes: int = 1, seed: int = 0):
+        super().__init__()
+        self.n_buckets, self.n_hashes, self.seed = n_buckets, n_hashes, seed
+        self._check()
+
+    def _check(self) -> None:
+        nb = int(self.n_buckets)
+        if nb < 1 or (nb > 1 and nb % 2) or self.n_hashes < 1:
+            raise ConfigError(f"--n-buckets must be 1 or even, --n-hashes >= 1 (got {self.n_buckets}, {self.n_hashes})")
+
+    def rotations(self, H: int, dh: int) -> Tensor:
+        """Random rotations (n_hashes, H, dh, n_buckets/2), deterministic in the seed."""
+        g = torch.Generator().manual_seed(self.seed)
+        return torch.randn(self.n_hashes, H, dh, max(int(self.n_buckets) // 2, 1), generator=g)
+
+    def assign(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+        """Bucket ids (B, H, N, n_hashes); round t uses ids [t*nb, (t+1)*nb)."""
+        check_qk(q, k)
+        nb = int(self.n_buckets)
+        B, H, N, dh = q.shape
+        R = self.rotations(H, dh).to(q.device)
+        out = []
+        for x in (q, k):
+            if nb == 1:
+                out.append(torch.arange(self.n_hashes, device=q.device).expand(B, H, x.shape[2], -1).clone())
+                continue
+            xn = F.normalize(x.float(), dim=-1)
+            ids = []
+            for t in range(self.n_hashes):
+                proj = xn @ R[t]  # (B, H, N, nb/2)
+                ids.append(torch.cat([proj, -proj], dim=-1).argmax(-1) + t * nb)
+            out.append(torch.stack(ids, dim=-1))
+        return out[0], out[1]
+
+    def grid(self, n: int) -> list:
+        return [b for b in [1, 2, 4, 6, 8, 12, 16, 24, 32, 48, 64] if b <= n]
+
+    def cost(self, n: int) -> float:
+        """Rotating 2n vectors per round: 2 n (n_buckets/2) n_hashes units."""
+        return float(n * max(int(self.n_buckets), 1) * self.n_hashes) if int(self.n_buckets) > 1 else 0.0
+
+
+class RoutingPredictor(BasePredictor):
+    """Routing-Transformer-style: k-means on raw unit-normalised q and k (pooled, per head, fitted on fit data),
+    top-1 centroid each; edge iff same cluster. Knob: ``n_clusters``."""
+
+    name = "routing"
+    knob = "n_clusters"
+
+    def __init__(self, n_clusters: int = 4, iters: int = 25, max_points: int = 8192, seed: int = 0):
+        super().__init__()
+        self.n_clusters, self.iters, self.max_points, self.seed = n_clusters, iters, max_points, seed
+        self._points: Optional[Tensor] = None
+        self._centroids: dict[int, Tensor] = {}
+        self._check()
+
+    def _check(self) -> None:
+        if int(self.n_clusters) < 1:
+            raise ConfigError(f"--n-clusters must be >= 1 (got {self.n_clusters})")
+
+    def fit(self, q, k, gold, valid=None):
+        """Keep a sample of normalised q and k per head for k-means (fitted lazily per n_clusters)."""
+        super().fit(q, k, gold, valid)
+        x = torch.cat([F.normalize(q.float().cpu(), dim=-1), F.normalize(k.float().cpu(), dim=-1)], dim=2)
+        pts = x.transpose(0, 1).reshape(q.shape[1], -1, q.shape[-1])
+        if pts.shape[1] > self.max_points:
+            g = torch.Generator().manual_seed(self.seed)
+            pts = pts[:, torch.randperm(pts.shape[1], generator=g)[: self.max_points]]
+        self._points, self._centroids = pts, {}
+        return self
+
+    def centroids(self) -> Tensor:
+        """Centroids (H, C, d_head) for the current n_clusters (cached)."""
+        self._require_fit()
+        c = int(self.n_clusters)
+        if c not in self._centroids:
+            self._centroids[c] = kmeans(self._points, c, self.iters, self.seed)
+        return self._centroids[c]
+
+    def assign(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+        """Cluster ids (B, H, N, 1)."""
+        cent = self.centroids()
+        return (nearest_centroids(F.normalize(q.float(), dim=-1), cent, 1),
+                nearest_centroids(F.normalize(k.float(), dim=-1), cent, 1))
+
+    def _predict(self, q, k, valid):
+        if int(self.n_clusters) == 1:
+            return torch.ones(q.shape[0], q.shape[1], q.shape[2], k.shape[2], dtype=torch.bool, device=q.device)
+        return super()._predict(q, k, valid)
+
+    def grid(self, n: int) -> list:
+        return [c for c in [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64] if c <= n]
+
+    def cost(self, n: int) -> float:
+        """Distances of 2n vectors to C centroids in d_head dims: 2 n C units."""
+        return 2.0 * n * int(self.n_clusters) if int(self.n_clusters) > 1 else 0.0
+
+
+class OracleTopK(BasePredictor):
+    """Oracle: the k highest true scores per query (needs all n^2 scores, so its efficiency is >= 1). Knob: ``k``."""
+
+    name = "oracle-topk"
+    knob = "k"
+
+    def __init__(self, k: int = 16):
+        super().__init__()
+        self.k = k
+        self._check()
+
+    def _check(self) -> None:
+        if int(self.k) < 0:
+            raise ConfigError(f"--k must be >= 0 (got {self.k})")
+
+    def _predict(self, q, k, valid):
+        s = attention_scores(q, k)
+        return topk_graph(s, int(self.k), None if valid is None else full_valid(valid, tuple(s.shape), s.device))
+
+    def grid(self, n: int) -> list:
+        return int_grid(n, [64, 48, 32, 24, 16, 12, 8, 6, 4, 3, 2, 1])
+
+    def cost(self, n: int) -> float:
+        """All n^2 scores."""
+        return float(n * n)

@@ -1,0 +1,277 @@
+"""Train entmax-attention transformers for Sparsefinder: our small model (masked LM encoder or causal LM
+decoder) on a text corpus, and a pretrained HF model (MiniLM by default) with softmax swapped for entmax.
+
+Small model: token ids from the MiniLM tokenizer are mapped to a smaller vocabulary (the ``vocab_size``
+most frequent ids of the fit windows; others -> [UNK]) so that CPU training takes minutes.
+
+HF model: softmax is replaced by alpha-entmax through ``attention_hooks``. MiniLM's checkpoint has no MLM
+head, so fine-tuning uses self-distillation: the entmax model is trained (Adam, a few hundred steps at most)
+to reproduce the final hidden states of the frozen softmax original (MSE, padding excluded). This keeps the
+representation the sentence model was trained for without inventing a head.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import ConfigError, ResultsError
+from ..io import read_tensors, write_tensors
+from ..models.attention import check_alpha, masked_entmax
+from ..models.transformer import SmallTransformer, TransformerConfig
+from ..seeding import seed_everything
+
+PAD, UNK, MASK, CLS, SEP = 0, 1, 2, 3, 4
+N_SPECIAL = 5
+
+
+@dataclass
+class EntmaxTrainConfig:
+    """Hyper-parameters of small entmax-model training (one comment per field)."""
+
+    objective: str = "mlm"  # mlm (bidirectional encoder) | clm (causal decoder)
+    seq_len: int = 64  # tokens per window (incl. [CLS]/[SEP])
+    vocab_size: int = 4096  # mapped vocabulary (most frequent MiniLM ids + 5 specials)
+    d_model: int = 128  # width
+    n_heads: int = 4  # heads per layer
+    n_layers: int = 2  # layers
+    alpha: float = 1.5  # entmax alpha (> 1)
+    learn_alpha: bool = False  # learn one alpha per head
+    steps: int = 600  # optimiser steps
+    batch_size: int = 32  # windows per step
+    lr: float = 1e-3  # AdamW learning rate (cosine decay, 5% warm-up)
+    weight_decay: float = 0.01  # AdamW weight decay
+    mask_prob: float = 0.15  # MLM: fraction of tokens masked (80/10/10 [MASK]/random/keep)
+    max_windows: int = 4000  # fit windows read from the corpus
+    corpus: Optional[str] = None  # text source (None = stdlib docstrings)
+    device: str = "cpu"  # torch device
+    seed: int = 0  # seed for data order, masking and init
+
+    def __post_init__(self) -> None:
+        if self.objective not in ("mlm", "clm"):
+            raise ConfigError(f"--objective must be mlm or clm (got {self.objective!r})")
+        check_alpha(self.alpha)
+        if self.vocab_size <= N_SPECIAL + 1:
+            raise ConfigError(f"--vocab-size must be > {N_SPECIAL + 1} (got {self.vocab_size})")
+        if self.steps < 0 or self.batch_size < 1 or not 0 < self.mask_prob < 1:
+            raise ConfigError("--steps >= 0, --batch-size >= 1 and 0 < --mask-prob < 1 required")
+
+
+class VocabMap:
+    """Maps tokenizer ids to a compact vocabulary (specials first, then by frequency)."""
+
+    def __init__(self, keep: torch.Tensor, specials: dict[str, int], full_size: int):
+        self.keep = keep.long()  # original ids of compact ids N_SPECIAL..
+        self.specials = specials  # name -> original id
+        self.table = torch.full((full_size,), UNK, dtype=torch.long)
+        self.table[self.keep] = torch.arange(N_SPECIAL, N_SPECIAL + len(self.keep))
+        for name, compact in (("pad", PAD), ("unk", UNK), ("mask", MASK), ("cls", CLS), ("sep", SEP)):
+            if specials.get(name) is not None:
+                self.table[specials[name]] = compact
+
+    @classmethod
+    def from_windows(cls, windows: torch.Tensor, size: int, tokenizer) -> "VocabMap":
+        """The ``size - 5`` most frequent non-special ids of ``windows``."""
+        specials = {"pad": tokenizer.pad_token_id, "unk": tokenizer.unk_token_id, "mask": tokenizer.mask_token_id,
+                    "cls": tokenizer.cls_token_id, "sep": tokenizer.sep_token_id}
+        full = max(len(tokenizer), int(windows.max()) + 1)
+        counts = torch.bincount(windows.flatten(), minlength=full)
+        for v in specials.values():
+            if v is not None:
+                counts[v] = -1
+        order = counts.argsort(descending=True)
+        keep = order[: size - N_SPECIAL]
+        keep = keep[counts[keep] > 0]
+        return cls(keep, specials, full)
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        """Original ids -> compact ids."""
+        return self.table[ids.clamp(0, len(self.table) - 1)]
+
+    @property
+    def size(self) -> int:
+        """Compact vocabulary size."""
+        return N_SPECIAL + len(self.keep)
+
+
+def tokenizer_of(name: str = "minilm"):
+    """The tokenizer of a model folder / alias, without loading the weights."""
+    from transformers import AutoTokenizer
+
+    from ..capture.hf import resolve_model_path
+
+    return AutoTokenizer.from_pretrained(resolve_model_path(name))
+
+
+def mlm_batch(ids: torch.Tensor, vocab: int, p: float, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """BERT masking: inputs and labels (-100 where not predicted); specials are never masked."""
+    can = ids >= N_SPECIAL
+    pick = (torch.rand(ids.shape, generator=g) < p) & can
+    labels = torch.where(pick, ids, torch.full_like(ids, -100))
+    r = torch.rand(ids.shape, generator=g)
+    inp = ids.clone()
+    inp[pick & (r < 0.8)] = MASK
+    rnd = pick & (r >= 0.8) & (r < 0.9)
+    inp[rnd] = torch.randint(N_SPECIAL, vocab, (int(rnd.sum()),), generator=g)
+    return inp, labels
+
+
+def lm_loss(model: SmallTransformer, ids: torch.Tensor, objective: str, g: torch.Generator,
+            mask_prob: float = 0.15) -> tuple[torch.Tensor, torch.Tensor]:
+    """Loss and token accuracy (on predicted positions) of one batch of compact ids."""
+    if objective == "mlm":
+        inp, labels = mlm_batch(ids, model.cfg.vocab_size, mask_prob, g)
+    else:
+        inp, labels = ids[:, :-1], ids[:, 1:]
+    dev = next(model.parameters()).device
+    logits = model(inp.to(dev)).logits
+    labels = labels.to(dev)
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+    sel = labels != -100
+    acc = (logits.argmax(-1)[sel] == labels[sel]).float().mean() if bool(sel.any()) else torch.tensor(float("nan"))
+    return loss, acc
+
+
+def load_corpus_windows(cfg: EntmaxTrainConfig, tokenizer, split: str, max_windows: int) -> torch.Tensor:
+    """Token windows (original ids) of the corpus."""
+    from ..capture.corpus import token_windows
+
+    return token_windows(tokenizer, cfg.seq_len, cfg.corpus, max_windows=max_windows, split=split)
+
+
+def train_small(cfg: EntmaxTrainConfig, windows: Optional[torch.Tensor] = None, tokenizer=None,
+                log_every: int = 50, quiet: bool = False) -> tuple[SmallTransformer, VocabMap, dict]:
+    """Train a small entmax transformer; returns (model, vocab map, history dict)."""
+    g = seed_everything(cfg.seed)
+    tokenizer = tokenizer or tokenizer_of()
+    if windows is None:
+        windows = load_corpus_windows(cfg, tokenizer, "fit", cfg.max_windows)
+    vmap = VocabMap.from_windows(windows, cfg.vocab_size, tokenizer)
+    data = vmap(windows)
+    mcfg = TransformerConfig(vocab_size=vmap.size, d_model=cfg.d_model, n_heads=cfg.n_heads, n_layers=cfg.n_layers,
+                             max_len=cfg.seq_len, causal=cfg.objective == "clm", attention="entmax", alpha=cfg.alpha,
+                             learn_alpha=cfg.learn_alpha)
+    model = SmallTransformer(mcfg).to(cfg.device)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    warm = max(1, cfg.steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + torch.cos(torch.tensor(min(s, cfg.steps) / max(cfg.steps, 1) * 3.14159)).item()))
+    hist: dict = {"step": [], "loss": [], "acc": []}
+    t0 = time.time()
+    model.train()
+    for step in range(cfg.steps):
+        idx = torch.randint(len(data), (cfg.batch_size,), generator=g)
+        loss, acc = lm_loss(model, data[idx], cfg.objective, g, cfg.mask_prob)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if step % log_every == 0 or step == cfg.steps - 1:
+            hist["step"].append(step)
+            hist["loss"].append(float(loss))
+            hist["acc"].append(float(acc))
+            if not quiet:
+                print(f"  step {step:5d}  loss {float(loss):.3f}  acc {float(acc):.3f}  ({time.time() - t0:.0f}s)", flush=True)
+    model.eval()
+    hist["seconds"] = time.time() - t0
+    return model, vmap, hist
+
+
+def save_small(path: str | Path, model: SmallTransformer, vmap: VocabMap, cfg: EntmaxTrainConfig, history: dict) -> Path:
+    """Save model weights, vocabulary map and configs as one safetensors file."""
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    tensors["vocab.keep"] = vmap.keep
+    meta = {"model_config": model.cfg.to_dict(), "train_config": asdict(cfg), "specials": vmap.specials,
+            "full_vocab": len(vmap.table), "history": history}
+    return write_tensors(path, tensors, meta)
+
+
+def load_small(path: str | Path, device: str = "cpu") -> tuple[SmallTransformer, VocabMap, EntmaxTrainConfig, dict]:
+    """Load what :func:`save_small` wrote: (model, vocab map, train config, metadata)."""
+    tensors, meta = read_tensors(path)
+    if "model_config" not in meta:
+        raise ResultsError(f"{path}: not an attnlab entmax checkpoint (no model_config in metadata)")
+    model = SmallTransformer(TransformerConfig(**meta["model_config"]))
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    model.to(device).eval()
+    vmap = VocabMap(tensors["vocab.keep"], meta["specials"], meta["full_vocab"])
+    return model, vmap, EntmaxTrainConfig(**meta["train_config"]), meta
+
+
+# ---------------------------------------------------------------------------------------------- HF swap
+def entmax_handler(alpha: float | torch.Tensor = 1.5, graphs: Optional[dict] = None, predictors: Optional[dict] = None):
+    """An ``attention_hooks`` handler computing alpha-entmax attention (float32) instead of softmax.
+
+    ``graphs`` {layer: bool (B,H,N,N)} or ``predictors`` {layer: Predictor} restrict each layer's attention to
+    the given / predicted graph (downstream evaluation of predicted sparsity).
+    """
+    if not isinstance(alpha, torch.Tensor):
+        check_alpha(alpha)
+
+    def handler(call):
+        scores = call.scores()  # float32, -inf where masked
+        allowed = torch.isfinite(scores)
+        if graphs is not None and call.layer in graphs:
+            allowed = allowed & graphs[call.layer].to(allowed.device)
+        if predictors is not None and call.layer in predictors:
+            allowed = allowed & predictors[call.layer].predict(call.query, call.key, call.valid)
+        probs = masked_entmax(scores.masked_fill(~allowed, 0.0), allowed, alpha)
+        return (probs @ call.value.float()).to(call.value.dtype)
+
+    return handler
+
+
+def hf_hidden(hf, ids: torch.Tensor, mask: Optional[torch.Tensor] = None, handler=None, grad: bool = False) -> torch.Tensor:
+    """Final hidden states (B, N, D) of an HF model, with attention routed through ``handler`` if given."""
+    import contextlib
+
+    from ..capture.hf import attention_hooks
+
+    ctx = attention_hooks(hf, handler) if handler is not None else contextlib.nullcontext()
+    dev = next(hf.model.parameters()).device
+    with ctx, (contextlib.nullcontext() if grad else torch.no_grad()):
+        out = hf.model(input_ids=ids.to(dev), attention_mask=None if mask is None else mask.to(dev))
+    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+
+def finetune_hf_entmax(hf, windows: torch.Tensor, alpha: float = 1.5, steps: int = 50, batch_size: int = 8,
+                       lr: float = 2e-5, seed: int = 0, quiet: bool = False) -> dict:
+    """Briefly fine-tune an HF model with entmax attention to match its own softmax hidden states (MSE).
+
+    Teacher targets are computed first with the untouched (softmax) model; the model is then updated in
+    place. Returns a history with the distillation loss before and after.
+    """
+    import copy
+
+    check_alpha(alpha)
+    g = seed_everything(seed)
+    teacher = copy.deepcopy(hf.model).eval()
+    handler = entmax_handler(alpha)
+    opt = torch.optim.Adam([p for p in hf.model.parameters() if p.requires_grad], lr=lr)
+    dev = next(hf.model.parameters()).device
+    hist: dict = {"step": [], "mse": []}
+    t0 = time.time()
+    hf.model.train()
+    for step in range(steps):
+        idx = torch.randint(len(windows), (batch_size,), generator=g)
+        ids = windows[idx].to(dev)
+        with torch.no_grad():
+            target = teacher(input_ids=ids).last_hidden_state
+        hidden = hf_hidden(hf, ids, handler=handler, grad=True)
+        loss = F.mse_loss(hidden, target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        hist["step"].append(step)
+        hist["mse"].append(float(loss))
+        if not quiet and (step % 10 == 0 or step == steps - 1):
+            print(f"  hf step {step:4d}  mse {float(loss):.4f}  ({time.time() - t0:.0f}s)", flush=True)
+    hf.model.eval()
+    hist["seconds"] = time.time() - t0
+    return hist

@@ -1,0 +1,55 @@
+"""HTML sections for the spectrum and cross-run comparison results."""
+
+from __future__ import annotations
+
+from ..io import RunDir
+from ..report.html import table
+from .plots import PLOTS
+
+
+def _rank(v: int, limit: int) -> str:
+    return f">{limit}" if v > limit else str(v)
+
+
+def render_section(run: RunDir) -> str:
+    """Spectrum section: summary, per-layer table, plots."""
+    res = run.section("spectrum") or {}
+    model = res.get("model", {})
+    n = res["seq_len"]
+    parts = [f"<p>Model <b>{model.get('name')}</b> ({model.get('n_layers')} layers x {model.get('n_heads')} heads), "
+             f"{res['n_sequences']} windows of {n} tokens, {res.get('world_size', 1)} process(es), "
+             f"{res.get('seconds', 0):.1f} s. Rows are pre-softmax score rows, centred per row (softmax is "
+             f"shift-invariant). Pooled over all layers and heads, <b>{res['pooled']['k90']}</b> / "
+             f"{res['pooled']['k95']} / {res['pooled']['k99']} of {n} eigenvectors explain 90 / 95 / 99% of the "
+             "variance.</p>"]
+    rows = []
+    for l in res["layers"]:
+        pl = res["per_layer"][str(l)]
+        ks = [res["per_head"][f"{l}.{h}"]["k90"] for h in res["heads"]]
+        row = [l, pl["k90"], pl["k95"], pl["k99"], min(ks), sum(ks) / len(ks), max(ks)]
+        if res.get("full_matrix"):
+            fm = [res["full_matrix"][f"{l}.{h}"] for h in res["heads"]]
+            lim = fm[0]["sketch_size"]
+            row.append(_rank(int(sorted(f["k90"] for f in fm)[len(fm) // 2]), lim))
+        rows.append(row)
+    header = ["layer", "k90 (pooled heads)", "k95", "k99", "min head k90", "mean head k90", "max head k90"]
+    if res.get("full_matrix"):
+        header.append("median head k90, whole matrices")
+    parts.append(table(rows, header))
+    for name, caption in PLOTS.items():
+        if run.file(name).exists():
+            parts.append(f'<figure><img src="{name}" alt="{caption}"><figcaption>{caption}</figcaption></figure>')
+    parts.append(f'<p class="note">Overlap = ||U1^T U2||_F^2 / k with k = {res["basis_k"]}; two random subspaces '
+                 f'would give about {res["overlap_chance"]:.2f}. Whole-matrix ranks come from a Frequent Directions '
+                 "sketch and are upper bounds (">" means the sketch did not reach the level).</p>')
+    return "".join(parts)
+
+
+def render_compare(run: RunDir) -> str:
+    """Cross-run overlap section."""
+    res = run.section("compare") or {}
+    rows = [[i] + [float(v) for v in row] for i, row in enumerate(res["overlap"])]
+    header = ["layer"] + [str(j) for j in range(len(res["overlap"][0]))]
+    img = '<img src="compare_overlap.png" alt="cross overlap">' if run.file("compare_overlap.png").exists() else ""
+    return (f"<p>{res['model_a']} (rows) vs {res['model_b']} (columns), k = {res['k']}, chance {res['chance']:.2f}."
+            f"</p>{table(rows, header)}{img}")

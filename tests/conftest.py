@@ -1,0 +1,43 @@
+"""Shared fixtures: the packaged MiniLM (loaded once) and tiny random HF models of other architectures."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def minilm():
+    """The real pretrained all-MiniLM-L6-v2 (BERT, 6 layers x 12 heads)."""
+    from attnlab.capture.hf import load_model
+
+    return load_model("minilm")
+
+
+def tiny_hf(arch: str, seed: int = 0):
+    """A tiny randomly initialised HF model wrapped as HFModel: 'gpt2' (causal) or 'llama' (rotary + GQA)."""
+    from transformers import GPT2Config, GPT2Model, LlamaConfig, LlamaModel
+
+    from attnlab.capture.hf import HFModel
+
+    torch.manual_seed(seed)
+    if arch == "gpt2":
+        cfg = GPT2Config(n_layer=2, n_head=4, n_embd=32, vocab_size=100, n_positions=64)
+        model = GPT2Model(cfg)
+        n_heads, head_dim = 4, 8
+    elif arch == "llama":
+        cfg = LlamaConfig(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
+                          intermediate_size=64, vocab_size=100, max_position_embeddings=64)
+        model = LlamaModel(cfg)
+        n_heads, head_dim = 4, 8
+    else:
+        raise ValueError(arch)
+    model.set_attn_implementation("sdpa")
+    model.eval()
+    return HFModel(model, None, arch, 2, n_heads, head_dim, 64, True)
