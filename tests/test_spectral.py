@@ -148,3 +148,16 @@ def test_spectrum_run_resume_and_determinism(tmp_path, minilm):
     c = spectrum(tmp_path / "c", model=minilm, resume=True, **kw)
     assert json.dumps(c["per_head"], sort_keys=True) == json.dumps(a["per_head"], sort_keys=True)
     assert not (tmp_path / "c" / "spectrum.ckpt.rank0.safetensors").exists()
+
+
+def test_grouped_statistics_equal_separate():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 50, 6, generator=g, dtype=torch.float64) * 2 + 7
+    grouped = StreamingCovariance(6, groups=3)
+    for chunk in x.split(13, dim=1):
+        grouped.update(chunk)
+    for i in range(3):
+        single = StreamingCovariance(6).update(x[i])
+        torch.testing.assert_close(grouped.group(i).covariance(), single.covariance(), rtol=1e-12, atol=1e-12)
+    fd = FrequentDirections(6, 3, groups=3).update(x)
+    assert fd.sketch().shape == (3, 3, 6)

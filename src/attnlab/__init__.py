@@ -1,0 +1,42 @@
+"""attnlab: measure, predict and exploit the structure of self-attention in transformer models.
+
+Python API (mirrors the CLI; each call writes a run directory that ``report`` renders):
+
+    import attnlab
+    res = attnlab.spectrum("runs/minilm", model="minilm", n_sequences=64, seq_len=128)
+    attnlab.report("runs/minilm")
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .errors import AttnlabError, ConfigError, CorpusError, ModelError, NumericalError, ResultsError, ShapeError
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "capture_scores": ("attnlab.capture.dump", "capture_scores"),
+    "load_model": ("attnlab.capture.hf", "load_model"),
+    "spectrum": ("attnlab.spectral.run", "spectrum"),
+    "compare": ("attnlab.spectral.compare", "compare_runs"),
+    "report": ("attnlab.report.html", "render_report"),
+    "demo": ("attnlab.demo", "run_demo"),
+}
+
+
+from . import capture  # noqa: E402  (a callable subpackage: attnlab.capture(out, ...))
+
+
+def __getattr__(name: str) -> Any:
+    """Import API functions on first use (keeps `import attnlab` and `attnlab --help` fast)."""
+    if name in _LAZY:
+        import importlib
+
+        module, attr = _LAZY[name]
+        return getattr(importlib.import_module(module), attr)
+    raise AttributeError(f"module 'attnlab' has no attribute {name!r}")
+
+
+__all__ = ["capture", "AttnlabError", "ConfigError", "CorpusError", "ModelError", "NumericalError", "ResultsError", "ShapeError",
+           *_LAZY]

@@ -125,11 +125,13 @@ def topk_to_kv(
     k: int | Tensor,
     causal: bool = False,
     force: Tensor | None = None,
+    kmax: int | None = None,
 ) -> KVBlocks:
     """Block scores (B, H, nq, nk) -> :class:`KVBlocks` keeping the ``k`` highest blocks per query block
-    (``k`` an int or an int tensor (B, H, nq) of per-row counts, e.g. from a mass threshold) without
-    materialising a dense graph first. ``force`` (bool, broadcastable to the scores) marks blocks that are
-    always kept (they count towards ``k``). Causal: future blocks are never kept, the diagonal is partial."""
+    (``k`` an int or an int tensor (B, H, nq) of per-row counts, e.g. from a mass threshold, clamped to
+    [1, kmax]; pass ``kmax`` with a tensor ``k`` to avoid a device sync) without materialising a dense graph
+    first. ``force`` (bool, broadcastable to the scores) marks blocks that are always kept (they count towards
+    ``k``). Causal: future blocks are never kept, the diagonal is partial."""
     B, H, nq, nk = block_scores.shape
     s = block_scores.float()
     if force is not None:
@@ -141,7 +143,8 @@ def topk_to_kv(
         s = s.masked_fill(future, float("-inf"))
         s = s.masked_fill(torch.eye(nq, dtype=torch.bool, device=s.device), float("inf"))
     if isinstance(k, Tensor):
-        kmax = int(k.max().item()) if k.numel() else 1
+        if kmax is None:
+            kmax = int(k.max().item()) if k.numel() else 1
         kmax = max(1, min(kmax, nk))
         counts = k.to(torch.int32).clamp(1, kmax)
     else:

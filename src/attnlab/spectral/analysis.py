@@ -30,7 +30,8 @@ def summarise(col: SpectrumCollector, basis_k: Optional[int] = None) -> tuple[di
     res: dict[str, Any] = {"layers": L, "heads": H, "seq_len": col.seq_len, "levels": list(LEVELS)}
     tensors: dict[str, torch.Tensor] = {}
     head_curves, head_ranks, head_bases = {}, {}, {}
-    for (l, h), st in col.rows.items():
+    head_stats = {(l, h): col.head_rows(l, h) for l in L for h in H}
+    for (l, h), st in head_stats.items():
         evals, evecs = eigh_desc(st.covariance())
         curve = explained_variance(evals)
         head_curves[(l, h)], head_ranks[(l, h)] = curve, ranks_for(curve)
@@ -38,8 +39,8 @@ def summarise(col: SpectrumCollector, basis_k: Optional[int] = None) -> tuple[di
         tensors[f"rows.eigvals.{l}.{h}"] = evals
         tensors[f"rows.mean.{l}.{h}"] = st.mean
         tensors[f"rows.cov.{l}.{h}"] = st.covariance()
-    res["n_rows"] = {f"{l}.{h}": st.n for (l, h), st in col.rows.items()}
-    layer_stats = {l: _pooled([col.rows[(l, h)] for h in H]) for l in L}
+    res["n_rows"] = {f"{l}.{h}": st.n for (l, h), st in head_stats.items()}
+    layer_stats = {l: _pooled([head_stats[(l, h)] for h in H]) for l in L}
     overall = _pooled(list(layer_stats.values()))
     ov_evals, ov_vecs = eigh_desc(overall.covariance())
     ov_curve = explained_variance(ov_evals)
@@ -57,7 +58,7 @@ def summarise(col: SpectrumCollector, basis_k: Optional[int] = None) -> tuple[di
         tensors[f"rows.basis.layer.{l}"] = layer_bases[l]
         res["per_layer"][str(l)] = {"curve": curve[:64].tolist(), **ranks_for(curve)}
     res["per_head"] = {
-        f"{l}.{h}": {"curve": head_curves[(l, h)][:64].tolist(), **head_ranks[(l, h)]} for (l, h) in col.rows}
+        f"{l}.{h}": {"curve": head_curves[(l, h)][:64].tolist(), **head_ranks[(l, h)]} for (l, h) in head_stats}
     for (l, h), vecs in head_bases.items():
         tensors[f"rows.basis.{l}.{h}"] = vecs[:, :k]
     res["overlap_layers"] = overlap_matrix([layer_bases[l] for l in L]).tolist()
@@ -66,9 +67,10 @@ def summarise(col: SpectrumCollector, basis_k: Optional[int] = None) -> tuple[di
     res["overlap_chance"] = k / col.seq_len
     if col.sketch_size:
         res["full_matrix"] = {}
-        for (l, h), diag in col.full_diag.items():
+        for (l, h) in head_stats:
+            diag, sketch = col.head_full(l, h)
             total = float(diag.covariance().sum())
-            evals, _ = sketch_covariance_eig(col.full_sketch[(l, h)].sketch(), diag.mean, diag.n, col.sketch_size)
+            evals, _ = sketch_covariance_eig(sketch, diag.mean, diag.n, col.sketch_size)
             curve = explained_variance(evals, total)
             ranks = ranks_for(curve)
             res["full_matrix"][f"{l}.{h}"] = {

@@ -14,46 +14,62 @@ from ..errors import NumericalError, ShapeError
 
 
 class StreamingCovariance:
-    """Mean and covariance of D-dimensional samples seen in batches; ``merge`` combines two streams."""
+    """Mean and covariance of D-dimensional samples seen in batches; ``merge`` combines two streams.
 
-    def __init__(self, dim: int, diag_only: bool = False, device: str | torch.device = "cpu"):
-        self.dim, self.diag_only = dim, diag_only
+    With ``groups=G`` it holds G independent statistics that see the same number of samples
+    (e.g. the heads of one layer) and ``update`` takes (G, n, D): one batched update for all.
+    """
+
+    def __init__(self, dim: int, diag_only: bool = False, device: str | torch.device = "cpu", groups: int = 0):
+        self.dim, self.diag_only, self.groups = dim, diag_only, groups
+        lead = (groups,) if groups else ()
         self.n = 0
-        self.mean = torch.zeros(dim, dtype=torch.float64, device=device)
-        self.m2 = torch.zeros(dim if diag_only else (dim, dim), dtype=torch.float64, device=device)
+        self.mean = torch.zeros(*lead, dim, dtype=torch.float64, device=device)
+        self.m2 = torch.zeros(*lead, *((dim,) if diag_only else (dim, dim)), dtype=torch.float64, device=device)
 
     def update(self, x: torch.Tensor) -> "StreamingCovariance":
-        """Add samples ``x`` of shape (n, D)."""
-        if x.dim() != 2 or x.shape[1] != self.dim:
-            raise ShapeError(f"expected samples of shape (n, {self.dim}), got {tuple(x.shape)}")
-        if x.shape[0] == 0:
+        """Add samples ``x`` of shape (n, D), or (G, n, D) for grouped statistics."""
+        want = 3 if self.groups else 2
+        if x.dim() != want or x.shape[-1] != self.dim or (self.groups and x.shape[0] != self.groups):
+            shape = f"({self.groups}, n, {self.dim})" if self.groups else f"(n, {self.dim})"
+            raise ShapeError(f"expected samples of shape {shape}, got {tuple(x.shape)}")
+        n_b = x.shape[-2]
+        if n_b == 0:
             return self
         x = x.detach().to(self.mean.device, torch.float64)
         if not torch.isfinite(x).all():
             raise NumericalError("NaN or inf in the samples given to the covariance (check the scores / mask)")
-        n_b = x.shape[0]
-        mean_b = x.mean(0)
-        xc = x - mean_b
-        m2_b = (xc * xc).sum(0) if self.diag_only else xc.T @ xc
+        mean_b = x.mean(-2)
+        xc = x - mean_b.unsqueeze(-2)
+        m2_b = (xc * xc).sum(-2) if self.diag_only else xc.transpose(-1, -2) @ xc
         self._merge_moments(n_b, mean_b, m2_b)
         return self
+
+    def _outer(self, delta: torch.Tensor) -> torch.Tensor:
+        return delta * delta if self.diag_only else delta.unsqueeze(-1) * delta.unsqueeze(-2)
 
     def _merge_moments(self, n_b: int, mean_b: torch.Tensor, m2_b: torch.Tensor) -> None:
         n_a = self.n
         n = n_a + n_b
         delta = mean_b - self.mean
-        corr = delta * delta if self.diag_only else torch.outer(delta, delta)
-        self.m2 = self.m2 + m2_b + corr * (n_a * n_b / n)
+        self.m2 = self.m2 + m2_b + self._outer(delta) * (n_a * n_b / n)
         self.mean = self.mean + delta * (n_b / n)
         self.n = n
 
     def merge(self, other: "StreamingCovariance") -> "StreamingCovariance":
         """Merge another stream into this one (in place); returns self."""
-        if other.dim != self.dim or other.diag_only != self.diag_only:
-            raise ShapeError(f"cannot merge statistics of dim {other.dim} into dim {self.dim}")
+        if (other.dim, other.diag_only, other.groups) != (self.dim, self.diag_only, self.groups):
+            raise ShapeError(f"cannot merge statistics of dim {other.dim} (groups {other.groups}) into dim {self.dim} "
+                             f"(groups {self.groups})")
         if other.n:
             self._merge_moments(other.n, other.mean.clone(), other.m2.clone())
         return self
+
+    def group(self, g: int) -> "StreamingCovariance":
+        """The ungrouped statistic of group ``g`` (a view-free copy)."""
+        out = StreamingCovariance(self.dim, self.diag_only, self.mean.device)
+        out.n, out.mean, out.m2 = self.n, self.mean[g].clone(), self.m2[g].clone()
+        return out
 
     def all_reduce(self, group=None) -> "StreamingCovariance":
         """Merge this statistic across all ranks of ``torch.distributed`` (exact, two all-reduces)."""
@@ -64,15 +80,13 @@ class StreamingCovariance:
         dist.all_reduce(n, group=group)
         dist.all_reduce(total, group=group)
         mean = total / n.clamp_min(1)
-        delta = self.mean - mean
-        corr = delta * delta if self.diag_only else torch.outer(delta, delta)
-        m2 = self.m2 + corr * self.n
+        m2 = self.m2 + self._outer(self.mean - mean) * self.n
         dist.all_reduce(m2, group=group)
         self.n, self.mean, self.m2 = int(n.item()), mean, m2
         return self
 
     def covariance(self, ddof: int = 1) -> torch.Tensor:
-        """Sample covariance (D, D) (or its diagonal)."""
+        """Sample covariance (D, D) (or its diagonal; with a leading G for grouped statistics)."""
         if self.n <= ddof:
             raise NumericalError(f"covariance needs more than {ddof} samples (got {self.n}); use more sequences")
         return self.m2 / (self.n - ddof)
@@ -88,10 +102,10 @@ class StreamingCovariance:
         return self
 
     @classmethod
-    def from_state(cls, tensors: dict[str, torch.Tensor], prefix: str = "") -> "StreamingCovariance":
+    def from_state(cls, tensors: dict[str, torch.Tensor], prefix: str = "", groups: int = 0) -> "StreamingCovariance":
         """Rebuild from :meth:`state`."""
         mean, m2 = tensors[f"{prefix}mean"], tensors[f"{prefix}m2"]
-        s = cls(mean.shape[0], diag_only=m2.dim() == 1)
+        s = cls(mean.shape[-1], diag_only=m2.dim() == mean.dim(), groups=groups)
         s.n, s.mean, s.m2 = int(tensors[f"{prefix}n"].item()), mean.double(), m2.double()
         return s
 
@@ -102,40 +116,43 @@ class FrequentDirections:
     Used for full-matrix PCA where D = N^2 is too large for a covariance. Combined with the exact
     mean it yields the top eigenpairs of the covariance; eigenvalues are underestimated by at most
     ||X - X_k||_F^2 / (ell - k), so ranks-for-variance read from it are conservative (upper bounds).
+    With ``groups=G`` it keeps G sketches and ``update`` takes (G, n, D) (one batched SVD).
     """
 
-    def __init__(self, dim: int, ell: int, device: str | torch.device = "cpu"):
+    def __init__(self, dim: int, ell: int, device: str | torch.device = "cpu", groups: int = 0):
         if ell < 2:
             raise ShapeError(f"--sketch-size must be >= 2 (got {ell}); 0 disables the full-matrix analysis")
-        self.dim, self.ell = dim, ell
-        self.buf = torch.zeros(0, dim, dtype=torch.float64, device=device)
+        self.dim, self.ell, self.groups = dim, ell, groups
+        self.buf = torch.zeros(*((groups,) if groups else ()), 0, dim, dtype=torch.float64, device=device)
 
     def update(self, x: torch.Tensor) -> "FrequentDirections":
-        """Add rows ``x`` (n, D)."""
-        if x.dim() != 2 or x.shape[1] != self.dim:
-            raise ShapeError(f"expected rows of shape (n, {self.dim}), got {tuple(x.shape)}")
-        self.buf = torch.cat([self.buf, x.detach().to(self.buf.device, torch.float64)])
-        if self.buf.shape[0] >= 2 * self.ell:
+        """Add rows ``x`` (n, D), or (G, n, D) when grouped."""
+        want = 3 if self.groups else 2
+        if x.dim() != want or x.shape[-1] != self.dim:
+            raise ShapeError(f"expected rows of shape {'(G, n, D)' if self.groups else '(n, D)'} with D={self.dim}, "
+                             f"got {tuple(x.shape)}")
+        self.buf = torch.cat([self.buf, x.detach().to(self.buf.device, torch.float64)], dim=-2)
+        if self.buf.shape[-2] >= 2 * self.ell:
             self._shrink()
         return self
 
     def _shrink(self) -> None:
         _, s, vh = torch.linalg.svd(self.buf, full_matrices=False)
-        if s.shape[0] > self.ell:
-            s2 = (s[: self.ell] ** 2 - s[self.ell] ** 2).clamp_min(0)
-            self.buf = s2.sqrt()[:, None] * vh[: self.ell]
+        if s.shape[-1] > self.ell:
+            s2 = (s[..., : self.ell] ** 2 - s[..., self.ell: self.ell + 1] ** 2).clamp_min(0)
+            self.buf = s2.sqrt().unsqueeze(-1) * vh[..., : self.ell, :]
         else:
-            self.buf = s[:, None] * vh
+            self.buf = s.unsqueeze(-1) * vh
 
     def merge(self, other: "FrequentDirections") -> "FrequentDirections":
         """Merge another sketch (stack then shrink)."""
-        self.buf = torch.cat([self.buf, other.buf])
+        self.buf = torch.cat([self.buf, other.buf], dim=-2)
         self._shrink()
         return self
 
     def sketch(self) -> torch.Tensor:
-        """The current sketch (at most ell rows)."""
-        if self.buf.shape[0] > self.ell:
+        """The current sketch (at most ell rows; (G, ell, D) when grouped)."""
+        if self.buf.shape[-2] > self.ell:
             self._shrink()
         return self.buf
 

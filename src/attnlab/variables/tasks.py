@@ -114,10 +114,12 @@ class SparseBooleanTask:
             table = np.asarray(self.table)
             pats = np.array(list(itertools.product((0, 1), repeat=self.s)), dtype=np.int64)
             y = lab_rng.integers(0, 2, size=n)
+            u = pat_rng.random(n)  # one draw per example keeps smaller samples prefixes of larger ones
             for cls in (0, 1):
                 pool = pats[table == cls]
                 idx = np.flatnonzero(y == cls)
-                bits[np.ix_(idx, list(self.relevant))] = pool[pat_rng.integers(0, len(pool), size=len(idx))]
+                pick = np.minimum((u[idx] * len(pool)).astype(np.int64), len(pool) - 1)
+                bits[np.ix_(idx, list(self.relevant))] = pool[pick]
         y = self.f(bits[:, list(self.relevant)])
         p = self.noise if noise is None else noise
         if p > 0:

@@ -137,7 +137,7 @@ class RoutingPredictor(BasePredictor):
     name = "routing"
     knob = "n_clusters"
 
-    def __init__(self, n_clusters: int = 4, iters: int = 25, max_points: int = 8192, seed: int = 0):
+    def __init__(self, n_clusters: int = 4, iters: int = 15, max_points: int = 4096, seed: int = 0):
         super().__init__()
         self.n_clusters, self.iters, self.max_points, self.seed = n_clusters, iters, max_points, seed
         self._points: Optional[Tensor] = None

@@ -61,7 +61,7 @@ class ClusteringPredictor(BasePredictor):
     knob = "n_clusters"
 
     def __init__(self, n_clusters: int = 4, top: int = 1, rank: int = 4, shared: bool = False, epochs: int = 20,
-                 lr: float = 1e-2, margin: float = 1.0, seed: int = 0, iters: int = 25, max_points: int = 8192,
+                 lr: float = 1e-2, margin: float = 1.0, seed: int = 0, iters: int = 15, max_points: int = 4096,
                  projector: Optional[Projector] = None):
         super().__init__()
         self.n_clusters, self.top, self.iters, self.max_points, self.seed = n_clusters, top, iters, max_points, seed

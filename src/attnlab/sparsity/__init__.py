@@ -1,0 +1,41 @@
+"""Attention sparsity (Sparsefinder): gold entmax graphs, learned predictors, baselines, metrics, Pareto.
+
+Names are imported lazily (PEP 562) so that ``attnlab sparsity --help`` does not import torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "GraphError": "graphs", "attention_scores": "graphs", "check_gold": "graphs", "check_graphs": "graphs",
+    "entmax_probs": "graphs", "gold_from_probs": "graphs", "gold_graph": "graphs", "graph_from_ids": "graphs",
+    "HeadMetrics": "metrics", "average_layers": "metrics", "graph_metrics": "metrics", "pareto_front": "metrics",
+    "recall_at_sparsity": "metrics",
+    "METHODS": "predictors", "BasePredictor": "predictors", "BigBirdPredictor": "predictors",
+    "BucketPredictor": "predictors", "ClusteringPredictor": "predictors", "DistancePredictor": "predictors",
+    "LSHPredictor": "predictors", "OracleTopK": "predictors", "Predictor": "predictors", "Projector": "predictors",
+    "QuantizationPredictor": "predictors", "RoutingPredictor": "predictors", "WindowPredictor": "predictors",
+    "make_predictor": "predictors",
+    "EntmaxTrainConfig": "train_entmax", "VocabMap": "train_entmax", "entmax_handler": "train_entmax",
+    "finetune_hf_entmax": "train_entmax", "load_small": "train_entmax", "save_small": "train_entmax",
+    "train_small": "train_entmax",
+    "LayerData": "evaluate", "capture_layers": "evaluate", "downstream_hf": "evaluate", "downstream_small": "evaluate",
+    "fit_layers": "evaluate", "sweep_method": "evaluate",
+    "sparsity": "run", "pareto_table": "run",
+    "render_section": "report",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    """Import the public name from its submodule on first use."""
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -1,0 +1,75 @@
+"""HTML fragment for the ``sparsity`` section of a run directory (embedded by the report module)."""
+
+from __future__ import annotations
+
+from html import escape
+from typing import Any
+
+from ..io import RunDir
+from .run import SECTION
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "&mdash;"
+    if isinstance(v, bool):
+        return "yes" if v else ""
+    if isinstance(v, float):
+        return f"{v:.3f}"
+    return escape(str(v))
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    head = "".join(f"<th>{escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{_fmt(c)}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def render_section(run: RunDir) -> str:
+    """The sparsity section as HTML: summary, recall at sparsity 0.9, Pareto tables, downstream, plots."""
+    sec = run.section(SECTION)
+    if not sec:
+        return "<section id='sparsity'><h2>Attention sparsity (Sparsefinder)</h2><p>No sparsity results in this run.</p></section>"
+    gold, model = sec.get("gold", {}), sec.get("model", {})
+    parts = ["<section id='sparsity'><h2>Attention sparsity (Sparsefinder): predicting entmax graphs</h2>",
+             f"<p>Model: {_fmt(model.get('kind'))} {_fmt(model.get('name') or model.get('objective'))}; "
+             f"{_fmt(gold.get('n_layers'))} layers x {_fmt(gold.get('n_heads'))} heads, d_head {_fmt(gold.get('d_head'))}, "
+             f"N = {_fmt(gold.get('seq_len'))}. Gold entmax graph sparsity {_fmt(gold.get('sparsity'))}. "
+             "Sparsity = 1 - predicted / valid pairs; recall = predicted gold edges / gold edges; exact = share of "
+             "queries with all gold keys predicted; efficiency = (predicted pairs + predictor cost in dot-product "
+             "units) / n<sup>2</sup>. Means over heads and layers on held-out windows.</p>"]
+    r9 = sec.get("recall_at_0.9", {})
+    parts.append("<h3>Recall at sparsity 0.9 (interpolated on the Pareto front)</h3>"
+                 + _table(["method", "recall@0.9"], [[m, v] for m, v in r9.items()]))
+    for name, cap in (("pareto", "recall vs sparsity"), ("efficiency", "recall vs efficiency"), ("training", "training")):
+        if sec.get("plots", {}).get(name):
+            parts.append(f"<figure><img src='{escape(sec['plots'][name])}' alt='{cap}'><figcaption>{cap}</figcaption></figure>")
+    rows = []
+    for m, res in sec.get("methods", {}).items():
+        for i, p in enumerate(res["points"]):
+            mm = p["mean"]
+            rows.append([m, f"{res['knob']}={p['knob']}", mm["sparsity"], mm["recall"], mm["exact"], mm["efficiency"],
+                         i in res["front"]])
+    parts.append("<h3>All operating points</h3>"
+                 + _table(["method", "knob", "sparsity", "recall", "exact", "efficiency", "Pareto"], rows))
+    down = sec.get("downstream")
+    if down:
+        base = down.get("full_entmax", {})
+        if "loss" in base:
+            parts.append(f"<h3>Downstream (attention restricted to predicted graphs)</h3><p>Full entmax: loss "
+                         f"{_fmt(base['loss'])}, accuracy {_fmt(base['acc'])}; restricted to the gold graph: loss "
+                         f"{_fmt(down['gold_graph']['loss'])}.</p>")
+            drows = [[m, r["knob"], r["sparsity"], r["recall"], r["loss"], r["delta_loss"], r["acc"], r["delta_acc"]]
+                     for m, rs in down["methods"].items() for r in rs]
+            parts.append(_table(["method", "knob", "sparsity", "recall", "loss", "&Delta; loss", "acc", "&Delta; acc"], drows))
+        else:
+            parts.append("<h3>Downstream (final hidden states vs full entmax)</h3>")
+            drows = [[m, r["knob"], r["sparsity"], r["recall"], r["rel_error"], r["cosine"]]
+                     for m, rs in down["methods"].items() for r in rs]
+            parts.append(_table(["method", "knob", "sparsity", "recall", "relative error", "cosine"], drows))
+    heads = [v for k, v in sec.get("plots", {}).items() if k.startswith("heads_")]
+    if heads:
+        parts.append("<h3>Recall per layer and head at the operating point closest to sparsity 0.9</h3>")
+        parts.extend(f"<img src='{escape(h)}' alt='{escape(h)}'>" for h in heads)
+    parts.append("</section>")
+    return "\n".join(parts)

@@ -1,0 +1,182 @@
+"""Top-level Sparsefinder run: train / load an entmax model, capture gold graphs, fit and sweep predictors,
+downstream evaluation, and write section ``sparsity`` (results.json), tensors and plots to a run directory."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from ..errors import ConfigError
+from ..io import RunDir, write_tensors
+from ..seeding import seed_everything
+from .train_entmax import EntmaxTrainConfig
+
+SECTION = "sparsity"
+CHECKPOINT = "entmax_model.safetensors"
+TARGET = 0.9
+
+
+def _log(quiet: bool, msg: str) -> None:
+    if not quiet:
+        print(msg, flush=True)
+
+
+def prepare_small(run: RunDir, train: EntmaxTrainConfig, checkpoint: Optional[str], resume: bool, quiet: bool):
+    """Load the checkpoint (given, or cached in the run dir when resuming) or train and save one."""
+    from .train_entmax import load_small, save_small, train_small
+
+    path = Path(checkpoint) if checkpoint else run.file(CHECKPOINT)
+    if checkpoint and not path.exists():
+        raise ConfigError(f"--checkpoint {path}: no such file")
+    if path.exists() and (checkpoint or resume):
+        _log(quiet, f"loading entmax model from {path}")
+        model, vmap, tcfg, meta = load_small(path, train.device)
+        return model, vmap, tcfg, meta.get("history", {}), str(path)
+    _log(quiet, f"training entmax model ({train.objective}, {train.n_layers}x{train.n_heads}, d={train.d_model}, "
+                f"N={train.seq_len}, {train.steps} steps on {train.device})")
+    model, vmap, hist = train_small(train, quiet=quiet)
+    save_small(path, model, vmap, train, hist)
+    return model, vmap, train, hist, str(path)
+
+
+def sparsity(
+    out: str | Path, model: str = "small", checkpoint: Optional[str] = None, train: Optional[EntmaxTrainConfig] = None,
+    methods: Optional[Sequence[str]] = None, n_fit: int = 128, n_eval: int = 64, n_down: int = 128, rank: int = 4,
+    epochs: int = 20, targets: Sequence[float] = (0.8, 0.9, 0.95), seed: int = 0, resume: bool = True,
+    hf_seq_len: int = 128, hf_finetune_steps: int = 0, quiet: bool = False,
+) -> dict:
+    """Run the whole Sparsefinder evaluation and write section ``sparsity`` of ``out``/results.json.
+
+    ``model`` is 'small' (our entmax transformer, trained per ``train`` or loaded from ``checkpoint``) or an
+    HF model name / folder ('minilm') whose softmax is swapped for entmax (optionally fine-tuned for
+    ``hf_finetune_steps`` distillation steps). With ``resume`` a finished section with the same config is
+    returned as is and a cached checkpoint is reused.
+    """
+    from ..capture.corpus import token_windows
+    from .evaluate import capture_layers, downstream_hf, downstream_small, fit_layers, sweep_method
+    from .predictors import METHODS, Projector
+
+    train = train or EntmaxTrainConfig()
+    methods = list(methods or METHODS)
+    for m in methods:
+        if m not in METHODS and m != "clustering-top2":
+            raise ConfigError(f"--methods: unknown method {m!r}; choose from {', '.join(METHODS)}, clustering-top2")
+    if min(n_fit, n_eval) < 1 or n_down < 0:
+        raise ConfigError("--n-fit and --n-eval must be >= 1, --n-down >= 0")
+    run = RunDir(out)
+    config = {"model": model, "checkpoint": checkpoint, "train": asdict(train), "methods": methods, "n_fit": n_fit,
+              "n_eval": n_eval, "n_down": n_down, "rank": rank, "epochs": epochs, "targets": list(targets), "seed": seed,
+              "hf_seq_len": hf_seq_len, "hf_finetune_steps": hf_finetune_steps}
+    prev = run.section(SECTION)
+    if resume and prev and prev.get("config") == config and prev.get("complete"):
+        _log(quiet, f"{run.path}: section '{SECTION}' already complete (resume); delete it or pass --no-resume to redo")
+        return prev
+    run.write_config(SECTION, config)
+    seed_everything(seed)
+    t_start = time.time()
+    info: dict = {"config": config, "complete": False}
+
+    if model == "small":
+        net, vmap, tcfg, hist, ckpt = prepare_small(run, train, checkpoint, resume, quiet)
+        from .train_entmax import tokenizer_of
+
+        tok = tokenizer_of()
+        held = token_windows(tok, tcfg.seq_len, tcfg.corpus, max_windows=n_eval + n_down, split="heldout")
+        fitw = token_windows(tok, tcfg.seq_len, tcfg.corpus, max_windows=n_fit, split="fit")
+        fit_ids, eval_ids, down_ids = vmap(fitw), vmap(held[:n_eval]), vmap(held[n_eval:])
+        alpha = tcfg.alpha
+        info["model"] = {"kind": "small", "checkpoint": ckpt, "config": net.cfg.to_dict(), "objective": tcfg.objective,
+                         "train_history": hist}
+    else:
+        from ..capture.hf import load_model
+        from .train_entmax import finetune_hf_entmax
+
+        net = load_model(model)
+        alpha = train.alpha
+        fitw = token_windows(net.tokenizer, hf_seq_len, train.corpus, split="fit",
+                             max_windows=n_fit + (min(8 * hf_finetune_steps, 1024) if hf_finetune_steps > 0 else 0))
+        held = token_windows(net.tokenizer, hf_seq_len, train.corpus, max_windows=n_eval + n_down, split="heldout")
+        hist = {}
+        if hf_finetune_steps > 0:
+            _log(quiet, f"fine-tuning {model} with entmax attention ({hf_finetune_steps} distillation steps)")
+            hist = finetune_hf_entmax(net, fitw[n_fit:] if len(fitw) > n_fit else fitw, alpha, hf_finetune_steps,
+                                      seed=seed, quiet=quiet)
+        fit_ids, eval_ids, down_ids = fitw[:n_fit], held[:n_eval], held[n_eval:]
+        info["model"] = {"kind": "hf", **net.describe(), "finetune": hist}
+
+    _log(quiet, f"capturing q/k and gold entmax graphs ({len(fit_ids)} fit, {len(eval_ids)} eval windows)")
+    t0 = time.time()
+    fit = capture_layers(net, fit_ids, alpha=alpha)
+    ev = capture_layers(net, eval_ids, alpha=alpha)
+    info["capture_seconds"] = time.time() - t0
+    gold_density = [d.density() for d in ev]
+    info["gold"] = {"density_per_layer": gold_density, "sparsity": 1.0 - sum(gold_density) / len(gold_density),
+                    "seq_len": ev[0].n, "n_layers": len(ev), "n_heads": ev[0].q.shape[1], "d_head": ev[0].q.shape[-1]}
+    _log(quiet, f"gold graph sparsity {info['gold']['sparsity']:.3f} (per layer {[round(1 - d, 3) for d in gold_density]})")
+
+    projectors = [Projector(rank, epochs=epochs, seed=seed + l) for l in range(len(fit))]
+    results, fitted, fit_seconds = {}, {}, {}
+    for m in methods:
+        t0 = time.time()
+        fitted[m] = fit_layers(m, fit, rank=rank, epochs=epochs, seed=seed, projectors=projectors)
+        fit_seconds[m] = time.time() - t0
+        results[m] = sweep_method(m, fitted[m], ev, target=TARGET)
+        results[m]["fit_seconds"] = fit_seconds[m]
+        r = results[m][f"recall_at_{TARGET:g}"]
+        _log(quiet, f"  {m:14s} recall@{TARGET:g} = {'n/a' if r is None else f'{r:.3f}'}  "
+                    f"(fit {fit_seconds[m]:.1f}s, sweep {results[m]['seconds']:.1f}s)")
+    info["projector_loss"] = [p.history for p in projectors]
+    info["methods"] = results
+    info["recall_at_0.9"] = {m: results[m][f"recall_at_{TARGET:g}"] for m in methods}
+
+    if n_down > 0 and len(down_ids):
+        _log(quiet, f"downstream: attention restricted to predicted graphs ({len(down_ids)} windows)")
+        if model == "small":
+            info["downstream"] = downstream_small(net, down_ids, tcfg.objective, fitted, results, targets, seed)
+        else:
+            info["downstream"] = downstream_hf(net, down_ids, alpha, fitted, results, targets)
+
+    _write_artifacts(run, info, results, ev)
+    info["wall_s"] = time.time() - t_start
+    info["complete"] = True
+    run.write_section(SECTION, info)
+    return info
+
+
+def _write_artifacts(run: RunDir, info: dict, results: dict, ev) -> None:
+    """Per-head grids at the operating point closest to sparsity 0.9 (safetensors) and plots."""
+    from .evaluate import closest_knob
+    from .plots import head_recall_plot, pareto_plot, training_plot
+
+    tensors, plots, op = {}, {}, {}
+    for m, res in results.items():
+        knob, s = closest_knob(res, TARGET)
+        pt = next(p for p in res["points"] if p["knob"] == knob)
+        op[m] = {"knob": knob, "sparsity": s}
+        for metric in ("recall", "sparsity", "exact", "efficiency"):
+            tensors[f"{m}.{metric}"] = torch.tensor(pt["grid"][metric], dtype=torch.float32)
+        safe = m.replace("/", "_")
+        plots[f"heads_{safe}"] = head_recall_plot(pt["grid"]["recall"], m, s, run.file(f"sparsity_heads_{safe}.png")).name
+    write_tensors(run.file("sparsity_heads.safetensors"), tensors, {"operating_points": op})
+    plots["pareto"] = pareto_plot(results, run.file("sparsity_pareto.png"), "sparsity", info["gold"]["sparsity"]).name
+    plots["efficiency"] = pareto_plot(results, run.file("sparsity_efficiency.png"), "efficiency").name
+    hist = info["model"].get("train_history") or {}
+    if hist.get("step"):
+        plots["training"] = training_plot(hist, run.file("sparsity_training.png")).name
+    info["operating_points_0.9"] = op
+    info["plots"] = plots
+    info["tensors"] = "sparsity_heads.safetensors"
+
+
+def pareto_table(info: dict) -> list[dict]:
+    """Flat rows (method, knob, sparsity, recall, exact, efficiency, on_front) of a finished section."""
+    rows = []
+    for m, res in info["methods"].items():
+        for i, p in enumerate(res["points"]):
+            rows.append({"method": m, "knob": f"{res['knob']}={p['knob']}", **{k: p["mean"][k] for k in
+                         ("sparsity", "recall", "exact", "efficiency")}, "front": i in res["front"]})
+    return rows

@@ -1,0 +1,302 @@
+"""Tests for attnlab.variables: task generators, training, m*(T) search and resume, law fits, CLI."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from attnlab.errors import ConfigError, ResultsError
+from attnlab.io import RunDir, read_json
+from attnlab.variables.complexity import SearchConfig, TrialStore, sample_complexity, sweep
+from attnlab.variables.fit import fit_laws
+from attnlab.variables.tasks import CLS_ID, make_task
+from attnlab.variables.train import NormControl, TrainConfig, model_norms, train_model
+
+# ---------------------------------------------------------------- generators
+
+
+@pytest.mark.parametrize("name,expected", [
+    ("parity", lambda b: sum(b) % 2),
+    ("and", lambda b: int(all(b))),
+    ("or", lambda b: int(any(b))),
+    ("majority", lambda b: int(sum(b) >= 2)),
+])
+def test_labels_on_hand_made_inputs(name, expected):
+    task = make_task(name, T=10, s=3, seed=4)
+    for pattern in itertools.product((0, 1), repeat=3):
+        x = np.zeros((1, 10), dtype=np.int64)
+        x[0, list(task.relevant)] = pattern
+        x[0, [i for i in range(10) if i not in task.relevant]] = 1 - pattern[0]  # irrelevant bits must not matter
+        assert task.label(x)[0] == expected(pattern), (name, pattern)
+        pm = 2 * x - 1  # +/-1 encoding gives the same label
+        assert task.label(pm)[0] == expected(pattern)
+
+
+def test_hand_made_parity_with_known_positions():
+    task = make_task("parity", T=6, s=2, seed=0)
+    i, j = task.relevant
+    x = np.zeros((3, 6), dtype=np.int64)
+    x[1, i] = 1
+    x[2, [i, j]] = 1
+    assert task.label(x).tolist() == [0, 1, 0]
+
+
+def test_samples_consistent_with_labels_and_format():
+    task = make_task("random", T=20, s=4, seed=7)
+    x, y = task.sample(500)
+    assert x.shape == (500, 21) and x.dtype == torch.long
+    assert (x[:, 0] == CLS_ID).all() and set(x[:, 1:].unique().tolist()) <= {0, 1}
+    assert torch.equal(torch.from_numpy(task.label(x)), y)
+    assert len(set(task.table)) == 2  # random function is never constant
+
+
+def test_parity_balanced_uniform_and_unbalanced_and():
+    parity = make_task("parity", T=32, s=3, seed=1, balanced=False)
+    _, y = parity.sample(8000)
+    assert abs(y.float().mean().item() - 0.5) < 0.03
+    and_uniform = make_task("and", T=32, s=3, seed=1, balanced=False)
+    _, y = and_uniform.sample(8000)
+    assert abs(y.float().mean().item() - 1 / 8) < 0.02
+    and_bal = make_task("and", T=32, s=3, seed=1, balanced=True)
+    x, y = and_bal.sample(8000)
+    assert abs(y.float().mean().item() - 0.5) < 0.03
+    assert torch.equal(torch.from_numpy(and_bal.label(x)), y)
+
+
+def test_determinism_by_seed_and_prefix_property():
+    a, b, c = (make_task("majority", T=50, s=5, seed=sd) for sd in (3, 3, 4))
+    assert a == b and a.relevant != c.relevant
+    sa, sb = a.split(64, 100), b.split(64, 100)
+    assert torch.equal(sa.train_x, sb.train_x) and torch.equal(sa.test_y, sb.test_y)
+    assert not torch.equal(sa.train_x, c.split(64, 100).train_x)
+    big = a.split(128, 100)
+    assert torch.equal(big.train_x[:64], sa.train_x) and torch.equal(big.train_y[:64], sa.train_y)
+    assert not torch.equal(sa.train_x[:50], sa.test_x[:50])  # separate streams
+
+
+def test_label_noise_only_on_train():
+    task = make_task("parity", T=16, s=2, seed=0, noise=0.2)
+    sp = task.split(4000, 1000)
+    flipped = (torch.from_numpy(task.label(sp.train_x)) != sp.train_y).float().mean().item()
+    assert 0.17 < flipped < 0.23
+    assert torch.equal(torch.from_numpy(task.label(sp.test_x)), sp.test_y)
+
+
+@pytest.mark.parametrize("kwargs,flag", [
+    (dict(name="and", T=4, s=5), "--s (5) must be <= --T (4)"),
+    (dict(name="and", T=0, s=1), "--T"),
+    (dict(name="and", T=8, s=0), "--s"),
+    (dict(name="xor3", T=8, s=2), "--task"),
+    (dict(name="majority", T=8, s=2), "--s"),
+    (dict(name="and", T=8, s=2, noise=0.5), "--noise"),
+])
+def test_bad_task_inputs(kwargs, flag):
+    with pytest.raises(ConfigError, match=flag.replace("(", r"\(").replace(")", r"\)")):
+        make_task(**kwargs)
+
+
+def test_bad_split_sizes():
+    task = make_task("and", T=8, s=2)
+    with pytest.raises(ConfigError, match="--m"):
+        task.split(0, 10)
+    with pytest.raises(ConfigError, match="--n-test"):
+        task.split(10, 0)
+
+
+# ---------------------------------------------------------------- training
+
+
+def test_tiny_model_learns_sparse_and_t16():
+    torch.set_num_threads(2)
+    task = make_task("and", T=16, s=3, seed=0)
+    cfg = TrainConfig(d_model=32, n_heads=2, max_steps=600, n_test=500, n_val=500, eval_every=25)
+    r = train_model(task, 256, cfg, device="cpu")
+    assert r.test_acc >= 0.95, r
+    assert r.history and "qk_max" in r.history[0]
+
+
+def test_constrain_keeps_norms_within_bounds():
+    task = make_task("and", T=8, s=2, seed=0)
+    norm = NormControl(mode="constrain", qk_bound=0.05, v_bound=0.3, out_bound=0.2)
+    r = train_model(task, 64, TrainConfig(d_model=16, max_steps=60, eval_every=20, n_test=64, n_val=64, norm=norm))
+    n = model_norms(r.model)
+    assert max(max(row) for row in n["qk"]) <= 0.05 + 1e-5
+    assert max(n["v"]) <= 0.3 + 1e-5 and n["out"] <= 0.2 + 1e-5
+    free = train_model(task, 64, TrainConfig(d_model=16, max_steps=60, eval_every=20, n_test=64, n_val=64, lr=1e-2))
+    assert model_norms(free.model)["out"] > 0.2  # the bound is active, not vacuous
+
+
+def test_penalty_lowers_norms():
+    task = make_task("and", T=8, s=2, seed=0)
+    base = TrainConfig(d_model=16, max_steps=80, eval_every=80, n_test=64, n_val=64, lr=1e-2, stop_acc=1.0, patience=99)
+    pen = TrainConfig(**{**base.to_dict(), "norm": NormControl(mode="penalty", penalty=0.5)})
+    n0 = model_norms(train_model(task, 64, base).model)
+    n1 = model_norms(train_model(task, 64, pen).model)
+    assert n1["out"] < n0["out"] and n1["v"][0] < n0["v"][0]
+
+
+def test_bad_train_inputs():
+    with pytest.raises(ConfigError, match="--norm-mode"):
+        NormControl(mode="clip")
+    with pytest.raises(ConfigError, match="--qk-bound"):
+        NormControl(mode="constrain", qk_bound=-1.0)
+    with pytest.raises(ConfigError, match="--lr"):
+        TrainConfig(lr=0)
+    with pytest.raises(ConfigError, match="--device"):
+        train_model(make_task("and", 8, 2), 8, device="tpu")
+
+
+# ---------------------------------------------------------------- search
+
+
+def threshold_learner(m_true: dict[int, int], calls: list | None = None, fail_seed: int | None = None):
+    """Fake learner: accuracy 1 iff m >= m_true[T] (+ seed offset), recording calls."""
+
+    def learn(T: int, m: int, seed: int) -> float:
+        if calls is not None:
+            calls.append((T, m, seed))
+        shift = 1000 if seed == fail_seed else 0
+        return 1.0 if m >= m_true[T] + shift else 0.5
+
+    return learn
+
+
+@pytest.mark.parametrize("m_true", [1, 7, 8, 100, 1000, 4097])
+def test_search_finds_exact_threshold(m_true):
+    res = sample_complexity(threshold_learner({32: m_true}), 32, [0, 1, 2], SearchConfig(m_min=1, rtol=0.0))
+    assert res.m_star == m_true and res.lower == m_true - 1
+    assert res.per_seed == {0: m_true, 1: m_true, 2: m_true}
+
+
+def test_search_within_tolerance_and_share():
+    cfg = SearchConfig(m_min=8, rtol=0.1)
+    res = sample_complexity(threshold_learner({64: 300}), 64, [0, 1, 2], cfg)
+    assert res.lower < 300 <= res.m_star and res.m_star - res.lower <= 0.1 * res.m_star
+    # one seed needs 1000 more samples: share 0.5 ignores it, share 1.0 does not
+    learner = threshold_learner({64: 300}, fail_seed=2)
+    half = sample_complexity(learner, 64, [0, 1, 2], SearchConfig(m_min=8, rtol=0.0, share=0.5))
+    full = sample_complexity(learner, 64, [0, 1, 2], SearchConfig(m_min=8, rtol=0.0, share=1.0))
+    assert half.m_star == 300 and full.m_star == 1300
+
+
+def test_search_not_reached():
+    res = sample_complexity(threshold_learner({16: 10**6}), 16, [0], SearchConfig(m_min=8, m_max=100))
+    assert res.m_star is None and res.lower == 100
+
+
+def test_resume_after_interruption(tmp_path):
+    m_true = {16: 40, 32: 55, 64: 70}
+    cfg = SearchConfig(m_min=4, rtol=0.0)
+    reference = sweep(threshold_learner(m_true), [16, 32, 64], [0, 1], cfg)
+
+    first: list = []
+    inner = threshold_learner(m_true, first)
+
+    def crashing(T, m, seed):
+        if len(first) == 17:
+            raise KeyboardInterrupt("simulated interruption")
+        return inner(T, m, seed)
+
+    path = tmp_path / "trials.json"
+    with pytest.raises(KeyboardInterrupt):
+        sweep(crashing, [16, 32, 64], [0, 1], cfg, TrialStore(path, {"task": "fake"}))
+    saved = read_json(path)["trials"]
+    assert len(saved) == 16  # every finished trial was written as it arrived
+
+    second: list = []
+    resumed = sweep(threshold_learner(m_true, second), [16, 32, 64], [0, 1], cfg,
+                    TrialStore(path, {"task": "fake"}, resume=True))
+    done_first = set(first[:16])
+    assert not done_first & set(second)  # no finished trial repeated
+    assert len(set(second)) == len(second)
+    assert [r.m_star for r in resumed] == [r.m_star for r in reference] == [40, 55, 70]
+    with pytest.raises(ResultsError, match="settings differ"):
+        TrialStore(path, {"task": "other"}, resume=True)
+
+
+@pytest.mark.parametrize("kw,flag", [
+    (dict(threshold=0.0), "--threshold"), (dict(threshold=1.5), "--threshold"), (dict(share=0), "--share"),
+    (dict(m_min=0), "--m-min"), (dict(m_min=10, m_max=5), "--m-max"), (dict(rtol=1.0), "--rtol"),
+])
+def test_bad_search_config(kw, flag):
+    with pytest.raises(ConfigError, match=flag):
+        SearchConfig(**kw)
+
+
+def test_threshold_one_is_allowed():
+    assert SearchConfig(threshold=1.0).threshold == 1.0
+
+
+# ---------------------------------------------------------------- fits
+
+
+def test_fit_picks_log_for_log_data():
+    rng = np.random.default_rng(0)
+    T = np.array([16, 32, 64, 128, 256, 512, 1024], dtype=float)
+    m = 20 + 30 * np.log(T) + rng.normal(0, 2, len(T))
+    rep = fit_laws(T, m)
+    assert rep.best == "log" and rep.log.params["b"] == pytest.approx(30, rel=0.1)
+
+
+def test_fit_picks_power_for_power_data():
+    rng = np.random.default_rng(1)
+    T = np.array([16, 32, 64, 128, 256, 512, 1024], dtype=float)
+    m = 10 + 3 * T**0.7 + rng.normal(0, 2, len(T))
+    rep = fit_laws(T, m)
+    assert rep.best == "power" and rep.power.params["c"] == pytest.approx(0.7, abs=0.1)
+    assert rep.delta_aic > 2
+
+
+def test_fit_too_few_points():
+    with pytest.raises(ConfigError, match="at least 4"):
+        fit_laws([16, 32, 64], [10, 12, 14])
+    with pytest.raises(ConfigError, match="at least 4"):
+        fit_laws([16, 32, 64, 128], [10, 12, 14, float("nan")])
+
+
+# ---------------------------------------------------------------- end to end (fake learner) + CLI
+
+
+def test_run_sweep_with_fake_learner_writes_section_plots_and_report(tmp_path):
+    from attnlab.variables.experiment import SweepConfig, run_sweep
+    from attnlab.variables.report import render_section
+
+    m_true = {16: 40, 32: 46, 64: 52, 128: 58, 256: 64}
+    cfg = SweepConfig(task="and", s=3, Ts=list(m_true), seeds=2, probe=False,
+                      search=SearchConfig(m_min=4, rtol=0.0))
+    sec = run_sweep(cfg, tmp_path, learner=threshold_learner(m_true), log=lambda s: None)
+    assert [r["m_star"] for r in sec["results"]] == list(m_true.values())
+    assert sec["fits"]["best"] == "log"
+    run = RunDir(tmp_path)
+    assert run.section("variables")["results"][0]["T"] == 16
+    assert run.file("variables_mstar.png").stat().st_size > 1000
+    html = render_section(run)
+    assert "<img src='variables_mstar.png'" in html and "<td>40</td>" in html
+
+
+def test_probe_reports_mass_on_relevant():
+    from attnlab.variables.probe import attention_probe
+
+    task = make_task("and", T=16, s=3, seed=0)
+    r = train_model(task, 32, TrainConfig(d_model=16, max_steps=5, eval_every=5, n_test=32, n_val=32))
+    p = attention_probe(r.model, task, n=64)
+    mass = np.array(p["mass"])
+    assert mass.shape == (1, 2) and ((0 <= mass) & (mass <= 1)).all()
+    assert np.allclose(p["support_recall"], 1.0)  # softmax support is everything
+    assert np.allclose(p["support_precision"], 3 / 17, atol=1e-6)
+
+
+def test_cli_parses_t_lists_and_reports_bad_flags(tmp_path):
+    from typer.testing import CliRunner
+
+    from attnlab.variables.cli import app, parse_ints
+
+    assert parse_ints(["16,32", "64"], ["128"]) == [16, 32, 64, 128]
+    runner = CliRunner()
+    res = runner.invoke(app, ["sweep", "--s", "5", "--T", "4", "--out", str(tmp_path)])
+    assert res.exit_code == 2 and "--s (5) must be <= --T (4)" in res.output
+    res = runner.invoke(app, ["sweep", "--threshold", "1.5", "--out", str(tmp_path)])
+    assert res.exit_code == 2 and "--threshold" in res.output
