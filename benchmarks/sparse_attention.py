@@ -160,6 +160,9 @@ def predictors(quick: bool) -> dict[str, Callable[[], Any]]:
     cap = 0.25
     return {
         "pooled_b10": lambda: PooledBlockPredictor(budget=0.10, pool=32),
+        "pooled_b10c": lambda: PooledBlockPredictor(budget=0.10, pool=32, compile=True),
+        "pooled_m95c": lambda: PooledBlockPredictor(budget=cap, mass=0.95, pool=32, compile=True),
+        "pooled_m98c": lambda: PooledBlockPredictor(budget=cap, mass=0.98, pool=32, compile=True),
         "pooled_m95": lambda: PooledBlockPredictor(budget=cap, mass=0.95, pool=32),
         "pooled_m98": lambda: PooledBlockPredictor(budget=cap, mass=0.98, pool=32),
         "cluster16": lambda: ClusterBlockPredictor(
@@ -174,7 +177,7 @@ def predictors(quick: bool) -> dict[str, Callable[[], Any]]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--ns", default="32768,4096,8192,16384,65536", help="run in this order (target first)")
+    ap.add_argument("--ns", default="32768,65536,16384,8192,4096", help="run in this order (target first)")
     ap.add_argument("--cases", default="structured,interleaved,random")
     ap.add_argument("--heads", type=int, default=16)
     ap.add_argument("--dim", type=int, default=128)
@@ -187,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--time-limit", type=float, default=480.0, help="stop starting new work after this (s)")
     ap.add_argument("--out", default="results/sparse_attention.json")
     ap.add_argument("--quick", action="store_true", help="tiny CPU smoke test")
+    ap.add_argument("--cudnn", type=int, default=1, help="also time SDPA's cuDNN backend (GPU)")
+    ap.add_argument("--cases-at", default="", help="e.g. 'interleaved:32768+65536;random:32768' limits cases to N")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
 
@@ -221,12 +226,12 @@ def main(argv: list[str] | None = None) -> int:
             json.dump({"meta": meta, "rows": rows, "skipped": skipped}, f, indent=1)
         os.replace(tmp, args.out)
 
+    limits = {c.split(":")[0]: {int(x) for x in c.split(":")[1].split("+")}
+              for c in args.cases_at.split(";") if c}
     jobs = []
-    for n in ns:
-        for case in args.cases.split(","):
-            jobs.append((n, case, False))
-            if n in causal_ns and case == "structured":
-                jobs.append((n, case, True))
+    for n in ns:  # in the given order (target N first), the causal run right after its N
+        jobs += [(n, case, False) for case in args.cases.split(",") if n in limits.get(case, {n})]
+        jobs += [(n, "structured", True)] if n in causal_ns else []
     for n, case, causal in jobs:
         if time.time() - t_start > args.time_limit:
             skipped.append(f"N={n} {case} causal={causal}: time limit")
@@ -236,7 +241,21 @@ def main(argv: list[str] | None = None) -> int:
             q, k, v = make_inputs(case, 1, H, n, D, dtype, device, args.seed)
             o_dense = dense_attention_sdpa(q, k, v, causal=causal)
             t_dense = time_fn(lambda: dense_attention_sdpa(q, k, v, causal=causal), device, args.reps, args.warmup)
-            base = {"N": n, "case": case, "causal": causal, "dense_ms": t_dense}
+            t_cudnn = float("nan")
+            if device.type == "cuda" and args.cudnn:
+                try:  # the strongest dense baseline we have (cuDNN attention), for honesty
+                    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+                    def cudnn() -> torch.Tensor:
+                        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                            return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+                    err_cudnn = relative_error(cudnn(), o_dense)
+                    t_cudnn = time_fn(cudnn, device, args.reps, args.warmup) if err_cudnn < 2e-2 else float("nan")
+                except Exception as e:
+                    print(f"cudnn baseline unavailable: {type(e).__name__}: {str(e)[:120]}", flush=True)
+            base = {"N": n, "case": case, "causal": causal, "dense_ms": t_dense, "dense_cudnn_ms": t_cudnn}
+            print(f"N={n} {case} causal={causal}: SDPA flash {t_dense:.2f} ms, cuDNN {t_cudnn:.2f} ms", flush=True)
             configs: list[tuple[str, Callable[[], Any], dict | None]] = [(name, f, None) for name, f in preds.items()]
             if n in extra_ns and not causal and case == "structured":
                 configs.append(("full_density", lambda: None, None))
@@ -257,7 +276,12 @@ def main(argv: list[str] | None = None) -> int:
 
                     pat = predict()
                     bm = pat.block_mask() if device.type == "cuda" else None
+                    t0 = time.perf_counter()
                     out = run_pattern(q, k, v, pat, block_mask=bm, kernel_options=kopts)
+                    if device.type == "cuda":
+                        torch.cuda.synchronize()
+                        bm = pat.block_mask()  # rebuilt: run_pattern may have switched COMPUTE_Q_BLOCKS
+                    first_call_s = time.perf_counter() - t0
                     t_pred = time_fn(lambda: (predict().block_mask() if device.type == "cuda" else predict()),
                                      device, args.reps, 1)
                     t_attn = time_fn(lambda: run_pattern(q, k, v, pat, block_mask=bm, kernel_options=kopts),
@@ -283,12 +307,14 @@ def main(argv: list[str] | None = None) -> int:
                                err_vs_masked_ref=err_pattern,
                                predict_mask_ms=t_pred, flex_ms=t_attn, total_ms=t_total,
                                speedup_total=t_dense / t_total, speedup_attn=t_dense / t_attn,
-                               kernel_options=kopts)
+                               kernel_options=kopts, first_call_s=first_call_s,
+                               compiled_predictor=bool(getattr(pred, "compile", False)),
+                               speedup_vs_cudnn=t_cudnn / t_total)
                     rows.append(row)
                     print(f"N={n:6d} {case:11s} c={int(causal)} {name:16s} dens={row['density']:.3f} "
                           f"work={row['work_vs_dense']:.3f} rec={rec['mass']:.3f}/{rec['mass_min_head']:.3f} "
                           f"top64={rec['topk']:.3f} err={row['rel_error']:.3g} pat_err={err_pattern:.2g} dense={t_dense:.2f} "
-                          f"pred={t_pred:.2f} flex={t_attn:.2f} total={t_total:.2f} x{row['speedup_total']:.2f}",
+                          f"pred={t_pred:.2f} flex={t_attn:.2f} total={t_total:.2f} x{row['speedup_total']:.2f} first={first_call_s:.1f}s",
                           flush=True)
                 except Exception as e:  # keep going: one failing config must not lose the run
                     msg = f"N={n} {case} causal={causal} {name}: {type(e).__name__}: {str(e)[:300]}"
@@ -307,13 +333,13 @@ def main(argv: list[str] | None = None) -> int:
     save()
     # final table
     print("\n| N | case | causal | predictor | density | recall(mass) | min-head | top64 | rel err | dense ms | "
-          "pred+mask ms | flex ms | total ms | speed-up |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "pred+mask ms | flex ms | total ms | speed-up | cuDNN ms | vs cuDNN |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in sorted(rows, key=lambda r: (r["case"], r["causal"], r["N"])):
         print(f"| {r['N']} | {r['case']} | {int(r['causal'])} | {r['predictor']} | {r['density']:.3f} | "
               f"{r['recall_mass']:.3f} | {r['recall_mass_min_head']:.3f} | {r['recall_top64']:.3f} | "
               f"{r['rel_error']:.3g} | {r['dense_ms']:.2f} | {r['predict_mask_ms']:.2f} | {r['flex_ms']:.2f} | "
-              f"{r['total_ms']:.2f} | {r['speedup_total']:.2f}x |")
+              f"{r['total_ms']:.2f} | {r['speedup_total']:.2f}x | {r['dense_cudnn_ms']:.2f} | {r['speedup_vs_cudnn']:.2f}x |")
     if skipped:
         print("skipped/failed:", *skipped, sep="\n  ")
     print(f"wall {time.time() - t_start:.0f}s; wrote {args.out}")

@@ -36,13 +36,13 @@ def _stub_entmax() -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run the sweep and print the table; returns a process exit code."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="tiny CPU-sized sweep (T = 8..64, 2 seeds, short training)")
+    ap.add_argument("--quick", action="store_true", help="tiny CPU-sized sweep (T = 4..64, 2 seeds, short training)")
     ap.add_argument("--device", default="auto", help="cpu | cuda | auto (default auto)")
     ap.add_argument("--task", default="and", help="parity | and | or | majority | random (default and)")
     ap.add_argument("--s", type=int, default=3, help="relevant bits (default 3)")
     ap.add_argument("--T", type=int, nargs="+", default=None, help="context lengths (default 16 32 ... 1024)")
     ap.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3; quick 2)")
-    ap.add_argument("--max-steps", type=int, default=None, help="optimiser steps per trial (default 2000; quick 300)")
+    ap.add_argument("--max-steps", type=int, default=None, help="optimiser steps per trial (default 2000; quick 150)")
     ap.add_argument("--budget-s", type=float, default=None, help="start no new T after this many seconds (default 280)")
     ap.add_argument("--attention", default="softmax", help="softmax | entmax | sparsemax (entmax needs the package)")
     ap.add_argument("--out", default="results/variables_sweep", help="run directory (default results/variables_sweep)")
@@ -57,14 +57,15 @@ def main(argv: list[str] | None = None) -> int:
     from attnlab.variables.train import TrainConfig
 
     if args.quick:
-        Ts, seeds, steps, n_test, budget = args.T or [8, 16, 32, 64], args.seeds or 2, args.max_steps or 300, 300, args.budget_s
-        torch.set_num_threads(min(4, torch.get_num_threads()))
+        Ts, seeds, steps, n_test, budget = args.T or [4, 8, 16, 32, 64], args.seeds or 2, args.max_steps or 150, 200, args.budget_s
+        torch.set_num_threads(1)
     else:
         Ts, seeds, steps, n_test = args.T or [16, 32, 64, 128, 256, 512, 1024], args.seeds or 3, args.max_steps or 2000, 1000
         budget = 280.0 if args.budget_s is None else args.budget_s
     torch.backends.cuda.matmul.allow_tf32 = True
     train = TrainConfig(attention=args.attention, max_steps=steps, n_test=n_test, n_val=n_test,
-                        eval_every=25 if args.quick else 50, patience=6 if args.quick else 8)
+                        eval_every=25 if args.quick else 50, patience=3 if args.quick else 8,
+                        d_model=32 if args.quick else 64)
     search = SearchConfig(threshold=0.95, share=0.5, m_min=8 if not args.quick else 4, rtol=0.1 if not args.quick else 0.3)
     cfg = SweepConfig(task=args.task, s=args.s, Ts=Ts, seeds=seeds, train=train, search=search, budget_s=budget)
     t0 = time.perf_counter()
@@ -85,8 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         for law in ("log", "power"):
             f = fits[law]
             ps = ", ".join(f"{k}={v:.3g}" for k, v in f["params"].items())
-            print(f"{law:>6}: {ps:<36} SSE={f['sse']:.4g} R2={f['r2']:.3f} AIC={f['aic']:.2f}")
-        print(f"winning law: {fits['best']} (delta AIC {fits['delta_aic']:.2f})")
+            print(f"{law:>6}: {ps:<36} SSE={f['sse']:.4g} R2={f['r2']:.3f} AICc={f['aic']:.2f}")
+        print(f"winning law: {fits['best']} (delta AICc {fits['delta_aic']:.2f})")
     else:
         print(f"fits skipped: {sec.get('fit_error')}")
     if sec.get("probe"):

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from attnlab.errors import ConfigError, NumericalError, ShapeError
 from attnlab.spectral.eigen import (explained_variance, principal_angles, rank_for, ranks_for,
                                     subspace_similarity)
-from attnlab.spectral.stats import FrequentDirections, StreamingCovariance, row_centre, sketch_covariance_eig
+from attnlab.spectral.stats import StreamingSketch, StreamingCovariance, row_centre, sketch_covariance_eig
 
 
 @settings(max_examples=25, deadline=None)
@@ -81,11 +81,11 @@ def test_rank_for_levels():
         rank_for(curve, 1.5)
 
 
-def test_frequent_directions_recovers_low_rank_covariance():
+def test_streaming_sketch_recovers_low_rank_covariance():
     g = torch.Generator().manual_seed(0)
     X = torch.randn(400, 5, generator=g, dtype=torch.float64) @ torch.randn(5, 200, generator=g, dtype=torch.float64)
     X = X + 0.01 * torch.randn(400, 200, generator=g, dtype=torch.float64) + 3.0
-    fd, diag = FrequentDirections(200, 12), StreamingCovariance(200, diag_only=True)
+    fd, diag = StreamingSketch(200, 12), StreamingCovariance(200, diag_only=True)
     for chunk in X.split(50):
         fd.update(chunk)
         diag.update(chunk)
@@ -94,7 +94,7 @@ def test_frequent_directions_recovers_low_rank_covariance():
     ref_vals, ref_vecs = ref_vals[::-1][:5], ref_vecs[:, ::-1][:, :5]
     np.testing.assert_allclose(evals.numpy(), ref_vals, rtol=1e-3)
     assert subspace_similarity(vecs, ref_vecs) > 0.999
-    a, b = FrequentDirections(200, 12).update(X[:200]), FrequentDirections(200, 12).update(X[200:])
+    a, b = StreamingSketch(200, 12).update(X[:200]), StreamingSketch(200, 12).update(X[200:])
     ev2, _ = sketch_covariance_eig(a.merge(b).sketch(), diag.mean, diag.n, 5)
     np.testing.assert_allclose(ev2.numpy(), ref_vals, rtol=1e-3)
 
@@ -159,5 +159,21 @@ def test_grouped_statistics_equal_separate():
     for i in range(3):
         single = StreamingCovariance(6).update(x[i])
         torch.testing.assert_close(grouped.group(i).covariance(), single.covariance(), rtol=1e-12, atol=1e-12)
-    fd = FrequentDirections(6, 3, groups=3).update(x)
+    fd = StreamingSketch(6, 3, groups=3).update(x)
     assert fd.sketch().shape == (3, 3, 6)
+
+
+@pytest.mark.parametrize("shrink", [False, True])
+def test_sketch_eigenvalues_are_lower_bounds(shrink):
+    g = torch.Generator().manual_seed(5)
+    spec = 1.0 / (1 + torch.arange(60.0, dtype=torch.float64)) ** 0.8
+    X = (torch.randn(120, 60, generator=g, dtype=torch.float64) * spec.sqrt()) @ torch.randn(60, 300, generator=g,
+                                                                                             dtype=torch.float64)
+    sk = StreamingSketch(300, 10, shrink=shrink)
+    for chunk in X.split(8):
+        sk.update(chunk)
+    got = torch.linalg.svdvals(sk.sketch()) ** 2
+    ref = torch.linalg.svdvals(X)[:10] ** 2
+    assert (got <= ref * (1 + 1e-9)).all()
+    if not shrink:
+        assert (got[:3] / ref[:3]).min() > 0.95  # truncation keeps the leading eigenvalues accurate

@@ -20,12 +20,11 @@ _LAZY = {
     "load_model": ("attnlab.capture.hf", "load_model"),
     "spectrum": ("attnlab.spectral.run", "spectrum"),
     "compare": ("attnlab.spectral.compare", "compare_runs"),
-    "report": ("attnlab.report.html", "render_report"),
     "demo": ("attnlab.demo", "run_demo"),
 }
 
 
-from . import capture  # noqa: E402  (a callable subpackage: attnlab.capture(out, ...))
+from . import capture, report  # noqa: E402  (callable subpackages: attnlab.capture(out, ...), attnlab.report(run))
 
 
 def __getattr__(name: str) -> Any:
@@ -38,5 +37,5 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'attnlab' has no attribute {name!r}")
 
 
-__all__ = ["capture", "AttnlabError", "ConfigError", "CorpusError", "ModelError", "NumericalError", "ResultsError", "ShapeError",
+__all__ = ["capture", "report", "AttnlabError", "ConfigError", "CorpusError", "ModelError", "NumericalError", "ResultsError", "ShapeError",
            *_LAZY]

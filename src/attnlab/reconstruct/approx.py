@@ -51,10 +51,8 @@ def _lm_kind(hf: HFModel) -> Optional[str]:
 
 
 def _mlm_batch(ids: torch.Tensor, tokenizer, rate: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    special = torch.tensor(tokenizer.get_special_tokens_mask(ids.tolist()[0], already_has_special_tokens=True))
     specials = set(getattr(tokenizer, "all_special_ids", []))
     is_special = torch.isin(ids, torch.tensor(sorted(specials) or [-1]))
-    del special
     pick = (torch.rand(ids.shape, generator=generator) < rate) & ~is_special
     masked = ids.masked_fill(pick, tokenizer.mask_token_id)
     labels = ids.masked_fill(~pick, -100)

@@ -133,6 +133,7 @@ class PooledBlockPredictor:
     fit_rows: int = 2048
     head_chunk: int = 8
     seed: int = 0
+    compile: bool = False
     pq: Tensor | None = field(default=None, repr=False)
     pk: Tensor | None = field(default=None, repr=False)
 
@@ -254,18 +255,48 @@ class PooledBlockPredictor:
             k = (cnt + nforced).clamp(1, kmax)
         return topk_to_kv(scores, k, causal=causal, force=forced, kmax=kmax)
 
-    def predict_blocks(self, q: Tensor, k: Tensor, block_size: int = 128, causal: bool = False,
-                       scale: float | None = None) -> BlockPattern:
-        """q, k (B, H, N, D) -> :class:`BlockPattern` in the original token order."""
+    def predict_kv(self, q: Tensor, k: Tensor, block_size: int = 128, causal: bool = False,
+                   scale: float | None = None) -> KVBlocks:
+        """q, k -> kept tiles as :class:`KVBlocks` (pure tensor function: compilable, no host sync)."""
         want = (self.reduce,) if self.mass is None or self.reduce == "lse" else (self.reduce, "lse")
         sc = self.tile_scores(q, k, block_size, causal, scale, want)
-        return BlockPattern(self.select(sc[self.reduce], causal, sc.get("lse")), block_size, causal)
+        return self.select(sc[self.reduce], causal, sc.get("lse"))
+
+    def predict_blocks(self, q: Tensor, k: Tensor, block_size: int = 128, causal: bool = False,
+                       scale: float | None = None) -> BlockPattern:
+        """q, k (B, H, N, D) -> :class:`BlockPattern` in the original token order. With ``compile`` (CUDA
+        only) the scoring + selection run as one ``torch.compile``d graph (fewer launches); if compiling
+        fails, ``compile`` is switched off with a warning and the eager path is used."""
+        if self.compile and q.is_cuda and not (self.proj == "lowrank" and self.pq is None):
+            try:
+                kv = _compiled_predict_kv()(self, q, k, block_size, causal, scale)
+                return BlockPattern(kv, block_size, causal)
+            except Exception as e:  # pragma: no cover - depends on the torch build
+                import warnings
+
+                warnings.warn(f"compiled block prediction failed ({type(e).__name__}: {e}); using eager")
+                self.compile = False
+        return BlockPattern(self.predict_kv(q, k, block_size, causal, scale), block_size, causal)
 
     def cost(self, n: int, d: int, block_size: int = 128) -> float:
         """Multiply-adds per head for one prediction at length n."""
         r = d if self.proj == "none" else self.rank
         proj = 0 if self.proj == "none" else 2 * n * d * r
         return proj + (n / self.pool) ** 2 * r
+
+
+_COMPILED: dict[str, Any] = {}
+
+
+def _predict_kv_fn(pred: "PooledBlockPredictor", q: Tensor, k: Tensor, block_size: int, causal: bool,
+                   scale: float | None) -> KVBlocks:
+    return pred.predict_kv(q, k, block_size, causal, scale)
+
+
+def _compiled_predict_kv() -> Any:
+    if "predict_kv" not in _COMPILED:
+        _COMPILED["predict_kv"] = torch.compile(_predict_kv_fn, dynamic=False)
+    return _COMPILED["predict_kv"]
 
 
 def _masked_mean(s: Tensor) -> Tensor:

@@ -208,14 +208,22 @@ except ImportError:  # pragma: no cover
     _FROM_KV_PARAMS = set()
 
 
+#: Whether ``kv_to_blockmask`` builds the q-side (backward) block lists by default. Forward-only inference
+#: does not need them; ``flex.run_pattern`` switches this on if a torch build's kernel turns out to want them.
+COMPUTE_Q_BLOCKS = {"default": False}
+
+
 def kv_to_blockmask(
     kv: KVBlocks,
     block_size: int,
     mask_mod: Callable[..., Tensor] | None = None,
-    compute_q_blocks: bool = False,
+    compute_q_blocks: bool | None = None,
 ) -> Any:
     """:class:`KVBlocks` -> ``BlockMask`` via ``BlockMask.from_kv_blocks`` (no mask evaluation). The q-side
-    lists are only needed for backward, so they are skipped unless ``compute_q_blocks``."""
+    lists are only needed for backward, so they are skipped unless ``compute_q_blocks`` (default:
+    ``COMPUTE_Q_BLOCKS['default']``)."""
+    if compute_q_blocks is None:
+        compute_q_blocks = COMPUTE_Q_BLOCKS["default"]
     if _BlockMask is None:  # pragma: no cover
         raise ConfigError("this torch has no FlexAttention (needs torch >= 2.5); use backend='dense'")
     kwargs: dict[str, Any] = {"BLOCK_SIZE": block_size, "mask_mod": mask_mod}

@@ -31,7 +31,9 @@ from attnlab.sparsity.block_predictors import (
     PooledBlockPredictor,
 )
 from attnlab.sparsity.blockmask import (
+    COMPUTE_Q_BLOCKS,
     BlockPattern,
+    kv_to_blockmask,
     permute_tokens,
     pattern_from_block_graph,
     token_to_block_graph,
@@ -176,12 +178,19 @@ def run_pattern(q: Tensor, k: Tensor, v: Tensor, pattern: BlockPattern, backend:
     bm = pattern.block_mask() if block_mask is None else block_mask
     flex = compiled_flex_attention()
     if pattern.permuted:
-        qs = permute_tokens(q, pattern.q_perm)
-        ks = permute_tokens(k, pattern.k_perm)
-        vs = permute_tokens(v, pattern.k_perm)
-        out = flex(qs, ks, vs, block_mask=bm, scale=scale, kernel_options=kernel_options)
-        return unpermute_tokens(out, pattern.q_perm)
-    return flex(q, k, v, block_mask=bm, scale=scale, kernel_options=kernel_options)
+        q = permute_tokens(q, pattern.q_perm)
+        k = permute_tokens(k, pattern.k_perm)
+        v = permute_tokens(v, pattern.k_perm)
+    try:
+        out = flex(q, k, v, block_mask=bm, scale=scale, kernel_options=kernel_options)
+    except Exception:
+        if getattr(bm, "q_indices", 0) is not None:
+            raise
+        # this torch's kernel wants the q-side block lists: build them from now on
+        COMPUTE_Q_BLOCKS["default"] = True
+        bm = kv_to_blockmask(pattern.kv, pattern.block_size, pattern.mask_mod(), compute_q_blocks=True)
+        out = flex(q, k, v, block_mask=bm, scale=scale, kernel_options=kernel_options)
+    return unpermute_tokens(out, pattern.q_perm) if pattern.permuted else out
 
 
 def sparse_attention(q: Tensor, k: Tensor, v: Tensor, predictor: Any = None, block_size: int = 128,

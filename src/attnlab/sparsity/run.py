@@ -25,9 +25,10 @@ def _log(quiet: bool, msg: str) -> None:
         print(msg, flush=True)
 
 
-def prepare_small(run: RunDir, train: EntmaxTrainConfig, checkpoint: Optional[str], resume: bool, quiet: bool):
+def prepare_small(run: RunDir, train: EntmaxTrainConfig, checkpoint: Optional[str], resume: bool, quiet: bool,
+                  tokenizer: str = "minilm"):
     """Load the checkpoint (given, or cached in the run dir when resuming) or train and save one."""
-    from .train_entmax import load_small, save_small, train_small
+    from .train_entmax import load_small, save_small, tokenizer_of, train_small
 
     path = Path(checkpoint) if checkpoint else run.file(CHECKPOINT)
     if checkpoint and not path.exists():
@@ -38,7 +39,7 @@ def prepare_small(run: RunDir, train: EntmaxTrainConfig, checkpoint: Optional[st
         return model, vmap, tcfg, meta.get("history", {}), str(path)
     _log(quiet, f"training entmax model ({train.objective}, {train.n_layers}x{train.n_heads}, d={train.d_model}, "
                 f"N={train.seq_len}, {train.steps} steps on {train.device})")
-    model, vmap, hist = train_small(train, quiet=quiet)
+    model, vmap, hist = train_small(train, tokenizer=tokenizer_of(tokenizer), quiet=quiet)
     save_small(path, model, vmap, train, hist)
     return model, vmap, train, hist, str(path)
 
@@ -47,13 +48,14 @@ def sparsity(
     out: str | Path, model: str = "small", checkpoint: Optional[str] = None, train: Optional[EntmaxTrainConfig] = None,
     methods: Optional[Sequence[str]] = None, n_fit: int = 128, n_eval: int = 64, n_down: int = 128, rank: int = 4,
     epochs: int = 20, targets: Sequence[float] = (0.8, 0.9, 0.95), seed: int = 0, resume: bool = True,
-    hf_seq_len: int = 128, hf_finetune_steps: int = 0, quiet: bool = False,
+    hf_seq_len: int = 128, hf_finetune_steps: int = 0, tokenizer: str = "minilm", quiet: bool = False,
 ) -> dict:
     """Run the whole Sparsefinder evaluation and write section ``sparsity`` of ``out``/results.json.
 
     ``model`` is 'small' (our entmax transformer, trained per ``train`` or loaded from ``checkpoint``) or an
     HF model name / folder ('minilm') whose softmax is swapped for entmax (optionally fine-tuned for
-    ``hf_finetune_steps`` distillation steps). With ``resume`` a finished section with the same config is
+    ``hf_finetune_steps`` distillation steps). ``tokenizer``: model folder / alias whose tokenizer reads the
+    corpus for the small model. With ``resume`` a finished section with the same config is
     returned as is and a cached checkpoint is reused.
     """
     from ..capture.corpus import token_windows
@@ -81,10 +83,10 @@ def sparsity(
     info: dict = {"config": config, "complete": False}
 
     if model == "small":
-        net, vmap, tcfg, hist, ckpt = prepare_small(run, train, checkpoint, resume, quiet)
+        net, vmap, tcfg, hist, ckpt = prepare_small(run, train, checkpoint, resume, quiet, tokenizer)
         from .train_entmax import tokenizer_of
 
-        tok = tokenizer_of()
+        tok = tokenizer_of(tokenizer)
         held = token_windows(tok, tcfg.seq_len, tcfg.corpus, max_windows=n_eval + n_down, split="heldout")
         fitw = token_windows(tok, tcfg.seq_len, tcfg.corpus, max_windows=n_fit, split="fit")
         fit_ids, eval_ids, down_ids = vmap(fitw), vmap(held[:n_eval]), vmap(held[n_eval:])

@@ -174,7 +174,7 @@ def train_small(cfg: EntmaxTrainConfig, windows: Optional[torch.Tensor] = None, 
         sched.step()
         if step % log_every == 0 or step == cfg.steps - 1:
             hist["step"].append(step)
-            hist["loss"].append(float(loss))
+            hist["loss"].append(float(loss.detach()))
             hist["acc"].append(float(acc))
             if not quiet:
                 print(f"  step {step:5d}  loss {float(loss):.3f}  acc {float(acc):.3f}  ({time.time() - t0:.0f}s)", flush=True)

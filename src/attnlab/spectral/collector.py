@@ -8,7 +8,7 @@ import torch
 
 from ..capture.hf import AttentionCall
 from ..errors import NumericalError, ShapeError
-from .stats import FrequentDirections, StreamingCovariance, row_centre
+from .stats import StreamingSketch, StreamingCovariance, row_centre
 
 
 class SpectrumCollector:
@@ -28,7 +28,7 @@ class SpectrumCollector:
         G, N = len(self.heads), seq_len
         self.rows = {l: StreamingCovariance(N, device=device, groups=G) for l in self.layers}
         self.full_diag = {l: StreamingCovariance(N * N, True, device, G) for l in self.layers} if sketch_size else {}
-        self.full_sketch = {l: FrequentDirections(N * N, sketch_size, device, G) for l in self.layers} \
+        self.full_sketch = {l: StreamingSketch(N * N, sketch_size, device, G) for l in self.layers} \
             if sketch_size else {}
 
     def __call__(self, call: AttentionCall) -> None:

@@ -34,7 +34,7 @@ def plot_spectrum(run: RunDir, res: dict[str, Any]) -> list[str]:
         for l in layers:
             cs = [res["full_matrix"][f"{l}.{h}"]["curve"] for h in heads]
             series[f"layer {l}"] = [sum(c[i] for c in cs) / len(cs) for i in range(len(cs[0]))]
-        curves(series, "Whole score matrices: explained variance (FD sketch, lower bound)", "k",
+        curves(series, "Whole score matrices: explained variance (sketch: lower bound)", "k",
                "fraction of variance", run.file("spectrum_full_curves.png"), hlines=(0.9,))
         made.append("spectrum_full_curves.png")
     return made

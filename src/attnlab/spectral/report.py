@@ -40,7 +40,7 @@ def render_section(run: RunDir) -> str:
         if run.file(name).exists():
             parts.append(f'<figure><img src="{name}" alt="{caption}"><figcaption>{caption}</figcaption></figure>')
     parts.append(f'<p class="note">Overlap = ||U1^T U2||_F^2 / k with k = {res["basis_k"]}; two random subspaces '
-                 f'would give about {res["overlap_chance"]:.2f}. Whole-matrix ranks come from a Frequent Directions '
+                 f'would give about {res["overlap_chance"]:.2f}. Whole-matrix ranks come from a streaming truncated-SVD '
                  "sketch and are upper bounds ('&gt;' means the sketch did not reach the level).</p>")
     return "".join(parts)
 

@@ -114,8 +114,8 @@ def _analyse(cfg: SweepConfig, run: RunDir, section: dict[str, Any], device: str
     try:
         fits = fit_laws([r["T"] for r in done], [r["m_star"] for r in done])
         section["fits"] = fits.to_dict()
-        log(f"fits: log SSE={fits.log.sse:.4g} AIC={fits.log.aic:.2f}; power SSE={fits.power.sse:.4g} "
-            f"AIC={fits.power.aic:.2f} (c={fits.power.params['c']:.3f}); best: {fits.best}")
+        log(f"fits: log SSE={fits.log.sse:.4g} AICc={fits.log.aic:.2f}; power SSE={fits.power.sse:.4g} "
+            f"AICc={fits.power.aic:.2f} (c={fits.power.params['c']:.3f}); best: {fits.best}")
     except AttnlabError as e:
         section["fits"], section["fit_error"] = None, str(e)
         log(f"fits skipped: {e}")

@@ -1,4 +1,4 @@
-"""Fit m*(T) against a + b log T and a + b T^c and say which law the data prefer (by AIC)."""
+"""Fit m*(T) against a + b log T and a + b T^c and say which law the data prefer (by AICc)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 
 from ..errors import ConfigError
 
-MIN_POINTS = 4  # the power law has 3 parameters; one residual degree of freedom at least
+MIN_POINTS = 5  # AICc of the 3-parameter power law needs n - k - 1 > 0
 
 
 def log_law(T: np.ndarray, a: float, b: float) -> np.ndarray:
@@ -35,7 +35,7 @@ class LawFit:
     params: dict[str, float]
     sse: float  # sum of squared residuals
     r2: float  # coefficient of determination
-    aic: float  # n log(SSE / n) + 2k (Gaussian residuals)
+    aic: float  # AICc = n log(SSE / n) + 2k + 2k(k + 1) / (n - k - 1) (Gaussian residuals, small-sample corrected)
 
     def predict(self, T: np.ndarray | Sequence[float]) -> np.ndarray:
         """Evaluate the fitted law."""
@@ -44,12 +44,12 @@ class LawFit:
 
 @dataclass
 class FitReport:
-    """Both fits and the winner (lower AIC)."""
+    """Both fits and the winner (lower AICc)."""
 
     log: LawFit
     power: LawFit
     best: str
-    delta_aic: float  # AIC(loser) - AIC(winner) >= 0
+    delta_aic: float  # AICc(loser) - AICc(winner) >= 0
     n_points: int
 
     def to_dict(self) -> dict[str, Any]:
@@ -63,12 +63,12 @@ def _score(law: str, params: dict[str, float], T: np.ndarray, y: np.ndarray) -> 
     sst = float(np.sum((y - y.mean()) ** 2))
     n, k = len(y), len(params)
     floor = 1e-12 * max(sst, float(np.sum(y**2)), 1e-300)  # an exact fit would give AIC = -inf
-    aic = n * math.log(max(sse, floor) / n) + 2 * k
+    aic = n * math.log(max(sse, floor) / n) + 2 * k + 2 * k * (k + 1) / (n - k - 1)
     return LawFit(law, params, sse, 1.0 - sse / sst if sst > 0 else float("nan"), aic)
 
 
 def fit_laws(T: Sequence[float], m: Sequence[float]) -> FitReport:
-    """Least-squares fits (scipy curve_fit) of m against a + b log T and a + b T^c; winner by AIC."""
+    """Least-squares fits (scipy curve_fit) of m against a + b log T and a + b T^c; winner by AICc."""
     from scipy.optimize import curve_fit
 
     T_arr, y = np.asarray(T, dtype=float), np.asarray(m, dtype=float)

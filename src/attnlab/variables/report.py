@@ -46,9 +46,9 @@ def render_section(run: RunDir) -> str:
     if fits:
         frows = [[law, ", ".join(f"{k}={v:.4g}" for k, v in fits[law]["params"].items()), fits[law]["sse"],
                   fits[law]["r2"], fits[law]["aic"]] for law in ("log", "power")]
-        parts.append("<h3>Fits</h3>" + _table(["law", "parameters", "SSE", "R^2", "AIC"], frows))
-        parts.append(f"<p>Better fit (lower AIC): <b>{escape(fits['best'])}</b> "
-                     f"(&Delta;AIC = {fits['delta_aic']:.2f}, {fits['n_points']} points).</p>")
+        parts.append("<h3>Fits</h3>" + _table(["law", "parameters", "SSE", "R^2", "AICc"], frows))
+        parts.append(f"<p>Better fit (lower AICc): <b>{escape(fits['best'])}</b> "
+                     f"(&Delta;AICc = {fits['delta_aic']:.2f}, {fits['n_points']} points).</p>")
     elif sec.get("fit_error"):
         parts.append(f"<p>Fits skipped: {escape(sec['fit_error'])}</p>")
     probe = sec.get("probe")

@@ -47,8 +47,9 @@ class Projector:
         """Projected (B, H, N, r) queries and keys (float32)."""
         if self.wq is None:
             raise ConfigError("projector is not fitted: call fit(q, k, gold, valid) first")
-        qs, ks = q.float() / self.scale, k.float() / self.scale
-        return qs @ self.wq + self.bq, ks @ self.wk + self.bk
+        dev = q.device
+        qs, ks = q.float() / self.scale.to(dev), k.float() / self.scale.to(dev)
+        return qs @ self.wq.to(dev) + self.bq.to(dev), ks @ self.wk.to(dev) + self.bk.to(dev)
 
     def state(self) -> dict[str, Tensor]:
         """Learned tensors (for safetensors)."""
@@ -87,7 +88,7 @@ class Projector:
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
-                total, count = total + float(loss) * int(used.sum()), count + int(used.sum())
+                total, count = total + float(loss.detach()) * int(used.sum()), count + int(used.sum())
             self.history.append(total / max(count, 1))
         self.wq, self.bq = wq.detach(), bq.detach()
         self.wk, self.bk = wk.detach(), bk.detach()

@@ -1,0 +1,205 @@
+"""`attnlab reconstruct run`: fit on the corpus' fit split, evaluate every estimator x selection on held-out
+text, sweep the budget, measure the drop-in effect on the model's outputs; writes section 'reconstruct'."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from ..errors import ConfigError
+from ..io import RunDir, write_tensors
+from ..seeding import seed_everything
+from .estimators import ESTIMATORS
+from .evaluate import Combo, evaluate, make_methods
+from .fit import FIT_FILE, ReconstructionFit, fit_corpus, fit_from_spectrum, load_checked, windows_for
+from .selection import STRATEGIES, budget_count
+
+SECTION = "reconstruct"
+TENSORS = "reconstruct.safetensors"
+TV_TARGET = 0.05
+
+
+@dataclass
+class ReconstructConfig:
+    """Settings of a reconstruct run (CLI flags have the same names)."""
+
+    model: str = "minilm"  # HF hub id, local folder or 'minilm'
+    corpus: Optional[str] = None  # None = stdlib docstrings
+    seq_len: int = 128  # tokens per window
+    n_fit: int = 256  # windows of the fit split used to fit the statistics
+    n_eval: int = 64  # windows of the held-out split used to evaluate
+    budget: float = 0.25  # pairs per row: fraction in (0, 1] or a count
+    budgets: list = field(default_factory=lambda: [0.0625, 0.125, 0.25, 0.5])  # sweep (empty = no sweep)
+    estimators: list = field(default_factory=lambda: list(ESTIMATORS))
+    selections: list = field(default_factory=lambda: list(STRATEGIES))
+    position: bool = True  # also evaluate gaussian with query-position-conditioned statistics
+    pooled_baseline: bool = True  # also evaluate the naive basis LS with heads pooled and random pairs
+    k: Optional[int] = None  # basis size (None: min(k90 of the head, budget))
+    ridge: float = 1.0  # basis ridge multiplier (1 = Bayesian ridge)
+    jitter: float = 1e-5  # relative jitter on observed-score covariances
+    proxy: str = "bilinear"  # adaptive-selection proxy: bilinear | pca | random
+    proxy_rank: int = 4  # proxy dimension r
+    layers: Optional[list] = None  # None = all
+    heads: Optional[list] = None  # None = all
+    batch_size: int = 8
+    topk: int = 5  # k of the top-k agreement metric
+    dropin: bool = True  # run the best method as drop-in attention and measure output change
+    fit_path: Optional[str] = None  # reuse a saved fit (file or run dir) instead of fitting
+    spectrum: Optional[str] = None  # take row statistics from a spectrum run dir instead of fitting
+    seed: int = 0
+
+    def validate(self) -> None:
+        """Raise ConfigError on bad values (budget checked against seq_len)."""
+        for n in ("seq_len", "n_fit", "n_eval", "batch_size", "topk", "proxy_rank"):
+            if getattr(self, n) < 1:
+                raise ConfigError(f"--{n.replace('_', '-')} must be >= 1 (got {getattr(self, n)})")
+        b = budget_count(self.budget, self.seq_len)
+        for x in self.budgets:
+            budget_count(x, self.seq_len, flag="--budgets")
+        if self.k is not None and "basis" in self.estimators and self.k > b:
+            raise ConfigError(f"--k {self.k} exceeds --budget {b} pairs per row")
+        if not self.estimators or not self.selections:
+            raise ConfigError("--estimators and --selections must not be empty")
+        for e in self.estimators:
+            if e not in ESTIMATORS:
+                raise ConfigError(f"--estimators: unknown {e!r} (choose from {', '.join(ESTIMATORS)})")
+        for s in self.selections:
+            if s not in STRATEGIES:
+                raise ConfigError(f"--selections: unknown {s!r} (choose from {', '.join(STRATEGIES)})")
+
+
+def combos_for(cfg: ReconstructConfig) -> list[Combo]:
+    """The estimator x selection grid plus the optional variants."""
+    out = [Combo(e, s) for e in cfg.estimators for s in cfg.selections]
+    if cfg.position and "gaussian" in cfg.estimators:
+        out += [Combo("gaussian", s, position=True) for s in cfg.selections]
+    if cfg.pooled_baseline and "basis" in cfg.estimators and "random" in cfg.selections:
+        out.append(Combo("basis", "random", pool_heads=True))
+    return out
+
+
+def best_label(table: dict[str, Any], exclude_oracle: bool = True) -> str:
+    """The method with the lowest worst-layer TV (the quality bar is per layer)."""
+    cands = {k: v for k, v in table.items() if not (exclude_oracle and v["selection"] == "oracle")}
+    return min(cands, key=lambda k: max(v["tv"] for v in cands[k]["per_layer"].values()))
+
+
+def get_fit(cfg: ReconstructConfig, hf) -> ReconstructionFit:
+    """Load, derive from a spectrum run, or fit the statistics (fit split only)."""
+    if cfg.fit_path:
+        return ReconstructionFit.load(cfg.fit_path, model=cfg.model, seq_len=cfg.seq_len)
+    if cfg.spectrum:
+        fit = fit_from_spectrum(cfg.spectrum)
+        fit.check(cfg.model, cfg.seq_len, cfg.spectrum)
+        return fit
+    return fit_corpus(hf, cfg.n_fit, cfg.seq_len, cfg.layers, cfg.heads, cfg.batch_size, cfg.corpus, cfg.seed)
+
+
+def _strip(res: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in res.items() if k != "per_head"}
+
+
+def reconstruct(out: str | Path, model: str = "minilm", progress: bool = True, **settings: Any) -> dict[str, Any]:
+    """Run the reconstruction study into run directory ``out``; returns the results section."""
+    cfg = ReconstructConfig(model=model, **settings)
+    cfg.validate()
+    seed_everything(cfg.seed)
+    run = RunDir(out)
+    t0 = time.perf_counter()
+    hf = load_checked(cfg.model, cfg.seq_len)
+    fit = get_fit(cfg, hf)
+    fit.meta["model"] = cfg.model
+    fit.save(run.file(FIT_FILE))
+    say = print if progress else (lambda *a, **k: None)
+    say(f"fitted statistics ({fit.meta.get('source')}, {fit.meta.get('n_sequences')} windows) in "
+        f"{time.perf_counter() - t0:.1f} s")
+    windows = windows_for(hf.tokenizer, cfg.seq_len, cfg.n_eval, "heldout", cfg.corpus, cfg.seed + 1)
+    kw = dict(k=cfg.k, ridge=cfg.ridge, jitter=cfg.jitter, proxy=cfg.proxy, proxy_rank=cfg.proxy_rank, seed=cfg.seed)
+    combos = combos_for(cfg)
+    table = evaluate(hf, windows, make_methods(fit, combos, cfg.budget, **kw), cfg.layers, cfg.heads, cfg.batch_size, cfg.topk)
+    best = best_label(table)
+    say(f"evaluated {len(combos)} methods on {len(windows)} held-out windows; best {best}")
+    b = budget_count(cfg.budget, cfg.seq_len)
+    res: dict[str, Any] = {
+        "config": asdict(cfg), "model": hf.describe(), "budget_pairs": b, "budget_fraction": b / cfg.seq_len,
+        "n_eval": int(len(windows)), "fit": {k: v for k, v in fit.meta.items() if k != "kind"},
+        "proxy_cost_fraction": cfg.proxy_rank / hf.head_dim, "target_tv": TV_TARGET,
+        "table": {k: _strip(v) for k, v in table.items()}, "best": best,
+        "best_worst_layer_tv": max(v["tv"] for v in table[best]["per_layer"].values()),
+    }
+    res["meets_target"] = res["best_worst_layer_tv"] < TV_TARGET
+    tensors = {}
+    L = sorted({int(x.split(".")[0]) for x in next(iter(table.values()))["per_head"]})
+    H = sorted({int(x.split(".")[1]) for x in next(iter(table.values()))["per_head"]})
+    for lab, v in table.items():
+        tensors[f"tv.{lab}"] = torch.tensor([[v["per_head"][f"{l}.{h}"]["tv"] for h in H] for l in L])
+    # Budget sweep: the best method and the best input-independent one.
+    fixed = {k: v for k, v in table.items() if v["selection"] not in ("adaptive", "oracle")}
+    sweep_labels = [best] + ([best_label(fixed)] if fixed else [])
+    res["sweep"] = {}
+    if cfg.budgets:
+        by_label = {c.label: c for c in combos}
+        for lab in dict.fromkeys(sweep_labels):
+            res["sweep"][lab] = {}
+            for bud in cfg.budgets:
+                c = by_label[lab]
+                kk = dict(kw)
+                if c.estimator == "basis" and cfg.k is not None:
+                    kk["k"] = min(cfg.k, budget_count(bud, cfg.seq_len))
+                r = evaluate(hf, windows, make_methods(fit, [c], bud, **kk), cfg.layers, cfg.heads, cfg.batch_size, cfg.topk)
+                res["sweep"][lab][str(bud)] = _strip(r[lab])
+        say(f"budget sweep over {cfg.budgets} for {list(res['sweep'])}")
+    if cfg.dropin:
+        from .approx import output_effect
+
+        by_label = {c.label: c for c in combos}
+        res["dropin"] = []
+        for lab in dict.fromkeys(sweep_labels):
+            m = make_methods(fit, [by_label[lab]], cfg.budget, **kw)[0]
+            res["dropin"].append(output_effect(hf, windows, m, cfg.layers, cfg.batch_size, seed=cfg.seed))
+        say("drop-in: " + "; ".join(f"{d['method']}: hidden cos {d['hidden_cosine']:.4f}, sentence cos "
+                                     f"{d['sentence_cosine']:.4f}" for d in res["dropin"]))
+    res["seconds"] = round(time.perf_counter() - t0, 2)
+    write_tensors(run.file(TENSORS), tensors, {"model": cfg.model, "seq_len": cfg.seq_len, "layers": L, "heads": H})
+    run.write_config(SECTION, asdict(cfg))
+    prev = run.section(SECTION) or {}
+    if "train" in prev:
+        res["train"] = prev["train"]
+    from .plots import plot_reconstruct
+
+    res["plots"] = plot_reconstruct(run, res)
+    run.write_section(SECTION, res)
+    return res
+
+
+def train(out: str | Path, progress: bool = True, **settings: Any) -> dict[str, Any]:
+    """Run the training comparison and store it under 'train' in the reconstruct section."""
+    from .train import train_compare
+
+    run = RunDir(out)
+    res = train_compare(progress=progress, **settings)
+    sec = run.section(SECTION) or {}
+    sec["train"] = res
+    from .plots import plot_reconstruct
+
+    sec["plots"] = sorted(set(sec.get("plots", [])) | set(plot_reconstruct(run, {"train": res})))
+    run.write_section(SECTION, sec)
+    return res
+
+
+def format_table(table: dict[str, Any]) -> str:
+    """Plain-text table: TV per layer, worst layer, rel. error, top-1 per method (sorted by worst-layer TV)."""
+    layers = sorted(next(iter(table.values()))["per_layer"], key=int)
+    head = f"{'method':30s} " + " ".join(f"TV L{l:<3s}" for l in layers) + "  maxTV   relErr  top1   KL"
+    lines = [head, "-" * len(head)]
+    for lab in sorted(table, key=lambda k: max(v["tv"] for v in table[k]["per_layer"].values())):
+        v = table[lab]
+        tv = [v["per_layer"][l]["tv"] for l in layers]
+        rel = v["mean"]["rel_err"]
+        lines.append(f"{lab:30s} " + " ".join(f"{x:6.3f}" for x in tv) + f"  {max(tv):6.3f} "
+                     f"{rel:7.3f}  {v['mean']['top1']:.3f} {v['mean']['kl']:6.3f}")
+    return "\n".join(lines)
