@@ -11,7 +11,6 @@ graphs. Writes the run directory and a JSON summary under results/ (git-ignored)
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import time
@@ -40,6 +39,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--corpus", default=None, help="text file / folder / .jsonl (default: stdlib docstrings)")
     ap.add_argument("--results", default=str(ROOT / "results"), help="results folder (checkpoints are cached here)")
     ap.add_argument("--no-resume", action="store_true", help="recompute even if a finished run exists")
+    ap.add_argument("--loss", choices=["sum", "pair"], default="sum", help="projection loss (sum = Sparsefinder's)")
+    ap.add_argument("--force-window", type=int, default=-1, help="forced window edges for every predictor (-1 = off)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
 
@@ -55,7 +56,8 @@ def main(argv=None) -> dict:
     results = Path(args.results)
     tag = f"{size}_{args.objective}_s{steps}_seed{args.seed}"
     ckpt = results / f"sparsity_entmax_{tag}.safetensors"
-    out = results / f"sparsity_pareto_{tag}"
+    out = results / f"sparsity_pareto_{tag}{'' if args.loss == 'sum' else '_' + args.loss}"
+    out = out.with_name(out.name + (f"_fw{args.force_window}" if args.force_window >= 0 else ""))
     if not ckpt.exists() or args.no_resume:
         from attnlab.sparsity.train_entmax import save_small, tokenizer_of, train_small
 
@@ -65,7 +67,8 @@ def main(argv=None) -> dict:
     t0 = time.time()
     methods = args.methods.split(",") if args.methods else None
     info = sparsity(out, checkpoint=str(ckpt), train=cfg, methods=methods, n_fit=n_fit, n_eval=n_eval, n_down=n_down,
-                    epochs=epochs, seed=args.seed, resume=not args.no_resume, tokenizer=args.tokenizer)
+                    epochs=epochs, seed=args.seed, resume=not args.no_resume, tokenizer=args.tokenizer,
+                    loss=args.loss, force_window=args.force_window)
     wall = time.time() - t0
 
     gold = info["gold"]
@@ -96,7 +99,7 @@ def main(argv=None) -> dict:
     results.mkdir(parents=True, exist_ok=True)
     from attnlab.io import write_json
 
-    path = write_json(results / f"sparsity_pareto_{tag}.json", summary)
+    path = write_json(results / f"{out.name}.json", summary)
     print(f"\nwrote {path} and {out}/ (results.json, plots) in {wall:.0f}s")
     return summary
 

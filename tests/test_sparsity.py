@@ -171,10 +171,11 @@ def test_predictors_deterministic_with_seed(method):
     assert torch.equal(a.with_knob(knob).predict(q, k), b.with_knob(knob).predict(q, k))
 
 
-def test_projector_learns_gold_structure():
+@pytest.mark.parametrize("loss", ["sum", "pair"])
+def test_projector_learns_gold_structure(loss):
     q, k = qkv(B=8, H=2, N=16, dh=8, seed=1)
     gold = gold_graph(q, k)
-    p = Projector(rank=4, epochs=30, lr=3e-2, seed=0).fit(q, k, gold)
+    p = Projector(rank=4, epochs=30, lr=3e-2, seed=0, loss=loss).fit(q, k, gold)
     assert p.history[-1] < p.history[0]
     dist = make_predictor("distance-knn", projector=p).fit(q, k, gold)
     rand = make_predictor("distance-knn", projector=Projector(4, epochs=0, seed=0)).fit(q, k, gold)
@@ -193,6 +194,8 @@ def test_predictor_bad_options():
         make_predictor("clustering").predict(*qkv())
     with pytest.raises(ConfigError, match="--rank"):
         Projector(rank=0)
+    with pytest.raises(ConfigError, match="--loss"):
+        Projector(loss="triplet")
 
 
 def test_oracle_topk_is_an_upper_bound_for_knn():

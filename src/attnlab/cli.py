@@ -103,6 +103,8 @@ def spectrum(
     basis_k: Optional[int] = typer.Option(None, "--basis-k", help="Basis size for overlaps. [default: pooled k90]"),
     split: Optional[str] = typer.Option(None, "--split", help="fit | heldout | all documents. [default: fit]"),
     device: Optional[str] = DeviceOpt, seed: Optional[int] = SeedOpt,
+    checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every",
+                                                   help="Batches between checkpoints. [default: 8]"),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its checkpoint."),
     report: bool = typer.Option(True, "--report/--no-report", help="Render report.html at the end."),
     config: Optional[Path] = ConfigOpt,
@@ -119,7 +121,7 @@ def spectrum(
     defaults = {k: v for k, v in asdict(SpectrumConfig()).items()}
     s = settings("spectrum", config, defaults, model=model, corpus=corpus, seq_len=seq_len, n_sequences=n_sequences,
                  layers=layers, heads=heads, batch_size=batch_size, sketch_size=sketch_size, basis_k=basis_k,
-                 split=split, device=device, seed=seed)
+                 split=split, device=device, seed=seed, checkpoint_every=checkpoint_every)
     s["layers"], s["heads"] = parse_int_list(s["layers"], "--layers"), parse_int_list(s["heads"], "--heads")
     name = s.pop("model")
     res = run_spectrum(out, model=name, resume=resume, **s)
@@ -185,18 +187,23 @@ _mount("sparsity", "sparsity", "Sparsefinder: entmax attention graphs and learne
 _mount("variables", "variables", "Variable creation: sparse Boolean tasks, sample complexity vs context length.")
 
 
+def _interrupted(signum, frame) -> None:
+    typer.secho("interrupted: results written so far are intact; re-run with --resume to continue", err=True)
+    raise KeyboardInterrupt  # Typer turns this into exit code 130
+
+
 def main() -> None:
-    """Entry point: run the app, turning attnlab errors into one clear line and exit code 2."""
+    """Entry point: run the app; attnlab errors become one clear line and exit code 2, Ctrl-C exit code 130."""
+    import signal
+
     from .errors import AttnlabError
 
+    signal.signal(signal.SIGINT, _interrupted)
     try:
         app()
     except AttnlabError as e:
         typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
         sys.exit(2)
-    except KeyboardInterrupt:
-        typer.secho("interrupted: results written so far are intact; re-run with --resume", err=True)
-        sys.exit(130)
 
 
 if __name__ == "__main__":

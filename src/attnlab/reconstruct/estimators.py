@@ -46,13 +46,16 @@ class RowModel:
         """Keys per row."""
         return self.cov.shape[0]
 
-    def with_basis(self, k: int) -> "RowModel":
-        """A copy with the top-k eigenbasis of ``cov`` attached."""
+    def with_basis(self, k: int, eigen: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> "RowModel":
+        """A copy with the top-k eigenbasis of ``cov`` attached (``eigen``: precomputed descending eigenpairs)."""
         n = self.n
         if not 1 <= k <= n:
             raise ConfigError(f"--k {k} must be in [1, --seq-len {n}]")
-        evals, evecs = torch.linalg.eigh(self.cov.double())
-        evals, evecs = evals.flip(0).clamp_min(0), evecs.flip(1)
+        if eigen is None:
+            evals, evecs = torch.linalg.eigh(self.cov.double())
+            evals, evecs = evals.flip(0).clamp_min(0), evecs.flip(1)
+        else:
+            evals, evecs = eigen
         res = float(evals[k:].sum()) / n
         return RowModel(self.mean, self.cov, evecs[:, :k], evals[:k], res)
 
@@ -84,8 +87,14 @@ def check_k(k: int, b: int) -> None:
         raise ConfigError(f"--k {k} exceeds --budget {b} pairs per row; the basis fit would be underdetermined")
 
 
+def _chol_solve(rhs: torch.Tensor, chol: torch.Tensor) -> torch.Tensor:
+    """A^-1 rhs from the lower Cholesky factor (two triangular solves; faster than cholesky_solve on CPU)."""
+    y = torch.linalg.solve_triangular(chol, rhs, upper=False)
+    return torch.linalg.solve_triangular(chol.mH, y, upper=True)
+
+
 def _gaussian_rows(r: torch.Tensor, idx: torch.Tensor, cov: torch.Tensor, noise: Optional[torch.Tensor],
-                   jitter: float) -> tuple[torch.Tensor, torch.Tensor]:
+                   jitter: float, known: bool = False, var: bool = False):
     """For rows r = s_S - mu_S (R, b) with index sets idx (R, b): (offset (R,), weights w (R, b)) such that the
     estimate of every entry is mu + m + Sigma[:, S] w."""
     eye = torch.eye(idx.shape[-1], dtype=r.dtype, device=r.device)
@@ -95,11 +104,17 @@ def _gaussian_rows(r: torch.Tensor, idx: torch.Tensor, cov: torch.Tensor, noise:
     chol, info = torch.linalg.cholesky_ex(a)
     if bool((info > 0).any()):
         raise ConfigError("observed-score covariance is not positive definite; raise --jitter")
+    cond_var = None
+    if var:
+        c = cov[idx]  # (R, b, N)
+        cond_var = (torch.diagonal(cov) - (c * _chol_solve(c, chol)).sum(-2)).clamp_min(0)  # (R, N)
+    if known:
+        return torch.zeros_like(r[:, 0]), _chol_solve(r.unsqueeze(-1), chol)[..., 0], cond_var
     ones = torch.ones_like(r)
-    sol = torch.cholesky_solve(torch.stack([r, ones], -1), chol)  # (R, b, 2)
+    sol = _chol_solve(torch.stack([r, ones], -1), chol)  # (R, b, 2)
     ainv_r, ainv_1 = sol[..., 0], sol[..., 1]
     m = (ainv_r.sum(-1) / ainv_1.sum(-1))  # GLS offset (R,)
-    return m, ainv_r - m.unsqueeze(-1) * ainv_1
+    return m, ainv_r - m.unsqueeze(-1) * ainv_1, cond_var
 
 
 def _basis_rows(r: torch.Tensor, idx: torch.Tensor, basis: torch.Tensor, penalty: torch.Tensor,
@@ -119,12 +134,13 @@ class Estimator:
     """Reconstruct full score rows of one (layer, head) from a selection of exactly computed pairs."""
 
     def __init__(self, kind: str, model: RowModel, k: Optional[int] = None, ridge: float = 1.0, jitter: float = 1e-5,
-                 dtype: torch.dtype = torch.float64, chunk_rows: int = 4096):
+                 dtype: torch.dtype = torch.float64, chunk_rows: int = 4096, var_correction: bool = False):
         if kind not in ESTIMATORS:
             raise ConfigError(f"--estimator must be one of {', '.join(ESTIMATORS)} (got {kind!r})")
         if ridge < 0 or jitter < 0:
             raise ConfigError(f"--ridge and --jitter must be >= 0 (got {ridge}, {jitter})")
         self.kind, self.dtype, self.chunk_rows = kind, dtype, chunk_rows
+        self.var_correction = var_correction
         if kind == "basis":
             if k is None:
                 raise ConfigError("the basis estimator needs --k (basis size)")
@@ -146,9 +162,14 @@ class Estimator:
             if self.kind == "basis":
                 self._basis, self._penalty = self._basis.to(device), self._penalty.to(device)
 
-    def __call__(self, scores: torch.Tensor, idx: torch.Tensor, valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def __call__(self, scores: torch.Tensor, idx: torch.Tensor, valid: Optional[torch.Tensor] = None,
+                 row_mean: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Estimated scores (B, Nq, N) from true ``scores`` (B, Nq, N) (only entries at ``idx`` are read) and the
-        selection ``idx`` ((b,), (Nq, b) or (B, Nq, b)); ``valid`` (B or 1, Nq, N) bool marks allowed keys."""
+        selection ``idx`` ((b,), (Nq, b) or (B, Nq, b)); ``valid`` (B or 1, Nq, N) bool marks allowed keys.
+
+        ``row_mean`` (B, Nq): the exact mean score of each row over its valid keys, q . mean(k) * scaling (one
+        extra dot product per row); when given the offset is known instead of estimated, and since centred rows
+        sum to zero the estimate then also knows the total of the unobserved scores."""
         if scores.dim() != 3:
             raise ShapeError(f"scores must be (B, Nq, N) for one head, got {tuple(scores.shape)}")
         B, nq, n = scores.shape
@@ -169,17 +190,22 @@ class Estimator:
         obs = torch.gather(s, -1, full)  # (B, Nq, b)
         mu = self.model.row_means(nq, B, self.dtype, dev)  # (B, Nq, N)
         r = obs - torch.gather(mu, -1, full)
+        known = row_mean is not None
+        if known:
+            rm = row_mean.to(dev, self.dtype).unsqueeze(-1)  # (B, Nq, 1)
+            r = r - rm
+            mu = mu + rm
         obs_valid = None if vmask is None else torch.gather(vmask, -1, full)
         if self.kind == "none":
             est = torch.full_like(s, float("-inf"))
         else:
-            est = self._estimate(r, full, mu, obs_valid, shared)
+            est = self._estimate(r, full, mu, obs_valid, shared, known)
         est = est.scatter(-1, full, obs)  # observed entries exact
         if vmask is not None:
             est = est.masked_fill(~vmask, float("-inf"))
         return est.to(scores.dtype) if scores.dtype.is_floating_point else est
 
-    def _estimate(self, r, full, mu, obs_valid, shared) -> torch.Tensor:
+    def _estimate(self, r, full, mu, obs_valid, shared, known) -> torch.Tensor:
         B, nq, b = full.shape
         R = B * nq
         rr, ii = r.reshape(R, b), full.reshape(R, b)
@@ -188,11 +214,13 @@ class Estimator:
         out = torch.empty_like(mu_f)
         for a in range(0, R, self.chunk_rows):
             sl = slice(a, a + self.chunk_rows)
-            out[sl] = self._chunk(rr[sl], ii[sl], mu_f[sl], None if w_ok is None else w_ok[sl], shared)
+            out[sl] = self._chunk(rr[sl], ii[sl], mu_f[sl], None if w_ok is None else w_ok[sl], shared, known)
         return out.reshape(B, nq, -1)
 
-    def _chunk(self, r, idx, mu, ok, shared) -> torch.Tensor:
+    def _chunk(self, r, idx, mu, ok, shared, known) -> torch.Tensor:
         if self.kind == "mean":
+            if known:
+                return mu
             w = torch.ones_like(r) if ok is None else ok.to(r.dtype)
             m = (r * w).sum(-1) / w.sum(-1).clamp_min(1)
             return mu + m.unsqueeze(-1)
@@ -202,20 +230,30 @@ class Estimator:
                 sel = idx[0]
                 a = cov[sel][:, sel] + self.jitter_abs * torch.eye(len(sel), dtype=cov.dtype, device=cov.device)
                 chol = torch.linalg.cholesky(a)
-                ainv_1 = torch.cholesky_solve(torch.ones(len(sel), 1, dtype=cov.dtype, device=cov.device), chol)[:, 0]
-                gain = torch.cholesky_solve(cov[sel], chol)  # (b, N) = A^-1 Sigma_S.
-                m = (r @ ainv_1) / ainv_1.sum()
+                gain = _chol_solve(cov[sel], chol)  # (b, N) = A^-1 Sigma_S.
+                if known:
+                    m = torch.zeros_like(r[:, 0])
+                else:
+                    ainv_1 = _chol_solve(torch.ones(len(sel), 1, dtype=cov.dtype, device=cov.device), chol)[:, 0]
+                    m = (r @ ainv_1) / ainv_1.sum()
                 # est = mu + m + (r - m 1) A^-1 Sigma_S.
-                return mu + m.unsqueeze(-1) + (r - m.unsqueeze(-1)) @ gain
+                est = mu + m.unsqueeze(-1) + (r - m.unsqueeze(-1)) @ gain
+                if self.var_correction:
+                    est = est + 0.5 * (torch.diagonal(cov) - (cov[sel] * gain).sum(0)).clamp_min(0)
+                return est
             noise = None if ok is None else (~ok).to(r.dtype) * (_MASKED_NOISE * self.diag_mean)
-            m, w = _gaussian_rows(r, idx, cov, noise, self.jitter_abs)
-            return mu + m.unsqueeze(-1) + torch.einsum("rbn,rb->rn", cov[idx], w)
+            m, w, cond_var = _gaussian_rows(r, idx, cov, noise, self.jitter_abs, known, self.var_correction)
+            est = mu + m.unsqueeze(-1) + torch.einsum("rbn,rb->rn", cov[idx], w)
+            return est if cond_var is None else est + 0.5 * cond_var
         # basis
-        coef = _basis_rows(r, idx, self._basis, self._penalty, None if ok is None else ok.to(r.dtype))
+        pen = self._penalty
+        if known:  # offset known: pin its coefficient at 0 with a prohibitive penalty
+            pen = torch.cat([pen[:-1], pen.new_tensor([1e12 * self.diag_mean])])
+        coef = _basis_rows(r, idx, self._basis, pen, None if ok is None else ok.to(r.dtype))
         return mu + coef[:, -1:] + coef[:, :-1] @ self._basis.T
 
 
-def reference_gaussian(x_obs, obs_idx, mean, cov, jitter: float = 0.0):
+def reference_gaussian(x_obs, obs_idx, mean, cov, jitter: float = 0.0, row_mean=None):
     """Float64 numpy reference of the diffuse-offset conditional-Gaussian estimate of one row (tests)."""
     import numpy as np
 
@@ -225,7 +263,11 @@ def reference_gaussian(x_obs, obs_idx, mean, cov, jitter: float = 0.0):
     r = x_obs - mean[s]
     ainv = np.linalg.inv(a)
     one = np.ones(len(s))
-    m = (one @ ainv @ r) / (one @ ainv @ one)
+    m = (one @ ainv @ r) / (one @ ainv @ one) if row_mean is None else float(row_mean)
+    if row_mean is not None:
+        mean = mean + m
+        r = x_obs - mean[s]
+        m = 0.0
     est = mean + m + cov[:, s] @ ainv @ (r - m * one)
     est[s] = x_obs
     return est

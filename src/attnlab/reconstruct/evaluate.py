@@ -28,19 +28,24 @@ class Combo:
     selection: str
     position: bool = False  # mean per query position + residual covariance
     pool_heads: bool = False  # statistics pooled over the heads of a layer
+    var: bool = False  # add half the conditional variance to unobserved logits (lognormal mass correction)
+    offset: str = "exact"  # 'exact': row mean from q . mean(k) (1 dot product per row); 'estimate': GLS from observed
 
     @property
     def label(self) -> str:
         """Short name, e.g. 'gaussian+pos/adaptive'."""
-        extra = ("+pos" if self.position else "") + ("+pooled" if self.pool_heads else "")
+        extra = ("+pos" if self.position else "") + ("+pooled" if self.pool_heads else "") + ("+var" if self.var else "")
+        extra += "+estoff" if self.offset == "estimate" else ""
         return f"{self.estimator}{extra}/{self.selection}"
 
     def validate(self) -> None:
         """Raise ConfigError for unknown names."""
-        if self.estimator not in ESTIMATORS:
+        if self.estimator not in ESTIMATORS + ("proxy",):
             raise ConfigError(f"--estimators: unknown {self.estimator!r} (choose from {', '.join(ESTIMATORS)})")
         if self.selection not in STRATEGIES:
             raise ConfigError(f"--selections: unknown {self.selection!r} (choose from {', '.join(STRATEGIES)})")
+        if self.offset not in ("exact", "estimate"):
+            raise ConfigError(f"--offset must be exact or estimate (got {self.offset!r})")
 
 
 @dataclass
@@ -61,6 +66,12 @@ class Method:
     _sel: dict = field(default_factory=dict)
     _gen: Optional[torch.Generator] = None
 
+    @property
+    def label(self) -> str:
+        """Combo label plus the proxy rank where the proxy is used, e.g. 'proxy/adaptive[r=4]'."""
+        uses = self.combo.selection == "adaptive" or self.combo.estimator == "proxy"
+        return self.combo.label + (f"[r={self.proxy_rank}]" if uses else "")
+
     def row_model(self, layer: int, head: int) -> RowModel:
         """The fitted statistics this method uses for (layer, head)."""
         return self.fit.row_model(layer, head, self.combo.position, self.combo.pool_heads)
@@ -70,10 +81,15 @@ class Method:
         key = (layer, head)
         if key not in self._est:
             k = self.k
+            if self.combo.estimator == "proxy":
+                raise ConfigError("the proxy estimator has no row model")
             if self.combo.estimator == "basis" and k is None:
                 k = min(self.fit.rank_for(layer, head, 0.9, self.combo.position, self.combo.pool_heads), self.b)
-            self._est[key] = Estimator(self.combo.estimator, self.row_model(layer, head), k=k, ridge=self.ridge,
-                                       jitter=self.jitter, dtype=self.dtype)
+            model = self.row_model(layer, head)
+            if self.combo.estimator == "basis":
+                model = model.with_basis(k, self.fit.eigen(layer, head, self.combo.position, self.combo.pool_heads))
+            self._est[key] = Estimator(self.combo.estimator, model, k=k, ridge=self.ridge, jitter=self.jitter,
+                                       dtype=self.dtype, var_correction=self.combo.var)
         return self._est[key]
 
     def selection(self, layer: int, head: int, call: AttentionCall, scores_h: torch.Tensor,
@@ -84,11 +100,13 @@ class Method:
             key = (layer, head)
             if key not in self._sel:
                 model = self.row_model(layer, head)
+                eig = self.fit.eigen(layer, head, self.combo.position, self.combo.pool_heads)
                 basis = None
                 if strat == "leverage":
                     k = min(self.fit.rank_for(layer, head, 0.9, self.combo.position, self.combo.pool_heads), self.b)
-                    basis = model.with_basis(k).basis
-                self._sel[key] = select(strat, n, self.b, cov=model.cov, basis=basis, seed=self.seed + head)
+                    basis = model.with_basis(k, eig).basis
+                self._sel[key] = select(strat, n, self.b, cov=model.cov, basis=basis, seed=self.seed + head,
+                                        eigen=eig if strat == "qr" else None)
             return self._sel[key].to(scores_h.device)
         if strat == "random":
             if self._gen is None:
@@ -104,7 +122,50 @@ class Method:
         """Reconstructed scores (B, Nq, N) of one head (-inf where masked)."""
         valid_h = None if call.valid is None else call.valid[:, 0]
         idx = self.selection(call.layer, head, call, scores_h, valid_h)
-        return self.estimator(call.layer, head)(scores_h, idx, valid_h)
+        rm = exact_row_mean(call, head, scores_h) if self.combo.offset == "exact" else None
+        if self.combo.estimator == "proxy":
+            return self._proxy_fill(call, head, scores_h, idx, valid_h, rm)
+        return self.estimator(call.layer, head)(scores_h, idx, valid_h, rm)
+
+    def _proxy_fill(self, call, head, scores_h, idx, valid_h, rm) -> torch.Tensor:
+        """Unobserved scores from the low-rank proxy, shifted so the row keeps its exact mean."""
+        px = self.fit.proxy(call.layer, head, self.proxy, self.proxy_rank, self.seed)
+        ps = px.scores(call.query[:, head], call.key[:, head], call.scaling).to(scores_h.dtype)  # (B, N, N)
+        B, nq, n = scores_h.shape
+        v = torch.ones_like(scores_h, dtype=torch.bool) if valid_h is None else valid_h.expand(B, nq, n)
+        full = idx.expand(B, nq, -1) if idx.dim() < 3 else idx
+        if idx.dim() == 1:
+            full = idx.expand(B, nq, -1)
+        obs_mask = torch.zeros_like(v).scatter(-1, full, True)
+        unobs = v & ~obs_mask
+        s0 = torch.where(v, scores_h, torch.zeros_like(scores_h))
+        if rm is None:  # estimate the shift from the observed pairs
+            shift = ((s0 - ps) * (obs_mask & v)).sum(-1) / (obs_mask & v).sum(-1).clamp_min(1)
+        else:
+            n_unobs = unobs.sum(-1).clamp_min(1)
+            target = rm * v.sum(-1) - (s0 * (obs_mask & v)).sum(-1)  # exact total of the unobserved scores
+            shift = (target - (ps * unobs).sum(-1)) / n_unobs
+        est = torch.where(obs_mask, scores_h, ps + shift.unsqueeze(-1))
+        return est.masked_fill(~v, float("-inf"))
+
+
+def exact_row_mean(call: AttentionCall, head: int, scores_h: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Mean score of every row over its valid keys, (B, Nq): q . mean_valid(k) * scaling, one dot product per row.
+
+    With an additive bias (ALiBi) or a softcap the scores are not linear in k; then the mean of ``scores_h`` is used
+    (which needs every score: no saving)."""
+    q, k = call.query[:, head].float(), call.key[:, head].float()  # (B, N, dh)
+    if call.bias is not None or call.softcap:
+        if scores_h is None:
+            raise ConfigError("exact row mean needs the scores for models with attention bias or softcap")
+        v = torch.isfinite(scores_h)
+        return torch.where(v, scores_h, torch.zeros_like(scores_h)).sum(-1) / v.sum(-1).clamp_min(1)
+    if call.valid is None:
+        kbar = k.mean(-2, keepdim=True)  # (B, 1, dh)
+        return (q * kbar).sum(-1) * call.scaling
+    w = call.valid[:, 0].float()  # (B, Nq, N)
+    kbar = (w @ k) / w.sum(-1, keepdim=True).clamp_min(1)  # (B, Nq, dh)
+    return (q * kbar).sum(-1) * call.scaling
 
 
 def make_methods(fit: ReconstructionFit, combos: list[Combo], budget: float | int, **kw: Any) -> list[Method]:
@@ -119,7 +180,8 @@ def make_methods(fit: ReconstructionFit, combos: list[Combo], budget: float | in
     out = []
     for c in combos:
         c.validate()
-        if c.selection == "adaptive" and kw.get("proxy", "bilinear") != "random" and fit.meta.get("d_head") is None:
+        if (c.selection == "adaptive" or c.estimator == "proxy") and kw.get("proxy", "bilinear") != "random" \
+                and fit.meta.get("d_head") is None:
             raise ConfigError("--selection adaptive with a fitted proxy needs a corpus fit (query/key moments); "
                               "this fit came from a spectrum run: use --proxy random")
         out.append(Method(fit, c, b, **kw))
@@ -151,14 +213,14 @@ def evaluate(model, windows: torch.Tensor, methods: list[Method], layers: Option
             for m in methods:
                 t0 = time.perf_counter()
                 est = m.reconstruct(call, h, s)
-                timing[m.combo.label] = timing.get(m.combo.label, 0.0) + time.perf_counter() - t0
-                sums.add((m.combo.label, call.layer, h), row_metrics(s, est, valid, topk), row_ok)
+                timing[m.label] = timing.get(m.label, 0.0) + time.perf_counter() - t0
+                sums.add((m.label, call.layer, h), row_metrics(s, est, valid, topk), row_ok)
 
     stream_attention(model, windows, sink, layers, batch_size, desc="reconstruct eval", show_progress=progress)
     means = sums.means()
     out: dict[str, Any] = {}
     for m in methods:
-        lab = m.combo.label
+        lab = m.label
         per_head = {f"{l}.{h}": means[(lab, l, h)] for l in layers for h in heads}
         per_layer = {}
         for l in layers:
@@ -166,6 +228,7 @@ def evaluate(model, windows: torch.Tensor, methods: list[Method], layers: Option
             per_layer[str(l)] = {met: sum(v[met] for v in vals) / len(vals) for met in vals[0]}
         overall = {met: sum(v[met] for v in per_layer.values()) / len(per_layer) for met in next(iter(per_layer.values()))}
         out[lab] = {"estimator": m.combo.estimator, "selection": m.combo.selection, "position": m.combo.position,
-                    "pool_heads": m.combo.pool_heads, "budget_pairs": m.b, "per_layer": per_layer,
+                    "pool_heads": m.combo.pool_heads, "var": m.combo.var, "offset": m.combo.offset,
+                    "proxy_rank": m.proxy_rank if "[r=" in lab else None, "budget_pairs": m.b, "per_layer": per_layer,
                     "per_head": per_head, "mean": overall, "seconds": round(timing.get(lab, 0.0), 3)}
     return out

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+import numpy as np
 import torch
 
 from ..capture.hf import AttentionCall, HFModel, check_heads, check_layers
@@ -163,10 +164,13 @@ class ReconstructionFit:
         return model
 
     def eigen(self, layer: int, head: int, position: bool = False, pool_heads: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """Eigenvalues (descending) and eigenvectors of the row covariance."""
-        cov = self.row_model(layer, head, position, pool_heads).cov
-        evals, evecs = torch.linalg.eigh(cov.double())
-        return evals.flip(0).clamp_min(0), evecs.flip(1)
+        """Eigenvalues (descending) and eigenvectors of the row covariance (cached)."""
+        ck = ("eig", layer, None if pool_heads else head, position)
+        if ck not in self._cache:
+            cov = self.row_model(layer, head, position, pool_heads).cov
+            evals, evecs = np.linalg.eigh(cov.double().numpy())  # numpy's LAPACK is faster here than torch's
+            self._cache[ck] = (torch.from_numpy(evals[::-1].copy()).clamp_min(0), torch.from_numpy(evecs[:, ::-1].copy()))
+        return self._cache[ck]
 
     def rank_for(self, layer: int, head: int, level: float = 0.9, position: bool = False, pool_heads: bool = False) -> int:
         """Smallest k whose top-k eigenvalues explain ``level`` of the variance."""
@@ -175,7 +179,13 @@ class ReconstructionFit:
         return int((curve < level - 1e-12).sum()) + 1
 
     def proxy(self, layer: int, head: int, kind: str = "bilinear", rank: int = 4, seed: int = 0) -> Proxy:
-        """The adaptive selection's low-rank score proxy for this head."""
+        """The adaptive selection's low-rank score proxy for this head (cached)."""
+        ck = ("proxy", layer, head, kind, rank, seed)
+        if ck not in self._cache:
+            self._cache[ck] = self._proxy(layer, head, kind, rank, seed)
+        return self._cache[ck]
+
+    def _proxy(self, layer: int, head: int, kind: str, rank: int, seed: int) -> Proxy:
         s = self._head_sums(layer, head)
         d_head = int(self.meta.get("d_head") or (s["sqq"].shape[0] if s["sqq"] is not None else 0))
         cq = None if s["sqq"] is None else s["sqq"] / s["nq"].clamp_min(1)

@@ -34,7 +34,7 @@ class ReconstructConfig:
     n_eval: int = 64  # windows of the held-out split used to evaluate
     budget: float = 0.25  # pairs per row: fraction in (0, 1] or a count
     budgets: list = field(default_factory=lambda: [0.0625, 0.125, 0.25, 0.5])  # sweep (empty = no sweep)
-    estimators: list = field(default_factory=lambda: list(ESTIMATORS))
+    estimators: list = field(default_factory=lambda: list(ESTIMATORS) + ["proxy"])
     selections: list = field(default_factory=lambda: list(STRATEGIES))
     position: bool = True  # also evaluate gaussian with query-position-conditioned statistics
     pooled_baseline: bool = True  # also evaluate the naive basis LS with heads pooled and random pairs
@@ -43,6 +43,7 @@ class ReconstructConfig:
     jitter: float = 1e-5  # relative jitter on observed-score covariances
     proxy: str = "bilinear"  # adaptive-selection proxy: bilinear | pca | random
     proxy_rank: int = 4  # proxy dimension r
+    extra_ranks: list = field(default_factory=lambda: [8])  # also evaluate proxy/adaptive and gaussian/adaptive at these r
     layers: Optional[list] = None  # None = all
     heads: Optional[list] = None  # None = all
     batch_size: int = 8
@@ -65,8 +66,8 @@ class ReconstructConfig:
         if not self.estimators or not self.selections:
             raise ConfigError("--estimators and --selections must not be empty")
         for e in self.estimators:
-            if e not in ESTIMATORS:
-                raise ConfigError(f"--estimators: unknown {e!r} (choose from {', '.join(ESTIMATORS)})")
+            if e not in ESTIMATORS + ("proxy",):
+                raise ConfigError(f"--estimators: unknown {e!r} (choose from {', '.join(ESTIMATORS)}, proxy)")
         for s in self.selections:
             if s not in STRATEGIES:
                 raise ConfigError(f"--selections: unknown {s!r} (choose from {', '.join(STRATEGIES)})")
@@ -120,7 +121,14 @@ def reconstruct(out: str | Path, model: str = "minilm", progress: bool = True, *
     windows = windows_for(hf.tokenizer, cfg.seq_len, cfg.n_eval, "heldout", cfg.corpus, cfg.seed + 1)
     kw = dict(k=cfg.k, ridge=cfg.ridge, jitter=cfg.jitter, proxy=cfg.proxy, proxy_rank=cfg.proxy_rank, seed=cfg.seed)
     combos = combos_for(cfg)
-    table = evaluate(hf, windows, make_methods(fit, combos, cfg.budget, **kw), cfg.layers, cfg.heads, cfg.batch_size, cfg.topk)
+    methods = make_methods(fit, combos, cfg.budget, **kw)
+    extra = [c for c in combos if c.selection == "adaptive" and c.estimator in ("proxy", "gaussian", "basis")
+             and not c.position and not c.pool_heads]
+    for rk in cfg.extra_ranks:
+        if rk != cfg.proxy_rank:
+            methods += make_methods(fit, extra, cfg.budget, **{**kw, "proxy_rank": rk})
+    by_label = {m.label: m for m in methods}
+    table = evaluate(hf, windows, methods, cfg.layers, cfg.heads, cfg.batch_size, cfg.topk)
     best = best_label(table)
     say(f"evaluated {len(combos)} methods on {len(windows)} held-out windows; best {best}")
     b = budget_count(cfg.budget, cfg.seq_len)
@@ -142,24 +150,24 @@ def reconstruct(out: str | Path, model: str = "minilm", progress: bool = True, *
     sweep_labels = [best] + ([best_label(fixed)] if fixed else [])
     res["sweep"] = {}
     if cfg.budgets:
-        by_label = {c.label: c for c in combos}
         for lab in dict.fromkeys(sweep_labels):
             res["sweep"][lab] = {}
             for bud in cfg.budgets:
-                c = by_label[lab]
-                kk = dict(kw)
-                if c.estimator == "basis" and cfg.k is not None:
+                m0 = by_label[lab]
+                kk = {**kw, "proxy_rank": m0.proxy_rank}
+                if m0.combo.estimator == "basis" and cfg.k is not None:
                     kk["k"] = min(cfg.k, budget_count(bud, cfg.seq_len))
-                r = evaluate(hf, windows, make_methods(fit, [c], bud, **kk), cfg.layers, cfg.heads, cfg.batch_size, cfg.topk)
+                r = evaluate(hf, windows, make_methods(fit, [m0.combo], bud, **kk), cfg.layers, cfg.heads,
+                             cfg.batch_size, cfg.topk)
                 res["sweep"][lab][str(bud)] = _strip(r[lab])
         say(f"budget sweep over {cfg.budgets} for {list(res['sweep'])}")
     if cfg.dropin:
         from .approx import output_effect
 
-        by_label = {c.label: c for c in combos}
         res["dropin"] = []
         for lab in dict.fromkeys(sweep_labels):
-            m = make_methods(fit, [by_label[lab]], cfg.budget, **kw)[0]
+            m0 = by_label[lab]
+            m = make_methods(fit, [m0.combo], cfg.budget, **{**kw, "proxy_rank": m0.proxy_rank})[0]
             res["dropin"].append(output_effect(hf, windows, m, cfg.layers, cfg.batch_size, seed=cfg.seed))
         say("drop-in: " + "; ".join(f"{d['method']}: hidden cos {d['hidden_cosine']:.4f}, sentence cos "
                                      f"{d['sentence_cosine']:.4f}" for d in res["dropin"]))

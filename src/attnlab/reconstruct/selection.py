@@ -105,12 +105,13 @@ def leverage_columns(basis: torch.Tensor, b: int) -> torch.Tensor:
     return torch.argsort(lev, descending=True, stable=True)[:b].sort().values
 
 
-def qr_columns(cov: torch.Tensor, b: int, rtol: float = 1e-10) -> torch.Tensor:
+def qr_columns(cov: torch.Tensor, b: int, rtol: float = 1e-10,
+               eigen: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
     """Greedy keys by column-pivoted QR of (U Lambda^1/2)^T: each pick has the largest conditional variance
     given the earlier picks (equivalent to pivoted Cholesky of the covariance); (b,)."""
     n = cov.shape[0]
     _check(n, b)
-    evals, evecs = torch.linalg.eigh(cov.double())
+    evals, evecs = eigen if eigen is not None else torch.linalg.eigh(cov.double())
     keep = evals > rtol * evals.max().clamp_min(1e-300)
     factor = (evecs[:, keep] * evals[keep].sqrt()).T.numpy()  # (r, N)
     _, _, piv = scipy_qr(factor, pivoting=True, mode="economic")
@@ -187,7 +188,8 @@ def make_proxy(kind: str, rank: int, d_head: int, cq: Optional[torch.Tensor] = N
 def select(strategy: str, n: int, b: int, *, batch: int = 1, cov: Optional[torch.Tensor] = None,
            basis: Optional[torch.Tensor] = None, proxy_scores: Optional[torch.Tensor] = None,
            scores: Optional[torch.Tensor] = None, valid: Optional[torch.Tensor] = None, seed: int = 0,
-           generator: Optional[torch.Generator] = None, global_cols: tuple[int, ...] = (0, -1)) -> torch.Tensor:
+           generator: Optional[torch.Generator] = None, global_cols: tuple[int, ...] = (0, -1),
+           eigen: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
     """Dispatch to a strategy by name; returns indices of shape (b,), (N, b) or (batch, N, b)."""
     if strategy == "random":
         g = generator if generator is not None else torch.Generator().manual_seed(seed)
@@ -205,7 +207,7 @@ def select(strategy: str, n: int, b: int, *, batch: int = 1, cov: Optional[torch
     if strategy == "qr":
         if cov is None:
             raise ConfigError("--selection qr needs a fitted covariance")
-        return qr_columns(cov, b)
+        return qr_columns(cov, b, eigen=eigen)
     if strategy == "adaptive":
         if proxy_scores is None:
             raise ConfigError("--selection adaptive needs proxy scores (fitted query/key projections)")

@@ -81,6 +81,9 @@ def run_cmd(
     n_down: int = typer.Option(128, help="Held-out windows for downstream evaluation (0 = skip)."),
     rank: int = typer.Option(4, help="Projection dimension r of the learned predictors."),
     epochs: int = typer.Option(20, help="Epochs of projection training (margin loss, Adam)."),
+    loss: str = typer.Option("sum", help="Projection loss: sum (Sparsefinder's per-query sums) | pair (per-pair hinge)."),
+    force_window: int = typer.Option(-1, help="Always predict edges with |i - j| <= this (-1 = off); counts in the metrics."),
+    force_cls: bool = typer.Option(False, help="Always predict edges to and from token 0 ([CLS])."),
     hf_seq_len: int = typer.Option(128, help="Window length for an HF model."),
     hf_finetune_steps: int = typer.Option(0, help="Entmax distillation fine-tuning steps for an HF model (0 = none)."),
     resume: bool = typer.Option(True, help="Reuse a cached checkpoint / finished section in --out."),
@@ -98,7 +101,8 @@ def run_cmd(
         cfg = _train_cfg(objective, seq_len, vocab_size, d_model, n_heads, n_layers, alpha, learn_alpha, steps,
                          batch_size, lr, max_windows, corpus, device, seed)
         info = sparsity(out, model, checkpoint, cfg, _methods(methods), n_fit, n_eval, n_down, rank, epochs, seed=seed,
-                        resume=resume, hf_seq_len=hf_seq_len, hf_finetune_steps=hf_finetune_steps, quiet=quiet)
+                        resume=resume, hf_seq_len=hf_seq_len, hf_finetune_steps=hf_finetune_steps, loss=loss,
+                        force_window=force_window, force_cls=force_cls, quiet=quiet)
         _print_summary(info)
     except AttnlabError as e:
         _fail(e)

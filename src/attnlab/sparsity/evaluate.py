@@ -109,7 +109,8 @@ def _predict_metrics(pred: BasePredictor, data: LayerData, chunk: int = 64):
 
 
 def fit_layers(method: str, fit: list[LayerData], rank: int = 4, epochs: int = 20, seed: int = 0,
-               projectors: Optional[list[Projector]] = None, **kw) -> list[BasePredictor]:
+               projectors: Optional[list[Projector]] = None, force_window: int = -1, force_cls: bool = False,
+               **kw) -> list[BasePredictor]:
     """One fitted predictor per layer (learned methods reuse ``projectors[l]`` if given, training it once)."""
     preds = []
     for l, d in enumerate(fit):
@@ -117,6 +118,7 @@ def fit_layers(method: str, fit: list[LayerData], rank: int = 4, epochs: int = 2
                            projector=None if projectors is None else projectors[l], **kw) \
             if method in ("distance-thr", "distance-knn", "quantization", "clustering", "clustering-top2") \
             else make_predictor(method, seed=seed + l, **kw)
+        p.force_window, p.force_cls = int(force_window), bool(force_cls)
         preds.append(p.fit(d.q, d.k, d.gold, d.valid))
     return preds
 

@@ -48,14 +48,17 @@ def sparsity(
     out: str | Path, model: str = "small", checkpoint: Optional[str] = None, train: Optional[EntmaxTrainConfig] = None,
     methods: Optional[Sequence[str]] = None, n_fit: int = 128, n_eval: int = 64, n_down: int = 128, rank: int = 4,
     epochs: int = 20, targets: Sequence[float] = (0.8, 0.9, 0.95), seed: int = 0, resume: bool = True,
-    hf_seq_len: int = 128, hf_finetune_steps: int = 0, tokenizer: str = "minilm", quiet: bool = False,
+    hf_seq_len: int = 128, hf_finetune_steps: int = 0, tokenizer: str = "minilm", loss: str = "sum",
+    force_window: int = -1, force_cls: bool = False, quiet: bool = False,
 ) -> dict:
     """Run the whole Sparsefinder evaluation and write section ``sparsity`` of ``out``/results.json.
 
     ``model`` is 'small' (our entmax transformer, trained per ``train`` or loaded from ``checkpoint``) or an
     HF model name / folder ('minilm') whose softmax is swapped for entmax (optionally fine-tuned for
     ``hf_finetune_steps`` distillation steps). ``tokenizer``: model folder / alias whose tokenizer reads the
-    corpus for the small model. With ``resume`` a finished section with the same config is
+    corpus for the small model. ``loss``: projector loss, ``sum`` (Sparsefinder) or ``pair``. ``force_window`` >= 0 and
+    ``force_cls`` add forced edges to every predictor (off by default). With ``resume``
+    a finished section with the same config is
     returned as is and a cached checkpoint is reused.
     """
     from ..capture.corpus import token_windows
@@ -72,7 +75,8 @@ def sparsity(
     run = RunDir(out)
     config = {"model": model, "checkpoint": checkpoint, "train": asdict(train), "methods": methods, "n_fit": n_fit,
               "n_eval": n_eval, "n_down": n_down, "rank": rank, "epochs": epochs, "targets": list(targets), "seed": seed,
-              "hf_seq_len": hf_seq_len, "hf_finetune_steps": hf_finetune_steps}
+              "hf_seq_len": hf_seq_len, "hf_finetune_steps": hf_finetune_steps, "loss": loss,
+              "force_window": force_window, "force_cls": force_cls}
     prev = run.section(SECTION)
     if resume and prev and prev.get("config") == config and prev.get("complete"):
         _log(quiet, f"{run.path}: section '{SECTION}' already complete (resume); delete it or pass --no-resume to redo")
@@ -97,7 +101,7 @@ def sparsity(
         from ..capture.hf import load_model
         from .train_entmax import finetune_hf_entmax
 
-        net = load_model(model)
+        net = load_model(model, device=train.device)
         alpha = train.alpha
         fitw = token_windows(net.tokenizer, hf_seq_len, train.corpus, split="fit",
                              max_windows=n_fit + (min(8 * hf_finetune_steps, 1024) if hf_finetune_steps > 0 else 0))
@@ -120,11 +124,12 @@ def sparsity(
                     "seq_len": ev[0].n, "n_layers": len(ev), "n_heads": ev[0].q.shape[1], "d_head": ev[0].q.shape[-1]}
     _log(quiet, f"gold graph sparsity {info['gold']['sparsity']:.3f} (per layer {[round(1 - d, 3) for d in gold_density]})")
 
-    projectors = [Projector(rank, epochs=epochs, seed=seed + l) for l in range(len(fit))]
+    projectors = [Projector(rank, epochs=epochs, seed=seed + l, loss=loss) for l in range(len(fit))]
     results, fitted, fit_seconds = {}, {}, {}
     for m in methods:
         t0 = time.time()
-        fitted[m] = fit_layers(m, fit, rank=rank, epochs=epochs, seed=seed, projectors=projectors)
+        fitted[m] = fit_layers(m, fit, rank=rank, epochs=epochs, seed=seed, projectors=projectors,
+                               force_window=force_window, force_cls=force_cls)
         fit_seconds[m] = time.time() - t0
         results[m] = sweep_method(m, fitted[m], ev, target=TARGET)
         results[m]["fit_seconds"] = fit_seconds[m]

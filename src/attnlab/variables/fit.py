@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Sequence
 
@@ -57,8 +56,16 @@ class FitReport:
         return asdict(self)
 
 
-def _score(law: str, params: dict[str, float], T: np.ndarray, y: np.ndarray) -> LawFit:
-    pred = LAWS[law](T, **params)
+def _box_cox(logT: np.ndarray, a: float, b: float, c: float) -> np.ndarray:
+    """a + b (T^c - 1) / c as a function of log T (exactly a + b log T at c = 0)."""
+    small = np.abs(c) < 1e-12
+    return a + b * np.where(small, logT, np.expm1(c * logT) / (c if not small else 1.0))
+
+
+def _score(law: str, params: dict[str, float], T: np.ndarray, y: np.ndarray,
+           pred: np.ndarray | None = None) -> LawFit:
+    """Residual statistics of one fitted law."""
+    pred = LAWS[law](T, **params) if pred is None else pred
     sse = float(np.sum((y - pred) ** 2))
     sst = float(np.sum((y - y.mean()) ** 2))
     n, k = len(y), len(params)
@@ -85,18 +92,22 @@ def fit_laws(T: Sequence[float], m: Sequence[float]) -> FitReport:
         )
     (a, b), _ = curve_fit(log_law, T_arr, y)
     log_fit = _score("log", {"a": float(a), "b": float(b)}, T_arr, y)
+    # The power law is fitted in the Box-Cox form a' + b' (T^c - 1) / c, which tends to the log law as
+    # c -> 0 (so near-log data do not send the optimiser off to b -> inf), then mapped back to a + b T^c.
     best_power = None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # covariance warnings on near-degenerate starts
-        for c0 in (0.1, 0.5, 1.0, 2.0):  # several starts: the power law is non-convex in c
-            try:
-                p, _ = curve_fit(power_law, T_arr, y, p0=(float(y.min()), 1.0, c0),
-                                 bounds=([-np.inf, -np.inf, -3.0], [np.inf, np.inf, 3.0]), maxfev=20000)
-            except (RuntimeError, ValueError):
-                continue
-            cand = _score("power", {"a": float(p[0]), "b": float(p[1]), "c": float(p[2])}, T_arr, y)
-            if best_power is None or cand.sse < best_power.sse:
-                best_power = cand
+    logT = np.log(T_arr)
+    for c0 in (0.5, 0.05, 1.5):  # a few starts: the fit is non-convex in c
+        try:
+            p, _ = curve_fit(_box_cox, logT, y, p0=(float(y.min()), float(np.ptp(y)) or 1.0, c0),
+                             bounds=([-np.inf, -np.inf, -3.0], [np.inf, np.inf, 3.0]), maxfev=5000)
+        except (RuntimeError, ValueError):
+            continue
+        a_bc, b_bc, c = (float(v) for v in p)
+        c = c if abs(c) >= 1e-9 else math.copysign(1e-9, c or 1.0)
+        cand = _score("power", {"a": a_bc - b_bc / c, "b": b_bc / c, "c": c}, T_arr, y,
+                      pred=_box_cox(logT, a_bc, b_bc, c))
+        if best_power is None or cand.sse < best_power.sse:
+            best_power = cand
     if best_power is None:
         raise ConfigError("the power-law fit a + b T^c did not converge for these points")
     best = "log" if log_fit.aic <= best_power.aic else "power"

@@ -17,10 +17,20 @@ METHODS = ("distance-thr", "distance-knn", "quantization", "clustering", "window
 
 
 def make_predictor(method: str, rank: int = 4, epochs: int = 20, seed: int = 0, projector: "Projector | None" = None,
-                   **kw) -> BasePredictor:
-    """Build a predictor by method name (see ``METHODS``); learned ones may share a fitted ``projector``."""
+                   loss: str = "sum", force_window: int = -1, force_cls: bool = False, **kw) -> BasePredictor:
+    """Build a predictor by method name (see ``METHODS``); learned ones may share a fitted ``projector``.
+
+    ``force_window`` >= 0 / ``force_cls`` add forced edges (counted in sparsity and recall, as in Sparsefinder)."""
+    p = _make(method, rank, epochs, seed, projector, loss, **kw)
+    p.force_window, p.force_cls = int(force_window), bool(force_cls)
+    return p
+
+
+def _make(method: str, rank: int, epochs: int, seed: int, projector, loss: str, **kw) -> BasePredictor:
     from ...errors import ConfigError
 
+    if projector is None and method in ("distance-thr", "distance-knn", "quantization", "clustering", "clustering-top2"):
+        projector = Projector(rank, epochs=epochs, seed=seed, loss=loss)
     learned = dict(rank=rank, epochs=epochs, seed=seed, projector=projector)
     if method == "distance-thr":
         return DistancePredictor(mode="threshold", **learned, **kw)

@@ -47,6 +47,8 @@ class BasePredictor:
 
     name = "base"
     knob = ""  # attribute holding the operating point
+    force_window = -1  # >= 0: always add edges with |i - j| <= force_window (Sparsefinder's forced window)
+    force_cls = False  # always add edges to and from token 0 ([CLS])
 
     def __init__(self) -> None:
         self.d_head: Optional[int] = None
@@ -65,7 +67,16 @@ class BasePredictor:
         check_qk(q, k)
         if self.d_head is None:
             self.d_head = q.shape[-1]
-        return restrict(self._predict(q, k, valid), valid)
+        g = self._predict(q, k, valid)
+        if self.force_window >= 0:
+            i = torch.arange(q.shape[2], device=g.device)[:, None]
+            j = torch.arange(k.shape[2], device=g.device)[None, :]
+            g = g | ((i - j).abs() <= self.force_window)
+        if self.force_cls:
+            g = g.clone()
+            g[..., 0, :] = True
+            g[..., :, 0] = True
+        return restrict(g, valid)
 
     def _predict(self, q: Tensor, k: Tensor, valid: Optional[Tensor]) -> Tensor:
         if hasattr(self, "assign"):

@@ -26,10 +26,17 @@ from .base import BasePredictor, int_grid, topk_graph
 
 
 class Projector:
-    """Per-head learned projections of queries and keys to r dimensions (the Sparsefinder encoder)."""
+    """Per-head learned projections of queries and keys to r dimensions (the Sparsefinder encoder).
+
+    ``loss="sum"`` is Sparsefinder's per-query loss (sums of squared distances); ``loss="pair"`` (an attnlab
+    option) is a hinge per (positive, negative) pair, relu(margin + d(q, k+) - d(q, k-)), which asks every
+    sampled gold key to be closer than a sampled non-gold one rather than only on aggregate."""
 
     def __init__(self, rank: int = 4, shared: bool = False, epochs: int = 20, lr: float = 1e-2, margin: float = 1.0,
-                 batch_size: int = 16, seed: int = 0):
+                 batch_size: int = 16, seed: int = 0, loss: str = "sum"):
+        if loss not in ("sum", "pair"):
+            raise ConfigError(f"--loss must be sum (Sparsefinder's per-query sums) or pair (per-pair hinge), got {loss!r}")
+        self.loss = loss
         if rank < 1:
             raise ConfigError(f"--rank must be >= 1 (got {rank})")
         if epochs < 0 or lr <= 0 or batch_size < 1:
@@ -80,11 +87,19 @@ class Projector:
                 pq, pk = qs[idx] @ wq + bq, ks[idx] @ wk + bk
                 d = torch.cdist(pq, pk).pow(2)  # (b, H, N, N)
                 pos, neg = sample_pairs(gold[idx], v[idx], g)
-                row = torch.relu(self.margin + (d * pos).sum(-1) - (d * neg).sum(-1))
                 used = pos.any(-1)
                 if not bool(used.any()):
                     continue
-                loss = row[used].mean()
+                if self.loss == "sum":
+                    row = torch.relu(self.margin + (d * pos).sum(-1) - (d * neg).sum(-1))
+                    loss = row[used].mean()
+                else:  # pair the i-th sampled positive with the i-th sampled negative (index order)
+                    m = int(pos.sum(-1).max())
+                    ip, ineg = pos.argsort(dim=-1, descending=True, stable=True)[..., :m], \
+                        neg.argsort(dim=-1, descending=True, stable=True)[..., :m]
+                    ok = torch.arange(m) < pos.sum(-1, keepdim=True)
+                    hinge = torch.relu(self.margin + d.gather(-1, ip) - d.gather(-1, ineg))
+                    loss = hinge[ok].mean()
                 opt.zero_grad()
                 loss.backward()
                 opt.step()

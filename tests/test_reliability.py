@@ -1,0 +1,112 @@
+"""Reliability of the substrate: killed runs resume to identical numbers, corrupt files are named, NaN is caught."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from attnlab.capture.hf import AttentionCall
+from attnlab.errors import NumericalError, ResultsError, ShapeError
+from attnlab.io import RunDir, read_json, read_tensors, write_json, write_tensors
+from attnlab.spectral.collector import SpectrumCollector
+
+ARGS = ["spectrum", "--n-sequences", "48", "--seq-len", "48", "--batch-size", "2", "--layers", "0,1",
+        "--heads", "0-3", "--sketch-size", "4", "--checkpoint-every", "1", "--no-report"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+
+
+def _start(out):
+    return subprocess.Popen([sys.executable, "-m", "attnlab", *ARGS, "--out", str(out)], env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
+def test_killed_spectrum_resumes_to_same_numbers(tmp_path, sig):
+    ref = subprocess.run([sys.executable, "-m", "attnlab", *ARGS, "--out", str(tmp_path / "ref")], env=ENV,
+                         capture_output=True, text=True, timeout=600)
+    assert ref.returncode == 0, ref.stderr
+    proc = _start(tmp_path / "run")
+    ckpt = tmp_path / "run" / "spectrum.ckpt.rank0.safetensors"
+    deadline = time.time() + 300
+    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    time.sleep(0.3)  # a few more batches
+    proc.send_signal(sig)
+    proc.wait(timeout=60)
+    assert proc.returncode != 0, "the run finished before it could be interrupted"
+    if sig == signal.SIGINT:
+        assert "--resume" in proc.stderr.read()
+    assert ckpt.exists()
+    read_tensors(ckpt)  # the checkpoint on disk is whole (atomic writes)
+    assert not (tmp_path / "run" / "results.json").exists()
+    res = subprocess.run([sys.executable, "-m", "attnlab", *ARGS, "--out", str(tmp_path / "run"), "--resume"],
+                         env=ENV, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    a = read_json(tmp_path / "ref" / "results.json")["spectrum"]
+    b = read_json(tmp_path / "run" / "results.json")["spectrum"]
+    for key in ("per_head", "per_layer", "pooled", "overlap_layers", "full_matrix", "n_rows"):
+        assert json.dumps(a[key], sort_keys=True) == json.dumps(b[key], sort_keys=True), key
+
+
+def test_resume_with_other_settings_is_refused(tmp_path, minilm):
+    from attnlab.spectral.run import spectrum
+
+    kw = dict(n_sequences=4, seq_len=16, batch_size=1, layers=[0], heads=[0], sketch_size=0, progress=False)
+    spectrum(tmp_path, model=minilm, checkpoint_every=1, **kw)
+    write_tensors(tmp_path / "spectrum.ckpt.rank0.safetensors", {"x": torch.zeros(1)},
+                  {"fingerprint": "other", "batches_done": 1})
+    with pytest.raises(ResultsError, match="different settings"):
+        spectrum(tmp_path, model=minilm, resume=True, **kw)
+
+
+def test_corrupt_and_truncated_files(tmp_path):
+    p = tmp_path / "results.json"
+    write_json(p, {"a": 1})
+    p.write_text(p.read_text()[:5])
+    with pytest.raises(ResultsError, match="corrupt"):
+        read_json(p)
+    t = tmp_path / "t.safetensors"
+    write_tensors(t, {"x": torch.arange(100.0)})
+    t.write_bytes(t.read_bytes()[:60])
+    with pytest.raises(ResultsError, match="corrupt"):
+        read_tensors(t)
+    t.write_bytes(b"\x00" * 10)
+    with pytest.raises(ResultsError, match="corrupt"):
+        read_tensors(t)
+    with pytest.raises(ResultsError, match="does not exist"):
+        RunDir(tmp_path / "nope", create=False)
+
+
+def test_nan_json_is_written_as_null(tmp_path):
+    write_json(tmp_path / "r.json", {"x": float("nan"), "y": [1.0, float("inf")]})
+    assert read_json(tmp_path / "r.json") == {"x": None, "y": [1.0, "inf"]}
+
+
+def _call(scores_q: torch.Tensor, n: int = 8) -> AttentionCall:
+    k = torch.randn(1, 2, n, 4)
+    return AttentionCall(0, scores_q, k, k, None, None, 0.5)
+
+
+def test_nan_or_inf_scores_are_caught():
+    col = SpectrumCollector([0], [0, 1], 8, sketch_size=0)
+    q = torch.randn(1, 2, 8, 4)
+    q[0, 1, 3, 0] = float("nan")
+    with pytest.raises(NumericalError, match="layer 0"):
+        col(_call(q))
+    q = torch.randn(1, 2, 8, 4)
+    q[0, 0, 0, 0] = float("inf")
+    with pytest.raises(NumericalError):
+        col(_call(q))
+
+
+def test_sequence_length_mismatch_is_caught():
+    col = SpectrumCollector([0], [0], 16, sketch_size=0)
+    with pytest.raises(ShapeError, match="--seq-len 16"):
+        col(_call(torch.randn(1, 2, 8, 4)))
