@@ -33,7 +33,8 @@ def _peak_bytes(device: str) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def worker(route: str, device: str, n_seq: int, seq_len: int, batch: int, layers: int, sketch: int) -> dict:
+def worker(route: str, device: str, n_seq: int, seq_len: int, batch: int, layers: int, sketch: int,
+           model: str = "minilm") -> dict:
     """Run one route in this process and return its measurements."""
     import torch
 
@@ -44,7 +45,7 @@ def worker(route: str, device: str, n_seq: int, seq_len: int, batch: int, layers
     from attnlab.spectral.stats import row_centre
 
     torch.manual_seed(0)
-    hf = load_model("minilm", device=device)
+    hf = load_model(model, device=device)
     windows = select_windows(hf.tokenizer, seq_len, None, n_seq, "fit", 0)
     H, L = hf.n_heads, list(range(layers))
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
@@ -91,7 +92,7 @@ def run_sub(args, route: str, layers: int) -> dict:
     """Run ``worker`` in a fresh subprocess (own peak memory)."""
     cmd = [sys.executable, __file__, "--worker", route, "--layers", str(layers), "--device", args.device,
            "--n-sequences", str(args.n_sequences), "--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size),
-           "--sketch-size", str(args.sketch_size)]
+           "--sketch-size", str(args.sketch_size), "--model", args.model]
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if out.returncode:
@@ -109,6 +110,7 @@ def main() -> None:
                                                                   "like the naive route)")
     p.add_argument("--layers", type=int, default=6)
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--model", default="minilm", help="model to load (a local copy of MiniLM on the GPU machine)")
     p.add_argument("--out", default=str(ROOT / "results" / "capture.json"))
     p.add_argument("--worker", choices=["ours", "naive"])
     args = p.parse_args()
@@ -116,11 +118,11 @@ def main() -> None:
         args.n_sequences, args.seq_len = 8, 64
     if args.worker:
         print(json.dumps(worker(args.worker, args.device, args.n_sequences, args.seq_len, args.batch_size,
-                                args.layers, args.sketch_size)))
+                                args.layers, args.sketch_size, args.model)))
         return
     rows = [run_sub(args, "naive", 6), run_sub(args, "ours", 6), run_sub(args, "naive", 2), run_sub(args, "ours", 2)]
     rel = abs(rows[0]["trace_check"] - rows[1]["trace_check"]) / abs(rows[0]["trace_check"])
-    print(f"MiniLM, {args.n_sequences} x {args.seq_len} tokens, batch {args.batch_size}, device {args.device}")
+    print(f"{args.model}, {args.n_sequences} x {args.seq_len} tokens, batch {args.batch_size}, device {args.device}")
     print(f"{'route':8} {'layers':>6} {'tokens/s':>10} {'peak extra MiB':>15}")
     for r in rows:
         print(f"{r['route']:8} {r['layers']:>6} {r['tokens_per_s']:>10.0f} {r['peak_extra_mib']:>15.1f}")

@@ -4,6 +4,9 @@ Python API (mirrors the CLI; each call writes a run directory that ``report`` re
 
     import attnlab
     res = attnlab.spectrum("runs/minilm", model="minilm", n_sequences=64, seq_len=128)
+    attnlab.reconstruct("runs/minilm", budget=0.25)       # scores from 25% of the pairs
+    attnlab.sparsity("runs/minilm")                       # Sparsefinder on a small entmax model
+    attnlab.variables("runs/minilm", task="and", s=3, Ts=[16, 32, 64])
     attnlab.report("runs/minilm")
 """
 
@@ -24,7 +27,9 @@ _LAZY = {
 }
 
 
-from . import capture, report  # noqa: E402  (callable subpackages: attnlab.capture(out, ...), attnlab.report(run))
+# Callable subpackages: attnlab.capture(out, ...), attnlab.reconstruct(out, ...), attnlab.sparsity(out, ...),
+# attnlab.variables(out, ...), attnlab.report(run_dir); their submodules stay importable as usual.
+from . import capture, reconstruct, report, sparsity, variables  # noqa: E402
 
 
 def __getattr__(name: str) -> Any:
@@ -37,5 +42,5 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'attnlab' has no attribute {name!r}")
 
 
-__all__ = ["capture", "report", "AttnlabError", "ConfigError", "CorpusError", "ModelError", "NumericalError", "ResultsError", "ShapeError",
+__all__ = ["capture", "reconstruct", "report", "sparsity", "variables", "AttnlabError", "ConfigError", "CorpusError", "ModelError", "NumericalError", "ResultsError", "ShapeError",
            *_LAZY]

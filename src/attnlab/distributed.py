@@ -40,6 +40,7 @@ def init_distributed(device: str = "cpu") -> DistInfo:
         if backend == "nccl":
             torch.cuda.set_device(info.local_rank)
         dist.init_process_group(backend=backend)
+        dist.barrier()  # set up communicators now, so that timed work does not pay for it
     return info
 
 

@@ -10,7 +10,6 @@ from typing import Callable, Optional, Protocol
 
 import torch
 import torch.nn.functional as F
-from entmax import entmax15, entmax_bisect, sparsemax
 
 from ..errors import ConfigError
 
@@ -50,6 +49,8 @@ def masked_entmax(scores: torch.Tensor, allowed: Optional[torch.Tensor], alpha: 
     bisection otherwise (alpha may be a tensor broadcastable to scores, e.g. learnable per head).
     Masked keys get exactly zero; fully masked rows are all zero.
     """
+    from entmax import entmax15, entmax_bisect, sparsemax  # imported on use: softmax-only work needs no entmax
+
     dtype = scores.dtype
     s = scores.float()
     if allowed is not None:

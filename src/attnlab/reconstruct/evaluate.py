@@ -207,7 +207,7 @@ def evaluate(model, windows: torch.Tensor, methods: list[Method], layers: Option
             return
         scores = call.scores()  # (B, H, N, N) float32, -inf where masked
         valid = None if call.valid is None else call.valid[:, 0]
-        row_ok = None if valid is None else valid.any(-1)
+        row_ok = None if valid is None else valid.any(-1).expand(scores.shape[0], -1)
         for h in heads:
             s = scores[:, h]
             for m in methods:

@@ -38,7 +38,7 @@ class FitCollector:
 
     def _acc(self, name: str, value: torch.Tensor) -> None:
         v = value.detach().to("cpu", torch.float64)
-        self.t[name] = v if name not in self.t else self.t[name] + v
+        self.t[name] = v.clone() if name not in self.t else self.t[name] + v
 
     def __call__(self, call: AttentionCall) -> None:
         if call.layer not in self.layers:

@@ -28,7 +28,8 @@ def plot_reconstruct(run: RunDir, res: dict[str, Any]) -> list[str]:
         layers = sorted(by_budget[budgets[0]]["per_layer"], key=int)
         series = {f"layer {l}": [by_budget[b]["per_layer"][l]["tv"] for b in budgets] for l in layers}
         series["mean"] = [by_budget[b]["mean"]["tv"] for b in budgets]
-        name = "reconstruct_sweep_" + lab.replace("/", "_").replace("+", "_") + ".png"
+        safe = "".join(c if c.isalnum() else "_" for c in lab).strip("_")
+        name = f"reconstruct_sweep_{safe}.png"
         curves(series, f"{lab}: softmax TV vs budget", "pairs per row (fraction)", "mean softmax TV",
                run.file(name), hlines=(TV_TARGET,), xs=[float(b) for b in budgets], marker="o")
         files.append(name)

@@ -87,13 +87,11 @@ def local_window(n: int, b: int, global_cols: tuple[int, ...] = (0, -1)) -> torc
     _check(n, b)
     g = sorted({c % n for c in global_cols})[:b]
     out = torch.empty(n, b, dtype=torch.long)
-    pos = torch.arange(n)
     for i in range(n):
         # Keys ordered by distance to i (ties: left first); take the closest that are not global columns.
         order = sorted(range(n), key=lambda j: (abs(j - i), j))
         near = [j for j in order if j not in g][: b - len(g)]
         out[i] = torch.tensor(sorted(g + near), dtype=torch.long)
-    del pos
     return out
 
 

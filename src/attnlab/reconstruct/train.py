@@ -75,7 +75,7 @@ def char_windows(seq_len: int, split: str, max_chars: int) -> torch.Tensor:
     m = len(buf) // seq_len
     if m < 2:
         raise CorpusError(f"only {len(buf)} characters in split {split!r}; lower --seq-len")
-    return torch.frombuffer(bytes(buf[: m * seq_len]), dtype=torch.uint8).long().view(m, seq_len)
+    return torch.frombuffer(bytearray(buf[: m * seq_len]), dtype=torch.uint8).long().view(m, seq_len)
 
 
 class ReconstructedOverride:
@@ -150,7 +150,8 @@ def train_one(cfg: TrainConfig, train: torch.Tensor, heldout: torch.Tensor, comb
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
-        run_loss = float(loss) if run_loss is None else 0.9 * run_loss + 0.1 * float(loss)
+        lv = float(loss.detach())
+        run_loss = lv if run_loss is None else 0.9 * run_loss + 0.1 * lv
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
             curve.append({"step": step + 1, "train_loss": run_loss})
     res: dict[str, Any] = {"label": "full" if combo is None else combo.label, "budget": budget,

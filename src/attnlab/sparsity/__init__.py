@@ -1,12 +1,16 @@
 """Attention sparsity (Sparsefinder): gold entmax graphs, learned predictors, baselines, metrics, Pareto.
 
-Names are imported lazily (PEP 562) so that ``attnlab sparsity --help`` does not import torch.
+Names are imported lazily (PEP 562) so that ``attnlab sparsity --help`` does not import torch;
+``attnlab.sparsity(out, ...)`` runs :func:`attnlab.sparsity.run.sparsity`. GPU execution of predicted
+patterns: :func:`sparse_attention` (FlexAttention block masks; exact masked fallback on CPU).
 """
 
 from __future__ import annotations
 
 import importlib
 from typing import Any
+
+from .._callable import make_callable
 
 _EXPORTS = {
     "GraphError": "graphs", "attention_scores": "graphs", "check_gold": "graphs", "check_graphs": "graphs",
@@ -25,6 +29,9 @@ _EXPORTS = {
     "fit_layers": "evaluate", "sweep_method": "evaluate",
     "sparsity": "run", "pareto_table": "run",
     "render_section": "report",
+    "sparse_attention": "flex", "dense_attention_sdpa": "flex", "mass_recall": "flex",
+    "BlockPattern": "blockmask", "PooledBlockPredictor": "block_predictors",
+    "ClusterBlockPredictor": "block_predictors", "AssignBlockPredictor": "block_predictors",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -39,3 +46,6 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return __all__
+
+
+make_callable(__name__, "attnlab.sparsity.run:sparsity")

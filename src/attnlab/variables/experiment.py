@@ -138,3 +138,11 @@ def _analyse(cfg: SweepConfig, run: RunDir, section: dict[str, Any], device: str
         if section.get("probe"):
             plot_probe(section["probe"], run.file(PROBE_PNG))
             section["plots"].append(PROBE_PNG)
+
+
+def run_variables(out: Union[str, Path], device: str = "cpu", resume: bool = False, progress: bool = True,
+                  **settings: Any) -> dict[str, Any]:
+    """Python mirror of `attnlab variables sweep`: ``settings`` are :class:`SweepConfig` fields
+    (``train=`` / ``search=`` may be dicts of :class:`TrainConfig` / :class:`SearchConfig` fields)."""
+    cfg = SweepConfig(**settings)
+    return run_sweep(cfg, out, device=device, resume=resume, log=print if progress else (lambda _: None))

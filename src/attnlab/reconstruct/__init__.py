@@ -1,0 +1,66 @@
+"""Reconstruction of attention scores from partial computation (Bhojanapalli et al. 2021, second half).
+
+Compute the scores of a subset of query-key pairs exactly and estimate the rest from statistics fitted
+on a corpus. Public API:
+
+- selection: :func:`select`, :func:`budget_count`, :func:`make_proxy`, ``STRATEGIES``
+- estimation: :class:`Estimator`, :class:`RowModel`, ``ESTIMATORS``
+- fitting: :func:`fit_corpus`, :func:`fit_from_windows`, :func:`fit_from_spectrum`, :class:`ReconstructionFit`
+- evaluation: :class:`Combo`, :class:`Method`, :func:`make_methods`, :func:`evaluate`, metrics in :mod:`.metrics`
+- drop-in: :func:`approximate`, :class:`ApproxAttention`, :func:`output_effect`
+- runs: :func:`reconstruct`, :func:`train` (training comparison), :func:`render_section`
+
+Names are imported lazily (PEP 562) so that ``attnlab reconstruct --help`` does not import torch;
+``attnlab.reconstruct(out, ...)`` runs :func:`attnlab.reconstruct.run.reconstruct`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from .._callable import make_callable
+
+_EXPORTS = {
+    "ApproxAttention": "approx",
+    "approximate": "approx",
+    "output_effect": "approx",
+    "ESTIMATORS": "estimators",
+    "Estimator": "estimators",
+    "RowModel": "estimators",
+    "Combo": "evaluate",
+    "Method": "evaluate",
+    "evaluate": "evaluate",
+    "exact_row_mean": "evaluate",
+    "make_methods": "evaluate",
+    "ReconstructionFit": "fit",
+    "fit_corpus": "fit",
+    "fit_from_spectrum": "fit",
+    "fit_from_windows": "fit",
+    "MetricSums": "metrics",
+    "kl_divergence": "metrics",
+    "relative_error": "metrics",
+    "row_metrics": "metrics",
+    "topk_agreement": "metrics",
+    "total_variation": "metrics",
+    "render_section": "report",
+    "ReconstructConfig": "run",
+    "reconstruct": "run",
+    "train": "run",
+    "STRATEGIES": "selection",
+    "budget_count": "selection",
+    "make_proxy": "selection",
+    "select": "selection",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    """Import the public name from its submodule on first use."""
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+
+
+make_callable(__name__, "attnlab.reconstruct.run:reconstruct")

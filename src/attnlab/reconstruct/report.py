@@ -1,0 +1,61 @@
+"""HTML fragment of the ``reconstruct`` section of a run directory (embedded by the report module)."""
+
+from __future__ import annotations
+
+from html import escape
+from typing import Any
+
+from ..io import RunDir
+
+SECTION = "reconstruct"
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "&mdash;"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return escape(str(v))
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    head = "".join(f"<th>{escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{_fmt(c)}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def render_section(run: RunDir) -> str:
+    """The reconstruct section: method table (TV per layer), drop-in effect, training runs, and the PNGs."""
+    sec = run.section(SECTION)
+    if not sec:
+        return "<section id='reconstruct'><h2>Reconstruction</h2><p>No reconstruct results in this run.</p></section>"
+    parts = ["<section id='reconstruct'><h2>Reconstruction of attention scores from partial computation</h2>"]
+    table = sec.get("table") or {}
+    if table:
+        layers = sorted(next(iter(table.values()))["per_layer"], key=int)
+        parts.append(
+            f"<p>Model {_fmt(sec.get('model', {}).get('name'))}, {_fmt(sec.get('budget_pairs'))} exact pairs per row "
+            f"({_fmt(sec.get('budget_fraction'))} of keys), {_fmt(sec.get('n_eval'))} held-out windows; statistics fitted "
+            f"on the fit split ({_fmt(sec.get('fit', {}).get('n_sequences'))} windows). Adaptive selection and the proxy "
+            f"estimator also use a rank-r score proxy costing r/d_head = {_fmt(sec.get('proxy_cost_fraction'))} of a full "
+            f"score computation. Best: <b>{_fmt(sec.get('best'))}</b>, worst-layer TV "
+            f"{_fmt(sec.get('best_worst_layer_tv'))} (target {_fmt(sec.get('target_tv'))}).</p>")
+        order = sorted(table, key=lambda k: max(v["tv"] for v in table[k]["per_layer"].values()))
+        rows = [[lab] + [table[lab]["per_layer"][l]["tv"] for l in layers] +
+                [table[lab]["mean"]["rel_err"], table[lab]["mean"]["top1"], table[lab]["mean"]["kl"]] for lab in order]
+        parts.append(_table(["method"] + [f"TV L{l}" for l in layers] + ["rel. err", "top-1", "KL"], rows))
+    for d in sec.get("dropin") or []:
+        parts.append(f"<p>Drop-in {_fmt(d['method'])} in layers {_fmt(d['layers'])}: hidden-state cosine "
+                     f"{_fmt(d['hidden_cosine'])}, sentence-embedding cosine {_fmt(d['sentence_cosine'])}"
+                     + (f", LM loss {_fmt(d['loss_exact'])} &rarr; {_fmt(d['loss_approx'])}" if "loss_exact" in d else "")
+                     + ".</p>")
+    tr = sec.get("train")
+    if tr:
+        rows = [[r["label"], r["budget"], r["heldout_loss"], r["heldout_loss_exact_attention"], r["seconds"]] for r in tr["runs"]]
+        parts.append(f"<h3>Training with reconstructed attention ({_fmt(tr.get('task'))})</h3>")
+        parts.append(_table(["method", "budget", "held-out loss", "same model, exact attention", "seconds"], rows))
+    for png in sec.get("plots") or []:
+        if run.file(png).exists():
+            parts.append(f"<img src='{escape(png)}' alt='{escape(png)}'>")
+    parts.append("</section>")
+    return "\n".join(parts)
