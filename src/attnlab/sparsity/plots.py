@@ -19,9 +19,13 @@ def pareto_plot(results: dict[str, dict], path: str | Path, x: str = "sparsity",
         if x == "sparsity":
             f = res["front"]
             ax.plot([xs[j] for j in f], [ys[j] for j in f], color=color, label=method, marker="o", ms=3)
-        else:
-            order = sorted(range(len(xs)), key=lambda j: xs[j])
-            ax.plot([xs[j] for j in order], [ys[j] for j in order], color=color, label=method, marker="o", ms=3)
+        else:  # front: cheapest point for each recall level (lower efficiency is better)
+            front, best = [], -1.0
+            for j in sorted(range(len(xs)), key=lambda j: (xs[j], -ys[j])):
+                if ys[j] > best:
+                    front.append(j)
+                    best = ys[j]
+            ax.plot([xs[j] for j in front], [ys[j] for j in front], color=color, label=method, marker="o", ms=3)
     if x == "sparsity":
         ax.axvline(0.9, color="grey", lw=0.8, ls="--")
         if gold_sparsity is not None:

@@ -29,10 +29,9 @@ def render_section(run: RunDir) -> str:
     """The sparsity section as HTML: summary, recall at sparsity 0.9, Pareto tables, downstream, plots."""
     sec = run.section(SECTION)
     if not sec:
-        return "<section id='sparsity'><h2>Attention sparsity (Sparsefinder)</h2><p>No sparsity results in this run.</p></section>"
+        return "<p>No sparsity results in this run.</p>"
     gold, model = sec.get("gold", {}), sec.get("model", {})
-    parts = ["<section id='sparsity'><h2>Attention sparsity (Sparsefinder): predicting entmax graphs</h2>",
-             f"<p>Model: {_fmt(model.get('kind'))} {_fmt(model.get('name') or model.get('objective'))}; "
+    parts = [f"<p>Model: {_fmt(model.get('kind'))} {_fmt(model.get('name') or model.get('objective'))}; "
              f"{_fmt(gold.get('n_layers'))} layers x {_fmt(gold.get('n_heads'))} heads, d_head {_fmt(gold.get('d_head'))}, "
              f"N = {_fmt(gold.get('seq_len'))}. Gold entmax graph sparsity {_fmt(gold.get('sparsity'))}. "
              "Sparsity = 1 - predicted / valid pairs; recall = predicted gold edges / gold edges; exact = share of "
@@ -71,5 +70,4 @@ def render_section(run: RunDir) -> str:
     if heads:
         parts.append("<h3>Recall per layer and head at the operating point closest to sparsity 0.9</h3>")
         parts.extend(f"<img src='{escape(h)}' alt='{escape(h)}'>" for h in heads)
-    parts.append("</section>")
     return "\n".join(parts)

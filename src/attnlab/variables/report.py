@@ -28,12 +28,11 @@ def render_section(run: RunDir) -> str:
     """The variables section as an HTML fragment: m*(T) table, fits, probe, and <img> of the PNGs."""
     sec = run.section(SECTION)
     if not sec:
-        return "<section id='variables'><h2>Variable creation</h2><p>No variables results in this run.</p></section>"
+        return "<p>No variables results in this run.</p>"
     cfg = sec.get("config", {})
     search = cfg.get("search", {})
     parts = [
-        "<section id='variables'><h2>Variable creation: sample complexity vs context length</h2>",
-        f"<p>Task <b>{_fmt(cfg.get('task'))}</b>, s = {_fmt(cfg.get('s'))}, {_fmt(cfg.get('seeds'))} seeds, "
+                f"<p>Task <b>{_fmt(cfg.get('task'))}</b>, s = {_fmt(cfg.get('s'))}, {_fmt(cfg.get('seeds'))} seeds, "
         f"threshold {_fmt(search.get('threshold'))} test accuracy in at least {_fmt(search.get('share'))} of seeds; "
         f"device {_fmt(sec.get('device'))}, wall {_fmt(sec.get('wall_s'))} s.</p>",
     ]
@@ -63,5 +62,4 @@ def render_section(run: RunDir) -> str:
     for png in sec.get("plots", []):
         if run.file(png).exists():
             parts.append(f"<img src='{escape(png)}' alt='{escape(png)}'>")
-    parts.append("</section>")
     return "\n".join(parts)
