@@ -43,7 +43,7 @@ def test_gaussian_matches_numpy_reference(n, data, seed, known):
 
 def test_gaussian_is_exact_conditional_mean_on_gaussian_data():
     g = torch.Generator().manual_seed(0)
-    n, b, m = 10, 4, 40_000
+    n, m = 10, 40_000
     cov, mean = _spd(n, g), torch.randn(n, generator=g, dtype=torch.float64)
     x = mean + torch.randn(m, n, generator=g, dtype=torch.float64) @ torch.linalg.cholesky(cov).T
     idx = torch.tensor([0, 3, 5, 8])

@@ -110,3 +110,29 @@ def test_sequence_length_mismatch_is_caught():
     col = SpectrumCollector([0], [0], 16, sketch_size=0)
     with pytest.raises(ShapeError, match="--seq-len 16"):
         col(_call(torch.randn(1, 2, 8, 4)))
+
+
+def test_timings_are_split_from_results_and_merged_back(tmp_path):
+    from attnlab.io import merge_timings, split_timings
+
+    data = {"seconds": 1.5, "a": [{"x": 1, "fit_seconds": 2.0}, {"x": 2}], "b": {"wall_s": 3.0, "y": "z"}}
+    clean, timings = split_timings(data)
+    assert clean == {"a": [{"x": 1}, {"x": 2}], "b": {"y": "z"}}
+    assert merge_timings(clean, timings) == data
+    run = RunDir(tmp_path)
+    run.write_section("s", data)
+    assert run.section("s") == data
+    assert "seconds" not in (tmp_path / "results.json").read_text()
+
+
+def test_same_seed_gives_byte_identical_results_json(tmp_path, minilm):
+    from attnlab.spectral.run import spectrum
+    from attnlab.variables.experiment import run_variables
+
+    for name in ("a", "b"):
+        spectrum(tmp_path / name, model=minilm, n_sequences=4, seq_len=16, batch_size=2, layers=[0, 5],
+                 heads=[0, 1], sketch_size=4, progress=False)
+        run_variables(tmp_path / name, task="and", s=2, Ts=[6], seeds=1, probe=False, progress=False,
+                      train={"max_steps": 30, "d_model": 16, "n_test": 64, "n_val": 64},
+                      search={"m_min": 8, "m_max": 32, "rtol": 0.5})
+    assert (tmp_path / "a" / "results.json").read_bytes() == (tmp_path / "b" / "results.json").read_bytes()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Mapping
@@ -16,6 +17,43 @@ from .errors import ResultsError
 
 RESULTS = "results.json"
 CONFIG = "config.json"
+TIMINGS = "timings.json"
+# Wall-clock keys are kept out of results.json (so that the same seed gives a byte-identical file) and stored
+# at the same place in timings.json; RunDir.results() merges them back for readers.
+_TIMING_KEY = re.compile(r"(^|_)seconds$|^wall_s$")
+
+
+def split_timings(obj: Any) -> tuple[Any, Any]:
+    """Split ``obj`` into (the same without timing keys, the timing keys alone in the same nesting)."""
+    if isinstance(obj, Mapping):
+        clean, timings = {}, {}
+        for k, v in obj.items():
+            if isinstance(k, str) and _TIMING_KEY.search(k) and isinstance(v, (int, float)):
+                timings[k] = v
+                continue
+            clean[k], sub = split_timings(v)
+            if sub:
+                timings[k] = sub
+        return clean, timings
+    if isinstance(obj, (list, tuple)):
+        pairs = [split_timings(v) for v in obj]
+        timings = {str(i): t for i, (_, t) in enumerate(pairs) if t}
+        return [c for c, _ in pairs], timings
+    return obj, {}
+
+
+def merge_timings(obj: Any, timings: Any) -> Any:
+    """Inverse of :func:`split_timings`."""
+    if not timings:
+        return obj
+    if isinstance(obj, dict):
+        out = dict(obj)
+        for k, t in timings.items():
+            out[k] = merge_timings(out[k], t) if k in out and isinstance(t, dict) else t
+        return out
+    if isinstance(obj, list):
+        return [merge_timings(v, timings.get(str(i))) for i, v in enumerate(obj)]
+    return obj
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -116,19 +154,26 @@ class RunDir:
         """Path of a file inside the run directory."""
         return self.path / name
 
-    def results(self) -> dict[str, Any]:
-        """All sections written so far (empty if none)."""
-        p = self.file(RESULTS)
+    def _read(self, name: str) -> dict[str, Any]:
+        p = self.file(name)
         return read_json(p) if p.exists() else {}
+
+    def results(self) -> dict[str, Any]:
+        """All sections written so far, with their timings merged back in (empty if none)."""
+        return merge_timings(self._read(RESULTS), self._read(TIMINGS))
 
     def section(self, name: str) -> dict[str, Any] | None:
         """One results section, or None."""
         return self.results().get(name)
 
     def write_section(self, name: str, data: Mapping[str, Any]) -> None:
-        """Add or replace one section of results.json atomically."""
-        res = self.results()
-        res[name] = data
+        """Add or replace one section of results.json atomically (its timings go to timings.json)."""
+        clean, timings = split_timings(dict(data))
+        res = self._read(RESULTS)
+        res[name] = clean
+        all_timings = self._read(TIMINGS)
+        all_timings[name] = timings
+        write_json(self.file(TIMINGS), all_timings)
         write_json(self.file(RESULTS), res)
 
     def write_config(self, name: str, config: Mapping[str, Any]) -> None:

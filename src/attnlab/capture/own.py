@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 from typing import Iterator, Optional
 
-import torch
 
 from ..models.attention import dense_attention
 from ..models.transformer import SmallTransformer

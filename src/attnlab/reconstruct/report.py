@@ -3,25 +3,11 @@
 from __future__ import annotations
 
 from html import escape
-from typing import Any
 
 from ..io import RunDir
+from ..report.html import cell as _fmt, table as _table
 
 SECTION = "reconstruct"
-
-
-def _fmt(v: Any) -> str:
-    if v is None:
-        return "&mdash;"
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return escape(str(v))
-
-
-def _table(header: list[str], rows: list[list[Any]]) -> str:
-    head = "".join(f"<th>{escape(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{_fmt(c)}</td>" for c in row) + "</tr>" for row in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
 def render_section(run: RunDir) -> str:

@@ -32,16 +32,22 @@ nav a{margin-right:1em}
 """
 
 
-def table(rows: list[list[Any]], header: list[str]) -> str:
-    """An HTML table from rows of cells (floats printed with 3 decimals)."""
-    def cell(v: Any) -> str:
-        if isinstance(v, float):
-            return f"{v:.3f}"
-        return html.escape(str(v))
+def cell(v: Any, float_fmt: str = "{:.4g}") -> str:
+    """Short, escaped text for a table cell: None as a dash, booleans as yes/blank, floats by ``float_fmt``."""
+    if v is None:
+        return "&mdash;"
+    if isinstance(v, bool):
+        return "yes" if v else ""
+    if isinstance(v, float):
+        return float_fmt.format(v)
+    return html.escape(str(v))
 
+
+def table(header: list[str], rows: list[list[Any]], float_fmt: str = "{:.4g}") -> str:
+    """An HTML table with a header row."""
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in r) + "</tr>" for r in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
+    body = "".join("<tr>" + "".join(f"<td>{cell(c, float_fmt)}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
 def _embed_images(fragment: str, run: RunDir) -> str:

@@ -3,26 +3,15 @@
 from __future__ import annotations
 
 from html import escape
-from typing import Any
+
+from functools import partial
 
 from ..io import RunDir
+from ..report.html import cell, table
 from .run import SECTION
 
-
-def _fmt(v: Any) -> str:
-    if v is None:
-        return "&mdash;"
-    if isinstance(v, bool):
-        return "yes" if v else ""
-    if isinstance(v, float):
-        return f"{v:.3f}"
-    return escape(str(v))
-
-
-def _table(header: list[str], rows: list[list[Any]]) -> str:
-    head = "".join(f"<th>{escape(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{_fmt(c)}</td>" for c in row) + "</tr>" for row in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+_fmt = partial(cell, float_fmt="{:.3f}")
+_table = partial(table, float_fmt="{:.3f}")
 
 
 def render_section(run: RunDir) -> str:
@@ -60,7 +49,7 @@ def render_section(run: RunDir) -> str:
                          f"{_fmt(down['gold_graph']['loss'])}.</p>")
             drows = [[m, r["knob"], r["sparsity"], r["recall"], r["loss"], r["delta_loss"], r["acc"], r["delta_acc"]]
                      for m, rs in down["methods"].items() for r in rs]
-            parts.append(_table(["method", "knob", "sparsity", "recall", "loss", "&Delta; loss", "acc", "&Delta; acc"], drows))
+            parts.append(_table(["method", "knob", "sparsity", "recall", "loss", "Δ loss", "acc", "Δ acc"], drows))
         else:
             parts.append("<h3>Downstream (final hidden states vs full entmax)</h3>")
             drows = [[m, r["knob"], r["sparsity"], r["recall"], r["rel_error"], r["cosine"]]

@@ -35,7 +35,7 @@ def render_section(run: RunDir) -> str:
     header = ["layer", "k90 (pooled heads)", "k95", "k99", "min head k90", "mean head k90", "max head k90"]
     if res.get("full_matrix"):
         header.append("median head k90, whole matrices")
-    parts.append(table(rows, header))
+    parts.append(table(header, rows, "{:.3f}"))
     for name, caption in PLOTS.items():
         if run.file(name).exists():
             parts.append(f'<figure><img src="{name}" alt="{caption}"><figcaption>{caption}</figcaption></figure>')
@@ -52,4 +52,4 @@ def render_compare(run: RunDir) -> str:
     header = ["layer"] + [str(j) for j in range(len(res["overlap"][0]))]
     img = '<img src="compare_overlap.png" alt="cross overlap">' if run.file("compare_overlap.png").exists() else ""
     return (f"<p>{res['model_a']} (rows) vs {res['model_b']} (columns), k = {res['k']}, chance {res['chance']:.2f}."
-            f"</p>{table(rows, header)}{img}")
+            f"</p>{table(header, rows, '{:.3f}')}{img}")

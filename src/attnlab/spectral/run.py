@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
 from ..capture.corpus import select_windows  # noqa: F401  (re-exported)
-from ..capture.hf import HFModel, check_heads, check_layers, load_model
+from ..capture.hf import HFModel, check_heads, check_layers
 from ..capture.run import Model, n_heads_of, n_layers_of, resolve_model, stream_attention
 from ..config import fingerprint
 from ..distributed import barrier, device_for, init_distributed

@@ -128,7 +128,7 @@ class StreamingSketch:
         self.dim, self.ell, self.groups, self.shrink = dim, ell, groups, shrink
         self.buf = torch.zeros(*((groups,) if groups else ()), 0, dim, dtype=torch.float64, device=device)
 
-    def update(self, x: torch.Tensor) -> "FrequentDirections":
+    def update(self, x: torch.Tensor) -> "StreamingSketch":
         """Add rows ``x`` (n, D), or (G, n, D) when grouped."""
         want = 3 if self.groups else 2
         if x.dim() != want or x.shape[-1] != self.dim:
@@ -149,7 +149,7 @@ class StreamingSketch:
         else:
             self.buf = s.unsqueeze(-1) * vh
 
-    def merge(self, other: "FrequentDirections") -> "FrequentDirections":
+    def merge(self, other: "StreamingSketch") -> "StreamingSketch":
         """Merge another sketch (stack then shrink)."""
         self.buf = torch.cat([self.buf, other.buf], dim=-2)
         self._shrink()
