@@ -136,3 +136,41 @@ def test_same_seed_gives_byte_identical_results_json(tmp_path, minilm):
                       train={"max_steps": 30, "d_model": 16, "n_test": 64, "n_val": 64},
                       search={"m_min": 8, "m_max": 32, "rtol": 0.5})
     assert (tmp_path / "a" / "results.json").read_bytes() == (tmp_path / "b" / "results.json").read_bytes()
+
+
+VARS = ["variables", "sweep", "--task", "and", "--s", "2", "--T", "6", "8", "10", "12", "--seeds", "2",
+        "--max-steps", "60", "--d-model", "16", "--n-test", "128", "--m-min", "8", "--m-max", "128", "--rtol", "0.3",
+        "--no-probe"]
+
+
+def _m_star(run_dir):
+    sec = read_json(run_dir / "results.json")["variables"]
+    return [(r["T"], r["m_star"], r.get("per_seed")) for r in sec["results"]]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
+def test_killed_variables_sweep_resumes_without_redoing_trials(tmp_path, sig):
+    ref = subprocess.run([sys.executable, "-m", "attnlab", *VARS, "--out", str(tmp_path / "ref")], env=ENV,
+                         capture_output=True, text=True, timeout=600)
+    assert ref.returncode == 0, ref.stderr
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "attnlab", *VARS, "--out", str(run)], env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    trials = run / "variables_trials.json"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if trials.exists() and len(read_json(trials).get("trials", {})) >= 3:
+            break
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    proc.wait(timeout=60)
+    assert proc.returncode != 0, "the sweep finished before it could be interrupted"
+    done_before = set(read_json(trials)["trials"])  # the trial file on disk is whole (atomic writes)
+    assert done_before
+    res = subprocess.run([sys.executable, "-m", "attnlab", *VARS, "--out", str(run), "--resume"], env=ENV,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    assert _m_star(run) == _m_star(tmp_path / "ref")
+    after = read_json(trials)["trials"]
+    assert done_before <= set(after)
+    assert set(after) == set(read_json(tmp_path / "ref" / "variables_trials.json")["trials"])
