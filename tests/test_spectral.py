@@ -177,3 +177,15 @@ def test_sketch_eigenvalues_are_lower_bounds(shrink):
     assert (got <= ref * (1 + 1e-9)).all()
     if not shrink:
         assert (got[:3] / ref[:3]).min() > 0.95  # truncation keeps the leading eigenvalues accurate
+
+
+def test_pooled_within_excludes_differences_between_head_means():
+    from attnlab.spectral.analysis import pooled_within
+
+    g = torch.Generator().manual_seed(7)
+    a = torch.randn(500, 4, generator=g, dtype=torch.float64)
+    b = torch.randn(500, 4, generator=g, dtype=torch.float64) + torch.tensor([100.0, -50, 0, 0], dtype=torch.float64)
+    pooled = pooled_within([StreamingCovariance(4).update(a), StreamingCovariance(4).update(b)])
+    ref = (np.cov(a.numpy().T) * 499 + np.cov(b.numpy().T) * 499) / 998
+    np.testing.assert_allclose(pooled.numpy(), ref, rtol=1e-10)
+    assert pooled[0, 0] < 2  # the mean offset of 100 does not leak in

@@ -12,18 +12,26 @@ from .eigen import LEVELS, eigh_desc, explained_variance, overlap_matrix, ranks_
 from .stats import StreamingCovariance, sketch_covariance_eig
 
 
-def _pooled(stats: list[StreamingCovariance]) -> StreamingCovariance:
-    out = StreamingCovariance(stats[0].dim)
-    for s in stats:
-        out.merge(s)
-    return out
+def pooled_within(stats: list[StreamingCovariance]) -> torch.Tensor:
+    """Pooled within-group covariance: sum of the groups' centred moments over (n - groups).
+
+    Pooling heads this way measures the variation over inputs that heads share; merging the streams
+    instead would add the differences between the heads' mean rows, which are not variation over inputs.
+    """
+    m2 = sum(s.m2 for s in stats)
+    dof = sum(s.n for s in stats) - len(stats)
+    if dof <= 0:
+        from ..errors import NumericalError
+
+        raise NumericalError("too few score rows to pool; use more sequences")
+    return m2 / dof
 
 
 def summarise(col: SpectrumCollector, basis_k: Optional[int] = None) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Eigen analysis of every statistic; returns (JSON results, tensors to save).
 
     Per (layer, head): row eigenvalues, explained-variance curve, k90/k95/k99; per layer: the same
-    for rows pooled over heads; overall pooled. Bases for overlap use ``basis_k`` eigenvectors
+    for the within-head covariance pooled over heads; overall: pooled over every (layer, head). Bases for overlap use ``basis_k`` eigenvectors
     (default: the pooled k90). Full-matrix results come from the sketch and the exact total variance.
     """
     L, H = col.layers, col.heads
@@ -40,9 +48,8 @@ def summarise(col: SpectrumCollector, basis_k: Optional[int] = None) -> tuple[di
         tensors[f"rows.mean.{l}.{h}"] = st.mean
         tensors[f"rows.cov.{l}.{h}"] = st.covariance()
     res["n_rows"] = {f"{l}.{h}": st.n for (l, h), st in head_stats.items()}
-    layer_stats = {l: _pooled([head_stats[(l, h)] for h in H]) for l in L}
-    overall = _pooled(list(layer_stats.values()))
-    ov_evals, ov_vecs = eigh_desc(overall.covariance())
+    layer_covs = {l: pooled_within([head_stats[(l, h)] for h in H]) for l in L}
+    ov_evals, ov_vecs = eigh_desc(pooled_within(list(head_stats.values())))
     ov_curve = explained_variance(ov_evals)
     k = basis_k or ranks_for(ov_curve)["k90"]
     k = max(1, min(k, col.seq_len))
@@ -51,8 +58,8 @@ def summarise(col: SpectrumCollector, basis_k: Optional[int] = None) -> tuple[di
     tensors["rows.basis.pooled"] = ov_vecs[:, :k]
     layer_bases = {}
     res["per_layer"] = {}
-    for l, st in layer_stats.items():
-        evals, evecs = eigh_desc(st.covariance())
+    for l, cov in layer_covs.items():
+        evals, evecs = eigh_desc(cov)
         curve = explained_variance(evals)
         layer_bases[l] = evecs[:, :k]
         tensors[f"rows.basis.layer.{l}"] = layer_bases[l]

@@ -19,7 +19,8 @@ def render_section(run: RunDir) -> str:
     parts = [f"<p>Model <b>{model.get('name')}</b> ({model.get('n_layers')} layers x {model.get('n_heads')} heads), "
              f"{res['n_sequences']} windows of {n} tokens, {res.get('world_size', 1)} process(es), "
              f"{res.get('seconds', 0):.1f} s. Rows are pre-softmax score rows, centred per row (softmax is "
-             f"shift-invariant). Pooled over all layers and heads, <b>{res['pooled']['k90']}</b> / "
+             f"shift-invariant). Pooling the within-head covariances of all layers and heads (differences between the "
+             f"heads' mean rows excluded: they are not variation over inputs), <b>{res['pooled']['k90']}</b> / "
              f"{res['pooled']['k95']} / {res['pooled']['k99']} of {n} eigenvectors explain 90 / 95 / 99% of the "
              "variance.</p>"]
     rows = []
@@ -32,7 +33,7 @@ def render_section(run: RunDir) -> str:
             lim = fm[0]["sketch_size"]
             row.append(_rank(int(sorted(f["k90"] for f in fm)[len(fm) // 2]), lim))
         rows.append(row)
-    header = ["layer", "k90 (pooled heads)", "k95", "k99", "min head k90", "mean head k90", "max head k90"]
+    header = ["layer", "k90 (heads pooled)", "k95", "k99", "min head k90", "mean head k90", "max head k90"]
     if res.get("full_matrix"):
         header.append("median head k90, whole matrices")
     parts.append(table(header, rows, "{:.3f}"))
