@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from attnlab.cli import app, parse_int_list
-from attnlab.config import load_config_file, merge
+from attnlab.config import merge
 from attnlab.errors import ConfigError
 
 runner = CliRunner()
@@ -54,20 +54,50 @@ def test_parse_int_list():
         parse_int_list("a-b", "--heads")
 
 
-def test_config_precedence(tmp_path):
+def test_config_file_for_every_command(tmp_path):
+    from attnlab.cli import default_map, split_config_flag
+
     f = tmp_path / "c.toml"
-    f.write_text('[spectrum]\nseq-len = 64\nn_sequences = 10\n')
-    file_values = load_config_file(f, "spectrum")
-    merged = merge({"seq_len": 128, "n_sequences": 256, "seed": 0}, file_values, {"n_sequences": 20, "seed": None})
-    assert merged == {"seq_len": 64, "n_sequences": 20, "seed": 0}
+    f.write_text('[spectrum]\nseq-len = 64\nlayers = [0, 1]\n[variables.sweep]\ns = 2\nT = ["8", "16"]\n'
+                 '[reconstruct.run]\nbudget = 0.5\n')
+    dm = default_map(str(f))
+    assert dm == {"spectrum": {"seq_len": 64, "layers": "0,1"}, "variables": {"sweep": {"s": 2, "T": ["8", "16"]}},
+                  "reconstruct": {"run": {"budget": 0.5}}}
+    assert split_config_flag(["spectrum", "--config", "x.toml", "--out", "o"]) == (["spectrum", "--out", "o"], "x.toml")
+    assert split_config_flag(["--config=x.toml", "report", "r"]) == (["report", "r"], "x.toml")
     f.write_text('[spectrum]\nbogus = 1\n')
-    with pytest.raises(ConfigError, match="unknown keys"):
-        merge({"seq_len": 128}, load_config_file(f, "spectrum"), {})
+    with pytest.raises(ConfigError, match="no option 'bogus'"):
+        default_map(str(f))
+    f.write_text('[nosuchcommand]\nx = 1\n')
+    with pytest.raises(ConfigError, match="not a command"):
+        default_map(str(f))
     f.write_text('not = [toml')
     with pytest.raises(ConfigError, match="invalid TOML"):
-        load_config_file(f, "spectrum")
+        default_map(str(f))
     with pytest.raises(ConfigError, match="no such file"):
-        load_config_file(tmp_path / "missing.toml", "spectrum")
+        default_map(str(tmp_path / "missing.toml"))
+    assert merge({"a": 1, "b": 2}, {}, {"a": 5, "b": None}) == {"a": 5, "b": 2}
+
+
+def test_flags_override_config_file(tmp_path, monkeypatch):
+    """The file gives defaults, a flag on the command line wins (checked on the variables sweep command)."""
+    import attnlab.variables.experiment as experiment
+    from attnlab.cli import run_cli
+
+    seen = {}
+
+    def fake_run_sweep(cfg, out, **kw):
+        seen["cfg"] = cfg
+        return {"results": [], "skipped_T": []}
+
+    monkeypatch.setattr(experiment, "run_sweep", fake_run_sweep)
+    f = tmp_path / "c.toml"
+    f.write_text('[variables.sweep]\ns = 2\nseeds = 4\nT = ["8", "16"]\n')
+    try:
+        run_cli(["variables", "sweep", "--config", str(f), "--seeds", "1", "--out", str(tmp_path / "o")])
+    except SystemExit as e:
+        assert e.code in (0, None)
+    assert seen["cfg"].s == 2 and seen["cfg"].Ts == [8, 16] and seen["cfg"].seeds == 1
 
 
 def _cli(*args):

@@ -1,6 +1,8 @@
 """`attnlab` command line. Heavy imports happen inside commands so that `--help` is instant.
 
-Precedence of settings: CLI flags > `--config file.toml` (section named after the command) > defaults.
+Precedence of settings, for every command: CLI flags > `--config file.toml` > defaults. The file's
+`[spectrum]`, `[reconstruct.run]`, `[variables.sweep]`, ... tables hold option names (dashes or underscores);
+they become the command's defaults (click's default_map), so flags given on the command line still win.
 """
 
 from __future__ import annotations
@@ -15,11 +17,11 @@ app = typer.Typer(
     name="attnlab", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
     help="Measure, predict and exploit the structure of self-attention in transformer models.\n\n"
          "Start with `attnlab demo`; every command writes a run directory (results.json, *.safetensors, "
-         "*.png) that `attnlab report RUN_DIR` renders into one self-contained report.html.",
+         "*.png) that `attnlab report RUN_DIR` renders into one self-contained report.html.\n\n"
+         "Every command also takes --config FILE.toml: its [command] table (e.g. [spectrum], [reconstruct.run]) "
+         "sets defaults; flags on the command line win.",
 )
 
-ConfigOpt = typer.Option(None, "--config", help="TOML file with defaults for this command ([command] section); "
-                                                  "flags given on the command line win.")
 ModelOpt = typer.Option(None, "--model", help="HF hub id (already cached), local model folder, or 'minilm' "
                                               "(packaged all-MiniLM-L6-v2). [default: minilm]")
 CorpusOpt = typer.Option(None, "--corpus", help="Text file, directory of .txt/.md/.jsonl files, or .jsonl file. "
@@ -56,11 +58,11 @@ def parse_int_list(text: Optional[str | list], flag: str) -> Optional[list[int]]
     return out
 
 
-def settings(command: str, config: Optional[Path], defaults: dict[str, Any], **cli: Any) -> dict[str, Any]:
-    """Merge defaults, the TOML file's [command] section and the given CLI flags."""
-    from .config import load_config_file, merge
+def settings(defaults: dict[str, Any], **cli: Any) -> dict[str, Any]:
+    """Defaults overridden by the CLI values that were given (a --config file arrives as CLI defaults)."""
+    from .config import merge
 
-    return merge(defaults, load_config_file(config, command), cli)
+    return merge(defaults, {}, cli)
 
 
 @app.command()
@@ -72,7 +74,7 @@ def capture(
     layers: Optional[str] = LayersOpt, heads: Optional[str] = HeadsOpt,
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Windows per forward pass. [default: 8]"),
     with_qk: Optional[bool] = typer.Option(None, "--with-qk/--no-qk", help="Also save queries and keys."),
-    device: Optional[str] = DeviceOpt, seed: Optional[int] = SeedOpt, config: Optional[Path] = ConfigOpt,
+    device: Optional[str] = DeviceOpt, seed: Optional[int] = SeedOpt,
 ) -> None:
     """Save raw pre-softmax scores (scaled, masked as the model does) of a few windows to safetensors.
 
@@ -82,7 +84,7 @@ def capture(
 
     defaults = dict(model="minilm", corpus=None, seq_len=128, n_sequences=8, layers=None, heads=None, batch_size=8,
                     with_qk=False, device="cpu", seed=0)
-    s = settings("capture", config, defaults, model=model, corpus=corpus, seq_len=seq_len, n_sequences=n_sequences,
+    s = settings(defaults, model=model, corpus=corpus, seq_len=seq_len, n_sequences=n_sequences,
                  layers=layers, heads=heads, batch_size=batch_size, with_qk=with_qk, device=device, seed=seed)
     s["layers"], s["heads"] = parse_int_list(s["layers"], "--layers"), parse_int_list(s["heads"], "--heads")
     meta = run_capture(out, **s)
@@ -107,7 +109,6 @@ def spectrum(
                                                    help="Batches between checkpoints. [default: 8]"),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its checkpoint."),
     report: bool = typer.Option(True, "--report/--no-report", help="Render report.html at the end."),
-    config: Optional[Path] = ConfigOpt,
 ) -> None:
     """Eigen analysis of attention scores: explained variance, k for 90/95/99%, eigenspace overlaps.
 
@@ -119,7 +120,7 @@ def spectrum(
     from .spectral.run import SpectrumConfig, spectrum as run_spectrum
 
     defaults = {k: v for k, v in asdict(SpectrumConfig()).items()}
-    s = settings("spectrum", config, defaults, model=model, corpus=corpus, seq_len=seq_len, n_sequences=n_sequences,
+    s = settings(defaults, model=model, corpus=corpus, seq_len=seq_len, n_sequences=n_sequences,
                  layers=layers, heads=heads, batch_size=batch_size, sketch_size=sketch_size, basis_k=basis_k,
                  split=split, device=device, seed=seed, checkpoint_every=checkpoint_every)
     s["layers"], s["heads"] = parse_int_list(s["layers"], "--layers"), parse_int_list(s["heads"], "--heads")
@@ -203,15 +204,78 @@ def _interrupted(signum, frame) -> None:
     raise KeyboardInterrupt  # Typer turns this into exit code 130
 
 
+def split_config_flag(argv: list[str]) -> tuple[list[str], Optional[str]]:
+    """Remove `--config PATH` / `--config=PATH` (any position) from argv; return (argv, path)."""
+    from .errors import ConfigError
+
+    out, path, i = [], None, 0
+    while i < len(argv):
+        a = argv[i]
+        if a == "--config":
+            if i + 1 >= len(argv):
+                raise ConfigError("--config needs a TOML file path")
+            path, i = argv[i + 1], i + 2
+            continue
+        if a.startswith("--config="):
+            path = a.split("=", 1)[1]
+        else:
+            out.append(a)
+        i += 1
+    return out, path
+
+
+def default_map(path: str) -> dict[str, Any]:
+    """Turn a TOML file into click's nested default_map, checking every key against the commands' options."""
+    import typer.main
+
+    from .config import read_toml
+    from .errors import ConfigError
+
+    def build(cmd, table: dict[str, Any], where: str) -> dict[str, Any]:
+        subs = getattr(cmd, "commands", None)
+        if subs is not None:  # a group: its tables name subcommands
+            out = {}
+            for name, value in table.items():
+                if name not in subs or not isinstance(value, dict):
+                    raise ConfigError(f"--config {path}: [{where}{name}] is not a command (known: {', '.join(subs)})")
+                out[name] = build(subs[name], value, f"{where}{name}.")
+            return out
+        params = {p.name: p for p in cmd.params}
+        out = {}
+        for key, value in table.items():
+            name = key.replace("-", "_")
+            if name not in params:
+                raise ConfigError(f"--config {path}: [{where.rstrip('.')}] has no option {key!r} "
+                                  f"(known: {', '.join(sorted(params))})")
+            if isinstance(value, list) and not getattr(params[name], "multiple", False):
+                value = ",".join(str(v) for v in value)
+            out[name] = value
+        return out
+
+    return build(typer.main.get_command(app), read_toml(path), "")
+
+
+def run_cli(argv: list[str]) -> None:
+    """Run the app on ``argv`` with --config applied (what `main` does, without exiting on attnlab errors)."""
+    argv, config_path = split_config_flag(list(argv))
+    extra = {"default_map": default_map(config_path)} if config_path else {}
+    app(args=argv, prog_name="attnlab", **extra)
+
+
+def _interrupted(signum, frame) -> None:
+    typer.secho("interrupted: results written so far are intact; re-run with --resume to continue", err=True)
+    raise KeyboardInterrupt  # Typer turns this into exit code 130
+
+
 def main() -> None:
-    """Entry point: run the app; attnlab errors become one clear line and exit code 2, Ctrl-C exit code 130."""
+    """Entry point: attnlab errors become one clear line and exit code 2, Ctrl-C exit code 130."""
     import signal
 
     from .errors import AttnlabError
 
     signal.signal(signal.SIGINT, _interrupted)
     try:
-        app()
+        run_cli(sys.argv[1:])
     except AttnlabError as e:
         typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
         sys.exit(2)

@@ -16,19 +16,15 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 
-def load_config_file(path: str | Path | None, section: str) -> dict[str, Any]:
-    """Read ``[section]`` (or the top level if absent) of a TOML file; keys use underscores or dashes."""
-    if path is None:
-        return {}
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """Parse a TOML file, with errors naming --config."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"--config {p}: no such file")
     try:
-        data = tomllib.loads(p.read_text())
+        return tomllib.loads(p.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"--config {p}: invalid TOML ({e})") from e
-    values = data.get(section, {k: v for k, v in data.items() if not isinstance(v, dict)})
-    return {k.replace("-", "_"): v for k, v in values.items()}
 
 
 def merge(defaults: Mapping[str, Any], file_values: Mapping[str, Any], cli_values: Mapping[str, Any]) -> dict[str, Any]:
