@@ -42,9 +42,9 @@ def run_demo(out: str | Path, n_sequences: int = 128, seq_len: int = 128, quick:
         "sparsity": lambda: sparsity(out, model="minilm", hf_seq_len=min(seq_len, 64), n_fit=small, n_eval=small,
                                      n_down=small, epochs=3 if quick else 10, quiet=quick),
         "variables": lambda: run_variables(
-            out, task="and", s=2, Ts=[8, 16, 32] if quick else [8, 12, 16, 24, 32, 48], seeds=1 if quick else 2,
-            train={"max_steps": 100 if quick else 300, "d_model": 32},
-            search={"m_min": 8, "m_max": 2048, "rtol": 0.5 if quick else 0.25}, probe=True, progress=not quick),
+            out, task="and", s=2, Ts=[8, 16, 32] if quick else [8, 12, 16, 24, 32], seeds=1,
+            train={"max_steps": 100 if quick else 200, "d_model": 32},
+            search={"m_min": 8, "m_max": 512, "rtol": 0.5 if quick else 0.25}, probe=True, progress=not quick),
     }
     for name in pillars:
         _step(name, steps[name], log)
