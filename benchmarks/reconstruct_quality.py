@@ -26,6 +26,8 @@ def main() -> None:
     ap.add_argument("--proxy-rank", type=int, default=4, help="adaptive-selection proxy rank r")
     ap.add_argument("--extra-ranks", type=int, nargs="*", default=[8], help="extra proxy ranks for the adaptive rows")
     ap.add_argument("--layers", type=int, nargs="*", default=None, help="layers (default all)")
+    ap.add_argument("--estimators", nargs="*", default=None, help="only these estimators (default: the full grid)")
+    ap.add_argument("--selections", nargs="*", default=None, help="only these selections (default: the full grid)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads")
     ap.add_argument("--out", default="results/reconstruct_quality.json", help="JSON output")
     a = ap.parse_args()
@@ -36,23 +38,31 @@ def main() -> None:
     from attnlab.reconstruct.run import best_label, format_table
 
     sels = ["random", "fixed", "evenly", "local", "leverage", "qr", "adaptive", "oracle"]
-    ests = ["gaussian", "basis", "mean", "none", "proxy"]
+    ests = ["gaussian", "basis", "mean", "none", "proxy", "proxy+gaussian"]
     layers = a.layers
     if a.quick:
         a.n_fit, a.n_eval, layers = 16, 4, layers or [0, 5]
-        sels, ests = ["random", "local", "qr", "adaptive", "oracle"], ["gaussian", "basis", "proxy", "none"]
+        sels, ests = ["random", "local", "qr", "adaptive", "oracle"], ["gaussian", "basis", "proxy", "proxy+gaussian", "none"]
+    sels, ests = a.selections or sels, a.estimators or ests
+    ranks = list(dict.fromkeys([a.proxy_rank, *a.extra_ranks]))
+    resid = [("bilinear", r, 0) for r in ranks] if "proxy+gaussian" in ests else []
     t0 = time.perf_counter()
     hf = load_model("minilm")
-    fit = fit_corpus(hf, a.n_fit, 128, layers)
+    fit = fit_corpus(hf, a.n_fit, 128, layers, residual_proxies=resid)
     t_fit = time.perf_counter() - t0
     windows = windows_for(hf.tokenizer, 128, a.n_eval, "heldout", seed=1)
-    combos = [Combo(e, s) for e in ests for s in sels if not (e == "proxy" and s in ("fixed", "evenly", "leverage"))]
-    combos += [Combo("gaussian", s, position=True) for s in ("local", "adaptive")]
-    combos += [Combo("basis", "random", pool_heads=True), Combo("gaussian", "adaptive", offset="estimate")]
+    combos = [Combo(e, s) for e in ests for s in sels
+              if not (e.startswith("proxy") and s in ("fixed", "evenly", "leverage"))]
+    if "gaussian" in ests:
+        combos += [Combo("gaussian", s, position=True) for s in ("local", "adaptive") if s in sels]
+        combos += [Combo("gaussian", "adaptive", offset="estimate")] if "adaptive" in sels else []
+    if "basis" in ests and "random" in sels:
+        combos.append(Combo("basis", "random", pool_heads=True))
     kw = dict(proxy_rank=a.proxy_rank)
     methods = make_methods(fit, combos, a.budget, **kw)
-    for rk in a.extra_ranks:
-        methods += make_methods(fit, [Combo("proxy", "adaptive"), Combo("gaussian", "adaptive")], a.budget, proxy_rank=rk)
+    extra = [Combo(e, "adaptive") for e in ("proxy", "gaussian", "proxy+gaussian") if e in ests]
+    for rk in ranks[1:]:
+        methods += make_methods(fit, extra, a.budget, proxy_rank=rk)
     table = evaluate(hf, windows, methods, layers)
     best = best_label(table)
     text = format_table(table)

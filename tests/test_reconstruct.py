@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from attnlab.errors import ConfigError, ShapeError
-from attnlab.reconstruct.estimators import Estimator, RowModel, reference_gaussian
+from attnlab.reconstruct.estimators import Estimator, ResidualEstimator, RowModel, reference_gaussian
 from attnlab.reconstruct.metrics import kl_divergence, row_metrics, topk_agreement, total_variation
 from attnlab.reconstruct.selection import STRATEGIES, budget_count, make_proxy, select
 
@@ -85,6 +85,49 @@ def test_masked_observed_keys_are_ignored_and_float32_path():
         out = est(x.masked_fill(~valid, float("-inf")), torch.tensor([0, 2, 5, 7]), valid)
         assert torch.isfinite(out[valid.expand_as(out)]).all()
         assert torch.isinf(out[~valid.expand_as(out)]).all()
+
+
+@settings(max_examples=15, deadline=None)
+@given(n=st.integers(3, 12), data=st.data(), seed=st.integers(0, 10_000), known=st.booleans())
+def test_proxy_gaussian_is_proxy_plus_residual_conditional_mean(n, data, seed, known):
+    """Truth = proxy + Gaussian residual with known statistics: the estimate is p + the exact conditional mean of
+    the residual (float64 reference), with the residual's offset known (exact row mean) or estimated."""
+    b = data.draw(st.integers(1, n - 1))
+    g = torch.Generator().manual_seed(seed)
+    cov, mean = _spd(n, g), torch.randn(n, generator=g, dtype=torch.float64)
+    p = torch.randn(2, 3, n, generator=g, dtype=torch.float64) * 3
+    resid = mean + torch.randn(2, 3, n, generator=g, dtype=torch.float64) @ torch.linalg.cholesky(cov).T
+    x = p + resid
+    per_row = torch.stack([torch.randperm(n, generator=g)[:b].sort().values for _ in range(6)]).view(2, 3, b)
+    est = ResidualEstimator(RowModel(mean, cov), jitter=0.0)
+    for sel in (per_row[0, 0], per_row):
+        out = est(x, p, sel, None, x.mean(-1) if known else None)
+        torch.testing.assert_close(out, est(x, p, sel, None, x.mean(-1) if known else None), rtol=0, atol=0)
+        for i in range(2):
+            for j in range(3):
+                s = (sel if sel.dim() == 1 else sel[i, j]).numpy()
+                r = (x[i, j] - p[i, j]).numpy()
+                ref = p[i, j].numpy() + reference_gaussian(r[s], s, mean.numpy(), cov.numpy(), 0.0,
+                                                           r.mean() if known else None)
+                np.testing.assert_allclose(out[i, j].numpy(), ref, rtol=1e-7, atol=1e-7)
+                assert torch.equal(out[i, j, s], x[i, j, s])  # observed entries bit-exact
+
+
+def test_proxy_gaussian_full_budget_and_mask():
+    g = torch.Generator().manual_seed(4)
+    n = 9
+    x, p = (torch.randn(2, n, n, generator=g, dtype=torch.float64) for _ in range(2))
+    est = ResidualEstimator(RowModel(torch.zeros(n, dtype=torch.float64), _spd(n, g)))
+    torch.testing.assert_close(est(x, p, torch.arange(n), None, x.mean(-1)), x, rtol=0, atol=0)
+    valid = torch.ones(1, n, n, dtype=torch.bool).tril()
+    xm = x.masked_fill(~valid, float("-inf"))
+    for sel in (torch.arange(n), torch.tensor([0, 3, 5])):
+        rm = torch.where(valid, x, 0).sum(-1) / valid.sum(-1)
+        out = est(xm.float(), p.float(), sel, valid, rm)
+        assert out.dtype == torch.float32 and torch.equal(torch.isinf(out), ~valid.expand_as(out))
+        assert torch.isfinite(out[valid.expand_as(out)]).all()
+    with pytest.raises(ShapeError):
+        est(x, p[:, :3], torch.arange(3))
 
 
 @settings(max_examples=20, deadline=None)
@@ -167,7 +210,7 @@ def small_fit():
     torch.manual_seed(0)
     m = SmallTransformer(TransformerConfig(vocab_size=50, d_model=32, n_heads=2, n_layers=2, max_len=16, causal=True))
     w = torch.randint(0, 50, (24, 16))
-    return m, w, fit_from_windows(m, w, model_name="small")
+    return m, w, fit_from_windows(m, w, model_name="small", residual_proxies=[("bilinear", 4, 0)])
 
 
 def test_fit_save_load_roundtrip_and_mismatch(small_fit, tmp_path):
@@ -184,18 +227,54 @@ def test_fit_save_load_roundtrip_and_mismatch(small_fit, tmp_path):
     with pytest.raises(ConfigError, match="fitted on --model small"):
         ReconstructionFit.load(p, model="minilm")
     assert fit.row_model(0, 0, pool_heads=True).cov.shape == (16, 16)
+    for pos in (False, True):
+        a, b = fit.residual_model(1, 1, position=pos), back.residual_model(1, 1, position=pos)
+        torch.testing.assert_close(a.cov, b.cov) and torch.testing.assert_close(a.mean, b.mean)
+    with pytest.raises(ConfigError, match="no residual statistics of the bilinear rank-2"):
+        fit.residual_model(0, 0, rank=2)
+
+
+def test_residual_statistics_match_direct_computation(small_fit):
+    """The fitted residual model is the mean / covariance of the row-centred rows s - p (and per query position)."""
+    from attnlab.capture.run import stream_attention
+    from attnlab.spectral.stats import row_centre
+
+    m, w, fit = small_fit
+    rows = []
+
+    def sink(call):
+        if call.layer == 1:
+            px = fit.proxy(1, 0, "bilinear", 4, 0)
+            s = call.scores()[:, 0].double() - px.scores(call.query[:, 0], call.key[:, 0], call.scaling).double()
+            rows.append(row_centre(s, call.valid[:, 0]))
+
+    stream_attention(m, w, sink, [1], 8, show_progress=False)
+    x = torch.cat(rows).numpy()  # (M, N, N): every query row of the causal model has a key
+    flat = x.reshape(-1, x.shape[-1])
+    model = fit.residual_model(1, 0)
+    np.testing.assert_allclose(model.mean.numpy(), flat.mean(0), atol=1e-6)  # float32 scores
+    np.testing.assert_allclose(model.cov.numpy(), np.cov(flat.T), atol=1e-6)
+    pos = fit.residual_model(1, 0, position=True)
+    within = (x - x.mean(0)).reshape(-1, x.shape[-1])
+    np.testing.assert_allclose(pos.mean.numpy(), x.mean(0), atol=1e-6)
+    np.testing.assert_allclose(pos.cov.numpy(), within.T @ within / (len(flat) - x.shape[1]), atol=1e-6)
 
 
 def test_small_model_evaluate_causal(small_fit):
     from attnlab.reconstruct.evaluate import Combo, evaluate, make_methods
 
     m, w, fit = small_fit
-    combos = [Combo(e, s) for e in ("gaussian", "basis", "proxy") for s in ("local", "adaptive", "random")]
+    combos = [Combo(e, s) for e in ("gaussian", "basis", "proxy", "proxy+gaussian") for s in ("local", "adaptive", "random")]
     res = evaluate(m, w[:4], make_methods(fit, combos, 1.0))  # full budget: exact
     for lab, r in res.items():
         assert r["mean"]["tv"] < 1e-6, lab
-    res = evaluate(m, w[:4], make_methods(fit, combos + [Combo("gaussian", "qr", position=True)], 0.5))
+    extra = [Combo("gaussian", "qr", position=True), Combo("proxy+gaussian", "adaptive", position=True)]
+    res = evaluate(m, w[:4], make_methods(fit, combos + extra, 0.5))
     assert all(0 <= r["mean"]["tv"] < 1 for r in res.values())
+    again = evaluate(m, w[:4], make_methods(fit, [Combo("proxy+gaussian", "adaptive")], 0.5))  # deterministic
+    assert again["proxy+gaussian/adaptive[r=4]"]["per_head"] == res["proxy+gaussian/adaptive[r=4]"]["per_head"]
+    with pytest.raises(ConfigError, match="no residual statistics"):
+        make_methods(fit, [Combo("proxy+gaussian", "adaptive")], 0.5, proxy_rank=3)
 
 
 def _tiny_hf(tmp_path, kind: str):

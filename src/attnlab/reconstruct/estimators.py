@@ -12,6 +12,10 @@ Gaussian (mean ``mu``, covariance ``Sigma``) and ``m`` a free offset (flat prior
   ridge when the residual outside the basis is white with variance sigma_res^2; ridge=0 is plain LS).
 - ``none``: no estimate; unobserved keys get -inf (sparse attention on the selected pairs).
 - ``mean``: unobserved entries are mu_R + m (the prior mean shifted to the row).
+- ``proxy+gaussian`` (:class:`ResidualEstimator`): s = p + e with p the low-rank proxy score (known for every
+  pair) and e the proxy's residual, modelled like a row above with statistics fitted on residual rows; the
+  ``gaussian`` estimate of e_R from the observed residuals e_S = s_S - p_S is added to p_R (kriging of the
+  residual). ``proxy`` (p_R shifted to the row's mean, no fitted statistics) lives in :mod:`.evaluate`.
 
 Observed entries are always returned exactly; keys the model masks are -inf. Observed keys that are
 masked are ignored (infinite noise). Rows are processed in chunks, vectorised over rows with one
@@ -27,7 +31,9 @@ import torch
 
 from ..errors import ConfigError, ShapeError
 
-ESTIMATORS = ("gaussian", "basis", "none", "mean")
+ESTIMATORS = ("gaussian", "basis", "none", "mean")  # kinds of :class:`Estimator`
+PROXY_ESTIMATORS = ("proxy", "proxy+gaussian")  # estimators that also read the proxy scores of every pair
+ALL_ESTIMATORS = ESTIMATORS + PROXY_ESTIMATORS  # every name --estimators accepts
 _MASKED_NOISE = 1e8  # relative noise variance that makes a masked observed key carry no information
 
 
@@ -251,6 +257,38 @@ class Estimator:
             pen = torch.cat([pen[:-1], pen.new_tensor([1e12 * self.diag_mean])])
         coef = _basis_rows(r, idx, self._basis, pen, None if ok is None else ok.to(r.dtype))
         return mu + coef[:, -1:] + coef[:, :-1] @ self._basis.T
+
+
+class ResidualEstimator:
+    """``proxy+gaussian``: s_R = p_R + e_R, with e_R the conditional-Gaussian estimate of the proxy residual
+    e = s - p from the observed residuals e_S = s_S - p_S, under statistics ``model`` of row-centred residuals."""
+
+    def __init__(self, model: RowModel, jitter: float = 1e-5, dtype: torch.dtype = torch.float64,
+                 chunk_rows: int = 4096, var_correction: bool = False):
+        self.gaussian = Estimator("gaussian", model, jitter=jitter, dtype=dtype, chunk_rows=chunk_rows,
+                                  var_correction=var_correction)
+
+    def __call__(self, scores: torch.Tensor, proxy: torch.Tensor, idx: torch.Tensor,
+                 valid: Optional[torch.Tensor] = None, row_mean: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Estimated scores (B, Nq, N) from the true ``scores`` (only entries at ``idx`` are read) and the proxy
+        scores ``proxy`` (B, Nq, N) of every pair; ``idx``, ``valid`` and ``row_mean`` (the exact mean of each score
+        row over its valid keys) as for :meth:`Estimator.__call__`."""
+        if proxy.shape != scores.shape:
+            raise ShapeError(f"proxy scores {tuple(proxy.shape)} and scores {tuple(scores.shape)} differ in shape")
+        B, nq, n = scores.shape
+        dt = self.gaussian.dtype
+        p = proxy.to(scores.device, dt)
+        v = torch.ones_like(p, dtype=torch.bool) if valid is None else valid.expand(B, nq, n)
+        p = torch.where(v, p, torch.zeros_like(p))
+        resid_mean = None
+        if row_mean is not None:  # the residual row's exact mean: mean(s) - mean(p) over the valid keys
+            resid_mean = row_mean.to(scores.device, dt) - p.sum(-1) / v.sum(-1).clamp_min(1)
+        est = self.gaussian(scores.to(dt) - p, idx, valid, resid_mean) + p  # -inf stays -inf where masked
+        full = _expand_idx(idx.to(scores.device), B, nq)
+        est = est.scatter(-1, full, torch.gather(scores.to(dt), -1, full))  # observed entries exact (no p - p roundoff)
+        if valid is not None:
+            est = est.masked_fill(~v, float("-inf"))
+        return est.to(scores.dtype) if scores.dtype.is_floating_point else est
 
 
 def reference_gaussian(x_obs, obs_idx, mean, cov, jitter: float = 0.0, row_mean=None):

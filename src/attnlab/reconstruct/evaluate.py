@@ -14,7 +14,13 @@ import torch
 
 from ..capture.hf import AttentionCall
 from ..errors import ConfigError
-from .estimators import ESTIMATORS, Estimator, RowModel
+from .estimators import (
+    ALL_ESTIMATORS,
+    PROXY_ESTIMATORS,
+    Estimator,
+    ResidualEstimator,
+    RowModel,
+)
 from .fit import ReconstructionFit
 from .metrics import MetricSums, row_metrics
 from .selection import STRATEGIES, budget_count, select
@@ -40,12 +46,14 @@ class Combo:
 
     def validate(self) -> None:
         """Raise ConfigError for unknown names."""
-        if self.estimator not in ESTIMATORS + ("proxy",):
-            raise ConfigError(f"--estimators: unknown {self.estimator!r} (choose from {', '.join(ESTIMATORS)})")
+        if self.estimator not in ALL_ESTIMATORS:
+            raise ConfigError(f"--estimators: unknown {self.estimator!r} (choose from {', '.join(ALL_ESTIMATORS)})")
         if self.selection not in STRATEGIES:
             raise ConfigError(f"--selections: unknown {self.selection!r} (choose from {', '.join(STRATEGIES)})")
         if self.offset not in ("exact", "estimate"):
             raise ConfigError(f"--offset must be exact or estimate (got {self.offset!r})")
+        if self.estimator == "proxy+gaussian" and self.pool_heads:
+            raise ConfigError("proxy+gaussian has per-head residual statistics only (no pooled heads)")
 
 
 @dataclass
@@ -69,20 +77,25 @@ class Method:
     @property
     def label(self) -> str:
         """Combo label plus the proxy rank where the proxy is used, e.g. 'proxy/adaptive[r=4]'."""
-        uses = self.combo.selection == "adaptive" or self.combo.estimator == "proxy"
+        uses = self.combo.selection == "adaptive" or self.combo.estimator in PROXY_ESTIMATORS
         return self.combo.label + (f"[r={self.proxy_rank}]" if uses else "")
 
     def row_model(self, layer: int, head: int) -> RowModel:
         """The fitted statistics this method uses for (layer, head)."""
         return self.fit.row_model(layer, head, self.combo.position, self.combo.pool_heads)
 
-    def estimator(self, layer: int, head: int) -> Estimator:
+    def estimator(self, layer: int, head: int) -> Estimator | ResidualEstimator:
         """Cached estimator of (layer, head)."""
         key = (layer, head)
         if key not in self._est:
             k = self.k
             if self.combo.estimator == "proxy":
                 raise ConfigError("the proxy estimator has no row model")
+            if self.combo.estimator == "proxy+gaussian":
+                model = self.fit.residual_model(layer, head, self.proxy, self.proxy_rank, self.seed, self.combo.position)
+                self._est[key] = ResidualEstimator(model, jitter=self.jitter, dtype=self.dtype,
+                                                   var_correction=self.combo.var)
+                return self._est[key]
             if self.combo.estimator == "basis" and k is None:
                 k = min(self.fit.rank_for(layer, head, 0.9, self.combo.position, self.combo.pool_heads), self.b)
             model = self.row_model(layer, head)
@@ -113,9 +126,7 @@ class Method:
                 self._gen = torch.Generator().manual_seed(self.seed)
             return select("random", n, self.b, batch=B, generator=self._gen).to(scores_h.device)
         if strat == "adaptive":
-            px = self.fit.proxy(layer, head, self.proxy, self.proxy_rank, self.seed)
-            ps = px.scores(call.query[:, head], call.key[:, head], call.scaling)
-            return select("adaptive", n, self.b, proxy_scores=ps, valid=valid_h)
+            return select("adaptive", n, self.b, proxy_scores=self.proxy_scores(call, head), valid=valid_h)
         return select("oracle", n, self.b, scores=scores_h, valid=valid_h)
 
     def reconstruct(self, call: AttentionCall, head: int, scores_h: torch.Tensor) -> torch.Tensor:
@@ -125,12 +136,18 @@ class Method:
         rm = exact_row_mean(call, head, scores_h) if self.combo.offset == "exact" else None
         if self.combo.estimator == "proxy":
             return self._proxy_fill(call, head, scores_h, idx, valid_h, rm)
+        if self.combo.estimator == "proxy+gaussian":
+            return self.estimator(call.layer, head)(scores_h, self.proxy_scores(call, head), idx, valid_h, rm)
         return self.estimator(call.layer, head)(scores_h, idx, valid_h, rm)
+
+    def proxy_scores(self, call: AttentionCall, head: int) -> torch.Tensor:
+        """The low-rank proxy scores (B, Nq, N) of every pair of one head (cost r/d_head of the full scores)."""
+        px = self.fit.proxy(call.layer, head, self.proxy, self.proxy_rank, self.seed)
+        return px.scores(call.query[:, head], call.key[:, head], call.scaling)
 
     def _proxy_fill(self, call, head, scores_h, idx, valid_h, rm) -> torch.Tensor:
         """Unobserved scores from the low-rank proxy, shifted so the row keeps its exact mean."""
-        px = self.fit.proxy(call.layer, head, self.proxy, self.proxy_rank, self.seed)
-        ps = px.scores(call.query[:, head], call.key[:, head], call.scaling).to(scores_h.dtype)  # (B, N, N)
+        ps = self.proxy_scores(call, head).to(scores_h.dtype)  # (B, N, N)
         B, nq, n = scores_h.shape
         v = torch.ones_like(scores_h, dtype=torch.bool) if valid_h is None else valid_h.expand(B, nq, n)
         full = idx.expand(B, nq, -1) if idx.dim() < 3 else idx
@@ -180,10 +197,13 @@ def make_methods(fit: ReconstructionFit, combos: list[Combo], budget: float | in
     out = []
     for c in combos:
         c.validate()
-        if (c.selection == "adaptive" or c.estimator == "proxy") and kw.get("proxy", "bilinear") != "random" \
+        if (c.selection == "adaptive" or c.estimator in PROXY_ESTIMATORS) and kw.get("proxy", "bilinear") != "random" \
                 and fit.meta.get("d_head") is None:
             raise ConfigError("--selection adaptive with a fitted proxy needs a corpus fit (query/key moments); "
                               "this fit came from a spectrum run: use --proxy random")
+        if c.estimator == "proxy+gaussian":  # fail before evaluating anything when the residual statistics are missing
+            fit.residual_model(fit.layers[0], fit.heads[0], kw.get("proxy", "bilinear"), kw.get("proxy_rank", 4),
+                               kw.get("seed", 0))
         out.append(Method(fit, c, b, **kw))
     return out
 
@@ -192,8 +212,8 @@ def evaluate(model, windows: torch.Tensor, methods: list[Method], layers: Option
              heads: Optional[list[int]] = None, batch_size: int = 8, topk: int = 5,
              progress: bool = False) -> dict[str, Any]:
     """Per-layer / per-head held-out metrics of every method; keys are method labels (with the budget)."""
-    from ..capture.run import n_heads_of, n_layers_of, stream_attention
     from ..capture.hf import check_heads, check_layers
+    from ..capture.run import n_heads_of, n_layers_of, stream_attention
 
     fit = methods[0].fit
     layers = check_layers(layers if layers is not None else fit.layers, n_layers_of(model))

@@ -3,14 +3,16 @@
 We store sufficient statistics (float64 sums), not derived matrices, so that any variant can be derived
 on load: the row mean and covariance, the mean per query position with the covariance of the residual
 (query-position-conditioned model), statistics pooled over the heads of a layer, eigenbases, and the
-query/key second moments that the adaptive selection's proxy needs. Rows are centred over their valid
-keys (masked entries 0), as in ``attnlab.spectral``. Saved as safetensors with JSON metadata naming the
+query/key second moments that the adaptive selection's proxy needs, and (optionally, a second pass once the
+proxies are known) the statistics of the proxy's residual rows s - p for the ``proxy+gaussian`` estimator.
+Rows are centred over their valid keys (masked entries 0), as in ``attnlab.spectral``. Saved as safetensors with JSON metadata naming the
 model and sequence length; loading checks both.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional
 
@@ -20,7 +22,7 @@ import torch
 from ..capture.hf import AttentionCall, HFModel, check_heads, check_layers
 from ..errors import ConfigError, ResultsError, ShapeError
 from ..io import RunDir, read_tensors, write_tensors
-from ..spectral.stats import row_centre
+from ..spectral.stats import StreamingCovariance, row_centre
 from .estimators import RowModel
 from .selection import Proxy, make_proxy
 
@@ -76,6 +78,51 @@ class FitCollector:
             self._acc(f"skk.{key}", skk[j])
             self._acc(f"nq.{key}", nqk)
             self._acc(f"nk.{key}", nk.cpu())
+
+
+ProxySpec = tuple[str, int, int]  # (proxy kind, rank, seed), as in ReconstructionFit.proxy
+
+
+def residual_prefix(kind: str, rank: int, seed: int) -> str:
+    """Tensor-name prefix of the residual statistics of one proxy, e.g. 'resid.bilinear.r4.s0'."""
+    return f"resid.{kind}.r{int(rank)}.s{int(seed)}"
+
+
+class ResidualCollector:
+    """Sink for ``stream_attention``: per (layer, head) and proxy, streaming float64 mean / covariance of the
+    row-centred residual rows s - p (:class:`StreamingCovariance`, valid rows only) and their sums per query
+    position (for the position-conditioned mean)."""
+
+    def __init__(self, fit: ReconstructionFit, proxies: list[ProxySpec]):
+        self.fit, self.proxies = fit, list(proxies)
+        self.cov: dict[tuple[str, str], StreamingCovariance] = {}  # (prefix, 'layer.head') -> statistics
+        self.pos: dict[tuple[str, str], torch.Tensor] = {}  # same keys -> (N, N + 1): per-position sums, count
+
+    def __call__(self, call: AttentionCall) -> None:
+        if call.layer not in self.fit.layers:
+            return
+        valid = call.valid
+        for h in self.fit.heads:
+            s = call.scores(torch.tensor([h], device=call.query.device))[:, 0].double()  # (B, N, N)
+            row_ok = valid[:, 0].any(-1).expand(s.shape[:2]) if valid is not None else None  # (B, N)
+            for kind, rank, seed in self.proxies:
+                px = self.fit.proxy(call.layer, h, kind, rank, seed)
+                x = row_centre(s - px.scores(call.query[:, h], call.key[:, h], call.scaling).double(),
+                               None if valid is None else valid[:, 0])
+                name = (residual_prefix(kind, rank, seed), f"{call.layer}.{h}")
+                ok = torch.ones(s.shape[:2], dtype=torch.bool, device=s.device) if row_ok is None else row_ok
+                x = x * ok.unsqueeze(-1)
+                self.cov.setdefault(name, StreamingCovariance(s.shape[-1])).update(x[ok])
+                sums = torch.cat([x.sum(0), ok.double().sum(0).unsqueeze(-1)], -1).cpu()
+                self.pos[name] = sums if name not in self.pos else self.pos[name] + sums
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Tensors to store in the fit: '<prefix>.{n,mean,m2,pos}.<layer>.<head>'."""
+        out: dict[str, torch.Tensor] = {}
+        for (pre, lh), c in self.cov.items():
+            out.update({f"{pre}.{k}.{lh}": v for k, v in c.state().items()})
+            out[f"{pre}.pos.{lh}"] = self.pos[(pre, lh)]
+        return out
 
 
 class ReconstructionFit:
@@ -178,6 +225,33 @@ class ReconstructionFit:
         curve = torch.cumsum(evals, 0) / evals.sum().clamp_min(1e-300)
         return int((curve < level - 1e-12).sum()) + 1
 
+    def residual_model(self, layer: int, head: int, kind: str = "bilinear", rank: int = 4, seed: int = 0,
+                       position: bool = False) -> RowModel:
+        """Mean and covariance of the row-centred residual rows s - p of one proxy (``proxy+gaussian``);
+        ``position``: mean per query position and the covariance around it (within-position scatter)."""
+        ck = ("resid", layer, head, kind, rank, seed, position)
+        if ck in self._cache:
+            return self._cache[ck]
+        pre, lh = residual_prefix(kind, rank, seed), f"{layer}.{head}"
+        if f"{pre}.m2.{lh}" not in self.t:
+            raise ConfigError(f"no residual statistics of the {kind} rank-{rank} proxy (seed {seed}) for layer {layer} "
+                              f"head {head} in this fit: refit from a corpus with that proxy in residual_proxies "
+                              "(attnlab reconstruct run does so when --estimators has proxy+gaussian), or leave proxy+gaussian out")
+        stats = StreamingCovariance.from_state({k: self.t[f"{pre}.{k}.{lh}"] for k in ("n", "mean", "m2")})
+        cov, mean = stats.covariance(), stats.mean
+        if position:
+            sums = self.t[f"{pre}.pos.{lh}"]
+            cnt = sums[:, -1]
+            pos_mean = sums[:, :-1] / cnt.clamp_min(1).unsqueeze(-1)
+            d = (pos_mean - mean) * (cnt > 0).unsqueeze(-1)
+            between = torch.einsum("i,in,im->nm", cnt, d, d)  # total scatter = within + between positions
+            dof = max(stats.n - int((cnt > 0).sum()), 1)
+            cov = (stats.m2 - between) / dof
+            mean = pos_mean
+        model = RowModel(mean, 0.5 * (cov + cov.T))
+        self._cache[ck] = model
+        return model
+
     def proxy(self, layer: int, head: int, kind: str = "bilinear", rank: int = 4, seed: int = 0) -> Proxy:
         """The adaptive selection's low-rank score proxy for this head (cached)."""
         ck = ("proxy", layer, head, kind, rank, seed)
@@ -218,8 +292,10 @@ def windows_for(tokenizer, seq_len: int, n: int, split: str, corpus: Optional[st
 
 def fit_from_windows(model: HFModel | Any, windows: torch.Tensor, layers: Optional[list[int]] = None,
                      heads: Optional[list[int]] = None, batch_size: int = 8, model_name: Optional[str] = None,
-                     progress: bool = False) -> ReconstructionFit:
-    """Fit statistics from token windows (M, seq_len) through any model ``stream_attention`` supports."""
+                     progress: bool = False, residual_proxies: Sequence[ProxySpec] = ()) -> ReconstructionFit:
+    """Fit statistics from token windows (M, seq_len) through any model ``stream_attention`` supports;
+    ``residual_proxies`` ((kind, rank, seed) each): also fit the residual statistics of those proxies (a second
+    pass over the same windows, since the proxies come from the first pass's query/key moments)."""
     from ..capture.run import n_heads_of, n_layers_of, stream_attention
 
     if windows.dim() != 2:
@@ -232,18 +308,29 @@ def fit_from_windows(model: HFModel | Any, windows: torch.Tensor, layers: Option
     name = model_name or getattr(model, "name", type(model).__name__)
     meta = {"model": name, "seq_len": int(windows.shape[1]), "layers": layers, "heads": heads, "d_head": col.d_head,
             "n_sequences": int(windows.shape[0]), "source": "windows", "seconds": round(time.perf_counter() - t0, 3)}
-    return ReconstructionFit(col.t, meta)
+    fit = ReconstructionFit(col.t, meta)
+    proxies = list(dict.fromkeys((str(k), int(r), int(s)) for k, r, s in residual_proxies))
+    if proxies:
+        res = ResidualCollector(fit, proxies)
+        stream_attention(model, windows, res, layers, batch_size, desc="reconstruct residual fit",
+                         show_progress=progress)
+        fit.t.update(res.tensors())
+        fit.meta["residual_proxies"] = [list(p) for p in proxies]
+        fit.meta["seconds"] = round(time.perf_counter() - t0, 3)
+    return fit
 
 
 def fit_corpus(model: str | HFModel = "minilm", n_sequences: int = 256, seq_len: int = 128, layers=None, heads=None,
-               batch_size: int = 8, corpus: Optional[str] = None, seed: int = 0, progress: bool = False) -> ReconstructionFit:
-    """Fit on ``n_sequences`` windows of the corpus' *fit* split (never the held-out documents)."""
+               batch_size: int = 8, corpus: Optional[str] = None, seed: int = 0, progress: bool = False,
+               residual_proxies: Sequence[ProxySpec] = ()) -> ReconstructionFit:
+    """Fit on ``n_sequences`` windows of the corpus' *fit* split (never the held-out documents);
+    ``residual_proxies`` as in :func:`fit_from_windows`."""
     hf = load_checked(model, seq_len) if isinstance(model, str) else model
     if n_sequences < 2:
         raise ConfigError(f"--n-fit must be >= 2 (got {n_sequences})")
     windows = windows_for(hf.tokenizer, seq_len, n_sequences, "fit", corpus, seed)
     fit = fit_from_windows(hf, windows, layers, heads, batch_size, model_name=model if isinstance(model, str) else hf.name,
-                           progress=progress)
+                           progress=progress, residual_proxies=residual_proxies)
     fit.meta.update({"split": "fit", "corpus": corpus or "stdlib", "seed": seed})
     return fit
 

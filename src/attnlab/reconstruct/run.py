@@ -13,7 +13,7 @@ import torch
 from ..errors import ConfigError
 from ..io import RunDir, write_tensors
 from ..seeding import seed_everything
-from .estimators import ESTIMATORS
+from .estimators import ALL_ESTIMATORS
 from .evaluate import Combo, evaluate, make_methods
 from .fit import FIT_FILE, ReconstructionFit, fit_corpus, fit_from_spectrum, load_checked, windows_for
 from .selection import STRATEGIES, budget_count
@@ -34,7 +34,7 @@ class ReconstructConfig:
     n_eval: int = 64  # windows of the held-out split used to evaluate
     budget: float = 0.25  # pairs per row: fraction in (0, 1] or a count
     budgets: list = field(default_factory=lambda: [0.0625, 0.125, 0.25, 0.5])  # sweep (empty = no sweep)
-    estimators: list = field(default_factory=lambda: list(ESTIMATORS) + ["proxy"])
+    estimators: list = field(default_factory=lambda: list(ALL_ESTIMATORS))
     selections: list = field(default_factory=lambda: list(STRATEGIES))
     position: bool = True  # also evaluate gaussian with query-position-conditioned statistics
     pooled_baseline: bool = True  # also evaluate the naive basis LS with heads pooled and random pairs
@@ -43,7 +43,7 @@ class ReconstructConfig:
     jitter: float = 1e-5  # relative jitter on observed-score covariances
     proxy: str = "bilinear"  # adaptive-selection proxy: bilinear | pca | random
     proxy_rank: int = 4  # proxy dimension r
-    extra_ranks: list = field(default_factory=lambda: [8])  # also evaluate proxy/adaptive and gaussian/adaptive at these r
+    extra_ranks: list = field(default_factory=lambda: [8])  # also evaluate the adaptive proxy/gaussian rows at these r
     layers: Optional[list] = None  # None = all
     heads: Optional[list] = None  # None = all
     batch_size: int = 8
@@ -66,8 +66,8 @@ class ReconstructConfig:
         if not self.estimators or not self.selections:
             raise ConfigError("--estimators and --selections must not be empty")
         for e in self.estimators:
-            if e not in ESTIMATORS + ("proxy",):
-                raise ConfigError(f"--estimators: unknown {e!r} (choose from {', '.join(ESTIMATORS)}, proxy)")
+            if e not in ALL_ESTIMATORS:
+                raise ConfigError(f"--estimators: unknown {e!r} (choose from {', '.join(ALL_ESTIMATORS)})")
         for s in self.selections:
             if s not in STRATEGIES:
                 raise ConfigError(f"--selections: unknown {s!r} (choose from {', '.join(STRATEGIES)})")
@@ -97,7 +97,15 @@ def get_fit(cfg: ReconstructConfig, hf) -> ReconstructionFit:
         fit = fit_from_spectrum(cfg.spectrum)
         fit.check(cfg.model, cfg.seq_len, cfg.spectrum)
         return fit
-    return fit_corpus(hf, cfg.n_fit, cfg.seq_len, cfg.layers, cfg.heads, cfg.batch_size, cfg.corpus, cfg.seed)
+    return fit_corpus(hf, cfg.n_fit, cfg.seq_len, cfg.layers, cfg.heads, cfg.batch_size, cfg.corpus, cfg.seed,
+                      residual_proxies=residual_proxies(cfg))
+
+
+def residual_proxies(cfg: ReconstructConfig) -> list[tuple[str, int, int]]:
+    """The proxies (kind, rank, seed) whose residual statistics proxy+gaussian needs (none if not evaluated)."""
+    if "proxy+gaussian" not in cfg.estimators:
+        return []
+    return [(cfg.proxy, r, cfg.seed) for r in dict.fromkeys([cfg.proxy_rank, *cfg.extra_ranks])]
 
 
 def _strip(res: dict[str, Any]) -> dict[str, Any]:
@@ -122,7 +130,7 @@ def reconstruct(out: str | Path, model: str = "minilm", progress: bool = True, *
     kw = dict(k=cfg.k, ridge=cfg.ridge, jitter=cfg.jitter, proxy=cfg.proxy, proxy_rank=cfg.proxy_rank, seed=cfg.seed)
     combos = combos_for(cfg)
     methods = make_methods(fit, combos, cfg.budget, **kw)
-    extra = [c for c in combos if c.selection == "adaptive" and c.estimator in ("proxy", "gaussian", "basis")
+    extra = [c for c in combos if c.selection == "adaptive" and c.estimator in ("proxy", "proxy+gaussian", "gaussian", "basis")
              and not c.position and not c.pool_heads]
     for rk in cfg.extra_ranks:
         if rk != cfg.proxy_rank:

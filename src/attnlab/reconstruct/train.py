@@ -105,7 +105,8 @@ def _loss(model: SmallTransformer, ids: torch.Tensor) -> torch.Tensor:
 
 def _refit(model: SmallTransformer, windows: torch.Tensor, combo: Combo, budget, cfg: TrainConfig) -> Method:
     model.set_override(None)
-    fit = fit_from_windows(model, windows, batch_size=64, model_name="small-transformer")
+    resid = [(cfg.proxy, cfg.proxy_rank, cfg.seed)] if combo.estimator == "proxy+gaussian" else []
+    fit = fit_from_windows(model, windows, batch_size=64, model_name="small-transformer", residual_proxies=resid)
     m = Method(fit, combo, 0, proxy=cfg.proxy, proxy_rank=cfg.proxy_rank, seed=cfg.seed, dtype=torch.float32)
     from .selection import budget_count
 
