@@ -22,12 +22,13 @@ def _methods(values: Optional[List[str]]) -> Optional[list[str]]:
 
 
 def _train_cfg(objective, seq_len, vocab_size, d_model, n_heads, n_layers, alpha, learn_alpha, steps, batch_size, lr,
-               max_windows, corpus, device, seed):
+               max_windows, corpus, device, seed, checkpoint_every=100):
     from .train_entmax import EntmaxTrainConfig
 
     return EntmaxTrainConfig(objective=objective, seq_len=seq_len, vocab_size=vocab_size, d_model=d_model,
                              n_heads=n_heads, n_layers=n_layers, alpha=alpha, learn_alpha=learn_alpha, steps=steps,
-                             batch_size=batch_size, lr=lr, max_windows=max_windows, corpus=corpus, device=device, seed=seed)
+                             batch_size=batch_size, lr=lr, max_windows=max_windows, corpus=corpus, device=device, seed=seed,
+                             checkpoint_every=checkpoint_every)
 
 
 OBJ = typer.Option("mlm", help="mlm (bidirectional encoder, masked LM) | clm (causal decoder, next token).")
@@ -45,6 +46,7 @@ MW = typer.Option(4000, help="Training windows read from the corpus.")
 CORPUS = typer.Option(None, help="Text file / folder / .jsonl (default: Python stdlib docstrings).")
 DEV = typer.Option("cpu", help="torch device (cpu, cuda).")
 SEED = typer.Option(0, help="Seed for data, masking, init and predictors.")
+CKE = typer.Option(100, help="Write a resumable partial training checkpoint every N steps (0 = never).")
 
 
 @app.command()
@@ -53,18 +55,31 @@ def train(
     objective: str = OBJ, seq_len: int = SEQ, vocab_size: int = VOC, d_model: int = DM, n_heads: int = NH,
     n_layers: int = NL, alpha: float = ALPHA, learn_alpha: bool = LA, steps: int = STEPS, batch_size: int = BS,
     lr: float = LR, max_windows: int = MW, corpus: Optional[str] = CORPUS, device: str = DEV, seed: int = SEED,
+    checkpoint_every: int = CKE,
+    resume: bool = typer.Option(False, help="Continue an interrupted training from its partial checkpoint "
+                                "(<out stem>.partial.safetensors); a finished --out with the same settings is kept."),
+    quiet: bool = typer.Option(False, help="No progress output."),
 ):
     """Train a small entmax transformer on the corpus and save a checkpoint."""
-    from ..errors import AttnlabError
+    from pathlib import Path
+
+    from ..errors import AttnlabError, ResultsError
 
     try:
-        from .train_entmax import save_small, train_small
+        from .train_entmax import load_small, partial_path, train_and_save
 
         cfg = _train_cfg(objective, seq_len, vocab_size, d_model, n_heads, n_layers, alpha, learn_alpha, steps,
-                         batch_size, lr, max_windows, corpus, device, seed)
-        model, vmap, hist = train_small(cfg)
-        path = save_small(out, model, vmap, cfg, hist)
-        typer.echo(f"saved {path} (final loss {hist['loss'][-1]:.3f}, {hist['seconds']:.0f}s)")
+                         batch_size, lr, max_windows, corpus, device, seed, checkpoint_every)
+        if resume and Path(out).is_file() and not partial_path(out).exists():
+            _, _, done, _ = load_small(out)
+            skip = ("checkpoint_every",)
+            if {k: v for k, v in vars(done).items() if k not in skip} != {k: v for k, v in vars(cfg).items() if k not in skip}:
+                raise ResultsError(f"{out}: a finished model trained with other settings exists; re-run with its "
+                                   f"settings, another --out, or without --resume to overwrite it")
+            typer.echo(f"{out}: already trained with these settings (resume); nothing to do")
+            return
+        _, _, hist = train_and_save(cfg, out, resume=resume, quiet=quiet)
+        typer.echo(f"saved {out} (final loss {hist['loss'][-1]:.3f}, {hist['seconds']:.0f}s)")
     except AttnlabError as e:
         _fail(e)
 
@@ -86,11 +101,13 @@ def run_cmd(
     force_cls: bool = typer.Option(False, help="Always predict edges to and from token 0 ([CLS])."),
     hf_seq_len: int = typer.Option(128, help="Window length for an HF model."),
     hf_finetune_steps: int = typer.Option(0, help="Entmax distillation fine-tuning steps for an HF model (0 = none)."),
-    resume: bool = typer.Option(True, help="Reuse a cached checkpoint / finished section in --out."),
+    resume: bool = typer.Option(True, help="Reuse a cached checkpoint / finished section in --out and continue an "
+                                "interrupted training from its partial checkpoint."),
     quiet: bool = typer.Option(False, help="No progress output."),
     objective: str = OBJ, seq_len: int = SEQ, vocab_size: int = VOC, d_model: int = DM, n_heads: int = NH,
     n_layers: int = NL, alpha: float = ALPHA, learn_alpha: bool = LA, steps: int = STEPS, batch_size: int = BS,
     lr: float = LR, max_windows: int = MW, corpus: Optional[str] = CORPUS, device: str = DEV, seed: int = SEED,
+    checkpoint_every: int = CKE,
 ):
     """Train/load an entmax model, fit every predictor, sweep operating points, downstream eval, plots."""
     from ..errors import AttnlabError
@@ -99,7 +116,7 @@ def run_cmd(
         from .run import sparsity
 
         cfg = _train_cfg(objective, seq_len, vocab_size, d_model, n_heads, n_layers, alpha, learn_alpha, steps,
-                         batch_size, lr, max_windows, corpus, device, seed)
+                         batch_size, lr, max_windows, corpus, device, seed, checkpoint_every)
         info = sparsity(out, model, checkpoint, cfg, _methods(methods), n_fit, n_eval, n_down, rank, epochs, seed=seed,
                         resume=resume, hf_seq_len=hf_seq_len, hf_finetune_steps=hf_finetune_steps, loss=loss,
                         force_window=force_window, force_cls=force_cls, quiet=quiet)

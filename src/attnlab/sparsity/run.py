@@ -28,7 +28,7 @@ def _log(quiet: bool, msg: str) -> None:
 def prepare_small(run: RunDir, train: EntmaxTrainConfig, checkpoint: Optional[str], resume: bool, quiet: bool,
                   tokenizer: str = "minilm"):
     """Load the checkpoint (given, or cached in the run dir when resuming) or train and save one."""
-    from .train_entmax import load_small, save_small, tokenizer_of, train_small
+    from .train_entmax import load_small, tokenizer_of, train_and_save
 
     path = Path(checkpoint) if checkpoint else run.file(CHECKPOINT)
     if checkpoint and not path.exists():
@@ -39,8 +39,8 @@ def prepare_small(run: RunDir, train: EntmaxTrainConfig, checkpoint: Optional[st
         return model, vmap, tcfg, meta.get("history", {}), str(path)
     _log(quiet, f"training entmax model ({train.objective}, {train.n_layers}x{train.n_heads}, d={train.d_model}, "
                 f"N={train.seq_len}, {train.steps} steps on {train.device})")
-    model, vmap, hist = train_small(train, tokenizer=tokenizer_of(tokenizer), quiet=quiet)
-    save_small(path, model, vmap, train, hist)
+    # resumable: a partial checkpoint next to ``path`` is continued with ``resume`` and removed when done
+    model, vmap, hist = train_and_save(train, path, tokenizer=tokenizer_of(tokenizer), resume=resume, quiet=quiet)
     return model, vmap, train, hist, str(path)
 
 
@@ -59,7 +59,8 @@ def sparsity(
     corpus for the small model. ``loss``: projector loss, ``sum`` (Sparsefinder) or ``pair``. ``force_window`` >= 0 and
     ``force_cls`` add forced edges to every predictor (off by default). With ``resume``
     a finished section with the same config is
-    returned as is and a cached checkpoint is reused.
+    returned as is, a cached checkpoint is reused and an interrupted training continues from its partial
+    checkpoint (``entmax_model.partial.safetensors``, every ``train.checkpoint_every`` steps).
     """
     from ..capture.corpus import token_windows
     from .evaluate import capture_layers, downstream_hf, downstream_small, fit_layers, sweep_method
@@ -73,7 +74,8 @@ def sparsity(
     if min(n_fit, n_eval) < 1 or n_down < 0:
         raise ConfigError("--n-fit and --n-eval must be >= 1, --n-down >= 0")
     run = RunDir(out)
-    config = {"model": model, "checkpoint": checkpoint, "train": asdict(train), "methods": methods, "n_fit": n_fit,
+    train_cfg = {k: v for k, v in asdict(train).items() if k != "checkpoint_every"}  # cadence: same results
+    config = {"model": model, "checkpoint": checkpoint, "train": train_cfg, "methods": methods, "n_fit": n_fit,
               "n_eval": n_eval, "n_down": n_down, "rank": rank, "epochs": epochs, "targets": list(targets), "seed": seed,
               "hf_seq_len": hf_seq_len, "hf_finetune_steps": hf_finetune_steps, "loss": loss,
               "force_window": force_window, "force_cls": force_cls}

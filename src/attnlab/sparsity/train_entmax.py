@@ -12,14 +12,18 @@ representation the sentence model was trained for without inventing a head.
 
 from __future__ import annotations
 
+import hashlib
+import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..config import fingerprint
 from ..errors import ConfigError, ResultsError
 from ..io import read_tensors, write_tensors
 from ..models.attention import check_alpha, masked_entmax
@@ -51,6 +55,7 @@ class EntmaxTrainConfig:
     corpus: Optional[str] = None  # text source (None = stdlib docstrings)
     device: str = "cpu"  # torch device
     seed: int = 0  # seed for data order, masking and init
+    checkpoint_every: int = 100  # steps between resumable partial checkpoints (0 = none); does not change results
 
     def __post_init__(self) -> None:
         if self.objective not in ("mlm", "clm"):
@@ -60,6 +65,8 @@ class EntmaxTrainConfig:
             raise ConfigError(f"--vocab-size must be > {N_SPECIAL + 1} (got {self.vocab_size})")
         if self.steps < 0 or self.batch_size < 1 or not 0 < self.mask_prob < 1:
             raise ConfigError("--steps >= 0, --batch-size >= 1 and 0 < --mask-prob < 1 required")
+        if self.checkpoint_every < 0:
+            raise ConfigError(f"--checkpoint-every must be >= 0 (got {self.checkpoint_every})")
 
 
 class VocabMap:
@@ -144,9 +151,108 @@ def load_corpus_windows(cfg: EntmaxTrainConfig, tokenizer, split: str, max_windo
     return token_windows(tokenizer, cfg.seq_len, cfg.corpus, max_windows=max_windows, split=split)
 
 
+def partial_path(out: str | Path) -> Path:
+    """The resumable partial-training checkpoint that goes with the final model file ``out``."""
+    out = Path(out)
+    suffix = out.suffix or ".safetensors"
+    return out.with_name(f"{out.stem if out.suffix else out.name}.partial{suffix}")
+
+
+def train_fingerprint(cfg: EntmaxTrainConfig, windows: torch.Tensor, log_every: int) -> str:
+    """Hash of everything that changes the trained numbers (config minus checkpoint_every, data, log cadence)."""
+    data = hashlib.sha256(windows.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
+    return fingerprint({**asdict(cfg), "windows": [list(windows.shape), data], "log_every": log_every},
+                       ignore=("checkpoint_every",))
+
+
+def _rng_tensors(g: torch.Generator) -> tuple[dict[str, torch.Tensor], dict]:
+    """Every RNG state that affects later steps: data/masking generator, torch global, NumPy, Python (+CUDA)."""
+    tensors = {"rng.data": g.get_state(), "rng.torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, st in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = st
+    np_state = np.random.get_state()
+    tensors["rng.numpy"] = torch.from_numpy(np.asarray(np_state[1], dtype=np.int64))
+    py_state = random.getstate()
+    meta = {"numpy": [np_state[0], int(np_state[2]), int(np_state[3]), float(np_state[4])],
+            "python": [py_state[0], list(py_state[1]), py_state[2]]}
+    return tensors, meta
+
+
+def _restore_rng(g: torch.Generator, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    g.set_state(tensors["rng.data"])
+    torch.set_rng_state(tensors["rng.torch"])
+    cuda = [tensors[f"rng.cuda.{i}"] for i in range(len([k for k in tensors if k.startswith("rng.cuda.")]))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+    kind, pos, has_gauss, cached = meta["numpy"]
+    np.random.set_state((kind, tensors["rng.numpy"].numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = meta["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def _save_partial(path: Path, fp: str, done: int, model, opt, sched, g, hist: dict, elapsed: float) -> None:
+    """Atomically write everything needed to continue after ``done`` steps (one safetensors file)."""
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    ost = opt.state_dict()
+    opt_meta: dict = {"param_groups": ost["param_groups"], "state": {}}
+    for pid, st in ost["state"].items():
+        for k, v in st.items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"opt.{pid}.{k}"] = v
+            else:
+                opt_meta["state"].setdefault(str(pid), {})[k] = v
+    rng_t, rng_meta = _rng_tensors(g)
+    tensors.update(rng_t)
+    meta = {"kind": "attnlab entmax partial training", "fingerprint": fp, "step": done, "history": hist,
+            "elapsed": elapsed, "optimizer": opt_meta, "scheduler": sched.state_dict(), "rng": rng_meta}
+    write_tensors(path, tensors, meta)
+
+
+def _load_partial(path: Path, fp: str, model, opt, sched, g) -> tuple[int, dict, float]:
+    """Restore a partial checkpoint in place; returns (steps done, history, elapsed seconds)."""
+    tensors, meta = read_tensors(path)
+    if meta.get("kind") != "attnlab entmax partial training":
+        raise ResultsError(f"{path}: not an attnlab partial-training checkpoint; delete it or run without --resume")
+    if meta.get("fingerprint") != fp:
+        raise ResultsError(f"{path}: partial training checkpoint is from other settings (fingerprint "
+                           f"{meta.get('fingerprint')} != {fp}); re-run with the original settings, or delete the "
+                           f"file / run without --resume to start over")
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    ost = opt.state_dict()
+    state: dict = {}
+    for k, v in tensors.items():
+        if k.startswith("opt."):
+            _, pid, name = k.split(".", 2)
+            state.setdefault(int(pid), {})[name] = v
+    for pid, st in meta["optimizer"]["state"].items():
+        state.setdefault(int(pid), {}).update(st)
+    groups = meta["optimizer"]["param_groups"]
+    for grp, cur in zip(groups, ost["param_groups"]):
+        for k, v in cur.items():  # JSON turned tuples (betas) into lists
+            if isinstance(v, tuple):
+                grp[k] = tuple(grp[k])
+    opt.load_state_dict({"state": state, "param_groups": groups})
+    sched.load_state_dict(meta["scheduler"])
+    _restore_rng(g, tensors, meta["rng"])
+    back = {None: float("nan"), "inf": float("inf"), "-inf": float("-inf")}  # undo JSON's NaN/inf encoding
+    hist = {k: [back.get(v, v) if v is None or isinstance(v, str) else v for v in vals] if isinstance(vals, list) else vals
+            for k, vals in meta["history"].items()}
+    return int(meta["step"]), hist, float(meta.get("elapsed", 0.0))
+
+
 def train_small(cfg: EntmaxTrainConfig, windows: Optional[torch.Tensor] = None, tokenizer=None,
-                log_every: int = 50, quiet: bool = False) -> tuple[SmallTransformer, VocabMap, dict]:
-    """Train a small entmax transformer; returns (model, vocab map, history dict)."""
+                log_every: int = 50, quiet: bool = False, checkpoint: Optional[str | Path] = None,
+                resume: bool = False, on_step: Optional[Callable[[int], None]] = None,
+                ) -> tuple[SmallTransformer, VocabMap, dict]:
+    """Train a small entmax transformer; returns (model, vocab map, history dict).
+
+    ``checkpoint``: partial-checkpoint file, written atomically every ``cfg.checkpoint_every`` steps with the
+    model, AdamW and LR-scheduler state, loss history and all RNG states. With ``resume`` and that file present,
+    training continues from it and ends bit-identical (CPU) to an uninterrupted run; a checkpoint from other
+    settings is refused (``ResultsError``). The caller removes it once the final model is saved
+    (:func:`train_and_save` does). ``on_step(steps_done)`` is called after every step (and its checkpoint).
+    """
     g = seed_everything(cfg.seed)
     tokenizer = tokenizer or tokenizer_of()
     if windows is None:
@@ -162,9 +268,16 @@ def train_small(cfg: EntmaxTrainConfig, windows: Optional[torch.Tensor] = None, 
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + torch.cos(torch.tensor(min(s, cfg.steps) / max(cfg.steps, 1) * 3.14159)).item()))
     hist: dict = {"step": [], "loss": [], "acc": []}
-    t0 = time.time()
+    ckpt = Path(checkpoint) if checkpoint is not None else None
+    fp = train_fingerprint(cfg, windows, log_every) if ckpt is not None else ""
+    start, elapsed = 0, 0.0
+    if ckpt is not None and resume and ckpt.exists():
+        start, hist, elapsed = _load_partial(ckpt, fp, model, opt, sched, g)
+        if not quiet:
+            print(f"  resuming training from {ckpt} at step {start}/{cfg.steps}", flush=True)
+    t0 = time.time() - elapsed
     model.train()
-    for step in range(cfg.steps):
+    for step in range(start, cfg.steps):
         idx = torch.randint(len(data), (cfg.batch_size,), generator=g)
         loss, acc = lm_loss(model, data[idx], cfg.objective, g, cfg.mask_prob)
         opt.zero_grad()
@@ -178,8 +291,26 @@ def train_small(cfg: EntmaxTrainConfig, windows: Optional[torch.Tensor] = None, 
             hist["acc"].append(float(acc))
             if not quiet:
                 print(f"  step {step:5d}  loss {float(loss):.3f}  acc {float(acc):.3f}  ({time.time() - t0:.0f}s)", flush=True)
+        done = step + 1
+        if ckpt is not None and cfg.checkpoint_every > 0 and done % cfg.checkpoint_every == 0 and done < cfg.steps:
+            _save_partial(ckpt, fp, done, model, opt, sched, g, hist, time.time() - t0)
+        if on_step is not None:
+            on_step(done)
     model.eval()
     hist["seconds"] = time.time() - t0
+    return model, vmap, hist
+
+
+def train_and_save(cfg: EntmaxTrainConfig, out: str | Path, tokenizer=None, windows: Optional[torch.Tensor] = None,
+                   resume: bool = False, quiet: bool = False, log_every: int = 50,
+                   on_step: Optional[Callable[[int], None]] = None) -> tuple[SmallTransformer, VocabMap, dict]:
+    """Train (resumably, via :func:`partial_path`) and save the final model to ``out``; the partial checkpoint
+    is removed once the final model is written."""
+    part = partial_path(out)
+    model, vmap, hist = train_small(cfg, windows, tokenizer, log_every=log_every, quiet=quiet, checkpoint=part,
+                                    resume=resume, on_step=on_step)
+    save_small(out, model, vmap, cfg, hist)
+    part.unlink(missing_ok=True)
     return model, vmap, hist
 
 
