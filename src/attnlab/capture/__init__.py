@@ -6,10 +6,7 @@
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
-from .._callable import make_callable
+from .._lazy import lazy_package
 
 _NAMES = {
     "AttentionCall": "hf", "HFModel": "hf", "StopForward": "hf", "attention_hooks": "hf", "load_model": "hf",
@@ -17,13 +14,4 @@ _NAMES = {
     "select_windows": "corpus", "hooks": "run", "stream_attention": "run", "capture_scores": "dump",
 }
 
-
-def __getattr__(name: str) -> Any:
-    """Lazy access to the substrate's main names (keeps `import attnlab` free of torch)."""
-    if name in _NAMES:
-        return getattr(importlib.import_module(f"{__name__}.{_NAMES[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-__all__ = sorted(_NAMES)
-make_callable(__name__, "attnlab.capture.dump:capture")
+lazy_package(__name__, _NAMES, call="attnlab.capture.dump:capture")

@@ -16,10 +16,7 @@ Names are imported lazily (PEP 562) so that ``attnlab reconstruct --help`` does 
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
-from .._callable import make_callable
+from .._lazy import lazy_package
 
 _EXPORTS = {
     "ApproxAttention": "approx",
@@ -53,14 +50,4 @@ _EXPORTS = {
     "select": "selection",
 }
 
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    """Import the public name from its submodule on first use."""
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-
-
-make_callable(__name__, "attnlab.reconstruct.run:reconstruct")
+lazy_package(__name__, _EXPORTS, call="attnlab.reconstruct.run:reconstruct")

@@ -6,19 +6,10 @@ from typing import List, Optional
 
 import typer
 
+from ..cli_utils import fail, split_words
+
 app = typer.Typer(help="Reconstruct attention scores from a subset of computed pairs (eigen-analysis paper).",
                   no_args_is_help=True)
-
-
-def _fail(e: Exception) -> None:
-    typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(2)
-
-
-def _split(values: Optional[List[str]]) -> Optional[list[str]]:
-    if not values:
-        return None
-    return [p for v in values for p in str(v).replace(",", " ").split()]
 
 
 @app.command()
@@ -55,13 +46,13 @@ def run(
 
     try:
         res = reconstruct(out, model=model, budget=parse_budget(budget),
-                          budgets=[parse_budget(b) for b in _split(budgets) or []],
-                          estimators=_split(estimators), selections=_split(selections), seq_len=seq_len, n_fit=n_fit,
+                          budgets=[parse_budget(b) for b in split_words(budgets) or []],
+                          estimators=split_words(estimators), selections=split_words(selections), seq_len=seq_len, n_fit=n_fit,
                           n_eval=n_eval, k=k, ridge=ridge, jitter=jitter, proxy=proxy, proxy_rank=proxy_rank,
-                          position=position, dropin=dropin, layers=[int(x) for x in _split(layers)] if layers else None,
+                          position=position, dropin=dropin, layers=[int(x) for x in split_words(layers)] if layers else None,
                           fit_path=fit_path, spectrum=spectrum, corpus=corpus, batch_size=batch_size, seed=seed)
     except AttnlabError as e:
-        _fail(e)
+        fail(e)
     typer.echo(format_table(res["table"]))
     typer.echo(f"best {res['best']}: worst-layer TV {res['best_worst_layer_tv']:.4f} (target 0.05); results in {out}")
 
@@ -84,7 +75,7 @@ def fit(
         f = fit_corpus(model, n_fit, seq_len, corpus=corpus, batch_size=batch_size, seed=seed)
         f.save(out)
     except AttnlabError as e:
-        _fail(e)
+        fail(e)
     typer.echo(f"saved {out}")
 
 
@@ -111,10 +102,10 @@ def train(
     from .selection import parse_budget
 
     try:
-        res = run_train(out, budgets=[parse_budget(b) for b in _split(budgets)], selections=_split(selections),
+        res = run_train(out, budgets=[parse_budget(b) for b in split_words(budgets)], selections=split_words(selections),
                         estimator=estimator, steps=steps, seq_len=seq_len, d_model=d_model, n_layers=n_layers,
                         n_heads=n_heads, batch_size=batch_size, lr=lr, refresh=refresh, proxy_rank=proxy_rank, seed=seed)
     except AttnlabError as e:
-        _fail(e)
+        fail(e)
     for r in res["runs"]:
         typer.echo(f"{r['label']:24s} budget {r['budget']}: held-out loss {r['heldout_loss']:.4f}")

@@ -1,5 +1,5 @@
 """Plots and the HTML report. ``attnlab.report(run_dir)`` renders ``run_dir/report.html``."""
 
-from .._callable import make_callable
+from .._lazy import lazy_package
 
-make_callable(__name__, "attnlab.report.html:render_report")
+lazy_package(__name__, {}, call="attnlab.report.html:render_report")

@@ -7,10 +7,7 @@ patterns: :func:`sparse_attention` (FlexAttention block masks; exact masked fall
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
-from .._callable import make_callable
+from .._lazy import lazy_package
 
 _EXPORTS = {
     "GraphError": "graphs", "attention_scores": "graphs", "check_gold": "graphs", "check_graphs": "graphs",
@@ -34,18 +31,4 @@ _EXPORTS = {
     "ClusterBlockPredictor": "block_predictors", "AssignBlockPredictor": "block_predictors",
 }
 
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    """Import the public name from its submodule on first use."""
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-
-
-def __dir__() -> list[str]:
-    return __all__
-
-
-make_callable(__name__, "attnlab.sparsity.run:sparsity")
+lazy_package(__name__, _EXPORTS, call="attnlab.sparsity.run:sparsity")

@@ -6,19 +6,10 @@ from typing import List, Optional
 
 import typer
 
+from ..cli_utils import fail, split_words
+
 app = typer.Typer(help="Sparsefinder: entmax gold graphs, learned sparsity predictors, Pareto evaluation.",
                   no_args_is_help=True)
-
-
-def _fail(e: Exception) -> None:
-    typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(2)
-
-
-def _methods(values: Optional[List[str]]) -> Optional[list[str]]:
-    if not values:
-        return None
-    return [p for v in values for p in v.replace(",", " ").split()]
 
 
 def _train_cfg(objective, seq_len, vocab_size, d_model, n_heads, n_layers, alpha, learn_alpha, steps, batch_size, lr,
@@ -81,7 +72,7 @@ def train(
         _, _, hist = train_and_save(cfg, out, resume=resume, quiet=quiet)
         typer.echo(f"saved {out} (final loss {hist['loss'][-1]:.3f}, {hist['seconds']:.0f}s)")
     except AttnlabError as e:
-        _fail(e)
+        fail(e)
 
 
 @app.command("run")
@@ -117,12 +108,12 @@ def run_cmd(
 
         cfg = _train_cfg(objective, seq_len, vocab_size, d_model, n_heads, n_layers, alpha, learn_alpha, steps,
                          batch_size, lr, max_windows, corpus, device, seed, checkpoint_every)
-        info = sparsity(out, model, checkpoint, cfg, _methods(methods), n_fit, n_eval, n_down, rank, epochs, seed=seed,
+        info = sparsity(out, model, checkpoint, cfg, split_words(methods), n_fit, n_eval, n_down, rank, epochs, seed=seed,
                         resume=resume, hf_seq_len=hf_seq_len, hf_finetune_steps=hf_finetune_steps, loss=loss,
                         force_window=force_window, force_cls=force_cls, quiet=quiet)
         _print_summary(info)
     except AttnlabError as e:
-        _fail(e)
+        fail(e)
 
 
 @app.command()
@@ -140,7 +131,7 @@ def table(out: str = typer.Option("runs/sparsity", help="Run directory with a 's
             raise ResultsError(f"{out}: no '{SECTION}' section; run `attnlab sparsity run --out {out}` first")
         _print_summary(info, all_points)
     except AttnlabError as e:
-        _fail(e)
+        fail(e)
 
 
 def _print_summary(info: dict, all_points: bool = False) -> None:

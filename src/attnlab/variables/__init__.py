@@ -6,10 +6,7 @@ Names are imported lazily (PEP 562) so that ``attnlab variables --help`` does no
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
-from .._callable import make_callable
+from .._lazy import lazy_package
 
 _EXPORTS = {
     "ComplexityResult": "complexity", "Learner": "complexity", "SearchConfig": "complexity",
@@ -25,18 +22,4 @@ _EXPORTS = {
     "project_norms": "train", "train_model": "train",
 }
 
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    """Import the public name from its submodule on first use."""
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-
-
-def __dir__() -> list[str]:
-    return __all__
-
-
-make_callable(__name__, "attnlab.variables.experiment:run_variables")
+lazy_package(__name__, _EXPORTS, call="attnlab.variables.experiment:run_variables")

@@ -7,6 +7,8 @@ from typing import List, Optional
 
 import typer
 
+from ..cli_utils import fail
+
 app = typer.Typer(help="Variable creation (Edelman et al.): sparse Boolean tasks, m*(T) sweeps, law fits.",
                   no_args_is_help=True)
 
@@ -38,11 +40,6 @@ def _configs(s: int, task: str, d_model: int, n_heads: int, n_layers: int, atten
     return TrainConfig(d_model=d_model, n_heads=n_heads, n_layers=n_layers, attention=attention, lr=lr,
                        batch_size=batch_size, max_steps=max_steps, weight_decay=weight_decay, norm=norm,
                        n_test=n_test, n_val=n_test, monitor=monitor)
-
-
-def _fail(e: Exception) -> None:
-    typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(2)
 
 
 @app.command(context_settings={"allow_extra_args": True})
@@ -95,7 +92,7 @@ def sweep(
                           train=train, search=search, probe=probe, budget_s=budget_s)
         section = run_sweep(cfg, out, device=device, resume=resume, log=typer.echo)
     except AttnlabError as e:
-        _fail(e)
+        fail(e)
     fits = section.get("fits")
     typer.echo(f"best law: {fits['best'] if fits else 'n/a'}; results in {out}/results.json (section 'variables')")
 
@@ -138,7 +135,7 @@ def train(
                        norm_mode, qk_bound, v_bound, out_bound, penalty, n_test, monitor)
         r = train_model(t, m, cfg, device=device, seed=seed)
     except AttnlabError as e:
-        _fail(e)
+        fail(e)
     d = r.to_dict()
     d.pop("history")
     d["relevant_tokens"] = list(t.relevant_tokens)

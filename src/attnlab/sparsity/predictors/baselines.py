@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -11,7 +10,7 @@ from torch import Tensor
 from ...errors import ConfigError
 from ..graphs import attention_scores, check_qk, full_valid
 from .base import BasePredictor, int_grid, topk_graph
-from .clustering import kmeans, nearest_centroids
+from .clustering import KMeansPredictor
 
 
 def band(nq: int, nk: int, window: int, device=None) -> Tensor:
@@ -130,56 +129,24 @@ class LSHPredictor(BasePredictor):
         return float(n * max(int(self.n_buckets), 1) * self.n_hashes) if int(self.n_buckets) > 1 else 0.0
 
 
-class RoutingPredictor(BasePredictor):
+class RoutingPredictor(KMeansPredictor):
     """Routing-Transformer-style: k-means on raw unit-normalised q and k (pooled, per head, fitted on fit data),
     top-1 centroid each; edge iff same cluster. Knob: ``n_clusters``."""
 
     name = "routing"
-    knob = "n_clusters"
 
     def __init__(self, n_clusters: int = 4, iters: int = 15, max_points: int = 4096, seed: int = 0):
-        super().__init__()
-        self.n_clusters, self.iters, self.max_points, self.seed = n_clusters, iters, max_points, seed
-        self._points: Optional[Tensor] = None
-        self._centroids: dict[int, Tensor] = {}
+        super().__init__(n_clusters, 1, iters, max_points, seed)
         self._check()
 
-    def _check(self) -> None:
-        if int(self.n_clusters) < 1:
-            raise ConfigError(f"--n-clusters must be >= 1 (got {self.n_clusters})")
+    def _embed(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+        return F.normalize(q.float(), dim=-1), F.normalize(k.float(), dim=-1)
 
     def fit(self, q, k, gold, valid=None):
         """Keep a sample of normalised q and k per head for k-means (fitted lazily per n_clusters)."""
         super().fit(q, k, gold, valid)
-        x = torch.cat([F.normalize(q.float().cpu(), dim=-1), F.normalize(k.float().cpu(), dim=-1)], dim=2)
-        pts = x.transpose(0, 1).reshape(q.shape[1], -1, q.shape[-1])
-        if pts.shape[1] > self.max_points:
-            g = torch.Generator().manual_seed(self.seed)
-            pts = pts[:, torch.randperm(pts.shape[1], generator=g)[: self.max_points]]
-        self._points, self._centroids = pts, {}
+        self._keep_points(q, k)
         return self
-
-    def centroids(self) -> Tensor:
-        """Centroids (H, C, d_head) for the current n_clusters (cached)."""
-        self._require_fit()
-        c = int(self.n_clusters)
-        if c not in self._centroids:
-            self._centroids[c] = kmeans(self._points, c, self.iters, self.seed)
-        return self._centroids[c]
-
-    def assign(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
-        """Cluster ids (B, H, N, 1)."""
-        cent = self.centroids()
-        return (nearest_centroids(F.normalize(q.float(), dim=-1), cent, 1),
-                nearest_centroids(F.normalize(k.float(), dim=-1), cent, 1))
-
-    def _predict(self, q, k, valid):
-        if int(self.n_clusters) == 1:
-            return torch.ones(q.shape[0], q.shape[1], q.shape[2], k.shape[2], dtype=torch.bool, device=q.device)
-        return super()._predict(q, k, valid)
-
-    def grid(self, n: int) -> list:
-        return [c for c in [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64] if c <= n]
 
     def cost(self, n: int) -> float:
         """Distances of 2n vectors to C centroids in d_head dims: 2 n C units."""

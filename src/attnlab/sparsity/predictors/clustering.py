@@ -54,22 +54,22 @@ def nearest_centroids(x: Tensor, cent: Tensor, top: int) -> Tensor:
     return d.topk(min(top, cent.shape[1]), dim=-1, largest=False).indices
 
 
-class ClusteringPredictor(BasePredictor):
-    """k-means clusters of learned projections; ``assign`` gives (B, H, N, top) cluster ids."""
+class KMeansPredictor(BasePredictor):
+    """Shared machinery of the k-means predictors: per-head k-means on a sample of embedded queries and keys
+    of the fit data, centroids fitted lazily per ``n_clusters`` and cached; each vector goes to its ``top``
+    nearest centroids and an edge exists iff a query and a key share one. Subclasses define ``_embed``."""
 
-    name = "clustering"
     knob = "n_clusters"
 
-    def __init__(self, n_clusters: int = 4, top: int = 1, rank: int = 4, shared: bool = False, epochs: int = 20,
-                 lr: float = 1e-2, margin: float = 1.0, seed: int = 0, iters: int = 15, max_points: int = 4096,
-                 projector: Optional[Projector] = None):
+    def __init__(self, n_clusters: int, top: int, iters: int, max_points: int, seed: int):
         super().__init__()
         self.n_clusters, self.top, self.iters, self.max_points, self.seed = n_clusters, top, iters, max_points, seed
-        self.projector = projector or Projector(rank, shared, epochs, lr, margin, seed=seed)
-        self.name = "clustering" if top == 1 else f"clustering-top{top}"
-        self._points: Optional[Tensor] = None  # (H, M, r)
+        self._points: Optional[Tensor] = None  # (H, M, d) sample of embedded q and k
         self._centroids: dict[int, Tensor] = {}
-        self._check()
+
+    def _embed(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+        """The space k-means runs in: (B, H, N, d) queries and keys."""
+        raise NotImplementedError
 
     def _check(self) -> None:
         if int(self.n_clusters) < 1:
@@ -77,23 +77,18 @@ class ClusteringPredictor(BasePredictor):
         if self.top not in (1, 2):
             raise ConfigError(f"--top must be 1 or 2 (got {self.top})")
 
-    def fit(self, q, k, gold, valid=None):
-        """Train the projections (unless shared and fitted) and keep a sample of projected points for k-means."""
-        super().fit(q, k, gold, valid)
-        if self.projector.wq is None:
-            self.projector.fit(q, k, gold, valid)
+    def _keep_points(self, q: Tensor, k: Tensor) -> None:
+        """Keep at most ``max_points`` embedded fit vectors per head (seeded sample) and reset the centroids."""
         with torch.no_grad():
-            pq, pk = self.projector.project(q.cpu(), k.cpu())
-            pts = torch.cat([pq, pk], dim=2).transpose(0, 1).reshape(q.shape[1], -1, pq.shape[-1])  # (H, M, r)
+            eq, ek = self._embed(q.cpu(), k.cpu())
+            pts = torch.cat([eq, ek], dim=2).transpose(0, 1).reshape(q.shape[1], -1, eq.shape[-1])  # (H, M, d)
             if pts.shape[1] > self.max_points:
                 g = torch.Generator().manual_seed(self.seed)
                 pts = pts[:, torch.randperm(pts.shape[1], generator=g)[: self.max_points]]
-            self._points = pts
-        self._centroids = {}
-        return self
+        self._points, self._centroids = pts, {}
 
     def centroids(self) -> Tensor:
-        """Centroids (H, C, r) for the current ``n_clusters`` (computed once, cached)."""
+        """Centroids (H, C, d) for the current ``n_clusters`` (computed once, cached)."""
         self._require_fit()
         c = int(self.n_clusters)
         if c not in self._centroids:
@@ -102,9 +97,9 @@ class ClusteringPredictor(BasePredictor):
 
     def assign(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
         """Cluster ids (B, H, N, top) of queries and keys."""
-        pq, pk = self.projector.project(q, k)
+        eq, ek = self._embed(q, k)
         cent = self.centroids()
-        return nearest_centroids(pq, cent, self.top), nearest_centroids(pk, cent, self.top)
+        return nearest_centroids(eq, cent, self.top), nearest_centroids(ek, cent, self.top)
 
     def _predict(self, q, k, valid):
         if int(self.n_clusters) == 1:
@@ -113,6 +108,31 @@ class ClusteringPredictor(BasePredictor):
 
     def grid(self, n: int) -> list:
         return [c for c in [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64] if c <= n]
+
+
+class ClusteringPredictor(KMeansPredictor):
+    """k-means clusters of learned projections; ``assign`` gives (B, H, N, top) cluster ids."""
+
+    name = "clustering"
+
+    def __init__(self, n_clusters: int = 4, top: int = 1, rank: int = 4, shared: bool = False, epochs: int = 20,
+                 lr: float = 1e-2, margin: float = 1.0, seed: int = 0, iters: int = 15, max_points: int = 4096,
+                 projector: Optional[Projector] = None):
+        super().__init__(n_clusters, top, iters, max_points, seed)
+        self.projector = projector or Projector(rank, shared, epochs, lr, margin, seed=seed)
+        self.name = "clustering" if top == 1 else f"clustering-top{top}"
+        self._check()
+
+    def _embed(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+        return self.projector.project(q, k)
+
+    def fit(self, q, k, gold, valid=None):
+        """Train the projections (unless shared and fitted) and keep a sample of projected points for k-means."""
+        super().fit(q, k, gold, valid)
+        if self.projector.wq is None:
+            self.projector.fit(q, k, gold, valid)
+        self._keep_points(q, k)
+        return self
 
     def cost(self, n: int) -> float:
         """Projection (2 n r units) + distances of 2n points to C centroids in r dims (2 n C r / d_head)."""

@@ -1,0 +1,37 @@
+"""Lazy, callable subpackages.
+
+``attnlab.sparsity(...)`` runs the pipeline while ``attnlab.sparsity.metrics`` stays a module (the API
+mirrors the CLI: ``attnlab sparsity ...``), and public names are imported from their submodules on first
+use, so that ``import attnlab`` and ``attnlab --help`` do not import torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import types
+from typing import Any, Mapping, Optional
+
+
+def lazy_package(package: str, exports: Mapping[str, str], call: Optional[str] = None) -> None:
+    """Make module ``package`` resolve ``exports`` (name -> submodule) lazily and, with ``call``
+    ('module:function'), callable."""
+    module_name, func_name = call.split(":") if call else (None, None)
+
+    class _LazyPackage(types.ModuleType):
+        def __getattr__(self, name: str) -> Any:
+            if name not in exports:
+                raise AttributeError(f"module {package!r} has no attribute {name!r}")
+            return getattr(importlib.import_module(f"{package}.{exports[name]}"), name)
+
+        def __dir__(self) -> list[str]:
+            return sorted(set(super().__dir__()) | set(exports))
+
+        def __call__(self, *args: Any, **kwargs: Any) -> Any:
+            if module_name is None:
+                raise TypeError(f"module {package!r} is not callable")
+            return getattr(importlib.import_module(module_name), func_name)(*args, **kwargs)
+
+    module = sys.modules[package]
+    module.__class__ = _LazyPackage
+    module.__all__ = sorted(exports)
