@@ -13,25 +13,25 @@ from .stats import StreamingCovariance, sketch_covariance_eig
 
 
 def pooled_within(stats: list[StreamingCovariance]) -> torch.Tensor:
-    """Pooled within-group covariance: sum of the groups' centred moments over (n - groups).
+    """Heads pooled with equal weight: the mean of their covariances, each scaled to unit total variance.
 
-    Pooling heads this way measures the variation over inputs that heads share; merging the streams
-    instead would add the differences between the heads' mean rows, which are not variation over inputs.
+    Each head's covariance is its own centred second moment, so differences between the heads' mean rows
+    (not variation over inputs) stay out; the unit-trace scaling stops one high-variance head from
+    deciding the pooled spectrum on its own.
     """
-    m2 = sum(s.m2 for s in stats)
-    dof = sum(s.n for s in stats) - len(stats)
-    if dof <= 0:
-        from ..errors import NumericalError
-
-        raise NumericalError("too few score rows to pool; use more sequences")
-    return m2 / dof
+    covs = []
+    for s in stats:
+        c = s.covariance()
+        total = torch.trace(c)
+        covs.append(c / total if total > 0 else c)
+    return torch.stack(covs).mean(0)
 
 
 def summarise(col: SpectrumCollector, basis_k: Optional[int] = None) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Eigen analysis of every statistic; returns (JSON results, tensors to save).
 
     Per (layer, head): row eigenvalues, explained-variance curve, k90/k95/k99; per layer: the same
-    for the within-head covariance pooled over heads; overall: pooled over every (layer, head). Bases for overlap use ``basis_k`` eigenvectors
+    for the heads pooled with equal weight (:func:`pooled_within`); overall: every (layer, head) pooled. Bases for overlap use ``basis_k`` eigenvectors
     (default: the pooled k90). Full-matrix results come from the sketch and the exact total variance.
     """
     L, H = col.layers, col.heads

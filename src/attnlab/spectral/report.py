@@ -19,8 +19,8 @@ def render_section(run: RunDir) -> str:
     parts = [f"<p>Model <b>{model.get('name')}</b> ({model.get('n_layers')} layers x {model.get('n_heads')} heads), "
              f"{res['n_sequences']} windows of {n} tokens, {res.get('world_size', 1)} process(es), "
              f"{res.get('seconds', 0):.1f} s. Rows are pre-softmax score rows, centred per row (softmax is "
-             f"shift-invariant). Pooling the within-head covariances of all layers and heads (differences between the "
-             f"heads' mean rows excluded: they are not variation over inputs), <b>{res['pooled']['k90']}</b> / "
+             f"shift-invariant). Pooling all layers and heads with equal weight (each head's covariance scaled to unit "
+             f"total variance; differences between heads' mean rows excluded), <b>{res['pooled']['k90']}</b> / "
              f"{res['pooled']['k95']} / {res['pooled']['k99']} of {n} eigenvectors explain 90 / 95 / 99% of the "
              "variance.</p>"]
     rows = []
