@@ -102,7 +102,7 @@ def spectrum(
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Windows per forward pass. [default: 8]"),
     sketch_size: Optional[int] = typer.Option(None, "--sketch-size",
                                               help="Full-matrix sketch rows per head; 0 disables. [default: 16]"),
-    basis_k: Optional[int] = typer.Option(None, "--basis-k", help="Basis size for overlaps. [default: pooled k90]"),
+    basis_k: Optional[int] = typer.Option(None, "--basis-k", help="Eigenvectors per basis for overlaps. [default: seq-len / 8]"),
     split: Optional[str] = typer.Option(None, "--split", help="fit | heldout | all documents. [default: fit]"),
     device: Optional[str] = DeviceOpt, seed: Optional[int] = SeedOpt,
     checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every",

@@ -31,8 +31,9 @@ def summarise(col: SpectrumCollector, basis_k: Optional[int] = None) -> tuple[di
     """Eigen analysis of every statistic; returns (JSON results, tensors to save).
 
     Per (layer, head): row eigenvalues, explained-variance curve, k90/k95/k99; per layer: the same
-    for the heads pooled with equal weight (:func:`pooled_within`); overall: every (layer, head) pooled. Bases for overlap use ``basis_k`` eigenvectors
-    (default: the pooled k90). Full-matrix results come from the sketch and the exact total variance.
+    for the heads pooled with equal weight (:func:`pooled_within`); overall: every (layer, head) pooled.
+    Bases for overlap use ``basis_k`` eigenvectors (default: N/8). Full-matrix results come from the
+    sketch and the exact total variance.
     """
     L, H = col.layers, col.heads
     res: dict[str, Any] = {"layers": L, "heads": H, "seq_len": col.seq_len, "levels": list(LEVELS)}
@@ -51,8 +52,9 @@ def summarise(col: SpectrumCollector, basis_k: Optional[int] = None) -> tuple[di
     layer_covs = {l: pooled_within([head_stats[(l, h)] for h in H]) for l in L}
     ov_evals, ov_vecs = eigh_desc(pooled_within(list(head_stats.values())))
     ov_curve = explained_variance(ov_evals)
-    k = basis_k or ranks_for(ov_curve)["k90"]
-    k = max(1, min(k, col.seq_len))
+    # A fixed basis size N/8 keeps overlaps comparable across layers and models and well above chance
+    # (k/N); k90 would often be most of N here, where any two subspaces overlap.
+    k = max(1, min(basis_k or col.seq_len // 8, col.seq_len))
     res["basis_k"] = k
     res["pooled"] = {"curve": ov_curve[:64].tolist(), **ranks_for(ov_curve)}
     tensors["rows.basis.pooled"] = ov_vecs[:, :k]

@@ -36,7 +36,7 @@ class SpectrumConfig:
     batch_size: int = 8
     sketch_size: int = 16  # full-matrix sketch rows per head (0 disables the full-matrix analysis)
     head_chunk: int = 4  # heads scored at once (bounds peak memory)
-    basis_k: Optional[int] = None  # basis size for overlaps (None = pooled k90)
+    basis_k: Optional[int] = None  # basis size for overlaps (None = seq_len // 8)
     split: str = "fit"  # fit | heldout | all: which documents (held-out ones are kept for evaluation)
     device: str = "cpu"
     seed: int = 0
