@@ -323,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
             save()
-            del q, k, v, o_dense
+            q = k = v = o_dense = None  # free this size before the next one
         except Exception as e:
             msg = f"N={n} {case} causal={causal}: {type(e).__name__}: {str(e)[:300]}"
             skipped.append(msg)

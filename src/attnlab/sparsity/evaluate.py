@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -186,6 +186,19 @@ def lm_eval(model: SmallTransformer, ids: torch.Tensor, objective: str, seed: in
     return {"loss": tot_l / n, "acc": tot_a / n}
 
 
+def operating_points(result: dict, targets: Sequence[float]) -> list[tuple[float, Any, float, float]]:
+    """(target, knob, sparsity, recall) of the swept point closest to each target sparsity, each knob once."""
+    out, seen = [], set()
+    for t in targets:
+        knob, s = closest_knob(result, t)
+        if knob in seen:
+            continue
+        seen.add(knob)
+        pt = next(p for p in result["points"] if p["knob"] == knob)
+        out.append((t, knob, s, pt["mean"]["recall"]))
+    return out
+
+
 def downstream_small(model: SmallTransformer, ids: torch.Tensor, objective: str, fitted: dict[str, list],
                      results: dict[str, dict], targets: Sequence[float] = (0.8, 0.9, 0.95), seed: int = 0) -> dict:
     """Loss / accuracy with every layer restricted to predicted graphs, per method at knobs closest to ``targets``."""
@@ -198,19 +211,14 @@ def downstream_small(model: SmallTransformer, ids: torch.Tensor, objective: str,
         model.set_override(None)
     out = {"full_entmax": base, "gold_graph": gold, "methods": {}}
     for method, preds in fitted.items():
-        rows, seen = [], set()
-        for t in targets:
-            knob, s = closest_knob(results[method], t)
-            if knob in seen:
-                continue
-            seen.add(knob)
+        rows = []
+        for t, knob, s, recall in operating_points(results[method], targets):
             model.set_override(restricted_override(model, {l: p.with_knob(knob) for l, p in enumerate(preds)}))
             try:
                 r = lm_eval(model, ids, objective, seed)
             finally:
                 model.set_override(None)
-            pt = next(p for p in results[method]["points"] if p["knob"] == knob)
-            rows.append({"target": t, "knob": knob, "sparsity": s, "recall": pt["mean"]["recall"], **r,
+            rows.append({"target": t, "knob": knob, "sparsity": s, "recall": recall, **r,
                          "delta_loss": r["loss"] - base["loss"], "delta_acc": r["acc"] - base["acc"]})
         out["methods"][method] = rows
     return out
@@ -233,15 +241,10 @@ def downstream_hf(hf, ids: torch.Tensor, alpha: float, fitted: dict[str, list], 
 
     out = {"full_entmax": {"rel_error": 0.0, "cosine": 1.0}, "methods": {}}
     for method, preds in fitted.items():
-        rows, seen = [], set()
-        for t in targets:
-            knob, s = closest_knob(results[method], t)
-            if knob in seen:
-                continue
-            seen.add(knob)
+        rows = []
+        for t, knob, s, recall in operating_points(results[method], targets):
             h = hidden(entmax_handler(alpha, predictors={l: p.with_knob(knob) for l, p in enumerate(preds)}))
-            pt = next(p for p in results[method]["points"] if p["knob"] == knob)
-            rows.append({"target": t, "knob": knob, "sparsity": s, "recall": pt["mean"]["recall"], **compare(h)})
+            rows.append({"target": t, "knob": knob, "sparsity": s, "recall": recall, **compare(h)})
         out["methods"][method] = rows
     return out
 
