@@ -184,19 +184,14 @@ def demo(
     typer.echo(f"report: {path.resolve()}")
 
 
-def _mount(module: str, name: str, help_text: str) -> None:
-    import importlib
+from .reconstruct.cli import app as _reconstruct_app  # noqa: E402  (light: heavy imports live inside commands)
+from .sparsity.cli import app as _sparsity_app  # noqa: E402
+from .variables.cli import app as _variables_app  # noqa: E402
 
-    try:
-        sub = importlib.import_module(f"attnlab.{module}.cli").app
-    except ImportError:  # pillar not installed in this build
-        return
-    app.add_typer(sub, name=name, help=help_text)
-
-
-_mount("reconstruct", "reconstruct", "Reconstruct attention scores from a subset of query-key pairs.")
-_mount("sparsity", "sparsity", "Sparsefinder: entmax attention graphs and learned sparsity predictors.")
-_mount("variables", "variables", "Variable creation: sparse Boolean tasks, sample complexity vs context length.")
+app.add_typer(_reconstruct_app, name="reconstruct", help="Reconstruct attention scores from a subset of query-key pairs.")
+app.add_typer(_sparsity_app, name="sparsity", help="Sparsefinder: entmax attention graphs and learned sparsity predictors.")
+app.add_typer(_variables_app, name="variables",
+              help="Variable creation: sparse Boolean tasks, sample complexity vs context length.")
 
 
 def _interrupted(signum, frame) -> None:

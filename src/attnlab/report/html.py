@@ -13,13 +13,13 @@ from typing import Any, Callable
 
 from ..io import RunDir, _atomic_write_bytes
 
-# (results section, module with render_section, title), in report order.
+# (results section, "module:function" rendering it, title), in report order.
 SECTIONS = [
-    ("spectrum", "attnlab.spectral.report", "Spectrum"),
-    ("compare", "attnlab.spectral.report", "Cross-run overlap"),
-    ("reconstruct", "attnlab.reconstruct.report", "Reconstruction from partial computation"),
-    ("sparsity", "attnlab.sparsity.report", "Sparsity prediction (Sparsefinder)"),
-    ("variables", "attnlab.variables.report", "Variable creation"),
+    ("spectrum", "attnlab.spectral.report:render_section", "Spectrum"),
+    ("compare", "attnlab.spectral.report:render_compare", "Cross-run overlap"),
+    ("reconstruct", "attnlab.reconstruct.report:render_section", "Reconstruction from partial computation"),
+    ("sparsity", "attnlab.sparsity.report:render_section", "Sparsity prediction (Sparsefinder)"),
+    ("variables", "attnlab.variables.report:render_section", "Variable creation"),
 ]
 
 STYLE = """
@@ -77,12 +77,12 @@ def render_report(run_dir: str | Path) -> Path:
     run = RunDir(run_dir, create=False)
     results = run.results()
     parts, nav = [], []
-    for key, module, title in SECTIONS:
+    for key, target, title in SECTIONS:
         if key not in results:
             continue
+        module, func = target.split(":")
         try:
-            render: Callable[[RunDir], str] = getattr(importlib.import_module(module), f"render_{key}"
-                                                      if key == "compare" else "render_section")
+            render: Callable[[RunDir], str] = getattr(importlib.import_module(module), func)
             body = render(run)
         except Exception as e:  # a broken section must not hide the others
             body = f'<p class="note">could not render this section: {html.escape(repr(e))}</p>'

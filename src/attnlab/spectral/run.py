@@ -89,8 +89,6 @@ def spectrum(out: str | Path, model: str | Model = "minilm", windows: Optional[t
             raise ResultsError(f"{ckpt}: checkpoint is from different settings; use a new --out or drop --resume")
         col.load_state(state)
         start = int(meta["batches_done"])
-    elif not resume and info.is_main and run.section("spectrum") is not None:
-        pass  # a fresh run overwrites the old section at the end
 
     def checkpoint(batch: int) -> None:
         if (batch + 1) % cfg.checkpoint_every == 0:
