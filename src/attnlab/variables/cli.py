@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import List, Optional
+from typing import Annotated, List, Optional
 
 import typer
 
@@ -14,6 +14,27 @@ app = typer.Typer(help="Variable creation (Edelman et al.): sparse Boolean tasks
 
 T_HELP = ("Context lengths T. Give them as --T 16 32 64, --T 16,32,64 or --T 16 --T 32 "
           "(bare integers after the options are added to --T).")
+
+# Options shared by `sweep` and `train` (defaults stay on each parameter).
+Task = Annotated[str, typer.Option(help="Boolean function: parity | and | or | majority | random.")]
+Balanced = Annotated[bool, typer.Option(help="Sample labels 50/50 (relevant bits uniform per label).")]
+Noise = Annotated[float, typer.Option(help="Probability of flipping each training label, in [0, 0.5).")]
+DModel = Annotated[int, typer.Option(help="Model width.")]
+NHeads = Annotated[int, typer.Option(help="Attention heads.")]
+NLayers = Annotated[int, typer.Option(help="Transformer blocks.")]
+Attention = Annotated[str, typer.Option(help="softmax | entmax | sparsemax.")]
+Lr = Annotated[float, typer.Option(help="Adam learning rate.")]
+BatchSize = Annotated[int, typer.Option(help="Minibatch size.")]
+MaxSteps = Annotated[int, typer.Option(help="Optimiser steps at most per training run.")]
+WeightDecay = Annotated[float, typer.Option(help="AdamW decoupled weight decay.")]
+NormMode = Annotated[str, typer.Option(help="Norm control: none | constrain (project each step) | penalty.")]
+QkBound = Annotated[Optional[float], typer.Option(help="Bound on ||W_Q^h^T W_K^h||_F per head (constrain).")]
+VBound = Annotated[Optional[float], typer.Option(help="Bound on ||W_V||_F per layer (constrain).")]
+OutBound = Annotated[Optional[float], typer.Option(help="Bound on the classifier's ||W_out||_F (constrain).")]
+Penalty = Annotated[float, typer.Option(help="Coefficient of the summed norms added to the loss (penalty).")]
+NTest = Annotated[int, typer.Option(help="Test (and validation) set size.")]
+Monitor = Annotated[str, typer.Option(help="Early stopping on: val | test | train accuracy.")]
+Device = Annotated[str, typer.Option(help="cpu | cuda | cuda:N | auto.")]
 
 
 def parse_ints(values: List[str], extra: List[str], flag: str = "--T") -> list[int]:
@@ -30,7 +51,7 @@ def parse_ints(values: List[str], extra: List[str], flag: str = "--T") -> list[i
     return out
 
 
-def _configs(s: int, task: str, d_model: int, n_heads: int, n_layers: int, attention: str, lr: float,
+def _configs(d_model: int, n_heads: int, n_layers: int, attention: str, lr: float,
              batch_size: int, max_steps: int, weight_decay: float, norm_mode: str, qk_bound: Optional[float],
              v_bound: Optional[float], out_bound: Optional[float], penalty: float, n_test: int, monitor: str):
     """Build the TrainConfig from CLI options."""
@@ -45,7 +66,7 @@ def _configs(s: int, task: str, d_model: int, n_heads: int, n_layers: int, atten
 @app.command(context_settings={"allow_extra_args": True})
 def sweep(
     ctx: typer.Context,
-    task: str = typer.Option("and", help="Boolean function: parity | and | or | majority | random."),
+    task: Task = "and",
     s: int = typer.Option(3, "--s", help="Number of relevant (hidden) bits; must be <= every T."),
     T: List[str] = typer.Option(["16", "32", "64", "128"], "--T", help=T_HELP),
     seeds: int = typer.Option(3, help="Number of seeds (seed, seed+1, ...); each changes positions, data and init."),
@@ -55,28 +76,28 @@ def sweep(
     m_min: int = typer.Option(8, help="First train size tried by the doubling search."),
     m_max: int = typer.Option(65536, help="Largest train size tried; m* is reported as not reached beyond it."),
     rtol: float = typer.Option(0.1, help="Bisection stops when (hi - lo) <= rtol * hi; 0 = exact."),
-    balanced: bool = typer.Option(True, help="Sample labels 50/50 (relevant bits uniform per label)."),
-    noise: float = typer.Option(0.0, help="Probability of flipping each training label, in [0, 0.5)."),
-    d_model: int = typer.Option(64, help="Model width."),
-    n_heads: int = typer.Option(2, help="Attention heads."),
-    n_layers: int = typer.Option(1, help="Transformer blocks."),
-    attention: str = typer.Option("softmax", help="softmax | entmax | sparsemax."),
-    lr: float = typer.Option(1e-3, help="Adam learning rate."),
-    batch_size: int = typer.Option(64, help="Minibatch size."),
-    max_steps: int = typer.Option(2000, help="Optimiser steps at most per trial."),
-    weight_decay: float = typer.Option(0.01, help="AdamW decoupled weight decay."),
-    norm_mode: str = typer.Option("none", help="Norm control: none | constrain (project each step) | penalty."),
-    qk_bound: Optional[float] = typer.Option(None, help="Bound on ||W_Q^h^T W_K^h||_F per head (constrain)."),
-    v_bound: Optional[float] = typer.Option(None, help="Bound on ||W_V||_F per layer (constrain)."),
-    out_bound: Optional[float] = typer.Option(None, help="Bound on the classifier's ||W_out||_F (constrain)."),
-    penalty: float = typer.Option(0.0, help="Coefficient of the summed norms added to the loss (penalty)."),
-    n_test: int = typer.Option(1000, help="Test (and validation) set size."),
-    monitor: str = typer.Option("val", help="Early stopping on: val | test | train accuracy."),
+    balanced: Balanced = True,
+    noise: Noise = 0.0,
+    d_model: DModel = 64,
+    n_heads: NHeads = 2,
+    n_layers: NLayers = 1,
+    attention: Attention = "softmax",
+    lr: Lr = 1e-3,
+    batch_size: BatchSize = 64,
+    max_steps: MaxSteps = 2000,
+    weight_decay: WeightDecay = 0.01,
+    norm_mode: NormMode = "none",
+    qk_bound: QkBound = None,
+    v_bound: VBound = None,
+    out_bound: OutBound = None,
+    penalty: Penalty = 0.0,
+    n_test: NTest = 1000,
+    monitor: Monitor = "val",
     probe: bool = typer.Option(True, help="Probe the readout attention at the largest T reached."),
     budget_s: Optional[float] = typer.Option(None, help="Start no new T after this many seconds."),
     out: str = typer.Option("runs/variables", help="Run directory (results.json section 'variables', PNGs)."),
     resume: bool = typer.Option(False, help="Reuse finished (T, m, seed) trials from the run directory."),
-    device: str = typer.Option("cpu", help="cpu | cuda | cuda:N | auto."),
+    device: Device = "cpu",
 ) -> None:
     """Find m*(T), the smallest train size reaching --threshold, for each T; fit a + b log T vs a + b T^c."""
     from ..errors import AttnlabError
@@ -85,7 +106,7 @@ def sweep(
 
     try:
         Ts = parse_ints(T, ctx.args)
-        train = _configs(s, task, d_model, n_heads, n_layers, attention, lr, batch_size, max_steps, weight_decay,
+        train = _configs(d_model, n_heads, n_layers, attention, lr, batch_size, max_steps, weight_decay,
                          norm_mode, qk_bound, v_bound, out_bound, penalty, n_test, monitor)
         search = SearchConfig(threshold=threshold, share=share, m_min=m_min, m_max=m_max, rtol=rtol)
         cfg = SweepConfig(task=task, s=s, Ts=Ts, seeds=seeds, seed=seed, balanced=balanced, noise=noise,
@@ -99,29 +120,29 @@ def sweep(
 
 @app.command()
 def train(
-    task: str = typer.Option("and", help="Boolean function: parity | and | or | majority | random."),
+    task: Task = "and",
     s: int = typer.Option(3, "--s", help="Number of relevant bits."),
     T: int = typer.Option(16, "--T", help="Context length (number of bits)."),
     m: int = typer.Option(256, "--m", help="Training-set size."),
     seed: int = typer.Option(0, help="Seed (positions, data, init)."),
-    balanced: bool = typer.Option(True, help="Sample labels 50/50."),
-    noise: float = typer.Option(0.0, help="Training label-flip probability."),
-    d_model: int = typer.Option(64, help="Model width."),
-    n_heads: int = typer.Option(2, help="Attention heads."),
-    n_layers: int = typer.Option(1, help="Transformer blocks."),
-    attention: str = typer.Option("softmax", help="softmax | entmax | sparsemax."),
-    lr: float = typer.Option(1e-3, help="Adam learning rate."),
-    batch_size: int = typer.Option(64, help="Minibatch size."),
-    max_steps: int = typer.Option(2000, help="Optimiser steps at most."),
-    weight_decay: float = typer.Option(0.01, help="AdamW decoupled weight decay."),
-    norm_mode: str = typer.Option("none", help="none | constrain | penalty."),
-    qk_bound: Optional[float] = typer.Option(None, help="Bound on ||W_Q^h^T W_K^h||_F per head."),
-    v_bound: Optional[float] = typer.Option(None, help="Bound on ||W_V||_F per layer."),
-    out_bound: Optional[float] = typer.Option(None, help="Bound on ||W_out||_F."),
-    penalty: float = typer.Option(0.0, help="Norm penalty coefficient."),
-    n_test: int = typer.Option(1000, help="Test (and validation) set size."),
-    monitor: str = typer.Option("val", help="Early stopping on: val | test | train accuracy."),
-    device: str = typer.Option("cpu", help="cpu | cuda | cuda:N | auto."),
+    balanced: Balanced = True,
+    noise: Noise = 0.0,
+    d_model: DModel = 64,
+    n_heads: NHeads = 2,
+    n_layers: NLayers = 1,
+    attention: Attention = "softmax",
+    lr: Lr = 1e-3,
+    batch_size: BatchSize = 64,
+    max_steps: MaxSteps = 2000,
+    weight_decay: WeightDecay = 0.01,
+    norm_mode: NormMode = "none",
+    qk_bound: QkBound = None,
+    v_bound: VBound = None,
+    out_bound: OutBound = None,
+    penalty: Penalty = 0.0,
+    n_test: NTest = 1000,
+    monitor: Monitor = "val",
+    device: Device = "cpu",
 ) -> None:
     """Train one model on m examples; print accuracies, norms and the readout-attention probe as JSON."""
     from ..errors import AttnlabError
@@ -131,7 +152,7 @@ def train(
 
     try:
         t = make_task(task, T, s, seed, balanced, noise)
-        cfg = _configs(s, task, d_model, n_heads, n_layers, attention, lr, batch_size, max_steps, weight_decay,
+        cfg = _configs(d_model, n_heads, n_layers, attention, lr, batch_size, max_steps, weight_decay,
                        norm_mode, qk_bound, v_bound, out_bound, penalty, n_test, monitor)
         r = train_model(t, m, cfg, device=device, seed=seed)
     except AttnlabError as e:
