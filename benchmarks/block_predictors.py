@@ -195,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ns", default="16384,32768")
     ap.add_argument("--ps", default="0.9,0.95,0.98")
     ap.add_argument("--predictors", default=",".join(PREDICTORS))
-    ap.add_argument("--published-ps", default="0.95", help="p values at which the @published variants run")
+    ap.add_argument("--published-ps", default="0.95",
+                    help="p values at which the @published variants and the (permuted, slower) cluster run")
     ap.add_argument("--layers", default="", help="comma list (default: all)")
     ap.add_argument("--block", type=int, default=128)
     ap.add_argument("--rows", type=int, default=512, help="held-out rows for measured recall")
@@ -256,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
             for p in ps:
                 for name in names:
                     published = name.endswith("@published")
-                    if published and p not in pub_ps:
+                    if (published or name == "cluster") and p not in pub_ps:
                         continue
                     if time.time() - t0 > args.time_limit:
                         skipped.append(f"N={n} L{li} p={p} {name}: time limit")
@@ -271,6 +272,12 @@ def main(argv: list[str] | None = None) -> int:
                         t_pred, (res, bm) = wall_ms(predict, device, 1 if not cuda or name.startswith("oracle")
                                                     else args.pred_reps)
                         pat: BlockPattern = res.pattern
+                        if cuda:  # one more call with per-phase CUDA-synchronised timings
+                            pred.profile = True
+                            phase_ms = pred.predict(q, k, causal=True, block_size=bs, p=p, scale=scale).info.get("ms")
+                            pred.profile = False
+                        else:
+                            phase_ms = None
                         hr = head_recall(q, k, pat, rows=args.rows, scale=scale)
                         dens = tile_density(pat)
                         ex = exact_recall(pat, mass)
@@ -284,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
                                    recall_all_mean=None if ex is None else float(ex.mean()),
                                    oracle_density_at_recall=o_row, oracle_global_density_at_recall=o_glob,
                                    vs_oracle=dens / max(o_row, 1e-9), vs_oracle_global=dens / max(o_glob, 1e-9),
-                                   predict_ms=t_pred, predict_macs=res.cost, label=label,
+                                   predict_ms=t_pred, predict_phase_ms=phase_ms, predict_macs=res.cost, label=label,
                                    knob=None if res.knob is None else res.knob.tolist())
                         if cuda:
                             out = run_pattern(q, k, v, pat, backend="flex", scale=scale, block_mask=bm,
@@ -326,8 +333,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def summary(rows: list[dict[str, Any]], ps: list[float], ns: list[int], cuda: bool) -> None:
-    """Per (N, p, predictor): over layers, recall (min over heads and layers, mean), density, density vs oracle,
-    times and the targets."""
+    """Per (N, p, predictor), over layers: recall (min over heads and layers, mean), density (mean [range]),
+    density vs oracle (mean), prediction ms per layer (mean), flex/cuDNN/FLASH ms summed over layers, total
+    (prediction + flex) vs cuDNN summed over layers, mean efficiency over layers with density 5-50%."""
     print("\n| N | p | predictor | min recall | mean recall | met | all-rows min | density | vs oracle | vs oracle-global | "
           "pred ms | flex ms | cuDNN ms | FLASH ms | total vs cuDNN | eff (5-50%) | loses (layers) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")

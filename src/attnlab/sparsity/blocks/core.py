@@ -16,6 +16,7 @@ positions and held-out rows odd positions (:func:`sample_rows`), so the two neve
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -108,16 +109,47 @@ def row_token_probs(q: Tensor, k: Tensor, rows: Tensor, causal: bool = True, sca
     return torch.softmax(_scores_rows(q, expand_kv_heads(k, q.shape[1]), rows, causal, scale), dim=-1)
 
 
+def _block_mass_eager(q: Tensor, k: Tensor, rows: Tensor, block_size: int, causal: bool, scale: float) -> Tensor:
+    """Exact per-key-block softmax mass (B, h, R, nk) of ``rows``: float32 (float64 inputs: float64) scores,
+    max-shifted exponentials summed per block, normalised."""
+    dt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    s = torch.matmul(q[:, :, rows].to(dt), k.to(dt).transpose(-1, -2)) * scale
+    m = k.shape[2]
+    if causal:
+        s = s.masked_fill(torch.arange(m, device=q.device).view(1, 1, 1, m) > rows.view(1, 1, -1, 1), float("-inf"))
+    e = torch.exp(s - s.amax(-1, keepdim=True))
+    b = e.view(*e.shape[:-1], m // block_size, block_size).sum(-1)
+    return b / b.sum(-1, keepdim=True)
+
+
+#: On CUDA the block-mass kernel is ``torch.compile``d (mask, max, exp and block sums fused: the R x N score
+#: matrix is read twice instead of written and read ~6 times); switched off on the first compile failure.
+COMPILE_BLOCK_MASS = {"on": True}
+_COMPILED: dict[str, Any] = {}
+
+
+def _block_mass(q: Tensor, k: Tensor, rows: Tensor, block_size: int, causal: bool, scale: float) -> Tensor:
+    if q.is_cuda and COMPILE_BLOCK_MASS["on"]:
+        try:
+            if "mass" not in _COMPILED:
+                _COMPILED["mass"] = torch.compile(_block_mass_eager, dynamic=False)
+            return _COMPILED["mass"](q, k, rows, block_size, causal, scale)
+        except Exception as e:  # pragma: no cover - depends on the torch build
+            import warnings
+
+            warnings.warn(f"compiled block mass failed ({type(e).__name__}: {e}); using eager")
+            COMPILE_BLOCK_MASS["on"] = False
+    return _block_mass_eager(q, k, rows, block_size, causal, scale)
+
+
 def row_block_mass(q: Tensor, k: Tensor, rows: Tensor, block_size: int, causal: bool = True,
                    scale: float | None = None, head_chunk: int = 4) -> Tensor:
     """Exact softmax mass (B, H, R, nk) of query ``rows`` per key block (head chunks bound memory)."""
     k = expand_kv_heads(k, q.shape[1])
-    B, H = q.shape[:2]
-    m = k.shape[2]
-    out = []
-    for h0 in range(0, H, head_chunk):
-        p = row_token_probs(q[:, h0:h0 + head_chunk], k[:, h0:h0 + head_chunk], rows, causal, scale)
-        out.append(p.view(*p.shape[:-1], m // block_size, block_size).sum(-1))
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    H = q.shape[1]
+    out = [_block_mass(q[:, h0:h0 + head_chunk], k[:, h0:h0 + head_chunk], rows, block_size, causal, scale)
+           for h0 in range(0, H, head_chunk)]
     return torch.cat(out, dim=1)
 
 
@@ -261,6 +293,24 @@ def tile_density(pattern: BlockPattern) -> float:
     return kept / (B * H * per)
 
 
+class _Clock:
+    """Phase timer (CUDA-synchronised) for ``profile``; a no-op when off."""
+
+    def __init__(self, on: bool) -> None:
+        self.on = on
+        self.ms: dict[str, float] = {}
+        if on:
+            torch.cuda.synchronize()
+        self.t = time.perf_counter()
+
+    def __call__(self, name: str) -> None:
+        if self.on:
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            self.ms[name] = (t - self.t) * 1e3
+            self.t = t
+
+
 @dataclass
 class ScoredBlockMethod:
     """Base of every block predictor. ``prepare`` estimates once; ``thresholds`` gives every tile the knob value
@@ -268,12 +318,15 @@ class ScoredBlockMethod:
 
     calibrate: choose a per-head knob from ``calib_rows`` exact rows (else the published knob for ``p``).
     margin_z: safety margin, in standard errors of the difference between the calibration rows' mean recall
-    and that of as many other rows (target = p + z * sd * sqrt(2 / rows), per head)."""
+    and that of ``eval_rows`` other rows (target = p + z * sd * sqrt(1/calib_rows + 1/eval_rows), per head).
+    profile: record CUDA-synchronised milliseconds per phase in ``info['ms']``."""
 
     calibrate: bool = True
-    calib_rows: int = 1024
+    calib_rows: int = 512
+    eval_rows: int = 512
     margin_z: float = 2.5
     seed: int = 0
+    profile: bool = False
 
     # -- subclass API ---------------------------------------------------------------------------------------
     def prepare(self, q: Tensor, k: Tensor, causal: bool, block_size: int, scale: float) -> tuple[Any, float]:
@@ -307,15 +360,23 @@ class ScoredBlockMethod:
         B, H, N, D = q.shape
         scale = D ** -0.5 if scale is None else scale
         k = expand_kv_heads(k, H)
+        clock = _Clock(self.profile and q.is_cuda)
         state, cost = self.prepare(q, k, causal, block_size, scale)
+        clock("prepare")
         th = self.thresholds(state, causal, block_size)
+        clock("thresholds")
         if not self.calibrate:
             knob = torch.full((H,), float(self.default_knob(p, N)), device=q.device, dtype=th.dtype)
             info: dict[str, Any] = {"calibrated": False}
         else:
             knob, info, ccost = self._calibrate(q, k, state, th, causal, block_size, scale, p)
             cost += ccost
-        return BlockPrediction(self.build(state, keep_graph(th, knob), causal, block_size), cost, knob, info)
+            clock("calibrate")
+        pred = BlockPrediction(self.build(state, keep_graph(th, knob), causal, block_size), cost, knob, info)
+        clock("build")
+        if clock.on:
+            info["ms"] = clock.ms
+        return pred
 
     def _calibrate(self, q: Tensor, k: Tensor, state: Any, th: Tensor, causal: bool, block_size: int,
                    scale: float, p: float) -> tuple[Tensor, dict[str, Any], float]:
@@ -343,7 +404,7 @@ class ScoredBlockMethod:
         target = torch.full((H,), float(p), device=q.device)
         knob, reached = calibrate_knob(th, row_mass, q_tile, target)
         sd = per_row(knob).float().transpose(0, 1).reshape(H, -1).std(dim=-1).nan_to_num(0.0)
-        margin = self.margin_z * sd * math.sqrt(2.0 / max(1, R * B))
+        margin = self.margin_z * sd * math.sqrt(1.0 / max(1, R * B) + 1.0 / max(1, self.eval_rows * B))
         knob, reached = calibrate_knob(th, row_mass, q_tile, (p + margin).clamp(max=1.0))
         rec = per_row(knob).float().mean(dim=(0, 2))
         info = {"calibrated": True, "calib_rows": R, "calib_recall": rec.tolist(), "margin": margin.tolist(),
