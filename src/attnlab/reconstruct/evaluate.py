@@ -12,7 +12,7 @@ from typing import Any, Optional
 
 import torch
 
-from ..capture.hf import AttentionCall
+from ..attention import AttentionCall
 from ..errors import ConfigError
 from .estimators import (
     ALL_ESTIMATORS,
@@ -212,7 +212,7 @@ def evaluate(model, windows: torch.Tensor, methods: list[Method], layers: Option
              heads: Optional[list[int]] = None, batch_size: int = 8, topk: int = 5,
              progress: bool = False) -> dict[str, Any]:
     """Per-layer / per-head held-out metrics of every method; keys are method labels (with the budget)."""
-    from ..capture.hf import check_heads, check_layers
+    from ..attention import check_heads, check_layers
     from ..capture.run import n_heads_of, n_layers_of, stream_attention
 
     fit = methods[0].fit
