@@ -23,7 +23,7 @@ from .estimators import (
 )
 from .fit import ReconstructionFit
 from .metrics import MetricSums, row_metrics
-from .selection import STRATEGIES, budget_count, select
+from .selection import SELECTIONS, STRATEGIES, budget_count, select
 
 
 @dataclass(frozen=True)
@@ -109,7 +109,7 @@ class Method:
                   valid_h: Optional[torch.Tensor]) -> torch.Tensor:
         """Key indices to compute exactly for head ``head`` of this call."""
         strat, n, B = self.combo.selection, scores_h.shape[-1], scores_h.shape[0]
-        if strat in ("fixed", "evenly", "local", "leverage", "qr"):
+        if "static" in SELECTIONS.entry(strat).tags:  # fitted once per (layer, head)
             key = (layer, head)
             if key not in self._sel:
                 model = self.row_model(layer, head)
