@@ -209,10 +209,12 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     cuda = torch.cuda.is_available() and not args.quick
     device = torch.device("cuda" if cuda else "cpu")
-    ns = [512] if args.quick else [int(x) for x in args.ns.split(",")]
-    bs = 64 if args.quick else args.block
-    ps = [float(x) for x in args.ps.split(",")]
-    pub_ps = {float(x) for x in args.published_ps.split(",") if x}
+    ns = [256] if args.quick else [int(x) for x in args.ns.split(",")]
+    bs = 32 if args.quick else args.block
+    ps = [0.95] if args.quick else [float(x) for x in args.ps.split(",")]
+    pub_ps = {0.95} if args.quick else {float(x) for x in args.published_ps.split(",") if x}
+    if args.quick:
+        args.layers, args.rows = args.layers or "0", 128
     names = [n for n in args.predictors.split(",") if n]
     for n in names:
         BLOCK_PREDICTORS.get(n.split("@")[0])  # unknown names fail before any work

@@ -214,6 +214,19 @@ def test_published_knobs_without_calibration():
     assert torch.allclose(res2.knob.float(), torch.ones(4))
 
 
+def test_usable_through_sparse_attention_protocol():
+    """A registered block predictor is a BlockPredictor (predict_blocks at its ``p``): sparse_attention runs it
+    and its output equals the float64 masked reference of its pattern."""
+    from attnlab.sparsity.flex import masked_attention_reference, sparse_attention
+
+    q, k = _qk(9, H=2, Hk=2)
+    v = torch.randn_like(q)
+    pred = make_block_predictor("xattention", p=0.9)
+    out, pat, stats = sparse_attention(q, k, v, predictor=pred, block_size=32, causal=True, return_pattern=True)
+    assert relative_error(out, masked_attention_reference(q, k, v, pat.token_mask())) < 1e-12
+    assert head_recall(q, k, pat, rows=128)["min"] >= 0.9 - 0.05
+
+
 def test_minference_finds_a_planted_vertical():
     """Every query attends strongly to key 150 (a 'vertical'): MInference keeps key block 4 in every row."""
     N, D, bs = 256, 16, 32

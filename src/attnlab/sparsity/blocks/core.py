@@ -317,11 +317,13 @@ class ScoredBlockMethod:
     above which it is kept (monotone: a larger knob keeps a superset); ``build`` makes the pattern.
 
     calibrate: choose a per-head knob from ``calib_rows`` exact rows (else the published knob for ``p``).
+    p: the default mass-recall target (``predict(p=None)`` and ``predict_blocks``).
     margin_z: safety margin, in standard errors of the difference between the calibration rows' mean recall
     and that of ``eval_rows`` other rows (target = p + z * sd * sqrt(1/calib_rows + 1/eval_rows), per head).
     profile: record CUDA-synchronised milliseconds per phase in ``info['ms']``."""
 
     calibrate: bool = True
+    p: float = 0.95
     calib_rows: int = 512
     eval_rows: int = 512
     margin_z: float = 2.5
@@ -351,10 +353,12 @@ class ScoredBlockMethod:
 
     # -- the uniform entry point ---------------------------------------------------------------------------
     @torch.no_grad()
-    def predict(self, q: Tensor, k: Tensor, causal: bool = True, block_size: int = 128, p: float = 0.95,
+    def predict(self, q: Tensor, k: Tensor, causal: bool = True, block_size: int = 128, p: float | None = None,
                 scale: float | None = None) -> BlockPrediction:
-        """q (B, H, N, D), k (B, Hk, N, D) -> :class:`BlockPrediction` aiming at mean mass recall ``p`` per head."""
+        """q (B, H, N, D), k (B, Hk, N, D) -> :class:`BlockPrediction` aiming at mean mass recall ``p`` per head
+        (default: the ``p`` field)."""
         check_inputs(q, k, block_size)
+        p = self.p if p is None else p
         if not 0.0 < p <= 1.0:
             raise ConfigError(f"--mass: the recall target p must be in (0, 1], got {p}")
         B, H, N, D = q.shape
@@ -377,6 +381,11 @@ class ScoredBlockMethod:
         if clock.on:
             info["ms"] = clock.ms
         return pred
+
+    def predict_blocks(self, q: Tensor, k: Tensor, block_size: int = 128, causal: bool = False,
+                       scale: float | None = None) -> BlockPattern:
+        """The block-predictor protocol of ``sparse_attention``: the pattern for target ``self.p``."""
+        return self.predict(q, k, causal, block_size, None, scale).pattern
 
     def _calibrate(self, q: Tensor, k: Tensor, state: Any, th: Tensor, causal: bool, block_size: int,
                    scale: float, p: float) -> tuple[Tensor, dict[str, Any], float]:
