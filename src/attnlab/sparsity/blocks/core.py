@@ -37,6 +37,7 @@ __all__ = [
     "mass_thresholds",
     "keep_graph",
     "calibrate_knob",
+    "KnobSearch",
     "graph_pattern",
     "pattern_row_recall",
     "head_recall",
@@ -224,27 +225,42 @@ def mass_select(mass: Tensor, tau: Tensor | float, causal: bool, sink_blocks: in
     return keep_graph(mass_thresholds(mass, causal, sink_blocks, scope), tau)
 
 
+class KnobSearch:
+    """Exact per-head knob search on calibration rows: recall(knob) is a step function of the tile thresholds,
+    so one sort and one cumulative sum (done once) answer any target. ``thresholds`` (B, H, nq, nk);
+    ``row_mass`` (B, H, R, nk): exact mass of each row per key tile (in the pattern's key order); ``q_tile``
+    (B, H, R): each row's query tile."""
+
+    def __init__(self, thresholds: Tensor, row_mass: Tensor, q_tile: Tensor) -> None:
+        B, H, R, nk = row_mass.shape
+        self.th_rows = torch.gather(thresholds, 2, q_tile.unsqueeze(-1).expand(B, H, R, nk))
+        self.row_mass = row_mass
+        th = self.th_rows.transpose(0, 1).reshape(H, -1)
+        w = row_mass.transpose(0, 1).reshape(H, -1).to(torch.float64) / (B * R)
+        order = torch.argsort(th, dim=-1)
+        self.ths = torch.gather(th, -1, order)
+        self.keepable = self.ths < float("inf")
+        self.cw = torch.cumsum(torch.gather(w, -1, order), -1)
+        self.last = (self.keepable.sum(-1) - 1).clamp_min(0)
+
+    def knob(self, target: Tensor) -> tuple[Tensor, Tensor]:
+        """(smallest knob (H,) whose recall >= target (H,), reached (H,) bool; else the knob keeping all)."""
+        hit = (self.cw >= target.to(self.cw.dtype).view(-1, 1) - 1e-12) & self.keepable
+        reached = hit.any(-1)
+        first = hit.to(torch.int8).argmax(-1)
+        t = torch.gather(self.ths, -1, torch.where(reached, first, self.last).unsqueeze(-1)).squeeze(-1)
+        return torch.nextafter(t, torch.full_like(t, float("inf"))), reached
+
+    def per_row(self, knob: Tensor) -> Tensor:
+        """Recall (B, H, R) of each calibration row at ``knob`` (H,)."""
+        kept = self.th_rows < knob.view(1, -1, 1, 1)
+        return (kept.to(self.row_mass.dtype) * self.row_mass).sum(-1)
+
+
 def calibrate_knob(thresholds: Tensor, row_mass: Tensor, q_tile: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
     """Smallest per-head knob whose pattern (threshold < knob) keeps mean recall >= ``target`` (H,) on the
-    calibration rows, found exactly: recall(knob) is a step function of the tile thresholds, so one sort and
-    a cumulative sum give it. ``row_mass`` (B, H, R, nk): exact mass of each row per key tile (in the
-    pattern's key order); ``q_tile`` (B, H, R): each row's query tile. Returns (knob (H,), reached (H,) bool).
-    """
-    B, H, R, nk = row_mass.shape
-    th = torch.gather(thresholds, 2, q_tile.unsqueeze(-1).expand(B, H, R, nk))
-    th = th.transpose(0, 1).reshape(H, -1)
-    w = row_mass.transpose(0, 1).reshape(H, -1).to(torch.float64) / (B * R)
-    order = torch.argsort(th, dim=-1)
-    ths = torch.gather(th, -1, order)
-    keepable = ths < float("inf")
-    cw = torch.cumsum(torch.gather(w, -1, order), -1)
-    hit = (cw >= target.to(cw.dtype).view(-1, 1) - 1e-12) & keepable
-    reached = hit.any(-1)
-    first = hit.to(torch.int8).argmax(-1)
-    last = (keepable.sum(-1) - 1).clamp_min(0)
-    t = torch.gather(ths, -1, torch.where(reached, first, last).unsqueeze(-1)).squeeze(-1)
-    knob = torch.nextafter(t, torch.full_like(t, float("inf")))
-    return knob, reached
+    calibration rows (see :class:`KnobSearch`). Returns (knob (H,), reached (H,) bool)."""
+    return KnobSearch(thresholds, row_mass, q_tile).knob(target)
 
 
 def graph_pattern(graph: Tensor, block_size: int, causal: bool) -> BlockPattern:
@@ -404,18 +420,12 @@ class ScoredBlockMethod:
             row_mass = probs.view(B, H, R, -1, block_size).sum(-1)
             inv_q = torch.argsort(q_perm, dim=-1)
             q_tile = inv_q[:, :, rows] // block_size
-        th_rows = torch.gather(th, 2, q_tile.unsqueeze(-1).expand(*row_mass.shape))
-
-        def per_row(knob: Tensor) -> Tensor:
-            kept = th_rows < knob.view(1, -1, 1, 1)
-            return (kept.to(row_mass.dtype) * row_mass).sum(-1)  # (B, H, R)
-
-        target = torch.full((H,), float(p), device=q.device)
-        knob, reached = calibrate_knob(th, row_mass, q_tile, target)
-        sd = per_row(knob).float().transpose(0, 1).reshape(H, -1).std(dim=-1).nan_to_num(0.0)
+        search = KnobSearch(th, row_mass, q_tile)
+        knob, reached = search.knob(torch.full((H,), float(p), device=q.device))
+        sd = search.per_row(knob).float().transpose(0, 1).reshape(H, -1).std(dim=-1).nan_to_num(0.0)
         margin = self.margin_z * sd * math.sqrt(1.0 / max(1, R * B) + 1.0 / max(1, self.eval_rows * B))
-        knob, reached = calibrate_knob(th, row_mass, q_tile, (p + margin).clamp(max=1.0))
-        rec = per_row(knob).float().mean(dim=(0, 2))
+        knob, reached = search.knob((p + margin).clamp(max=1.0))
+        rec = search.per_row(knob).float().mean(dim=(0, 2))
         info = {"calibrated": True, "calib_rows": R, "calib_recall": rec.tolist(), "margin": margin.tolist(),
                 "reached": reached.tolist()}
         return knob, info, cost
