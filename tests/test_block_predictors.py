@@ -100,6 +100,25 @@ def test_predictor_pattern_and_recall_against_dense_reference(name, causal):
                            (torch.ones(256, 256, dtype=torch.bool).tril() if causal else True), tok)
 
 
+@pytest.mark.parametrize("causal", [True, False])
+def test_xattention_antidiagonal_scores_match_direct_float64(causal):
+    """The fused (chunked) antidiagonal estimate equals the direct regrouped product: key group k[i::S] with
+    query group q[S-1-i::S], scores / (sqrt(D) S), softmax per regrouped row, summed per tile."""
+    from attnlab.sparsity.blocks.xattention import antidiagonal_block_mass
+
+    q, k = _qk(10, H=3, Hk=3, N=512)
+    S, bs = 8, 64
+    qr = torch.cat([q[:, :, S - 1 - i::S] for i in range(S)], -1)
+    kr = torch.cat([k[:, :, i::S] for i in range(S)], -1)
+    s = (qr @ kr.transpose(-1, -2)) * (16 ** -0.5 / S)
+    if causal:
+        a = torch.arange(512 // S)
+        s = s.masked_fill(a.view(-1, 1) < a.view(1, -1), float("-inf"))
+    want = torch.softmax(s, -1).view(1, 3, 8, 8, 8, 8).sum(dim=(3, 5)) / 8
+    got = antidiagonal_block_mass(q, k, bs, S, causal, 16 ** -0.5, row_chunk=16)
+    assert torch.allclose(got, want, atol=1e-12)
+
+
 def test_blockmask_full_and_partial_lists_equal_dense_mask():
     """BlockMask.from_kv_blocks: to_dense() is the block graph; FULL tiles (no mask_mod) + PARTIAL tiles with
     the causal mask_mod reproduce the token mask exactly."""

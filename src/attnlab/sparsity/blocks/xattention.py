@@ -21,12 +21,14 @@ from torch import Tensor
 from attnlab.errors import ConfigError
 
 from . import BLOCK_PREDICTORS
-from .core import ScoredBlockMethod, mass_thresholds
+from .core import ScoredBlockMethod, _block_mass, mass_thresholds
 
 
 def antidiagonal_block_mass(q: Tensor, k: Tensor, block_size: int, stride: int, causal: bool, scale: float,
-                            head_chunk: int = 4) -> Tensor:
-    """Estimated tile mass (B, H, nq, nk) from strided antidiagonal scores (rows sum to 1)."""
+                            head_chunk: int = 4, row_chunk: int = 2048) -> Tensor:
+    """Estimated tile mass (B, H, nq, nk) from strided antidiagonal scores (rows sum to 1). The regrouped
+    product is the exact block mass of the regrouped (N/S, S*D) q and k with (bs/S)-sized blocks, scale
+    1/(sqrt(D) S) and causality at the regrouped level, so it reuses the fused block-mass kernel."""
     B, H, N, D = q.shape
     M = k.shape[2]
     if block_size % stride or N % stride:
@@ -34,19 +36,17 @@ def antidiagonal_block_mass(q: Tensor, k: Tensor, block_size: int, stride: int, 
     sub = block_size // stride
     dt = torch.float64 if q.dtype == torch.float64 else torch.float32
     out = torch.empty(B, H, N // block_size, M // block_size, dtype=dt, device=q.device)
+    n_r = N // stride
+    row_chunk = max(sub, row_chunk // sub * sub)
     for h0 in range(0, H, head_chunk):
         qh, kh = q[:, h0:h0 + head_chunk], k[:, h0:h0 + head_chunk]
         qr = torch.cat([qh[:, :, stride - 1 - i::stride] for i in range(stride)], dim=-1)
         kr = torch.cat([kh[:, :, i::stride] for i in range(stride)], dim=-1)
-        s = torch.matmul(qr, kr.transpose(-1, -2)).to(dt) * (scale / stride)
-        if causal:
-            a = torch.arange(N // stride, device=q.device)
-            s = s.masked_fill(a.view(-1, 1) < torch.arange(M // stride, device=q.device).view(1, -1),
-                              float("-inf"))
-        pr = torch.softmax(s, dim=-1)
-        hh = pr.shape[1]
-        pr = pr.view(B, hh, N // block_size, sub, M // block_size, sub).sum(dim=(3, 5)) / sub
-        out[:, h0:h0 + hh] = pr
+        hh = qr.shape[1]
+        for r0 in range(0, n_r, row_chunk):
+            rows = torch.arange(r0, min(n_r, r0 + row_chunk), device=q.device)
+            bm = _block_mass(qr, kr, rows, sub, causal, scale / stride)  # (B, hh, R, nk)
+            out[:, h0:h0 + hh, r0 // sub: (r0 + rows.numel()) // sub] = bm.view(B, hh, -1, sub, bm.shape[-1]).mean(3)
     return out
 
 
