@@ -339,7 +339,8 @@ def summary(rows: list[dict[str, Any]], ps: list[float], ns: list[int], cuda: bo
     density vs oracle (mean), prediction ms per layer (mean), flex/cuDNN/FLASH ms summed over layers, total
     (prediction + flex) vs cuDNN summed over layers, mean efficiency over layers with density 5-50%."""
     print("\n| N | p | predictor | min recall | mean recall | met | all-rows min | density | vs oracle | vs oracle-global | "
-          "pred ms | flex ms | cuDNN ms | FLASH ms | total vs cuDNN | eff (5-50%) | loses (layers) |")
+          "pred ms/layer | flex ms (all layers) | cuDNN ms (all) | FLASH ms (all) | total vs cuDNN | eff (5-50%) | "
+          "loses (layers) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for n in ns:
         for p in ps:

@@ -202,7 +202,7 @@ def _minilm_qk():
     with torch.no_grad():
         hs = model(ids, output_hidden_states=True).hidden_states
         out = []
-        for layer in (1, 4):
+        for layer in (4,):
             att = model.encoder.layer[layer].attention.self
             sp = lambda x: x.view(1, -1, 12, 32).transpose(1, 2)  # noqa: E731
             out.append((sp(att.query(hs[layer])), sp(att.key(hs[layer]))))
