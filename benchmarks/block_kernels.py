@@ -137,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
                 base["cudnn_ms"], base["cudnn_spread"] = time_fn(cudnn, device, args.reps, args.warmup)
                 base["flash_ms"], base["flash_spread"] = time_fn(fa, device, args.reps, args.warmup)
                 ref = fa().float()
-                print(f"N={n} D={D} H={H}: cuDNN {base['cudnn_ms']:.3f} ms, FLASH {base['flash_ms']:.3f} ms", flush=True)
+                print(f"N={n} D={D} H={H}: cuDNN {base['cudnn_ms']:.3f} ms, FLASH {base['flash_ms']:.3f} ms",
+                      flush=True)
             for d in dens:
                 pat = random_causal_pattern(H, n // bs, d, bs, 1, device)
                 cd = causal_density(pat)
@@ -162,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
                             row["speedup_vs_cudnn"] = base["cudnn_ms"] / row["flex_ms"]
                             row["ideal"] = 1.0 / cd
                             row["efficiency"] = row["speedup_vs_cudnn"] * cd
-                            print(f"  dens={cd:.3f} {oname:16s} flex {row['flex_ms']:.3f} ms  x{row['speedup_vs_cudnn']:.2f} "
+                            print(f"  dens={cd:.3f} {oname:16s} flex {row['flex_ms']:.3f} ms  "
+                                  f"x{row['speedup_vs_cudnn']:.2f} "
                                   f"vs cuDNN (ideal {row['ideal']:.1f}) eff {row['efficiency']:.2f}", flush=True)
                         except Exception as e:
                             row["error"] = f"{type(e).__name__}: {str(e)[:200]}"

@@ -4,16 +4,17 @@ time against cuDNN and FlashAttention SDPA.
 Input: q, k, v of every layer of a causal HF model (``--model PATH``; by default the trained byte-level Llama
 of ``attnlab lm train``), captured through transformers' ``AttentionInterface`` on one held-out window of
 ``N`` tokens of the Python standard-library source (documents held out by the same path-hash rule as
-``attnlab.lm.data``). Without ``--model`` (or with ``--quick``) a randomly initialised tiny Llama stands in:
-its rows are labelled ``untrained``.
+``attnlab.lm.data``). When the model folder does not exist (or with ``--quick``) a randomly initialised Llama
+of the reference shape (tiny with ``--quick``) stands in: its rows are labelled ``untrained``.
 
 Per length N, layer, target p and predictor (``attnlab.sparsity.blocks.BLOCK_PREDICTORS``; calibrated per
 head unless the name ends in ``@published``, which uses the paper's own knob): measured recall on 512
 held-out rows (odd positions; calibration uses even ones) per head -- min and mean -- and density (kept /
 causal tiles); exact recall over ALL rows (from the exact tile mass; not for permuted patterns); the
 oracle's density at the predictor's recall per head (exact all-row recall where available, else the measured
-one; ``oracle`` = top-p per query block, ``oracle-global`` = the minimum over all block patterns); prediction time (calibration and mask
-building included, CUDA-synchronised wall time, median of ``--pred-reps``); FlexAttention time with the
+one; ``oracle`` = top-p per query block, ``oracle-global`` = the minimum over all block patterns);
+prediction time (calibration and mask building included, CUDA-synchronised wall time, median of
+``--pred-reps``; per-phase times in ``predict_phase_ms``); FlexAttention time with the
 prebuilt mask (CUDA events, median of ``--reps``); cuDNN and FLASH SDPA causal time on the same q, k, v;
 total = prediction + kernel; kernel efficiency = (t_cuDNN / t_flex) * density (1 = the ideal 1/density
 speed-up); ``loses`` flags settings where total > cuDNN (the prefill must then run dense).
@@ -312,7 +313,8 @@ def main(argv: list[str] | None = None) -> int:
                             row["loses"] = row["total_ms"] > base["cudnn_ms"]
                         rows.append(row)
                         print(f"N={n} L{li} p={p} {name:22s} dens={dens:.3f} rec min/mean {hr['min']:.3f}/"
-                              f"{hr['mean']:.3f} (all rows {row['recall_all_min'] or float('nan'):.3f}) vs oracle {row['vs_oracle']:.2f} (glob {row['vs_oracle_global']:.2f}) "
+                              f"{hr['mean']:.3f} (all rows {row['recall_all_min'] or float('nan'):.3f}) "
+                              f"vs oracle {row['vs_oracle']:.2f} (glob {row['vs_oracle_global']:.2f}) "
                               f"pred {t_pred:.1f} ms"
                               + (f" flex {row['flex_ms']:.2f} cuDNN {base['cudnn_ms']:.2f} total x"
                                  f"{row['speedup_total_vs_cudnn']:.2f} eff {row['efficiency']:.2f}" if cuda else ""),
@@ -338,7 +340,8 @@ def summary(rows: list[dict[str, Any]], ps: list[float], ns: list[int], cuda: bo
     """Per (N, p, predictor), over layers: recall (min over heads and layers, mean), density (mean [range]),
     density vs oracle (mean), prediction ms per layer (mean), flex/cuDNN/FLASH ms summed over layers, total
     (prediction + flex) vs cuDNN summed over layers, mean efficiency over layers with density 5-50%."""
-    print("\n| N | p | predictor | min recall | mean recall | met | all-rows min | density | vs oracle | vs oracle-global | "
+    print("\n| N | p | predictor | min recall | mean recall | met | all-rows min | density | vs oracle | "
+          "vs oracle-global | "
           "pred ms/layer | flex ms (all layers) | cuDNN ms (all) | FLASH ms (all) | total vs cuDNN | eff (5-50%) | "
           "loses (layers) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
