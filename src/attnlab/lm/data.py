@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -29,10 +31,16 @@ def is_heldout(rel_path: str, frac: float) -> bool:
     return (h % 10_000) < frac * 10_000
 
 
-def _files(root: Path) -> list[Path]:
+def _files(root: Path) -> Iterator[Path]:
+    """``*.py`` files under ``root`` in sorted order, skipping site-packages / dist-packages / __pycache__."""
     if root.is_file():
-        return [root]
-    return sorted(p for p in root.rglob("*.py") if "site-packages" not in p.parts and p.is_file())
+        yield root
+        return
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in ("site-packages", "dist-packages", "__pycache__"))
+        for f in sorted(filenames):
+            if f.endswith(".py"):
+                yield Path(dirpath) / f
 
 
 def encode_bytes(data: bytes) -> np.ndarray:
@@ -66,11 +74,9 @@ def load_corpus(root: str | Path | None = None, heldout_frac: float = 0.05, max_
     base = Path(root) if root is not None else stdlib_dir()
     if not base.exists():
         raise CorpusError(f"--corpus {base}: no such file or folder")
-    files = _files(base)
-    if not files:
-        raise CorpusError(f"--corpus {base}: no .py files found")
-    train, held, total = [], [], 0
-    for p in files:
+    train, held, total, n_files = [], [], 0, 0
+    for p in _files(base):
+        n_files += 1
         try:
             data = p.read_bytes()
         except OSError:
@@ -82,7 +88,9 @@ def load_corpus(root: str | Path | None = None, heldout_frac: float = 0.05, max_
         total += len(data)
         if max_bytes is not None and total >= max_bytes:
             break
-    while train and sum(len(d) + 1 for d in held) < min_heldout_tokens:
+    if not n_files:
+        raise CorpusError(f"--corpus {base}: no .py files found")
+    while len(train) > 1 and (not held or sum(len(d) + 1 for d in held) < min_heldout_tokens):
         held.append(train.pop())
     if not train or not held:
         raise CorpusError(f"--corpus {base}: too little text for a train/held-out split ({total} bytes)")

@@ -39,7 +39,7 @@ class LMConfig:
     weight_decay: float = 0.1
     warmup_steps: int = 30
     steps: int = 2000
-    max_seconds: float = 270.0
+    max_seconds: float = 240.0
     eval_windows: int = 8
     heldout_frac: float = 0.05
     max_bytes: Optional[int] = None
