@@ -50,14 +50,17 @@ def _row(res: dict, oracle_density: float | None) -> dict[str, Any]:
         "density_vs_oracle": None if not oracle_density else s["density_predicted_mean"] / oracle_density,
         "fallback_heads": f"{s['dense_fallback_heads']}/{s['heads_total']}",
         "loss_dense": s["loss_dense"], "loss_delta": s["loss_delta"],
+        "loss_delta_executed": s["loss_delta_executed"], "dense_layers": len(s.get("dense_layers", [])),
         "loss_delta_range": [s["loss_delta_min"], s["loss_delta_max"]],
         "out_error_max": s["out_error_max"],
     }
     for base in ("cudnn", "flash", "auto"):
         if base in sp:
-            row[f"attn_x_{base}"] = sp[base]["attention_ms"]
+            row[f"attn_x_{base}"] = sp[base]["unguarded_attention"]
             row[f"kernel_x_{base}"] = sp[base]["kernel_only"]
-            row[f"fwd_x_{base}"] = sp[base]["forward_ms"]
+            row[f"exec_attn_x_{base}"] = sp[base]["attention_ms"]
+            row[f"exec_fwd_x_{base}"] = sp[base]["forward_ms"]
+            row[f"fwd_x_{base}"] = sp[base]["unguarded_forward"]
     t = res["timings"]
     for mode in t:
         row[f"attn_ms_{mode}"] = t[mode].get("attention_ms", {}).get("median")
@@ -70,11 +73,11 @@ def _table(rows: list[dict]) -> str:
     cols = [("N", "{:>6}"), ("p", "{:>5}"), ("predictor", "{:<13}"), ("recall_min_head", "{:>8.4f}"),
             ("density", "{:>7.3f}"), ("density_vs_oracle", "{:>7}"), ("fallback_heads", "{:>6}"),
             ("attn_x_cudnn", "{:>7}"), ("kernel_x_cudnn", "{:>7}"), ("attn_x_flash", "{:>7}"), ("fwd_x_cudnn", "{:>7}"),
-            ("loss_delta", "{:>+9.4f}")]
-    head = ("     N     p predictor       minrec density   /orcl fallbk  x_cuDNN x_kernel x_FLASH  fwd_x    dloss\n"
-            "                                                          (speed-ups: attention incl. prediction; "
-            "kernel alone; vs FLASH; whole forward vs cuDNN)")
-    lines = [head, "-" * 100]
+            ("loss_delta", "{:>+9.4f}"), ("dense_layers", "{:>4}"), ("exec_attn_x_cudnn", "{:>7}"),
+            ("exec_fwd_x_cudnn", "{:>7}")]
+    head = ("     N     p predictor       minrec density   /orcl fallbk | every layer sparse: attn/cuDNN kernel/cuDNN "
+            "attn/FLASH fwd/cuDNN dloss | as executed: dense-layers attn/cuDNN fwd/cuDNN")
+    lines = [head, "-" * len(head)]
     for r in rows:
         cells = []
         for c, f in cols:
@@ -82,7 +85,7 @@ def _table(rows: list[dict]) -> str:
             if v is None:
                 cells.append(f"{'-':>7}")
             elif isinstance(v, float) and c in ("density_vs_oracle", "attn_x_cudnn", "kernel_x_cudnn", "attn_x_flash",
-                                                "fwd_x_cudnn"):
+                                                "fwd_x_cudnn", "exec_attn_x_cudnn", "exec_fwd_x_cudnn"):
                 cells.append(f"{v:>7.2f}")
             else:
                 cells.append(f.format(v))
