@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     cuda = torch.cuda.is_available() and not args.quick
     device = torch.device("cuda" if cuda else "cpu")
     if args.quick:
-        args.seq_lens, args.recalls = "128,256", "0.9,0.95"
+        args.seq_lens, args.recalls = "128", "0.9"
         args.windows, args.reps, args.rows, args.block_size = 1, 1, 32, 32
     model = args.model
     train_info = None

@@ -2,7 +2,7 @@
 
 ``run_prefill(PrefillConfig(model=..., seq_len=N, predictor=NAME, recall=p))`` loads the model, takes held-out
 text windows of N tokens and runs the model's own forward with each self-attention call routed (through
-transformers' ``AttentionInterface``, :func:`attnlab.capture.hf.attention_hooks`) to a handler that
+transformers' ``AttentionInterface``, :func:`attnlab.sources.hf.attention_hooks`) to a handler that
 
 1. predicts a block pattern per layer and head from that call's q and k (a block predictor by name, aiming at
    mean mass recall ``p`` per head);
@@ -65,8 +65,8 @@ class PrefillConfig:
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Predictors by name: the block-predictor registry (attnlab.sparsity.blocks) when present, plus 'full' and a
-# built-in exact 'oracle' / 'pooled' so that prefill works without it.
+# Predictors by name: the block-predictor registry (attnlab.sparsity.blocks: oracle, MInference, XAttention,
+# FlexPrefill, pooled, cluster, ...) plus 'full' (every causal tile: the equivalence check).
 # ------------------------------------------------------------------------------------------------------------
 
 #: (q, k, p, block_size, scale) -> (pattern, multiply-adds of the prediction)
@@ -74,11 +74,9 @@ PredictFn = Callable[[Tensor, Tensor, float, int, float], tuple[BlockPattern, fl
 
 
 def _registry() -> Any:
-    try:
-        from . import blocks  # issue-13 part 2 (block predictors behind one registry)
-    except ImportError:
-        return None
-    return getattr(blocks, "BLOCK_PREDICTORS", None)
+    from .blocks import BLOCK_PREDICTORS
+
+    return BLOCK_PREDICTORS
 
 
 def _full(q: Tensor, k: Tensor, p: float, bs: int, scale: float) -> tuple[BlockPattern, float]:
@@ -88,62 +86,19 @@ def _full(q: Tensor, k: Tensor, p: float, bs: int, scale: float) -> tuple[BlockP
     return BlockPattern(block_graph_to_kv(g, True), bs, True), 0.0
 
 
-@torch.no_grad()
-def exact_block_mass(q: Tensor, k: Tensor, bs: int, scale: float, row_chunk: int = 1024) -> Tensor:
-    """Exact causal tile mass (B, H, nq, nk) float32: per query block, the mean over its rows of each key
-    block's softmax mass (row chunks bound memory)."""
-    B, H, N, D = q.shape
-    nb = N // bs
-    out = torch.empty(B, H, nb, nb, dtype=torch.float32, device=q.device)
-    kf = k.float()
-    pos = torch.arange(N, device=q.device)
-    step = max(bs, row_chunk // bs * bs)
-    for r0 in range(0, N, step):
-        r1 = min(N, r0 + step)
-        s = torch.matmul(q[:, :, r0:r1].float(), kf.transpose(-1, -2)) * scale
-        s = s.masked_fill(pos.view(1, 1, 1, N) > pos[r0:r1].view(1, 1, -1, 1), float("-inf"))
-        pm = torch.softmax(s, dim=-1).view(B, H, r1 - r0, nb, bs).sum(-1)
-        out[:, :, r0 // bs: r1 // bs] = pm.view(B, H, (r1 - r0) // bs, bs, nb).mean(3)
-    return out
-
-
-def _oracle(q: Tensor, k: Tensor, p: float, bs: int, scale: float) -> tuple[BlockPattern, float]:
-    """Fewest tiles per query block whose exact mass reaches p (diagonal always kept)."""
-    m = exact_block_mass(q, k, bs, scale)
-    nb = m.shape[-1]
-    diag = torch.eye(nb, dtype=torch.bool, device=q.device)
-    prio = torch.where(diag, torch.full_like(m, float("inf")), m)
-    order = torch.argsort(prio, dim=-1, descending=True)
-    ms = torch.gather(m, -1, order)
-    keep_sorted = (torch.cumsum(ms, -1) - ms < p) & (ms > 0)
-    keep = torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted) | diag
-    keep &= torch.ones(nb, nb, dtype=torch.bool, device=q.device).tril_()
-    B, H, N, D = q.shape
-    return BlockPattern(block_graph_to_kv(keep, True), bs, True), 0.5 * B * H * N * N * D
-
-
-def _pooled(q: Tensor, k: Tensor, p: float, bs: int, scale: float) -> tuple[BlockPattern, float]:
-    from .block_predictors import PooledBlockPredictor
-
-    pred = PooledBlockPredictor(budget=1.0, mass=p, reduce="lse", pool=min(32, bs))
-    B, H, N, D = q.shape
-    return pred.predict_blocks(q, k, bs, True, scale), B * H * pred.cost(N, D, bs) / 2
-
-
-_BUILTIN: dict[str, PredictFn] = {"full": _full, "oracle": _oracle, "pooled": _pooled}
+_BUILTIN: dict[str, PredictFn] = {"full": _full}
 
 
 def predictor_names() -> list[str]:
     """Every name ``--predictor`` accepts: the block-predictor registry's plus 'full' (keep every tile)."""
-    reg = _registry()
-    names = list(reg.names()) if reg is not None else []
+    names = list(_registry().names())
     return names + [n for n in _BUILTIN if n not in names]
 
 
 def make_predictor(name: str, **options: Any) -> PredictFn:
     """The prediction function for ``--predictor name`` (registry first, then the built-ins)."""
     reg = _registry()
-    if name != "full" and reg is not None and name in reg:
+    if name not in _BUILTIN and name in reg:
         method = reg.get(name)(**options)
 
         def fn(q: Tensor, k: Tensor, p: float, bs: int, scale: float) -> tuple[BlockPattern, float]:
@@ -418,7 +373,7 @@ class PrefillHandler:
 
 def load_causal_model(name: str, device: torch.device, dtype: torch.dtype) -> Any:
     """Load a causal HF LM and check that its attention routes through AttentionInterface."""
-    from ..capture.hf import attention_modules, load_model, resolve_model_path
+    from ..sources.hf import attention_modules, load_model, resolve_model_path
 
     try:  # refuse architectures with their own attention code before loading (they cannot be replaced)
         from transformers import AutoConfig, AutoModelForCausalLM
@@ -442,7 +397,7 @@ def prefill_hooks(hf: Any, handler: PrefillHandler) -> Iterator[None]:
     """Route every attention layer to ``handler``; the causal mask is skipped (no N x N tensor), as SDPA does."""
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask, sdpa_mask
 
-    from ..capture.hf import IMPL_NAME, attention_hooks
+    from ..sources.hf import IMPL_NAME, attention_hooks
 
     with attention_hooks(hf, handler):
         ALL_MASK_ATTENTION_FUNCTIONS.register(IMPL_NAME, sdpa_mask)
