@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     out["rows"].sort(key=lambda r: (r["N"], r["p"], names.index(r["predictor"])))
     print(f"\nTrained model ({out['device']}, causal bf16, {hf.name}):")
     print(_table(out["rows"]))
-    if args.synthetic and not args.quick:
+    if args.synthetic:
         import importlib.util
 
         spec = importlib.util.spec_from_file_location(
@@ -189,8 +189,9 @@ def main(argv: list[str] | None = None) -> int:
         spec.loader.exec_module(mod)
         syn_out = os.path.splitext(args.out)[0] + "_synthetic.json"
         print("\nSYNTHETIC (planted-structure q/k, not a trained model):", flush=True)
-        mod.main(["--ns", "32768", "--cases", "structured", "--causal-ns", "32768", "--extra-ns", "",
-                  "--reps", "5", "--time-limit", "60", "--out", syn_out])
+        mod.main(["--quick", "--out", syn_out] if args.quick else
+                 ["--ns", "32768", "--cases", "structured", "--causal-ns", "32768", "--extra-ns", "", "--reps", "5",
+                  "--time-limit", "60", "--out", syn_out])
         out["synthetic"] = {"file": syn_out, "label": "synthetic planted-structure q/k (benchmarks/sparse_attention.py)"}
     save()
     print(f"wrote {args.out}")

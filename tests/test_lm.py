@@ -41,6 +41,7 @@ def test_lm_train_tiny_saves_loads_and_caches(tmp_path):
     assert res.heldout_loss < math.log(259) - 0.5 and res.train_loss < math.log(259) - 0.5
     meta = json.loads((out / META).read_text())
     assert meta["train_loss"] == res.train_loss and meta["corpus"]["heldout_docs"] > 0
+    assert "heldout_loss" in meta["history"][0]  # the held-out curve starts at step 1
     from attnlab.capture.hf import load_model
 
     hf = load_model(str(out), head="causal-lm")

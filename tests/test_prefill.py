@@ -138,3 +138,21 @@ def test_prefill_cli(tiny_lm, tmp_path):
     assert "recall per head" in r.output and "timings are not meaningful" in r.output and out.exists()
     r = CliRunner().invoke(app, ["sparsity", "prefill", "--model", tiny_lm, "--predictor", "nope"])
     assert r.exit_code == 2 and "--predictor" in r.output
+
+
+@pytest.mark.gpu
+def test_prefill_on_cuda_full_pattern_and_breakeven(tiny_lm):
+    """On CUDA (FlexAttention kernel, bf16): the full pattern reproduces the dense loss, timings come back,
+    the break-even curve is measured and the as-executed run is never a different computation than reported."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    res = run_prefill(_cfg(tiny_lm, seq_len=512, block_size=128, device="cuda", reps=2, windows=2))
+    s = res["summary"]
+    assert NOTICE_CPU not in res["notices"]
+    assert abs(s["loss_sparse"] - s["loss_dense"]) < 2e-2  # bf16 kernels differ in rounding only
+    assert s["recall_min_head"] > 1 - 1e-6
+    assert 0.0 <= res["breakeven"]["breakeven"] <= 1.0 and res["breakeven"]["curve"]
+    assert {"cudnn", "flash"} <= set(s["speedup"]) and s["speedup"]["cudnn"]["attention_ms"] > 0
+    res = run_prefill(_cfg(tiny_lm, seq_len=512, block_size=128, device="cuda", predictor="oracle", recall=0.9,
+                           reps=1))
+    assert res["summary"]["recall_min_head"] > 0.8

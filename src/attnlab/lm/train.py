@@ -22,7 +22,8 @@ META = "attnlab_lm.json"
 
 @dataclass(frozen=True)
 class LMConfig:
-    """Model size, context, optimisation and data settings (the cache key is all of them but ``device``)."""
+    """Model size, context, optimisation and data settings (the cache key: all but ``device`` and ``eval_every``;
+    ``eval_every`` steps the held-out loss is logged on 2 windows, the overfitting curve)."""
 
     seq_len: int = 16384
     long_seq_len: int = 65536
@@ -41,6 +42,7 @@ class LMConfig:
     steps: int = 2000
     max_seconds: float = 240.0
     eval_windows: int = 8
+    eval_every: int = 100
     heldout_frac: float = 0.05
     max_bytes: Optional[int] = None
     corpus: Optional[str] = None
@@ -66,7 +68,8 @@ class LMConfig:
     def key(self) -> str:
         """Fingerprint of everything that changes the trained weights (not the device)."""
         d = asdict(self)
-        d.pop("device")
+        for k in ("device", "eval_every"):  # neither changes the weights
+            d.pop(k)
         return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -154,6 +157,7 @@ def train_lm(cfg: LMConfig, out: str | Path, log: Optional[Callable[[str], None]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=cfg.lr, betas=(0.9, 0.95), fused=fused)
     gen = torch.Generator().manual_seed(cfg.seed)
+    held_curve = windows(corpus.heldout, cfg.seq_len, 2, contiguous=True)
     history: list[dict] = []
     t0 = time.perf_counter()
     step, tokens = 0, 0
@@ -196,6 +200,8 @@ def train_lm(cfg: LMConfig, out: str | Path, log: Optional[Callable[[str], None]
             el = time.perf_counter() - t0
             history.append({"step": step, "loss": lv, "lr": lr, "elapsed_s": round(el, 2)})
             history[-1]["seq_len"] = n
+            if cfg.eval_every and (step == 1 or step % cfg.eval_every == 0):
+                history[-1]["heldout_loss"] = evaluate(model, held_curve, device)
             log(f"step {step}: loss {lv:.4f} (len {n}) lr {lr:.2e} {tokens / max(el, 1e-9):,.0f} tok/s")
     if device.type == "cuda":
         torch.cuda.synchronize()
