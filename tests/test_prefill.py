@@ -156,3 +156,17 @@ def test_prefill_on_cuda_full_pattern_and_breakeven(tiny_lm):
     res = run_prefill(_cfg(tiny_lm, seq_len=512, block_size=128, device="cuda", predictor="oracle", recall=0.9,
                            reps=1))
     assert res["summary"]["recall_min_head"] > 0.8
+
+
+def test_prefill_model_without_training_record_uses_its_tokenizer(tiny_lm, tmp_path):
+    """Any causal HF folder (no attnlab_lm.json): held-out stdlib text goes through the model's own tokenizer."""
+    import shutil
+
+    from attnlab.lm.train import META
+
+    other = tmp_path / "plain"
+    shutil.copytree(tiny_lm, other)
+    (other / META).unlink()
+    res = run_prefill(_cfg(str(other), seq_len=64))
+    assert abs(res["summary"]["loss_sparse"] - res["summary"]["loss_dense"]) < 1e-5
+    assert 0 < res["summary"]["loss_dense"] < 20
