@@ -157,9 +157,11 @@ def demo(
 from .reconstruct.cli import app as _reconstruct_app  # noqa: E402  (light: heavy imports live inside commands)
 from .sparsity.cli import app as _sparsity_app  # noqa: E402
 from .variables.cli import app as _variables_app  # noqa: E402
+from .lm.cli import app as _lm_app  # noqa: E402
 
 app.add_typer(_reconstruct_app, name="reconstruct", help="Reconstruct attention scores from a subset of query-key pairs.")
 app.add_typer(_sparsity_app, name="sparsity", help="Sparsefinder: entmax attention graphs and learned sparsity predictors.")
+app.add_typer(_lm_app, name="lm", help="Reference trained long-context LM (byte-level Llama on the stdlib source).")
 app.add_typer(_variables_app, name="variables",
               help="Variable creation: sparse Boolean tasks, sample complexity vs context length.")
 
