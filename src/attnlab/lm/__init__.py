@@ -2,9 +2,12 @@
 
 ``attnlab lm train`` trains it (minutes on one GPU, seconds for the tiny CPU config) and saves an HF folder
 that every ``--model PATH`` option loads (tokenizer: transformers' byte-level ``ByT5Tokenizer``).
+Names are imported lazily so that ``attnlab --help`` does not import torch.
 """
 
-from .data import ByteCorpus, load_corpus
-from .train import LMConfig, PRESETS, TrainResult, load_or_train, train_lm
+from __future__ import annotations
 
-__all__ = ["ByteCorpus", "load_corpus", "LMConfig", "PRESETS", "TrainResult", "load_or_train", "train_lm"]
+from .._lazy import lazy_package
+
+lazy_package(__name__, {"ByteCorpus": "data", "load_corpus": "data", "LMConfig": "train", "PRESETS": "train",
+                        "TrainResult": "train", "load_or_train": "train", "train_lm": "train"})
