@@ -1,11 +1,19 @@
-"""torchrun integration: rank/world from the environment, process group set-up, rank-0 writes."""
+"""torchrun integration: rank/world from the environment, process group set-up, work sharding, rank-0 writes.
+
+Pattern for a workload: ``info = init_distributed(device)``; ``mine = shard(items, info)``; compute; merge with
+:func:`gather_ordered` (per-item Python results, original order) or an exact all-reduce of sums
+(:meth:`attnlab.spectral.stats.StreamingCovariance.all_reduce`, :func:`all_reduce_sum_`); rank 0 writes.
+"""
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any, Optional, Sequence, TypeVar
 
 import torch
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -44,6 +52,11 @@ def init_distributed(device: str = "cpu") -> DistInfo:
     return info
 
 
+def is_main_process() -> bool:
+    """True unless torchrun launched this process with a rank other than 0 (reads RANK; needs no process group)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def device_for(info: DistInfo, device: str) -> str:
     """Per-rank device: 'cuda' becomes 'cuda:<local_rank>' under torchrun."""
     if device == "cuda" and info.enabled:
@@ -57,3 +70,96 @@ def barrier(info: DistInfo) -> None:
         import torch.distributed as dist
 
         dist.barrier()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Work sharding and result gathering (torchrun; every helper is the identity in a single process)
+# ------------------------------------------------------------------------------------------------------------
+
+
+def shard_indices(n: int, info: DistInfo) -> list[int]:
+    """Indices of ``n`` work items that this rank handles: round-robin, ``rank, rank + world, ...``."""
+    return list(range(info.rank, n, info.world_size))
+
+
+def shard(items: Sequence[T], info: DistInfo) -> list[T]:
+    """This rank's share of ``items`` (round-robin by rank; the whole list in a single process)."""
+    return [items[i] for i in shard_indices(len(items), info)]
+
+
+def unshard(parts: Sequence[Sequence[T]], n: int) -> list[T]:
+    """Inverse of :func:`shard`: per-rank lists (rank order) back to the original order of ``n`` items."""
+    world = len(parts)
+    if sum(len(p) for p in parts) != n:
+        raise ValueError(f"unshard: {sum(len(p) for p in parts)} results for {n} items")
+    return [parts[i % world][i // world] for i in range(n)]
+
+
+def gather_ordered(local: Sequence[T], n: int, info: DistInfo, to_all: bool = False) -> Optional[list[T]]:
+    """Results of :func:`shard` ed work from every rank, in the original order of the ``n`` items.
+
+    Rank 0 gets the list (every rank when ``to_all``); the others get None. Objects travel pickled
+    (``gather_object`` / ``all_gather_object``), so keep them small: numbers, lists, dicts, small tensors on CPU.
+    """
+    if not info.enabled:
+        return list(local)
+    import torch.distributed as dist
+
+    if to_all:
+        parts: list[Any] = [None] * info.world_size
+        dist.all_gather_object(parts, list(local))
+        return unshard(parts, n)
+    parts_0: Optional[list[Any]] = [None] * info.world_size if info.is_main else None
+    dist.gather_object(list(local), parts_0, dst=0)
+    return unshard(parts_0, n) if info.is_main else None
+
+
+def gather_lists(local: Sequence[T], info: DistInfo, to_all: bool = False) -> Optional[list[T]]:
+    """Concatenation of every rank's list in rank order (rank 0, or every rank when ``to_all``; else None)."""
+    if not info.enabled:
+        return list(local)
+    import torch.distributed as dist
+
+    parts: Optional[list[Any]] = [None] * info.world_size if (to_all or info.is_main) else None
+    if to_all:
+        dist.all_gather_object(parts, list(local))
+    else:
+        dist.gather_object(list(local), parts, dst=0)
+    if parts is None:
+        return None
+    return [x for p in parts for x in p]
+
+
+def broadcast_object(obj: T, info: DistInfo, src: int = 0) -> T:
+    """Rank ``src``'s ``obj`` on every rank (pickled; the identity in a single process)."""
+    if not info.enabled:
+        return obj
+    import torch.distributed as dist
+
+    box = [obj if info.rank == src else None]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_reduce_sum_(tensors: Sequence[torch.Tensor], info: DistInfo) -> None:
+    """Sum tensors across ranks in place; floating tensors travel as float64, so the merge adds no rounding
+    beyond float64's (results equal the single-process sums to float tolerance, not bit for bit)."""
+    if not info.enabled:
+        return
+    import torch.distributed as dist
+
+    for t in tensors:
+        if t.is_floating_point() and t.dtype != torch.float64:
+            buf = t.double()
+            dist.all_reduce(buf)
+            t.copy_(buf)
+        else:
+            dist.all_reduce(t)
+
+
+def require_work_per_rank(n: int, info: DistInfo, flag: str) -> None:
+    """ConfigError when fewer than one work item per rank (a rank with nothing to do would stall collectives)."""
+    if n < info.world_size:
+        from .errors import ConfigError
+
+        raise ConfigError(f"{flag} {n}: fewer than the {info.world_size} torchrun processes; give each at least one")

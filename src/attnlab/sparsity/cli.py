@@ -154,6 +154,7 @@ def prefill(
     per-head density, measured recall and output error; loss change and speed vs SDPA flash / cuDNN."""
     from ..errors import AttnlabError
     from ..io import write_json
+    from ..distributed import is_main_process
     from .prefill import PrefillConfig, format_summary, run_prefill
 
     try:
@@ -162,6 +163,8 @@ def prefill(
         res = run_prefill(cfg, log=typer.echo)
     except AttnlabError as e:
         fail(e)
+    if not is_main_process():  # torchrun: rank 0 prints and writes
+        return
     typer.echo(format_summary(res))
     if out:
         write_json(out, res)

@@ -15,6 +15,11 @@ rows, and the output error against exact dense attention (all on that layer's re
 forward, the held-out loss against the dense forward and wall times (attention alone, prediction and mask
 building included, and the whole forward) against SDPA with the FlashAttention and cuDNN backends. On CPU the
 exact masked path runs instead of the kernel and timings are not meaningful (a notice says so).
+
+Under ``torchrun`` the held-out windows are sharded round-robin over ranks (one GPU each): every rank measures
+its windows, rank 0's break-even density and dense-layer decision are broadcast so every rank runs the same
+policy, and per-window records and timing samples are gathered back in window order, so the numbers equal a
+single process's (timings aside).
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 from torch import Tensor
 
+from ..distributed import (DistInfo, broadcast_object, device_for, gather_lists, gather_ordered, init_distributed,
+                           require_work_per_rank, shard_indices)
 from ..errors import ConfigError, ModelError
 from .blockmask import BlockPattern, KVBlocks, block_graph_to_kv
 from .flex import flex_available, run_pattern
@@ -457,16 +464,18 @@ def _spread(xs: list[float]) -> dict[str, float]:
 
 
 def run_prefill(cfg: PrefillConfig, log: Optional[Callable[[str], None]] = None, hf: Any = None,
-                ids: Optional[Tensor] = None) -> dict:
-    """Measure sparse prefill (see module docstring); returns a JSON-friendly dict. ``hf`` / ``ids`` may pass
-    an already loaded model and (windows, N) token ids."""
-    log = log or (lambda s: None)
+                ids: Optional[Tensor] = None, info: Optional[DistInfo] = None) -> dict:
+    """Measure sparse prefill (see module docstring); returns a JSON-friendly dict (the same on every rank under
+    torchrun). ``hf`` / ``ids`` may pass an already loaded model and (windows, N) token ids."""
     if cfg.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        dev_name = "cuda" if torch.cuda.is_available() else "cpu"
     else:
-        device = torch.device(cfg.device)
-        if device.type == "cuda" and not torch.cuda.is_available():
+        dev_name = cfg.device
+        if dev_name.startswith("cuda") and not torch.cuda.is_available():
             raise ConfigError(f"--device {cfg.device}: CUDA is not available here")
+    info = info or init_distributed(dev_name)
+    device = torch.device(device_for(info, dev_name))
+    log = (log or (lambda s: None)) if info.is_main else (lambda s: None)
     cuda = device.type == "cuda"
     predict = make_predictor(cfg.predictor)
     if hf is None:
@@ -483,6 +492,7 @@ def run_prefill(cfg: PrefillConfig, log: Optional[Callable[[str], None]] = None,
         ids = heldout_windows(hf, cfg.seq_len, cfg.windows)
     if ids.shape[1] != cfg.seq_len:
         raise ConfigError(f"token windows have length {ids.shape[1]}, not --seq-len {cfg.seq_len}")
+    require_work_per_rank(ids.shape[0], info, "--windows")
     ids = ids.to(device)
     dtype = next(hf.model.parameters()).dtype
     n_pad = -(-cfg.seq_len // cfg.block_size) * cfg.block_size
@@ -490,8 +500,10 @@ def run_prefill(cfg: PrefillConfig, log: Optional[Callable[[str], None]] = None,
         notices.append(f"--seq-len {cfg.seq_len} is not a multiple of --block-size {cfg.block_size}: q, k, v are "
                        f"zero-padded to {n_pad} inside each attention call (causal: padding is never attended)")
     be = None
-    if cuda and cfg.fallback:
-        be = breakeven_density(n_pad, hf.n_heads, hf.head_dim, dtype, device, cfg.block_size)
+    if cuda and cfg.fallback:  # measured on rank 0 and shared, so every rank applies the same threshold
+        if info.is_main:
+            be = breakeven_density(n_pad, hf.n_heads, hf.head_dim, dtype, device, cfg.block_size)
+        be = broadcast_object(be, info)
         log(f"kernel break-even density at N={n_pad}, head_dim={hf.head_dim}: {be['breakeven']:.3f} of causal tiles")
     threshold = None if be is None else be["breakeven"]
     sparse = PrefillHandler("sparse", predict, cfg.recall, cfg.block_size, threshold, measure=False, rows=cfg.rows,
@@ -510,7 +522,8 @@ def run_prefill(cfg: PrefillConfig, log: Optional[Callable[[str], None]] = None,
                                                       "kernel_ms": []} for m, _ in modes}
     layer_times: dict[str, dict[int, list[float]]] = {m: {} for m, _ in modes}
     dense_layers: list[int] = []
-    for w in range(ids.shape[0]):
+    t_loop = time.perf_counter()
+    for j, w in enumerate(shard_indices(ids.shape[0], info)):  # j: this rank's window count (warm-up on j == 0)
         x = ids[w: w + 1]
         logits, _, _ = _forward(hf, measure, x)
         loss_sparse = _loss(logits, x)
@@ -518,17 +531,18 @@ def run_prefill(cfg: PrefillConfig, log: Optional[Callable[[str], None]] = None,
         del logits
         losses = {}
         for name, h in modes:
-            if name == "sparse" and guard and w == 0:
+            if name == "sparse" and guard and j == 0:  # decided on window 0 (rank 0), shared with every rank
                 lt_s, lt_d = layer_times["unguarded"], layer_times["cudnn"]
                 dense_layers = sorted(i for i in lt_s if statistics.median(lt_s[i]) >= statistics.median(lt_d[i]))
+                dense_layers = broadcast_object(dense_layers, info)
                 sparse.dense_layers = set(dense_layers)
                 if dense_layers:
                     log(f"layers run dense (prediction + sparse attention not faster than cuDNN): {dense_layers}")
-            for r in range(cfg.reps + (1 if w == 0 else 0)):  # first window: one warm-up (compilation)
+            for r in range(cfg.reps + (1 if j == 0 else 0)):  # first window: one warm-up (compilation)
                 logits, att, tot = _forward(hf, h, x)
                 if r == 0:
                     losses[name] = _loss(logits, x)
-                if r > 0 or w > 0:
+                if r > 0 or j > 0:
                     pred_ms = h.prediction_ms()
                     timings[name]["attention_ms"].append(att)
                     timings[name]["forward_ms"].append(tot)
@@ -545,8 +559,17 @@ def run_prefill(cfg: PrefillConfig, log: Optional[Callable[[str], None]] = None,
             "loss_executed": losses["sparse"], "loss_delta_executed": losses["sparse"] - losses[ref_name],
             "layers": [asdict(r) for r in records]})
         log(f"window {w}: loss dense {losses[ref_name]:.4f} sparse {loss_sparse:.4f} as executed {losses['sparse']:.4f}")
+    if info.enabled:  # every rank gets the merged records and timing samples (window order; ranks in order)
+        per_window = gather_ordered(per_window, ids.shape[0], info, to_all=True)
+        parts = gather_lists([(timings, layer_times)], info, to_all=True)
+        timings = {m: {k: [x for t, _ in parts for x in t[m][k]] for k in d} for m, d in timings.items()}
+        layer_times = {m: {i: [x for _, lt in parts for x in lt[m].get(i, [])]
+                           for i in sorted({i for _, lt in parts for i in lt[m]})} for m in layer_times}
     res = _summary(cfg, hf, per_window, timings, be, notices, str(device), n_pad)
     res["summary"]["dense_layers"] = dense_layers
+    res["world_size"] = info.world_size
+    # evaluation wall time (windows + merge; after the gather every rank has waited for the slowest one)
+    res["seconds"] = round(time.perf_counter() - t_loop, 3)
     res["layer_ms"] = {m: {str(i): statistics.median(v) for i, v in d.items()} for m, d in layer_times.items()}
     return res
 

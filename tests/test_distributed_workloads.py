@@ -1,0 +1,133 @@
+"""Heavy workloads under torchrun (gloo, 2 CPU processes) give the single-process numbers; sharding helpers."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from attnlab.distributed import DistInfo, gather_ordered, shard, shard_indices, unshard
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+       "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(args: list[str], nproc: int = 2, timeout: int = 300) -> subprocess.CompletedProcess:
+    """``python -m torch.distributed.run --nproc-per-node nproc ARGS`` on a free port; asserts success."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+           "--master-port", str(_free_port()), *args]
+    res = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=timeout)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
+    return res
+
+
+def test_shard_unshard_round_robin():
+    items = list("abcdefg")
+    parts = [shard(items, DistInfo(r, 3)) for r in range(3)]
+    assert parts == [["a", "d", "g"], ["b", "e"], ["c", "f"]]
+    assert shard_indices(7, DistInfo(1, 3)) == [1, 4]
+    assert unshard(parts, 7) == items
+    assert gather_ordered(items, 7, DistInfo()) == items  # single process: the identity
+    with pytest.raises(ValueError):
+        unshard(parts, 8)
+
+
+HELPERS_SCRIPT = '''
+import json, sys, torch
+from attnlab.distributed import (all_reduce_sum_, broadcast_object, gather_lists, gather_ordered, init_distributed,
+                                 shard)
+info = init_distributed("cpu")
+items = list(range(11))
+mine = [x * x for x in shard(items, info)]
+ordered = gather_ordered(mine, len(items), info)
+everywhere = gather_ordered(mine, len(items), info, to_all=True)
+cat = gather_lists([info.rank], info)
+b = broadcast_object({"from": info.rank}, info)
+t = torch.tensor([0.1 * (info.rank + 1)], dtype=torch.float32)
+all_reduce_sum_([t], info)
+assert everywhere == [x * x for x in items], everywhere
+assert b == {"from": 0}
+assert (ordered is None) == (not info.is_main) and (cat is None) == (not info.is_main)
+if info.is_main:
+    json.dump({"ordered": ordered, "cat": cat, "sum": float(t), "world": info.world_size}, open(sys.argv[1], "w"))
+'''
+
+
+def test_helpers_under_torchrun_gloo(tmp_path):
+    script = tmp_path / "helpers.py"
+    script.write_text(HELPERS_SCRIPT)
+    torchrun([str(script), str(tmp_path / "out.json")])
+    out = json.loads((tmp_path / "out.json").read_text())
+    assert out == {"ordered": [x * x for x in range(11)], "cat": [0, 1], "sum": pytest.approx(0.3), "world": 2}
+
+
+# ------------------------------------------------------------------------------------------------------------
+# sparsity prefill
+# ------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(tmp_path_factory):
+    """An untrained tiny byte Llama with sharpened attention saved as an HF folder (as tests/test_prefill.py)."""
+    from attnlab.lm.train import PRESETS, build_model, save_model
+
+    cfg = dataclasses.replace(PRESETS["tiny"], seed=3)
+    model = build_model(cfg)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(8.0)
+            layer.self_attn.k_proj.weight.mul_(8.0)
+    out = tmp_path_factory.mktemp("lm") / "tiny"
+    save_model(model, out, {"key": cfg.key(), "config": dataclasses.asdict(cfg), "train_loss": 0.0,
+                            "heldout_loss": 0.0, "steps": 0, "train_seconds": 0.0})
+    return str(out)
+
+
+def test_prefill_two_processes_equal_single(tiny_lm, tmp_path):
+    """3 windows over 2 ranks (uneven shards): per-window losses and per-head statistics equal one process's."""
+    from attnlab.sparsity.prefill import PrefillConfig, run_prefill
+
+    cfg = PrefillConfig(model=tiny_lm, seq_len=64, predictor="oracle", recall=0.8, block_size=16, windows=3, rows=16,
+                        reps=1, device="cpu")
+    single = run_prefill(cfg)
+    out = tmp_path / "dist.json"
+    torchrun(["-m", "attnlab", "sparsity", "prefill", "--model", tiny_lm, "--seq-len", "64", "--predictor", "oracle",
+              "--recall", "0.8", "--block-size", "16", "--windows", "3", "--rows", "16", "--reps", "1",
+              "--device", "cpu", "--out", str(out)])
+    dist = json.loads(out.read_text())
+    assert dist["world_size"] == 2 and single["world_size"] == 1
+    assert [w["window"] for w in dist["windows"]] == [0, 1, 2]
+    for a, b in zip(single["windows"], dist["windows"]):
+        assert a["loss_dense"] == pytest.approx(b["loss_dense"], rel=1e-5, abs=1e-6)
+        assert a["loss_sparse"] == pytest.approx(b["loss_sparse"], rel=1e-5, abs=1e-6)
+    for key in ("density", "recall", "out_error"):
+        torch.testing.assert_close(torch.tensor(dist["per_head"][key], dtype=torch.float64),
+                                   torch.tensor(single["per_head"][key], dtype=torch.float64), rtol=1e-5, atol=1e-6)
+    assert dist["per_head"]["dense_fallback"] == single["per_head"]["dense_fallback"]
+    for m, d in single["timings"].items():  # every timed sample came back
+        assert dist["timings"][m]["attention_ms"]["n"] == d["attention_ms"]["n"]
+    s, d = single["summary"], dist["summary"]
+    assert d["recall_min_head"] == pytest.approx(s["recall_min_head"], rel=1e-5)
+    assert d["density_predicted_mean"] == pytest.approx(s["density_predicted_mean"], rel=1e-6)
+
+
+def test_more_processes_than_work_items_is_a_config_error():
+    from attnlab.distributed import require_work_per_rank
+    from attnlab.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--windows 1"):
+        require_work_per_rank(1, DistInfo(0, 2), "--windows")
