@@ -1,10 +1,18 @@
-"""Tokens/s of `attnlab spectrum` under torchrun with 1 and K processes (GPUs), statistics merged by all-reduce.
+"""Throughput of attnlab's heavy workloads under torchrun with 1 and K processes (GPUs), results merged exactly.
 
-  python benchmarks/distributed_scaling.py --device cuda --nproc 1 2 [--model PATH] [--n-sequences 2048]
-  python benchmarks/distributed_scaling.py --quick          # CPU/gloo smoke run
+  python benchmarks/distributed_scaling.py --device cuda --nproc 1 2 --workload spectrum prefill
+  python benchmarks/distributed_scaling.py --quick          # CPU/gloo smoke run of every workload
 
-Time counted: the streaming capture + statistics + all-reduce (the run's `seconds`), not model loading
-or tokenisation, which every rank repeats. Prints a table, writes JSON.
+Workloads (``--workload``, several allowed):
+  spectrum  `attnlab spectrum`: windows sharded, streaming statistics merged by an exact all-reduce;
+            work unit = tokens. Default size: 16384 x 512 tokens of MiniLM, all heads (compute-bound on GPU).
+  prefill   `attnlab sparsity prefill` on the trained reference LM (`attnlab lm train` preset 'gpu', cached under
+            --cache; an untrained 'tiny' one in --quick): held-out windows sharded, per-head records gathered; work unit = windows.
+            Default size: 32 windows of 16384 tokens.
+
+Time counted: each run's own timed section (`seconds`: streaming + merge), not process start, imports, model
+loading or tokenisation, which every rank repeats. Defaults aim at >= 30 s of timed work on one GPU; they were
+sized from the per-window/per-token costs, not all measured there. Prints a table, writes JSON.
 """
 
 from __future__ import annotations
@@ -12,56 +20,139 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from attnlab.io import RunDir  # noqa: E402
+from attnlab.io import RunDir, read_json, write_json  # noqa: E402
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _torchrun(k: int, args: list[str], env: dict[str, str]) -> None:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(k), "--master-port",
+           str(_free_port()), "-m", "attnlab", *args]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if res.returncode:
+        raise SystemExit(f"nproc {k} failed: {' '.join(args[:2])}\n{res.stdout[-2000:]}\n{res.stderr[-4000:]}")
+
+
+def spectrum(a: argparse.Namespace, k: int, out: Path, env: dict[str, str]) -> dict[str, Any]:
+    """`attnlab spectrum`: tokens/s of the streaming capture + statistics + all-reduce."""
+    _torchrun(k, ["spectrum", "--device", a.device, "--model", a.model, "--out", str(out), "--n-sequences",
+                  str(a.n_sequences), "--seq-len", str(a.seq_len), "--batch-size", str(a.batch_size),
+                  "--sketch-size", "0", "--no-report"], env)
+    # RunDir.results() merges timings.json (wall-clock fields) back into results.json's sections.
+    spec = RunDir(out).results()["spectrum"]
+    return {"seconds": spec["seconds"], "work": spec["n_sequences"] * spec["seq_len"], "unit": "tokens",
+            "check": {"pooled_k90": spec["pooled"]["k90"]}}
+
+
+def _lm(a: argparse.Namespace) -> str:
+    """The prefill model: --lm, else the reference LM trained (or found cached) under --cache; --quick: an
+    untrained 'tiny' LM (a smoke test of the plumbing, saved without training to keep the default suite short)."""
+    if a.lm:
+        return a.lm
+    from attnlab.lm.train import PRESETS, build_model, load_or_train, save_model
+
+    if a.quick:
+        import dataclasses
+
+        cfg = PRESETS["tiny"]
+        path = Path(a.out) / "untrained_tiny_lm"
+        save_model(build_model(cfg), path, {"key": cfg.key(), "config": dataclasses.asdict(cfg), "train_loss": 0.0,
+                                            "heldout_loss": 0.0, "steps": 0, "train_seconds": 0.0})
+        return str(path)
+    return str(load_or_train(PRESETS["gpu"], Path(a.cache) / "gpu", log=print).path)
+
+
+def prefill(a: argparse.Namespace, k: int, out: Path, env: dict[str, str]) -> dict[str, Any]:
+    """`attnlab sparsity prefill`: held-out windows/s (measure forward + timed forwards per window and mode)."""
+    path = out / "prefill.json"
+    _torchrun(k, ["sparsity", "prefill", "--model", a.lm_path, "--seq-len", str(a.prefill_seq_len), "--windows",
+                  str(a.windows), "--predictor", a.predictor, "--block-size", str(a.block_size), "--rows",
+                  str(a.rows), "--reps", str(a.reps), "--device", "auto" if a.device == "cuda" else a.device,
+                  "--out", str(path)], env)
+    res = read_json(path)
+    s = res["summary"]
+    return {"seconds": res["seconds"], "work": len(res["windows"]), "unit": "windows",
+            "check": {"recall_min_head": s["recall_min_head"], "loss_delta": s["loss_delta"]}}
+
+
+WORKLOADS: dict[str, Callable[[argparse.Namespace, int, Path, dict[str, str]], dict[str, Any]]] = {
+    "spectrum": spectrum, "prefill": prefill}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workload", nargs="+", choices=sorted(WORKLOADS), default=None,
+                   help="workloads to scale (default: spectrum, or every workload with --quick)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--nproc", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--repeats", type=int, default=1, help="runs per (workload, nproc): median and spread")
+    # spectrum
     p.add_argument("--model", default="minilm")
-    p.add_argument("--n-sequences", type=int, default=2048)
-    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--n-sequences", type=int, default=16384)
+    p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--sketch-size", type=int, default=0)
-    p.add_argument("--quick", action="store_true")
+    # prefill
+    p.add_argument("--lm", default=None, help="prefill: causal LM folder (default: train/cache the reference LM)")
+    p.add_argument("--cache", default=str(ROOT / "results" / "lm"))
+    p.add_argument("--prefill-seq-len", type=int, default=16384)
+    p.add_argument("--windows", type=int, default=32)
+    p.add_argument("--predictor", default="pooled")
+    p.add_argument("--block-size", type=int, default=128)
+    p.add_argument("--rows", type=int, default=256)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--quick", action="store_true", help="CPU/gloo smoke run at tiny sizes")
     p.add_argument("--out", default=str(ROOT / "results" / "distributed_scaling"))
-    args = p.parse_args()
-    if args.quick:
-        args.n_sequences, args.seq_len, args.batch_size = 16, 32, 4
+    a = p.parse_args()
+    if a.quick:
+        a.device = "cpu"
+        a.n_sequences, a.seq_len, a.batch_size = 16, 32, 4
+        a.prefill_seq_len, a.windows, a.block_size, a.rows, a.reps = 64, 4, 16, 16, 1
+    workloads = a.workload or (sorted(WORKLOADS) if a.quick else ["spectrum"])
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""),
-           "OMP_NUM_THREADS": "1"}
-    rows = []
-    for k in args.nproc:
-        out = Path(args.out) / f"nproc{k}"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(k), "--master-port", "29611",
-               "-m", "attnlab", "spectrum", "--device", args.device, "--model", args.model, "--out", str(out),
-               "--n-sequences", str(args.n_sequences), "--seq-len", str(args.seq_len), "--batch-size",
-               str(args.batch_size), "--sketch-size", str(args.sketch_size), "--no-report"]
-        res = subprocess.run(cmd, env=env, capture_output=True, text=True)
-        if res.returncode:
-            raise SystemExit(f"nproc {k} failed:\n{res.stderr[-4000:]}")
-        # RunDir.results() merges timings.json (wall-clock fields) back into results.json's sections.
-        spec = RunDir(out).results()["spectrum"]
-        tokens = spec["n_sequences"] * spec["seq_len"]
-        rows.append({"nproc": k, "seconds": spec["seconds"], "tokens_per_s": tokens / spec["seconds"],
-                     "pooled_k90": spec["pooled"]["k90"]})
-    base = rows[0]["tokens_per_s"]
-    print(f"{args.model}: {args.n_sequences} x {args.seq_len} tokens, batch {args.batch_size}/rank, {args.device}")
-    print(f"{'nproc':>5} {'seconds':>8} {'tokens/s':>10} {'scaling':>8} {'pooled k90':>10}")
-    for r in rows:
-        r["scaling"] = r["tokens_per_s"] / base
-        print(f"{r['nproc']:>5} {r['seconds']:>8.2f} {r['tokens_per_s']:>10.0f} {r['scaling']:>7.2f}x {r['pooled_k90']:>10}")
-    path = Path(args.out) / "scaling.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
+           "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "HF_HUB_OFFLINE": "1"}
+    if "prefill" in workloads:
+        a.lm_path = _lm(a)
+    out_root = Path(a.out)
+    report: dict[str, Any] = {"args": vars(a), "device": a.device, "workloads": {}}
+    for w in workloads:
+        rows = []
+        for k in a.nproc:
+            runs = []
+            for r in range(a.repeats):
+                t0 = time.perf_counter()
+                res = WORKLOADS[w](a, k, out_root / w / f"nproc{k}" / f"rep{r}", env)
+                res["launch_s"] = round(time.perf_counter() - t0, 2)
+                res["throughput"] = res["work"] / res["seconds"]
+                runs.append(res)
+            tp = sorted(x["throughput"] for x in runs)
+            rows.append({"nproc": k, "unit": runs[0]["unit"], "work": runs[0]["work"], "runs": runs,
+                         "seconds_median": sorted(x["seconds"] for x in runs)[len(runs) // 2],
+                         "throughput_median": tp[len(tp) // 2], "throughput_min": tp[0], "throughput_max": tp[-1]})
+        base = rows[0]["throughput_median"]
+        for r in rows:
+            r["scaling"] = r["throughput_median"] / base
+        report["workloads"][w] = rows
+        print(f"{w}: {rows[0]['work']} {rows[0]['unit']} on {a.device}, {a.repeats} run(s) per row")
+        print(f"{'nproc':>5} {'seconds':>8} {'per s':>10} {'min':>10} {'max':>10} {'scaling':>8}  check")
+        for r in rows:
+            print(f"{r['nproc']:>5} {r['seconds_median']:>8.2f} {r['throughput_median']:>10.1f} "
+                  f"{r['throughput_min']:>10.1f} {r['throughput_max']:>10.1f} {r['scaling']:>7.2f}x  "
+                  f"{json.dumps(r['runs'][0]['check'])}")
+    path = write_json(out_root / "scaling.json", report)
     print(f"wrote {path}")
 
 
