@@ -57,6 +57,15 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def current_info() -> DistInfo:
+    """Rank and world of the running process group (``init_distributed`` already called), else single-process."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return DistInfo()
+    return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
 def device_for(info: DistInfo, device: str) -> str:
     """Per-rank device: 'cuda' becomes 'cuda:<local_rank>' under torchrun."""
     if device == "cuda" and info.enabled:
