@@ -173,22 +173,23 @@ def run_sweep(
     if cfg.contrast != "none":
         section["contrast"] = {"model": cfg.contrast, "results": []}
     seeds = cfg.seed_list()
-    for T in cfg.Ts:
-        if cfg.budget_s is not None and time.perf_counter() - t0 > cfg.budget_s:
-            section["skipped_T"].append(T)
-            continue
-        t1 = time.perf_counter()
-        d = _summary(sample_complexity(learner, T, seeds, cfg.search, store), t1)
-        section["results"].append(d)
-        _log_result(log, cfg.model, d)
-        if section["contrast"] is not None and (cfg.contrast_max_T is None or T <= cfg.contrast_max_T):
+    # the model over every T first, then the contrast: a time budget cuts the contrast before the model
+    plan = [(cfg.model, section["results"], learner, store, list(cfg.Ts))]
+    if section["contrast"] is not None:
+        cts = [T for T in cfg.Ts if cfg.contrast_max_T is None or T <= cfg.contrast_max_T]
+        plan.append((cfg.contrast, section["contrast"]["results"], contrast_learner, c_store, cts))
+    for name, results, lrn, st, Ts in plan:
+        for T in Ts:
+            if cfg.budget_s is not None and time.perf_counter() - t0 > cfg.budget_s:
+                section["skipped_T"].append({"learner": name, "T": T})
+                continue
             t1 = time.perf_counter()
-            cd = _summary(sample_complexity(contrast_learner, T, seeds, cfg.search, c_store), t1)
-            section["contrast"]["results"].append(cd)
-            _log_result(log, cfg.contrast, cd)
-        section["wall_s"] = round(time.perf_counter() - t0, 2)
-        run.write_section(SECTION, section)
-    if cfg.norm_sweep:
+            d = _summary(sample_complexity(lrn, T, seeds, cfg.search, st), t1)
+            results.append(d)
+            _log_result(log, name, d)
+            section["wall_s"] = round(time.perf_counter() - t0, 2)
+            run.write_section(SECTION, section)
+    if cfg.norm_sweep and (cfg.budget_s is None or time.perf_counter() - t0 <= cfg.budget_s):
         _norm_sweep(cfg, run, section, dev, resume, log)
         run.write_section(SECTION, section)
     _analyse(cfg, run, section, dev, log, plots)

@@ -69,7 +69,8 @@ def render_section(run: RunDir) -> str:
         parts.append(f"<p>Model: {escape(str(model))} (SmallTransformer; norms only as set by --norm-mode).</p>")
     parts.append(_results_table(sec.get("results", [])))
     if sec.get("skipped_T"):
-        parts.append(f"<p>Skipped (time budget): T = {_fmt(sec['skipped_T'])}.</p>")
+        skipped = ", ".join(f"{d['learner']} T={d['T']}" if isinstance(d, dict) else str(d) for d in sec["skipped_T"])
+        parts.append(f"<p>Skipped (time budget): {escape(skipped)}.</p>")
     parts.append(_fits_html(sec, str(model)))
     con = sec.get("contrast")
     if con and con.get("results"):
