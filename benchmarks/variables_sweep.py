@@ -1,7 +1,7 @@
 """Variable creation benchmark: m*(T) of the bounded-norm attention head vs an MLP contrast, law fits, probe.
 
 Default (GPU): balanced sparse AND, s = 3, T = 16 .. 4096 (9 values), 9 seeds; the bounded-norm one-layer
-attention head (the class of the log T theorem; norms projected after each step) and, on the same tasks and
+attention head (3 restarts per run, the lowest training loss kept) (the class of the log T theorem; norms projected after each step) and, on the same tasks and
 protocol, a ReLU MLP on the flattened bits trained with SGD (T <= 1024); a norm/sample trade-off at T = 256;
 the readout-attention probe at the largest T. m* per seed = smallest train size from which every larger
 tried size reaches 0.95 test accuracy; m*(T) = median over seeds with a bootstrap CI; fits with bootstrap
@@ -35,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--T", type=int, nargs="+", default=None, help="context lengths (default 16 32 ... 4096)")
     ap.add_argument("--seeds", type=int, default=None, help="number of seeds (default 9; quick 5)")
     ap.add_argument("--max-steps", type=int, default=None, help="optimiser steps per run (default 1500; quick 300)")
+    ap.add_argument("--restarts", type=int, default=None, help="bounded head: inits per (m, seed), lowest train loss kept (default 3; quick 2)")
     ap.add_argument("--contrast-max-T", type=int, default=None, help="contrast only up to this T (default 1024)")
     ap.add_argument("--norm-sweep", type=float, nargs="*", default=None,
                     help="qk bounds of the trade-off sweep (default 1 2 4 8 16 64; quick 2 16)")
@@ -62,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
         nT = args.norm_T or 256
     budget = args.budget_s if args.budget_s is not None else (None if args.quick else 420.0)
     torch.backends.cuda.matmul.allow_tf32 = False  # float32 matmuls: the bounded logits are small and exact enough
-    bounded = EnsembleConfig(kind="bounded", max_steps=steps, n_test=n_test, bounds=Bounds())
+    restarts = args.restarts or (2 if args.quick else 3)
+    bounded = EnsembleConfig(kind="bounded", max_steps=steps, n_test=n_test, bounds=Bounds(), restarts=restarts)
     mlp = EnsembleConfig(kind="mlp", lr=0.05, max_steps=steps, n_test=n_test)
     search = SearchConfig(threshold=0.95, m_min=4 if args.quick else 8, m_max=4096 if args.quick else 65536,
                           rtol=0.1 if args.quick else 0.05, n_boot=1000)

@@ -143,8 +143,8 @@ def fit_laws(T: Sequence[float], m: Sequence[float], per_seed: Optional[Sequence
              n_boot: int = 1000, level: float = 0.95, c_poly: float = 0.25, seed: int = 0) -> FitReport:
     """Fit m against a + b log T and a + b T^c with CIs and a verdict (module docstring).
 
-    ``per_seed[i]`` holds the per-seed m* at ``T[i]`` (None = not learned); with it, CIs come from a
-    bootstrap over seeds, else from the least-squares covariance.
+    ``per_seed[i]`` holds the per-seed m* at ``T[i]`` (None = not learned); with it (and >= 3 seeds at
+    every T), CIs come from a bootstrap over seeds, else from the least-squares fit (t / profile F).
     """
     from scipy import stats
 
@@ -174,7 +174,7 @@ def fit_laws(T: Sequence[float], m: Sequence[float], per_seed: Optional[Sequence
     power_fit = _score("power", {"a": a_bc - b_bc / c, "b": b_bc / c, "c": c}, T_arr, y,
                        pred=_box_cox(logT, a_bc, b_bc, c))
     alpha = (1 - level) / 2
-    if per_seed is not None and n_boot > 0:
+    if per_seed is not None and n_boot > 0 and min(len(p) for p in per_seed) >= 3:  # fewer seeds: t intervals
         method = "bootstrap"
         rng = np.random.default_rng(seed)
         bs: dict[str, list[float]] = {"a": [], "b": [], "c": [], "r2": []}
