@@ -69,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     search = SearchConfig(threshold=0.95, m_min=4 if args.quick else 8, m_max=4096 if args.quick else 65536,
                           rtol=0.1 if args.quick else 0.05, n_boot=1000)
     cfg = SweepConfig(task=args.task, s=args.s, Ts=Ts, seeds=seeds, bounded=bounded, mlp=mlp, contrast="mlp",
-                      contrast_max_T=cmax, search=search, norm_sweep=nsweep, norm_T=nT, budget_s=budget)
+                      contrast_max_T=cmax, search=search, norm_sweep=nsweep, norm_T=nT, budget_s=budget,
+                      max_members=96 if args.quick else 512)
     t0 = time.perf_counter()
     sec = run_sweep(cfg, args.out, device=args.device, resume=args.resume, log=lambda s: print(s, flush=True))
     wall = time.perf_counter() - t0
