@@ -28,18 +28,18 @@ from pathlib import Path
 def main(argv: list[str] | None = None) -> int:
     """Run the sweep, print the tables and the targets; returns a process exit code."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="CPU smoke run: T = 8..128, 5 seeds, short training")
+    ap.add_argument("--quick", action="store_true", help="CPU smoke run: T = 4..64, s = 2, 3 seeds, short training")
     ap.add_argument("--device", default="auto", help="cpu | cuda | auto (default auto)")
     ap.add_argument("--task", default="and", help="and | majority | parity | or | random (default and)")
-    ap.add_argument("--s", type=int, default=3, help="relevant bits (default 3)")
+    ap.add_argument("--s", type=int, default=None, help="relevant bits (default 3; quick 2)")
     ap.add_argument("--T", type=int, nargs="+", default=None, help="context lengths (default 16 32 ... 4096)")
-    ap.add_argument("--seeds", type=int, default=None, help="number of seeds (default 9; quick 5)")
-    ap.add_argument("--max-steps", type=int, default=None, help="optimiser steps per run (default 1500; quick 300)")
-    ap.add_argument("--restarts", type=int, default=None, help="bounded head: inits per (m, seed), lowest train loss kept (default 3; quick 2)")
-    ap.add_argument("--contrast-max-T", type=int, default=None, help="contrast only up to this T (default 1024)")
+    ap.add_argument("--seeds", type=int, default=None, help="number of seeds (default 9; quick 3)")
+    ap.add_argument("--max-steps", type=int, default=None, help="optimiser steps per run (default 1500; quick 150)")
+    ap.add_argument("--restarts", type=int, default=None, help="bounded head: inits per (m, seed), lowest train loss kept (default 3; quick 1)")
+    ap.add_argument("--contrast-max-T", type=int, default=None, help="contrast only up to this T (default 1024; quick 64)")
     ap.add_argument("--norm-sweep", type=float, nargs="*", default=None,
                     help="qk bounds of the trade-off sweep (default 1 2 4 8 16 64; quick 2 16)")
-    ap.add_argument("--norm-T", type=int, default=None, help="T of the trade-off sweep (default 256; quick 32)")
+    ap.add_argument("--norm-T", type=int, default=None, help="T of the trade-off sweep (default 256; quick 16)")
     ap.add_argument("--budget-s", type=float, default=None, help="start no new T after this many seconds (default 420)")
     ap.add_argument("--out", default="results/variables_sweep", help="run directory (default results/variables_sweep)")
     ap.add_argument("--resume", action="store_true", help="reuse finished trials in --out")
@@ -52,23 +52,24 @@ def main(argv: list[str] | None = None) -> int:
     from attnlab.variables.ensemble import Bounds, EnsembleConfig
     from attnlab.variables.experiment import SweepConfig, run_sweep
 
-    if args.quick:
+    if args.quick:  # a smoke run small enough for the default test suite
         torch.set_num_threads(1)
-        Ts, seeds, steps, n_test = args.T or [8, 16, 32, 64, 128], args.seeds or 5, args.max_steps or 300, 300
-        cmax, nsweep, nT = args.contrast_max_T or 128, [2.0, 16.0] if args.norm_sweep is None else args.norm_sweep, args.norm_T or 32
+        Ts, seeds, steps, n_test = args.T or [4, 8, 16, 32, 64], args.seeds or 3, args.max_steps or 150, 200
+        cmax, nsweep, nT = args.contrast_max_T or 64, [2.0, 16.0] if args.norm_sweep is None else args.norm_sweep, args.norm_T or 16
     else:
         Ts, seeds, steps, n_test = args.T or [16, 32, 64, 128, 256, 512, 1024, 2048, 4096], args.seeds or 9, args.max_steps or 1500, 1000
         cmax = args.contrast_max_T or 1024
         nsweep = [1.0, 2.0, 4.0, 8.0, 16.0, 64.0] if args.norm_sweep is None else args.norm_sweep
         nT = args.norm_T or 256
+    s_rel = args.s or (2 if args.quick else 3)
     budget = args.budget_s if args.budget_s is not None else (None if args.quick else 420.0)
     torch.backends.cuda.matmul.allow_tf32 = False  # float32 matmuls: the bounded logits are small and exact enough
-    restarts = args.restarts or (2 if args.quick else 3)
+    restarts = args.restarts or (1 if args.quick else 3)
     bounded = EnsembleConfig(kind="bounded", max_steps=steps, n_test=n_test, bounds=Bounds(), restarts=restarts)
     mlp = EnsembleConfig(kind="mlp", lr=0.05, max_steps=steps, n_test=n_test)
-    search = SearchConfig(threshold=0.95, m_min=4 if args.quick else 8, m_max=4096 if args.quick else 65536,
+    search = SearchConfig(threshold=0.95, m_min=4 if args.quick else 8, m_max=1024 if args.quick else 65536,
                           rtol=0.1 if args.quick else 0.05, n_boot=1000)
-    cfg = SweepConfig(task=args.task, s=args.s, Ts=Ts, seeds=seeds, bounded=bounded, mlp=mlp, contrast="mlp",
+    cfg = SweepConfig(task=args.task, s=s_rel, Ts=Ts, seeds=seeds, bounded=bounded, mlp=mlp, contrast="mlp",
                       contrast_max_T=cmax, search=search, norm_sweep=nsweep, norm_T=nT, budget_s=budget,
                       max_members=96 if args.quick else 512)
     t0 = time.perf_counter()
@@ -78,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     name = torch.cuda.get_device_name() if dev.startswith("cuda") else "cpu"
     label = "CPU SMOKE RUN (small T, short training; not the benchmark numbers)" if args.quick else "benchmark"
 
-    print(f"\n[{label}] {args.task} s={args.s}, {seeds} seeds, threshold 0.95; device {dev} ({name}); wall {wall:.0f} s")
+    print(f"\n[{label}] {args.task} s={s_rel}, {seeds} seeds, threshold 0.95; device {dev} ({name}); wall {wall:.0f} s")
     for title, block in (("bounded-norm head", sec), ("contrast: MLP on flattened bits", sec.get("contrast") or {})):
         print(f"\n{title}")
         print(f"{'T':>6} {'m*':>8} {'95% CI':>18}  per-seed m*")
