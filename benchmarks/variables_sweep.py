@@ -1,7 +1,7 @@
 """Variable creation benchmark: m*(T) of the bounded-norm attention head vs an MLP contrast, law fits, probe.
 
 Default (GPU): balanced sparse AND, s = 3, T = 16 .. 4096 (9 values), 9 seeds; the bounded-norm one-layer
-attention head (3 restarts per run, the lowest training loss kept) (the class of the log T theorem; norms projected after each step) and, on the same tasks and
+attention head (2 restarts per run, the lowest training loss kept) (the class of the log T theorem; norms projected after each step) and, on the same tasks and
 protocol, a ReLU MLP on the flattened bits trained with SGD (T <= 1024); a norm/sample trade-off at T = 256;
 the readout-attention probe at the largest T. m* per seed = smallest train size from which every larger
 tried size reaches 0.95 test accuracy; m*(T) = median over seeds with a bootstrap CI; fits with bootstrap
@@ -34,8 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--s", type=int, default=None, help="relevant bits (default 3; quick 2)")
     ap.add_argument("--T", type=int, nargs="+", default=None, help="context lengths (default 16 32 ... 4096)")
     ap.add_argument("--seeds", type=int, default=None, help="number of seeds (default 9; quick 3)")
-    ap.add_argument("--max-steps", type=int, default=None, help="optimiser steps per run (default 1500; quick 150)")
-    ap.add_argument("--restarts", type=int, default=None, help="bounded head: inits per (m, seed), lowest train loss kept (default 3; quick 1)")
+    ap.add_argument("--max-steps", type=int, default=None, help="optimiser steps per run (default 2000; quick 150)")
+    ap.add_argument("--restarts", type=int, default=None, help="bounded head: inits per (m, seed), lowest train loss kept (default 2; quick 1)")
+    ap.add_argument("--no-contrast", action="store_true", help="skip the MLP contrast")
     ap.add_argument("--contrast-max-T", type=int, default=None, help="contrast only up to this T (default 1024; quick 64)")
     ap.add_argument("--norm-sweep", type=float, nargs="*", default=None,
                     help="qk bounds of the trade-off sweep (default 1 2 4 8 16 64; quick 2 16)")
@@ -57,19 +58,19 @@ def main(argv: list[str] | None = None) -> int:
         Ts, seeds, steps, n_test = args.T or [4, 8, 16, 32, 64], args.seeds or 3, args.max_steps or 150, 200
         cmax, nsweep, nT = args.contrast_max_T or 64, [2.0, 16.0] if args.norm_sweep is None else args.norm_sweep, args.norm_T or 16
     else:
-        Ts, seeds, steps, n_test = args.T or [16, 32, 64, 128, 256, 512, 1024, 2048, 4096], args.seeds or 9, args.max_steps or 1500, 1000
+        Ts, seeds, steps, n_test = args.T or [16, 32, 64, 128, 256, 512, 1024, 2048, 4096], args.seeds or 9, args.max_steps or 2000, 1000
         cmax = args.contrast_max_T or 1024
         nsweep = [1.0, 2.0, 4.0, 8.0, 16.0, 64.0] if args.norm_sweep is None else args.norm_sweep
         nT = args.norm_T or 256
     s_rel = args.s or (2 if args.quick else 3)
     budget = args.budget_s if args.budget_s is not None else (None if args.quick else 420.0)
     torch.backends.cuda.matmul.allow_tf32 = False  # float32 matmuls: the bounded logits are small and exact enough
-    restarts = args.restarts or (1 if args.quick else 3)
+    restarts = args.restarts or (1 if args.quick else 2)
     bounded = EnsembleConfig(kind="bounded", max_steps=steps, n_test=n_test, bounds=Bounds(), restarts=restarts)
     mlp = EnsembleConfig(kind="mlp", lr=0.05, max_steps=steps, n_test=n_test)
     search = SearchConfig(threshold=0.95, m_min=4 if args.quick else 8, m_max=1024 if args.quick else 65536,
                           rtol=0.1 if args.quick else 0.05, n_boot=1000)
-    cfg = SweepConfig(task=args.task, s=s_rel, Ts=Ts, seeds=seeds, bounded=bounded, mlp=mlp, contrast="mlp",
+    cfg = SweepConfig(task=args.task, s=s_rel, Ts=Ts, seeds=seeds, bounded=bounded, mlp=mlp, contrast="none" if args.no_contrast else "mlp",
                       contrast_max_T=cmax, search=search, norm_sweep=nsweep, norm_T=nT, budget_s=budget,
                       max_members=96 if args.quick else 512)
     t0 = time.perf_counter()

@@ -188,8 +188,9 @@ class EnsembleConfig:
 
     No held-out data is used for training or model selection: each run is monitored on (at most
     ``n_monitor`` of) its own training examples, keeps the weights of lowest training loss, stops after
-    ``patience`` evaluations without a relative improvement of 1e-3 (or at train accuracy 1 and loss
-    below ``stop_loss``), and among ``restarts`` initialisations the one of lowest training loss is
+    ``patience`` evaluations without a relative improvement of 1e-3 once the loss has fallen below 0.9 x
+    its first value (a run still on the initial plateau trains on), or at train accuracy 1 and loss below
+    ``stop_loss``; and among ``restarts`` initialisations the one of lowest training loss is
     kept. The test set (``n_test`` fresh examples) is only used to measure.
     """
 
@@ -300,7 +301,7 @@ def train_ensemble(members: Sequence[Member], cfg: EnsembleConfig, device: str |
     done = torch.zeros(E, dtype=torch.bool, device=dev)
     snap = {k: p.detach().clone() for k, p in model.named_parameters()}
     rows = mt.view(E, 1)
-    step = 0
+    step, first = 0, None
     for step in range(1, cfg.max_steps + 1):
         idx = batches[step - 1]
         xb, yb = tx[rows, idx], ty[rows, idx]  # (E, B, N), (E, B)
@@ -313,11 +314,16 @@ def train_ensemble(members: Sequence[Member], cfg: EnsembleConfig, device: str |
             model.project(bounds)
         if step % cfg.eval_every == 0 or step == cfg.max_steps:
             acc, tl = _evaluate(model, tx, ty, mt, n_mon, cfg.eval_chunk)
+            if first is None:
+                first = tl.clone()
             better = (tl < best * (1 - 1e-3)) & ~done
             best = torch.where(better, tl, best)
             best_acc = torch.where(better, acc, best_acc)
             best_step = torch.where(better, torch.full_like(best_step, step), best_step)
-            stale = torch.where(better, torch.zeros_like(stale), stale + 1)
+            # patience only counts once the loss has left its initial plateau: a run still sitting at the
+            # saddle (loss ~ ln 2, common at large T and large m) keeps training up to max_steps
+            moved = best < 0.9 * first
+            stale = torch.where(better | ~moved, torch.zeros_like(stale), stale + 1)
             with torch.no_grad():
                 for k, p in model.named_parameters():
                     snap[k] = torch.where(better.view(-1, *[1] * (p.dim() - 1)), p.detach(), snap[k])
