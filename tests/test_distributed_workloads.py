@@ -131,3 +131,47 @@ def test_more_processes_than_work_items_is_a_config_error():
 
     with pytest.raises(ConfigError, match="--windows 1"):
         require_work_per_rank(1, DistInfo(0, 2), "--windows")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# variables sweep
+# ------------------------------------------------------------------------------------------------------------
+
+SWEEP = ["--task", "and", "--seeds", "2", "--m-min", "4", "--m-max", "64", "--rtol", "0.3",
+         "--max-steps", "40", "--n-test", "64", "--contrast", "none", "--no-probe", "--device", "cpu"]
+
+
+def _sweep_trials(run: Path) -> dict:
+    from attnlab.io import read_json
+
+    return read_json(run / "variables_trials.json")["trials"]
+
+
+def test_variables_sweep_two_processes_equal_single_and_resume(tmp_path):
+    """Trials of each round sharded over 2 ranks: the same trials and accuracies as one process; a torchrun
+    --resume with one more T reuses the saved trials (rank 0 merged them) and trains only the new T's.
+    (No --s flag: torchrun's own parser would take '--s' for an abbreviation of its options.)"""
+    from typer.testing import CliRunner
+
+    from attnlab.cli import app
+
+    single = CliRunner().invoke(app, ["variables", "sweep", *SWEEP, "--T", "4", "--T", "8", "--out",
+                                      str(tmp_path / "single")])
+    assert single.exit_code == 0, single.output
+    dist = tmp_path / "dist"
+    torchrun(["-m", "attnlab", "variables", "sweep", *SWEEP, "--T", "4", "--out", str(dist)])
+    first = _sweep_trials(dist)
+    assert first and all(r["T"] == 4 for r in first.values())
+    torchrun(["-m", "attnlab", "variables", "sweep", *SWEEP, "--T", "4", "--T", "8", "--resume", "--out", str(dist)])
+    a, b = _sweep_trials(tmp_path / "single"), _sweep_trials(dist)
+    assert sorted(a) == sorted(b)
+    for k in a:
+        assert a[k]["accuracy"] == pytest.approx(b[k]["accuracy"], abs=1e-9), k
+        assert a[k]["train_loss"] == pytest.approx(b[k]["train_loss"], rel=1e-4, abs=1e-6), k
+    for k, r in first.items():  # resumed trials were reused, not retrained
+        assert b[k] == r
+    from attnlab.io import RunDir
+
+    sa, sb = RunDir(tmp_path / "single").results()["variables"], RunDir(dist).results()["variables"]
+    assert [r["m_star"] for r in sa["results"]] == [r["m_star"] for r in sb["results"]]
+    assert sb["world_size"] == 2

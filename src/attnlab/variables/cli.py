@@ -152,6 +152,10 @@ def sweep(
         section = run_sweep(cfg, out, device=device, resume=resume, log=typer.echo)
     except AttnlabError as e:
         fail(e)
+    from ..distributed import is_main_process
+
+    if not is_main_process():  # torchrun: rank 0 reports
+        return
     fits = section.get("fits")
     verdict = f"{fits['verdict']} ({fits['reason']})" if fits else f"no fit ({section.get('fit_error')})"
     typer.echo(f"law: {verdict}; results in {out}/results.json (section 'variables')")

@@ -68,10 +68,12 @@ def trial_key(T: int, m: int, seed: int) -> str:
 
 
 class TrialStore:
-    """Trials saved atomically to one JSON file after each result; ``fingerprint`` guards resumes."""
+    """Trials saved atomically to one JSON file after each result; ``fingerprint`` guards resumes. ``write=False``
+    keeps them in memory only (torchrun ranks other than 0: rank 0 saves the merged trials)."""
 
-    def __init__(self, path: Union[str, Path], fingerprint: Optional[Mapping[str, Any]] = None, resume: bool = True):
-        self.path = Path(path)
+    def __init__(self, path: Union[str, Path], fingerprint: Optional[Mapping[str, Any]] = None, resume: bool = True,
+                 write: bool = True):
+        self.path, self.write = Path(path), write
         self.fingerprint = dict(fingerprint or {})
         self.trials: dict[str, dict[str, Any]] = {}
         if resume and self.path.exists():
@@ -94,7 +96,8 @@ class TrialStore:
         """Store several trials (each with T, m, seed keys) in one atomic rewrite."""
         for r in records:
             self.trials[trial_key(r["T"], r["m"], r["seed"])] = dict(r)
-        write_json(self.path, {"fingerprint": self.fingerprint, "trials": self.trials})
+        if self.write:
+            write_json(self.path, {"fingerprint": self.fingerprint, "trials": self.trials})
 
 
 def median_ci(values: Sequence[Optional[float]], n_boot: int = 2000, level: float = 0.95, seed: int = 0
@@ -157,6 +160,28 @@ def _interior(lo: int, hi: int, k: int) -> list[int]:
     pts = {int(round(lo * (hi / lo) ** (j / (k + 1)))) for j in range(1, k + 1)}
     pts = sorted(p for p in pts if lo < p < hi)
     return pts or [(lo + hi) // 2]
+
+
+def distributed_learner(learner: Learner, info: Any) -> Learner:
+    """Under torchrun: a batched learner that trains this rank's round-robin share of each round's (m, seed)
+    trials and returns every rank's records in the round's order (all ranks get them, so all take the same next
+    round). ``info`` is an :class:`attnlab.distributed.DistInfo`; the learner itself in a single process."""
+    if not info.enabled:
+        return learner
+    from ..distributed import gather_ordered, shard
+
+    def learn(T: int, pairs: list[tuple[int, int]]) -> list[Any]:
+        mine = shard(pairs, info)
+        if not mine:
+            outs: list[Any] = []
+        elif getattr(learner, "batched", False):
+            outs = list(learner(T, mine))
+        else:
+            outs = [learner(T, *p) for p in mine]
+        return gather_ordered(outs, len(pairs), info, to_all=True)
+
+    learn.batched = True  # type: ignore[attr-defined]
+    return learn
 
 
 def _run_round(learner: Learner, T: int, pairs: list[tuple[int, int]], store: Optional[TrialStore]

@@ -4,6 +4,10 @@ the norm/sample trade-off, the attention probe, plots.
 Results go to the run directory: trials in ``variables_trials.json`` (main model),
 ``variables_contrast_trials.json`` and ``variables_norm_trials.json`` (one write per round, resumable),
 the summary in the ``variables`` section of ``results.json`` (rewritten after every T), plots as PNG.
+
+Under ``torchrun`` every round's (m, seed) trials are sharded round-robin over the ranks (one GPU each); all ranks
+receive every record and take the same next round, rank 0 saves the merged trials (once per round) and writes
+the section, fits, probe and plots. A resume reads the saved trials on every rank.
 """
 
 from __future__ import annotations
@@ -13,9 +17,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
+from ..distributed import DistInfo, broadcast_object, device_for, init_distributed
 from ..errors import AttnlabError, ConfigError
 from ..io import RunDir
-from .complexity import Learner, SearchConfig, TrialStore, sample_complexity
+from .complexity import Learner, SearchConfig, TrialStore, distributed_learner, sample_complexity
 from .ensemble import Bounds, EnsembleConfig, Member, train_ensemble
 from .fit import MIN_POINTS
 from .tasks import make_task
@@ -153,23 +158,39 @@ def _log_result(log: Callable[[str], None], name: str, d: dict[str, Any]) -> Non
 def run_sweep(
     cfg: SweepConfig, out: Union[str, Path, RunDir], device: str = "cpu", resume: bool = False,
     learner: Optional[Learner] = None, log: Callable[[str], None] = print, plots: bool = True,
-    contrast_learner: Optional[Learner] = None,
+    contrast_learner: Optional[Learner] = None, info: Optional[DistInfo] = None,
 ) -> dict[str, Any]:
-    """Run the sweeps (model, contrast, norm trade-off), fit, probe and plot; write and return the section."""
+    """Run the sweeps (model, contrast, norm trade-off), fit, probe and plot; write and return the section
+    (under torchrun: trials sharded over ranks, rank 0 writes; other ranks return the section without analysis)."""
     run = out if isinstance(out, RunDir) else RunDir(out)
-    dev = str(resolve_device(device))
-    learner = learner or make_learner(cfg, dev)
+    base = str(resolve_device(device))
+    info = info or init_distributed(base)
+    dev = device_for(info, base)  # 'cuda' -> 'cuda:<local rank>' under torchrun
+    learner = distributed_learner(learner or make_learner(cfg, dev), info)
     if cfg.contrast == "mlp" and contrast_learner is None:
         contrast_learner = ensemble_learner(cfg, cfg.mlp, dev)
+    if contrast_learner is not None:
+        contrast_learner = distributed_learner(contrast_learner, info)
+    if not info.is_main:
+        log = lambda _: None  # noqa: E731
     cfg_dict = asdict(cfg)
-    run.write_config(SECTION, {**cfg_dict, "device": dev})
-    store = TrialStore(run.file(TRIALS_FILE), cfg.fingerprint(cfg.model), resume=resume)
-    c_store = TrialStore(run.file(CONTRAST_TRIALS_FILE), cfg.fingerprint("mlp"), resume=resume)
+    if info.is_main:
+        run.write_config(SECTION, {**cfg_dict, "device": dev})
+    store = TrialStore(run.file(TRIALS_FILE), cfg.fingerprint(cfg.model), resume=resume, write=info.is_main)
+    c_store = TrialStore(run.file(CONTRAST_TRIALS_FILE), cfg.fingerprint("mlp"), resume=resume, write=info.is_main)
     if len(cfg.Ts) < MIN_POINTS:
         log(f"note: {len(cfg.Ts)} values of --T; the law fits need at least {MIN_POINTS} with a reached m*")
     t0 = time.perf_counter()
     section: dict[str, Any] = {"config": cfg_dict, "device": dev, "model": cfg.model, "results": [],
-                               "skipped_T": [], "contrast": None}
+                               "skipped_T": [], "contrast": None, "world_size": info.world_size}
+
+    def over_budget() -> bool:  # rank 0's clock decides, so every rank skips the same T
+        return broadcast_object(cfg.budget_s is not None and time.perf_counter() - t0 > cfg.budget_s, info)
+
+    def write() -> None:
+        if info.is_main:
+            run.write_section(SECTION, section)
+
     if cfg.contrast != "none":
         section["contrast"] = {"model": cfg.contrast, "results": []}
     seeds = cfg.seed_list()
@@ -180,7 +201,7 @@ def run_sweep(
         plan.append((cfg.contrast, section["contrast"]["results"], contrast_learner, c_store, cts))
     for name, results, lrn, st, Ts in plan:
         for T in Ts:
-            if cfg.budget_s is not None and time.perf_counter() - t0 > cfg.budget_s:
+            if over_budget():
                 section["skipped_T"].append({"learner": name, "T": T})
                 continue
             t1 = time.perf_counter()
@@ -188,18 +209,20 @@ def run_sweep(
             results.append(d)
             _log_result(log, name, d)
             section["wall_s"] = round(time.perf_counter() - t0, 2)
-            run.write_section(SECTION, section)
-    if cfg.norm_sweep and (cfg.budget_s is None or time.perf_counter() - t0 <= cfg.budget_s):
-        _norm_sweep(cfg, run, section, dev, resume, log)
-        run.write_section(SECTION, section)
-    _analyse(cfg, run, section, dev, log, plots)
+            write()
+    if cfg.norm_sweep and not over_budget():
+        _norm_sweep(cfg, run, section, dev, resume, log, info)
+        write()
+    section["sweep_s"] = round(time.perf_counter() - t0, 2)  # the trials alone (what torchrun spreads)
+    if info.is_main:
+        _analyse(cfg, run, section, dev, log, plots)
     section["wall_s"] = round(time.perf_counter() - t0, 2)
-    run.write_section(SECTION, section)
+    write()
     return section
 
 
 def _norm_sweep(cfg: SweepConfig, run: RunDir, section: dict[str, Any], device: str, resume: bool,
-                log: Callable[[str], None]) -> None:
+                log: Callable[[str], None], info: Optional[DistInfo] = None) -> None:
     """m* at one T for each qk bound in ``cfg.norm_sweep`` (other bounds unchanged)."""
     T = cfg.norm_T or cfg.Ts[len(cfg.Ts) // 2]
     out: dict[str, Any] = {"T": T, "bound": "qk", "results": []}
@@ -207,14 +230,17 @@ def _norm_sweep(cfg: SweepConfig, run: RunDir, section: dict[str, Any], device: 
     base = cfg.bounded.bounds or Bounds(emb=None, qk=None, v=None, out=None)
     for b in cfg.norm_sweep:
         ens = EnsembleConfig(**{**asdict(cfg.bounded), "bounds": Bounds(**{**asdict(base), "qk": b})})
+        info = info or DistInfo()
         store = TrialStore(run.file(NORM_TRIALS_FILE.replace(".json", f"_qk{b:g}.json")),
-                           {**cfg.fingerprint("bounded"), "train": asdict(ens)}, resume=resume)
+                           {**cfg.fingerprint("bounded"), "train": asdict(ens)}, resume=resume, write=info.is_main)
         t1 = time.perf_counter()
-        d = _summary(sample_complexity(ensemble_learner(cfg, ens, device), T, cfg.seed_list(), cfg.search, store), t1)
+        lrn = distributed_learner(ensemble_learner(cfg, ens, device), info)
+        d = _summary(sample_complexity(lrn, T, cfg.seed_list(), cfg.search, store), t1)
         d["qk_bound"] = b
         out["results"].append(d)
         _log_result(log, f"qk<={b:g}", d)
-        run.write_section(SECTION, section)
+        if info.is_main:
+            run.write_section(SECTION, section)
 
 
 def _fit_into(target: dict[str, Any], results: list[dict[str, Any]], log: Callable[[str], None], name: str) -> None:
