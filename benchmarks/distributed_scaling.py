@@ -9,6 +9,8 @@ Workloads (``--workload``, several allowed):
   prefill   `attnlab sparsity prefill` on the trained reference LM (`attnlab lm train` preset 'gpu', cached under
             --cache; an untrained 'tiny' one in --quick): held-out windows sharded, per-head records gathered; work unit = windows.
             Default size: 32 windows of 16384 tokens.
+  variables `attnlab variables sweep` (bounded-norm head, no contrast/probe): each search round's (m, seed) trials
+            sharded; work unit = trials. Default: T = 64..2048, 8 seeds, m up to 65536.
 
 Time counted: each run's own timed section (`seconds`: streaming + merge), not process start, imports, model
 loading or tokenisation, which every rank repeats. Defaults aim at >= 30 s of timed work on one GPU; they were
@@ -89,8 +91,20 @@ def prefill(a: argparse.Namespace, k: int, out: Path, env: dict[str, str]) -> di
             "check": {"recall_min_head": s["recall_min_head"], "loss_delta": s["loss_delta"]}}
 
 
+def variables(a: argparse.Namespace, k: int, out: Path, env: dict[str, str]) -> dict[str, Any]:
+    """`attnlab variables sweep` (bounded-norm head, no contrast, no probe): trials/s of the m*(T) search."""
+    Ts = [x for t in a.var_T for x in ("--T", str(t))]
+    _torchrun(k, ["variables", "sweep", *Ts, "--seeds", str(a.var_seeds), "--m-max", str(a.var_m_max),
+                  "--max-steps", str(a.var_max_steps), "--n-test", str(a.var_n_test), "--contrast", "none",
+                  "--no-probe", "--device", a.device, "--out", str(out)], env)
+    sec = RunDir(out).results()["variables"]
+    trials = read_json(out / "variables_trials.json")["trials"]
+    return {"seconds": sec["sweep_s"], "work": len(trials), "unit": "trials",
+            "check": {"m_star": [r["m_star"] for r in sec["results"]]}}
+
+
 WORKLOADS: dict[str, Callable[[argparse.Namespace, int, Path, dict[str, str]], dict[str, Any]]] = {
-    "spectrum": spectrum, "prefill": prefill}
+    "spectrum": spectrum, "prefill": prefill, "variables": variables}
 
 
 def main() -> None:
@@ -114,6 +128,12 @@ def main() -> None:
     p.add_argument("--block-size", type=int, default=128)
     p.add_argument("--rows", type=int, default=256)
     p.add_argument("--reps", type=int, default=3)
+    # variables
+    p.add_argument("--var-T", type=int, nargs="+", default=[64, 128, 256, 512, 1024, 2048])
+    p.add_argument("--var-seeds", type=int, default=8)
+    p.add_argument("--var-m-max", type=int, default=65536)
+    p.add_argument("--var-max-steps", type=int, default=1500)
+    p.add_argument("--var-n-test", type=int, default=1000)
     p.add_argument("--quick", action="store_true", help="CPU/gloo smoke run at tiny sizes")
     p.add_argument("--out", default=str(ROOT / "results" / "distributed_scaling"))
     a = p.parse_args()
@@ -121,6 +141,7 @@ def main() -> None:
         a.device = "cpu"
         a.n_sequences, a.seq_len, a.batch_size = 16, 32, 4
         a.prefill_seq_len, a.windows, a.block_size, a.rows, a.reps = 64, 4, 16, 16, 1
+        a.var_T, a.var_seeds, a.var_m_max, a.var_max_steps, a.var_n_test = [4, 8], 2, 64, 40, 64
     workloads = a.workload or (sorted(WORKLOADS) if a.quick else ["spectrum"])
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""),
            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "HF_HUB_OFFLINE": "1"}
