@@ -17,6 +17,10 @@ def run(
     model: str = typer.Option("minilm", help="HF hub id (cached), local folder, or 'minilm'."),
     out: str = typer.Option("runs/reconstruct", help="Run directory (results.json section 'reconstruct', PNGs)."),
     budget: str = typer.Option("0.25", help="Exact pairs per row: a fraction in (0, 1] (0.25) or a count (32)."),
+    compute: Optional[float] = typer.Option(None, help="Choose 'best' at this total compute, a fraction in (0, 1] of the "
+                                            "dense QK^T multiply-adds (pairs + proxy + projections + row mean + "
+                                            "selection + estimator), instead of at --budget."),
+    frontier: bool = typer.Option(True, help="Evaluate worst-layer TV against total compute for every method family."),
     budgets: List[str] = typer.Option(["0.0625", "0.125", "0.25", "0.5"], help="Budgets of the sweep (repeat or comma list)."),
     estimators: List[str] = typer.Option(["gaussian", "basis", "mean", "none", "proxy", "proxy+gaussian"],
                                          help="Estimators (comma list)."),
@@ -49,12 +53,13 @@ def run(
                           budgets=[parse_budget(b) for b in split_words(budgets) or []],
                           estimators=split_words(estimators), selections=split_words(selections), seq_len=seq_len, n_fit=n_fit,
                           n_eval=n_eval, k=k, ridge=ridge, jitter=jitter, proxy=proxy, proxy_rank=proxy_rank,
-                          position=position, dropin=dropin, layers=[int(x) for x in split_words(layers)] if layers else None,
+                          position=position, dropin=dropin, compute=compute, frontier=frontier, layers=[int(x) for x in split_words(layers)] if layers else None,
                           fit_path=fit_path, spectrum=spectrum, corpus=corpus, batch_size=batch_size, seed=seed)
     except AttnlabError as e:
         fail(e)
     typer.echo(format_table(res["table"]))
-    typer.echo(f"best {res['best']}: worst-layer TV {res['best_worst_layer_tv']:.4f} (target 0.05); results in {out}")
+    typer.echo(f"best {res['best']} (chosen at {res['best_chosen_at']}): worst-layer TV {res['best_worst_layer_tv']:.4f} "
+               f"(target 0.05) at total compute {res['best_compute']:.3f}; results in {out}")
 
 
 @app.command()
