@@ -99,6 +99,7 @@ def main() -> None:
     ap.add_argument("--selections", nargs="*", default=["random", "local", "leverage", "qr", "adaptive", "oracle"])
     ap.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
     ap.add_argument("--threads", type=int, default=2, help="torch threads")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (MiniLM from $ATTNLAB_MINILM_DIR when set)")
     ap.add_argument("--out", default="results/reconstruct_quality.json", help="JSON output")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -109,8 +110,11 @@ def main() -> None:
     from attnlab.capture.hf import load_model
 
     t0 = time.perf_counter()
-    hf = load_model("minilm")
-    out = {"settings": vars(a), "target": {"worst_layer_tv": TARGET_TV, "compute": TARGET_COMPUTE}, "runs": {}}
+    hf = load_model("minilm", device=a.device)
+    import os
+
+    out = {"settings": vars(a), "model_dir": os.environ.get("ATTNLAB_MINILM_DIR", "packaged"),
+           "device": torch.cuda.get_device_name(0) if a.device.startswith("cuda") else "cpu", "target": {"worst_layer_tv": TARGET_TV, "compute": TARGET_COMPUTE}, "runs": {}}
     path = Path(a.out)
     path.parent.mkdir(parents=True, exist_ok=True)
     for n in a.seq_lens:

@@ -101,7 +101,10 @@ def spectrum(
     layers: Optional[str] = LayersOpt, heads: Optional[str] = HeadsOpt,
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Windows per forward pass. [default: 8]"),
     sketch_size: Optional[int] = typer.Option(None, "--sketch-size",
-                                              help="Full-matrix sketch rows per head; 0 disables. [default: 16]"),
+                                              help="Whole-matrix sketch rows per head when not exact; 0 disables. [default: 16]"),
+    full_exact: Optional[int] = typer.Option(None, "--full-exact",
+                                             help="Exact whole-matrix spectra (keeps n-sequences x seq-len^2 floats per "
+                                                  "head) when --n-sequences is at most this. [default: 256]"),
     basis_k: Optional[int] = typer.Option(None, "--basis-k", help="Eigenvectors per basis for overlaps. [default: seq-len / 8]"),
     split: Optional[str] = typer.Option(None, "--split", help="fit | heldout | all documents. [default: fit]"),
     device: Optional[str] = DeviceOpt, seed: Optional[int] = SeedOpt,
@@ -121,7 +124,7 @@ def spectrum(
 
     defaults = {k: v for k, v in asdict(SpectrumConfig()).items()}
     s = settings(defaults, model=model, corpus=corpus, seq_len=seq_len, n_sequences=n_sequences,
-                 layers=layers, heads=heads, batch_size=batch_size, sketch_size=sketch_size, basis_k=basis_k,
+                 layers=layers, heads=heads, batch_size=batch_size, sketch_size=sketch_size, full_exact=full_exact, basis_k=basis_k,
                  split=split, device=device, seed=seed, checkpoint_every=checkpoint_every)
     s["layers"], s["heads"] = parse_int_list(s["layers"], "--layers"), parse_int_list(s["heads"], "--heads")
     name = s.pop("model")
