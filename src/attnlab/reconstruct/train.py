@@ -14,6 +14,7 @@ are read: this simulates the approximation's effect on learning; it does not mak
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -22,11 +23,12 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
-from ..capture.hf import AttentionCall
+from ..attention import AttentionCall
 from ..errors import ConfigError, CorpusError
 from ..models.attention import masked_softmax
 from ..models.transformer import SmallTransformer, TransformerConfig
 from ..seeding import seed_everything
+from ..sources.small import SmallSource
 from .evaluate import Combo, Method
 from .fit import fit_from_windows
 
@@ -98,24 +100,16 @@ def char_windows(seq_len: int, split: str, max_chars: int) -> torch.Tensor:
     return torch.frombuffer(bytearray(buf[: m * seq_len]), dtype=torch.uint8).long().view(m, seq_len)
 
 
-class ReconstructedOverride:
-    """SmallTransformer attention override that applies one reconstruction method to every head."""
+class ReconstructedAttention:
+    """Attention handler that applies one reconstruction method to every head (softmax of the estimates)."""
 
-    def __init__(self, method: Optional[Method]):
+    def __init__(self, method: Optional[Method] = None):
         self.method = method
 
-    def __call__(self, q, k, v, allowed, layer):
-        scale = q.shape[-1] ** -0.5
-        scores = (q @ k.transpose(-1, -2)) * scale  # (B, H, N, N)
-        if allowed is not None:
-            scores = scores.masked_fill(~allowed, float("-inf"))
-        if self.method is None:
-            probs = masked_softmax(scores, allowed)
-            return probs @ v, probs
-        call = AttentionCall(layer, q, k, v, allowed, None, scale)
-        est = torch.stack([self.method.reconstruct(call, h, scores[:, h]) for h in range(q.shape[1])], 1)
-        probs = masked_softmax(est, allowed)
-        return probs @ v, probs
+    def __call__(self, call: AttentionCall) -> torch.Tensor:
+        scores = call.scores()  # (B, H, N, N), -inf where masked
+        est = torch.stack([self.method.reconstruct(call, h, scores[:, h]) for h in range(call.n_heads)], 1)
+        return masked_softmax(est, call.valid) @ call.value
 
 
 def mlm_mask(ids: torch.Tensor, rate: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -133,7 +127,6 @@ def _loss(model: SmallTransformer, ids: torch.Tensor, labels: Optional[torch.Ten
 
 
 def _refit(model: SmallTransformer, windows: torch.Tensor, combo: Combo, budget, cfg: TrainConfig) -> Method:
-    model.set_override(None)
     resid = [(cfg.proxy, cfg.proxy_rank, cfg.seed)] if combo.estimator == "proxy+gaussian" else []
     fit = fit_from_windows(model, windows, batch_size=64, model_name="small-transformer", residual_proxies=resid)
     m = Method(fit, combo, 0, proxy=cfg.proxy, proxy_rank=cfg.proxy_rank, seed=cfg.seed, dtype=torch.float32)
@@ -176,39 +169,41 @@ def train_one(cfg: TrainConfig, train: torch.Tensor, heldout: torch.Tensor, comb
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps)))
     curve, held, t0 = [], [], time.perf_counter()
-    method = None
+    source = SmallSource(model)
+    attention = ReconstructedAttention()
     run_loss = None
     every = cfg.eval_every or cfg.log_every
-    for step in range(cfg.steps):
-        if combo is not None and step % cfg.refresh == 0:
-            pick = torch.randint(len(train), (min(cfg.refit_windows, len(train)),), generator=g)
-            fw = train[pick]
+    # reconstructed attention while training (the refit inside nests its own exact-attention hooks)
+    with source.hooks(attention) if combo is not None else contextlib.nullcontext():
+        for step in range(cfg.steps):
+            if combo is not None and step % cfg.refresh == 0:
+                pick = torch.randint(len(train), (min(cfg.refit_windows, len(train)),), generator=g)
+                fw = train[pick]
+                if mlm:
+                    fw = mlm_mask(fw, cfg.mask_rate, g)[0]
+                attention.method = _refit(model, fw.to(dev), combo, budget, cfg)
+            ids = train[torch.randint(len(train), (cfg.batch_size,), generator=g)]
+            labels = None
             if mlm:
-                fw = mlm_mask(fw, cfg.mask_rate, g)[0]
-            method = _refit(model, fw.to(dev), combo, budget, cfg)
-        model.set_override(ReconstructedOverride(method) if combo is not None else None)
-        ids = train[torch.randint(len(train), (cfg.batch_size,), generator=g)]
-        labels = None
-        if mlm:
-            ids, labels = mlm_mask(ids, cfg.mask_rate, g)
-            labels = labels.to(dev)
-        loss = _loss(model, ids.to(dev), labels)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        lv = float(loss.detach())
-        run_loss = lv if run_loss is None else 0.9 * run_loss + 0.1 * lv
-        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
-            curve.append({"step": step + 1, "train_loss": run_loss})
-        if (step + 1) % every == 0 or step + 1 == cfg.steps:
-            held.append({"step": step + 1, "heldout_loss": heldout_loss(model, heldout, labels=heldout_labels)})
+                ids, labels = mlm_mask(ids, cfg.mask_rate, g)
+                labels = labels.to(dev)
+            loss = _loss(model, ids.to(dev), labels)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            lv = float(loss.detach())
+            run_loss = lv if run_loss is None else 0.9 * run_loss + 0.1 * lv
+            if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+                curve.append({"step": step + 1, "train_loss": run_loss})
+            if (step + 1) % every == 0 or step + 1 == cfg.steps:  # with the attention it trains with
+                held.append({"step": step + 1, "heldout_loss": heldout_loss(model, heldout, labels=heldout_labels)})
+        method = attention.method
     res: dict[str, Any] = {"label": "full" if combo is None else combo.label, "budget": budget, "objective": objective,
                            "seed": seed, "budget_pairs": None if method is None else method.b, "curve": curve,
                            "heldout_curve": held}
     res["heldout_loss"] = held[-1]["heldout_loss"]  # with the attention it was trained with
-    model.set_override(None)
     res["heldout_loss_exact_attention"] = heldout_loss(model, heldout, labels=heldout_labels)
     res["seconds"] = round(time.perf_counter() - t0, 2)
     return res
@@ -237,7 +232,7 @@ def summarise_runs(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                "gap_to_full": _stats(gaps) if gaps else None, "curve_steps": steps,
                "curve_mean": [c["mean"] for c in curve], "curve_std": [c["std"] for c in curve],
                "compute": rs[0].get("compute")}
-        if row["gap_to_full"] and len(gaps) > 1:  # a gap is called real only when mean +- 2 sd/sqrt(n) excludes 0
+        if row["gap_to_full"] and len(gaps) > 1 and lab != "full":  # a gap is called real only when mean +- 2 sd/sqrt(n) excludes 0
             half = 2 * row["gap_to_full"]["std"] / len(gaps) ** 0.5
             m = row["gap_to_full"]["mean"]
             row["gap_verdict"] = "worse" if m - half > 0 else "better" if m + half < 0 else "inconclusive"
