@@ -20,7 +20,8 @@ def run(
     compute: Optional[float] = typer.Option(None, help="Choose 'best' at this total compute, a fraction in (0, 1] of the "
                                             "dense QK^T multiply-adds (pairs + proxy + projections + row mean + "
                                             "selection + estimator), instead of at --budget."),
-    frontier: bool = typer.Option(True, help="Evaluate worst-layer TV against total compute for every method family."),
+    frontier: bool = typer.Option(False, help="Evaluate worst-layer TV against total compute for every method family "
+                                  "(pair budgets x proxy ranks; --compute implies it)."),
     budgets: List[str] = typer.Option(["0.0625", "0.125", "0.25", "0.5"], help="Budgets of the sweep (repeat or comma list)."),
     estimators: List[str] = typer.Option(["gaussian", "basis", "mean", "none", "proxy", "proxy+gaussian"],
                                          help="Estimators (comma list)."),

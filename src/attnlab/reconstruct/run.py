@@ -54,7 +54,7 @@ class ReconstructConfig:
     fit_path: Optional[str] = None  # reuse a saved fit (file or run dir) instead of fitting
     spectrum: Optional[str] = None  # take row statistics from a spectrum run dir instead of fitting
     compute: Optional[float] = None  # choose 'best' at this total compute (fraction of dense QK^T), not at --budget
-    frontier: bool = True  # evaluate the TV-vs-total-compute frontier (families x budgets x ranks)
+    frontier: bool = False  # evaluate the TV-vs-total-compute frontier (families x budgets x ranks); --compute implies it
     frontier_ranks: list = field(default_factory=lambda: [2, 4, 8])  # proxy ranks of the frontier
     frontier_budgets: list = field(default_factory=lambda: [1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2])  # pair fractions
     families: Optional[list] = None  # frontier method families (None = all of frontier.FAMILIES)
