@@ -173,14 +173,15 @@ def train_one(cfg: TrainConfig, train: torch.Tensor, heldout: torch.Tensor, comb
     attention = ReconstructedAttention()
     run_loss = None
     every = cfg.eval_every or cfg.log_every
+    g_refit = torch.Generator().manual_seed(seed + 12_345)  # refits draw apart: every run sees the same batches
     # reconstructed attention while training (the refit inside nests its own exact-attention hooks)
     with source.hooks(attention) if combo is not None else contextlib.nullcontext():
         for step in range(cfg.steps):
             if combo is not None and step % cfg.refresh == 0:
-                pick = torch.randint(len(train), (min(cfg.refit_windows, len(train)),), generator=g)
+                pick = torch.randint(len(train), (min(cfg.refit_windows, len(train)),), generator=g_refit)
                 fw = train[pick]
                 if mlm:
-                    fw = mlm_mask(fw, cfg.mask_rate, g)[0]
+                    fw = mlm_mask(fw, cfg.mask_rate, g_refit)[0]
                 attention.method = _refit(model, fw.to(dev), combo, budget, cfg)
             ids = train[torch.randint(len(train), (cfg.batch_size,), generator=g)]
             labels = None
@@ -232,9 +233,12 @@ def summarise_runs(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                "gap_to_full": _stats(gaps) if gaps else None, "curve_steps": steps,
                "curve_mean": [c["mean"] for c in curve], "curve_std": [c["std"] for c in curve],
                "compute": rs[0].get("compute")}
-        if row["gap_to_full"] and len(gaps) > 1 and lab != "full":  # a gap is called real only when mean +- 2 sd/sqrt(n) excludes 0
-            half = 2 * row["gap_to_full"]["std"] / len(gaps) ** 0.5
+        if row["gap_to_full"] and len(gaps) > 1 and lab != "full":  # real only when the 95% t-interval excludes 0
+            from scipy.stats import t as student_t
+
+            half = float(student_t.ppf(0.975, len(gaps) - 1)) * row["gap_to_full"]["std"] / len(gaps) ** 0.5
             m = row["gap_to_full"]["mean"]
+            row["gap_ci95"] = [m - half, m + half]
             row["gap_verdict"] = "worse" if m - half > 0 else "better" if m + half < 0 else "inconclusive"
         out.append(row)
     return out
@@ -243,13 +247,14 @@ def summarise_runs(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def format_summary(summary: list[dict[str, Any]]) -> str:
     """Plain-text final gap table."""
     head = (f"{'objective':9s} {'method':24s} {'budget':>6s} {'compute':>7s}  {'held-out loss':>17s}  "
-            f"{'gap to full (paired)':>22s}  verdict")
+            f"{'gap to full (paired)':>22s}  {'95% CI':>19s}  verdict")
     lines = [head, "-" * len(head)]
     for r in summary:
         h, gp = r["heldout_loss"], r["gap_to_full"]
         comp = "" if r["compute"] is None else f"{r['compute']:.3f}"
         lines.append(f"{r['objective']:9s} {r['label']:24s} {str(r['budget']):>6s} {comp:>7s}  "
                      f"{h['mean']:.4f} ± {h['std']:.4f}  " + (f"{gp['mean']:+.4f} ± {gp['std']:.4f}" if gp else "-")
+                     + (f"  [{r['gap_ci95'][0]:+.4f}, {r['gap_ci95'][1]:+.4f}]" if "gap_ci95" in r else " " * 21)
                      + f"  {r.get('gap_verdict', '')}")
     return "\n".join(lines)
 
