@@ -152,3 +152,30 @@ def test_run_compute_selects_best_within_budget_and_bad_inputs(tmp_path):
         reconstruct(tmp_path / "run2", model=model, progress=False, compute=0.001, **kw)
     r = CliRunner().invoke(app, ["run", "--model", model, "--compute", "1.5", "--out", str(tmp_path / "r3")])
     assert r.exit_code == 2 and "--compute" in r.output and "(0, 1]" in r.output
+
+
+def test_training_summary_pairs_gaps_by_seed_and_cli_bad_seed():
+    """The gap table pairs each run with full attention of the same seed; the verdict needs the t-interval to
+    exclude 0; a non-integer --seeds is one clear line and exit 2."""
+    from typer.testing import CliRunner
+
+    from attnlab.reconstruct.cli import app
+    from attnlab.reconstruct.train import format_summary, summarise_runs
+
+    def run(label, seed, loss, budget=None):
+        return {"label": label, "objective": "clm", "seed": seed, "budget": budget, "heldout_loss": loss,
+                "heldout_loss_exact_attention": loss, "heldout_curve": [{"step": 1, "heldout_loss": loss}],
+                "compute": 1.0 if budget is None else 0.4}
+
+    runs = [run("full", s, 2.0 + 0.1 * s) for s in range(3)]
+    runs += [run("proxy/adaptive", s, 2.0 + 0.1 * s + 0.05 + 0.001 * s, 0.25) for s in range(3)]  # +0.05, tiny sd
+    runs += [run("none/adaptive", s, 2.0 + 0.1 * s + (0.05 if s else -0.05), 0.125) for s in range(3)]
+    summ = {r["label"]: r for r in summarise_runs(runs)}
+    gap = summ["proxy/adaptive"]["gap_to_full"]
+    assert gap["mean"] == pytest.approx(0.051) and gap["std"] == pytest.approx(0.001)
+    assert summ["proxy/adaptive"]["gap_verdict"] == "worse"
+    assert summ["none/adaptive"]["gap_verdict"] == "inconclusive"
+    assert "gap_verdict" not in summ["full"]
+    assert "worse" in format_summary(list(summ.values()))
+    r = CliRunner().invoke(app, ["train", "--seeds", "a"])
+    assert r.exit_code == 2 and "--seeds" in r.output

@@ -12,6 +12,19 @@ app = typer.Typer(help="Reconstruct attention scores from a subset of computed p
                   no_args_is_help=True)
 
 
+def _ints(values: List[str], flag: str) -> list[int]:
+    """Integers from a repeated / comma-separated option; a non-integer is a ConfigError naming the flag."""
+    from ..errors import ConfigError
+
+    out = []
+    for x in split_words(values) or []:
+        try:
+            out.append(int(x))
+        except ValueError:
+            raise ConfigError(f"{flag}: {x!r} is not an integer") from None
+    return out
+
+
 @app.command()
 def run(
     model: str = typer.Option("minilm", help="HF hub id (cached), local folder, or 'minilm'."),
@@ -100,6 +113,8 @@ def train(
     lr: float = typer.Option(3e-3, help="AdamW learning rate."),
     refresh: int = typer.Option(50, help="Steps between refits of the estimator statistics."),
     proxy_rank: int = typer.Option(2, help="Proxy rank of the adaptive selection."),
+    objectives: List[str] = typer.Option(["clm"], help="clm (next byte, causal) and/or mlm (masked byte, bidirectional)."),
+    seeds: List[str] = typer.Option(["0"], help="Seeds: one run per seed and configuration (gaps paired by seed)."),
     seed: int = typer.Option(0, help="Seed."),
 ) -> None:
     """Train our small transformer (char LM) with reconstructed attention vs full attention; saves the curve."""
@@ -110,8 +125,10 @@ def train(
     try:
         res = run_train(out, budgets=[parse_budget(b) for b in split_words(budgets)], selections=split_words(selections),
                         estimator=estimator, steps=steps, seq_len=seq_len, d_model=d_model, n_layers=n_layers,
-                        n_heads=n_heads, batch_size=batch_size, lr=lr, refresh=refresh, proxy_rank=proxy_rank, seed=seed)
+                        n_heads=n_heads, batch_size=batch_size, lr=lr, refresh=refresh, proxy_rank=proxy_rank, seed=seed,
+                        objectives=split_words(objectives), seeds=_ints(seeds, "--seeds"))
     except AttnlabError as e:
         fail(e)
-    for r in res["runs"]:
-        typer.echo(f"{r['label']:24s} budget {r['budget']}: held-out loss {r['heldout_loss']:.4f}")
+    from .train import format_summary
+
+    typer.echo(format_summary(res["summary"]))

@@ -56,6 +56,13 @@ def render_section(run: RunDir) -> str:
                 for r in tr.get("runs", [])]
         parts.append(f"<h3>Training with reconstructed attention ({_fmt(tr.get('task'))})</h3>")
         parts.append(_table(["method", "budget", "held-out loss", "same model, exact attention", "seconds"], rows))
+        summ = tr.get("summary") or []
+        if summ:
+            rows = [[r["objective"], r["label"], r["budget"], r.get("compute"), r["heldout_loss"]["mean"],
+                     r["heldout_loss"]["std"], (r.get("gap_to_full") or {}).get("mean"),
+                     (r.get("gap_to_full") or {}).get("std"), r.get("gap_verdict", "")] for r in summ]
+            parts.append(_table(["objective", "method", "budget", "total compute", "held-out loss (mean over seeds)",
+                                 "sd", "paired gap to full", "sd", "95% t-interval verdict"], rows))
     for png in sec.get("plots") or []:
         if run.file(png).exists():
             parts.append(f"<img src='{escape(png)}' alt='{escape(png)}'>")
