@@ -179,3 +179,19 @@ def test_training_summary_pairs_gaps_by_seed_and_cli_bad_seed():
     assert "worse" in format_summary(list(summ.values()))
     r = CliRunner().invoke(app, ["train", "--seeds", "a"])
     assert r.exit_code == 2 and "--seeds" in r.output
+
+
+def test_every_registered_selection_and_estimator_has_a_cost():
+    """A new selection or estimator must register its cost next to itself, or the frontier would hide it."""
+    from attnlab.reconstruct.cost import ESTIMATOR_COSTS, SELECTION_COSTS
+    from attnlab.reconstruct.estimators import ESTIMATOR_REGISTRY
+    from attnlab.reconstruct.selection import SELECTIONS
+
+    assert [n for n in SELECTIONS.names() if n not in SELECTION_COSTS] == []
+    assert [n for n in ESTIMATOR_REGISTRY.names() if n not in ESTIMATOR_COSTS] == []
+    for est in ESTIMATOR_REGISTRY.names():
+        for sel in SELECTIONS.names():
+            if est == "none" and sel == "oracle":
+                continue
+            c = cost_breakdown(est, sel, 64, 16, 8, r=2, k=4)
+            assert c["compute"] > 0 and all(v >= 0 for v in c["per_row_macs"].values())
