@@ -106,7 +106,7 @@ def main() -> None:
     if a.quick:
         a.seq_lens, a.n_fit, a.n_eval, a.chunks, a.layers = [32], 8, 4, 2, a.layers or [0]
         a.ranks, a.fractions = [2], [1 / 8]
-        a.families = a.families or ["proxy only", "top-b + proxy", "top-b + proxy+gaussian", "gaussian/qr (shared gains)"]
+        a.families = a.families or ["proxy-only", "topb-proxy", "topb-proxy+gaussian", "gaussian-qr"]
         a.estimators, a.selections = ["none", "proxy"], ["qr", "adaptive"]
     from attnlab.capture.hf import load_model
 

@@ -91,7 +91,7 @@ def test_frontier_points_and_best_at(small_fit_cost):
     from attnlab.reconstruct.frontier import best_at, candidates, evaluate_points, frontier_curves, require_affordable
 
     m, w, fit = small_fit_cost
-    pts, skipped = candidates(fit, ["proxy only", "top-b, no estimate", "top-b + proxy+gaussian", "gaussian/qr (shared gains)"],
+    pts, skipped = candidates(fit, ["proxy-only", "topb-none", "topb-proxy+gaussian", "gaussian-qr"],
                               fractions=(1 / 8, 1 / 2), ranks=(2, 4), max_compute=0.9)
     assert all(c["compute"] <= 0.9 for _, _, c in pts) and all(s["compute"] > 0.9 for s in skipped)
     assert any(m_.b == 0 for _, m_, _ in pts)  # the pure proxy is on the grid
@@ -135,7 +135,7 @@ def test_run_compute_selects_best_within_budget_and_bad_inputs(tmp_path):
     from attnlab.reconstruct.run import reconstruct
 
     model = _tiny_bert(tmp_path)
-    kw = dict(seq_len=32, n_fit=4, n_eval=4, families=["proxy only", "top-b + proxy", "gaussian/qr (shared gains)"], budgets=[], estimators=["gaussian", "none", "proxy"],
+    kw = dict(seq_len=32, n_fit=4, n_eval=4, families=["proxy-only", "topb-proxy", "gaussian-qr"], budgets=[], estimators=["gaussian", "none", "proxy"],
               selections=["random", "adaptive"], position=False, pooled_baseline=False, dropin=False, extra_ranks=[],
               frontier_ranks=[2, 4], frontier_budgets=[1 / 8, 1 / 2], chunks=2, batch_size=2)
     res = reconstruct(tmp_path / "run", model=model, progress=False, compute=0.5, **kw)

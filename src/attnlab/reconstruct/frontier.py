@@ -31,16 +31,16 @@ class Family:
     zero_pairs: bool = False
 
 
-FAMILIES = {
-    "proxy only": Family("proxy only", "proxy", "adaptive", True, True),
-    "top-b, no estimate": Family("top-b, no estimate", "none", "adaptive", True),
-    "top-b + proxy": Family("top-b + proxy", "proxy", "adaptive", True),
-    "top-b + proxy+gaussian": Family("top-b + proxy+gaussian", "proxy+gaussian", "adaptive", True),
-    "gaussian/qr (shared gains)": Family("gaussian/qr (shared gains)", "gaussian", "qr"),
-    "basis/leverage (shared)": Family("basis/leverage (shared)", "basis", "leverage"),
-    "gaussian/random (per-row)": Family("gaussian/random (per-row)", "gaussian", "random"),
-    "local window, no estimate": Family("local window, no estimate", "none", "local"),
-}
+FAMILIES = {f.name: f for f in (
+    Family("proxy-only", "proxy", "adaptive", True, True),  # low-rank proxy scores, no exact pairs
+    Family("topb-none", "none", "adaptive", True),  # exact top-b from the proxy, sparse attention (no estimate)
+    Family("topb-proxy", "proxy", "adaptive", True),  # exact top-b, proxy values elsewhere
+    Family("topb-proxy+gaussian", "proxy+gaussian", "adaptive", True),  # + conditional Gaussian on the residual
+    Family("gaussian-qr", "gaussian", "qr"),  # paper's Gaussian estimator, pivoted-QR columns (shared gains)
+    Family("basis-leverage", "basis", "leverage"),  # paper's basis estimator, leverage columns (shared)
+    Family("gaussian-random", "gaussian", "random"),  # Gaussian estimator, random pairs (per-row Cholesky)
+    Family("local-none", "none", "local"),  # local window + first/last token, no estimate
+)}
 DEFAULT_FRACTIONS = (1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2)
 DEFAULT_RANKS = (1, 2, 4, 8, 16)
 

@@ -15,7 +15,6 @@ are read: this simulates the approximation's effect on learning; it does not mak
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
@@ -29,6 +28,7 @@ from ..models.attention import masked_softmax
 from ..models.transformer import SmallTransformer, TransformerConfig
 from ..seeding import seed_everything
 from ..sources.small import SmallSource
+from ..training import adamw, train_steps, warmup_cosine
 from .evaluate import Combo, Method
 from .fit import fit_from_windows
 
@@ -72,6 +72,9 @@ class TrainConfig:
             raise ConfigError("--budgets is empty")
         if not self.seeds:
             raise ConfigError("--seeds is empty")
+        bad = [x for x in self.seeds if isinstance(x, bool) or not isinstance(x, int)]
+        if bad:
+            raise ConfigError(f"--seeds must be integers (got {bad[0]!r})")
         for o in self.objectives:
             if o not in OBJECTIVES:
                 raise ConfigError(f"--objectives: unknown {o!r} (choose from {', '.join(OBJECTIVES)})")
@@ -165,41 +168,39 @@ def train_one(cfg: TrainConfig, train: torch.Tensor, heldout: torch.Tensor, comb
                              n_layers=cfg.n_layers, max_len=cfg.seq_len, causal=not mlm)
     dev = torch.device(cfg.device)
     model = SmallTransformer(tcfg).to(dev)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps)))
+    opt = adamw(model, cfg.lr, weight_decay=0.01)
+    sched = warmup_cosine(opt, cfg.steps, floor=0.1)
     curve, held, t0 = [], [], time.perf_counter()
-    source = SmallSource(model)
     attention = ReconstructedAttention()
-    run_loss = None
+    smooth: list = []
     every = cfg.eval_every or cfg.log_every
     g_refit = torch.Generator().manual_seed(seed + 12_345)  # refits draw apart: every run sees the same batches
-    # reconstructed attention while training (the refit inside nests its own exact-attention hooks)
-    with source.hooks(attention) if combo is not None else contextlib.nullcontext():
-        for step in range(cfg.steps):
-            if combo is not None and step % cfg.refresh == 0:
-                pick = torch.randint(len(train), (min(cfg.refit_windows, len(train)),), generator=g_refit)
-                fw = train[pick]
-                if mlm:
-                    fw = mlm_mask(fw, cfg.mask_rate, g_refit)[0]
-                attention.method = _refit(model, fw.to(dev), combo, budget, cfg)
-            ids = train[torch.randint(len(train), (cfg.batch_size,), generator=g)]
-            labels = None
+
+    def step_loss(step: int) -> torch.Tensor:
+        if combo is not None and step % cfg.refresh == 0:
+            pick = torch.randint(len(train), (min(cfg.refit_windows, len(train)),), generator=g_refit)
+            fw = train[pick]
             if mlm:
-                ids, labels = mlm_mask(ids, cfg.mask_rate, g)
-                labels = labels.to(dev)
-            loss = _loss(model, ids.to(dev), labels)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            sched.step()
-            lv = float(loss.detach())
-            run_loss = lv if run_loss is None else 0.9 * run_loss + 0.1 * lv
-            if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
-                curve.append({"step": step + 1, "train_loss": run_loss})
-            if (step + 1) % every == 0 or step + 1 == cfg.steps:  # with the attention it trains with
-                held.append({"step": step + 1, "heldout_loss": heldout_loss(model, heldout, labels=heldout_labels)})
+                fw = mlm_mask(fw, cfg.mask_rate, g_refit)[0]
+            attention.method = _refit(model, fw.to(dev), combo, budget, cfg)
+        ids = train[torch.randint(len(train), (cfg.batch_size,), generator=g)]
+        labels = None
+        if mlm:
+            ids, labels = mlm_mask(ids, cfg.mask_rate, g)
+            labels = labels.to(dev)
+        return _loss(model, ids.to(dev), labels)
+
+    def after_step(done: int, loss: torch.Tensor) -> None:
+        lv = float(loss.detach())
+        smooth[:] = [lv if not smooth else 0.9 * smooth[0] + 0.1 * lv]
+        if done % cfg.log_every == 0 or done == cfg.steps:
+            curve.append({"step": done, "train_loss": smooth[0]})
+        if done % every == 0 or done == cfg.steps:  # with the attention it trains with
+            held.append({"step": done, "heldout_loss": heldout_loss(model, heldout, labels=heldout_labels)})
+
+    # reconstructed attention while training (the refit inside nests its own exact-attention hooks)
+    with SmallSource(model).hooks(attention) if combo is not None else contextlib.nullcontext():
+        train_steps(model, opt, cfg.steps, step_loss, sched=sched, clip=1.0, after_step=after_step)
         method = attention.method
     res: dict[str, Any] = {"label": "full" if combo is None else combo.label, "budget": budget, "objective": objective,
                            "seed": seed, "budget_pairs": None if method is None else method.b, "curve": curve,
