@@ -11,7 +11,8 @@ PLOTS = {
     "spectrum_curves.png": "Explained variance of score rows (pooled over heads) per layer",
     "spectrum_k90.png": "Rank needed for 90% of row variance, per layer and head",
     "spectrum_overlap_layers.png": "Eigenspace overlap between layers",
-    "spectrum_full_curves.png": "Explained variance of whole score matrices (sketch) per layer, head-averaged",
+    "spectrum_full_curves.png": "Explained variance of whole score matrices per layer (heads concatenated when exact; "
+                                "head-averaged sketch otherwise)",
 }
 
 
@@ -31,10 +32,15 @@ def plot_spectrum(run: RunDir, res: dict[str, Any]) -> list[str]:
     made.append("spectrum_overlap_layers.png")
     if res.get("full_matrix"):
         series = {}
+        lay = res.get("full_matrix_layers") or {}
         for l in layers:
+            if str(l) in lay:
+                series[f"layer {l}"] = lay[str(l)]["curve"]
+                continue
             cs = [res["full_matrix"][f"{l}.{h}"]["curve"] for h in heads]
             series[f"layer {l}"] = [sum(c[i] for c in cs) / len(cs) for i in range(len(cs[0]))]
-        curves(series, "Whole score matrices: explained variance (sketch: lower bound)", "k",
+        how = "exact, heads concatenated" if lay else "sketch: lower bound"
+        curves(series, f"Whole score matrices: explained variance ({how})", "k",
                "fraction of variance", run.file("spectrum_full_curves.png"), hlines=(0.9,))
         made.append("spectrum_full_curves.png")
     return made
