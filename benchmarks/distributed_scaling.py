@@ -11,6 +11,9 @@ Workloads (``--workload``, several allowed):
             Default size: 32 windows of 16384 tokens.
   variables `attnlab variables sweep` (bounded-norm head, no contrast/probe): each search round's (m, seed) trials
             sharded; work unit = trials. Default: T = 64..2048, 8 seeds, m up to 65536.
+  reconstruct `attnlab reconstruct run` (no budget sweep, no drop-in): fit windows sharded with float64 sums
+            all-reduced, then held-out batches sharded with metric sums merged; work unit = fit + held-out windows.
+            Runs as CPU processes (the command has no --device); default: MiniLM, 256 fit + 64 held-out windows.
 
 Time counted: each run's own timed section (`seconds`: streaming + merge), not process start, imports, model
 loading or tokenisation, which every rank repeats. Defaults aim at >= 30 s of timed work on one GPU; they were
@@ -103,8 +106,20 @@ def variables(a: argparse.Namespace, k: int, out: Path, env: dict[str, str]) -> 
             "check": {"m_star": [r["m_star"] for r in sec["results"]]}}
 
 
+def reconstruct(a: argparse.Namespace, k: int, out: Path, env: dict[str, str]) -> dict[str, Any]:
+    """`attnlab reconstruct run` (CPU processes): held-out + fit windows/s of the sharded fit and evaluation."""
+    extra = ["--layers", "0", "--heads", "0-1", "--estimators", "gaussian,none", "--selections", "random,adaptive",
+             "--no-position", "--no-pooled-baseline"] if a.quick else []
+    _torchrun(k, ["reconstruct", "run", "--model", a.model, "--seq-len", str(a.rec_seq_len), "--n-fit",
+                  str(a.rec_n_fit), "--n-eval", str(a.rec_n_eval), "--budgets", "", "--no-dropin", "--quiet", *extra,
+                  "--out", str(out)], env)
+    sec = RunDir(out).results()["reconstruct"]
+    return {"seconds": sec["sharded_seconds"], "work": a.rec_n_fit + sec["n_eval"], "unit": "windows",
+            "check": {"best": sec["best"], "best_worst_layer_tv": sec["best_worst_layer_tv"]}}
+
+
 WORKLOADS: dict[str, Callable[[argparse.Namespace, int, Path, dict[str, str]], dict[str, Any]]] = {
-    "spectrum": spectrum, "prefill": prefill, "variables": variables}
+    "spectrum": spectrum, "prefill": prefill, "variables": variables, "reconstruct": reconstruct}
 
 
 def main() -> None:
@@ -128,6 +143,10 @@ def main() -> None:
     p.add_argument("--block-size", type=int, default=128)
     p.add_argument("--rows", type=int, default=256)
     p.add_argument("--reps", type=int, default=3)
+    # reconstruct (MiniLM, --model; CPU processes: the command has no device option)
+    p.add_argument("--rec-seq-len", type=int, default=128)
+    p.add_argument("--rec-n-fit", type=int, default=256)
+    p.add_argument("--rec-n-eval", type=int, default=64)
     # variables
     p.add_argument("--var-T", type=int, nargs="+", default=[64, 128, 256, 512, 1024, 2048])
     p.add_argument("--var-seeds", type=int, default=8)
@@ -141,6 +160,7 @@ def main() -> None:
         a.device = "cpu"
         a.n_sequences, a.seq_len, a.batch_size = 16, 32, 4
         a.prefill_seq_len, a.windows, a.block_size, a.rows, a.reps = 64, 4, 16, 16, 1
+        a.rec_seq_len, a.rec_n_fit, a.rec_n_eval = 32, 4, 4
         a.var_T, a.var_seeds, a.var_m_max, a.var_max_steps, a.var_n_test = [4, 8], 2, 64, 40, 64
     workloads = a.workload or (sorted(WORKLOADS) if a.quick else ["spectrum"])
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""),

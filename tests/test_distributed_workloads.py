@@ -175,3 +175,63 @@ def test_variables_sweep_two_processes_equal_single_and_resume(tmp_path):
     sa, sb = RunDir(tmp_path / "single").results()["variables"], RunDir(dist).results()["variables"]
     assert [r["m_star"] for r in sa["results"]] == [r["m_star"] for r in sb["results"]]
     assert sb["world_size"] == 2
+
+
+# ------------------------------------------------------------------------------------------------------------
+# reconstruct run
+# ------------------------------------------------------------------------------------------------------------
+
+RECONSTRUCT_SCRIPT = '''
+import json, sys
+from attnlab.reconstruct.run import reconstruct
+reconstruct(sys.argv[1], model=sys.argv[2], progress=False, **json.loads(sys.argv[3]))
+'''
+
+
+def _tiny_bert(tmp_path: Path) -> str:
+    from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
+
+    from attnlab.sources.hf import resolve_model_path
+
+    tok = AutoTokenizer.from_pretrained(resolve_model_path("minilm"))
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=64)
+    path = tmp_path / "tinybert"
+    BertForMaskedLM(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+def test_reconstruct_run_two_processes_equal_single(tmp_path):
+    """Fit sums (with the proxy+gaussian residual pass) all-reduced, held-out evaluation and frontier chunks
+    sharded: the table, frontier and fit equal one process's; 5 fit and 5 held-out windows (uneven shards)."""
+    from attnlab.io import RunDir, read_tensors
+    from attnlab.reconstruct.run import reconstruct
+
+    model = _tiny_bert(tmp_path)
+    kw = dict(seq_len=32, n_fit=5, n_eval=5, budgets=[0.25], estimators=["gaussian", "proxy+gaussian", "none"],
+              selections=["random", "adaptive"], position=True, pooled_baseline=False, dropin=True, extra_ranks=[],
+              frontier=True, families=["proxy-only", "gaussian-qr"], frontier_ranks=[2], frontier_budgets=[1 / 4],
+              chunks=2, batch_size=2)
+    single = reconstruct(tmp_path / "single", model=model, progress=False, **kw)
+    script = tmp_path / "reconstruct_script.py"
+    script.write_text(RECONSTRUCT_SCRIPT)
+    torchrun([str(script), str(tmp_path / "dist"), model, json.dumps(kw)])
+    dist = RunDir(tmp_path / "dist").results()["reconstruct"]
+    assert dist["world_size"] == 2 and single["world_size"] == 1
+    assert sorted(dist["table"]) == sorted(single["table"]) and dist["best"] == single["best"]
+    for lab, v in single["table"].items():
+        for l, m in v["per_layer"].items():
+            for k, x in m.items():
+                y = float(dist["table"][lab]["per_layer"][l][k])  # JSON keeps inf as the string 'inf'
+                assert y == pytest.approx(float(x), rel=1e-6, abs=1e-9), (lab, l, k)
+    for lab, v in single["frontier_points"].items():
+        assert dist["frontier_points"][lab]["worst_layer_tv_pooled"] == pytest.approx(v["worst_layer_tv_pooled"],
+                                                                                        rel=1e-6, abs=1e-9)
+    assert dist["dropin"][0]["hidden_cosine"] == pytest.approx(single["dropin"][0]["hidden_cosine"], rel=1e-6)
+    a, _ = read_tensors(tmp_path / "single" / "reconstruct_fit.safetensors")
+    b, _ = read_tensors(tmp_path / "dist" / "reconstruct_fit.safetensors")
+    assert sorted(a) == sorted(b) and any(k.startswith("resid.") for k in a)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-9, atol=1e-9)

@@ -22,6 +22,10 @@ def _run(settings: dict, out: str, quiet: bool) -> None:
         res = reconstruct(out, progress=not quiet, **settings)
     except AttnlabError as e:
         fail(e)
+    from ..distributed import is_main_process
+
+    if not is_main_process():  # torchrun: rank 0 reports
+        return
     typer.echo(format_table(res["table"]))
     typer.echo(f"best {res['best']} (chosen at {res['best_chosen_at']}): worst-layer TV {res['best_worst_layer_tv']:.4f} "
                f"(target 0.05) at total compute {res['best_compute']:.3f}; results in {out}")

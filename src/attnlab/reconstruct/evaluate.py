@@ -75,6 +75,11 @@ class Method:
     _sel: dict = field(default_factory=dict)
     _gen: Optional[torch.Generator] = None
 
+    def reseed(self, batch: int) -> None:
+        """Random selections of held-out batch ``batch`` draw from a generator keyed by (seed, batch), so they
+        do not depend on which batches ran before (torchrun shards batches)."""
+        self._gen = torch.Generator().manual_seed(self.seed + 1_000_003 * (batch + 1))
+
     @property
     def label(self) -> str:
         """Combo label plus the proxy rank where the proxy is used, e.g. 'proxy/adaptive[r=4]'."""
@@ -213,6 +218,17 @@ def make_methods(fit: ReconstructionFit, combos: list[Combo], budget: float | in
     return out
 
 
+def merge_timing(timing: dict[str, float], info: Any) -> dict[str, float]:
+    """Estimator seconds summed over ranks (total compute, not wall time)."""
+    from ..distributed import gather_lists
+
+    out: dict[str, float] = {}
+    for part in gather_lists([timing], info, to_all=True):
+        for k, v in part.items():
+            out[k] = out.get(k, 0.0) + v
+    return out
+
+
 def evaluate(model, windows: torch.Tensor, methods: list[Method], layers: Optional[list[int]] = None,
              heads: Optional[list[int]] = None, batch_size: int = 8, topk: int = 5,
              progress: bool = False) -> dict[str, Any]:
@@ -224,8 +240,19 @@ def evaluate(model, windows: torch.Tensor, methods: list[Method], layers: Option
     layers = check_layers(layers if layers is not None else fit.layers, n_layers_of(model))
     heads = check_heads(heads if heads is not None else fit.heads, n_heads_of(model))
     fit.check(seq_len=windows.shape[1])
+    from ..distributed import current_info
+
+    info = current_info()  # under torchrun: this rank's batches (round-robin); row-metric sums merged below
+    n_batches = -(-len(windows) // batch_size)
+    mine = list(range(info.rank, n_batches, info.world_size))
+    windows = windows[[i for b in mine for i in range(b * batch_size, min((b + 1) * batch_size, len(windows)))]]
     sums = MetricSums()
     timing: dict[str, float] = {}
+
+    def reseed(j: int) -> None:  # random selections draw per global batch, whichever rank runs it
+        if j < len(mine):
+            for m in methods:
+                m.reseed(mine[j])
 
     def sink(call: AttentionCall) -> None:
         if call.layer not in layers:
@@ -241,7 +268,13 @@ def evaluate(model, windows: torch.Tensor, methods: list[Method], layers: Option
                 timing[m.label] = timing.get(m.label, 0.0) + time.perf_counter() - t0
                 sums.add((m.label, call.layer, h), row_metrics(s, est, valid, topk), row_ok)
 
-    stream_attention(model, windows, sink, layers, batch_size, desc="reconstruct eval", show_progress=progress)
+    if len(windows):
+        reseed(0)
+        stream_attention(model, windows, sink, layers, batch_size, desc="reconstruct eval", show_progress=progress,
+                         on_batch_end=lambda j: reseed(j + 1))
+    if info.enabled:
+        sums.merge_ranks(info)
+        timing = merge_timing(timing, info)
     means = sums.means()
     out: dict[str, Any] = {}
     for m in methods:

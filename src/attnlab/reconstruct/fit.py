@@ -298,14 +298,19 @@ def fit_from_windows(model: HFModel | Any, windows: torch.Tensor, layers: Option
     ``residual_proxies`` ((kind, rank, seed) each): also fit the residual statistics of those proxies (a second
     pass over the same windows, since the proxies come from the first pass's query/key moments)."""
     from ..capture.run import n_heads_of, n_layers_of, stream_attention
+    from ..distributed import all_reduce_sum_, current_info, require_work_per_rank
 
     if windows.dim() != 2:
         raise ShapeError(f"windows must be (M, seq_len), got {tuple(windows.shape)}")
     layers = check_layers(layers, n_layers_of(model))
     heads = check_heads(heads, n_heads_of(model))
+    info = current_info()  # under torchrun: this rank's windows, float64 sums all-reduced
+    require_work_per_rank(int(windows.shape[0]), info, "--n-fit")
+    mine = windows[info.rank::info.world_size]
     col = FitCollector(layers, heads, windows.shape[1])
     t0 = time.perf_counter()
-    stream_attention(model, windows, col, layers, batch_size, desc="reconstruct fit", show_progress=progress)
+    stream_attention(model, mine, col, layers, batch_size, desc="reconstruct fit", show_progress=progress)
+    all_reduce_sum_([col.t[k] for k in sorted(col.t)], info)
     name = model_name or getattr(model, "name", type(model).__name__)
     meta = {"model": name, "seq_len": int(windows.shape[1]), "layers": layers, "heads": heads, "d_head": col.d_head,
             "n_sequences": int(windows.shape[0]), "source": "windows", "seconds": round(time.perf_counter() - t0, 3)}
@@ -313,8 +318,12 @@ def fit_from_windows(model: HFModel | Any, windows: torch.Tensor, layers: Option
     proxies = list(dict.fromkeys((str(k), int(r), int(s)) for k, r, s in residual_proxies))
     if proxies:
         res = ResidualCollector(fit, proxies)
-        stream_attention(model, windows, res, layers, batch_size, desc="reconstruct residual fit",
+        stream_attention(model, mine, res, layers, batch_size, desc="reconstruct residual fit",
                          show_progress=progress)
+        if info.enabled:
+            for key in sorted(res.cov):
+                res.cov[key].all_reduce()
+            all_reduce_sum_([res.pos[k] for k in sorted(res.pos)], info)
         fit.t.update(res.tensors())
         fit.meta["residual_proxies"] = [list(p) for p in proxies]
         fit.meta["seconds"] = round(time.perf_counter() - t0, 3)

@@ -91,6 +91,19 @@ class MetricSums:
         n = int(next(iter(rows.values())).numel() if row_ok is None else int(row_ok.sum()))
         self.counts[key] = self.counts.get(key, 0) + n
 
+    def merge_ranks(self, info) -> None:
+        """Sum every rank's sums and counts into this one (torchrun; ranks without rows contribute nothing)."""
+        from ..distributed import gather_lists
+
+        parts = gather_lists([(self.sums, self.counts)], info, to_all=True)
+        self.sums, self.counts = {}, {}
+        for sums, counts in parts:  # rank order: the same float additions on every rank
+            for k, acc in sums.items():
+                mine = self.sums.setdefault(k, {})
+                for m, v in acc.items():
+                    mine[m] = mine.get(m, 0.0) + v
+                self.counts[k] = self.counts.get(k, 0) + counts[k]
+
     def means(self) -> dict:
         """Per-key metric means."""
         return {k: {m: v / max(self.counts[k], 1) for m, v in acc.items()} for k, acc in self.sums.items()}
