@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -179,10 +180,11 @@ def main() -> None:
                 res["launch_s"] = round(time.perf_counter() - t0, 2)
                 res["throughput"] = res["work"] / res["seconds"]
                 runs.append(res)
-            tp = sorted(x["throughput"] for x in runs)
+            tp = [x["throughput"] for x in runs]
             rows.append({"nproc": k, "unit": runs[0]["unit"], "work": runs[0]["work"], "runs": runs,
-                         "seconds_median": sorted(x["seconds"] for x in runs)[len(runs) // 2],
-                         "throughput_median": tp[len(tp) // 2], "throughput_min": tp[0], "throughput_max": tp[-1]})
+                         "seconds_median": statistics.median(x["seconds"] for x in runs),
+                         "throughput_median": statistics.median(tp), "throughput_min": min(tp),
+                         "throughput_max": max(tp)})
         base = rows[0]["throughput_median"]
         for r in rows:
             r["scaling"] = r["throughput_median"] / base
