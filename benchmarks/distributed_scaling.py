@@ -7,8 +7,8 @@ Workloads (``--workload``, several allowed):
   spectrum  `attnlab spectrum`: windows sharded, streaming statistics merged by an exact all-reduce;
             work unit = tokens. Default size: 16384 x 512 tokens of MiniLM, all heads (compute-bound on GPU).
   prefill   `attnlab sparsity prefill` on the trained reference LM (`attnlab lm train` preset 'gpu', cached under
-            --cache; an untrained 'tiny' one in --quick): held-out windows sharded, per-head records gathered; work unit = windows.
-            Default size: 32 windows of 16384 tokens.
+            --cache; an untrained 'tiny' one in --quick): held-out windows sharded, per-head records gathered;
+            work unit = windows. Default size: 32 windows of 16384 tokens.
   variables `attnlab variables sweep` (bounded-norm head, no contrast/probe): each search round's (m, seed) trials
             sharded; work unit = trials. Default: T = 64..2048, 8 seeds, m up to 65536.
   reconstruct `attnlab reconstruct run` (no budget sweep, no drop-in): fit windows sharded with float64 sums
