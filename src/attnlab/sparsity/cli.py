@@ -142,11 +142,13 @@ def _print_summary(info: dict, all_points: bool = False) -> None:
 
     con = Console()
     t = Table(title=f"Sparsity predictors (gold sparsity {info['gold']['sparsity']:.3f})")
-    for c in ("method", "knob", "sparsity", "recall", "exact", "efficiency"):
+    for c in ("method", "knob", "sparsity", "recall", "exact", "cost", "comp.sparsity", "front"):
         t.add_column(c)
     for r in pareto_table(info):
-        if all_points or r["front"]:
-            t.add_row(r["method"], r["knob"], *(f"{r[k]:.3f}" for k in ("sparsity", "recall", "exact", "efficiency")))
+        if all_points or r["front"] or r["front_cost"]:
+            t.add_row(r["method"], r["knob"], *(f"{r[k]:.3f}" for k in ("sparsity", "recall", "exact", "cost",
+                                                                       "comp_sparsity")),
+                      "+".join(x for x, on in (("sparsity", r["front"]), ("cost", r["front_cost"])) if on))
     con.print(t)
     t2 = Table(title="Recall at sparsity 0.9")
     t2.add_column("method")

@@ -4,7 +4,7 @@ restricted to predicted graphs.
 Pipeline: ``capture_layers`` runs a model (our SmallTransformer, or an HF model with entmax swapped in)
 and keeps each layer's q, k, valid mask and gold entmax graph; ``sweep_method`` fits one predictor per
 layer on the fit data and visits its knob grid on the evaluation data, giving sparsity / recall / exact /
-efficiency per operating point (per layer x head and averaged); ``downstream_small`` / ``downstream_hf``
+cost per operating point (per layer x head and averaged); ``downstream_small`` / ``downstream_hf``
 rerun the model with each layer's attention restricted to the graph predicted *on the fly* from that
 layer's actual q and k (so errors compound through layers as they would in deployment).
 """
@@ -23,7 +23,7 @@ from ..models.attention import dense_attention
 from ..models.transformer import SmallTransformer
 from .graphs import gold_graph
 from .metrics import average_layers, graph_metrics, merge_batches, pareto_front, recall_at_sparsity
-from .predictors import METHODS, BasePredictor, Projector, make_predictor
+from .predictors import LEARNED, METHODS, BasePredictor, Projector, make_predictor
 
 
 @dataclass
@@ -98,13 +98,28 @@ def capture_layers(model, ids: torch.Tensor, batch_size: int = 16, alpha: float 
     return out
 
 
+def predictor_ops(pred: BasePredictor, valid: Optional[torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
+    """``pred.cost(n, pairs)`` per (sequence, head) (B, H), with n and the candidate pairs of each sequence."""
+    B, H, N, _ = shape
+    if valid is None:
+        return torch.full((B, H), float(pred.cost(N, N * N)), dtype=torch.float64)
+    v = valid.bool().expand(B, -1, -1, -1)[:, 0]  # (B, N, N): the mask is shared by heads
+    pairs = v.sum(dim=(-1, -2)).tolist()
+    ns = v.any(-1).sum(-1).tolist()
+    memo: dict = {}
+    vals = [memo.setdefault((n, p), float(pred.cost(int(n), float(p)))) for n, p in zip(ns, pairs)]
+    return torch.tensor(vals, dtype=torch.float64).view(B, 1).expand(B, H)
+
+
 def _predict_metrics(pred: BasePredictor, data: LayerData, chunk: int = 64):
     parts = []
     for s in range(0, data.q.shape[0], chunk):
         sl = slice(s, s + chunk)
         v = None if data.valid is None else data.valid[sl] if data.valid.shape[0] > 1 else data.valid
-        g = pred.predict(data.q[sl], data.k[sl], v)
-        parts.append(graph_metrics(g, data.gold[sl], v, pred.cost(data.n)))
+        q, k = data.q[sl], data.k[sl]
+        g = pred.predict(q, k, v)
+        parts.append(graph_metrics(g, data.gold[sl], v, predictor_ops(pred, v, tuple(g.shape)),
+                                   pred.compute_ops(q, k, v)))
     return merge_batches(parts)
 
 
@@ -116,8 +131,7 @@ def fit_layers(method: str, fit: list[LayerData], rank: int = 4, epochs: int = 2
     for l, d in enumerate(fit):
         p = make_predictor(method, rank=rank, epochs=epochs, seed=seed + l,
                            projector=None if projectors is None else projectors[l], **kw) \
-            if method in ("distance-thr", "distance-knn", "quantization", "clustering", "clustering-top2") \
-            else make_predictor(method, seed=seed + l, **kw)
+            if method in LEARNED else make_predictor(method, rank=rank, epochs=epochs, seed=seed + l, **kw)
         p.force_window, p.force_cls = int(force_window), bool(force_cls)
         preds.append(p.fit(d.q, d.k, d.gold, d.valid))
     return preds
@@ -136,8 +150,14 @@ def sweep_method(method: str, fitted: list[BasePredictor], data: list[LayerData]
         points.append({"knob": v, **agg})
     sr = [(p["mean"]["sparsity"], p["mean"]["recall"]) for p in points]
     front = pareto_front(sr)
+    L = len(data)
+    per_layer = [recall_at_sparsity([(p["per_layer"]["sparsity"][l], p["per_layer"]["recall"][l]) for p in points],
+                                    target) for l in range(L)]
+    near = min(points, key=lambda p: abs(p["mean"]["sparsity"] - target))
     return {"method": method, "knob": fitted[0].knob, "points": points, "front": front,
-            f"recall_at_{target:g}": recall_at_sparsity(sr, target), "seconds": time.time() - t0}
+            f"recall_at_{target:g}": recall_at_sparsity(sr, target), f"recall_at_{target:g}_per_layer": per_layer,
+            f"windows_at_{target:g}": {"knob": near["knob"], **near.get("windows", {})},
+            "seconds": time.time() - t0}
 
 
 def closest_knob(result: dict, sparsity: float) -> tuple:
