@@ -81,7 +81,10 @@ def run_cmd(
     model: str = typer.Option("small", help="'small' (our entmax transformer) or an HF model ('minilm') with entmax swapped in."),
     checkpoint: Optional[str] = typer.Option(None, help="Load this small-model checkpoint instead of training."),
     methods: Optional[List[str]] = typer.Option(None, help="Methods (repeat or comma-separate); default all: distance-thr, "
-                                                "distance-knn, quantization, clustering, window, bigbird, lsh, routing, oracle-topk."),
+                                                "distance-knn, quantization, clustering, window, bigbird, lsh, routing, "
+                                                "oracle-topk, longformer, strided, rank. Also: clustering-top2, "
+                                                "quantization-fixed, quantization-dynamic (the authors' bucketings), "
+                                                "strided-fixed, rank-knn."),
     n_fit: int = typer.Option(128, help="Windows used to fit predictors."),
     n_eval: int = typer.Option(64, help="Held-out windows for the sweeps."),
     n_down: int = typer.Option(128, help="Held-out windows for downstream evaluation (0 = skip)."),
@@ -91,7 +94,14 @@ def run_cmd(
     force_window: int = typer.Option(-1, help="Always predict edges with |i - j| <= this (-1 = off); counts in the metrics."),
     force_cls: bool = typer.Option(False, help="Always predict edges to and from token 0 ([CLS])."),
     hf_seq_len: int = typer.Option(128, help="Window length for an HF model."),
-    hf_finetune_steps: int = typer.Option(0, help="Entmax distillation fine-tuning steps for an HF model (0 = none)."),
+    hf_finetune_steps: int = typer.Option(30, help="Entmax self-distillation fine-tuning steps for an HF model (cached "
+                                          "under $ATTNLAB_CACHE or ~/.cache/attnlab; 0 = entmax swapped in untrained)."),
+    authors_defaults: bool = typer.Option(False, help="The public Sparsefinder code's defaults: forced window 3 "
+                                          "(|i - j| <= 1) and [CLS] edges for every predictor."),
+    score_rank: int = typer.Option(4, help="Rank of the 'rank' predictor's learned scorer."),
+    predictor_path: Optional[str] = typer.Option(None, help="Reuse fitted predictors (a run dir or its "
+                                                 "predictors.safetensors) instead of fitting; must match the model and "
+                                                 "sequence length."),
     resume: bool = typer.Option(True, help="Reuse a cached checkpoint / finished section in --out and continue an "
                                 "interrupted training from its partial checkpoint."),
     quiet: bool = typer.Option(False, help="No progress output."),
@@ -110,7 +120,8 @@ def run_cmd(
                          batch_size, lr, max_windows, corpus, device, seed, checkpoint_every)
         info = sparsity(out, model, checkpoint, cfg, split_words(methods), n_fit, n_eval, n_down, rank, epochs, seed=seed,
                         resume=resume, hf_seq_len=hf_seq_len, hf_finetune_steps=hf_finetune_steps, loss=loss,
-                        force_window=force_window, force_cls=force_cls, quiet=quiet)
+                        force_window=force_window, force_cls=force_cls, quiet=quiet, predictor_path=predictor_path,
+                        authors_defaults=authors_defaults, score_rank=score_rank)
         _print_summary(info)
     except AttnlabError as e:
         fail(e)
@@ -153,6 +164,30 @@ def _print_summary(info: dict, all_points: bool = False) -> None:
     t2 = Table(title="Recall at sparsity 0.9")
     t2.add_column("method")
     t2.add_column("recall@0.9")
+    t2.add_column("spread over windows (op. point nearest 0.9)")
     for m, v in info["recall_at_0.9"].items():
-        t2.add_row(m, "n/a" if v is None else f"{v:.3f}")
+        w = info["methods"][m].get("windows_at_0.9", {}).get("recall")
+        t2.add_row(m, "n/a" if v is None else f"{v:.3f}",
+                   "" if not w else f"{w['mean']:.3f} +- {w['ci95']:.3f} (sd {w['std']:.3f}, {w['n']} windows)")
     con.print(t2)
+    model = info.get("model", {})
+    if model.get("gold_graphs_from"):
+        con.print(f"gold graphs from: {model['gold_graphs_from']}")
+    mlm = model.get("finetune", {}).get("mlm", {})
+    if "entmax_finetuned" in mlm:
+        con.print("MLM probe loss (held-out): " + ", ".join(f"{k} {v['loss']:.3f} +- {1.96 * v['loss_se']:.3f}"
+                                                          for k, v in mlm.items() if isinstance(v, dict)))
+    cmp = info.get("comparison") or {}
+    if cmp.get("per_layer"):
+        t3 = Table(title=f"Best learned ({cmp['best_learned']}) vs baselines and oracle, per layer")
+        for c in ("layer", "recall@0.9", "oracle@0.9", "gap", "min margin vs baselines", "worst baseline point"):
+            t3.add_column(c)
+        f = lambda x: "n/a" if x is None else f"{x:.3f}"  # noqa: E731
+        for r in cmp["per_layer"]:
+            w = r.get("worst") or {}
+            t3.add_row(str(r["layer"]), f(r["learned_recall_at_target"]), f(r.get("oracle_recall_at_target")),
+                       f(r.get("gap_to_oracle")), f(r["min_margin"]),
+                       f"{w.get('baseline', '')} @ {w.get('sparsity', float('nan')):.2f}" if w else "")
+        con.print(t3)
+    for w in info.get("warnings", []):
+        con.print(f"warning: {w}")

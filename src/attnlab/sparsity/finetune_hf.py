@@ -40,9 +40,9 @@ log = logging.getLogger(__name__)
 class HFFinetuneConfig:
     """Entmax self-distillation settings for an HF encoder (one comment per field)."""
 
-    steps: int = 60  # Adam steps (0 = no fine-tuning: the entmax swap only)
-    batch_size: int = 8  # windows per step
-    lr: float = 5e-5  # Adam learning rate
+    steps: int = 30  # Adam steps (0 = no fine-tuning: the entmax swap only)
+    batch_size: int = 4  # windows per step
+    lr: float = 1e-4  # Adam learning rate
     mask_prob: float = 0.15  # BERT masking of the distillation inputs
     alpha: float = 1.5  # entmax alpha
     seed: int = 0  # data order and masking

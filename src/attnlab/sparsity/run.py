@@ -62,7 +62,7 @@ def sparsity(
     out: str | Path, model: str = "small", checkpoint: Optional[str] = None, train: Optional[EntmaxTrainConfig] = None,
     methods: Optional[Sequence[str]] = None, n_fit: int = 128, n_eval: int = 64, n_down: int = 128, rank: int = 4,
     epochs: int = 20, targets: Sequence[float] = (0.8, 0.9, 0.95), seed: int = 0, resume: bool = True,
-    hf_seq_len: int = 128, hf_finetune_steps: int = 60, tokenizer: str = "minilm", loss: str = "sum",
+    hf_seq_len: int = 128, hf_finetune_steps: int = 30, tokenizer: str = "minilm", loss: str = "sum",
     force_window: int = -1, force_cls: bool = False, quiet: bool = False, predictor_path: Optional[str] = None,
     authors_defaults: bool = False, score_rank: int = 4,
 ) -> dict:
@@ -70,7 +70,7 @@ def sparsity(
 
     ``model`` is 'small' (our entmax transformer, trained per ``train`` or loaded from ``checkpoint``) or an
     HF model name / folder ('minilm') whose softmax is swapped for entmax (optionally fine-tuned for
-    ``hf_finetune_steps`` self-distillation steps, default 60, cached; see :mod:`attnlab.sparsity.finetune_hf`; the
+    ``hf_finetune_steps`` self-distillation steps, default 30, cached; see :mod:`attnlab.sparsity.finetune_hf`; the
     gold graphs come from the fine-tuned model and ``model.gold_graphs_from`` says so). ``tokenizer``: model folder
     / alias whose tokenizer reads the corpus for the small model. ``loss``: projector loss, ``sum`` (Sparsefinder)
     or ``pair``. ``force_window`` >= 0 and ``force_cls`` add forced edges to every predictor (off by default);
