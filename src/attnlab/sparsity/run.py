@@ -5,22 +5,23 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
 from ..config import fingerprint
 from ..errors import ConfigError
 from ..io import RunDir, write_tensors
+from ..registry import Registry
 from ..seeding import seed_everything
 from .metrics import pareto_front
 from .train_entmax import EntmaxTrainConfig
 
 SECTION = "sparsity"
 CHECKPOINT = "entmax_model.safetensors"
-PREDICTORS = "predictors.safetensors"
+PREDICTORS_FILE = "predictors.safetensors"
 TARGET = 0.9
 MIN_EVAL = 16  # fewer held-out windows than this: error bars across windows are not meaningful
 log = logging.getLogger(__name__)
@@ -58,6 +59,83 @@ def prepare_small(run: RunDir, train: EntmaxTrainConfig, checkpoint: Optional[st
     return model, vmap, train, hist, str(path)
 
 
+@dataclass
+class EntmaxModel:
+    """A model with entmax attention ready for the evaluation: its source, per-layer alphas, the fit /
+    evaluation / downstream windows, a JSON description, and its downstream task (ids -> task)."""
+
+    source: Any
+    alphas: list
+    fit_ids: torch.Tensor
+    eval_ids: torch.Tensor
+    down_ids: torch.Tensor
+    info: dict
+    task: Callable[[torch.Tensor], Any]
+
+
+#: How to get an entmax model for ``--model``: 'small' trains / loads ours; any other name is an HF model.
+ENTMAX_MODELS: Registry[Callable[..., EntmaxModel]] = Registry("entmax model", "--model")
+
+
+def _entmax_model(name: str) -> Callable[..., EntmaxModel]:
+    return ENTMAX_MODELS.get(name if name in ENTMAX_MODELS else "hf")
+
+
+@ENTMAX_MODELS.register("small", help="our small entmax transformer, trained (or loaded from --checkpoint)")
+def _small_model(run, name, train, checkpoint, resume, quiet, tokenizer, n_fit, n_eval, n_down, seed, **_) -> EntmaxModel:
+    from ..capture.corpus import token_windows
+    from ..sources.small import SmallSource
+    from .evaluate import LMTask
+    from .train_entmax import tokenizer_of
+
+    net, vmap, tcfg, hist, ckpt = prepare_small(run, train, checkpoint, resume, quiet, tokenizer)
+    tok = tokenizer_of(tokenizer)
+    held = token_windows(tok, tcfg.seq_len, tcfg.corpus, max_windows=n_eval + n_down, split="heldout")
+    fitw = token_windows(tok, tcfg.seq_len, tcfg.corpus, max_windows=n_fit, split="fit")
+    alphas = [b.attn.alpha() for b in net.blocks]
+    alphas = [a.detach().cpu() if isinstance(a, torch.Tensor) else a for a in alphas]
+    info = {"kind": "small", "checkpoint": ckpt, "config": net.cfg.to_dict(), "objective": tcfg.objective,
+            "train_history": hist,
+            "gold_graphs_from": f"our {'causal decoder' if tcfg.objective == 'clm' else 'MLM encoder'} trained with "
+                                f"entmax-{tcfg.alpha:g} attention ({tcfg.steps} steps)",
+            "setting_id": "small|" + fingerprint({"model": net.cfg.to_dict(), "train": asdict(tcfg)},
+                                                 ignore=("checkpoint_every", "device"))}
+    return EntmaxModel(SmallSource(net), alphas, vmap(fitw), vmap(held[:n_eval]), vmap(held[n_eval:]), info,
+                       lambda ids: LMTask(net, ids, tcfg.objective, seed))
+
+
+@ENTMAX_MODELS.register("hf", help="an HF model (name or folder, e.g. minilm) with softmax swapped for entmax")
+def _hf_model(run, name, train, quiet, n_fit, n_eval, n_down, hf_seq_len, hf_finetune_steps, seed, **_) -> EntmaxModel:
+    from ..capture.corpus import token_windows
+    from ..sources.hf import load_model
+    from .evaluate import HiddenTask
+    from .finetune_hf import HFFinetuneConfig, entmax_finetuned
+
+    net = load_model(name, device=train.device)
+    alpha = train.alpha
+    ft = HFFinetuneConfig(steps=hf_finetune_steps, alpha=alpha, seed=seed)
+    n_ft = min(8 * hf_finetune_steps, 512) if hf_finetune_steps > 0 else 0
+    fitw = token_windows(net.tokenizer, hf_seq_len, train.corpus, split="fit", max_windows=n_fit + n_ft)
+    held = token_windows(net.tokenizer, hf_seq_len, train.corpus, max_windows=n_eval + n_down, split="heldout")
+    ft_windows = fitw[n_fit:] if len(fitw) > n_fit else fitw[:n_fit]
+    mlm_eval = held[n_eval:][:32] if len(held) > n_eval else held[:32]
+    rec = entmax_finetuned(net, ft_windows, mlm_eval, ft, probe_windows=fitw[:n_fit][:64], quiet=quiet)
+    source = (f"{name} with entmax-{alpha:g} attention, fine-tuned {hf_finetune_steps} self-distillation steps"
+              + (" (cached weights)" if rec.get("cached") else "")) if hf_finetune_steps > 0 else \
+        f"{name} with entmax-{alpha:g} swapped in, NOT fine-tuned (--hf-finetune-steps 0)"
+    warnings = ["gold graphs come from a model never trained with entmax (--hf-finetune-steps 0)"] \
+        if hf_finetune_steps == 0 else []
+    mlm = rec.get("mlm", {})
+    if "entmax_finetuned" in mlm:
+        _log(quiet, "MLM probe loss (held-out): softmax original {:.3f}, entmax swap {:.3f}, entmax fine-tuned "
+                    "{:.3f}".format(mlm["softmax_original"]["loss"], mlm["entmax_no_finetune"]["loss"],
+                                    mlm["entmax_finetuned"]["loss"]))
+    info = {"kind": "hf", **net.describe(), "gold_graphs_from": source, "finetune": rec, "warnings": warnings,
+            "setting_id": f"{name}|entmax-{alpha:g}|finetune:{rec['key'] if hf_finetune_steps > 0 else 'none'}"}
+    return EntmaxModel(net, [alpha] * net.n_layers, fitw[:n_fit], held[:n_eval], held[n_eval:], info,
+                       lambda ids: HiddenTask(net, ids))
+
+
 def sparsity(
     out: str | Path, model: str = "small", checkpoint: Optional[str] = None, train: Optional[EntmaxTrainConfig] = None,
     methods: Optional[Sequence[str]] = None, n_fit: int = 128, n_eval: int = 64, n_down: int = 128, rank: int = 4,
@@ -81,15 +159,13 @@ def sparsity(
     returned as is, a cached checkpoint is reused and an interrupted training continues from its partial
     checkpoint (``entmax_model.partial.safetensors``, every ``train.checkpoint_every`` steps).
     """
-    from ..capture.corpus import token_windows
-    from .evaluate import capture_layers, downstream_hf, downstream_small, fit_layers, sweep_method
-    from .predictors import EXTRA_METHODS, METHODS, Projector
+    from .evaluate import capture_layers, downstream, fit_layers, sweep_method
+    from .predictors import PREDICTORS, Projector
 
     train = train or EntmaxTrainConfig()
-    methods = list(methods or METHODS)
+    methods = list(methods or PREDICTORS.names("default"))
     for m in methods:
-        if m not in METHODS + EXTRA_METHODS:
-            raise ConfigError(f"--methods: unknown method {m!r}; choose from {', '.join(METHODS + EXTRA_METHODS)}")
+        PREDICTORS.get(m)  # an unknown name is a ConfigError listing the registered ones
     if authors_defaults:
         force_window, force_cls = max(force_window, 1), True
     if min(n_fit, n_eval) < 1 or n_down < 0:
@@ -110,47 +186,14 @@ def sparsity(
     t_start = time.time()
     info: dict = {"config": config, "complete": False}
 
-    if model == "small":
-        net, vmap, tcfg, hist, ckpt = prepare_small(run, train, checkpoint, resume, quiet, tokenizer)
-        from .train_entmax import tokenizer_of
-
-        tok = tokenizer_of(tokenizer)
-        held = token_windows(tok, tcfg.seq_len, tcfg.corpus, max_windows=n_eval + n_down, split="heldout")
-        fitw = token_windows(tok, tcfg.seq_len, tcfg.corpus, max_windows=n_fit, split="fit")
-        fit_ids, eval_ids, down_ids = vmap(fitw), vmap(held[:n_eval]), vmap(held[n_eval:])
-        alpha = tcfg.alpha
-        info["model"] = {"kind": "small", "checkpoint": ckpt, "config": net.cfg.to_dict(), "objective": tcfg.objective,
-                         "train_history": hist,
-                         "gold_graphs_from": f"our {'causal decoder' if tcfg.objective == 'clm' else 'MLM encoder'} "
-                                             f"trained with entmax-{tcfg.alpha:g} attention ({tcfg.steps} steps)"}
-        setting_id = "small|" + fingerprint({"model": net.cfg.to_dict(), "train": asdict(tcfg)},
-                                            ignore=("checkpoint_every", "device"))
-    else:
-        from ..capture.hf import load_model
-        from .finetune_hf import HFFinetuneConfig, entmax_finetuned
-
-        net = load_model(model, device=train.device)
-        alpha = train.alpha
-        ft = HFFinetuneConfig(steps=hf_finetune_steps, alpha=alpha, seed=seed)
-        n_ft = min(8 * hf_finetune_steps, 512) if hf_finetune_steps > 0 else 0
-        fitw = token_windows(net.tokenizer, hf_seq_len, train.corpus, split="fit", max_windows=n_fit + n_ft)
-        held = token_windows(net.tokenizer, hf_seq_len, train.corpus, max_windows=n_eval + n_down, split="heldout")
-        ft_windows = fitw[n_fit:] if len(fitw) > n_fit else fitw[:n_fit]
-        mlm_eval = held[n_eval:][:32] if len(held) > n_eval else held[:32]
-        rec = entmax_finetuned(net, ft_windows, mlm_eval, ft, probe_windows=fitw[:n_fit][:64], quiet=quiet)
-        fit_ids, eval_ids, down_ids = fitw[:n_fit], held[:n_eval], held[n_eval:]
-        source = (f"{model} with entmax-{alpha:g} attention, fine-tuned {hf_finetune_steps} self-distillation steps"
-                  + (" (cached weights)" if rec.get("cached") else "")) if hf_finetune_steps > 0 else \
-            f"{model} with entmax-{alpha:g} swapped in, NOT fine-tuned (--hf-finetune-steps 0)"
-        if hf_finetune_steps == 0:
-            _warn(info, quiet, "gold graphs come from a model never trained with entmax (--hf-finetune-steps 0)")
-        info["model"] = {"kind": "hf", **net.describe(), "gold_graphs_from": source, "finetune": rec}
-        mlm = rec.get("mlm", {})
-        if "entmax_finetuned" in mlm:
-            _log(quiet, "MLM probe loss (held-out): softmax original {:.3f}, entmax swap {:.3f}, entmax fine-tuned "
-                        "{:.3f}".format(mlm["softmax_original"]["loss"], mlm["entmax_no_finetune"]["loss"],
-                                        mlm["entmax_finetuned"]["loss"]))
-        setting_id = f"{model}|entmax-{alpha:g}|finetune:{rec['key'] if hf_finetune_steps > 0 else 'none'}"
+    em = _entmax_model(model)(run=run, name=model, train=train, checkpoint=checkpoint, resume=resume, quiet=quiet,
+                              tokenizer=tokenizer, n_fit=n_fit, n_eval=n_eval, n_down=n_down, hf_seq_len=hf_seq_len,
+                              hf_finetune_steps=hf_finetune_steps, seed=seed)
+    net, alpha, fit_ids, eval_ids, down_ids = em.source, em.alphas, em.fit_ids, em.eval_ids, em.down_ids
+    setting_id = em.info.pop("setting_id")
+    for w in em.info.pop("warnings", []):
+        _warn(info, quiet, w)
+    info["model"] = em.info
     if len(eval_ids) < n_eval:
         _warn(info, quiet, f"only {len(eval_ids)} held-out evaluation windows available (--n-eval {n_eval} asked): "
                            "the corpus is too small")
@@ -170,7 +213,7 @@ def sparsity(
     _log(quiet, f"gold graph sparsity {info['gold']['sparsity']:.3f} (per layer {[round(1 - d, 3) for d in gold_density]})")
 
     setting = {"model": setting_id, "seq_len": ev[0].n, "n_layers": len(ev), "n_heads": ev[0].q.shape[1],
-               "d_head": ev[0].q.shape[-1], "alpha": float(alpha) if not isinstance(alpha, torch.Tensor) else "learned"}
+               "d_head": ev[0].q.shape[-1], "alpha": [float(a) if not isinstance(a, torch.Tensor) else "learned" for a in alpha]}
     projectors = [Projector(rank, epochs=epochs, seed=seed + l, loss=loss) for l in range(len(fit))]
     results, fitted, fit_seconds = {}, {}, {}
     loaded = {}
@@ -187,7 +230,8 @@ def sparsity(
                 p.force_window, p.force_cls = int(force_window), bool(force_cls)
         else:
             fitted[m] = fit_layers(m, fit, rank=rank, epochs=epochs, seed=seed, projectors=projectors,
-                                   force_window=force_window, force_cls=force_cls, score_rank=score_rank)
+                                   force_window=force_window, force_cls=force_cls,
+                                   **({"score_rank": score_rank} if m in PREDICTORS.names("trained") else {}))
         fit_seconds[m] = time.time() - t0
         results[m] = sweep_method(m, fitted[m], ev, target=TARGET)
         results[m]["fit_seconds"] = fit_seconds[m]
@@ -201,15 +245,12 @@ def sparsity(
     if not predictor_path:
         from .predictors.persist import save_predictors
 
-        info["predictors"] = save_predictors(run.file(PREDICTORS), fitted, setting).name
+        info["predictors"] = save_predictors(run.file(PREDICTORS_FILE), fitted, setting).name
     info["setting"] = setting
 
     if n_down > 0 and len(down_ids):
         _log(quiet, f"downstream: attention restricted to predicted graphs ({len(down_ids)} windows)")
-        if model == "small":
-            info["downstream"] = downstream_small(net, down_ids, tcfg.objective, fitted, results, targets, seed)
-        else:
-            info["downstream"] = downstream_hf(net, down_ids, alpha, fitted, results, targets)
+        info["downstream"] = downstream(net, em.task(down_ids), alpha, fitted, results, targets)
     elif n_down > 0:
         reason = (f"downstream evaluation NOT run: no held-out windows left after the {len(eval_ids)} evaluation "
                   f"windows (--n-down {n_down} asked); use a larger corpus or lower --n-eval")
@@ -292,9 +333,9 @@ def compare_methods(results: dict, target: float = TARGET) -> dict:
 
     For each layer and baseline point (s, r) with s <= the learned method's sparsest point, the margin is
     learned recall at s (interpolated on its per-layer front) minus r; ``beats_all`` = every margin >= 0."""
-    from .predictors import LEARNED
+    from .predictors import trained_methods
 
-    learned = [m for m in results if m in LEARNED or m.startswith("rank")]
+    learned = [m for m in results if m in trained_methods()]
     baselines = [m for m in results if m not in learned and m != "oracle-topk"]
     if not learned:
         return {}

@@ -1,4 +1,8 @@
-"""Sparsity predictors: learned (distance, quantization, clustering) and baselines."""
+"""Sparsity predictors: learned (distance, quantization, clustering) and baselines, registered by name."""
+
+from functools import partial
+
+from ..protocol import PREDICTORS, build_predictor
 
 from .base import BasePredictor, BucketPredictor, Predictor
 from .baselines import BigBirdPredictor, LSHPredictor, OracleTopK, RoutingPredictor, WindowPredictor
@@ -11,63 +15,59 @@ from .rank import RankPredictor
 __all__ = [
     "BasePredictor", "BigBirdPredictor", "BucketPredictor", "ClusteringPredictor", "DistancePredictor",
     "LSHPredictor", "OracleTopK", "Predictor", "Projector", "QuantizationPredictor", "RoutingPredictor",
-    "WindowPredictor", "kmeans", "make_predictor", "METHODS", "LongformerPredictor", "StridedPredictor", "RankPredictor",
-    "LEARNED", "EXTRA_METHODS",
+    "WindowPredictor", "kmeans", "make_predictor", "METHODS", "PREDICTORS", "LongformerPredictor",
+    "StridedPredictor", "RankPredictor", "trained_methods",
 ]
 
-METHODS = ("distance-thr", "distance-knn", "quantization", "clustering", "window", "bigbird", "lsh", "routing",
-           "oracle-topk", "longformer", "strided", "rank")
-# methods that share the Sparsefinder projector (trained once per layer)
-LEARNED = ("distance-thr", "distance-knn", "quantization", "quantization-fixed", "quantization-dynamic", "clustering",
-           "clustering-top2")
-# accepted by --methods but not run by default
-EXTRA_METHODS = ("clustering-top2", "quantization-fixed", "quantization-dynamic", "strided-fixed", "rank-knn")
+# Registrations, in the order runs list them (``default``: run unless --methods says otherwise; ``learned``:
+# takes rank / epochs / projector, and shares one trained projector per layer in a run).
+_LEARNED = ("default", "learned")
+PREDICTORS.add("distance-thr", partial(DistancePredictor, mode="threshold"), "learned projection, distance threshold", _LEARNED)
+PREDICTORS.add("distance-knn", partial(DistancePredictor, mode="knn"), "learned projection, k nearest keys", _LEARNED)
+PREDICTORS.add("quantization", QuantizationPredictor, "learned projection, same-bucket pairs", _LEARNED)
+PREDICTORS.add("clustering", ClusteringPredictor, "learned projection, k-means, same-cluster pairs", _LEARNED)
+PREDICTORS.add("window", WindowPredictor, "local band |i - j| <= w", ("default",))
+PREDICTORS.add("bigbird", BigBirdPredictor, "window + global + random keys", ("default",))
+PREDICTORS.add("lsh", LSHPredictor, "Reformer angular LSH buckets", ("default",))
+PREDICTORS.add("routing", RoutingPredictor, "Routing Transformer k-means on q/k", ("default",))
+PREDICTORS.add("oracle-topk", OracleTopK, "exact top-k keys per query (upper bound)", ("default",))
+PREDICTORS.add("clustering-top2", partial(ClusteringPredictor, top=2), "clustering, two nearest centroids",
+               ("learned",))
+PREDICTORS.add("quantization-fixed", partial(QuantizationPredictor, mode="fixed"),
+               "quantization, per-sequence equal-size buckets (the authors' --same-size)", ("learned",))
+PREDICTORS.add("quantization-dynamic", partial(QuantizationPredictor, mode="dynamic"),
+               "quantization, tanh equal-width buckets (the authors' default)", ("learned",))
+PREDICTORS.add("longformer", LongformerPredictor, "window + global first/last tokens", ("default",))
+PREDICTORS.add("strided", StridedPredictor, "OpenAI Sparse Transformer, strided pattern", ("default",))
+PREDICTORS.add("strided-fixed", partial(StridedPredictor, mode="fixed"), "OpenAI Sparse Transformer, fixed pattern")
+# ``trained``: fitted on the gold graph with their own scorer (take rank / epochs, not the shared projector)
+PREDICTORS.add("rank", partial(RankPredictor, mode="gap"), "low-rank scorer, ranking loss over all keys, gap to "
+               "row max, per-head budgets", ("default", "trained"))
+PREDICTORS.add("rank-knn", partial(RankPredictor, mode="knn"), "rank scorer with top-k per query", ("trained",))
+
+#: The methods a run evaluates by default (registered with tag ``default``, at import).
+METHODS = tuple(PREDICTORS.names("default"))
 
 
 def make_predictor(method: str, rank: int = 4, epochs: int = 20, seed: int = 0, projector: "Projector | None" = None,
                    loss: str = "sum", force_window: int = -1, force_cls: bool = False, **kw) -> BasePredictor:
-    """Build a predictor by method name (see ``METHODS``); learned ones may share a fitted ``projector``.
+    """Build a registered predictor by name (see ``PREDICTORS``); learned ones may share a fitted ``projector``.
 
     ``force_window`` >= 0 / ``force_cls`` add forced edges (counted in sparsity and recall, as in Sparsefinder)."""
-    p = _make(method, rank, epochs, seed, projector, loss, **kw)
+    learned = None
+    score_rank = kw.pop("score_rank", None)
+    tags = PREDICTORS.entry(method).tags
+    if "learned" in tags:
+        if projector is None:
+            projector = Projector(rank, epochs=epochs, seed=seed, loss=loss)
+        learned = dict(rank=rank, epochs=epochs, projector=projector)
+    if "trained" in tags:
+        kw = {"rank": score_rank or rank, "epochs": epochs, **kw}
+    p = build_predictor(method, seed=seed, learned=learned, **kw)
     p.force_window, p.force_cls = int(force_window), bool(force_cls)
     return p
 
 
-def _make(method: str, rank: int, epochs: int, seed: int, projector, loss: str, **kw) -> BasePredictor:
-    from ...errors import ConfigError
-
-    kw = dict(kw)
-    score_rank = kw.pop("score_rank", None)
-    if method in ("longformer",):
-        return LongformerPredictor(**kw)
-    if method in ("strided", "strided-fixed"):
-        return StridedPredictor(mode="fixed" if method.endswith("fixed") else "strided", **kw)
-    if method in ("rank", "rank-knn"):
-        return RankPredictor(rank=score_rank or rank, epochs=epochs, seed=seed,
-                             mode="knn" if method.endswith("knn") else "gap", **kw)
-    if method.startswith("quantization-"):
-        kw = {**kw, "mode": method.split("-", 1)[1]}
-        method = "quantization"
-    if projector is None and method in LEARNED:
-        projector = Projector(rank, epochs=epochs, seed=seed, loss=loss)
-    learned = dict(rank=rank, epochs=epochs, seed=seed, projector=projector)
-    if method == "distance-thr":
-        return DistancePredictor(mode="threshold", **learned, **kw)
-    if method == "distance-knn":
-        return DistancePredictor(mode="knn", **learned, **kw)
-    if method == "quantization":
-        return QuantizationPredictor(**learned, **kw)
-    if method in ("clustering", "clustering-top2"):
-        return ClusteringPredictor(top=2 if method.endswith("top2") else 1, **learned, **kw)
-    if method == "window":
-        return WindowPredictor(**kw)
-    if method == "bigbird":
-        return BigBirdPredictor(seed=seed, **kw)
-    if method == "lsh":
-        return LSHPredictor(seed=seed, **kw)
-    if method == "routing":
-        return RoutingPredictor(seed=seed, **kw)
-    if method == "oracle-topk":
-        return OracleTopK(**kw)
-    raise ConfigError(f"--methods: unknown method {method!r}; choose from {', '.join(METHODS + EXTRA_METHODS)}")
+def trained_methods() -> tuple[str, ...]:
+    """Predictors fitted on the gold graph (tags ``learned`` or ``trained``): the learned side of comparisons."""
+    return tuple(dict.fromkeys(PREDICTORS.names("learned") + PREDICTORS.names("trained")))
