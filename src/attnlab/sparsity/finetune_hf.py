@@ -46,7 +46,7 @@ class HFFinetuneConfig:
     mask_prob: float = 0.15  # BERT masking of the distillation inputs
     alpha: float = 1.5  # entmax alpha
     seed: int = 0  # data order and masking
-    probe_steps: int = 150  # Adam steps of the MLM probe head
+    probe_steps: int = 60  # Adam steps of the MLM probe head (256 masked tokens each)
     cache: bool = True  # read / write the fine-tuned weights in the cache folder
 
     def __post_init__(self) -> None:
@@ -164,10 +164,10 @@ def fit_probe(hf, windows: torch.Tensor, cfg: HFFinetuneConfig) -> MLMProbe:
     emb = hf.model.get_input_embeddings().weight
     h, y = _masked_hidden(hf, windows, None, cfg.seed + 1, cfg.mask_prob)
     probe = MLMProbe(emb)
-    opt = torch.optim.Adam(probe.parameters(), lr=2e-3)
+    opt = torch.optim.Adam(probe.parameters(), lr=5e-3)
     g = torch.Generator().manual_seed(cfg.seed)
     for _ in range(cfg.probe_steps):
-        idx = torch.randint(len(y), (min(512, len(y)),), generator=g)
+        idx = torch.randint(len(y), (min(256, len(y)),), generator=g)
         loss = F.cross_entropy(probe(h[idx]), y[idx])
         opt.zero_grad()
         loss.backward()
