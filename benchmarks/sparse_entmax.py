@@ -110,9 +110,11 @@ def main(argv=None) -> dict:
     cuda = torch.cuda.is_available() and not args.quick
     dev = torch.device("cuda" if cuda else "cpu")
     dtype = torch.bfloat16 if cuda else torch.float32
-    lengths = [256, 512] if args.quick else [int(x) for x in args.lengths.split(",")]
-    H = 2 if args.quick else args.heads
-    block = 64 if args.quick else args.block
+    lengths = [128] if args.quick else [int(x) for x in args.lengths.split(",")]
+    H = 1 if args.quick else args.heads
+    block = 32 if args.quick else args.block
+    if args.quick:  # eager flex on CPU is slow: a smoke run only
+        args.n_iter, args.dense_iter, args.sample_rows, args.keep = 12, 20, 32, 0.25
     reps = 1 if args.quick else args.reps
     rows = []
     print(f"device {torch.cuda.get_device_name() if cuda else 'cpu'}; B=1 H={H} d={args.dim} block={block} "
