@@ -95,7 +95,7 @@ def mask_inputs(ids: torch.Tensor, tokenizer, p: float, g: torch.Generator) -> t
 
 def distill(hf, windows: torch.Tensor, cfg: HFFinetuneConfig, quiet: bool = False) -> dict:
     """Fine-tune ``hf`` in place: entmax attention, MSE to the frozen softmax original's hidden states."""
-    from .train_entmax import entmax_handler, hf_hidden
+    from .entmax_hf import entmax_handler, hf_hidden
 
     g = seed_everything(cfg.seed)
     teacher = copy.deepcopy(hf.model).eval()
@@ -146,7 +146,7 @@ class MLMProbe(torch.nn.Module):
 
 def _masked_hidden(hf, windows: torch.Tensor, handler, seed: int, p: float, batch: int = 8):
     """(hidden states at masked positions (M, d), labels (M,)) with fixed masks from ``seed``."""
-    from .train_entmax import hf_hidden
+    from .entmax_hf import hf_hidden
 
     g = torch.Generator().manual_seed(seed)
     hs, ys = [], []
@@ -193,7 +193,7 @@ def entmax_finetuned(hf, train_windows: torch.Tensor, eval_windows: torch.Tensor
     Returns a JSON-friendly record: cache file and whether it was reused, distillation history, and MLM probe
     loss / accuracy of the softmax original, the entmax swap before and after fine-tuning on ``eval_windows``.
     """
-    from .train_entmax import entmax_handler
+    from .entmax_hf import entmax_handler
 
     t0 = time.time()
     key = finetune_key(hf, train_windows, cfg)
