@@ -142,8 +142,15 @@ def compare(
     from .spectral.compare import compare_runs
 
     res = compare_runs(run_a, run_b, out)
-    for i, row in enumerate(res["overlap"]):
-        typer.echo(f"layer {i}: " + " ".join(f"{v:.2f}" for v in row))
+    typer.echo(f"rows = A: {res['label_a']}; columns = B: {res['label_b']}; k = {res['k']}, chance {res['chance']:.2f}")
+    typer.echo("A \\ B   " + " ".join(f"L{l:<4d}" for l in res["layers_b"]))
+    for l, row in zip(res["layers_a"], res["overlap"]):
+        typer.echo(f"L{l:<7d} " + " ".join(f"{v:5.2f}" for v in row))
+    if res.get("noise_floor"):
+        d = res["noise_floor"]["diagonal"]
+        typer.echo(f"noise floor (two halves of A's windows, same layer): {min(d):.2f}-{max(d):.2f}")
+    if out is not None:
+        _render(out)
 
 
 @app.command()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from html import escape
 
 from ..io import RunDir
-from ..report.html import cell as _fmt, table as _table
+from ..report.html import cell as _fmt, figure, table as _table
 
 SECTION = "reconstruct"
 
@@ -29,7 +29,11 @@ def render_section(run: RunDir) -> str:
         order = sorted(table, key=lambda k: max(v["tv"] for v in table[k]["per_layer"].values()))
         rows = [[lab] + [table[lab]["per_layer"][l]["tv"] for l in layers] +
                 [table[lab]["mean"]["rel_err"], table[lab]["mean"]["top1"], table[lab]["mean"]["kl"]] for lab in order]
-        parts.append(_table(["method"] + [f"TV L{l}" for l in layers] + ["rel. err", "top-1", "KL"], rows))
+        parts.append(_table(["method", "estimator"] + [f"TV L{l}" for l in layers] + ["worst-layer TV", "rel. err", "top-1", "KL"],
+                            [r[:1] + [table[r[0]].get("estimator", r[0].split("/")[0])] + r[1:1 + len(layers)]
+                             + [max(r[1:1 + len(layers)])] + r[1 + len(layers):] for r in rows],
+                            group_col=1, caption="Softmax total variation (TV) per layer on held-out windows, "
+                            "sorted by worst layer (click a header to re-sort, hover a value for full precision)."))
     for d in sec.get("dropin") or []:
         parts.append(f"<p>Drop-in {_fmt(d['method'])} in layers {_fmt(d['layers'])}: hidden-state cosine "
                      f"{_fmt(d['hidden_cosine'])}, sentence-embedding cosine {_fmt(d['sentence_cosine'])}"
@@ -42,5 +46,20 @@ def render_section(run: RunDir) -> str:
         parts.append(_table(["method", "budget", "held-out loss", "same model, exact attention", "seconds"], rows))
     for png in sec.get("plots") or []:
         if run.file(png).exists():
-            parts.append(f"<img src='{escape(png)}' alt='{escape(png)}'>")
+            parts.append(figure(png, _caption(png, sec)))
     return "\n".join(parts)
+
+
+def _caption(png: str, sec: dict) -> str:
+    """What a reconstruct plot shows, by file name."""
+    target = sec.get("target_tv", 0.05)
+    if png == "reconstruct_tv_table.png":
+        return (f"Softmax TV per method (rows) and layer (columns, real indices) at {sec.get('budget_pairs')} exact "
+                f"pairs per row on held-out windows; darker = worse. Target: TV &lt; {target:g} in every layer.")
+    if png.startswith("reconstruct_sweep_"):
+        lab = png[len("reconstruct_sweep_"):-4]
+        return (f"Budget sweep for {escape(lab)}: mean softmax TV per layer against the fraction of exact pairs per "
+                f"row; the dashed line is the target TV {target:g}.")
+    if png == "reconstruct_train.png":
+        return "Training a small LM with reconstructed attention: training loss per step for each method and budget."
+    return escape(png)

@@ -150,6 +150,9 @@ def sparsity(
             info["downstream"] = downstream_hf(net, down_ids, alpha, fitted, results, targets)
 
     _write_artifacts(run, info, results, ev)
+    from ..report.views import save_sparsity_views
+
+    save_sparsity_views(run, fitted, ev, info["operating_points_0.9"])
     info["wall_s"] = time.time() - t_start
     info["complete"] = True
     run.write_section(SECTION, info)

@@ -56,7 +56,7 @@ def summarise(col: SpectrumCollector, basis_k: Optional[int] = None) -> tuple[di
     # (k/N); k90 would often be most of N here, where any two subspaces overlap.
     k = max(1, min(basis_k or col.seq_len // 8, col.seq_len))
     res["basis_k"] = k
-    res["pooled"] = {"curve": ov_curve[:64].tolist(), **ranks_for(ov_curve)}
+    res["pooled"] = {"curve": ov_curve.tolist(), **ranks_for(ov_curve)}
     tensors["rows.basis.pooled"] = ov_vecs[:, :k]
     layer_bases = {}
     res["per_layer"] = {}
@@ -65,9 +65,9 @@ def summarise(col: SpectrumCollector, basis_k: Optional[int] = None) -> tuple[di
         curve = explained_variance(evals)
         layer_bases[l] = evecs[:, :k]
         tensors[f"rows.basis.layer.{l}"] = layer_bases[l]
-        res["per_layer"][str(l)] = {"curve": curve[:64].tolist(), **ranks_for(curve)}
+        res["per_layer"][str(l)] = {"curve": curve.tolist(), **ranks_for(curve)}
     res["per_head"] = {
-        f"{l}.{h}": {"curve": head_curves[(l, h)][:64].tolist(), **head_ranks[(l, h)]} for (l, h) in head_stats}
+        f"{l}.{h}": {"curve": head_curves[(l, h)].tolist(), **head_ranks[(l, h)]} for (l, h) in head_stats}
     for (l, h), vecs in head_bases.items():
         tensors[f"rows.basis.{l}.{h}"] = vecs[:, :k]
     res["overlap_layers"] = overlap_matrix([layer_bases[l] for l in L]).tolist()

@@ -113,6 +113,9 @@ def spectrum(out: str | Path, model: str | Model = "minilm", windows: Optional[t
         from .plots import plot_spectrum
 
         plot_spectrum(run, results)
+        from ..report.views import save_views
+
+        save_views(run, m, windows[0], layers, heads)
     barrier(info)
     if ckpt.exists():
         ckpt.unlink()

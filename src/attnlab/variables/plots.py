@@ -49,7 +49,7 @@ def plot_complexity(results: Sequence[Mapping[str, Any]], fits: Optional[Mapping
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
 
@@ -73,10 +73,11 @@ def plot_probe(probe: Mapping[str, Any], path: str | Path) -> Path:
     ax.set_xticks(x, labels)
     ax.set_ylim(0, 1.05)
     ax.set_title(f"Readout attention ({probe.get('attention', '?')})")
-    ax.legend(fontsize=8)
+    ax.set_ylabel("share / precision")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside the axes: covers no bar
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path

@@ -5,7 +5,7 @@ from __future__ import annotations
 from html import escape
 
 from ..io import RunDir
-from ..report.html import cell as _fmt, table as _table
+from ..report.html import cell as _fmt, figure, table as _table
 from .experiment import SECTION
 
 
@@ -44,7 +44,14 @@ def render_section(run: RunDir) -> str:
                      f"{escape(str(probe.get('attention')))})</h3>")
         parts.append(_table(["head", "mass on relevant", "top-s precision", "support precision", "support recall",
                              "support == relevant"], prow))
+    captions = {
+        "variables_mstar.png": "Smallest number of training samples m* reaching the accuracy threshold, against context "
+                               "length T (log axis). Grey dots: per seed; blue: m*(T) across seeds; dashed / dotted: "
+                               "fitted laws a + b log T and a + b T^c.",
+        "variables_probe.png": "Readout attention of the trained model per layer and head: attention mass on the "
+                               "relevant positions, precision of its top-s keys, and precision of its support.",
+    }
     for png in sec.get("plots", []):
         if run.file(png).exists():
-            parts.append(f"<img src='{escape(png)}' alt='{escape(png)}'>")
+            parts.append(figure(png, captions.get(png, escape(png))))
     return "\n".join(parts)
