@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from . import logs as _logs  # noqa: F401  (library logging: NullHandler; the CLI adds a console handler)
 from .errors import AttnlabError, ConfigError, CorpusError, ModelError, NumericalError, ResultsError, ShapeError
 
 __version__ = "0.1.0"
@@ -40,6 +41,11 @@ def __getattr__(name: str) -> Any:
         module, attr = _LAZY[name]
         return getattr(importlib.import_module(module), attr)
     raise AttributeError(f"module 'attnlab' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    """Module attributes plus the lazily imported API functions (spectrum, compare, demo, ...)."""
+    return sorted(set(globals()) | set(_LAZY))
 
 
 __all__ = ["capture", "reconstruct", "report", "sparsity", "variables", "AttnlabError", "ConfigError", "CorpusError", "ModelError", "NumericalError", "ResultsError", "ShapeError",

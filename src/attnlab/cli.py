@@ -15,12 +15,35 @@ import typer
 
 app = typer.Typer(
     name="attnlab", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    # Plain help text: Rich markup would swallow "[default: ...]" and "[spectrum]" as style tags.
+    rich_markup_mode=None,
     help="Measure, predict and exploit the structure of self-attention in transformer models.\n\n"
          "Start with `attnlab demo`; every command writes a run directory (results.json, *.safetensors, "
          "*.png) that `attnlab report RUN_DIR` renders into one self-contained report.html.\n\n"
          "Every command also takes --config FILE.toml: its [command] table (e.g. [spectrum], [reconstruct.run]) "
          "sets defaults; flags on the command line win.",
 )
+
+def _version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        typer.echo(f"attnlab {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Print the attnlab version and exit."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Also show debug messages of the library."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Show warnings and errors only."),
+) -> None:
+    """Measure, predict and exploit the structure of self-attention in transformer models."""
+    from .logs import setup_cli_logging
+
+    setup_cli_logging("DEBUG" if verbose else "WARNING" if quiet else "INFO")
+
 
 ModelOpt = typer.Option(None, "--model", help="HF hub id (already cached), local model folder, or 'minilm' "
                                               "(packaged all-MiniLM-L6-v2). [default: minilm]")
@@ -90,6 +113,7 @@ def capture(
     meta = run_capture(out, **s)
     typer.echo(f"captured {meta['n_sequences']} x {len(meta['layers'])} layers x {len(meta['heads'])} heads -> "
                f"{out / 'capture.safetensors'}")
+    _render(out)
 
 
 @app.command()
@@ -156,14 +180,15 @@ def compare(
 @app.command()
 def report(run_dir: Path = typer.Argument(..., help="Run directory to render.")) -> None:
     """Render every section of a run directory into one self-contained report.html."""
-    _render(run_dir)
+    from .report.html import render_report
+
+    typer.echo(f"report: {render_report(run_dir).resolve()}")
 
 
 def _render(run_dir: Path) -> None:
-    from .report.html import render_report
+    from .cli_utils import write_report
 
-    path = render_report(run_dir)
-    typer.echo(f"report: {path.resolve()}")
+    write_report(run_dir)
 
 
 @app.command()

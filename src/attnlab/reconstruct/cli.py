@@ -6,7 +6,7 @@ from typing import List, Optional
 
 import typer
 
-from ..cli_utils import fail, split_words
+from ..cli_utils import fail, split_words, write_report
 
 app = typer.Typer(help="Reconstruct attention scores from a subset of computed pairs (eigen-analysis paper).",
                   no_args_is_help=True)
@@ -18,10 +18,14 @@ def run(
     out: str = typer.Option("runs/reconstruct", help="Run directory (results.json section 'reconstruct', PNGs)."),
     budget: str = typer.Option("0.25", help="Exact pairs per row: a fraction in (0, 1] (0.25) or a count (32)."),
     budgets: List[str] = typer.Option(["0.0625", "0.125", "0.25", "0.5"], help="Budgets of the sweep (repeat or comma list)."),
-    estimators: List[str] = typer.Option(["gaussian", "basis", "mean", "none", "proxy", "proxy+gaussian"],
-                                         help="Estimators (comma list)."),
-    selections: List[str] = typer.Option(["random", "fixed", "evenly", "local", "leverage", "qr", "adaptive", "oracle"],
-                                         help="Selection strategies (comma list)."),
+    estimators: List[str] = typer.Option(["gaussian", "basis", "proxy+gaussian"],
+                                         help="Estimators (comma list); all: gaussian, basis, mean, none, proxy, "
+                                              "proxy+gaussian."),
+    selections: List[str] = typer.Option(["random", "leverage", "adaptive", "oracle"],
+                                         help="Selection strategies (comma list); all: random, fixed, evenly, local, "
+                                              "leverage, qr, adaptive, oracle."),
+    all_methods: bool = typer.Option(False, "--all", help="Evaluate every estimator x selection (overrides "
+                                                          "--estimators/--selections)."),
     seq_len: int = typer.Option(128, help="Tokens per window."),
     n_fit: int = typer.Option(256, help="Windows of the fit split used to fit the statistics."),
     n_eval: int = typer.Option(64, help="Windows of the held-out split used to evaluate."),
@@ -41,8 +45,12 @@ def run(
 ) -> None:
     """Fit on the fit split, evaluate every estimator x selection on held-out text, sweep budgets, drop-in."""
     from ..errors import AttnlabError
+    from .estimators import ALL_ESTIMATORS
     from .run import format_table, reconstruct
-    from .selection import parse_budget
+    from .selection import STRATEGIES, parse_budget
+
+    if all_methods:
+        estimators, selections = list(ALL_ESTIMATORS), list(STRATEGIES)
 
     try:
         res = reconstruct(out, model=model, budget=parse_budget(budget),
@@ -55,6 +63,7 @@ def run(
         fail(e)
     typer.echo(format_table(res["table"]))
     typer.echo(f"best {res['best']}: worst-layer TV {res['best_worst_layer_tv']:.4f} (target 0.05); results in {out}")
+    write_report(out)
 
 
 @app.command()
@@ -109,3 +118,4 @@ def train(
         fail(e)
     for r in res["runs"]:
         typer.echo(f"{r['label']:24s} budget {r['budget']}: held-out loss {r['heldout_loss']:.4f}")
+    write_report(out)

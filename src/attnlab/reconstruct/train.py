@@ -11,6 +11,7 @@ are read: this simulates the approximation's effect on learning; it does not mak
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -26,6 +27,8 @@ from ..models.transformer import SmallTransformer, TransformerConfig
 from ..seeding import seed_everything
 from .evaluate import Combo, Method
 from .fit import fit_from_windows
+
+_log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -175,7 +178,7 @@ def train_compare(cfg: Optional[TrainConfig] = None, progress: bool = True, **kw
     heldout = heldout[torch.randperm(len(heldout), generator=g)[: cfg.eval_windows]]
     runs = [train_one(cfg, train, heldout, None)]
     if progress:
-        print(f"full attention: held-out loss {runs[0]['heldout_loss']:.4f} ({runs[0]['seconds']} s)", flush=True)
+        _log.info(f"full attention: held-out loss {runs[0]['heldout_loss']:.4f} ({runs[0]['seconds']} s)")
     for sel in cfg.selections:
         for b in cfg.budgets:
             combo = Combo(cfg.estimator, sel)
@@ -183,6 +186,6 @@ def train_compare(cfg: Optional[TrainConfig] = None, progress: bool = True, **kw
             r = train_one(cfg, train, heldout, combo, b)
             runs.append(r)
             if progress:
-                print(f"{combo.label} budget {b}: held-out loss {r['heldout_loss']:.4f} ({r['seconds']} s)", flush=True)
+                _log.info(f"{combo.label} budget {b}: held-out loss {r['heldout_loss']:.4f} ({r['seconds']} s)")
     return {"config": asdict(cfg), "runs": runs, "task": "char-level causal LM on stdlib docstrings (bytes)",
             "n_train_windows": int(len(train)), "n_heldout_windows": int(len(heldout))}

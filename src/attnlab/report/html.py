@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 SECTIONS = [
     ("spectrum", "attnlab.spectral.report:render_section", "Spectrum"),
     ("views", "attnlab.report.views:render_section", "Attention views"),
+    ("capture", "attnlab.report.views:render_capture", "Captured scores"),
     ("compare", "attnlab.spectral.report:render_compare", "Cross-run overlap"),
     ("reconstruct", "attnlab.reconstruct.report:render_section", "Reconstruction from partial computation"),
     ("sparsity", "attnlab.sparsity.report:render_section", "Sparsity prediction (Sparsefinder)"),

@@ -162,6 +162,20 @@ def render_section(run: RunDir) -> str:
     return "".join(parts)
 
 
+def render_capture(run: RunDir) -> str:
+    """The 'capture' section: what capture.safetensors holds and how to load it."""
+    from .html import table
+
+    sec = run.section("capture") or {}
+    model = sec.get("model", {})
+    return (f"<p>{sec.get('n_sequences')} windows of {sec.get('seq_len')} tokens from "
+            f"<b>{html.escape(str(model.get('name')))}</b>, layers {sec.get('layers')}, heads {sec.get('heads')}: raw "
+            f"pre-softmax scores (scaled and masked as the model does, -inf where masked) in "
+            f"<code>{html.escape(str(sec.get('file')))}</code>. Load with "
+            "<code>attnlab.io.read_tensors(path)</code>.</p>"
+            + table(["tensor"], [[t] for t in sec.get("tensors", [])]))
+
+
 def eigenvector_figure(run: RunDir, res: dict[str, Any], n_vectors: int = 8) -> Optional[str]:
     """Top eigenvectors of each layer's pooled score-row covariance, drawn as rows (data URI), or None."""
     import matplotlib.pyplot as plt

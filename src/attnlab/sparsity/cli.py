@@ -6,7 +6,7 @@ from typing import List, Optional
 
 import typer
 
-from ..cli_utils import fail, split_words
+from ..cli_utils import fail, split_words, write_report
 
 app = typer.Typer(help="Sparsefinder: entmax gold graphs, learned sparsity predictors, Pareto evaluation.",
                   no_args_is_help=True)
@@ -80,8 +80,10 @@ def run_cmd(
     out: str = typer.Option("runs/sparsity", help="Run directory (results.json section 'sparsity', PNGs, tensors)."),
     model: str = typer.Option("small", help="'small' (our entmax transformer) or an HF model ('minilm') with entmax swapped in."),
     checkpoint: Optional[str] = typer.Option(None, help="Load this small-model checkpoint instead of training."),
-    methods: Optional[List[str]] = typer.Option(None, help="Methods (repeat or comma-separate); default all: distance-thr, "
-                                                "distance-knn, quantization, clustering, window, bigbird, lsh, routing, oracle-topk."),
+    methods: Optional[List[str]] = typer.Option(None, help="Methods (repeat or comma-separate); default: distance-knn, "
+                                                "quantization, clustering, window, bigbird, oracle-topk. All (--all): "
+                                                "also distance-thr, lsh, routing."),
+    all_methods: bool = typer.Option(False, "--all", help="Evaluate every method (overrides --methods)."),
     n_fit: int = typer.Option(128, help="Windows used to fit predictors."),
     n_eval: int = typer.Option(64, help="Held-out windows for the sweeps."),
     n_down: int = typer.Option(128, help="Held-out windows for downstream evaluation (0 = skip)."),
@@ -108,10 +110,13 @@ def run_cmd(
 
         cfg = _train_cfg(objective, seq_len, vocab_size, d_model, n_heads, n_layers, alpha, learn_alpha, steps,
                          batch_size, lr, max_windows, corpus, device, seed, checkpoint_every)
-        info = sparsity(out, model, checkpoint, cfg, split_words(methods), n_fit, n_eval, n_down, rank, epochs, seed=seed,
+        from .predictors import METHODS
+
+        info = sparsity(out, model, checkpoint, cfg, list(METHODS) if all_methods else split_words(methods), n_fit, n_eval, n_down, rank, epochs, seed=seed,
                         resume=resume, hf_seq_len=hf_seq_len, hf_finetune_steps=hf_finetune_steps, loss=loss,
                         force_window=force_window, force_cls=force_cls, quiet=quiet)
         _print_summary(info)
+        write_report(out)
     except AttnlabError as e:
         fail(e)
 

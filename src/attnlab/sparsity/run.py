@@ -3,6 +3,7 @@ downstream evaluation, and write section ``sparsity`` (results.json), tensors an
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -15,14 +16,19 @@ from ..io import RunDir, write_tensors
 from ..seeding import seed_everything
 from .train_entmax import EntmaxTrainConfig
 
+_logger = logging.getLogger(__name__)
+
 SECTION = "sparsity"
 CHECKPOINT = "entmax_model.safetensors"
 TARGET = 0.9
+# Focused default: the learned predictors, two fixed patterns and the oracle bound; methods=METHODS (`--all`)
+# adds distance-thr, lsh and routing.
+DEFAULT_METHODS = ("distance-knn", "quantization", "clustering", "window", "bigbird", "oracle-topk")
 
 
 def _log(quiet: bool, msg: str) -> None:
     if not quiet:
-        print(msg, flush=True)
+        _logger.info(msg)
 
 
 def prepare_small(run: RunDir, train: EntmaxTrainConfig, checkpoint: Optional[str], resume: bool, quiet: bool,
@@ -67,7 +73,7 @@ def sparsity(
     from .predictors import METHODS, Projector
 
     train = train or EntmaxTrainConfig()
-    methods = list(methods or METHODS)
+    methods = list(methods or DEFAULT_METHODS)
     for m in methods:
         if m not in METHODS and m != "clustering-top2":
             raise ConfigError(f"--methods: unknown method {m!r}; choose from {', '.join(METHODS)}, clustering-top2")

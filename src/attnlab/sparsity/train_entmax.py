@@ -12,6 +12,7 @@ representation the sentence model was trained for without inventing a head.
 
 from __future__ import annotations
 
+import logging
 import hashlib
 import random
 import time
@@ -29,6 +30,8 @@ from ..io import read_tensors, write_tensors
 from ..models.attention import check_alpha, masked_entmax
 from ..models.transformer import SmallTransformer, TransformerConfig
 from ..seeding import seed_everything
+
+_log = logging.getLogger(__name__)
 
 PAD, UNK, MASK, CLS, SEP = 0, 1, 2, 3, 4
 N_SPECIAL = 5
@@ -274,7 +277,7 @@ def train_small(cfg: EntmaxTrainConfig, windows: Optional[torch.Tensor] = None, 
     if ckpt is not None and resume and ckpt.exists():
         start, hist, elapsed = _load_partial(ckpt, fp, model, opt, sched, g)
         if not quiet:
-            print(f"  resuming training from {ckpt} at step {start}/{cfg.steps}", flush=True)
+            _log.info(f"  resuming training from {ckpt} at step {start}/{cfg.steps}")
     t0 = time.time() - elapsed
     model.train()
     for step in range(start, cfg.steps):
@@ -290,7 +293,7 @@ def train_small(cfg: EntmaxTrainConfig, windows: Optional[torch.Tensor] = None, 
             hist["loss"].append(float(loss.detach()))
             hist["acc"].append(float(acc))
             if not quiet:
-                print(f"  step {step:5d}  loss {float(loss):.3f}  acc {float(acc):.3f}  ({time.time() - t0:.0f}s)", flush=True)
+                _log.info(f"  step {step:5d}  loss {float(loss):.3f}  acc {float(acc):.3f}  ({time.time() - t0:.0f}s)")
         done = step + 1
         if ckpt is not None and cfg.checkpoint_every > 0 and done % cfg.checkpoint_every == 0 and done < cfg.steps:
             _save_partial(ckpt, fp, done, model, opt, sched, g, hist, time.time() - t0)
@@ -402,7 +405,7 @@ def finetune_hf_entmax(hf, windows: torch.Tensor, alpha: float = 1.5, steps: int
         hist["step"].append(step)
         hist["mse"].append(float(loss))
         if not quiet and (step % 10 == 0 or step == steps - 1):
-            print(f"  hf step {step:4d}  mse {float(loss):.4f}  ({time.time() - t0:.0f}s)", flush=True)
+            _log.info(f"  hf step {step:4d}  mse {float(loss):.4f}  ({time.time() - t0:.0f}s)")
     hf.model.eval()
     hist["seconds"] = time.time() - t0
     return hist

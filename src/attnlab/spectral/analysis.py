@@ -71,6 +71,7 @@ def summarise(col: SpectrumCollector, basis_k: Optional[int] = None) -> tuple[di
     for (l, h), vecs in head_bases.items():
         tensors[f"rows.basis.{l}.{h}"] = vecs[:, :k]
     res["overlap_layers"] = overlap_matrix([layer_bases[l] for l in L]).tolist()
+    res["noise_floor"] = noise_floor(col, k)
     res["overlap_heads"] = {str(l): overlap_matrix([head_bases[(l, h)][:, :k] for h in H]).tolist() for l in L}
     # Chance level: expected overlap of two random k-dim subspaces of R^N is k/N.
     res["overlap_chance"] = k / col.seq_len
@@ -88,6 +89,25 @@ def summarise(col: SpectrumCollector, basis_k: Optional[int] = None) -> tuple[di
             tensors[f"full.eigvals.{l}.{h}"] = evals
     res["k90_grid"] = [[head_ranks[(l, h)]["k90"] for h in H] for l in L]
     return res, tensors
+
+
+def noise_floor(col: SpectrumCollector, k: int) -> dict[str, Any] | None:
+    """Same-layer eigenspace overlap between two halves of the windows (even vs odd batches), per layer.
+
+    Two runs on the same corpus can't agree better than this; `compare` quotes it as its noise floor.
+    None when the collector kept no split (long windows) or a half has too few rows.
+    """
+    diag = []
+    for l in col.layers:
+        halves = [col.half_split(l, h) for h in col.heads]
+        if any(x is None for x in halves):
+            return None
+        bases = []
+        for side in (0, 1):
+            _, vecs = eigh_desc(pooled_within([x[side] for x in halves]))
+            bases.append(vecs[:, :k])
+        diag.append(float(overlap_matrix([bases[0]], [bases[1]])[0, 0]))
+    return {"diagonal": diag, "layers": list(col.layers), "k": k, "split": "even vs odd batches of windows"}
 
 
 def cross_overlap(bases_a: dict[int, torch.Tensor], bases_b: dict[int, torch.Tensor]) -> np.ndarray:

@@ -7,7 +7,7 @@ from typing import Annotated, List, Optional
 
 import typer
 
-from ..cli_utils import fail
+from ..cli_utils import fail, write_report
 
 app = typer.Typer(help="Variable creation (Edelman et al.): sparse Boolean tasks, m*(T) sweeps, law fits.",
                   no_args_is_help=True)
@@ -116,6 +116,7 @@ def sweep(
         fail(e)
     fits = section.get("fits")
     typer.echo(f"best law: {fits['best'] if fits else 'n/a'}; results in {out}/results.json (section 'variables')")
+    write_report(out)
 
 
 @app.command()

@@ -6,6 +6,7 @@ the summary in the ``variables`` section of ``results.json`` (rewritten after ev
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -16,6 +17,8 @@ from ..io import RunDir
 from .complexity import Learner, SearchConfig, TrialStore, sample_complexity
 from .tasks import make_task
 from .train import TrainConfig, resolve_device, train_model
+
+_log = logging.getLogger(__name__)
 
 SECTION = "variables"
 TRIALS_FILE = "variables_trials.json"
@@ -75,9 +78,10 @@ def make_learner(cfg: SweepConfig, device: str = "cpu") -> Learner:
 
 def run_sweep(
     cfg: SweepConfig, out: Union[str, Path, RunDir], device: str = "cpu", resume: bool = False,
-    learner: Optional[Learner] = None, log: Callable[[str], None] = print, plots: bool = True,
+    learner: Optional[Learner] = None, log: Optional[Callable[[str], None]] = None, plots: bool = True,
 ) -> dict[str, Any]:
     """Run the sweep, fit, probe and plot; write the ``variables`` section and return it."""
+    log = log or _log.info
     run = out if isinstance(out, RunDir) else RunDir(out)
     dev = str(resolve_device(device))
     learner = learner or make_learner(cfg, dev)
@@ -145,4 +149,4 @@ def run_variables(out: Union[str, Path], device: str = "cpu", resume: bool = Fal
     """Python mirror of `attnlab variables sweep`: ``settings`` are :class:`SweepConfig` fields
     (``train=`` / ``search=`` may be dicts of :class:`TrainConfig` / :class:`SearchConfig` fields)."""
     cfg = SweepConfig(**settings)
-    return run_sweep(cfg, out, device=device, resume=resume, log=print if progress else (lambda _: None))
+    return run_sweep(cfg, out, device=device, resume=resume, log=_log.info if progress else _log.debug)
