@@ -49,6 +49,6 @@ def spectrum_run(tmp_path_factory, minilm):
     from attnlab.spectral.run import spectrum
 
     out = tmp_path_factory.mktemp("rep") / "run"
-    spectrum(out, model=minilm, n_sequences=4, seq_len=32, batch_size=4, layers=[1, 3], heads=[0, 1, 2],
+    spectrum(out, model=minilm, n_sequences=4, seq_len=32, batch_size=2, layers=[1, 3], heads=[0, 1, 2],
              sketch_size=4, progress=False)
     return out

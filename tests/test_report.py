@@ -79,3 +79,36 @@ def test_table_sortable_collapsed_and_toggles():
     assert 'title="0.3333333333333333"' in t  # hover shows the full value
     assert t.count('type="checkbox"') == 3 and 'data-group="m1"' in t
     assert not table(["a"], [[1]]).startswith("<details>")
+
+
+def test_compare_names_runs_and_has_noise_floor(spectrum_run, tmp_path):
+    from attnlab.report.html import render_report
+    from attnlab.spectral.compare import compare_runs
+
+    res = compare_runs(spectrum_run, spectrum_run, tmp_path / "cmp")
+    assert res["label_a"] == "minilm on stdlib docstrings (run)"
+    assert res["layers_a"] == [1, 3] and res["config_a"]["n_sequences"] == 4
+    nf = res["noise_floor"]
+    assert len(nf["diagonal"]) == 2 and all(0.0 < v <= 1.0 + 1e-9 for v in nf["diagonal"])
+    # the same run against itself overlaps perfectly; two halves of it do not
+    assert res["overlap"][0][0] == pytest.approx(1.0) and min(nf["diagonal"]) < 0.999
+    text = render_report(tmp_path / "cmp").read_text()
+    check_self_contained(text)
+    assert "Noise floor" in text and "minilm on stdlib docstrings (run) L3" in text
+    assert "<td>n_sequences</td><td>4</td><td>4</td>" in text  # the real configuration of both runs
+
+
+def test_views_of_a_chosen_text(tmp_path, minilm):
+    from attnlab.errors import ConfigError
+    from attnlab.report.html import render_report
+    from attnlab.report.views import attention_views
+
+    text = "The quick brown fox jumps over the lazy dog. " * 6
+    meta = attention_views(tmp_path / "v", text, model=minilm, layers=[4], heads=[0, 7], max_tokens=16)
+    assert meta["layers"] == [4] and meta["heads"] == [0, 7] and meta["shown"] == 16 and meta["seq_len"] > 16
+    assert meta["tokens"][:3] == ["[CLS]", "the", "quick"]
+    html = render_report(tmp_path / "v").read_text()
+    check_self_contained(html)
+    assert f"Only the first 16 of {meta['seq_len']} tokens are drawn" in html and 'value="layer 4"' in html
+    with pytest.raises(ConfigError, match="--text"):
+        attention_views(tmp_path / "w", "  ", model=minilm)

@@ -7,6 +7,7 @@ Python API (mirrors the CLI; each call writes a run directory that ``report`` re
     attnlab.reconstruct("runs/minilm", budget=0.25)       # scores from 25% of the pairs
     attnlab.sparsity("runs/minilm")                       # Sparsefinder on a small entmax model
     attnlab.variables("runs/minilm", task="and", s=3, Ts=[16, 32, 64])
+    attnlab.views("runs/minilm", text="The cat sat on the mat.")   # attention heatmaps of your text
     attnlab.report("runs/minilm")
 """
 
@@ -25,6 +26,7 @@ _LAZY = {
     "spectrum": ("attnlab.spectral.run", "spectrum"),
     "compare": ("attnlab.spectral.compare", "compare_runs"),
     "demo": ("attnlab.demo", "run_demo"),
+    "views": ("attnlab.report.views", "attention_views"),
 }
 
 

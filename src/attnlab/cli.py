@@ -178,6 +178,32 @@ def compare(
 
 
 @app.command()
+def views(
+    out: Path = typer.Option(..., "--out", help="Run directory (views.safetensors, report.html)."),
+    text: str = typer.Option(..., "--text", help="The text whose attention to draw (tokenized as the model does)."),
+    model: Optional[str] = ModelOpt, layers: Optional[str] = LayersOpt, heads: Optional[str] = HeadsOpt,
+    max_tokens: int = typer.Option(40, "--max-tokens", help="Tokens drawn per heatmap axis (longer texts are cut, "
+                                                            "with a note)."),
+    budget: float = typer.Option(0.25, "--budget", help="Share of key blocks per query block that the drawn "
+                                                        "sparse_attention block mask may keep."),
+    device: Optional[str] = DeviceOpt,
+) -> None:
+    """Attention heatmaps (per layer and head, token labels) and sparse_attention's block mask for your text.
+
+    Example: attnlab views --out runs/views --text "The cat sat on the mat." --layers 0,5
+    """
+    from .report.views import attention_views
+
+    meta = attention_views(out, text, model or "minilm", parse_int_list(layers, "--layers"),
+                           parse_int_list(heads, "--heads"), max_tokens=max_tokens, device=device or "cpu",
+                           budget=budget)
+    from .report.html import render_report
+
+    typer.echo(f"{meta['seq_len']} tokens, layers {meta['layers']}, heads {meta['heads']}")
+    typer.echo(f"report: {render_report(out).resolve()}")
+
+
+@app.command()
 def report(run_dir: Path = typer.Argument(..., help="Run directory to render.")) -> None:
     """Render every section of a run directory into one self-contained report.html."""
     from .report.html import render_report

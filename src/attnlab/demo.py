@@ -20,10 +20,10 @@ _log = logging.getLogger(__name__)
 
 
 def _step(name: str, fn: Callable[[], object], log: Callable[[str], None]) -> None:
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     log(f"[demo] {name} ...")
     fn()
-    log(f"[demo] {name} done in {time.perf_counter() - t0:.0f} s")
+    log(f"[demo] {name} done in {time.perf_counter() - t0:.0f} s (CPU {time.process_time() - c0:.0f} s)")
 
 
 def run_demo(out: str | Path, n_sequences: int = 128, seq_len: int = 128, quick: bool = False,

@@ -37,7 +37,8 @@ def _tokens(model: Any, ids: Sequence[int]) -> list[str]:
 
 
 def save_views(run: RunDir, model: Any, window: Any, layers: Sequence[int], heads: Sequence[int],
-               max_tokens: int = MAX_TOKENS, block_size: Optional[int] = None, budget: float = 0.25) -> None:
+               max_tokens: int = MAX_TOKENS, block_size: Optional[int] = None, budget: float = 0.25,
+               source: str = "the first window of the spectrum run") -> None:
     """Save one window's attention (per layer and head), tokens and predicted block mask to views.safetensors."""
     import torch
 
@@ -65,9 +66,40 @@ def save_views(run: RunDir, model: Any, window: Any, layers: Sequence[int], head
         tensors[f"block_mass.{l}"] = p.reshape(len(heads), nb, bs, nb, bs).sum((2, 4)).float() / n
     ids = [int(i) for i in window[0]]
     meta = {"tokens": _tokens(model, ids), "layers": list(layers), "heads": heads, "seq_len": n, "shown": show,
+            "source": source,
             "block_size": bs, "budget": budget,
             "predictor": f"PooledBlockPredictor(budget={budget}, pool={max(1, bs // 4)}) (sparse_attention's default kind)"}
     write_tensors(run.file(VIEWS), tensors, meta)
+
+
+def attention_views(out: str, text: str, model: Any = "minilm", layers: Optional[Sequence[int]] = None,
+                    heads: Optional[Sequence[int]] = None, max_tokens: int = MAX_TOKENS, device: str = "cpu",
+                    budget: float = 0.25) -> dict[str, Any]:
+    """Attention views of your own ``text`` into run directory ``out`` (views.safetensors; the report draws them).
+
+    The text is tokenized as the model does (special tokens included) and cut at the model's maximum length;
+    heatmaps show its first ``max_tokens`` tokens. Returns the saved metadata.
+    """
+    from ..capture.hf import check_heads, check_layers
+    from ..capture.run import n_heads_of, n_layers_of, resolve_model
+    from ..errors import ConfigError
+
+    if not text or not text.strip():
+        raise ConfigError("--text is empty: give the text whose attention to draw")
+    m = resolve_model(model, device, 1)
+    tok = getattr(m, "tokenizer", None)
+    if tok is None:
+        raise ConfigError("this model has no tokenizer: call save_views(run, model, token_ids, ...) directly")
+    ids = tok(text, truncation=True, max_length=m.max_len, return_tensors="pt")["input_ids"].to(device)
+    if ids.shape[1] < 2:
+        raise ConfigError(f"--text {text!r} gives fewer than 2 tokens")
+    layers = check_layers(list(layers) if layers is not None else None, n_layers_of(m))
+    heads = check_heads(list(heads) if heads is not None else None, n_heads_of(m))
+    run = RunDir(out)
+    save_views(run, m, ids[0], layers, heads, max_tokens=max_tokens, budget=budget, source="your text")
+    run.write_config("views", {"model": model if isinstance(model, str) else type(model).__name__, "text": text,
+                               "layers": layers, "heads": heads, "max_tokens": max_tokens, "budget": budget})
+    return read_tensors(run.file(VIEWS))[1]
 
 
 def _heads_grid(n_heads: int, ncols: int = 4):
@@ -139,7 +171,7 @@ def render_section(run: RunDir) -> str:
     crop = (f" Only the first {show} of {n} tokens are drawn (queries and keys), so rows need not sum to 1."
             if show < n else "")
     text = html.escape(" ".join(tokens[:show]))
-    parts = [f'<p>The first window of the spectrum run ({n} tokens): <code>{text}</code>{"&hellip;" if show < n else ""}'
+    parts = [f'<p>Attention on {html.escape(meta.get("source", "one window"))} ({n} tokens): <code>{text}</code>{"&hellip;" if show < n else ""}'
              f"</p><p class=\"note\">Rows are queries, columns keys, colour the softmax probability.{crop} "
              "Pick layers to show:</p>",
              toggles("views-attn", [f"layer {l}" for l in layers], "layers")]
