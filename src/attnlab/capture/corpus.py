@@ -8,7 +8,7 @@ import hashlib
 import json
 import sysconfig
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Iterator, Optional
 
 import torch
 
@@ -136,18 +136,6 @@ def token_windows(
             f"--corpus {source or DEFAULT_CORPUS}: only {len(buf)} tokens in split {split!r}, shorter than one "
             f"sequence of --seq-len {seq_len}; give more text or a smaller --seq-len")
     return torch.tensor(windows, dtype=torch.long)
-
-
-def shard(x: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
-    """The rows of ``x`` that belong to ``rank`` (round robin), for distributed runs."""
-    return x[rank::world_size]
-
-
-def batches(x: torch.Tensor, batch_size: int) -> Sequence[torch.Tensor]:
-    """Split rows into batches of at most ``batch_size``."""
-    if batch_size < 1:
-        raise ConfigError(f"--batch-size must be >= 1 (got {batch_size})")
-    return list(x.split(batch_size))
 
 
 def select_windows(tokenizer, seq_len: int, corpus: Optional[str], n: int, split: str = "fit", seed: int = 0,

@@ -17,7 +17,6 @@ This module imports neither ``attnlab.models`` nor entmax, so it runs on the GPU
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import torch
@@ -149,20 +148,9 @@ def resolve_pattern(q: Tensor, k: Tensor, predictor: Any = None, block_size: int
             raise ShapeError(f"mask shape {tuple(g.shape)} fits neither N={n} nor N/bs={n // block_size}")
         g = g.expand(q.shape[0], q.shape[1], -1, -1)
         return pattern_from_block_graph(g, block_size, causal)
-    if hasattr(predictor, "predict_blocks"):
-        if budget is not None:
-            if not (dataclasses.is_dataclass(predictor) and hasattr(predictor, "budget")):
-                raise ConfigError(f"budget given but {type(predictor).__name__} has no budget field")
-            predictor = dataclasses.replace(predictor, budget=budget)
-        return predictor.predict_blocks(q, k, block_size, causal, scale)
-    if hasattr(predictor, "assign"):
-        return AssignBlockPredictor(predictor).predict_blocks(q, k, block_size, causal, scale)
-    if hasattr(predictor, "predict"):
-        valid = torch.ones(q.shape[0], n, dtype=torch.bool, device=q.device)
-        g = predictor.predict(q, k, valid)
-        return resolve_pattern(q, k, g.bool(), block_size, None, causal, scale)
-    raise ConfigError(f"cannot use {type(predictor).__name__} as a predictor: it has neither predict_blocks, "
-                      "assign nor predict")
+    from attnlab.sparsity.protocol import as_block_predictor
+
+    return as_block_predictor(predictor, budget).predict_blocks(q, k, block_size, causal, scale)
 
 
 def run_pattern(q: Tensor, k: Tensor, v: Tensor, pattern: BlockPattern, backend: str = "auto",

@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
 from ..errors import ConfigError
 from ..io import RunDir, write_tensors
+from ..registry import Registry
 from ..seeding import seed_everything
 from .train_entmax import EntmaxTrainConfig
 
@@ -21,8 +22,8 @@ _logger = logging.getLogger(__name__)
 SECTION = "sparsity"
 CHECKPOINT = "entmax_model.safetensors"
 TARGET = 0.9
-# Focused default: the learned predictors, two fixed patterns and the oracle bound; methods=METHODS (`--all`)
-# adds distance-thr, lsh and routing.
+# Focused default: the learned predictors, two fixed patterns and the oracle bound; methods=METHODS (`--all`,
+# every predictor registered with tag 'default') adds distance-thr, lsh and routing.
 DEFAULT_METHODS = ("distance-knn", "quantization", "clustering", "window", "bigbird", "oracle-topk")
 
 
@@ -50,6 +51,68 @@ def prepare_small(run: RunDir, train: EntmaxTrainConfig, checkpoint: Optional[st
     return model, vmap, train, hist, str(path)
 
 
+@dataclass
+class EntmaxModel:
+    """A model with entmax attention ready for the evaluation: its source, per-layer alphas, the fit /
+    evaluation / downstream windows, a JSON description, and its downstream task (ids -> task)."""
+
+    source: Any
+    alphas: list
+    fit_ids: torch.Tensor
+    eval_ids: torch.Tensor
+    down_ids: torch.Tensor
+    info: dict
+    task: Callable[[torch.Tensor], Any]
+
+
+#: How to get an entmax model for ``--model``: 'small' trains / loads ours; any other name is an HF model.
+ENTMAX_MODELS: Registry[Callable[..., EntmaxModel]] = Registry("entmax model", "--model")
+
+
+def _entmax_model(name: str) -> Callable[..., EntmaxModel]:
+    return ENTMAX_MODELS.get(name if name in ENTMAX_MODELS else "hf")
+
+
+@ENTMAX_MODELS.register("small", help="our small entmax transformer, trained (or loaded from --checkpoint)")
+def _small_model(run, name, train, checkpoint, resume, quiet, tokenizer, n_fit, n_eval, n_down, seed, **_) -> EntmaxModel:
+    from ..capture.corpus import token_windows
+    from ..sources.small import SmallSource
+    from .evaluate import LMTask
+    from .train_entmax import tokenizer_of
+
+    net, vmap, tcfg, hist, ckpt = prepare_small(run, train, checkpoint, resume, quiet, tokenizer)
+    tok = tokenizer_of(tokenizer)
+    held = token_windows(tok, tcfg.seq_len, tcfg.corpus, max_windows=n_eval + n_down, split="heldout")
+    fitw = token_windows(tok, tcfg.seq_len, tcfg.corpus, max_windows=n_fit, split="fit")
+    alphas = [b.attn.alpha() for b in net.blocks]
+    alphas = [a.detach().cpu() if isinstance(a, torch.Tensor) else a for a in alphas]
+    info = {"kind": "small", "checkpoint": ckpt, "config": net.cfg.to_dict(), "objective": tcfg.objective,
+            "train_history": hist}
+    return EntmaxModel(SmallSource(net), alphas, vmap(fitw), vmap(held[:n_eval]), vmap(held[n_eval:]), info,
+                       lambda ids: LMTask(net, ids, tcfg.objective, seed))
+
+
+@ENTMAX_MODELS.register("hf", help="an HF model (name or folder, e.g. minilm) with softmax swapped for entmax")
+def _hf_model(run, name, train, quiet, n_fit, n_eval, n_down, hf_seq_len, hf_finetune_steps, seed, **_) -> EntmaxModel:
+    from ..capture.corpus import token_windows
+    from ..sources.hf import load_model
+    from .evaluate import HiddenTask
+    from .train_entmax import finetune_hf_entmax
+
+    net = load_model(name, device=train.device)
+    fitw = token_windows(net.tokenizer, hf_seq_len, train.corpus, split="fit",
+                         max_windows=n_fit + (min(8 * hf_finetune_steps, 1024) if hf_finetune_steps > 0 else 0))
+    held = token_windows(net.tokenizer, hf_seq_len, train.corpus, max_windows=n_eval + n_down, split="heldout")
+    hist = {}
+    if hf_finetune_steps > 0:
+        _log(quiet, f"fine-tuning {name} with entmax attention ({hf_finetune_steps} distillation steps)")
+        hist = finetune_hf_entmax(net, fitw[n_fit:] if len(fitw) > n_fit else fitw, train.alpha, hf_finetune_steps,
+                                  seed=seed, quiet=quiet)
+    info = {"kind": "hf", **net.describe(), "finetune": hist}
+    return EntmaxModel(net, [train.alpha] * net.n_layers, fitw[:n_fit], held[:n_eval], held[n_eval:], info,
+                       lambda ids: HiddenTask(net, ids))
+
+
 def sparsity(
     out: str | Path, model: str = "small", checkpoint: Optional[str] = None, train: Optional[EntmaxTrainConfig] = None,
     methods: Optional[Sequence[str]] = None, n_fit: int = 128, n_eval: int = 64, n_down: int = 128, rank: int = 4,
@@ -68,15 +131,13 @@ def sparsity(
     returned as is, a cached checkpoint is reused and an interrupted training continues from its partial
     checkpoint (``entmax_model.partial.safetensors``, every ``train.checkpoint_every`` steps).
     """
-    from ..capture.corpus import token_windows
-    from .evaluate import capture_layers, downstream_hf, downstream_small, fit_layers, sweep_method
-    from .predictors import METHODS, Projector
+    from .evaluate import capture_layers, downstream, fit_layers, sweep_method
+    from .predictors import PREDICTORS, Projector
 
     train = train or EntmaxTrainConfig()
-    methods = list(methods or DEFAULT_METHODS)
+    methods = list(methods or DEFAULT_METHODS)  # --all: every PREDICTORS.names("default")
     for m in methods:
-        if m not in METHODS and m != "clustering-top2":
-            raise ConfigError(f"--methods: unknown method {m!r}; choose from {', '.join(METHODS)}, clustering-top2")
+        PREDICTORS.get(m)  # an unknown name is a ConfigError listing the registered ones
     if min(n_fit, n_eval) < 1 or n_down < 0:
         raise ConfigError("--n-fit and --n-eval must be >= 1, --n-down >= 0")
     run = RunDir(out)
@@ -94,33 +155,11 @@ def sparsity(
     t_start = time.time()
     info: dict = {"config": config, "complete": False}
 
-    if model == "small":
-        net, vmap, tcfg, hist, ckpt = prepare_small(run, train, checkpoint, resume, quiet, tokenizer)
-        from .train_entmax import tokenizer_of
-
-        tok = tokenizer_of(tokenizer)
-        held = token_windows(tok, tcfg.seq_len, tcfg.corpus, max_windows=n_eval + n_down, split="heldout")
-        fitw = token_windows(tok, tcfg.seq_len, tcfg.corpus, max_windows=n_fit, split="fit")
-        fit_ids, eval_ids, down_ids = vmap(fitw), vmap(held[:n_eval]), vmap(held[n_eval:])
-        alpha = tcfg.alpha
-        info["model"] = {"kind": "small", "checkpoint": ckpt, "config": net.cfg.to_dict(), "objective": tcfg.objective,
-                         "train_history": hist}
-    else:
-        from ..capture.hf import load_model
-        from .train_entmax import finetune_hf_entmax
-
-        net = load_model(model, device=train.device)
-        alpha = train.alpha
-        fitw = token_windows(net.tokenizer, hf_seq_len, train.corpus, split="fit",
-                             max_windows=n_fit + (min(8 * hf_finetune_steps, 1024) if hf_finetune_steps > 0 else 0))
-        held = token_windows(net.tokenizer, hf_seq_len, train.corpus, max_windows=n_eval + n_down, split="heldout")
-        hist = {}
-        if hf_finetune_steps > 0:
-            _log(quiet, f"fine-tuning {model} with entmax attention ({hf_finetune_steps} distillation steps)")
-            hist = finetune_hf_entmax(net, fitw[n_fit:] if len(fitw) > n_fit else fitw, alpha, hf_finetune_steps,
-                                      seed=seed, quiet=quiet)
-        fit_ids, eval_ids, down_ids = fitw[:n_fit], held[:n_eval], held[n_eval:]
-        info["model"] = {"kind": "hf", **net.describe(), "finetune": hist}
+    em = _entmax_model(model)(run=run, name=model, train=train, checkpoint=checkpoint, resume=resume, quiet=quiet,
+                              tokenizer=tokenizer, n_fit=n_fit, n_eval=n_eval, n_down=n_down, hf_seq_len=hf_seq_len,
+                              hf_finetune_steps=hf_finetune_steps, seed=seed)
+    net, alpha, fit_ids, eval_ids, down_ids = em.source, em.alphas, em.fit_ids, em.eval_ids, em.down_ids
+    info["model"] = em.info
 
     _log(quiet, f"capturing q/k and gold entmax graphs ({len(fit_ids)} fit, {len(eval_ids)} eval windows)")
     t0 = time.time()
@@ -150,10 +189,7 @@ def sparsity(
 
     if n_down > 0 and len(down_ids):
         _log(quiet, f"downstream: attention restricted to predicted graphs ({len(down_ids)} windows)")
-        if model == "small":
-            info["downstream"] = downstream_small(net, down_ids, tcfg.objective, fitted, results, targets, seed)
-        else:
-            info["downstream"] = downstream_hf(net, down_ids, alpha, fitted, results, targets)
+        info["downstream"] = downstream(net, em.task(down_ids), alpha, fitted, results, targets)
 
     _write_artifacts(run, info, results, ev)
     from ..report.views import save_sparsity_views
