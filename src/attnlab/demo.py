@@ -53,9 +53,10 @@ def run_demo(out: str | Path, n_sequences: int = 128, seq_len: int = 128, quick:
                                      sketch_size=8 if quick else 16, progress=not quick),
         "reconstruct": lambda: reconstruct(out, model="minilm", seq_len=seq_len, position=False, progress=not quick,
                                            **recon),
-        "sparsity": lambda: sparsity(out, model="minilm", hf_seq_len=min(seq_len, 64), n_fit=small, n_eval=small,
-                                     n_down=small, epochs=3 if quick else 10, quiet=quick,
-                                     methods=["distance-knn", "clustering", "window", "oracle-topk"] if quick else None),
+        "sparsity": lambda: sparsity(out, model="minilm", hf_seq_len=min(seq_len, 64), n_fit=small,
+                                     n_eval=4 if quick else small, n_down=4 if quick else small,
+                                     epochs=3 if quick else 10, quiet=quick,
+                                     methods=["distance-knn", "window", "oracle-topk"] if quick else None),
         "variables": lambda: run_variables(
             out, task="and", s=2, Ts=[8, 16, 32] if quick else [8, 12, 16, 24, 32], seeds=1,
             train={"max_steps": 60 if quick else 200, "d_model": 32},

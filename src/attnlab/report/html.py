@@ -123,16 +123,18 @@ def table(header: Sequence[str], rows: Sequence[Sequence[Any]], float_fmt: str =
     return out
 
 
-def toggles(target_id: str, groups: Sequence[str], label: str = "show") -> str:
-    """Checkboxes that show/hide the elements with ``data-group`` inside element ``target_id``."""
-    boxes = "".join(f'<label><input type="checkbox" value="{html.escape(g)}" checked> {html.escape(g)}</label>'
-                    for g in groups)
+def toggles(target_id: str, groups: Sequence[str], label: str = "show", on: Optional[Sequence[str]] = None) -> str:
+    """Checkboxes that show/hide the elements with ``data-group`` inside element ``target_id`` (``on``: the
+    groups checked at first, default all; pass the same hidden flag to :func:`figure`)."""
+    boxes = "".join(f'<label><input type="checkbox" value="{html.escape(g)}"'
+                    f'{" checked" if on is None or g in on else ""}> {html.escape(g)}</label>' for g in groups)
     return f'<div class="toggles" data-for="{target_id}">{html.escape(label)}: {boxes}</div>'
 
 
-def figure(src: str, caption: str, alt: Optional[str] = None, group: Optional[str] = None) -> str:
+def figure(src: str, caption: str, alt: Optional[str] = None, group: Optional[str] = None, hidden: bool = False) -> str:
     """An image with a caption (``src``: a file name in the run directory, embedded at render time, or a data URI)."""
     grp = f' data-group="{html.escape(group)}"' if group is not None else ""
+    grp += ' style="display:none"' if hidden else ""
     return (f'<figure{grp}><img src="{html.escape(src)}" alt="{html.escape(alt or caption)}">'
             f"<figcaption>{caption}</figcaption></figure>")
 

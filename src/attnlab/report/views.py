@@ -173,22 +173,23 @@ def render_section(run: RunDir) -> str:
     text = html.escape(" ".join(tokens[:show]))
     parts = [f'<p>Attention on {html.escape(meta.get("source", "one window"))} ({n} tokens): <code>{text}</code>{"&hellip;" if show < n else ""}'
              f"</p><p class=\"note\">Rows are queries, columns keys, colour the softmax probability.{crop} "
-             "Pick layers to show:</p>",
-             toggles("views-attn", [f"layer {l}" for l in layers], "layers")]
+             "Tick layers to show (one is shown at first):</p>",
+             toggles("views-attn", [f"layer {l}" for l in layers], "layers", on=[f"layer {layers[0]}"])]
     figs = []
     for l in layers:
         uri = attention_figure(tensors[f"attn.{l}"].numpy(), tokens, l, heads)
         figs.append(figure(uri, f"Attention of layer {l} (heads {heads[0]}&ndash;{heads[-1]}) on the window above, "
-                                f"token labels on both axes.", group=f"layer {l}"))
+                                f"token labels on both axes.", group=f"layer {l}", hidden=l != layers[0]))
     parts.append(f'<div id="views-attn">{"".join(figs)}</div>')
     parts.append("<h3>Block mask of <code>sparse_attention</code></h3>"
                  f"<p class=\"note\">Tiles of {bs}&times;{bs} tokens that {html.escape(meta['predictor'])} keeps "
                  f"for this window (red outlines; budget {meta['budget']:g} = at most that share of key blocks per "
                  "query block), over the exact attention mass per tile (grey). Titles give the share of tiles "
                  "computed and of the attention mass they cover.</p>")
-    parts.append(toggles("views-blocks", [f"layer {l}" for l in layers], "layers"))
+    parts.append(toggles("views-blocks", [f"layer {l}" for l in layers], "layers", on=[f"layer {layers[-1]}"]))
     bfigs = [figure(block_figure(tensors[f"blocks.{l}"].numpy(), tensors[f"block_mass.{l}"].numpy(), l, heads, bs),
-                    f"Layer {l}: predicted block mask (red) over exact attention mass per tile.", group=f"layer {l}")
+                    f"Layer {l}: predicted block mask (red) over exact attention mass per tile.", group=f"layer {l}",
+                    hidden=l != layers[-1])
              for l in layers]
     parts.append(f'<div id="views-blocks">{"".join(bfigs)}</div>')
     return "".join(parts)

@@ -9,7 +9,7 @@ from ..report.plotting import curves, heatmap
 
 PLOTS = {
     "spectrum_curves.png": "Explained variance of centred score rows per layer (heads pooled with equal weight), "
-                           "k = 1 to N. Dashed lines: 90% and 99% of the variance; the k where a curve crosses a "
+                           "k = 1 to N. Grey lines: 90% (dashed) and 99% (dotted) of the variance; the k where a curve crosses a "
                            "line is that layer's k90 / k99 in the table.",
     "spectrum_k90.png": "Rank k90 needed for 90% of score-row variance, per layer (rows, real layer indices) and "
                         "head (columns). Lower = more compressible head.",
