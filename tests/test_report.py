@@ -112,3 +112,31 @@ def test_views_of_a_chosen_text(tmp_path, minilm):
     assert f"Only the first 16 of {meta['seq_len']} tokens are drawn" in html and 'value="layer 4"' in html
     with pytest.raises(ConfigError, match="--text"):
         attention_views(tmp_path / "w", "  ", model=minilm)
+
+
+def test_sparsity_overlay_hit_miss_extra(tmp_path):
+    """Predicted vs gold graphs: the saved overlay holds exactly the predictor's graph and the gold graph."""
+    import torch
+
+    from attnlab.io import RunDir, read_tensors
+    from attnlab.report.views import SPARSITY_VIEWS, save_sparsity_views, sparsity_figures
+    from attnlab.sparsity.evaluate import LayerData
+    from attnlab.sparsity.predictors import WindowPredictor
+
+    g = torch.Generator().manual_seed(0)
+    n = 12
+    ev = []
+    for _ in range(2):
+        q, k = torch.randn(2, 3, n, 4, generator=g), torch.randn(2, 3, n, 4, generator=g)
+        gold = torch.rand(2, 3, n, n, generator=g) < 0.3
+        ev.append(LayerData(q, k, None, gold, 1.5, 0.5))
+    run = RunDir(tmp_path)
+    pred = WindowPredictor(1)
+    save_sparsity_views(run, {"window": [pred, pred]}, ev, {"window": {"knob": 2, "sparsity": 0.5}}, max_heads=2)
+    t, meta = read_tensors(run.file(SPARSITY_VIEWS))
+    assert meta["heads"] == [0, 1] and meta["shown"] == n
+    band = (torch.arange(n)[:, None] - torch.arange(n)[None, :]).abs() <= 2  # the knob of the operating point
+    assert torch.equal(t["pred.window.1"].bool(), band.expand(2, n, n))
+    assert torch.equal(t["gold.0"].bool(), ev[0].gold[0, :2])
+    html = sparsity_figures(run)
+    assert html.count("<img") == 1 and "hit" in html and "miss" in html and "extra" in html
