@@ -43,7 +43,7 @@ def run_demo(out: str | Path, n_sequences: int = 128, seq_len: int = 128, quick:
     if quick:
         recon = dict(n_fit=small, n_eval=4, estimators=["gaussian", "proxy+gaussian"],
                      selections=["random", "adaptive", "oracle"], budgets=[0.125, 0.5], extra_ranks=[],
-                     pooled_baseline=False)
+                     pooled_baseline=False, layers=[0, 5])  # two of six layers: the estimators dominate its time
     else:
         recon = dict(n_fit=64, n_eval=small, estimators=["gaussian", "basis", "proxy+gaussian"],
                      selections=["random", "fixed", "leverage", "local", "adaptive", "oracle"],
@@ -58,9 +58,11 @@ def run_demo(out: str | Path, n_sequences: int = 128, seq_len: int = 128, quick:
                                      epochs=3 if quick else 10, quiet=quick,
                                      methods=["distance-knn", "window", "oracle-topk"] if quick else None),
         "variables": lambda: run_variables(
-            out, task="and", s=2, Ts=[8, 16, 32] if quick else [8, 12, 16, 24, 32], seeds=1,
-            train={"max_steps": 60 if quick else 200, "d_model": 32},
-            search={"m_min": 8, "m_max": 512, "rtol": 0.5 if quick else 0.25}, probe=True, progress=not quick),
+            out, task="and", s=2, Ts=[8, 16] if quick else [8, 12, 16, 24, 32], seeds=1,
+            train={"max_steps": 60, "d_model": 32, "n_val": 256, "n_test": 256} if quick else
+            {"max_steps": 200, "d_model": 32},
+            search={"m_min": 8, "m_max": 128 if quick else 512, "rtol": 0.5 if quick else 0.25}, probe=True,
+            progress=not quick),
     }
     for name in pillars:
         _step(name, steps[name], log)

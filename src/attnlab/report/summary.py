@@ -83,8 +83,10 @@ def _sparsity(res: dict[str, Any]) -> str:
     line = f"<b>Sparsity</b>: gold entmax graphs are {_f(gold.get('sparsity'))} sparse"
     if not r9:
         return line + "; no method reached sparsity 0.9 on its Pareto front."
-    best = max(r9, key=r9.get)
-    line += (f"; at sparsity 0.9 the best predictor, <b>{html.escape(best)}</b>, recalls {_f(r9[best])} of gold edges")
+    bounds = {k: v for k, v in r9.items() if k.startswith("oracle")}
+    preds = {k: v for k, v in r9.items() if k not in bounds} or r9
+    best = max(preds, key=preds.get)
+    line += (f"; at sparsity 0.9 the highest-recall predictor, <b>{html.escape(best)}</b>, recalls {_f(r9[best])} of gold edges")
     op = (res.get("operating_points_0.9") or {}).get(best)
     pts = res.get("methods", {}).get(best, {}).get("points", [])
     pt = next((p for p in pts if op and p["knob"] == op["knob"]), None)
@@ -93,9 +95,16 @@ def _sparsity(res: dict[str, Any]) -> str:
         _, sd, lo, hi = _spread(flat)
         line += (f" (at its nearest operating point, sparsity {_f(op['sparsity'])}: per-head recall sd {_f(sd)}, "
                  f"range {_f(lo)}&ndash;{_f(hi)} over {len(flat)} heads)")
-    others = sorted(((v, k) for k, v in r9.items() if k != best), reverse=True)[:2]
+    others = sorted(((v, k) for k, v in preds.items() if k != best), reverse=True)[:2]
     if others:
         line += "; next: " + ", ".join(f"{html.escape(k)} {_f(v)}" for v, k in others)
+        if pt and pt.get("grid", {}).get("recall"):
+            se = sd / len(flat) ** 0.5  # heads as samples: a rough standard error of the mean recall
+            if r9[best] - others[0][0] < 2 * se:
+                line += (f" &mdash; within 2 standard errors of the best ({_f(2 * se)}), so <b>no clear winner</b> "
+                         "at this sample size")
+    if bounds:
+        line += "; oracle bound: " + ", ".join(f"{html.escape(k)} {_f(v)}" for k, v in bounds.items())
     line += f"; {len(res.get('methods', {}))} methods on {res.get('config', {}).get('n_eval')} held-out windows."
     return line
 

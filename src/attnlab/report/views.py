@@ -280,7 +280,7 @@ def overlay_figure(gold: np.ndarray, pred: np.ndarray, valid: Optional[np.ndarra
     from .html import png_data_uri
 
     nl, nh = len(layers), len(heads)
-    fig, axes = plt.subplots(nl, nh, figsize=(2.0 * nh + 0.5, 2.0 * nl + 0.8), squeeze=False)
+    fig, axes = plt.subplots(nl, nh, figsize=(2.0 * nh + 0.5, 2.1 * nl + 0.6), squeeze=False)
     cmap = ListedColormap(["white", "#2ca02c", "#d62728", "#7fb2e5", "#dddddd"])
     for i, l in enumerate(layers):
         for j, h in enumerate(heads):
@@ -301,7 +301,7 @@ def overlay_figure(gold: np.ndarray, pred: np.ndarray, valid: Optional[np.ndarra
                         Patch(color="#dddddd", label="masked")],
                loc="lower center", ncol=4, fontsize=7, frameon=False)
     fig.suptitle(f"{method} (knob {knob}) vs gold entmax graph; rows: queries, columns: keys", fontsize=9)
-    fig.subplots_adjust(bottom=0.08)
+    fig.tight_layout(rect=(0, 0.03, 1, 0.98))
     return png_data_uri(fig)
 
 
@@ -324,8 +324,9 @@ def sparsity_figures(run: RunDir) -> str:
         op = meta["operating_points"].get(m, {})
         uri = overlay_figure(gold, pred, valid, m, layers, heads, op.get("knob"))
         figs.append(figure(uri, f"{html.escape(m)} at its operating point closest to sparsity 0.9 "
-                                f"(measured {op.get('sparsity', float('nan')):.2f}), first evaluation window.", group=m))
+                                f"(measured {op.get('sparsity', float('nan')):.2f}), first evaluation window.", group=m,
+                          hidden=m != methods[0]))
     crop = (f" First {meta['shown']} of {meta['seq_len']} tokens shown." if meta["shown"] < meta["seq_len"] else "")
     return ("<h3>Predicted vs gold graphs</h3><p class=\"note\">Green: gold edge predicted (hit); red: gold edge "
             f"missed; blue: predicted pair outside the gold graph (extra, costs compute only).{crop}</p>"
-            + toggles("sp-overlay", [m for m in methods], "methods") + f'<div id="sp-overlay">{"".join(figs)}</div>')
+            + toggles("sp-overlay", [m for m in methods], "methods", on=methods[:1]) + f'<div id="sp-overlay">{"".join(figs)}</div>')
