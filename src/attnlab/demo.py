@@ -51,9 +51,9 @@ def run_demo(out: str | Path, n_sequences: int = 128, seq_len: int = 128, quick:
     steps = {
         "spectrum": lambda: spectrum(out, model="minilm", n_sequences=n_sequences, seq_len=seq_len,
                                      sketch_size=8 if quick else 16, progress=not quick),
-        "reconstruct": lambda: reconstruct(out, model="minilm", seq_len=seq_len, position=False, progress=not quick,
-                                           **recon),
-        "sparsity": lambda: sparsity(out, model="minilm", hf_seq_len=min(seq_len, 64), n_fit=small,
+        "reconstruct": lambda: reconstruct(out, model="minilm", seq_len=min(seq_len, 32) if quick else seq_len,
+                                           position=False, progress=not quick, **recon),
+        "sparsity": lambda: sparsity(out, model="minilm", hf_seq_len=min(seq_len, 32 if quick else 64), n_fit=small,
                                      n_eval=4 if quick else small, n_down=4 if quick else small,
                                      epochs=3 if quick else 10, quiet=quick,
                                      methods=["distance-knn", "window", "oracle-topk"] if quick else None),
