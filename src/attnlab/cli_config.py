@@ -156,6 +156,8 @@ def _option(f: ConfigField, help_extra: dict[str, str]) -> tuple[Any, Any]:
     if f.kind == "list":  # repeat the flag or give a comma/space separated list
         return Optional[List[str]], typer.Option(None, f.flag, help=text, show_default=False)
     typ = {"int": int, "float": float}.get(f.kind, str)
+    if f.default == "required":  # a field without a default must be given
+        return typ, typer.Option(..., f.flag, help=text.replace(" \\[default: required]", ""), show_default=False)
     return Optional[typ], typer.Option(None, f.flag, help=text, show_default=False)
 
 

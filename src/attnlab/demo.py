@@ -59,6 +59,7 @@ def run_demo(out: str | Path, n_sequences: int = 128, seq_len: int = 128, quick:
                                      methods=["distance-knn", "window", "oracle-topk"] if quick else None),
         "variables": lambda: run_variables(
             out, task="and", s=2, Ts=[8, 16] if quick else [8, 12, 16, 24, 32], seeds=1,
+            contrast="none" if quick else "mlp",
             train={"max_steps": 60, "d_model": 32, "n_val": 256, "n_test": 256} if quick else
             {"max_steps": 200, "d_model": 32},
             search={"m_min": 16, "m_max": 64, "rtol": 0.5} if quick else {"m_min": 8, "m_max": 512, "rtol": 0.25},

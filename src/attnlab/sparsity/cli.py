@@ -140,23 +140,7 @@ def _print_summary(info: dict, all_points: bool = False) -> None:
     con.print(t2)
 
 
-@app.command()
-def prefill(
-    model: str = typer.Option(..., "--model", help="Causal HF model folder or cached hub id (e.g. a folder from "
-                              "'attnlab lm train')."),
-    seq_len: int = typer.Option(16384, help="Tokens per held-out window (padded inside attention to a multiple "
-                                "of --block-size)."),
-    predictor: str = typer.Option("pooled", help="Block predictor name (the block-predictor registry, plus "
-                                  "'oracle' and 'full')."),
-    recall: float = typer.Option(0.95, help="Mass-recall target p per head."),
-    block_size: int = typer.Option(128, help="Tile size of the block pattern."),
-    windows: int = typer.Option(2, help="Held-out windows (spread across windows is reported)."),
-    rows: int = typer.Option(256, help="Sampled query rows per layer for exact recall and output error."),
-    reps: int = typer.Option(3, help="Timed forwards per window and mode."),
-    fallback: bool = typer.Option(True, help="Run heads above the kernel's measured break-even density dense."),
-    device: str = typer.Option("auto", help="auto (cuda if available) | cpu | cuda."),
-    out: Optional[str] = typer.Option(None, help="Write the full result (per layer/head) as JSON here."),
-):
+def _prefill(settings: dict, out: Optional[str]) -> None:
     """Real forward of a causal model with every attention layer replaced by predicted block-sparse attention:
     per-head density, measured recall and output error; loss change and speed vs SDPA flash / cuDNN."""
     from ..errors import AttnlabError
@@ -164,12 +148,25 @@ def prefill(
     from .prefill import PrefillConfig, format_summary, run_prefill
 
     try:
-        cfg = PrefillConfig(model=model, seq_len=seq_len, predictor=predictor, recall=recall, block_size=block_size,
-                            windows=windows, rows=rows, reps=reps, fallback=fallback, device=device)
-        res = run_prefill(cfg, log=typer.echo)
+        res = run_prefill(PrefillConfig(**settings), log=typer.echo)
     except AttnlabError as e:
         fail(e)
     typer.echo(format_summary(res))
     if out:
         write_json(out, res)
         typer.echo(f"wrote {out}")
+
+
+config_command(app, "prefill", "attnlab.sparsity.prefill:PrefillConfig", _prefill,
+               help_extra={"model": "Causal HF model folder or cached hub id (e.g. a folder from 'attnlab lm train')",
+                           "seq_len": "Tokens per held-out window (padded inside attention to a multiple of "
+                                      "--block-size)",
+                           "predictor": "Block predictor name (the block-predictor registry, plus 'oracle' and 'full')",
+                           "recall": "Mass-recall target p per head", "block_size": "Tile size of the block pattern",
+                           "windows": "Held-out windows (spread across windows is reported)",
+                           "rows": "Sampled query rows per layer for exact recall and output error",
+                           "reps": "Timed forwards per window and mode",
+                           "fallback": "Run heads above the kernel's measured break-even density dense",
+                           "device": "auto (cuda if available) | cpu | cuda", "seed": "Seed of the window choice"},
+               extra=[option("out", Optional[str], None, "--out", help="Write the full result (per layer/head) as "
+                                                                       "JSON here.")])
