@@ -115,11 +115,18 @@ def _variables(res: dict[str, Any]) -> str:
     line = f"<b>Variable creation</b> (task {html.escape(str(cfg.get('task')))}, s = {cfg.get('s')}, {cfg.get('seeds')} seed(s)): "
     if not done:
         return line + "no context length reached the accuracy threshold."
-    line += "m*(T) = " + ", ".join(f"{r['m_star']} at T={r['T']}" for r in done)
+    def one(r: dict) -> str:
+        ci = r.get("ci")
+        return f"{r['m_star']} at T={r['T']}" + (f" (95% CI {ci[0]:g}&ndash;{ci[1]:g})" if ci and None not in ci else "")
+
+    line += "m*(T) = " + ", ".join(one(r) for r in done)
+    if not res.get("fits") and res.get("fit_error"):
+        line += f"; no law fitted: {html.escape(str(res['fit_error']))}"
     fits = res.get("fits")
     verdict = res.get("verdict") or (fits or {}).get("verdict")
     if verdict:
-        line += f"; law: {html.escape(str(verdict))}"
+        line += f"; law: {html.escape(str(verdict))}" + (f" ({html.escape(str(fits['reason']))})"
+                                                         if fits and fits.get("reason") else "")
     elif fits:
         d = fits.get("delta_aic", 0.0)
         strong = d >= 2 and fits.get("n_points", 0) >= 5 and (cfg.get("seeds") or 1) >= 3
