@@ -204,7 +204,7 @@ def demo(
     seq_len: int = typer.Option(128, "--seq-len", help="Tokens per window."),
     pillars: str = typer.Option("spectrum,reconstruct,sparsity,variables", "--pillars",
                                 help="Comma-separated subset of spectrum,reconstruct,sparsity,variables."),
-    quick: bool = typer.Option(False, "--quick", help="Tiny run (about a minute) for smoke tests."),
+    quick: bool = typer.Option(False, "--quick", help="Smallest settings of every pillar: a smoke test, not a measurement (about 65 CPU-seconds)."),
 ) -> None:
     """Every pillar on the packaged MiniLM and stdlib docstrings (spectrum first), then report.html.
 
