@@ -47,7 +47,8 @@ def test_config_values_reach_the_run(tmp_path, monkeypatch):
 
     def fake(out, progress=True, **settings):
         seen.update(settings, out=out)
-        return {"table": {}, "best": "x", "best_worst_layer_tv": 0.0}
+        return {"table": {}, "best": "x", "best_worst_layer_tv": 0.0, "best_chosen_at": "pair budget 32",
+                "best_compute": 0.5}
 
     monkeypatch.setattr(rr, "reconstruct", fake)
     monkeypatch.setattr(rr, "format_table", lambda t: "")

@@ -27,7 +27,8 @@ def _run(settings: dict, out: str, quiet: bool, all_methods: bool = False) -> No
     except AttnlabError as e:
         fail(e)
     typer.echo(format_table(res["table"]))
-    typer.echo(f"best {res['best']}: worst-layer TV {res['best_worst_layer_tv']:.4f} (target 0.05); results in {out}")
+    typer.echo(f"best {res['best']} (chosen at {res['best_chosen_at']}): worst-layer TV {res['best_worst_layer_tv']:.4f} "
+               f"(target 0.05) at total compute {res['best_compute']:.3f}; results in {out}")
     write_report(out)
 
 
@@ -77,8 +78,9 @@ def _train(settings: dict, out: str, quiet: bool) -> None:
         res = run_train(out, progress=not quiet, **settings)
     except AttnlabError as e:
         fail(e)
-    for r in res["runs"]:
-        typer.echo(f"{r['label']:24s} budget {r['budget']}: held-out loss {r['heldout_loss']:.4f}")
+    from .train import format_summary
+
+    typer.echo(format_summary(res["summary"]))
     write_report(out)
 
 

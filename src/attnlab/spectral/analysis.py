@@ -9,7 +9,7 @@ import torch
 
 from .collector import SpectrumCollector
 from .eigen import LEVELS, eigh_desc, explained_variance, overlap_matrix, ranks_for
-from .stats import StreamingCovariance, sketch_covariance_eig
+from .stats import StreamingCovariance, gram_covariance, sketch_covariance_eig
 
 
 def pooled_within(stats: list[StreamingCovariance]) -> torch.Tensor:
@@ -75,7 +75,9 @@ def summarise(col: SpectrumCollector, basis_k: Optional[int] = None) -> tuple[di
     res["overlap_heads"] = {str(l): overlap_matrix([head_bases[(l, h)][:, :k] for h in H]).tolist() for l in L}
     # Chance level: expected overlap of two random k-dim subspaces of R^N is k/N.
     res["overlap_chance"] = k / col.seq_len
-    if col.sketch_size:
+    if col.full_exact:
+        res["full_matrix"], res["full_matrix_layers"] = full_exact_spectra(col, tensors)
+    elif col.sketch_size:
         res["full_matrix"] = {}
         for (l, h) in head_stats:
             diag, sketch = col.head_full(l, h)
@@ -84,8 +86,9 @@ def summarise(col: SpectrumCollector, basis_k: Optional[int] = None) -> tuple[di
             curve = explained_variance(evals, total)
             ranks = ranks_for(curve)
             res["full_matrix"][f"{l}.{h}"] = {
-                "curve": curve.tolist(), "total_variance": total, **ranks,
-                "n_matrices": diag.n, "sketch_size": col.sketch_size}
+                "curve": curve.tolist(), "total_variance": total, **ranks, "method": "sketch",
+                "n_matrices": diag.n, "sketch_size": col.sketch_size, "limit": col.sketch_size,
+                "reached": {k_: v <= col.sketch_size for k_, v in ranks.items()}}
             tensors[f"full.eigvals.{l}.{h}"] = evals
     res["k90_grid"] = [[head_ranks[(l, h)]["k90"] for h in H] for l in L]
     return res, tensors
@@ -108,6 +111,33 @@ def noise_floor(col: SpectrumCollector, k: int) -> dict[str, Any] | None:
             bases.append(vecs[:, :k])
         diag.append(float(overlap_matrix([bases[0]], [bases[1]])[0, 0]))
     return {"diagonal": diag, "layers": list(col.layers), "k": k, "split": "even vs odd batches of windows"}
+
+
+def full_exact_spectra(col: SpectrumCollector, tensors: dict[str, torch.Tensor]) -> tuple[dict, dict]:
+    """Exact whole-matrix spectra from the kept samples: per (layer, head), and per layer with the heads' matrices
+    concatenated (one sample = the layer's whole score tensor; its Gram matrix is the sum of the heads')."""
+    per_head, per_layer = {}, {}
+    for l in col.layers:
+        x = col.full_matrices(l)  # (G, M, N^2)
+        m = x.shape[1]
+        if m < 2:
+            continue
+        layer_gram = torch.zeros(m, m, dtype=torch.float64)
+        for g, h in enumerate(col.heads):
+            gram = gram_covariance(x[g])
+            layer_gram += gram
+            evals = torch.linalg.eigvalsh(gram).flip(0).clamp_min(0)
+            curve = explained_variance(evals)
+            ranks = ranks_for(curve)
+            per_head[f"{l}.{h}"] = {"curve": curve.tolist(), "total_variance": float(evals.sum()), **ranks,
+                                    "method": "exact", "n_matrices": m, "limit": m - 1,
+                                    "reached": {k: True for k in ranks}}
+            tensors[f"full.eigvals.{l}.{h}"] = evals
+        evals = torch.linalg.eigvalsh(layer_gram).flip(0).clamp_min(0)
+        curve = explained_variance(evals)
+        per_layer[str(l)] = {"curve": curve.tolist(), "total_variance": float(evals.sum()), **ranks_for(curve),
+                             "method": "exact, heads concatenated", "n_matrices": m, "limit": m - 1}
+    return per_head, per_layer
 
 
 def cross_overlap(bases_a: dict[int, torch.Tensor], bases_b: dict[int, torch.Tensor]) -> np.ndarray:

@@ -29,7 +29,11 @@ def minus(total: StreamingCovariance, part: StreamingCovariance) -> StreamingCov
 
 
 class SpectrumCollector:
-    """Row covariance (N x N) and, optionally, a full-matrix sketch (N^2) for every (layer, head).
+    """Row covariance (N x N) and, optionally, whole-matrix statistics (N^2) for every (layer, head).
+
+    Whole matrices: with ``full_exact`` (the number of matrices expected, > 0) every row-centred matrix is kept
+    (float32) and the spectrum is computed exactly from the Gram matrix of the samples (M x M: exact whenever
+    M < N^2, which is the usual case); otherwise a streaming sketch of ``sketch_size`` rows gives lower bounds.
 
     Rows are score rows of one query over all keys, centred over their valid keys; rows of queries
     that see no key are skipped. Statistics of one layer's heads are grouped and updated in one
@@ -38,15 +42,20 @@ class SpectrumCollector:
     """
 
     def __init__(self, layers: Sequence[int], heads: Sequence[int], seq_len: int, sketch_size: int = 16,
-                 head_chunk: int = 4, centre_rows: bool = True, device: str | torch.device = "cpu"):
+                 head_chunk: int = 4, centre_rows: bool = True, device: str | torch.device = "cpu",
+                 full_exact: bool = False):
         self.layers, self.heads, self.seq_len = list(layers), list(heads), seq_len
-        self.sketch_size, self.head_chunk, self.centre_rows = sketch_size, head_chunk, centre_rows
+        self.full_exact = bool(full_exact)
+        self.sketch_size = 0 if self.full_exact else sketch_size
+        self.head_chunk, self.centre_rows = head_chunk, centre_rows
         self.device = device
         G, N = len(self.heads), seq_len
         self.rows = {l: StreamingCovariance(N, device=device, groups=G) for l in self.layers}
-        self.full_diag = {l: StreamingCovariance(N * N, True, device, G) for l in self.layers} if sketch_size else {}
-        self.full_sketch = {l: StreamingSketch(N * N, sketch_size, device, G) for l in self.layers} \
-            if sketch_size else {}
+        self.full_diag = {l: StreamingCovariance(N * N, True, device, G) for l in self.layers} \
+            if self.sketch_size else {}
+        self.full_sketch = {l: StreamingSketch(N * N, self.sketch_size, device, G) for l in self.layers} \
+            if self.sketch_size else {}
+        self.full_samples: dict[int, list[torch.Tensor]] = {l: [] for l in self.layers} if self.full_exact else {}
         # rows of every other batch (batches 0, 2, 4, ... of each layer): the first half of a two-way split
         self.rows_half = {l: StreamingCovariance(N, device=device, groups=G) for l in self.layers} \
             if N <= HALF_MAX_N else {}
@@ -59,7 +68,7 @@ class SpectrumCollector:
         if Nq != self.seq_len or Nk != self.seq_len:
             raise ShapeError(f"attention is {Nq}x{Nk} but the statistics were set up for --seq-len {self.seq_len}")
         valid = call.valid
-        row_ok = None if valid is None else valid.any(-1)[:, 0]  # (B, Nq): queries that see some key
+        row_ok = None if valid is None else valid.any(-1)[:, 0].expand(B, Nq)  # (B, Nq): queries that see some key
         rows, flats = [], []
         for start in range(0, len(self.heads), self.head_chunk):
             hs = self.heads[start:start + self.head_chunk]
@@ -70,14 +79,16 @@ class SpectrumCollector:
             s = row_centre(scores, valid) if self.centre_rows else torch.where(torch.isfinite(scores), scores, 0.0)
             s = s.transpose(0, 1)  # (h, B, N, N)
             rows.append(s.reshape(len(hs), B * Nq, Nk) if row_ok is None else s[:, row_ok])
-            if self.sketch_size:
+            if self.sketch_size or self.full_exact:
                 flats.append(s.reshape(len(hs), B, Nq * Nk))
         rows_all = torch.cat(rows)
         self.rows[call.layer].update(rows_all)
         if self.rows_half and self.calls[call.layer] % 2 == 0:
             self.rows_half[call.layer].update(rows_all)
         self.calls[call.layer] += 1
-        if self.sketch_size:
+        if self.full_exact:
+            self.full_samples[call.layer].append(torch.cat(flats).float().cpu())  # (G, B, N^2)
+        elif self.sketch_size:
             flat = torch.cat(flats)
             self.full_diag[call.layer].update(flat)
             self.full_sketch[call.layer].update(flat)
@@ -100,6 +111,11 @@ class SpectrumCollector:
         g = self.heads.index(head)
         return self.full_diag[layer].group(g), self.full_sketch[layer].sketch()[g]
 
+    def full_matrices(self, layer: int) -> torch.Tensor:
+        """Every kept row-centred whole matrix of ``layer``, flattened: (G, M, N^2) float32 (exact mode)."""
+        parts = self.full_samples[layer]
+        return torch.cat(parts, 1) if parts else torch.zeros(len(self.heads), 0, self.seq_len ** 2)
+
     # --- persistence and distribution -------------------------------------------------------------
     def cpu(self) -> "SpectrumCollector":
         """Move every statistic to the CPU (before the eigen analysis)."""
@@ -121,6 +137,8 @@ class SpectrumCollector:
             if self.sketch_size:
                 out.update(self.full_diag[l].state(f"full.{l}."))
                 out[f"sketch.{l}"] = self.full_sketch[l].buf.cpu().clone()
+            if self.full_exact:
+                out[f"fullx.{l}"] = self.full_matrices(l).clone()
         return out
 
     def load_state(self, tensors: dict[str, torch.Tensor]) -> None:
@@ -136,6 +154,8 @@ class SpectrumCollector:
             if self.sketch_size:
                 self.full_diag[l] = StreamingCovariance.from_state(tensors, f"full.{l}.", G).to(self.device)
                 self.full_sketch[l].buf = tensors[f"sketch.{l}"].double().to(self.device)
+            if self.full_exact:
+                self.full_samples[l] = [tensors[f"fullx.{l}"].float()]
 
     def all_reduce(self) -> None:
         """Merge statistics across ranks (covariances by all-reduce, sketches by all-gather + merge)."""

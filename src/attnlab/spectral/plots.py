@@ -15,9 +15,9 @@ PLOTS = {
                         "head (columns). Lower = more compressible head.",
     "spectrum_overlap_layers.png": "Overlap of the top-k row eigenspaces between layers (1 = same subspace, "
                                    "the chance level for random subspaces is in the title).",
-    "spectrum_full_curves.png": "Explained variance of whole score matrices (streaming sketch, averaged over heads). "
-                                "The sketch keeps only a few directions, so curves are lower bounds and may stop "
-                                "below the dashed 90% line: such ranks are reported as '>sketch size'.",
+    "spectrum_full_curves.png": "Explained variance of whole score matrices per layer: exact with the heads "
+                                "concatenated when the run kept every matrix, else a head-averaged streaming sketch "
+                                "(a lower bound that may stop below the dashed 90% line; such ranks read '>limit').",
 }
 
 
@@ -40,10 +40,15 @@ def plot_spectrum(run: RunDir, res: dict[str, Any]) -> list[str]:
     made.append("spectrum_overlap_layers.png")
     if res.get("full_matrix"):
         series = {}
+        lay = res.get("full_matrix_layers") or {}
         for l in layers:
+            if str(l) in lay:
+                series[f"layer {l}"] = lay[str(l)]["curve"]
+                continue
             cs = [res["full_matrix"][f"{l}.{h}"]["curve"] for h in heads]
             series[f"layer {l}"] = [sum(c[i] for c in cs) / len(cs) for i in range(len(cs[0]))]
-        curves(series, "Whole score matrices: explained variance (sketch: lower bound)", "k",
+        how = "exact, heads concatenated" if lay else "sketch: lower bound"
+        curves(series, f"Whole score matrices: explained variance ({how})", "k",
                "fraction of variance", run.file("spectrum_full_curves.png"), hlines=(0.9,),
                hline_labels=("90% of variance",))
         made.append("spectrum_full_curves.png")

@@ -10,7 +10,35 @@ from .plots import PLOTS
 
 
 def _rank(v: int, limit: int) -> str:
-    return f">{limit}" if v > limit else str(v)
+    return f"not reached within k={limit}" if v > limit else str(v)
+
+
+def _full_cells(res: dict, l: int) -> list:
+    """Whole-matrix k90 cells of one layer: heads concatenated, and min / median / max over heads."""
+    fm = [res["full_matrix"][f"{l}.{h}"] for h in res["heads"] if f"{l}.{h}" in res["full_matrix"]]
+    if not fm:
+        return ["-", "-"]
+    lim = fm[0].get("limit", fm[0].get("sketch_size"))
+    ks = sorted(int(f["k90"]) for f in fm)
+    lay = (res.get("full_matrix_layers") or {}).get(str(l))
+    heads = f"{_rank(ks[0], lim)} / {_rank(ks[len(ks) // 2], lim)} / {_rank(ks[-1], lim)}"
+    return [_rank(int(lay["k90"]), lay["limit"]) if lay else "-", heads]
+
+
+def full_matrix_note(res: dict) -> str:
+    """How the whole-matrix ranks were computed and what bounds them."""
+    fm = res.get("full_matrix") or {}
+    if not fm:
+        return ""
+    f = next(iter(fm.values()))
+    if f.get("method") == "exact":
+        return (f"Whole matrices: exact spectra from the Gram matrix of the {f['n_matrices']} row-centred score matrices "
+                f"(N^2 = {res['seq_len'] ** 2} entries each); with {f['n_matrices']} samples at most {f['limit']} "
+                "eigenvalues are nonzero, so a k90 close to that limit is sample-limited (use more --n-sequences). "
+                "'Layer' concatenates the layer's heads into one sample (the paper's per-layer matrix).")
+    return (f"Whole matrices: streaming sketch of {f.get('sketch_size')} rows per head (lower-bound eigenvalues, upper-bound "
+            "ranks); 'not reached within k=...' means the sketch never explains that share. Runs with at most "
+            "--full-exact windows on one process get exact spectra instead.")
 
 
 def render_section(run: RunDir) -> str:
@@ -36,13 +64,11 @@ def render_section(run: RunDir) -> str:
         ks = [res["per_head"][f"{l}.{h}"]["k90"] for h in res["heads"]]
         row = [l, pl["k90"], pl["k95"], pl["k99"], min(ks), sum(ks) / len(ks), max(ks)]
         if res.get("full_matrix"):
-            fm = [res["full_matrix"][f"{l}.{h}"] for h in res["heads"]]
-            lim = fm[0]["sketch_size"]
-            row.append(_rank(int(sorted(f["k90"] for f in fm)[len(fm) // 2]), lim))
+            row += _full_cells(res, l)
         rows.append(row)
     header = ["layer", "k90 (heads pooled)", "k95", "k99", "min head k90", "mean head k90", "max head k90"]
     if res.get("full_matrix"):
-        header.append("median head k90, whole matrices")
+        header += ["whole-matrix k90, layer", "whole-matrix k90, heads min / median / max"]
     parts.append(table(header, rows, "{:.1f}", caption="Ranks per layer (real layer indices); the head columns "
                                                         "show the spread across heads."))
     for name, caption in PLOTS.items():
@@ -55,8 +81,7 @@ def render_section(run: RunDir) -> str:
                                  "mean the low-rank structure is positional; spiky ones point at specific tokens "
                                  "(e.g. [CLS]/[SEP])."))
     parts.append(f'<p class="note">Overlap = ||U1^T U2||_F^2 / k with k = {res["basis_k"]}; two random subspaces '
-                 f'would give about {res["overlap_chance"]:.2f}. Whole-matrix ranks come from a streaming truncated-SVD '
-                 "sketch and are upper bounds ('&gt;' means the sketch did not reach the level).</p>")
+                 f'would give about {res["overlap_chance"]:.2f}. {full_matrix_note(res)}</p>')
     return "".join(parts)
 
 
