@@ -18,3 +18,15 @@ def split_words(values: Optional[Sequence[str]]) -> Optional[list[str]]:
     if not values:
         return None
     return [p for v in values for p in str(v).replace(",", " ").split()]
+
+
+def write_report(out) -> None:
+    """Render ``out``/report.html and print its path (every command that writes a run directory calls this)."""
+    from pathlib import Path
+
+    from .report.html import render_report
+
+    if not (Path(out) / "results.json").is_file():
+        typer.echo(f"report: none ({out} has no results.json yet)")
+        return
+    typer.echo(f"report: {render_report(out).resolve()} (re-render with `attnlab report {out}`)")

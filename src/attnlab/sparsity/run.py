@@ -19,6 +19,8 @@ from ..seeding import seed_everything
 from .metrics import pareto_front
 from .train_entmax import EntmaxTrainConfig
 
+_logger = logging.getLogger(__name__)
+
 SECTION = "sparsity"
 CHECKPOINT = "entmax_model.safetensors"
 PREDICTORS_FILE = "predictors.safetensors"
@@ -33,11 +35,14 @@ def _warn(info: dict, quiet: bool, msg: str) -> None:
     info.setdefault("warnings", []).append(msg)
     if not quiet:
         print(f"warning: {msg}", flush=True)
+# Focused default: the learned predictors, two fixed patterns and the oracle bound; methods=METHODS (`--all`,
+# every predictor registered with tag 'default') adds distance-thr, lsh, routing, longformer and strided.
+DEFAULT_METHODS = ("distance-knn", "quantization", "clustering", "rank", "window", "bigbird", "oracle-topk")
 
 
 def _log(quiet: bool, msg: str) -> None:
     if not quiet:
-        print(msg, flush=True)
+        _logger.info(msg)
 
 
 def prepare_small(run: RunDir, train: EntmaxTrainConfig, checkpoint: Optional[str], resume: bool, quiet: bool,
@@ -163,7 +168,7 @@ def sparsity(
     from .predictors import PREDICTORS, Projector
 
     train = train or EntmaxTrainConfig()
-    methods = list(methods or PREDICTORS.names("default"))
+    methods = list(methods or DEFAULT_METHODS)  # --all: every PREDICTORS.names("default")
     for m in methods:
         PREDICTORS.get(m)  # an unknown name is a ConfigError listing the registered ones
     if authors_defaults:
@@ -260,6 +265,9 @@ def sparsity(
         info["downstream"] = {"skipped": "downstream evaluation not requested (--n-down 0)"}
 
     _write_artifacts(run, info, results, ev)
+    from ..report.views import save_sparsity_views
+
+    save_sparsity_views(run, fitted, ev, info["operating_points_0.9"])
     info["wall_s"] = time.time() - t_start
     info["complete"] = True
     run.write_section(SECTION, info)

@@ -7,6 +7,7 @@ distillation in ``entmax_hf.py`` (both re-exported here), the loop and checkpoin
 
 from __future__ import annotations
 
+import logging
 import hashlib
 import time
 from dataclasses import asdict, dataclass
@@ -24,6 +25,8 @@ from ..seeding import seed_everything
 from ..training import adamw, load_checkpoint, save_checkpoint, train_steps
 from .entmax_hf import entmax_handler, finetune_hf_entmax, hf_hidden  # noqa: F401  (re-exported)
 from .vocab import CLS, MASK, N_SPECIAL, PAD, SEP, UNK, VocabMap, lm_loss, mlm_batch, tokenizer_of  # noqa: F401
+
+_log = logging.getLogger(__name__)
 
 
 
@@ -122,7 +125,7 @@ def train_small(cfg: EntmaxTrainConfig, windows: Optional[torch.Tensor] = None, 
     if ckpt is not None and resume and ckpt.exists():
         start, hist, elapsed = load_checkpoint(ckpt, fp, model, opt, sched, g)
         if not quiet:
-            print(f"  resuming training from {ckpt} at step {start}/{cfg.steps}", flush=True)
+            _log.info(f"  resuming training from {ckpt} at step {start}/{cfg.steps}")
     t0 = time.time() - elapsed
     accs: list = []
 
@@ -139,8 +142,7 @@ def train_small(cfg: EntmaxTrainConfig, windows: Optional[torch.Tensor] = None, 
             hist["loss"].append(float(loss.detach()))
             hist["acc"].append(float(accs[0]))
             if not quiet:
-                print(f"  step {step:5d}  loss {float(loss):.3f}  acc {float(accs[0]):.3f}  ({time.time() - t0:.0f}s)",
-                      flush=True)
+                _log.info(f"  step {step:5d}  loss {float(loss):.3f}  acc {float(accs[0]):.3f}  ({time.time() - t0:.0f}s)")
         if ckpt is not None and cfg.checkpoint_every > 0 and done % cfg.checkpoint_every == 0 and done < cfg.steps:
             save_checkpoint(ckpt, fp, done, model, opt, sched, g, hist, time.time() - t0)
         if on_step is not None:
