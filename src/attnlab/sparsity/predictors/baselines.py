@@ -178,7 +178,7 @@ class OracleTopK(BasePredictor):
     def cost(self, n: int, pairs=None) -> float:
         """All candidate scores, plus top-k selection."""
         pairs = float(n * n) if pairs is None else float(pairs)
-        return pairs + select_cost(pairs, self.k, 1)
+        return pairs + select_cost(pairs, self.k, self.d_head or 64)
 
     def compute_ops(self, q, k, valid=None):
         """Every score is computed."""
