@@ -48,9 +48,13 @@ def parse_int_list(text: Optional[str | list], flag: str) -> Optional[list[int]]
                 continue
             if "-" in part[1:]:
                 a, b = part.split("-", 1)
+                if int(b) < int(a):
+                    raise ConfigError(f"{flag} {text!r}: range {part!r} is reversed; write it as '{b}-{a}'")
                 out.extend(range(int(a), int(b) + 1))
             else:
                 out.append(int(part))
+    except ConfigError:
+        raise
     except ValueError as e:
         raise ConfigError(f"{flag} {text!r}: expected integers like '0,2-4'") from e
     if not out:
@@ -194,11 +198,6 @@ app.add_typer(_variables_app, name="variables",
               help="Variable creation: sparse Boolean tasks, sample complexity vs context length.")
 
 
-def _interrupted(signum, frame) -> None:
-    typer.secho("interrupted: results written so far are intact; re-run with --resume to continue", err=True)
-    raise KeyboardInterrupt  # Typer turns this into exit code 130
-
-
 def split_config_flag(argv: list[str]) -> tuple[list[str], Optional[str]]:
     """Remove `--config PATH` / `--config=PATH` (any position) from argv; return (argv, path)."""
     from .errors import ConfigError
@@ -244,22 +243,35 @@ def default_map(path: str) -> dict[str, Any]:
                                   f"(known: {', '.join(sorted(params))})")
             if isinstance(value, list) and not getattr(params[name], "multiple", False):
                 value = ",".join(str(v) for v in value)
+            try:  # type errors name the file and table, not only the option
+                params[name].type_cast_value(cmd.context_class(cmd), value)
+            except Exception as e:  # click's BadParameter (typer vendors its own click)
+                msg = getattr(e, "message", None) or str(e)
+                raise ConfigError(f"--config {path}: [{where.rstrip('.')}] {key} = {value!r}: {msg}") from None
             out[name] = value
         return out
 
     return build(typer.main.get_command(app), read_toml(path), "")
 
 
+def command():
+    """The click command of the app, hardened (see :func:`attnlab.cli_utils.harden`)."""
+    import typer.main
+
+    from .cli_utils import harden
+
+    return harden(typer.main.get_command(app))
+
+
 def run_cli(argv: list[str]) -> None:
     """Run the app on ``argv`` with --config applied (what `main` does, without exiting on attnlab errors)."""
     argv, config_path = split_config_flag(list(argv))
     extra = {"default_map": default_map(config_path)} if config_path else {}
-    app(args=argv, prog_name="attnlab", **extra)
+    command()(args=argv, prog_name="attnlab", **extra)
 
 
 def _interrupted(signum, frame) -> None:
-    typer.secho("interrupted: results written so far are intact; re-run with --resume to continue", err=True)
-    raise KeyboardInterrupt  # Typer turns this into exit code 130
+    raise KeyboardInterrupt  # the command wrapper (see harden) prints what to do and exits with code 130
 
 
 def main() -> None:
