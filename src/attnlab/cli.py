@@ -30,6 +30,7 @@ LayersOpt = typer.Option(None, "--layers", help="Layers to analyse, e.g. '0,2-4'
 HeadsOpt = typer.Option(None, "--heads", help="Heads to analyse, e.g. '0-3,7'. [default: all]")
 DeviceOpt = typer.Option(None, "--device", help="cpu, cuda or cuda:N. [default: cpu]")
 SeedOpt = typer.Option(None, "--seed", help="Random seed (same seed, same numbers). [default: 0]")
+TextFieldOpt = typer.Option(None, "--text-field", help="JSON-lines field holding the text. [default: text]")
 
 
 def parse_int_list(text: Optional[str | list], flag: str) -> Optional[list[int]]:
@@ -78,7 +79,7 @@ def capture(
     layers: Optional[str] = LayersOpt, heads: Optional[str] = HeadsOpt,
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Windows per forward pass. [default: 8]"),
     with_qk: Optional[bool] = typer.Option(None, "--with-qk/--no-qk", help="Also save queries and keys."),
-    device: Optional[str] = DeviceOpt, seed: Optional[int] = SeedOpt,
+    device: Optional[str] = DeviceOpt, seed: Optional[int] = SeedOpt, text_field: Optional[str] = TextFieldOpt,
 ) -> None:
     """Save raw pre-softmax scores (scaled, masked as the model does) of a few windows to safetensors.
 
@@ -87,9 +88,10 @@ def capture(
     from .capture.dump import capture as run_capture
 
     defaults = dict(model="minilm", corpus=None, seq_len=128, n_sequences=8, layers=None, heads=None, batch_size=8,
-                    with_qk=False, device="cpu", seed=0)
+                    with_qk=False, device="cpu", seed=0, text_field="text")
     s = settings(defaults, model=model, corpus=corpus, seq_len=seq_len, n_sequences=n_sequences,
-                 layers=layers, heads=heads, batch_size=batch_size, with_qk=with_qk, device=device, seed=seed)
+                 layers=layers, heads=heads, batch_size=batch_size, with_qk=with_qk, device=device, seed=seed,
+                 text_field=text_field)
     s["layers"], s["heads"] = parse_int_list(s["layers"], "--layers"), parse_int_list(s["heads"], "--heads")
     meta = run_capture(out, **s)
     typer.echo(f"captured {meta['n_sequences']} x {len(meta['layers'])} layers x {len(meta['heads'])} heads -> "
@@ -108,7 +110,7 @@ def spectrum(
                                               help="Full-matrix sketch rows per head; 0 disables. [default: 16]"),
     basis_k: Optional[int] = typer.Option(None, "--basis-k", help="Eigenvectors per basis for overlaps. [default: seq-len / 8]"),
     split: Optional[str] = typer.Option(None, "--split", help="fit | heldout | all documents. [default: fit]"),
-    device: Optional[str] = DeviceOpt, seed: Optional[int] = SeedOpt,
+    device: Optional[str] = DeviceOpt, seed: Optional[int] = SeedOpt, text_field: Optional[str] = TextFieldOpt,
     checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every",
                                                    help="Batches between checkpoints. [default: 8]"),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its checkpoint."),
@@ -126,7 +128,7 @@ def spectrum(
     defaults = {k: v for k, v in asdict(SpectrumConfig()).items()}
     s = settings(defaults, model=model, corpus=corpus, seq_len=seq_len, n_sequences=n_sequences,
                  layers=layers, heads=heads, batch_size=batch_size, sketch_size=sketch_size, basis_k=basis_k,
-                 split=split, device=device, seed=seed, checkpoint_every=checkpoint_every)
+                 split=split, device=device, seed=seed, checkpoint_every=checkpoint_every, text_field=text_field)
     s["layers"], s["heads"] = parse_int_list(s["layers"], "--layers"), parse_int_list(s["heads"], "--heads")
     name = s.pop("model")
     res = run_spectrum(out, model=name, resume=resume, **s)
@@ -244,7 +246,7 @@ def default_map(path: str) -> dict[str, Any]:
             if isinstance(value, list) and not getattr(params[name], "multiple", False):
                 value = ",".join(str(v) for v in value)
             try:  # type errors name the file and table, not only the option
-                params[name].type_cast_value(cmd.context_class(cmd), value)
+                params[name].process_value(cmd.context_class(cmd), value)
             except Exception as e:  # click's BadParameter (typer vendors its own click)
                 msg = getattr(e, "message", None) or str(e)
                 raise ConfigError(f"--config {path}: [{where.rstrip('.')}] {key} = {value!r}: {msg}") from None
@@ -274,18 +276,26 @@ def _interrupted(signum, frame) -> None:
     raise KeyboardInterrupt  # the command wrapper (see harden) prints what to do and exits with code 130
 
 
+def invoke(argv: list[str]) -> int:
+    """Run the CLI on ``argv`` in this process and return the exit code (attnlab errors: one line, code 2)."""
+    from .errors import AttnlabError
+
+    try:
+        run_cli(argv)
+    except AttnlabError as e:
+        typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+        return 2
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    return 0
+
+
 def main() -> None:
     """Entry point: attnlab errors become one clear line and exit code 2, Ctrl-C exit code 130."""
     import signal
 
-    from .errors import AttnlabError
-
     signal.signal(signal.SIGINT, _interrupted)
-    try:
-        run_cli(sys.argv[1:])
-    except AttnlabError as e:
-        typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
-        sys.exit(2)
+    sys.exit(invoke(sys.argv[1:]))
 
 
 if __name__ == "__main__":

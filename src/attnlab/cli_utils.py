@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import NoReturn, Optional, Sequence
 
 import typer
@@ -49,6 +50,24 @@ def _check_values(params: dict, kwargs: dict) -> None:
                 check_option(name, v, flag)
 
 
+class _EchoWarnings(logging.Handler):
+    """Show attnlab's log warnings on the current stderr as 'warning: ...' lines."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        typer.secho(f"{record.levelname.lower()}: {record.getMessage()}", err=True,
+                    fg=typer.colors.YELLOW if record.levelno >= logging.WARNING else None)
+
+
+def show_warnings() -> None:
+    """Make the CLI print warnings of the 'attnlab' logger (fewer windows than asked, skipped steps)."""
+    logger = logging.getLogger("attnlab")
+    if not any(isinstance(h, _EchoWarnings) for h in logger.handlers):
+        h = _EchoWarnings(logging.WARNING)
+        logger.addHandler(h)
+        if logger.level == logging.NOTSET or logger.level > logging.WARNING:
+            logger.setLevel(logging.WARNING)
+
+
 def _guard_empty(param) -> None:
     """Refuse an empty path value while parsing (typer turns '' into Path('.'), the current directory)."""
     from .errors import ConfigError
@@ -92,6 +111,7 @@ def harden(cmd):
         from .errors import AttnlabError
         from .io import lock_output, os_error
 
+        show_warnings()
         try:
             _check_values(params, kwargs)
             if lock_out and kwargs.get("out") is not None:

@@ -10,6 +10,7 @@ from typing import Any, Optional
 
 import torch
 
+from ..capture.corpus import MIN_EVAL_WINDOWS
 from ..errors import ConfigError
 from ..io import RunDir, write_tensors
 from ..seeding import seed_everything
@@ -120,13 +121,15 @@ def reconstruct(out: str | Path, model: str = "minilm", progress: bool = True, *
     run = RunDir(out)
     t0 = time.perf_counter()
     hf = load_checked(cfg.model, cfg.seq_len)
+    # held-out windows first: a corpus too small to evaluate on fails before the fit, not after it
+    windows = windows_for(hf.tokenizer, cfg.seq_len, cfg.n_eval, "heldout", cfg.corpus, cfg.seed + 1, flag="--n-eval",
+                          minimum=MIN_EVAL_WINDOWS)
     fit = get_fit(cfg, hf)
     fit.meta["model"] = cfg.model
     fit.save(run.file(FIT_FILE))
     say = print if progress else (lambda *a, **k: None)
     say(f"fitted statistics ({fit.meta.get('source')}, {fit.meta.get('n_sequences')} windows) in "
         f"{time.perf_counter() - t0:.1f} s")
-    windows = windows_for(hf.tokenizer, cfg.seq_len, cfg.n_eval, "heldout", cfg.corpus, cfg.seed + 1)
     kw = dict(k=cfg.k, ridge=cfg.ridge, jitter=cfg.jitter, proxy=cfg.proxy, proxy_rank=cfg.proxy_rank, seed=cfg.seed)
     combos = combos_for(cfg)
     methods = make_methods(fit, combos, cfg.budget, **kw)

@@ -10,7 +10,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..errors import ConfigError
+from ..errors import ConfigError, ResultsError
 from ..io import RunDir, write_tensors
 from ..seeding import seed_everything
 from .train_entmax import EntmaxTrainConfig
@@ -25,6 +25,13 @@ def _log(quiet: bool, msg: str) -> None:
         print(msg, flush=True)
 
 
+def stale_settings(trained: EntmaxTrainConfig, asked: EntmaxTrainConfig) -> list[str]:
+    """Flags whose value differs between a trained model's config and the one asked for (cadence/device ignored)."""
+    a, b = asdict(trained), asdict(asked)
+    return [f"--{k.replace('_', '-')} {a.get(k)} vs {b[k]}" for k in b
+            if k not in ("checkpoint_every", "device") and a.get(k) != b[k]]
+
+
 def prepare_small(run: RunDir, train: EntmaxTrainConfig, checkpoint: Optional[str], resume: bool, quiet: bool,
                   tokenizer: str = "minilm"):
     """Load the checkpoint (given, or cached in the run dir when resuming) or train and save one."""
@@ -36,6 +43,11 @@ def prepare_small(run: RunDir, train: EntmaxTrainConfig, checkpoint: Optional[st
     if path.exists() and (checkpoint or resume):
         _log(quiet, f"loading entmax model from {path}")
         model, vmap, tcfg, meta = load_small(path, train.device)
+        if not checkpoint:  # a cached model must have been trained with the settings asked for now
+            diff = stale_settings(tcfg, train)
+            if diff:
+                raise ResultsError(f"{path}: the cached model was trained with other settings ({', '.join(diff)}); "
+                                   f"use another --out, --no-resume to retrain, or the original settings")
         return model, vmap, tcfg, meta.get("history", {}), str(path)
     _log(quiet, f"training entmax model ({train.objective}, {train.n_layers}x{train.n_heads}, d={train.d_model}, "
                 f"N={train.seq_len}, {train.steps} steps on {train.device})")
@@ -95,6 +107,7 @@ def sparsity(
         tok = tokenizer_of(tokenizer)
         held = token_windows(tok, tcfg.seq_len, tcfg.corpus, max_windows=n_eval + n_down, split="heldout")
         fitw = token_windows(tok, tcfg.seq_len, tcfg.corpus, max_windows=n_fit, split="fit")
+        _check_split(fitw, held, n_fit, n_eval, n_down, info)
         fit_ids, eval_ids, down_ids = vmap(fitw), vmap(held[:n_eval]), vmap(held[n_eval:])
         alpha = tcfg.alpha
         info["model"] = {"kind": "small", "checkpoint": ckpt, "config": net.cfg.to_dict(), "objective": tcfg.objective,
@@ -104,6 +117,8 @@ def sparsity(
         from .train_entmax import finetune_hf_entmax
 
         net = load_model(model, device=train.device)
+        if hf_seq_len > net.max_len:
+            raise ConfigError(f"--hf-seq-len {hf_seq_len} exceeds {model}'s maximum of {net.max_len} positions")
         alpha = train.alpha
         fitw = token_windows(net.tokenizer, hf_seq_len, train.corpus, split="fit",
                              max_windows=n_fit + (min(8 * hf_finetune_steps, 1024) if hf_finetune_steps > 0 else 0))
@@ -113,6 +128,7 @@ def sparsity(
             _log(quiet, f"fine-tuning {model} with entmax attention ({hf_finetune_steps} distillation steps)")
             hist = finetune_hf_entmax(net, fitw[n_fit:] if len(fitw) > n_fit else fitw, alpha, hf_finetune_steps,
                                       seed=seed, quiet=quiet)
+        _check_split(fitw[:n_fit], held, n_fit, n_eval, n_down, info)
         fit_ids, eval_ids, down_ids = fitw[:n_fit], held[:n_eval], held[n_eval:]
         info["model"] = {"kind": "hf", **net.describe(), "finetune": hist}
 
@@ -142,7 +158,7 @@ def sparsity(
     info["methods"] = results
     info["recall_at_0.9"] = {m: results[m][f"recall_at_{TARGET:g}"] for m in methods}
 
-    if n_down > 0 and len(down_ids):
+    if n_down > 0 and len(down_ids):  # (an empty downstream split was reported by _check_split)
         _log(quiet, f"downstream: attention restricted to predicted graphs ({len(down_ids)} windows)")
         if model == "small":
             info["downstream"] = downstream_small(net, down_ids, tcfg.objective, fitted, results, targets, seed)
@@ -154,6 +170,21 @@ def sparsity(
     info["complete"] = True
     run.write_section(SECTION, info)
     return info
+
+
+def _check_split(fitw: torch.Tensor, held: torch.Tensor, n_fit: int, n_eval: int, n_down: int, info: dict) -> None:
+    """Warn about fewer windows than asked, refuse too few evaluation windows, report a skipped downstream step."""
+    from ..capture.corpus import MIN_EVAL_WINDOWS, check_windows, log
+
+    check_windows(fitw, n_fit, "--n-fit", "fit")
+    check_windows(held[:n_eval], n_eval, "--n-eval", "heldout", minimum=MIN_EVAL_WINDOWS)
+    down = len(held) - min(n_eval, len(held))
+    if n_down > 0 and down == 0:
+        info["downstream_skipped"] = (f"no held-out windows left after --n-eval {n_eval} (the split has {len(held)}); "
+                                      "lower --n-eval or give more text")
+        log.warning("downstream evaluation skipped: %s", info["downstream_skipped"])
+    elif n_down > 0:
+        check_windows(held[n_eval:], n_down, "--n-down", "heldout")
 
 
 def _write_artifacts(run: RunDir, info: dict, results: dict, ev) -> None:

@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from ..config import fingerprint
-from ..errors import ConfigError, ResultsError
-from ..io import read_tensors, write_tensors
+from ..errors import ConfigError, NumericalError, ResultsError
+from ..io import checkpoint_written, read_tensors, write_tensors
 from ..models.attention import check_alpha, masked_entmax
 from ..models.transformer import SmallTransformer, TransformerConfig
 from ..seeding import seed_everything
@@ -289,11 +289,15 @@ def train_small(cfg: EntmaxTrainConfig, windows: Optional[torch.Tensor] = None, 
             hist["step"].append(step)
             hist["loss"].append(float(loss.detach()))
             hist["acc"].append(float(acc))
+            if not np.isfinite(hist["loss"][-1]):  # checked at log steps (incl. the last): no NaN model is saved
+                raise NumericalError(f"training diverged: loss {hist['loss'][-1]} at step {step}; lower --lr "
+                                     f"(now {cfg.lr:g})")
             if not quiet:
                 print(f"  step {step:5d}  loss {float(loss):.3f}  acc {float(acc):.3f}  ({time.time() - t0:.0f}s)", flush=True)
         done = step + 1
         if ckpt is not None and cfg.checkpoint_every > 0 and done % cfg.checkpoint_every == 0 and done < cfg.steps:
             _save_partial(ckpt, fp, done, model, opt, sched, g, hist, time.time() - t0)
+            checkpoint_written()
         if on_step is not None:
             on_step(done)
     model.eval()
@@ -328,11 +332,18 @@ def load_small(path: str | Path, device: str = "cpu") -> tuple[SmallTransformer,
     tensors, meta = read_tensors(path)
     if "model_config" not in meta:
         raise ResultsError(f"{path}: not an attnlab entmax checkpoint (no model_config in metadata)")
-    model = SmallTransformer(TransformerConfig(**meta["model_config"]))
-    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-    model.to(device).eval()
-    vmap = VocabMap(tensors["vocab.keep"], meta["specials"], meta["full_vocab"])
-    return model, vmap, EntmaxTrainConfig(**meta["train_config"]), meta
+    try:
+        model = SmallTransformer(TransformerConfig(**meta["model_config"]))
+        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        model.to(device).eval()
+        vmap = VocabMap(tensors["vocab.keep"], meta["specials"], meta["full_vocab"])
+        cfg = EntmaxTrainConfig(**meta["train_config"])
+    except (RuntimeError, KeyError, TypeError, ValueError) as e:
+        if isinstance(e, ConfigError):
+            raise ResultsError(f"{path}: checkpoint holds invalid settings ({e})") from e
+        raise ResultsError(f"{path}: broken entmax checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                           "retrain it") from e
+    return model, vmap, cfg, meta
 
 
 # ---------------------------------------------------------------------------------------------- HF swap

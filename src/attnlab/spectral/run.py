@@ -15,7 +15,7 @@ from ..capture.run import Model, n_heads_of, n_layers_of, resolve_model, stream_
 from ..config import fingerprint
 from ..distributed import barrier, device_for, init_distributed
 from ..errors import ConfigError, ResultsError
-from ..io import RunDir, read_tensors, write_tensors
+from ..io import RunDir, checkpoint_written, read_tensors, write_tensors
 from ..models.transformer import SmallTransformer
 from .analysis import summarise
 from .collector import SpectrumCollector
@@ -80,9 +80,14 @@ def spectrum(out: str | Path, model: str | Model = "minilm", windows: Optional[t
     mine = windows[info.rank::info.world_size]
     col = SpectrumCollector(layers, heads, cfg.seq_len, cfg.sketch_size, cfg.head_chunk, device=device)
     conf = asdict(cfg)
-    fp = fingerprint(conf)
+    fp = fingerprint({**conf, "windows": windows_digest(windows)})  # corpus content, not only its path
     ckpt = run.file(f"spectrum.ckpt.rank{info.rank}.safetensors")
     start = 0
+    done = run.section("spectrum") if resume and not ckpt.exists() and run.file(TENSORS).exists() else None
+    if done is not None and read_tensors(run.file(TENSORS))[1].get("fingerprint") == fp:
+        if progress and info.is_main:
+            print(f"{run.path}: spectrum already complete with these settings (resume); nothing to do", flush=True)
+        return done
     if resume and ckpt.exists():
         state, meta = read_tensors(ckpt)
         if meta.get("fingerprint") != fp:
@@ -93,6 +98,7 @@ def spectrum(out: str | Path, model: str | Model = "minilm", windows: Optional[t
     def checkpoint(batch: int) -> None:
         if (batch + 1) % cfg.checkpoint_every == 0:
             write_tensors(ckpt, col.state(), {"fingerprint": fp, "batches_done": batch + 1})
+            checkpoint_written()
 
     t0 = time.perf_counter()
     n_batches = stream_attention(m, mine, col, layers, cfg.batch_size, start_batch=start, on_batch_end=checkpoint,
@@ -117,6 +123,13 @@ def spectrum(out: str | Path, model: str | Model = "minilm", windows: Optional[t
     if ckpt.exists():
         ckpt.unlink()
     return results
+
+
+def windows_digest(windows: torch.Tensor) -> str:
+    """A short hash of the token windows (so that a resume refuses a changed corpus)."""
+    import hashlib
+
+    return hashlib.sha256(windows.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()[:16]
 
 
 def load_bases(run_dir: str | Path) -> tuple[dict[int, torch.Tensor], dict[str, Any]]:

@@ -100,7 +100,7 @@ def sweep(
     device: Device = "cpu",
 ) -> None:
     """Find m*(T), the smallest train size reaching --threshold, for each T; fit a + b log T vs a + b T^c."""
-    from ..errors import AttnlabError
+    from ..errors import AttnlabError, ConfigError
     from .complexity import SearchConfig
     from .experiment import SweepConfig, run_sweep
 
@@ -112,6 +112,11 @@ def sweep(
         cfg = SweepConfig(task=task, s=s, Ts=Ts, seeds=seeds, seed=seed, balanced=balanced, noise=noise,
                           train=train, search=search, probe=probe, budget_s=budget_s)
         section = run_sweep(cfg, out, device=device, resume=resume, log=typer.echo)
+        if section.get("skipped_T"):
+            typer.secho(f"warning: --budget-s {budget_s:g} ran out; skipped T = {section['skipped_T']}", err=True)
+        if not section["results"] and section.get("skipped_T"):
+            raise ConfigError(f"--budget-s {budget_s:g}: no context length was run (it ran out before the first T); "
+                              "raise --budget-s or leave it out")
     except AttnlabError as e:
         fail(e)
     fits = section.get("fits")

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Optional, Union
 
 from ..errors import ConfigError, ResultsError
-from ..io import read_json, write_json
+from ..io import checkpoint_written, read_json, write_json
 
 # A learner trains on m examples of the length-T task with one seed and returns the test accuracy,
 # or a dict holding it under "accuracy" (other keys are stored with the trial).
@@ -72,6 +72,7 @@ class TrialStore:
         """Store one trial and rewrite the file atomically."""
         self.trials[trial_key(T, m, seed)] = {"T": T, "m": m, "seed": seed, **record}
         write_json(self.path, {"fingerprint": self.fingerprint, "trials": self.trials})
+        checkpoint_written()
 
 
 @dataclass

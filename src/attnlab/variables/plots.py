@@ -7,6 +7,8 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
+from ..io import atomic_path
+
 COMPLEXITY_PNG = "variables_mstar.png"
 PROBE_PNG = "variables_probe.png"
 
@@ -47,11 +49,12 @@ def plot_complexity(results: Sequence[Mapping[str, Any]], fits: Optional[Mapping
     ax.legend(fontsize=8)
     ax.set_title("Sample complexity vs context length")
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    try:
+        with atomic_path(path, suffix=".png") as tmp:  # a killed run never leaves a half-written PNG
+            fig.savefig(tmp, dpi=110)
+    finally:
+        plt.close(fig)
+    return Path(path)
 
 
 def plot_probe(probe: Mapping[str, Any], path: str | Path) -> Path:
@@ -75,8 +78,9 @@ def plot_probe(probe: Mapping[str, Any], path: str | Path) -> Path:
     ax.set_title(f"Readout attention ({probe.get('attention', '?')})")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    try:
+        with atomic_path(path, suffix=".png") as tmp:  # a killed run never leaves a half-written PNG
+            fig.savefig(tmp, dpi=110)
+    finally:
+        plt.close(fig)
+    return Path(path)

@@ -18,7 +18,7 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
-from ..errors import ConfigError
+from ..errors import ConfigError, NumericalError
 from ..seeding import seed_everything
 from .tasks import Split, SparseBooleanTask
 
@@ -264,6 +264,9 @@ def train_model(
                 stale += 1
             if acc >= cfg.stop_acc or stale >= cfg.patience or not math.isfinite(history[-1]["loss"]):
                 break
+    if history and not math.isfinite(history[-1]["loss"]):
+        raise NumericalError(f"training diverged: loss {history[-1]['loss']} at step {step} (T={task.T}, m={m}); "
+                             f"lower --lr (now {cfg.lr:g})")
     if best_state is not None:
         model.load_state_dict(best_state)
     return TrainResult(
