@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -22,9 +21,11 @@ ARGS = ["spectrum", "--n-sequences", "48", "--seq-len", "48", "--batch-size", "2
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 
 
-def _start(out):
-    return subprocess.Popen([sys.executable, "-m", "attnlab", *ARGS, "--out", str(out)], env=ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def _killed_at_checkpoint(args, n: int, sig: signal.Signals) -> subprocess.CompletedProcess:
+    """Run the CLI; it signals itself right after its n-th checkpoint (a known point, no sleep, no race)."""
+    env = {**ENV, "ATTNLAB_TEST_KILL_AFTER_CHECKPOINT": str(n), "ATTNLAB_TEST_KILL_SIGNAL": sig.name[3:]}
+    return subprocess.run([sys.executable, "-m", "attnlab", *args], env=env, capture_output=True, text=True,
+                          timeout=600)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
@@ -32,19 +33,14 @@ def test_killed_spectrum_resumes_to_same_numbers(tmp_path, sig):
     ref = subprocess.run([sys.executable, "-m", "attnlab", *ARGS, "--out", str(tmp_path / "ref")], env=ENV,
                          capture_output=True, text=True, timeout=600)
     assert ref.returncode == 0, ref.stderr
-    proc = _start(tmp_path / "run")
+    proc = _killed_at_checkpoint([*ARGS, "--out", str(tmp_path / "run")], 5, sig)
     ckpt = tmp_path / "run" / "spectrum.ckpt.rank0.safetensors"
-    deadline = time.time() + 300
-    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    time.sleep(0.3)  # a few more batches
-    proc.send_signal(sig)
-    proc.wait(timeout=60)
+    assert proc.returncode == (-9 if sig == signal.SIGKILL else 130), proc.stderr
     assert proc.returncode != 0, "the run finished before it could be interrupted"
     if sig == signal.SIGINT:
-        assert "--resume" in proc.stderr.read()
+        assert "--resume" in proc.stderr
     assert ckpt.exists()
-    read_tensors(ckpt)  # the checkpoint on disk is whole (atomic writes)
+    assert read_tensors(ckpt)[1]["batches_done"] == 5  # the checkpoint on disk is whole (atomic writes)
     assert not (tmp_path / "run" / "results.json").exists()
     res = subprocess.run([sys.executable, "-m", "attnlab", *ARGS, "--out", str(tmp_path / "run"), "--resume"],
                          env=ENV, capture_output=True, text=True, timeout=600)
@@ -154,19 +150,11 @@ def test_killed_variables_sweep_resumes_without_redoing_trials(tmp_path, sig):
                          capture_output=True, text=True, timeout=600)
     assert ref.returncode == 0, ref.stderr
     run = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "attnlab", *VARS, "--out", str(run)], env=ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = _killed_at_checkpoint([*VARS, "--out", str(run)], 3, sig)  # after the 3rd trial is written
     trials = run / "variables_trials.json"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if trials.exists() and len(read_json(trials).get("trials", {})) >= 3:
-            break
-        time.sleep(0.05)
-    proc.send_signal(sig)
-    proc.wait(timeout=60)
-    assert proc.returncode != 0, "the sweep finished before it could be interrupted"
+    assert proc.returncode == (-9 if sig == signal.SIGKILL else 130), proc.stderr
     done_before = set(read_json(trials)["trials"])  # the trial file on disk is whole (atomic writes)
-    assert done_before
+    assert len(done_before) == 3
     res = subprocess.run([sys.executable, "-m", "attnlab", *VARS, "--out", str(run), "--resume"], env=ENV,
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr
