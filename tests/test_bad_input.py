@@ -120,3 +120,49 @@ def test_interrupt_message_fits_the_command(monkeypatch, out, capsys):
     monkeypatch.setattr(rr, "reconstruct", interrupted)
     code, _, err = _run(["reconstruct", "run", "--out", out], capsys)
     assert code == 130 and "interrupted" in err and "--resume" not in err
+
+
+@pytest.mark.parametrize("args,flag", [
+    (["variables", "train", "--T", "100000"], "--T 100000"),
+    (["variables", "sweep", "--T", "16", "1000000", "--out", "{out}"], "--T 1000000"),
+    (["spectrum", "--out", "{out}", "--heads", "0-100000000"], "--heads"),
+])
+def test_huge_sizes_are_refused_up_front(args, flag, out, capsys):
+    code, _, err = _run([a.format(out=out) for a in args], capsys)
+    assert code == 2 and flag in err and ("GiB" in err or "more than" in err)
+
+
+def test_report_on_a_malformed_section_exits_2(tmp_path, capsys):
+    from attnlab.io import write_json
+
+    write_json(tmp_path / "results.json", {"spectrum": {"nonsense": 1}})
+    code, _, err = _run(["report", tmp_path], capsys)
+    assert code == 2 and "spectrum" in err and "could not be rendered" in err
+    assert (tmp_path / "report.html").exists()  # the other sections are still written
+
+
+def test_hf_seq_len_above_model_maximum(out, capsys):
+    code, _, err = _run(["sparsity", "run", "--model", "minilm", "--hf-seq-len", "4096", "--out", out], capsys)
+    assert code == 2 and "--hf-seq-len 4096" in err and "maximum" in err
+
+
+@pytest.mark.parametrize("args,flag", [
+    (["reconstruct", "train", "--out", "{out}", "--selections", "bogus"], "--selections"),
+    (["reconstruct", "train", "--out", "{out}", "--estimator", "bogus"], "--estimators"),
+    (["reconstruct", "train", "--out", "{out}", "--budgets", "500"], "--budgets 500"),
+    (["reconstruct", "run", "--out", "{out}", "--proxy", "bogus"], "--proxy"),
+    (["sparsity", "run", "--out", "{out}", "--loss", "bogus"], "--loss"),
+])
+def test_names_and_budgets_checked_before_work(args, flag, out, capsys, monkeypatch):
+    """Validation that used to happen after minutes of fitting/training now happens first."""
+    import attnlab.capture.hf as hf
+    import attnlab.reconstruct.train as rt
+    import attnlab.sparsity.train_entmax as te
+
+    def no_work(*a, **k):
+        raise AssertionError("started work before validating the options")
+
+    for mod, name in ((rt, "char_windows"), (te, "train_and_save"), (hf, "load_model")):
+        monkeypatch.setattr(mod, name, no_work)
+    code, _, err = _run([a.format(out=out) for a in args], capsys)
+    assert code == 2 and flag in err, err

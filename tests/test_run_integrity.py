@@ -291,3 +291,44 @@ def test_reconstruct_min_eval_fails_before_fitting(tmp_path, monkeypatch):
     p.write_text("word " * 60)  # about 4 windows of 16 tokens: 1 held out
     with pytest.raises(CorpusError, match="--n-eval"):
         rr.reconstruct(tmp_path / "run", seq_len=16, n_fit=4, n_eval=4, corpus=str(p), progress=False)
+
+
+def test_reconstruct_from_spectrum_with_default_position(tmp_path, caplog):
+    """--spectrum RUN with the default --position used to fail late; now the step is skipped with a warning."""
+    from attnlab.reconstruct.run import reconstruct
+    from attnlab.spectral.run import spectrum
+
+    spectrum(tmp_path / "spec", model="minilm", n_sequences=4, seq_len=16, batch_size=2, layers=[0], heads=[0, 1],
+             sketch_size=0, progress=False)
+    with caplog.at_level(logging.WARNING, logger="attnlab"):
+        res = reconstruct(tmp_path / "rec", seq_len=16, n_eval=2, spectrum=str(tmp_path / "spec"), layers=[0],
+                          heads=[0, 1], budgets=[], estimators=["gaussian"], selections=["random"], dropin=False,
+                          progress=False)
+    assert res["best"] == "gaussian/random" and "position-conditioned gaussian skipped" in caplog.text
+
+
+def test_cli_warns_when_fewer_windows_are_used(tmp_path, capsys):
+    """`spectrum` asked for 256 windows and silently used 4 (issue 17): the CLI now prints a warning."""
+    from attnlab.cli import invoke
+
+    p = tmp_path / "c.txt"
+    p.write_text(_corpus_text("alpha"))
+    code = invoke(["spectrum", "--out", str(tmp_path / "run"), "--corpus", str(p), "--n-sequences", "256",
+                   "--seq-len", "16", "--layers", "0", "--heads", "0", "--sketch-size", "0", "--no-report",
+                   "--split", "all"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert "warning: --n-sequences 256 asked" in err
+
+
+def test_sparsity_skipped_downstream_is_reported(caplog):
+    from attnlab.errors import CorpusError
+    from attnlab.sparsity.run import _check_split
+
+    info: dict = {}
+    w = torch.zeros(4, 8, dtype=torch.long)
+    with caplog.at_level(logging.WARNING, logger="attnlab"):
+        _check_split(w, w[:2], 128, 64, 128, info)
+    assert "downstream evaluation skipped" in caplog.text and "--n-eval" in info["downstream_skipped"]
+    with pytest.raises(CorpusError, match="--n-eval"):
+        _check_split(w, w[:1], 128, 64, 128, {})

@@ -36,6 +36,7 @@ TextFieldOpt = typer.Option(None, "--text-field", help="JSON-lines field holding
 def parse_int_list(text: Optional[str | list], flag: str) -> Optional[list[int]]:
     """Parse '0,2-4' (or a TOML list) into [0, 2, 3, 4]."""
     from .errors import ConfigError
+    from .validate import MAX_RANGE
 
     if text is None:
         return None
@@ -51,6 +52,8 @@ def parse_int_list(text: Optional[str | list], flag: str) -> Optional[list[int]]
                 a, b = part.split("-", 1)
                 if int(b) < int(a):
                     raise ConfigError(f"{flag} {text!r}: range {part!r} is reversed; write it as '{b}-{a}'")
+                if int(b) - int(a) >= MAX_RANGE:
+                    raise ConfigError(f"{flag} {text!r}: range {part!r} has more than {MAX_RANGE} values")
                 out.extend(range(int(a), int(b) + 1))
             else:
                 out.append(int(part))
@@ -155,13 +158,13 @@ def compare(
 @app.command()
 def report(run_dir: Path = typer.Argument(..., help="Run directory to render.")) -> None:
     """Render every section of a run directory into one self-contained report.html."""
-    _render(run_dir)
+    _render(run_dir, strict=True)
 
 
-def _render(run_dir: Path) -> None:
+def _render(run_dir: Path, strict: bool = False) -> None:
     from .report.html import render_report
 
-    path = render_report(run_dir)
+    path = render_report(run_dir, strict=strict)
     typer.echo(f"report: {path.resolve()}")
 
 

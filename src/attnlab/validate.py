@@ -130,3 +130,29 @@ def check_option(name: str, value: Any, flag: Optional[str] = None) -> Any:
     if rule is not None and not isinstance(value, (list, tuple)):
         rule(value, flag)
     return value
+
+
+MAX_RANGE = 65536  # longest 'a-b' range accepted in list options (more is a typo, and a huge list)
+
+
+def total_memory() -> int:
+    """Physical memory of this machine in bytes (0 if unknown)."""
+    import os
+
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def check_memory(nbytes: float, what: str, fix: str, limit: float | None = None) -> None:
+    """Refuse up front a run whose estimated peak memory exceeds ``limit`` (default 80% of physical memory)."""
+    limit = 0.8 * total_memory() if limit is None else limit
+    if limit and nbytes > limit:
+        raise ConfigError(f"{what} needs about {nbytes / 2**30:.1f} GiB (more than {limit / 2**30:.1f} GiB available); "
+                          f"{fix}")
+
+
+def attention_bytes(batch: int, heads: int, n: int, layers: int = 1, factor: float = 3.0) -> float:
+    """Rough peak bytes of float32 attention scores (batch x heads x n^2 per layer, x factor for softmax/grad)."""
+    return float(batch) * heads * n * n * 4 * layers * factor

@@ -192,7 +192,7 @@ class ReconstructionFit:
         else:
             if position:
                 raise ConfigError("--position needs per-position sums; this fit came from a spectrum run "
-                                  "(only mean/covariance): fit from a corpus instead")
+                                  "(only mean/covariance): pass --no-position, or fit from a corpus")
             n_rows = float(s["nq"].sum())
             total = s["sxt"]
         if n_rows < 2:

@@ -72,6 +72,10 @@ class ReconstructConfig:
         for s in self.selections:
             if s not in STRATEGIES:
                 raise ConfigError(f"--selections: unknown {s!r} (choose from {', '.join(STRATEGIES)})")
+        from .train import PROXY_KINDS
+
+        if self.proxy not in PROXY_KINDS:
+            raise ConfigError(f"--proxy must be one of {', '.join(PROXY_KINDS)} (got {self.proxy!r})")
 
 
 def combos_for(cfg: ReconstructConfig) -> list[Combo]:
@@ -116,6 +120,12 @@ def _strip(res: dict[str, Any]) -> dict[str, Any]:
 def reconstruct(out: str | Path, model: str = "minilm", progress: bool = True, **settings: Any) -> dict[str, Any]:
     """Run the reconstruction study into run directory ``out``; returns the results section."""
     cfg = ReconstructConfig(model=model, **settings)
+    if cfg.spectrum and cfg.position:  # a spectrum run has no per-position sums: say so instead of failing late
+        from ..capture.corpus import log
+
+        log.warning("--spectrum %s: position-conditioned gaussian skipped (a spectrum run stores no per-position "
+                    "sums); fit from a corpus for it, or pass --no-position to silence this", cfg.spectrum)
+        cfg.position = False
     cfg.validate()
     seed_everything(cfg.seed)
     run = RunDir(out)

@@ -28,6 +28,9 @@ from .evaluate import Combo, Method
 from .fit import fit_from_windows
 
 
+PROXY_KINDS = ("bilinear", "pca", "random")
+
+
 @dataclass
 class TrainConfig:
     """Settings of the reconstruction-training comparison (CLI flags have the same names)."""
@@ -59,6 +62,16 @@ class TrainConfig:
                 raise ConfigError(f"--{n.replace('_', '-')} must be >= 1 (got {getattr(self, n)})")
         if not self.budgets:
             raise ConfigError("--budgets is empty")
+        # names and budgets checked before the first (minutes-long) training run, not after it
+        from .evaluate import Combo
+        from .selection import budget_count
+
+        for b in self.budgets:
+            budget_count(b, self.seq_len, flag="--budgets")
+        for sel in self.selections:
+            Combo(self.estimator, sel).validate()
+        if self.proxy not in PROXY_KINDS:
+            raise ConfigError(f"--proxy must be one of {', '.join(PROXY_KINDS)} (got {self.proxy!r})")
 
 
 def char_windows(seq_len: int, split: str, max_chars: int) -> torch.Tensor:

@@ -11,6 +11,7 @@ import re
 from pathlib import Path
 from typing import Any, Callable
 
+from ..errors import ResultsError
 from ..io import RunDir, _atomic_write_bytes
 
 # (results section, "module:function" rendering it, title), in report order.
@@ -72,11 +73,13 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def render_report(run_dir: str | Path) -> Path:
-    """Write ``run_dir/report.html`` from every section results.json has; returns its path."""
+def render_report(run_dir: str | Path, strict: bool = False) -> Path:
+    """Write ``run_dir/report.html`` from every section results.json has; returns its path.
+
+    A section that cannot be rendered is noted in the page; with ``strict`` a ResultsError naming it follows."""
     run = RunDir(run_dir, create=False)
     results = run.results()
-    parts, nav = [], []
+    parts, nav, failed = [], [], []
     for key, target, title in SECTIONS:
         if key not in results:
             continue
@@ -85,6 +88,7 @@ def render_report(run_dir: str | Path) -> Path:
             render: Callable[[RunDir], str] = getattr(importlib.import_module(module), func)
             body = render(run)
         except Exception as e:  # a broken section must not hide the others
+            failed.append(f"{key} ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})")
             body = f'<p class="note">could not render this section: {html.escape(repr(e))}</p>'
         nav.append(f'<a href="#{key}">{title}</a>')
         parts.append(f'<section id="{key}"><h2>{title}</h2>{_embed_images(body, run)}</section>')
@@ -99,4 +103,6 @@ def render_report(run_dir: str | Path) -> Path:
 <h2>Configuration</h2><pre>{config_text}</pre><h2>Versions</h2><pre>{versions}</pre></body></html>"""
     path = run.file("report.html")
     _atomic_write_bytes(path, page.encode())
+    if failed and strict:
+        raise ResultsError(f"{path}: written, but malformed section(s) could not be rendered: {'; '.join(failed)}")
     return path

@@ -83,6 +83,8 @@ def sparsity(
     for m in methods:
         if m not in METHODS and m != "clustering-top2":
             raise ConfigError(f"--methods: unknown method {m!r}; choose from {', '.join(METHODS)}, clustering-top2")
+    if loss not in ("sum", "pair"):
+        raise ConfigError(f"--loss must be sum or pair (got {loss!r})")
     if min(n_fit, n_eval) < 1 or n_down < 0:
         raise ConfigError("--n-fit and --n-eval must be >= 1, --n-down >= 0")
     run = RunDir(out)
