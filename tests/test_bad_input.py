@@ -166,3 +166,21 @@ def test_names_and_budgets_checked_before_work(args, flag, out, capsys, monkeypa
         monkeypatch.setattr(mod, name, no_work)
     code, _, err = _run([a.format(out=out) for a in args], capsys)
     assert code == 2 and flag in err, err
+
+
+def test_library_configs_reject_non_finite_values():
+    """The same rules guard the Python API (config dataclasses), not only the CLI."""
+    from attnlab.errors import ConfigError
+    from attnlab.reconstruct.run import ReconstructConfig
+    from attnlab.sparsity.train_entmax import EntmaxTrainConfig
+    from attnlab.spectral.run import SpectrumConfig
+    from attnlab.variables.train import TrainConfig
+
+    with pytest.raises(ConfigError, match="--ridge"):
+        ReconstructConfig(ridge=float("nan")).validate()
+    with pytest.raises(ConfigError, match="--weight-decay"):
+        TrainConfig(weight_decay=float("nan"))
+    with pytest.raises(ConfigError, match="--alpha"):
+        EntmaxTrainConfig(alpha=float("inf"))
+    with pytest.raises(ConfigError, match="--seq-len"):
+        SpectrumConfig(seq_len=1).validate()

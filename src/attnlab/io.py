@@ -200,6 +200,9 @@ def lock_output(path: str | os.PathLike, flag: str = "--out", kind: str = "dir")
     import fcntl
 
     p = check_out(path, flag, kind)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and int(os.environ.get("RANK", "0")) != 0:
+        yield p  # under torchrun rank 0 holds the lock for the whole job (the other ranks do not write)
+        return
     lock = p / LOCK_FILE if kind == "dir" else p.parent / f".{p.name}.lock"
     key = os.path.realpath(lock)
     if key in _HELD:

@@ -156,3 +156,12 @@ def check_memory(nbytes: float, what: str, fix: str, limit: float | None = None)
 def attention_bytes(batch: int, heads: int, n: int, layers: int = 1, factor: float = 3.0) -> float:
     """Rough peak bytes of float32 attention scores (batch x heads x n^2 per layer, x factor for softmax/grad)."""
     return float(batch) * heads * n * n * 4 * layers * factor
+
+
+def check_fields(obj: Any, skip: tuple[str, ...] = ("device",)) -> None:
+    """Apply :data:`RULES` to every field of a config dataclass that has a rule (library calls get the CLI's checks)."""
+    from dataclasses import fields
+
+    for f in fields(obj):
+        if f.name not in skip:
+            check_option(f.name, getattr(obj, f.name))

@@ -12,6 +12,7 @@ import torch
 
 from ..capture.corpus import MIN_EVAL_WINDOWS
 from ..errors import ConfigError
+from ..validate import check_fields
 from ..io import RunDir, write_tensors
 from ..seeding import seed_everything
 from .estimators import ALL_ESTIMATORS
@@ -56,6 +57,7 @@ class ReconstructConfig:
 
     def validate(self) -> None:
         """Raise ConfigError on bad values (budget checked against seq_len)."""
+        check_fields(self)
         for n in ("seq_len", "n_fit", "n_eval", "batch_size", "topk", "proxy_rank"):
             if getattr(self, n) < 1:
                 raise ConfigError(f"--{n.replace('_', '-')} must be >= 1 (got {getattr(self, n)})")

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from ..capture.hf import AttentionCall
 from ..errors import ConfigError, CorpusError
+from ..validate import check_fields
 from ..models.attention import masked_softmax
 from ..models.transformer import SmallTransformer, TransformerConfig
 from ..seeding import seed_everything
@@ -56,6 +57,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise ConfigError on bad values."""
+        check_fields(self)
         for n in ("seq_len", "d_model", "n_heads", "n_layers", "steps", "batch_size", "refresh", "refit_windows",
                   "eval_windows", "log_every"):
             if getattr(self, n) < 1:

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from ..config import fingerprint
 from ..errors import ConfigError, NumericalError, ResultsError
+from ..validate import check_fields
 from ..io import checkpoint_written, read_tensors, write_tensors
 from ..models.attention import check_alpha, masked_entmax
 from ..models.transformer import SmallTransformer, TransformerConfig
@@ -58,6 +59,7 @@ class EntmaxTrainConfig:
     checkpoint_every: int = 100  # steps between resumable partial checkpoints (0 = none); does not change results
 
     def __post_init__(self) -> None:
+        check_fields(self)
         if self.objective not in ("mlm", "clm"):
             raise ConfigError(f"--objective must be mlm or clm (got {self.objective!r})")
         check_alpha(self.alpha)

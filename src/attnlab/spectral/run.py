@@ -15,6 +15,7 @@ from ..capture.run import Model, n_heads_of, n_layers_of, resolve_model, stream_
 from ..config import fingerprint
 from ..distributed import barrier, device_for, init_distributed
 from ..errors import ConfigError, ResultsError
+from ..validate import check_fields
 from ..io import RunDir, checkpoint_written, read_tensors, write_tensors
 from ..models.transformer import SmallTransformer
 from .analysis import summarise
@@ -45,6 +46,7 @@ class SpectrumConfig:
 
     def validate(self) -> None:
         """Raise ConfigError on bad values."""
+        check_fields(self)
         for name in ("seq_len", "n_sequences", "batch_size", "head_chunk", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(self, name)})")

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError, NumericalError
+from ..validate import check_fields
 from ..seeding import seed_everything
 from .tasks import Split, SparseBooleanTask
 
@@ -77,6 +78,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if isinstance(self.norm, dict):
             self.norm = NormControl(**self.norm)
+        check_fields(self, skip=("device", "norm"))
         for flag, v in (("--lr", self.lr), ("--batch-size", self.batch_size), ("--max-steps", self.max_steps),
                         ("--eval-every", self.eval_every), ("--patience", self.patience), ("--n-test", self.n_test)):
             if not v > 0:
