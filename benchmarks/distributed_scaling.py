@@ -17,6 +17,9 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from attnlab.io import RunDir  # noqa: E402
 
 
 def main() -> None:
@@ -45,7 +48,8 @@ def main() -> None:
         res = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if res.returncode:
             raise SystemExit(f"nproc {k} failed:\n{res.stderr[-4000:]}")
-        spec = json.loads((out / "results.json").read_text())["spectrum"]
+        # RunDir.results() merges timings.json (wall-clock fields) back into results.json's sections.
+        spec = RunDir(out).results()["spectrum"]
         tokens = spec["n_sequences"] * spec["seq_len"]
         rows.append({"nproc": k, "seconds": spec["seconds"], "tokens_per_s": tokens / spec["seconds"],
                      "pooled_k90": spec["pooled"]["k90"]})

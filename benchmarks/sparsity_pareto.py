@@ -37,7 +37,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--methods", default=None, help="comma-separated subset of methods (default all)")
     ap.add_argument("--tokenizer", default="minilm", help="model folder / alias whose tokenizer reads the corpus")
     ap.add_argument("--corpus", default=None, help="text file / folder / .jsonl (default: stdlib docstrings)")
-    ap.add_argument("--results", default=str(ROOT / "results"), help="results folder (checkpoints are cached here)")
+    ap.add_argument("--results", "--out", dest="results", default=str(ROOT / "results"),
+                    help="results folder (checkpoints are cached here)")
     ap.add_argument("--no-resume", action="store_true", help="recompute even if a finished run exists")
     ap.add_argument("--loss", choices=["sum", "pair"], default="sum", help="projection loss (sum = Sparsefinder's)")
     ap.add_argument("--force-window", type=int, default=-1, help="forced window edges for every predictor (-1 = off)")

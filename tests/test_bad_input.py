@@ -155,7 +155,7 @@ def test_hf_seq_len_above_model_maximum(out, capsys):
 ])
 def test_names_and_budgets_checked_before_work(args, flag, out, capsys, monkeypatch):
     """Validation that used to happen after minutes of fitting/training now happens first."""
-    import attnlab.capture.hf as hf
+    import attnlab.sources.hf as hf
     import attnlab.reconstruct.train as rt
     import attnlab.sparsity.train_entmax as te
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 
@@ -11,20 +12,51 @@ import torch
 from attnlab.io import read_tensors
 
 
-def test_torchrun_two_processes_equal_single(tmp_path):
-    common = ["spectrum", "--n-sequences", "8", "--seq-len", "32", "--batch-size", "2", "--layers", "0,4",
-              "--heads", "0-2", "--sketch-size", "0", "--no-report"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    single = subprocess.run([sys.executable, "-m", "attnlab", *common, "--out", str(tmp_path / "single")],
-                            env=env, capture_output=True, text=True, timeout=300)
+COMMON = ["spectrum", "--n-sequences", "8", "--seq-len", "32", "--batch-size", "2", "--layers", "0,4",
+          "--heads", "0-2", "--sketch-size", "0", "--no-report"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _single(out) -> None:
+    single = subprocess.run([sys.executable, "-m", "attnlab", *COMMON, "--out", str(out)],
+                            env=ENV, capture_output=True, text=True, timeout=300)
     assert single.returncode == 0, single.stderr
-    dist = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                           "--master-port", "29533", "-m", "attnlab", *common, "--out", str(tmp_path / "dist")],
-                          env=env, capture_output=True, text=True, timeout=300)
-    assert dist.returncode == 0, dist.stderr[-3000:]
-    a, _ = read_tensors(tmp_path / "single" / "spectrum.safetensors")
-    b, _ = read_tensors(tmp_path / "dist" / "spectrum.safetensors")
+
+
+def _assert_same_statistics(single, dist) -> None:
+    a, _ = read_tensors(single / "spectrum.safetensors")
+    b, _ = read_tensors(dist / "spectrum.safetensors")
     keys = [k for k in a if k.startswith(("rows.cov", "rows.mean", "rows.eigvals"))]
     assert len(keys) == 3 * 2 * 3
     for k in keys:
         torch.testing.assert_close(a[k], b[k], rtol=1e-9, atol=1e-9)
+
+
+def test_torchrun_two_processes_equal_single(tmp_path):
+    _single(tmp_path / "single")
+    dist = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                           "--master-port", str(_free_port()), "-m", "attnlab", *COMMON, "--out", str(tmp_path / "dist")],
+                          env=ENV, capture_output=True, text=True, timeout=300)
+    assert dist.returncode == 0, dist.stderr[-3000:]
+    _assert_same_statistics(tmp_path / "single", tmp_path / "dist")
+
+
+def test_torchrun_two_nodes_c10d_rendezvous_equal_single(tmp_path):
+    """Two torchrun launchers (one per 'node') meet through a c10d rendezvous on localhost, as on a cluster."""
+    _single(tmp_path / "single")
+    endpoint = f"127.0.0.1:{_free_port()}"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+           "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", f"attnlab-{os.getpid()}",
+           "-m", "attnlab", *COMMON, "--out", str(tmp_path / "dist")]
+    nodes = [subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outs = [n.communicate(timeout=300) for n in nodes]
+    for n, (_, err) in zip(nodes, outs):
+        assert n.returncode == 0, err[-3000:]
+    _assert_same_statistics(tmp_path / "single", tmp_path / "dist")

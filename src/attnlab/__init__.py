@@ -20,7 +20,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "capture_scores": ("attnlab.capture.dump", "capture_scores"),
-    "load_model": ("attnlab.capture.hf", "load_model"),
+    "load_model": ("attnlab.sources.hf", "load_model"),
     "spectrum": ("attnlab.spectral.run", "spectrum"),
     "compare": ("attnlab.spectral.compare", "compare_runs"),
     "demo": ("attnlab.demo", "run_demo"),

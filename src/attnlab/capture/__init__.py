@@ -1,7 +1,8 @@
 """Substrate: load models, read corpora, intercept attention.
 
 ``attnlab.capture(out, ...)`` saves raw scores (see :func:`attnlab.capture.dump.capture`). Submodules:
-``hf`` (HF adapter), ``own`` (our transformer), ``corpus``, ``run`` (streaming driver), ``dump``.
+``corpus``, ``run`` (streaming driver), ``dump``; ``hf`` and ``own`` re-export the seam (``attnlab.attention``)
+and the model adapters (``attnlab.sources``) from their old places.
 """
 
 from __future__ import annotations

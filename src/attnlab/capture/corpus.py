@@ -19,7 +19,7 @@ import os
 import stat
 import sysconfig
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Iterator, Optional
 
 import torch
 
@@ -82,10 +82,6 @@ def _read_jsonl(path: Path, text_field: str) -> Iterator[str]:
             keys = ", ".join(repr(k) for k in obj) if isinstance(obj, dict) else type(obj).__name__
             raise CorpusError(f"--corpus {path}:{lineno}: no string field {text_field!r} (this record has {keys}); "
                               f"set --text-field (spectrum, capture)")
-
-
-def _hidden(path: Path, root: Path) -> bool:
-    return any(part.startswith(".") for part in path.relative_to(root).parts)
 
 
 def corpus_files(path: Path) -> list[Path]:
@@ -243,18 +239,6 @@ def check_windows(windows: torch.Tensor, asked: int, flag: str, split: str = "fi
     if got < asked:
         log.warning("%s %d asked, but the %r split has only %d window(s): using %d", flag, asked, split, got, got)
     return windows
-
-
-def shard(x: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
-    """The rows of ``x`` that belong to ``rank`` (round robin), for distributed runs."""
-    return x[rank::world_size]
-
-
-def batches(x: torch.Tensor, batch_size: int) -> Sequence[torch.Tensor]:
-    """Split rows into batches of at most ``batch_size``."""
-    if batch_size < 1:
-        raise ConfigError(f"--batch-size must be >= 1 (got {batch_size})")
-    return list(x.split(batch_size))
 
 
 def select_windows(tokenizer, seq_len: int, corpus: Optional[str], n: int, split: str = "fit", seed: int = 0,

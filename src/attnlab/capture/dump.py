@@ -9,9 +9,10 @@ import torch
 
 from ..errors import ConfigError
 from ..io import RunDir, write_tensors
-from .hf import AttentionCall, HFModel, check_heads, check_layers
+from ..attention import AttentionCall, check_heads, check_layers
 from .corpus import select_windows
-from .run import Model, n_heads_of, n_layers_of, resolve_model, stream_attention
+from ..sources import as_source
+from .run import Model, resolve_model, stream_attention
 
 TENSORS = "capture.safetensors"
 DEFAULT_MAX_BYTES = 2 * 1024**3
@@ -25,8 +26,9 @@ def capture_scores(model: Model, windows: torch.Tensor, layers: Optional[list[in
     Raises ConfigError if the result would exceed ``max_bytes`` (use fewer --n-sequences, layers or heads,
     or the streaming ``spectrum`` command instead).
     """
-    layers = check_layers(layers, n_layers_of(model))
-    heads = check_heads(heads, n_heads_of(model))
+    src = as_source(model)
+    layers = check_layers(layers, src.n_layers)
+    heads = check_heads(heads, src.n_heads)
     M, N = windows.shape
     need = M * len(layers) * len(heads) * N * N * 4
     if need > max_bytes:
@@ -42,7 +44,7 @@ def capture_scores(model: Model, windows: torch.Tensor, layers: Optional[list[in
             parts.setdefault(f"query.{call.layer}", []).append(call.query[:, head_idx].float().cpu())
             parts.setdefault(f"key.{call.layer}", []).append(call.key[:, head_idx].float().cpu())
 
-    stream_attention(model, windows, sink, layers, batch_size, desc="capture", show_progress=progress)
+    stream_attention(src, windows, sink, layers, batch_size, desc="capture", show_progress=progress)
     out = {k: torch.cat(v) for k, v in parts.items()}
     out["input_ids"] = windows.clone()
     return out
@@ -56,8 +58,8 @@ def capture(out: str | Path, model: str | Model = "minilm", corpus: Optional[str
     if n_sequences < 1:
         raise ConfigError(f"--n-sequences must be >= 1 (got {n_sequences})")
     m = resolve_model(model, device, seq_len)
-    if not isinstance(m, HFModel):
-        raise ConfigError("capture() with our own model: use capture_scores(model, windows) directly")
+    if m.tokenizer is None:
+        raise ConfigError("capture() needs a model with a tokenizer; for our own model use capture_scores(model, windows)")
     windows = select_windows(m.tokenizer, seq_len, corpus, n_sequences, split, seed, text_field)
     tensors = capture_scores(m, windows, layers, heads, batch_size, with_qk, progress=progress)
     run = RunDir(out)

@@ -1,33 +1,15 @@
-"""Adapter for attnlab's own :class:`SmallTransformer`: the same :class:`AttentionCall` handlers as for HF models."""
+"""Old home of the SmallTransformer adapter; kept as a re-export (see ``attnlab.sources.small``)."""
 
 from __future__ import annotations
 
-import contextlib
-from typing import Iterator, Optional
+from typing import Optional
 
-
-from ..models.attention import dense_attention
+from ..attention import Handler
 from ..models.transformer import SmallTransformer
-from .hf import AttentionCall, Handler, check_layers
 
 
-@contextlib.contextmanager
-def own_model_hooks(model: SmallTransformer, handler: Handler, layers: Optional[list[int]] = None) -> Iterator[None]:
-    """Route the chosen layers of our transformer through ``handler`` (output kept unless it returns one)."""
-    layers = check_layers(layers, model.cfg.n_layers)
-    previous = {i: model.overrides.get(i) for i in layers}
+def own_model_hooks(model: SmallTransformer, handler: Handler, layers: Optional[list[int]] = None):
+    """Route the chosen layers of our transformer through ``handler`` (``SmallSource(model).hooks``)."""
+    from ..sources.small import SmallSource
 
-    def override(q, k, v, allowed, layer):
-        call = AttentionCall(layer, q, k, v, allowed, None, q.shape[-1] ** -0.5)
-        out = handler(call)
-        if out is not None:
-            return out, None
-        block = model.blocks[layer].attn
-        return dense_attention(q, k, v, allowed, model.cfg.attention, block.alpha())
-
-    try:
-        model.set_override(override, layers)
-        yield
-    finally:
-        for i, prev in previous.items():
-            model.set_override(prev, [i])
+    return SmallSource(model).hooks(handler, layers)

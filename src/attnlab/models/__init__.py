@@ -1,9 +1,9 @@
-"""Our small transformer with pluggable attention."""
+"""Our small transformer with pluggable attention (through the handlers of ``attnlab.attention``)."""
 
-from .attention import AttentionOverride, dense_attention, graph_override, masked_entmax, masked_softmax, normaliser
+from .attention import dense_attention, masked_entmax, masked_softmax, normaliser
 from .transformer import SmallTransformer, TransformerConfig, TransformerOutput
 
 __all__ = [
-    "AttentionOverride", "SmallTransformer", "TransformerConfig", "TransformerOutput", "dense_attention",
-    "graph_override", "masked_entmax", "masked_softmax", "normaliser",
+    "SmallTransformer", "TransformerConfig", "TransformerOutput", "dense_attention", "masked_entmax", "masked_softmax",
+    "normaliser",
 ]

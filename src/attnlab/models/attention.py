@@ -1,4 +1,4 @@
-"""Attention normalisers (softmax, alpha-entmax) and the pluggable-attention protocol.
+"""Attention normalisers (softmax, alpha-entmax) and reference attention for our small transformer.
 
 Every function here takes pre-softmax scores already scaled by 1/sqrt(d_head) and a boolean
 ``allowed`` mask broadcastable to the scores (True = the query may attend to the key).
@@ -6,7 +6,7 @@ Every function here takes pre-softmax scores already scaled by 1/sqrt(d_head) an
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Protocol
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -16,14 +16,6 @@ from ..errors import ConfigError
 # Masked entries are set this far below the row maximum before entmax: any alpha >= 1.0001 then
 # gives them exactly zero probability (the threshold lies within 1/(alpha-1) of the maximum).
 _ENTMAX_MASK_GAP = 1e4
-
-
-class AttentionOverride(Protocol):
-    """A replacement for one layer's attention: returns (output (B,H,N,dh), probs (B,H,N,N) or None)."""
-
-    def __call__(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: Optional[torch.Tensor], layer: int
-    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]: ...
 
 
 def check_alpha(alpha: float) -> float:
@@ -91,23 +83,6 @@ def dense_attention(
     scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5  # (B, H, Nq, Nk)
     probs = normaliser(kind, alpha)(scores, allowed)
     return probs @ v, probs
-
-
-def graph_override(graphs: dict[int, torch.Tensor], kind: str = "softmax", alpha: float = 1.5) -> AttentionOverride:
-    """Restrict attention of chosen layers to given boolean graphs (B,H,N,N), e.g. predicted sparsity graphs."""
-
-    def override(q, k, v, allowed, layer):
-        g = graphs.get(layer)
-        if g is None:
-            return dense_attention(q, k, v, allowed, kind, alpha)
-        if g.shape[-2:] != (q.shape[-2], k.shape[-2]):
-            from ..errors import ShapeError
-
-            raise ShapeError(f"graph for layer {layer} has shape {tuple(g.shape)}, attention is {q.shape[-2]}x{k.shape[-2]}")
-        m = g.bool() if allowed is None else (g.bool() & allowed)
-        return dense_attention(q, k, v, m, kind, alpha)
-
-    return override
 
 
 def sdpa_softmax(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: Optional[torch.Tensor]) -> torch.Tensor:

@@ -1,7 +1,9 @@
-"""attnlab's small transformer: nanoGPT-sized, with pluggable attention (softmax | entmax | override).
+"""attnlab's small transformer: nanoGPT-sized, with pluggable attention (softmax | entmax | a handler).
 
 Used by reconstruction training, Sparsefinder and the variable-creation experiments. Encoder
-(bidirectional, masked LM or readout classification) or decoder (causal LM) by ``causal``.
+(bidirectional, masked LM or readout classification) or decoder (causal LM) by ``causal``. Each layer's
+attention can be routed through an :data:`attnlab.attention.Handler` (the same seam as HF models; install
+it with ``attnlab.sources.small.SmallSource(model).hooks(handler)``).
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import ConfigError, ShapeError
-from .attention import AttentionOverride, check_alpha, normaliser, sdpa_softmax
+from ..attention import AttentionCall, Handler
+from .attention import check_alpha, normaliser, sdpa_softmax
 
 
 @dataclass
@@ -62,6 +65,7 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model)
         self.alpha_raw: Optional[nn.Parameter] = None
+        self.handler: Optional[Handler] = None  # set by attnlab.sources.small hooks
         if cfg.attention == "entmax" and cfg.learn_alpha:
             init = torch.log(torch.expm1(torch.tensor(cfg.alpha - 1.0)))  # softplus^-1(alpha - 1)
             self.alpha_raw = nn.Parameter(init.repeat(cfg.n_heads))
@@ -79,19 +83,18 @@ class SelfAttention(nn.Module):
         return tuple(t.view(B, N, self.n_heads, self.d_head).transpose(1, 2) for t in (q, k, v))  # type: ignore
 
     def forward(
-        self, x: torch.Tensor, allowed: Optional[torch.Tensor], override: Optional[AttentionOverride],
-        need_probs: bool, qk_sink: Optional[list],
+        self, x: torch.Tensor, allowed: Optional[torch.Tensor], need_probs: bool, qk_sink: Optional[list],
     ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         B, N, D = x.shape
         q, k, v = self.split(x)  # (B, H, N, dh)
         if qk_sink is not None:
             qk_sink.append((q.detach(), k.detach()))
-        probs = None
-        if override is not None:
-            out, probs = override(q, k, v, allowed, self.layer)
-        elif self.cfg.attention == "softmax" and not need_probs:
+        probs, out = None, None
+        if self.handler is not None:  # a handler's None means: the explicit built-in attention
+            out = self.handler(AttentionCall(self.layer, q, k, v, allowed, None, self.d_head**-0.5))
+        if out is None and self.handler is None and self.cfg.attention == "softmax" and not need_probs:
             out = sdpa_softmax(q, k, v, allowed)
-        else:
+        elif out is None:
             scores = (q @ k.transpose(-1, -2)) * self.d_head**-0.5  # (B, H, N, N)
             probs = normaliser(self.cfg.attention, self.alpha())(scores, allowed)
             out = probs @ v
@@ -111,8 +114,8 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(cfg.d_model, d_ff), nn.GELU(), nn.Linear(d_ff, cfg.d_model)) if cfg.mlp else None
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, allowed, override, need_probs, qk_sink):
-        a, probs = self.attn(self.ln1(x), allowed, override, need_probs, qk_sink)
+    def forward(self, x, allowed, need_probs, qk_sink):
+        a, probs = self.attn(self.ln1(x), allowed, need_probs, qk_sink)
         x = x + self.drop(a)
         if self.mlp is not None:
             x = x + self.drop(self.mlp(self.ln2(x)))
@@ -131,7 +134,7 @@ class TransformerOutput:
 
 
 class SmallTransformer(nn.Module):
-    """A small transformer whose attention can be softmax, entmax, or replaced per layer by an override."""
+    """A small transformer whose attention is softmax or entmax, or per layer whatever a handler returns."""
 
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
@@ -142,7 +145,6 @@ class SmallTransformer(nn.Module):
         self.ln_f = nn.LayerNorm(cfg.d_model) if cfg.layer_norm else nn.Identity()
         self.drop = nn.Dropout(cfg.dropout)
         self.classifier = nn.Linear(cfg.d_model, cfg.n_classes) if cfg.n_classes > 0 else None
-        self.overrides: dict[int, AttentionOverride] = {}
         self.apply(self._init)
 
     @staticmethod
@@ -153,16 +155,15 @@ class SmallTransformer(nn.Module):
         elif isinstance(m, nn.Embedding):
             nn.init.normal_(m.weight, std=0.02)
 
-    def set_override(self, override: Optional[AttentionOverride], layers: Optional[list[int]] = None) -> None:
-        """Replace attention in ``layers`` (all if None) by ``override``; None restores the built-in attention."""
-        layers = list(range(self.cfg.n_layers)) if layers is None else layers
-        for layer in layers:
-            if not 0 <= layer < self.cfg.n_layers:
-                raise ConfigError(f"--layers: layer {layer} out of range [0, {self.cfg.n_layers})")
-            if override is None:
-                self.overrides.pop(layer, None)
-            else:
-                self.overrides[layer] = override
+    def set_override(self, override, layers: Optional[list[int]] = None) -> None:
+        """Deprecated: route ``layers`` (all if None) through ``override(q, k, v, allowed, layer) -> (out, probs)``;
+        None restores the built-in attention. Use ``attnlab.sources.small.SmallSource(model).hooks(handler)``."""
+        from ..attention import check_layers
+
+        handler = None if override is None else (
+            lambda call: override(call.query, call.key, call.value, call.valid, call.layer)[0])
+        for layer in check_layers(list(range(self.cfg.n_layers)) if layers is None else layers, self.cfg.n_layers):
+            self.blocks[layer].attn.handler = handler
 
     def allowed_mask(self, attention_mask: Optional[torch.Tensor], N: int, device) -> Optional[torch.Tensor]:
         """Boolean (B or 1, 1, N, N) mask from key padding (B, N) and causality; None if all allowed."""
@@ -189,7 +190,7 @@ class SmallTransformer(nn.Module):
         out = TransformerOutput(hidden=x)
         qk_sink = out.qk if return_qk else None
         for i, block in enumerate(self.blocks):
-            x, probs = block(x, allowed, self.overrides.get(i), return_attention, qk_sink)
+            x, probs = block(x, allowed, return_attention, qk_sink)
             if return_attention:
                 out.attentions.append(probs)
         x = self.ln_f(x)

@@ -13,7 +13,8 @@ from typing import Any, Iterator, Optional
 import torch
 import torch.nn.functional as F
 
-from ..capture.hf import AttentionCall, HFModel, attention_hooks, check_layers, run_forward
+from ..attention import AttentionCall, check_layers
+from ..sources.hf import HFModel, attention_hooks, run_forward
 from .evaluate import Method
 
 

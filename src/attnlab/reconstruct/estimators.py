@@ -30,10 +30,22 @@ from typing import Optional
 import torch
 
 from ..errors import ConfigError, ShapeError
+from ..registry import Registry
 
-ESTIMATORS = ("gaussian", "basis", "none", "mean")  # kinds of :class:`Estimator`
-PROXY_ESTIMATORS = ("proxy", "proxy+gaussian")  # estimators that also read the proxy scores of every pair
-ALL_ESTIMATORS = ESTIMATORS + PROXY_ESTIMATORS  # every name --estimators accepts
+#: Estimators of the unselected scores by name. Tags: ``row-model`` (a kind of :class:`Estimator` over the
+#: fitted row statistics), ``proxy`` (also reads the low-rank proxy scores of every pair).
+ESTIMATOR_REGISTRY: Registry = Registry("estimator", "--estimators")
+for _name, _help, _tags in (
+        ("gaussian", "conditional Gaussian mean of the unselected scores given the selected", ("row-model",)),
+        ("basis", "least squares in the top-k eigenbasis of the rows", ("row-model",)),
+        ("none", "unselected keys masked out (attention over the selected pairs only)", ("row-model",)),
+        ("mean", "the fitted mean row, shifted to the exact row mean", ("row-model",)),
+        ("proxy", "the low-rank proxy scores, shifted to the exact row mean", ("proxy",)),
+        ("proxy+gaussian", "conditional Gaussian on the proxy residual", ("proxy",))):
+    ESTIMATOR_REGISTRY.add(_name, _name, _help, _tags)
+ESTIMATORS = tuple(ESTIMATOR_REGISTRY.names("row-model"))  # kinds of :class:`Estimator`
+PROXY_ESTIMATORS = tuple(ESTIMATOR_REGISTRY.names("proxy"))  # estimators that also read the proxy scores of every pair
+ALL_ESTIMATORS = tuple(ESTIMATOR_REGISTRY.names())  # every name --estimators accepts
 _MASKED_NOISE = 1e8  # relative noise variance that makes a masked observed key carry no information
 
 

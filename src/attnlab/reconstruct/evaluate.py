@@ -12,7 +12,7 @@ from typing import Any, Optional
 
 import torch
 
-from ..capture.hf import AttentionCall
+from ..attention import AttentionCall
 from ..errors import ConfigError
 from .estimators import (
     ALL_ESTIMATORS,
@@ -23,7 +23,7 @@ from .estimators import (
 )
 from .fit import ReconstructionFit
 from .metrics import MetricSums, row_metrics
-from .selection import STRATEGIES, budget_count, select
+from .selection import SELECTIONS, STRATEGIES, budget_count, select
 
 
 @dataclass(frozen=True)
@@ -109,7 +109,7 @@ class Method:
                   valid_h: Optional[torch.Tensor]) -> torch.Tensor:
         """Key indices to compute exactly for head ``head`` of this call."""
         strat, n, B = self.combo.selection, scores_h.shape[-1], scores_h.shape[0]
-        if strat in ("fixed", "evenly", "local", "leverage", "qr"):
+        if "static" in SELECTIONS.entry(strat).tags:  # fitted once per (layer, head)
             key = (layer, head)
             if key not in self._sel:
                 model = self.row_model(layer, head)
@@ -212,7 +212,7 @@ def evaluate(model, windows: torch.Tensor, methods: list[Method], layers: Option
              heads: Optional[list[int]] = None, batch_size: int = 8, topk: int = 5,
              progress: bool = False) -> dict[str, Any]:
     """Per-layer / per-head held-out metrics of every method; keys are method labels (with the budget)."""
-    from ..capture.hf import check_heads, check_layers
+    from ..attention import check_heads, check_layers
     from ..capture.run import n_heads_of, n_layers_of, stream_attention
 
     fit = methods[0].fit

@@ -19,7 +19,8 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from ..capture.hf import AttentionCall, HFModel, check_heads, check_layers
+from ..attention import AttentionCall, check_heads, check_layers
+from ..sources.hf import HFModel
 from ..errors import ConfigError, ResultsError, ShapeError
 from ..io import RunDir, read_tensors, write_tensors
 from ..spectral.stats import StreamingCovariance, row_centre
@@ -269,7 +270,7 @@ class ReconstructionFit:
 
 def load_checked(model: str, seq_len: int, head: Optional[str] = None) -> HFModel:
     """Load an HF model by name and check ``seq_len`` fits it."""
-    from ..capture.hf import load_model
+    from ..sources.hf import load_model
 
     hf = load_model(model, head=head)
     if seq_len > hf.max_len:

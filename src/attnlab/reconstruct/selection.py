@@ -20,10 +20,12 @@ import torch
 from scipy.linalg import qr as scipy_qr
 
 from ..errors import ConfigError, ShapeError
+from ..registry import Registry
 
-FIXED = ("random", "fixed", "evenly", "local", "leverage", "qr")
-ADAPTIVE = ("adaptive", "oracle")
-STRATEGIES = FIXED + ADAPTIVE
+#: Selection strategies by name: ``fn(n, b, **context) -> indices``. Tags: ``fixed`` (same columns for every
+#: input), ``static`` (fixed and fitted once per (layer, head) from the statistics), ``adaptive`` (per row
+#: from the input). A new strategy is one function plus ``@SELECTIONS.register(name, tags=...)``.
+SELECTIONS: Registry = Registry("selection", "--selections")
 
 
 def budget_count(budget: float | int, n: int, flag: str = "--budget", seq_flag: str = "--seq-len") -> int:
@@ -183,35 +185,65 @@ def make_proxy(kind: str, rank: int, d_head: int, cq: Optional[torch.Tensor] = N
     raise ConfigError(f"--proxy must be bilinear, pca or random (got {kind!r})")
 
 
+@SELECTIONS.register("random", help="b random keys per row", tags=("fixed",))
+def _random(n, b, *, batch=1, generator=None, seed=0, **_):
+    g = generator if generator is not None else torch.Generator().manual_seed(seed)
+    return random_per_row((batch, n), n, b, g)
+
+
+@SELECTIONS.register("fixed", help="b random columns, the same for every row", tags=("fixed", "static"))
+def _fixed(n, b, *, seed=0, **_):
+    return fixed_columns(n, b, seed)
+
+
+@SELECTIONS.register("evenly", help="b evenly spaced columns", tags=("fixed", "static"))
+def _evenly(n, b, **_):
+    return evenly_spaced(n, b)
+
+
+@SELECTIONS.register("local", help="a local window plus global columns", tags=("fixed", "static"))
+def _local(n, b, *, global_cols=(0, -1), **_):
+    return local_window(n, b, global_cols)
+
+
+@SELECTIONS.register("leverage", help="columns of largest leverage in the fitted eigenbasis", tags=("fixed", "static"))
+def _leverage(n, b, *, basis=None, **_):
+    if basis is None:
+        raise ConfigError("--selection leverage needs a fitted eigenbasis")
+    return leverage_columns(basis, b)
+
+
+@SELECTIONS.register("qr", help="pivoted-QR columns of the fitted covariance", tags=("fixed", "static"))
+def _qr(n, b, *, cov=None, eigen=None, **_):
+    if cov is None:
+        raise ConfigError("--selection qr needs a fitted covariance")
+    return qr_columns(cov, b, eigen=eigen)
+
+
+@SELECTIONS.register("adaptive", help="per-row top-b of low-rank proxy scores", tags=("adaptive",))
+def _adaptive(n, b, *, proxy_scores=None, valid=None, **_):
+    if proxy_scores is None:
+        raise ConfigError("--selection adaptive needs proxy scores (fitted query/key projections)")
+    return topk_per_row(proxy_scores, b, valid)
+
+
+@SELECTIONS.register("oracle", help="per-row top-b of the true scores (upper bound)", tags=("adaptive",))
+def _oracle(n, b, *, scores=None, valid=None, **_):
+    if scores is None:
+        raise ConfigError("--selection oracle needs the true scores")
+    return topk_per_row(scores, b, valid)
+
+
+FIXED = tuple(SELECTIONS.names("fixed"))
+ADAPTIVE = tuple(SELECTIONS.names("adaptive"))
+STRATEGIES = tuple(SELECTIONS.names())
+
+
 def select(strategy: str, n: int, b: int, *, batch: int = 1, cov: Optional[torch.Tensor] = None,
            basis: Optional[torch.Tensor] = None, proxy_scores: Optional[torch.Tensor] = None,
            scores: Optional[torch.Tensor] = None, valid: Optional[torch.Tensor] = None, seed: int = 0,
            generator: Optional[torch.Generator] = None, global_cols: tuple[int, ...] = (0, -1),
            eigen: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
-    """Dispatch to a strategy by name; returns indices of shape (b,), (N, b) or (batch, N, b)."""
-    if strategy == "random":
-        g = generator if generator is not None else torch.Generator().manual_seed(seed)
-        return random_per_row((batch, n), n, b, g)
-    if strategy == "fixed":
-        return fixed_columns(n, b, seed)
-    if strategy == "evenly":
-        return evenly_spaced(n, b)
-    if strategy == "local":
-        return local_window(n, b, global_cols)
-    if strategy == "leverage":
-        if basis is None:
-            raise ConfigError("--selection leverage needs a fitted eigenbasis")
-        return leverage_columns(basis, b)
-    if strategy == "qr":
-        if cov is None:
-            raise ConfigError("--selection qr needs a fitted covariance")
-        return qr_columns(cov, b, eigen=eigen)
-    if strategy == "adaptive":
-        if proxy_scores is None:
-            raise ConfigError("--selection adaptive needs proxy scores (fitted query/key projections)")
-        return topk_per_row(proxy_scores, b, valid)
-    if strategy == "oracle":
-        if scores is None:
-            raise ConfigError("--selection oracle needs the true scores")
-        return topk_per_row(scores, b, valid)
-    raise ConfigError(f"--selection must be one of {', '.join(STRATEGIES)} (got {strategy!r})")
+    """Run the registered strategy ``strategy``; returns indices of shape (b,), (N, b) or (batch, N, b)."""
+    return SELECTIONS.get(strategy)(n, b, batch=batch, cov=cov, basis=basis, proxy_scores=proxy_scores, scores=scores,
+                                    valid=valid, seed=seed, generator=generator, global_cols=global_cols, eigen=eigen)

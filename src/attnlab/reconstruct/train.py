@@ -11,6 +11,7 @@ are read: this simulates the approximation's effect on learning; it does not mak
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -19,12 +20,13 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
-from ..capture.hf import AttentionCall
+from ..attention import AttentionCall
 from ..errors import ConfigError, CorpusError
 from ..validate import check_fields
 from ..models.attention import masked_softmax
 from ..models.transformer import SmallTransformer, TransformerConfig
 from ..seeding import seed_everything
+from ..sources.small import SmallSource
 from .evaluate import Combo, Method
 from .fit import fit_from_windows
 
@@ -93,24 +95,16 @@ def char_windows(seq_len: int, split: str, max_chars: int) -> torch.Tensor:
     return torch.frombuffer(bytearray(buf[: m * seq_len]), dtype=torch.uint8).long().view(m, seq_len)
 
 
-class ReconstructedOverride:
-    """SmallTransformer attention override that applies one reconstruction method to every head."""
+class ReconstructedAttention:
+    """Attention handler that applies one reconstruction method to every head (softmax of the estimates)."""
 
-    def __init__(self, method: Optional[Method]):
+    def __init__(self, method: Optional[Method] = None):
         self.method = method
 
-    def __call__(self, q, k, v, allowed, layer):
-        scale = q.shape[-1] ** -0.5
-        scores = (q @ k.transpose(-1, -2)) * scale  # (B, H, N, N)
-        if allowed is not None:
-            scores = scores.masked_fill(~allowed, float("-inf"))
-        if self.method is None:
-            probs = masked_softmax(scores, allowed)
-            return probs @ v, probs
-        call = AttentionCall(layer, q, k, v, allowed, None, scale)
-        est = torch.stack([self.method.reconstruct(call, h, scores[:, h]) for h in range(q.shape[1])], 1)
-        probs = masked_softmax(est, allowed)
-        return probs @ v, probs
+    def __call__(self, call: AttentionCall) -> torch.Tensor:
+        scores = call.scores()  # (B, H, N, N), -inf where masked
+        est = torch.stack([self.method.reconstruct(call, h, scores[:, h]) for h in range(call.n_heads)], 1)
+        return masked_softmax(est, call.valid) @ call.value
 
 
 def _loss(model: SmallTransformer, ids: torch.Tensor) -> torch.Tensor:
@@ -119,7 +113,6 @@ def _loss(model: SmallTransformer, ids: torch.Tensor) -> torch.Tensor:
 
 
 def _refit(model: SmallTransformer, windows: torch.Tensor, combo: Combo, budget, cfg: TrainConfig) -> Method:
-    model.set_override(None)
     resid = [(cfg.proxy, cfg.proxy_rank, cfg.seed)] if combo.estimator == "proxy+gaussian" else []
     fit = fit_from_windows(model, windows, batch_size=64, model_name="small-transformer", residual_proxies=resid)
     m = Method(fit, combo, 0, proxy=cfg.proxy, proxy_rank=cfg.proxy_rank, seed=cfg.seed, dtype=torch.float32)
@@ -152,28 +145,30 @@ def train_one(cfg: TrainConfig, train: torch.Tensor, heldout: torch.Tensor, comb
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps)))
     curve, t0 = [], time.perf_counter()
-    method = None
+    source = SmallSource(model)
+    attention = ReconstructedAttention()
     run_loss = None
-    for step in range(cfg.steps):
-        if combo is not None and step % cfg.refresh == 0:
-            pick = torch.randint(len(train), (min(cfg.refit_windows, len(train)),), generator=g)
-            method = _refit(model, train[pick], combo, budget, cfg)
-        model.set_override(ReconstructedOverride(method) if combo is not None else None)
-        ids = train[torch.randint(len(train), (cfg.batch_size,), generator=g)]
-        loss = _loss(model, ids)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        lv = float(loss.detach())
-        run_loss = lv if run_loss is None else 0.9 * run_loss + 0.1 * lv
-        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
-            curve.append({"step": step + 1, "train_loss": run_loss})
-    res: dict[str, Any] = {"label": "full" if combo is None else combo.label, "budget": budget,
-                           "budget_pairs": None if method is None else method.b, "curve": curve}
-    res["heldout_loss"] = heldout_loss(model, heldout)  # with the attention it was trained with
-    model.set_override(None)
+    # reconstructed attention while training (the refit inside nests its own exact-attention hooks)
+    with source.hooks(attention) if combo is not None else contextlib.nullcontext():
+        for step in range(cfg.steps):
+            if combo is not None and step % cfg.refresh == 0:
+                pick = torch.randint(len(train), (min(cfg.refit_windows, len(train)),), generator=g)
+                attention.method = _refit(model, train[pick], combo, budget, cfg)
+            ids = train[torch.randint(len(train), (cfg.batch_size,), generator=g)]
+            loss = _loss(model, ids)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            lv = float(loss.detach())
+            run_loss = lv if run_loss is None else 0.9 * run_loss + 0.1 * lv
+            if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+                curve.append({"step": step + 1, "train_loss": run_loss})
+        method = attention.method
+        res: dict[str, Any] = {"label": "full" if combo is None else combo.label, "budget": budget,
+                               "budget_pairs": None if method is None else method.b, "curve": curve}
+        res["heldout_loss"] = heldout_loss(model, heldout)  # with the attention it was trained with
     res["heldout_loss_exact_attention"] = heldout_loss(model, heldout)
     res["seconds"] = round(time.perf_counter() - t0, 2)
     return res

@@ -27,7 +27,9 @@ _EXPORTS = {
     "sparsity": "run", "pareto_table": "run",
     "render_section": "report",
     "sparse_attention": "flex", "dense_attention_sdpa": "flex", "mass_recall": "flex",
-    "BlockPattern": "blockmask", "PooledBlockPredictor": "block_predictors",
+    "BlockPattern": "blockmask",
+    "BLOCK_PREDICTORS": "blocks", "make_block_predictor": "blocks", "BlockPrediction": "blocks",
+    "PooledBlockPredictor": "block_predictors",
     "ClusterBlockPredictor": "block_predictors", "AssignBlockPredictor": "block_predictors",
 }
 

@@ -1,12 +1,12 @@
 """Sweeps of sparsity predictors over their operating points, and downstream evaluation with attention
 restricted to predicted graphs.
 
-Pipeline: ``capture_layers`` runs a model (our SmallTransformer, or an HF model with entmax swapped in)
-and keeps each layer's q, k, valid mask and gold entmax graph; ``sweep_method`` fits one predictor per
-layer on the fit data and visits its knob grid on the evaluation data, giving sparsity / recall / exact /
-efficiency per operating point (per layer x head and averaged); ``downstream_small`` / ``downstream_hf``
-rerun the model with each layer's attention restricted to the graph predicted *on the fly* from that
-layer's actual q and k (so errors compound through layers as they would in deployment).
+Pipeline: ``capture_layers`` runs any attention source with entmax attention in every layer and keeps each
+layer's q, k, valid mask and gold entmax graph; ``sweep_method`` fits one predictor per layer on the fit
+data and visits its knob grid on the evaluation data, giving sparsity / recall / exact / efficiency per
+operating point (per layer x head and averaged); ``downstream`` reruns the model with each layer's
+attention restricted to the graph predicted *on the fly* from that layer's actual q and k (so errors
+compound through layers as they would in deployment), scored by a task (LM loss, or hidden-state error).
 """
 
 from __future__ import annotations
@@ -18,12 +18,10 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..capture.run import hooks
-from ..models.attention import dense_attention
-from ..models.transformer import SmallTransformer
+from ..sources import as_source
 from .graphs import gold_graph
 from .metrics import average_layers, graph_metrics, merge_batches, pareto_front, recall_at_sparsity
-from .predictors import METHODS, BasePredictor, Projector, make_predictor
+from .predictors import BasePredictor, Projector, make_predictor
 
 
 @dataclass
@@ -48,37 +46,30 @@ class LayerData:
         return float(self.gold.sum() / v.sum())
 
 
-def _alpha_of(model, layer: int, alpha: float):
-    if isinstance(model, SmallTransformer):
-        a = model.blocks[layer].attn.alpha()
-        return a.detach().cpu() if isinstance(a, torch.Tensor) else a
-    return alpha
-
-
-def capture_layers(model, ids: torch.Tensor, batch_size: int = 16, alpha: float = 1.5,
+def capture_layers(model, ids: torch.Tensor, batch_size: int = 16, alpha: float | Sequence = 1.5,
                    layers: Optional[Sequence[int]] = None) -> list[LayerData]:
-    """Run ``ids`` through ``model`` and keep q, k, valid and the gold entmax graph of every chosen layer.
-
-    For an HF model the handler also *replaces* softmax by entmax (so deeper layers see entmax inputs).
+    """Run ``ids`` through ``model`` with alpha-entmax attention in every layer and keep q, k, valid and the
+    gold entmax graph of every chosen layer. ``alpha``: one value, or one per layer (e.g. learned per head).
     """
-    from ..capture.run import forward, n_layers_of
     from .train_entmax import entmax_handler
 
-    L = n_layers_of(model)
+    src = as_source(model)
+    L = src.n_layers
+    alphas = list(alpha) if isinstance(alpha, (list, tuple)) else [alpha] * L
     layers = list(range(L)) if layers is None else sorted(layers)
     store: dict[int, list] = {l: [] for l in layers}
-    swap = None if isinstance(model, SmallTransformer) else entmax_handler(alpha)
+    swap = entmax_handler(alphas)
 
     def handler(call):
         if call.layer in store:
             v = None if call.valid is None else call.valid.detach().cpu()
             store[call.layer].append((call.query.detach().float().cpu(), call.key.detach().float().cpu(), v,
                                       call.scaling))
-        return None if swap is None else swap(call)
+        return swap(call)
 
-    with hooks(model, handler, list(range(L))):
+    with src.hooks(handler):
         for chunk in ids.split(batch_size):
-            forward(model, chunk)
+            src.forward(chunk)
     out = []
     for l in layers:
         parts = store[l]
@@ -92,9 +83,8 @@ def capture_layers(model, ids: torch.Tensor, batch_size: int = 16, alpha: float 
                                 else v.expand(p[0].shape[0], -1, -1, -1)) for p, v in zip(parts, vs)])
             if bool(valid.all()):
                 valid = None
-        a = _alpha_of(model, l, alpha)
-        gold = gold_graph(q, k, valid, a, parts[0][3])
-        out.append(LayerData(q, k, valid, gold, a, parts[0][3]))
+        gold = gold_graph(q, k, valid, alphas[l], parts[0][3])
+        out.append(LayerData(q, k, valid, gold, alphas[l], parts[0][3]))
     return out
 
 
@@ -115,9 +105,7 @@ def fit_layers(method: str, fit: list[LayerData], rank: int = 4, epochs: int = 2
     preds = []
     for l, d in enumerate(fit):
         p = make_predictor(method, rank=rank, epochs=epochs, seed=seed + l,
-                           projector=None if projectors is None else projectors[l], **kw) \
-            if method in ("distance-thr", "distance-knn", "quantization", "clustering", "clustering-top2") \
-            else make_predictor(method, seed=seed + l, **kw)
+                           projector=None if projectors is None else projectors[l], **kw)
         p.force_window, p.force_cls = int(force_window), bool(force_cls)
         preds.append(p.fit(d.q, d.k, d.gold, d.valid))
     return preds
@@ -147,19 +135,6 @@ def closest_knob(result: dict, sparsity: float) -> tuple:
 
 
 # ---------------------------------------------------------------------------------------------- downstream
-def restricted_override(model: SmallTransformer, predictors: dict[int, Callable]):
-    """Override computing each layer's entmax attention only on the graph its predictor gives for (q, k)."""
-
-    def override(q, k, v, allowed, layer):
-        alpha = model.blocks[layer].attn.alpha()
-        pred = predictors[layer]
-        g = pred.predict(q, k, allowed) if hasattr(pred, "predict") else pred(q, k, allowed)
-        m = g if allowed is None else (g & allowed)
-        return dense_attention(q, k, v, m, model.cfg.attention, alpha)
-
-    return override
-
-
 class _GoldOracle:
     """Predictor-like: the exact gold graph (sanity check; should not change the loss)."""
 
@@ -170,7 +145,7 @@ class _GoldOracle:
         return gold_graph(q, k, valid, self.alpha, check=False)
 
 
-def lm_eval(model: SmallTransformer, ids: torch.Tensor, objective: str, seed: int = 0, batch_size: int = 32,
+def lm_eval(model, ids: torch.Tensor, objective: str, seed: int = 0, batch_size: int = 32,
             mask_prob: float = 0.15) -> dict:
     """Mean loss and token accuracy on compact ids (fixed MLM masks from ``seed``, so runs are paired)."""
     from .train_entmax import lm_loss
@@ -199,56 +174,80 @@ def operating_points(result: dict, targets: Sequence[float]) -> list[tuple[float
     return out
 
 
-def downstream_small(model: SmallTransformer, ids: torch.Tensor, objective: str, fitted: dict[str, list],
-                     results: dict[str, dict], targets: Sequence[float] = (0.8, 0.9, 0.95), seed: int = 0) -> dict:
-    """Loss / accuracy with every layer restricted to predicted graphs, per method at knobs closest to ``targets``."""
-    base = lm_eval(model, ids, objective, seed)
-    L = model.cfg.n_layers
-    model.set_override(restricted_override(model, {l: _GoldOracle(model.blocks[l].attn.alpha()) for l in range(L)}))
-    try:
-        gold = lm_eval(model, ids, objective, seed)
-    finally:
-        model.set_override(None)
-    out = {"full_entmax": base, "gold_graph": gold, "methods": {}}
-    for method, preds in fitted.items():
-        rows = []
-        for t, knob, s, recall in operating_points(results[method], targets):
-            model.set_override(restricted_override(model, {l: p.with_knob(knob) for l, p in enumerate(preds)}))
-            try:
-                r = lm_eval(model, ids, objective, seed)
-            finally:
-                model.set_override(None)
-            rows.append({"target": t, "knob": knob, "sparsity": s, "recall": recall, **r,
-                         "delta_loss": r["loss"] - base["loss"], "delta_acc": r["acc"] - base["acc"]})
-        out["methods"][method] = rows
-    return out
+class LMTask:
+    """Downstream score of a model with an LM head: loss and token accuracy, and their change."""
+
+    def __init__(self, model, ids: torch.Tensor, objective: str, seed: int = 0):
+        self.model, self.ids, self.objective, self.seed = model, ids, objective, seed
+
+    def measure(self) -> dict:
+        """Loss and accuracy under the current attention."""
+        return lm_eval(self.model, self.ids, self.objective, self.seed)
+
+    def header(self, base: dict, under: Callable[[dict], dict], alphas: Sequence) -> dict:
+        """Full entmax and, as a sanity check, attention restricted to the exact gold graphs."""
+        return {"full_entmax": base, "gold_graph": under({l: _GoldOracle(a) for l, a in enumerate(alphas)})}
+
+    def row(self, r: dict, base: dict) -> dict:
+        """One operating point's scores."""
+        return {**r, "delta_loss": r["loss"] - base["loss"], "delta_acc": r["acc"] - base["acc"]}
 
 
-def downstream_hf(hf, ids: torch.Tensor, alpha: float, fitted: dict[str, list], results: dict[str, dict],
-                  targets: Sequence[float] = (0.8, 0.9, 0.95), batch_size: int = 8) -> dict:
-    """For an HF encoder (no LM head): relative error and cosine of final hidden states against full entmax."""
-    from .train_entmax import entmax_handler, hf_hidden
+class HiddenTask:
+    """Downstream score of an encoder without a head: final hidden states against full entmax."""
 
-    def hidden(handler):
-        return torch.cat([hf_hidden(hf, c, handler=handler) for c in ids.split(batch_size)]).float()
+    def __init__(self, hf, ids: torch.Tensor, batch_size: int = 8):
+        self.hf, self.ids, self.batch_size = hf, ids, batch_size
 
-    ref = hidden(entmax_handler(alpha))
+    def measure(self) -> torch.Tensor:
+        """Final hidden states under the current attention."""
+        from .train_entmax import hf_hidden
 
-    def compare(h):
+        return torch.cat([hf_hidden(self.hf, c) for c in self.ids.split(self.batch_size)]).float()
+
+    def header(self, base: torch.Tensor, under: Callable, alphas: Sequence) -> dict:
+        """Full entmax is the reference itself."""
+        return {"full_entmax": {"rel_error": 0.0, "cosine": 1.0}}
+
+    def row(self, h: torch.Tensor, ref: torch.Tensor) -> dict:
+        """Relative error and mean token cosine against the reference."""
         rel = float((h - ref).norm() / ref.norm())
         cos = float(F.cosine_similarity(h.flatten(0, 1), ref.flatten(0, 1), dim=-1).mean())
         return {"rel_error": rel, "cosine": cos}
 
-    out = {"full_entmax": {"rel_error": 0.0, "cosine": 1.0}, "methods": {}}
+
+def downstream(model, task, alpha: float | Sequence, fitted: dict[str, list], results: dict[str, dict],
+               targets: Sequence[float] = (0.8, 0.9, 0.95)) -> dict:
+    """``task`` scores with every layer's entmax attention restricted to predicted graphs, per method at the
+    knobs closest to ``targets`` (``task``: :class:`LMTask`, :class:`HiddenTask` or alike)."""
+    from .train_entmax import entmax_handler
+
+    src = as_source(model)
+    alphas = list(alpha) if isinstance(alpha, (list, tuple)) else [alpha] * src.n_layers
+
+    def under(predictors: Optional[dict]):
+        with src.hooks(entmax_handler(alphas, predictors=predictors)):
+            return task.measure()
+
+    base = under(None)
+    out = {**task.header(base, under, alphas), "methods": {}}
     for method, preds in fitted.items():
         rows = []
         for t, knob, s, recall in operating_points(results[method], targets):
-            h = hidden(entmax_handler(alpha, predictors={l: p.with_knob(knob) for l, p in enumerate(preds)}))
-            rows.append({"target": t, "knob": knob, "sparsity": s, "recall": recall, **compare(h)})
+            r = under({l: p.with_knob(knob) for l, p in enumerate(preds)})
+            rows.append({"target": t, "knob": knob, "sparsity": s, "recall": recall, **task.row(r, base)})
         out["methods"][method] = rows
     return out
 
 
-def default_methods() -> tuple[str, ...]:
-    """All methods evaluated by default."""
-    return METHODS
+def downstream_small(model, ids: torch.Tensor, objective: str, fitted: dict[str, list], results: dict[str, dict],
+                     targets: Sequence[float] = (0.8, 0.9, 0.95), seed: int = 0) -> dict:
+    """:func:`downstream` of our small entmax LM (loss / accuracy, its own per-layer alphas)."""
+    alphas = [b.attn.alpha() for b in model.blocks]
+    return downstream(model, LMTask(model, ids, objective, seed), alphas, fitted, results, targets)
+
+
+def downstream_hf(hf, ids: torch.Tensor, alpha: float, fitted: dict[str, list], results: dict[str, dict],
+                  targets: Sequence[float] = (0.8, 0.9, 0.95), batch_size: int = 8) -> dict:
+    """:func:`downstream` of an HF encoder: hidden-state error against full entmax."""
+    return downstream(hf, HiddenTask(hf, ids, batch_size), alpha, fitted, results, targets)

@@ -17,7 +17,6 @@ This module imports neither ``attnlab.models`` nor entmax, so it runs on the GPU
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import torch
@@ -48,6 +47,8 @@ __all__ = [
     "masked_attention_reference",
     "flex_available",
     "compiled_flex_attention",
+    "tuned_kernel_options",
+    "TUNED_KERNEL_OPTIONS",
     "mass_recall",
     "masked_rows_reference",
     "relative_error",
@@ -66,6 +67,20 @@ block_predictors: dict[str, type] = {
 }
 
 _COMPILED: dict[str, Any] = {}
+
+#: FlexAttention ``kernel_options`` per head dim, from ``benchmarks/block_kernels.py`` on an H100 (torch 2.11,
+#: causal bf16, 128-token tiles, 16k-32k): for head dim 64 the built-in choice was best or within noise of the
+#: best of six settings; for 128, 64x64 tiles with 4 warps and 3 stages were 3-8% faster at densities 5-50%.
+TUNED_KERNEL_OPTIONS: dict[int, dict[str, Any] | None] = {
+    64: None,
+    128: {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3},
+}
+
+
+def tuned_kernel_options(head_dim: int) -> dict[str, Any] | None:
+    """The measured best ``kernel_options`` for ``head_dim`` (None: FlexAttention's own choice)."""
+    opts = TUNED_KERNEL_OPTIONS.get(head_dim)
+    return None if opts is None else dict(opts)
 
 
 def flex_available(device: torch.device | str) -> bool:
@@ -149,20 +164,9 @@ def resolve_pattern(q: Tensor, k: Tensor, predictor: Any = None, block_size: int
             raise ShapeError(f"mask shape {tuple(g.shape)} fits neither N={n} nor N/bs={n // block_size}")
         g = g.expand(q.shape[0], q.shape[1], -1, -1)
         return pattern_from_block_graph(g, block_size, causal)
-    if hasattr(predictor, "predict_blocks"):
-        if budget is not None:
-            if not (dataclasses.is_dataclass(predictor) and hasattr(predictor, "budget")):
-                raise ConfigError(f"budget given but {type(predictor).__name__} has no budget field")
-            predictor = dataclasses.replace(predictor, budget=budget)
-        return predictor.predict_blocks(q, k, block_size, causal, scale)
-    if hasattr(predictor, "assign"):
-        return AssignBlockPredictor(predictor).predict_blocks(q, k, block_size, causal, scale)
-    if hasattr(predictor, "predict"):
-        valid = torch.ones(q.shape[0], n, dtype=torch.bool, device=q.device)
-        g = predictor.predict(q, k, valid)
-        return resolve_pattern(q, k, g.bool(), block_size, None, causal, scale)
-    raise ConfigError(f"cannot use {type(predictor).__name__} as a predictor: it has neither predict_blocks, "
-                      "assign nor predict")
+    from attnlab.sparsity.protocol import as_block_predictor
+
+    return as_block_predictor(predictor, budget).predict_blocks(q, k, block_size, causal, scale)
 
 
 def run_pattern(q: Tensor, k: Tensor, v: Tensor, pattern: BlockPattern, backend: str = "auto",

@@ -4,14 +4,15 @@ downstream evaluation, and write section ``sparsity`` (results.json), tensors an
 from __future__ import annotations
 
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
 from ..errors import ConfigError, ResultsError
 from ..io import RunDir, write_tensors
+from ..registry import Registry
 from ..seeding import seed_everything
 from .train_entmax import EntmaxTrainConfig
 
@@ -56,6 +57,82 @@ def prepare_small(run: RunDir, train: EntmaxTrainConfig, checkpoint: Optional[st
     return model, vmap, train, hist, str(path)
 
 
+@dataclass
+class EntmaxModel:
+    """A model with entmax attention ready for the evaluation: its source, per-layer alphas, the fit /
+    evaluation / downstream windows, a JSON description, and its downstream task (ids -> task)."""
+
+    source: Any
+    alphas: list
+    fit_ids: torch.Tensor
+    eval_ids: torch.Tensor
+    down_ids: torch.Tensor
+    info: dict
+    task: Callable[[torch.Tensor], Any]
+
+
+#: How to get an entmax model for ``--model``: 'small' trains / loads ours; any other name is an HF model.
+ENTMAX_MODELS: Registry[Callable[..., EntmaxModel]] = Registry("entmax model", "--model")
+
+
+def _entmax_model(name: str) -> Callable[..., EntmaxModel]:
+    return ENTMAX_MODELS.get(name if name in ENTMAX_MODELS else "hf")
+
+
+@ENTMAX_MODELS.register("small", help="our small entmax transformer, trained (or loaded from --checkpoint)")
+def _small_model(run, name, train, checkpoint, resume, quiet, tokenizer, n_fit, n_eval, n_down, seed, **_) -> EntmaxModel:
+    from ..capture.corpus import token_windows
+    from ..sources.small import SmallSource
+    from .evaluate import LMTask
+    from .train_entmax import tokenizer_of
+
+    tok = tokenizer_of(tokenizer)
+    notes: dict = {}
+
+    def windows(cfg: EntmaxTrainConfig):
+        held = token_windows(tok, cfg.seq_len, cfg.corpus, max_windows=n_eval + n_down, split="heldout")
+        fitw = token_windows(tok, cfg.seq_len, cfg.corpus, max_windows=n_fit, split="fit")
+        _check_split(fitw, held, n_fit, n_eval, n_down, notes)
+        return held, fitw
+
+    if not checkpoint:  # a too-small corpus fails before minutes of training, not after
+        held, fitw = windows(train)
+    net, vmap, tcfg, hist, ckpt = prepare_small(run, train, checkpoint, resume, quiet, tokenizer)
+    if checkpoint:
+        held, fitw = windows(tcfg)
+    alphas = [b.attn.alpha() for b in net.blocks]
+    alphas = [a.detach().cpu() if isinstance(a, torch.Tensor) else a for a in alphas]
+    info = {"kind": "small", "checkpoint": ckpt, "config": net.cfg.to_dict(), "objective": tcfg.objective,
+            "train_history": hist, **notes}
+    return EntmaxModel(SmallSource(net), alphas, vmap(fitw), vmap(held[:n_eval]), vmap(held[n_eval:]), info,
+                       lambda ids: LMTask(net, ids, tcfg.objective, seed))
+
+
+@ENTMAX_MODELS.register("hf", help="an HF model (name or folder, e.g. minilm) with softmax swapped for entmax")
+def _hf_model(run, name, train, quiet, n_fit, n_eval, n_down, hf_seq_len, hf_finetune_steps, seed, **_) -> EntmaxModel:
+    from ..capture.corpus import token_windows
+    from ..sources.hf import load_model
+    from .evaluate import HiddenTask
+    from .train_entmax import finetune_hf_entmax
+
+    net = load_model(name, device=train.device)
+    if hf_seq_len > net.max_len:
+        raise ConfigError(f"--hf-seq-len {hf_seq_len} exceeds {name}'s maximum of {net.max_len} positions")
+    fitw = token_windows(net.tokenizer, hf_seq_len, train.corpus, split="fit",
+                         max_windows=n_fit + (min(8 * hf_finetune_steps, 1024) if hf_finetune_steps > 0 else 0))
+    held = token_windows(net.tokenizer, hf_seq_len, train.corpus, max_windows=n_eval + n_down, split="heldout")
+    notes: dict = {}
+    _check_split(fitw[:n_fit], held, n_fit, n_eval, n_down, notes)
+    hist = {}
+    if hf_finetune_steps > 0:
+        _log(quiet, f"fine-tuning {name} with entmax attention ({hf_finetune_steps} distillation steps)")
+        hist = finetune_hf_entmax(net, fitw[n_fit:] if len(fitw) > n_fit else fitw, train.alpha, hf_finetune_steps,
+                                  seed=seed, quiet=quiet)
+    info = {"kind": "hf", **net.describe(), "finetune": hist, **notes}
+    return EntmaxModel(net, [train.alpha] * net.n_layers, fitw[:n_fit], held[:n_eval], held[n_eval:], info,
+                       lambda ids: HiddenTask(net, ids))
+
+
 def sparsity(
     out: str | Path, model: str = "small", checkpoint: Optional[str] = None, train: Optional[EntmaxTrainConfig] = None,
     methods: Optional[Sequence[str]] = None, n_fit: int = 128, n_eval: int = 64, n_down: int = 128, rank: int = 4,
@@ -74,15 +151,13 @@ def sparsity(
     returned as is, a cached checkpoint is reused and an interrupted training continues from its partial
     checkpoint (``entmax_model.partial.safetensors``, every ``train.checkpoint_every`` steps).
     """
-    from ..capture.corpus import token_windows
-    from .evaluate import capture_layers, downstream_hf, downstream_small, fit_layers, sweep_method
-    from .predictors import METHODS, Projector
+    from .evaluate import capture_layers, downstream, fit_layers, sweep_method
+    from .predictors import PREDICTORS, Projector
 
     train = train or EntmaxTrainConfig()
-    methods = list(methods or METHODS)
+    methods = list(methods or PREDICTORS.names("default"))
     for m in methods:
-        if m not in METHODS and m != "clustering-top2":
-            raise ConfigError(f"--methods: unknown method {m!r}; choose from {', '.join(METHODS)}, clustering-top2")
+        PREDICTORS.get(m)  # an unknown name is a ConfigError listing the registered ones
     if loss not in ("sum", "pair"):
         raise ConfigError(f"--loss must be sum or pair (got {loss!r})")
     if min(n_fit, n_eval) < 1 or n_down < 0:
@@ -102,37 +177,13 @@ def sparsity(
     t_start = time.time()
     info: dict = {"config": config, "complete": False}
 
-    if model == "small":
-        net, vmap, tcfg, hist, ckpt = prepare_small(run, train, checkpoint, resume, quiet, tokenizer)
-        from .train_entmax import tokenizer_of
-
-        tok = tokenizer_of(tokenizer)
-        held = token_windows(tok, tcfg.seq_len, tcfg.corpus, max_windows=n_eval + n_down, split="heldout")
-        fitw = token_windows(tok, tcfg.seq_len, tcfg.corpus, max_windows=n_fit, split="fit")
-        _check_split(fitw, held, n_fit, n_eval, n_down, info)
-        fit_ids, eval_ids, down_ids = vmap(fitw), vmap(held[:n_eval]), vmap(held[n_eval:])
-        alpha = tcfg.alpha
-        info["model"] = {"kind": "small", "checkpoint": ckpt, "config": net.cfg.to_dict(), "objective": tcfg.objective,
-                         "train_history": hist}
-    else:
-        from ..capture.hf import load_model
-        from .train_entmax import finetune_hf_entmax
-
-        net = load_model(model, device=train.device)
-        if hf_seq_len > net.max_len:
-            raise ConfigError(f"--hf-seq-len {hf_seq_len} exceeds {model}'s maximum of {net.max_len} positions")
-        alpha = train.alpha
-        fitw = token_windows(net.tokenizer, hf_seq_len, train.corpus, split="fit",
-                             max_windows=n_fit + (min(8 * hf_finetune_steps, 1024) if hf_finetune_steps > 0 else 0))
-        held = token_windows(net.tokenizer, hf_seq_len, train.corpus, max_windows=n_eval + n_down, split="heldout")
-        hist = {}
-        if hf_finetune_steps > 0:
-            _log(quiet, f"fine-tuning {model} with entmax attention ({hf_finetune_steps} distillation steps)")
-            hist = finetune_hf_entmax(net, fitw[n_fit:] if len(fitw) > n_fit else fitw, alpha, hf_finetune_steps,
-                                      seed=seed, quiet=quiet)
-        _check_split(fitw[:n_fit], held, n_fit, n_eval, n_down, info)
-        fit_ids, eval_ids, down_ids = fitw[:n_fit], held[:n_eval], held[n_eval:]
-        info["model"] = {"kind": "hf", **net.describe(), "finetune": hist}
+    em = _entmax_model(model)(run=run, name=model, train=train, checkpoint=checkpoint, resume=resume, quiet=quiet,
+                              tokenizer=tokenizer, n_fit=n_fit, n_eval=n_eval, n_down=n_down, hf_seq_len=hf_seq_len,
+                              hf_finetune_steps=hf_finetune_steps, seed=seed)
+    net, alpha, fit_ids, eval_ids, down_ids = em.source, em.alphas, em.fit_ids, em.eval_ids, em.down_ids
+    if "downstream_skipped" in em.info:
+        info["downstream_skipped"] = em.info.pop("downstream_skipped")
+    info["model"] = em.info
 
     _log(quiet, f"capturing q/k and gold entmax graphs ({len(fit_ids)} fit, {len(eval_ids)} eval windows)")
     t0 = time.time()
@@ -162,10 +213,7 @@ def sparsity(
 
     if n_down > 0 and len(down_ids):  # (an empty downstream split was reported by _check_split)
         _log(quiet, f"downstream: attention restricted to predicted graphs ({len(down_ids)} windows)")
-        if model == "small":
-            info["downstream"] = downstream_small(net, down_ids, tcfg.objective, fitted, results, targets, seed)
-        else:
-            info["downstream"] = downstream_hf(net, down_ids, alpha, fitted, results, targets)
+        info["downstream"] = downstream(net, em.task(down_ids), alpha, fitted, results, targets)
 
     _write_artifacts(run, info, results, ev)
     info["wall_s"] = time.time() - t_start

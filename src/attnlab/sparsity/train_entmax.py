@@ -4,7 +4,7 @@ decoder) on a text corpus, and a pretrained HF model (MiniLM by default) with so
 Small model: token ids from the MiniLM tokenizer are mapped to a smaller vocabulary (the ``vocab_size``
 most frequent ids of the fit windows; others -> [UNK]) so that CPU training takes minutes.
 
-HF model: softmax is replaced by alpha-entmax through ``attention_hooks``. MiniLM's checkpoint has no MLM
+HF model: softmax is replaced by alpha-entmax through the model's attention hooks. MiniLM's checkpoint has no MLM
 head, so fine-tuning uses self-distillation: the entmax model is trained (Adam, a few hundred steps at most)
 to reproduce the final hidden states of the frozen softmax original (MSE, padding excluded). This keeps the
 representation the sentence model was trained for without inventing a head.
@@ -17,7 +17,7 @@ import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -112,7 +112,7 @@ def tokenizer_of(name: str = "minilm"):
     """The tokenizer of a model folder / alias, without loading the weights."""
     from transformers import AutoTokenizer
 
-    from ..capture.hf import resolve_model_path
+    from ..sources.hf import resolve_model_path
 
     return AutoTokenizer.from_pretrained(resolve_model_path(name))
 
@@ -349,14 +349,19 @@ def load_small(path: str | Path, device: str = "cpu") -> tuple[SmallTransformer,
 
 
 # ---------------------------------------------------------------------------------------------- HF swap
-def entmax_handler(alpha: float | torch.Tensor = 1.5, graphs: Optional[dict] = None, predictors: Optional[dict] = None):
-    """An ``attention_hooks`` handler computing alpha-entmax attention (float32) instead of softmax.
+def entmax_handler(alpha: float | torch.Tensor | Sequence = 1.5, graphs: Optional[dict] = None,
+                   predictors: Optional[dict] = None):
+    """An attention handler computing alpha-entmax attention (float32) instead of the model's own.
 
+    ``alpha``: one value (float or per-head tensor) for every layer, or a sequence indexed by layer.
     ``graphs`` {layer: bool (B,H,N,N)} or ``predictors`` {layer: Predictor} restrict each layer's attention to
-    the given / predicted graph (downstream evaluation of predicted sparsity).
+    the given / predicted graph (downstream evaluation of predicted sparsity): the one "restrict attention
+    to a graph" helper, for every attention source.
     """
-    if not isinstance(alpha, torch.Tensor):
-        check_alpha(alpha)
+    per_layer = isinstance(alpha, (list, tuple))
+    for a in (alpha if per_layer else [alpha]):
+        if not isinstance(a, torch.Tensor):
+            check_alpha(a)
 
     def handler(call):
         scores = call.scores()  # float32, -inf where masked
@@ -365,7 +370,10 @@ def entmax_handler(alpha: float | torch.Tensor = 1.5, graphs: Optional[dict] = N
             allowed = allowed & graphs[call.layer].to(allowed.device)
         if predictors is not None and call.layer in predictors:
             allowed = allowed & predictors[call.layer].predict(call.query, call.key, call.valid)
-        probs = masked_entmax(scores.masked_fill(~allowed, 0.0), allowed, alpha)
+        a = alpha[call.layer] if per_layer else alpha
+        if isinstance(a, torch.Tensor):
+            a = a.to(scores.device)
+        probs = masked_entmax(scores.masked_fill(~allowed, 0.0), allowed, a)
         return (probs @ call.value.float()).to(call.value.dtype)
 
     return handler
@@ -375,9 +383,7 @@ def hf_hidden(hf, ids: torch.Tensor, mask: Optional[torch.Tensor] = None, handle
     """Final hidden states (B, N, D) of an HF model, with attention routed through ``handler`` if given."""
     import contextlib
 
-    from ..capture.hf import attention_hooks
-
-    ctx = attention_hooks(hf, handler) if handler is not None else contextlib.nullcontext()
+    ctx = hf.hooks(handler) if handler is not None else contextlib.nullcontext()
     dev = next(hf.model.parameters()).device
     with ctx, (contextlib.nullcontext() if grad else torch.no_grad()):
         out = hf.model(input_ids=ids.to(dev), attention_mask=None if mask is None else mask.to(dev))

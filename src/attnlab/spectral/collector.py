@@ -6,7 +6,7 @@ from typing import Sequence
 
 import torch
 
-from ..capture.hf import AttentionCall
+from ..attention import AttentionCall
 from ..errors import NumericalError, ShapeError
 from .stats import StreamingSketch, StreamingCovariance, row_centre
 

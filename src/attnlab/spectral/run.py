@@ -10,14 +10,13 @@ from typing import Any, Optional
 import torch
 
 from ..capture.corpus import select_windows  # noqa: F401  (re-exported)
-from ..capture.hf import HFModel, check_heads, check_layers
-from ..capture.run import Model, n_heads_of, n_layers_of, resolve_model, stream_attention
+from ..attention import check_heads, check_layers
+from ..capture.run import Model, resolve_model, stream_attention
 from ..config import fingerprint
 from ..distributed import barrier, device_for, init_distributed
 from ..errors import ConfigError, ResultsError
-from ..validate import check_fields
 from ..io import RunDir, checkpoint_written, read_tensors, write_tensors
-from ..models.transformer import SmallTransformer
+from ..validate import check_fields
 from .analysis import summarise
 from .collector import SpectrumCollector
 
@@ -70,11 +69,11 @@ def spectrum(out: str | Path, model: str | Model = "minilm", windows: Optional[t
     device = device_for(info, cfg.device)
     run = RunDir(out)
     m = resolve_model(model, device, cfg.seq_len)
-    layers = check_layers(cfg.layers, n_layers_of(m))
-    heads = check_heads(cfg.heads, n_heads_of(m))
+    layers = check_layers(cfg.layers, m.n_layers)
+    heads = check_heads(cfg.heads, m.n_heads)
     if windows is None:
-        if isinstance(m, SmallTransformer):
-            raise ConfigError("our own transformer has no tokenizer: pass windows=(M, seq_len) token ids")
+        if m.tokenizer is None:
+            raise ConfigError(f"{m.name} has no tokenizer: pass windows=(M, seq_len) token ids")
         windows = select_windows(m.tokenizer, cfg.seq_len, cfg.corpus, cfg.n_sequences, cfg.split, cfg.seed,
                                  cfg.text_field)
     elif windows.dim() != 2 or windows.shape[1] != cfg.seq_len:
@@ -111,7 +110,7 @@ def spectrum(out: str | Path, model: str | Model = "minilm", windows: Optional[t
     col.cpu()
     results, tensors = summarise(col, cfg.basis_k)
     results.update({
-        "config": conf, "model": m.describe() if isinstance(m, HFModel) else {"name": cfg.model, **m.cfg.to_dict()},
+        "config": conf, "model": m.describe(),
         "n_sequences": int(len(windows)), "world_size": info.world_size, "seconds": round(elapsed, 3),
         "batches": n_batches})
     if info.is_main:

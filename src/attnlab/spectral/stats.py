@@ -174,13 +174,6 @@ def sketch_covariance_eig(sketch: torch.Tensor, mean: torch.Tensor, n: int, k: i
     return evals[order].clamp_min(0), q @ evecs[:, order]
 
 
-def finite_or_raise(x: torch.Tensor, what: str) -> torch.Tensor:
-    """Raise ``NumericalError`` naming ``what`` if ``x`` has NaN or inf."""
-    if not torch.isfinite(x).all():
-        raise NumericalError(f"NaN or inf in {what}")
-    return x
-
-
 def row_centre(scores: torch.Tensor, valid: Optional[torch.Tensor]) -> torch.Tensor:
     """Centre each score row over its valid keys (softmax is shift-invariant); masked entries become 0."""
     if valid is None:

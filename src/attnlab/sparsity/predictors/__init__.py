@@ -1,4 +1,8 @@
-"""Sparsity predictors: learned (distance, quantization, clustering) and baselines."""
+"""Sparsity predictors: learned (distance, quantization, clustering) and baselines, registered by name."""
+
+from functools import partial
+
+from ..protocol import PREDICTORS, build_predictor
 
 from .base import BasePredictor, BucketPredictor, Predictor
 from .baselines import BigBirdPredictor, LSHPredictor, OracleTopK, RoutingPredictor, WindowPredictor
@@ -9,45 +13,38 @@ from .quantization import QuantizationPredictor
 __all__ = [
     "BasePredictor", "BigBirdPredictor", "BucketPredictor", "ClusteringPredictor", "DistancePredictor",
     "LSHPredictor", "OracleTopK", "Predictor", "Projector", "QuantizationPredictor", "RoutingPredictor",
-    "WindowPredictor", "kmeans", "make_predictor", "METHODS",
+    "WindowPredictor", "kmeans", "make_predictor", "METHODS", "PREDICTORS",
 ]
 
-METHODS = ("distance-thr", "distance-knn", "quantization", "clustering", "window", "bigbird", "lsh", "routing",
-           "oracle-topk")
+# Registrations, in the order runs list them (``default``: run unless --methods says otherwise; ``learned``:
+# takes rank / epochs / projector, and shares one trained projector per layer in a run).
+_LEARNED = ("default", "learned")
+PREDICTORS.add("distance-thr", partial(DistancePredictor, mode="threshold"), "learned projection, distance threshold", _LEARNED)
+PREDICTORS.add("distance-knn", partial(DistancePredictor, mode="knn"), "learned projection, k nearest keys", _LEARNED)
+PREDICTORS.add("quantization", QuantizationPredictor, "learned projection, same-bucket pairs", _LEARNED)
+PREDICTORS.add("clustering", ClusteringPredictor, "learned projection, k-means, same-cluster pairs", _LEARNED)
+PREDICTORS.add("window", WindowPredictor, "local band |i - j| <= w", ("default",))
+PREDICTORS.add("bigbird", BigBirdPredictor, "window + global + random keys", ("default",))
+PREDICTORS.add("lsh", LSHPredictor, "Reformer angular LSH buckets", ("default",))
+PREDICTORS.add("routing", RoutingPredictor, "Routing Transformer k-means on q/k", ("default",))
+PREDICTORS.add("oracle-topk", OracleTopK, "exact top-k keys per query (upper bound)", ("default",))
+PREDICTORS.add("clustering-top2", partial(ClusteringPredictor, top=2), "clustering, two nearest centroids",
+               ("learned",))
+
+#: The methods a run evaluates by default (registered with tag ``default``, at import).
+METHODS = tuple(PREDICTORS.names("default"))
 
 
 def make_predictor(method: str, rank: int = 4, epochs: int = 20, seed: int = 0, projector: "Projector | None" = None,
                    loss: str = "sum", force_window: int = -1, force_cls: bool = False, **kw) -> BasePredictor:
-    """Build a predictor by method name (see ``METHODS``); learned ones may share a fitted ``projector``.
+    """Build a registered predictor by name (see ``PREDICTORS``); learned ones may share a fitted ``projector``.
 
     ``force_window`` >= 0 / ``force_cls`` add forced edges (counted in sparsity and recall, as in Sparsefinder)."""
-    p = _make(method, rank, epochs, seed, projector, loss, **kw)
+    learned = None
+    if "learned" in PREDICTORS.entry(method).tags:
+        if projector is None:
+            projector = Projector(rank, epochs=epochs, seed=seed, loss=loss)
+        learned = dict(rank=rank, epochs=epochs, projector=projector)
+    p = build_predictor(method, seed=seed, learned=learned, **kw)
     p.force_window, p.force_cls = int(force_window), bool(force_cls)
     return p
-
-
-def _make(method: str, rank: int, epochs: int, seed: int, projector, loss: str, **kw) -> BasePredictor:
-    from ...errors import ConfigError
-
-    if projector is None and method in ("distance-thr", "distance-knn", "quantization", "clustering", "clustering-top2"):
-        projector = Projector(rank, epochs=epochs, seed=seed, loss=loss)
-    learned = dict(rank=rank, epochs=epochs, seed=seed, projector=projector)
-    if method == "distance-thr":
-        return DistancePredictor(mode="threshold", **learned, **kw)
-    if method == "distance-knn":
-        return DistancePredictor(mode="knn", **learned, **kw)
-    if method == "quantization":
-        return QuantizationPredictor(**learned, **kw)
-    if method in ("clustering", "clustering-top2"):
-        return ClusteringPredictor(top=2 if method.endswith("top2") else 1, **learned, **kw)
-    if method == "window":
-        return WindowPredictor(**kw)
-    if method == "bigbird":
-        return BigBirdPredictor(seed=seed, **kw)
-    if method == "lsh":
-        return LSHPredictor(seed=seed, **kw)
-    if method == "routing":
-        return RoutingPredictor(seed=seed, **kw)
-    if method == "oracle-topk":
-        return OracleTopK(**kw)
-    raise ConfigError(f"--methods: unknown method {method!r}; choose from {', '.join(METHODS)}, clustering-top2")
