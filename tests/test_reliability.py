@@ -28,11 +28,22 @@ def _killed_at_checkpoint(args, n: int, sig: signal.Signals) -> subprocess.Compl
                           timeout=600)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
-def test_killed_spectrum_resumes_to_same_numbers(tmp_path, sig):
-    ref = subprocess.run([sys.executable, "-m", "attnlab", *ARGS, "--out", str(tmp_path / "ref")], env=ENV,
-                         capture_output=True, text=True, timeout=600)
+def _reference(tmp_path_factory, args):
+    """One uninterrupted run shared by the SIGKILL and SIGINT cases."""
+    out = tmp_path_factory.mktemp("ref")
+    ref = subprocess.run([sys.executable, "-m", "attnlab", *args, "--out", str(out)], env=ENV, capture_output=True,
+                         text=True, timeout=600)
     assert ref.returncode == 0, ref.stderr
+    return out
+
+
+@pytest.fixture(scope="module")
+def spectrum_ref(tmp_path_factory):
+    return _reference(tmp_path_factory, ARGS)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
+def test_killed_spectrum_resumes_to_same_numbers(tmp_path, sig, spectrum_ref):
     proc = _killed_at_checkpoint([*ARGS, "--out", str(tmp_path / "run")], 5, sig)
     ckpt = tmp_path / "run" / "spectrum.ckpt.rank0.safetensors"
     assert proc.returncode == (-9 if sig == signal.SIGKILL else 130), proc.stderr
@@ -45,7 +56,7 @@ def test_killed_spectrum_resumes_to_same_numbers(tmp_path, sig):
     res = subprocess.run([sys.executable, "-m", "attnlab", *ARGS, "--out", str(tmp_path / "run"), "--resume"],
                          env=ENV, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr
-    a = read_json(tmp_path / "ref" / "results.json")["spectrum"]
+    a = read_json(spectrum_ref / "results.json")["spectrum"]
     b = read_json(tmp_path / "run" / "results.json")["spectrum"]
     for key in ("per_head", "per_layer", "pooled", "overlap_layers", "full_matrix", "n_rows"):
         assert json.dumps(a[key], sort_keys=True) == json.dumps(b[key], sort_keys=True), key
@@ -144,11 +155,13 @@ def _m_star(run_dir):
     return [(r["T"], r["m_star"], r.get("per_seed")) for r in sec["results"]]
 
 
+@pytest.fixture(scope="module")
+def variables_ref(tmp_path_factory):
+    return _reference(tmp_path_factory, VARS)
+
+
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
-def test_killed_variables_sweep_resumes_without_redoing_trials(tmp_path, sig):
-    ref = subprocess.run([sys.executable, "-m", "attnlab", *VARS, "--out", str(tmp_path / "ref")], env=ENV,
-                         capture_output=True, text=True, timeout=600)
-    assert ref.returncode == 0, ref.stderr
+def test_killed_variables_sweep_resumes_without_redoing_trials(tmp_path, sig, variables_ref):
     run = tmp_path / "run"
     proc = _killed_at_checkpoint([*VARS, "--out", str(run)], 3, sig)  # after the 3rd trial is written
     trials = run / "variables_trials.json"
@@ -158,7 +171,7 @@ def test_killed_variables_sweep_resumes_without_redoing_trials(tmp_path, sig):
     res = subprocess.run([sys.executable, "-m", "attnlab", *VARS, "--out", str(run), "--resume"], env=ENV,
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr
-    assert _m_star(run) == _m_star(tmp_path / "ref")
+    assert _m_star(run) == _m_star(variables_ref)
     after = read_json(trials)["trials"]
     assert done_before <= set(after)
-    assert set(after) == set(read_json(tmp_path / "ref" / "variables_trials.json")["trials"])
+    assert set(after) == set(read_json(variables_ref / "variables_trials.json")["trials"])

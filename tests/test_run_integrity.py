@@ -332,3 +332,15 @@ def test_sparsity_skipped_downstream_is_reported(caplog):
     assert "downstream evaluation skipped" in caplog.text and "--n-eval" in info["downstream_skipped"]
     with pytest.raises(CorpusError, match="--n-eval"):
         _check_split(w, w[:1], 128, 64, 128, {})
+
+
+def test_unwritable_out_is_one_clear_error(tmp_path, monkeypatch):
+    """A read-only --out (or parent) is refused before any work (simulated: the tests may run as root)."""
+    import attnlab.io as aio
+    from attnlab.io import check_out
+
+    monkeypatch.setattr(aio.os, "access", lambda *a, **k: False)
+    with pytest.raises(ResultsError, match="not writable"):
+        check_out(tmp_path / "run")
+    with pytest.raises(ResultsError, match="not writable"):
+        check_out(tmp_path / "model.safetensors", kind="file")
