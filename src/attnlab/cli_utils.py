@@ -127,7 +127,8 @@ def harden(cmd):
             raise typer.Exit(130) from None
         except OSError as e:
             if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
-                fail(os_error(e, e.filename or kwargs.get("out") or "output"))
+                action = "access" if e.errno == errno.EACCES else "write"
+                fail(os_error(e, e.filename or kwargs.get("out") or "output", action))
             raise
 
     run._attnlab_hardened = True
