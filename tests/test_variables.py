@@ -181,15 +181,38 @@ def test_search_finds_exact_threshold(m_true):
     assert res.per_seed == {0: m_true, 1: m_true, 2: m_true}
 
 
-def test_search_within_tolerance_and_share():
+def test_search_within_tolerance_median_and_flag():
     cfg = SearchConfig(m_min=8, rtol=0.1)
     res = sample_complexity(threshold_learner({64: 300}), 64, [0, 1, 2], cfg)
     assert res.lower < 300 <= res.m_star and res.m_star - res.lower <= 0.1 * res.m_star
-    # one seed needs 1000 more samples: share 0.5 ignores it, share 1.0 does not
-    learner = threshold_learner({64: 300}, fail_seed=2)
-    half = sample_complexity(learner, 64, [0, 1, 2], SearchConfig(m_min=8, rtol=0.0, share=0.5))
-    full = sample_complexity(learner, 64, [0, 1, 2], SearchConfig(m_min=8, rtol=0.0, share=1.0))
-    assert half.m_star == 300 and full.m_star == 1300
+    # one seed needs 1000 more samples: the median ignores it, and the disagreement is flagged
+    res = sample_complexity(threshold_learner({64: 300}, fail_seed=2), 64, [0, 1, 2], SearchConfig(m_min=8, rtol=0.0))
+    assert res.m_star == 300 and res.per_seed == {0: 300, 1: 300, 2: 1300}
+    assert res.flag and "disagree" in res.flag
+    assert res.ci[0] == 300 and res.ci[1] == 1300
+
+
+def test_search_batched_learner_gets_rounds():
+    calls = []
+
+    def learn(T, pairs):
+        calls.append(list(pairs))
+        return [1.0 if m >= 100 + 10 * sd else 0.0 for m, sd in pairs]
+
+    learn.batched = True
+    res = sample_complexity(learn, 32, [0, 1, 2, 3, 4], SearchConfig(m_min=8, rtol=0.0))
+    assert res.per_seed == {s: 100 + 10 * s for s in range(5)} and res.m_star == 120
+    assert len(calls) < 12  # rounds, not one call per trial
+    assert {sd for m, sd in calls[0]} == set(range(5))
+
+
+def test_median_ci_with_unlearned_seeds():
+    from attnlab.variables.complexity import median_ci
+
+    med, ci = median_ci([10, 12, None, 14, 11])
+    assert med == 12 and ci[0] <= 12 and ci[1] is None  # a resample may draw mostly unlearned seeds
+    med, _ = median_ci([None, None, 5])
+    assert med is None
 
 
 def test_search_not_reached():
@@ -228,7 +251,7 @@ def test_resume_after_interruption(tmp_path):
 
 
 @pytest.mark.parametrize("kw,flag", [
-    (dict(threshold=0.0), "--threshold"), (dict(threshold=1.5), "--threshold"), (dict(share=0), "--share"),
+    (dict(threshold=0.0), "--threshold"), (dict(threshold=1.5), "--threshold"), (dict(points=0), "--points"),
     (dict(m_min=0), "--m-min"), (dict(m_min=10, m_max=5), "--m-max"), (dict(rtol=1.0), "--rtol"),
 ])
 def test_bad_search_config(kw, flag):
@@ -267,6 +290,31 @@ def test_fit_too_few_points():
         fit_laws([16, 32, 64, 128, 256], [10, 12, 14, 16, float("nan")])
 
 
+T9 = np.array([16, 32, 64, 128, 256, 512, 1024, 2048, 4096], dtype=float)
+
+
+def test_fit_verdicts_log_power_inconclusive():
+    rng = np.random.default_rng(3)
+    clean = fit_laws(T9, 20 + 30 * np.log(T9) + rng.normal(0, 1, len(T9)))
+    assert clean.verdict == "log" and clean.log.ci["b"][0] > 0 and clean.power.ci["c"][1] < 0.25
+    noisy = fit_laws(T9, 60 + rng.normal(0, 25, len(T9)))
+    assert noisy.verdict == "inconclusive"
+    poly = fit_laws(T9, 5 * T9 * np.exp(rng.normal(0, 0.1, len(T9))))
+    assert poly.verdict == "power" and poly.power.ci["c"][0] > 0.8
+    assert clean.log.ci["a"][0] < clean.log.params["a"] < clean.log.ci["a"][1]
+
+
+def test_fit_bootstrap_over_seeds():
+    rng = np.random.default_rng(4)
+    per_seed = [[float(np.round(20 + 30 * np.log(t) * np.exp(rng.normal(0, 0.02)))) for _ in range(5)] for t in T9]
+    rep = fit_laws(T9, [np.median(p) for p in per_seed], per_seed=per_seed, n_boot=300)
+    assert rep.method == "bootstrap" and rep.verdict == "log"
+    assert 0.9 < rep.log.ci["r2"][0] <= rep.log.r2 <= rep.log.ci["r2"][1] + 1e-9
+    wild = [[float(rng.choice([20, 2000])) for _ in range(5)] for _ in T9]  # seeds disagree wildly
+    rep = fit_laws(T9, [np.median(p) for p in wild], per_seed=wild, n_boot=300)
+    assert rep.verdict == "inconclusive"
+
+
 # ---------------------------------------------------------------- end to end (fake learner) + CLI
 
 
@@ -274,17 +322,24 @@ def test_run_sweep_with_fake_learner_writes_section_plots_and_report(tmp_path):
     from attnlab.variables.experiment import SweepConfig, run_sweep
     from attnlab.variables.report import render_section
 
-    m_true = {16: 40, 32: 46, 64: 52, 128: 58, 256: 64}
+    m_true = {16: 40, 32: 46, 64: 52, 128: 58, 256: 64, 512: 10**6}
+    linear = {T: 4 * T for T in m_true}
     cfg = SweepConfig(task="and", s=3, Ts=list(m_true), seeds=2, probe=False,
-                      search=SearchConfig(m_min=4, rtol=0.0))
-    sec = run_sweep(cfg, tmp_path, learner=threshold_learner(m_true), log=lambda s: None)
-    assert [r["m_star"] for r in sec["results"]] == list(m_true.values())
-    assert sec["fits"]["best"] == "log"
+                      search=SearchConfig(m_min=4, m_max=4096, rtol=0.0))
+    sec = run_sweep(cfg, tmp_path, learner=threshold_learner(m_true), log=lambda s: None,
+                    contrast_learner=threshold_learner(linear))
+    assert [r["m_star"] for r in sec["results"]] == [40, 46, 52, 58, 64, None]
+    assert sec["not_learned"] == [{"T": 512, "m_max": 4096}]  # reported, not fitted
+    assert sec["fits"]["n_points"] == 5 and sec["fits"]["verdict"] == "log"
+    assert [r["m_star"] for r in sec["contrast"]["results"]] == [4 * T for T in m_true]
+    assert sec["contrast"]["fits"]["verdict"] == "power"
+    assert sec["contrast"]["fits"]["power"]["ci"]["c"][0] > 0.9
     run = RunDir(tmp_path)
     assert run.section("variables")["results"][0]["T"] == 16
     assert run.file("variables_mstar.png").stat().st_size > 1000
     html = render_section(run)
     assert "<img src='variables_mstar.png'" in html and "<td>40</td>" in html
+    assert "not learned up to m = 4096" in html and "Verdict: <b>log</b>" in html
 
 
 def test_probe_reports_mass_on_relevant():
@@ -310,3 +365,88 @@ def test_cli_parses_t_lists_and_reports_bad_flags(tmp_path):
     assert res.exit_code == 2 and "--s (5) must be <= --T (4)" in res.output
     res = runner.invoke(app, ["sweep", "--threshold", "1.5", "--out", str(tmp_path)])
     assert res.exit_code == 2 and "--threshold" in res.output
+    for flag in ("--qk-bound", "--v-bound", "--out-bound", "--emb-bound"):
+        res = runner.invoke(app, ["sweep", flag, "0", "--out", str(tmp_path)])
+        assert res.exit_code == 2 and flag in res.output and "> 0" in res.output
+    res = runner.invoke(app, ["sweep", "--norm-sweep", "4,-1", "--out", str(tmp_path)])
+    assert res.exit_code == 2 and "--norm-sweep" in res.output
+    res = runner.invoke(app, ["sweep", "--model", "mlp", "--out", str(tmp_path)])
+    assert res.exit_code == 2 and "--model" in res.output
+
+
+# ---------------------------------------------------------------- bounded-norm ensemble and the MLP contrast
+
+
+def _members(T, s, ms, seeds=(0,)):
+    from attnlab.variables.ensemble import Member
+
+    return [Member(make_task("and", T, s, sd), m, sd) for sd in seeds for m in ms]
+
+
+def test_projection_keeps_every_norm_within_its_bound():
+    from attnlab.variables.ensemble import Bounds, EnsembleConfig, train_ensemble
+
+    b = Bounds(emb=0.5, qk=0.7, v=0.3, out=0.2)
+    cfg = EnsembleConfig(kind="bounded", max_steps=40, eval_every=10, n_test=64, lr=0.05, bounds=b, stop_loss=0.0)
+    recs, model, _ = train_ensemble(_members(8, 2, [16, 32], seeds=(0, 1)), cfg, return_model=True)
+    n = model.norms()
+    for key, bound in (("emb", b.emb), ("qk", b.qk), ("v", b.v), ("out", b.out)):
+        assert float(n[key].max()) <= bound * (1 + 1e-5), key
+    assert all(r["norm_qk"] <= b.qk * (1 + 1e-5) for r in recs)
+    free = EnsembleConfig(kind="bounded", max_steps=40, eval_every=10, n_test=64, lr=0.05, bounds=None, stop_loss=0.0)
+    _, fm, _ = train_ensemble(_members(8, 2, [16, 32], seeds=(0, 1)), free, return_model=True)
+    fn = fm.norms()
+    assert float(fn["emb"].max()) > b.emb and float(fn["out"].max()) > b.out  # the bounds are active, not vacuous
+    # the projection itself: a far-out weight lands exactly on the bound
+    with torch.no_grad():
+        fm.wc.mul_(100.0)
+    fm.project(b)
+    assert float(fm.norms()["out"].max()) == pytest.approx(b.out, rel=1e-5)
+
+
+def test_bounded_head_learns_and_contrast_mlp_trains():
+    from attnlab.variables.ensemble import Bounds, EnsembleConfig, train_ensemble
+
+    cfg = EnsembleConfig(kind="bounded", max_steps=300, eval_every=25, n_test=300, bounds=Bounds())
+    recs = train_ensemble(_members(8, 2, [128], seeds=(0, 1)), cfg)
+    assert min(r["accuracy"] for r in recs) >= 0.95, recs
+    mlp = EnsembleConfig(kind="mlp", lr=0.05, max_steps=200, eval_every=25, n_test=300)
+    small, big = train_ensemble(_members(8, 2, [8, 256]), mlp)
+    assert big["accuracy"] >= 0.9 and big["train_acc"] == 1.0 and big["accuracy"] > small["accuracy"]
+
+
+def test_ensemble_member_does_not_depend_on_its_companions():
+    from attnlab.variables.ensemble import Bounds, EnsembleConfig, train_ensemble
+
+    cfg = EnsembleConfig(kind="bounded", max_steps=30, eval_every=10, n_test=64, bounds=Bounds(), stop_loss=0.0)
+    alone = train_ensemble(_members(8, 2, [32], seeds=(1,)), cfg)[0]
+    crowd = train_ensemble(_members(8, 2, [16, 32], seeds=(0, 1)), cfg)
+    assert crowd[3]["accuracy"] == alone["accuracy"]
+    assert crowd[3]["train_loss"] == pytest.approx(alone["train_loss"], rel=1e-4, abs=1e-6)
+
+
+def test_bad_bounds_and_sweep_config():
+    from attnlab.variables.ensemble import Bounds
+    from attnlab.variables.experiment import SweepConfig
+
+    for kw, flag in ((dict(qk=0.0), "--qk-bound"), (dict(v=-1.0), "--v-bound"), (dict(out=float("inf")), "--out-bound"),
+                     (dict(emb=0), "--emb-bound")):
+        with pytest.raises(ConfigError, match=flag):
+            Bounds(**kw)
+    with pytest.raises(ConfigError, match="--norm-sweep"):
+        SweepConfig(norm_sweep=[4.0, 0.0])
+    with pytest.raises(ConfigError, match="--contrast"):
+        SweepConfig(contrast="svm")
+    with pytest.raises(ConfigError, match="--model"):
+        SweepConfig(model="rnn")
+
+
+def test_bounded_probe_shapes():
+    from attnlab.variables.ensemble import Bounds, EnsembleConfig, bounded_probe, train_ensemble
+
+    cfg = EnsembleConfig(kind="bounded", max_steps=200, eval_every=25, n_test=100, bounds=Bounds())
+    mem = _members(16, 2, [128])
+    _, model, chosen = train_ensemble(mem, cfg, return_model=True)
+    p = bounded_probe(model, chosen[0], mem[0].task, n=64)
+    assert len(p["mass"]) == 1 and len(p["mass"][0]) == 1 and 0 <= p["mass"][0][0] <= 1
+    assert p["mass"][0][0] > 2 / 17  # learned: more than uniform attention on the relevant positions

@@ -9,7 +9,6 @@ restrictions are all handlers, so they work on every :class:`AttentionSource`.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import Any, Callable, ContextManager, Optional, Protocol, runtime_checkable
 
@@ -81,28 +80,26 @@ class AttentionSource(Protocol):
         ...
 
 
+def check_indices(values: Optional[list[int]], n: int, flag: str, what: str) -> list[int]:
+    """Validate a list of indices in [0, n) given by ``flag`` (None = all); sorted and deduplicated."""
+    if values is None:
+        return list(range(n))
+    if not values:
+        raise ConfigError(f"{flag} is empty; leave it out for all {what}s")
+    for v in values:
+        if not 0 <= v < n:
+            raise ConfigError(f"{flag}: {what} {v} out of range [0, {n})")
+    return sorted(set(values))
+
+
 def check_layers(layers: Optional[list[int]], n_layers: int) -> list[int]:
     """Validate --layers (None = all)."""
-    if layers is None:
-        return list(range(n_layers))
-    if not layers:
-        raise ConfigError("--layers is empty; leave it out for all layers")
-    for layer in layers:
-        if not 0 <= layer < n_layers:
-            raise ConfigError(f"--layers: layer {layer} out of range [0, {n_layers})")
-    return sorted(set(layers))
+    return check_indices(layers, n_layers, "--layers", "layer")
 
 
 def check_heads(heads: Optional[list[int]], n_heads: int) -> list[int]:
     """Validate --heads (None = all)."""
-    if heads is None:
-        return list(range(n_heads))
-    if not heads:
-        raise ConfigError("--heads is empty; leave it out for all heads")
-    for h in heads:
-        if not 0 <= h < n_heads:
-            raise ConfigError(f"--heads: head {h} out of range [0, {n_heads})")
-    return sorted(set(heads))
+    return check_indices(heads, n_heads, "--heads", "head")
 
 
 def stop_quietly(run: Callable[[], Any]) -> Any:
@@ -111,9 +108,3 @@ def stop_quietly(run: Callable[[], Any]) -> Any:
         return run()
     except StopForward:
         return None
-
-
-@contextlib.contextmanager
-def no_hooks() -> Any:
-    """A hooks context that does nothing (for callers with an optional handler)."""
-    yield

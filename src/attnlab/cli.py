@@ -13,6 +13,8 @@ from typing import Any, Optional
 
 import typer
 
+from .cli_config import config_command, option, out_option, quiet_option, resume_option
+
 app = typer.Typer(
     name="attnlab", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
     help="Measure, predict and exploit the structure of self-attention in transformer models.\n\n"
@@ -21,17 +23,6 @@ app = typer.Typer(
          "Every command also takes --config FILE.toml: its [command] table (e.g. [spectrum], [reconstruct.run]) "
          "sets defaults; flags on the command line win.",
 )
-
-ModelOpt = typer.Option(None, "--model", help="HF hub id (already cached), local model folder, or 'minilm' "
-                                              "(packaged all-MiniLM-L6-v2). [default: minilm]")
-CorpusOpt = typer.Option(None, "--corpus", help="Text file, directory of .txt/.md/.jsonl files, or .jsonl file. "
-                                                "[default: Python stdlib docstrings]")
-LayersOpt = typer.Option(None, "--layers", help="Layers to analyse, e.g. '0,2-4'. [default: all]")
-HeadsOpt = typer.Option(None, "--heads", help="Heads to analyse, e.g. '0-3,7'. [default: all]")
-DeviceOpt = typer.Option(None, "--device", help="cpu, cuda or cuda:N. [default: cpu]")
-SeedOpt = typer.Option(None, "--seed", help="Random seed (same seed, same numbers). [default: 0]")
-TextFieldOpt = typer.Option(None, "--text-field", help="JSON-lines field holding the text. [default: text]")
-
 
 def parse_int_list(text: Optional[str | list], flag: str) -> Optional[list[int]]:
     """Parse '0,2-4' (or a TOML list) into [0, 2, 3, 4]."""
@@ -66,79 +57,56 @@ def parse_int_list(text: Optional[str | list], flag: str) -> Optional[list[int]]
     return out
 
 
-def settings(defaults: dict[str, Any], **cli: Any) -> dict[str, Any]:
-    """Defaults overridden by the CLI values that were given (a --config file arrives as CLI defaults)."""
-    from .config import merge
-
-    return merge(defaults, {}, cli)
-
-
-@app.command()
-def capture(
-    out: Path = typer.Option(..., "--out", help="Run directory to write capture.safetensors into."),
-    model: Optional[str] = ModelOpt, corpus: Optional[str] = CorpusOpt,
-    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Tokens per window. [default: 128]"),
-    n_sequences: Optional[int] = typer.Option(None, "--n-sequences", help="Windows to capture. [default: 8]"),
-    layers: Optional[str] = LayersOpt, heads: Optional[str] = HeadsOpt,
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Windows per forward pass. [default: 8]"),
-    with_qk: Optional[bool] = typer.Option(None, "--with-qk/--no-qk", help="Also save queries and keys."),
-    device: Optional[str] = DeviceOpt, seed: Optional[int] = SeedOpt, text_field: Optional[str] = TextFieldOpt,
-) -> None:
+def _capture(settings: dict[str, Any], out: str, quiet: bool) -> None:
     """Save raw pre-softmax scores (scaled, masked as the model does) of a few windows to safetensors.
 
     Example: attnlab capture --out runs/cap --n-sequences 4 --layers 0,5 --with-qk
     """
     from .capture.dump import capture as run_capture
 
-    defaults = dict(model="minilm", corpus=None, seq_len=128, n_sequences=8, layers=None, heads=None, batch_size=8,
-                    with_qk=False, device="cpu", seed=0, text_field="text")
-    s = settings(defaults, model=model, corpus=corpus, seq_len=seq_len, n_sequences=n_sequences,
-                 layers=layers, heads=heads, batch_size=batch_size, with_qk=with_qk, device=device, seed=seed,
-                 text_field=text_field)
-    s["layers"], s["heads"] = parse_int_list(s["layers"], "--layers"), parse_int_list(s["heads"], "--heads")
-    meta = run_capture(out, **s)
+    meta = run_capture(out, progress=not quiet, **settings)
     typer.echo(f"captured {meta['n_sequences']} x {len(meta['layers'])} layers x {len(meta['heads'])} heads -> "
-               f"{out / 'capture.safetensors'}")
+               f"{Path(out) / 'capture.safetensors'}")
 
 
-@app.command()
-def spectrum(
-    out: Path = typer.Option(..., "--out", help="Run directory (created; results.json, spectrum.safetensors, plots)."),
-    model: Optional[str] = ModelOpt, corpus: Optional[str] = CorpusOpt,
-    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Tokens per window. [default: 128]"),
-    n_sequences: Optional[int] = typer.Option(None, "--n-sequences", help="Windows analysed. [default: 256]"),
-    layers: Optional[str] = LayersOpt, heads: Optional[str] = HeadsOpt,
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Windows per forward pass. [default: 8]"),
-    sketch_size: Optional[int] = typer.Option(None, "--sketch-size",
-                                              help="Full-matrix sketch rows per head; 0 disables. [default: 16]"),
-    basis_k: Optional[int] = typer.Option(None, "--basis-k", help="Eigenvectors per basis for overlaps. [default: seq-len / 8]"),
-    split: Optional[str] = typer.Option(None, "--split", help="fit | heldout | all documents. [default: fit]"),
-    device: Optional[str] = DeviceOpt, seed: Optional[int] = SeedOpt, text_field: Optional[str] = TextFieldOpt,
-    checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every",
-                                                   help="Batches between checkpoints. [default: 8]"),
-    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its checkpoint."),
-    report: bool = typer.Option(True, "--report/--no-report", help="Render report.html at the end."),
-) -> None:
+_MODEL_HELP = {"model": "HF hub id (already cached), local model folder, or 'minilm' (packaged all-MiniLM-L6-v2)",
+               "corpus": "Text file, directory of .txt/.md/.jsonl files, or .jsonl file (None: Python stdlib "
+                         "docstrings)",
+               "layers": "Layers to analyse, e.g. '0,2-4' (None: all)",
+               "heads": "Heads to analyse, e.g. '0-3,7' (None: all)"}
+
+config_command(app, "capture", "attnlab.capture.dump:capture", _capture, skip=("out", "progress"),
+               kinds={"layers": "ints", "heads": "ints", "model": "str"},
+               help_extra={**_MODEL_HELP, "seq_len": "Tokens per window", "n_sequences": "Windows to capture",
+                           "batch_size": "Windows per forward pass", "with_qk": "Also save queries and keys",
+                           "split": "fit | heldout | all documents", "device": "cpu, cuda or cuda:N",
+                           "seed": "Random seed (same seed, same numbers)",
+                           "text_field": "JSON-lines field holding the text"},
+               extra=[out_option("runs/capture", "Run directory to write capture.safetensors into"), quiet_option()])
+
+
+def _spectrum(settings: dict[str, Any], out: str, resume: bool, report: bool, quiet: bool) -> None:
     """Eigen analysis of attention scores: explained variance, k for 90/95/99%, eigenspace overlaps.
 
     Works under `torchrun --nproc-per-node K attnlab spectrum ...` (statistics merged by all-reduce).
     Example: attnlab spectrum --out runs/minilm --n-sequences 512 --seq-len 128
     """
-    from dataclasses import asdict
+    from .spectral.run import spectrum as run_spectrum
 
-    from .spectral.run import SpectrumConfig, spectrum as run_spectrum
-
-    defaults = {k: v for k, v in asdict(SpectrumConfig()).items()}
-    s = settings(defaults, model=model, corpus=corpus, seq_len=seq_len, n_sequences=n_sequences,
-                 layers=layers, heads=heads, batch_size=batch_size, sketch_size=sketch_size, basis_k=basis_k,
-                 split=split, device=device, seed=seed, checkpoint_every=checkpoint_every, text_field=text_field)
-    s["layers"], s["heads"] = parse_int_list(s["layers"], "--layers"), parse_int_list(s["heads"], "--heads")
-    name = s.pop("model")
-    res = run_spectrum(out, model=name, resume=resume, **s)
+    name = settings.pop("model", "minilm")
+    res = run_spectrum(out, model=name, resume=resume, progress=not quiet, **settings)
     typer.echo(f"pooled rank for 90/95/99% of row variance: {res['pooled']['k90']}/{res['pooled']['k95']}/"
                f"{res['pooled']['k99']} of {res['seq_len']}")
     if report:
-        _render(out)
+        _render(Path(out))
+
+
+config_command(app, "spectrum", "attnlab.spectral.run:SpectrumConfig", _spectrum,
+               extra=[out_option("runs/spectrum", "Run directory (created; results.json, spectrum.safetensors, plots)"),
+                      resume_option(),
+                      option("report", bool, True, "--report/--no-report", help="Render report.html at the end."),
+                      quiet_option()],
+               help_extra=_MODEL_HELP)
 
 
 @app.command()
@@ -196,9 +164,11 @@ def demo(
 from .reconstruct.cli import app as _reconstruct_app  # noqa: E402  (light: heavy imports live inside commands)
 from .sparsity.cli import app as _sparsity_app  # noqa: E402
 from .variables.cli import app as _variables_app  # noqa: E402
+from .lm.cli import app as _lm_app  # noqa: E402
 
 app.add_typer(_reconstruct_app, name="reconstruct", help="Reconstruct attention scores from a subset of query-key pairs.")
 app.add_typer(_sparsity_app, name="sparsity", help="Sparsefinder: entmax attention graphs and learned sparsity predictors.")
+app.add_typer(_lm_app, name="lm", help="Reference trained long-context LM (byte-level Llama on the stdlib source).")
 app.add_typer(_variables_app, name="variables",
               help="Variable creation: sparse Boolean tasks, sample complexity vs context length.")
 

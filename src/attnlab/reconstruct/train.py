@@ -12,7 +12,6 @@ are read: this simulates the approximation's effect on learning; it does not mak
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
@@ -27,6 +26,7 @@ from ..models.attention import masked_softmax
 from ..models.transformer import SmallTransformer, TransformerConfig
 from ..seeding import seed_everything
 from ..sources.small import SmallSource
+from ..training import adamw, train_steps, warmup_cosine
 from .evaluate import Combo, Method
 from .fit import fit_from_windows
 
@@ -141,30 +141,27 @@ def train_one(cfg: TrainConfig, train: torch.Tensor, heldout: torch.Tensor, comb
     tcfg = TransformerConfig(vocab_size=256, d_model=cfg.d_model, n_heads=cfg.n_heads, n_layers=cfg.n_layers,
                              max_len=cfg.seq_len, causal=True)
     model = SmallTransformer(tcfg)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps)))
+    opt = adamw(model, cfg.lr, weight_decay=0.01)
+    sched = warmup_cosine(opt, cfg.steps, floor=0.1)
     curve, t0 = [], time.perf_counter()
-    source = SmallSource(model)
     attention = ReconstructedAttention()
-    run_loss = None
+    smooth: list = []
+
+    def step_loss(step: int) -> torch.Tensor:
+        if combo is not None and step % cfg.refresh == 0:
+            pick = torch.randint(len(train), (min(cfg.refit_windows, len(train)),), generator=g)
+            attention.method = _refit(model, train[pick], combo, budget, cfg)
+        return _loss(model, train[torch.randint(len(train), (cfg.batch_size,), generator=g)])
+
+    def after_step(done: int, loss: torch.Tensor) -> None:
+        lv = float(loss.detach())
+        smooth[:] = [lv if not smooth else 0.9 * smooth[0] + 0.1 * lv]
+        if done % cfg.log_every == 0 or done == cfg.steps:
+            curve.append({"step": done, "train_loss": smooth[0]})
+
     # reconstructed attention while training (the refit inside nests its own exact-attention hooks)
-    with source.hooks(attention) if combo is not None else contextlib.nullcontext():
-        for step in range(cfg.steps):
-            if combo is not None and step % cfg.refresh == 0:
-                pick = torch.randint(len(train), (min(cfg.refit_windows, len(train)),), generator=g)
-                attention.method = _refit(model, train[pick], combo, budget, cfg)
-            ids = train[torch.randint(len(train), (cfg.batch_size,), generator=g)]
-            loss = _loss(model, ids)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            sched.step()
-            lv = float(loss.detach())
-            run_loss = lv if run_loss is None else 0.9 * run_loss + 0.1 * lv
-            if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
-                curve.append({"step": step + 1, "train_loss": run_loss})
+    with SmallSource(model).hooks(attention) if combo is not None else contextlib.nullcontext():
+        train_steps(model, opt, cfg.steps, step_loss, sched=sched, clip=1.0, after_step=after_step)
         method = attention.method
         res: dict[str, Any] = {"label": "full" if combo is None else combo.label, "budget": budget,
                                "budget_pairs": None if method is None else method.b, "curve": curve}

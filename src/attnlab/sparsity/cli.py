@@ -2,65 +2,35 @@
 
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import Optional
 
 import typer
 
-from ..cli_utils import fail, split_words
+from ..cli_config import config_command, option, out_option, quiet_option
+from ..cli_utils import fail
 
 app = typer.Typer(help="Sparsefinder: entmax gold graphs, learned sparsity predictors, Pareto evaluation.",
                   no_args_is_help=True)
 
 
-def _train_cfg(objective, seq_len, vocab_size, d_model, n_heads, n_layers, alpha, learn_alpha, steps, batch_size, lr,
-               max_windows, corpus, device, seed, checkpoint_every=100):
-    from .train_entmax import EntmaxTrainConfig
-
-    return EntmaxTrainConfig(objective=objective, seq_len=seq_len, vocab_size=vocab_size, d_model=d_model,
-                             n_heads=n_heads, n_layers=n_layers, alpha=alpha, learn_alpha=learn_alpha, steps=steps,
-                             batch_size=batch_size, lr=lr, max_windows=max_windows, corpus=corpus, device=device, seed=seed,
-                             checkpoint_every=checkpoint_every)
+TRAIN = "attnlab.sparsity.train_entmax:EntmaxTrainConfig"
+RUN = "attnlab.sparsity.run:sparsity"
+TRAIN_HELP = {"alpha": "entmax alpha (> 1; 1.5 = exact entmax15, 2 = sparsemax, else bisection)",
+              "corpus": "Text file / folder / .jsonl (None: Python stdlib docstrings)",
+              "vocab_size": "Compact vocabulary size (most frequent MiniLM-tokenizer ids)",
+              "checkpoint_every": "Write a resumable partial training checkpoint every N steps (0 = never)"}
 
 
-OBJ = typer.Option("mlm", help="mlm (bidirectional encoder, masked LM) | clm (causal decoder, next token).")
-SEQ = typer.Option(64, help="Tokens per window.")
-VOC = typer.Option(4096, help="Compact vocabulary size (most frequent MiniLM-tokenizer ids).")
-DM = typer.Option(128, help="Model width.")
-NH = typer.Option(4, help="Heads per layer.")
-NL = typer.Option(2, help="Layers.")
-ALPHA = typer.Option(1.5, help="entmax alpha (> 1; 1.5 = exact entmax15, 2 = sparsemax, else bisection).")
-LA = typer.Option(False, help="Learn one alpha per head.")
-STEPS = typer.Option(600, help="Training steps.")
-BS = typer.Option(32, help="Windows per training step.")
-LR = typer.Option(1e-3, help="AdamW learning rate.")
-MW = typer.Option(4000, help="Training windows read from the corpus.")
-CORPUS = typer.Option(None, help="Text file / folder / .jsonl (default: Python stdlib docstrings).")
-DEV = typer.Option("cpu", help="torch device (cpu, cuda).")
-SEED = typer.Option(0, help="Seed for data, masking, init and predictors.")
-CKE = typer.Option(100, help="Write a resumable partial training checkpoint every N steps (0 = never).")
-
-
-@app.command()
-def train(
-    out: str = typer.Option("runs/sparsity/entmax_model.safetensors", help="Checkpoint file to write."),
-    objective: str = OBJ, seq_len: int = SEQ, vocab_size: int = VOC, d_model: int = DM, n_heads: int = NH,
-    n_layers: int = NL, alpha: float = ALPHA, learn_alpha: bool = LA, steps: int = STEPS, batch_size: int = BS,
-    lr: float = LR, max_windows: int = MW, corpus: Optional[str] = CORPUS, device: str = DEV, seed: int = SEED,
-    checkpoint_every: int = CKE,
-    resume: bool = typer.Option(False, help="Continue an interrupted training from its partial checkpoint "
-                                "(<out stem>.partial.safetensors); a finished --out with the same settings is kept."),
-    quiet: bool = typer.Option(False, help="No progress output."),
-):
+def _train(settings: dict, out: str, resume: bool, quiet: bool) -> None:
     """Train a small entmax transformer on the corpus and save a checkpoint."""
     from pathlib import Path
 
     from ..errors import AttnlabError, ResultsError
 
     try:
-        from .train_entmax import load_small, partial_path, train_and_save
+        from .train_entmax import EntmaxTrainConfig, load_small, partial_path, train_and_save
 
-        cfg = _train_cfg(objective, seq_len, vocab_size, d_model, n_heads, n_layers, alpha, learn_alpha, steps,
-                         batch_size, lr, max_windows, corpus, device, seed, checkpoint_every)
+        cfg = EntmaxTrainConfig(**settings)
         if resume and Path(out).is_file() and not partial_path(out).exists():
             _, _, done, _ = load_small(out)
             skip = ("checkpoint_every",)
@@ -75,45 +45,52 @@ def train(
         fail(e)
 
 
-@app.command("run")
-def run_cmd(
-    out: str = typer.Option("runs/sparsity", help="Run directory (results.json section 'sparsity', PNGs, tensors)."),
-    model: str = typer.Option("small", help="'small' (our entmax transformer) or an HF model ('minilm') with entmax swapped in."),
-    checkpoint: Optional[str] = typer.Option(None, help="Load this small-model checkpoint instead of training."),
-    methods: Optional[List[str]] = typer.Option(None, help="Methods (repeat or comma-separate); default all: distance-thr, "
-                                                "distance-knn, quantization, clustering, window, bigbird, lsh, routing, oracle-topk."),
-    n_fit: int = typer.Option(128, help="Windows used to fit predictors."),
-    n_eval: int = typer.Option(64, help="Held-out windows for the sweeps."),
-    n_down: int = typer.Option(128, help="Held-out windows for downstream evaluation (0 = skip)."),
-    rank: int = typer.Option(4, help="Projection dimension r of the learned predictors."),
-    epochs: int = typer.Option(20, help="Epochs of projection training (margin loss, Adam)."),
-    loss: str = typer.Option("sum", help="Projection loss: sum (Sparsefinder's per-query sums) | pair (per-pair hinge)."),
-    force_window: int = typer.Option(-1, help="Always predict edges with |i - j| <= this (-1 = off); counts in the metrics."),
-    force_cls: bool = typer.Option(False, help="Always predict edges to and from token 0 ([CLS])."),
-    hf_seq_len: int = typer.Option(128, help="Window length for an HF model."),
-    hf_finetune_steps: int = typer.Option(0, help="Entmax distillation fine-tuning steps for an HF model (0 = none)."),
-    resume: bool = typer.Option(True, help="Reuse a cached checkpoint / finished section in --out and continue an "
-                                "interrupted training from its partial checkpoint."),
-    quiet: bool = typer.Option(False, help="No progress output."),
-    objective: str = OBJ, seq_len: int = SEQ, vocab_size: int = VOC, d_model: int = DM, n_heads: int = NH,
-    n_layers: int = NL, alpha: float = ALPHA, learn_alpha: bool = LA, steps: int = STEPS, batch_size: int = BS,
-    lr: float = LR, max_windows: int = MW, corpus: Optional[str] = CORPUS, device: str = DEV, seed: int = SEED,
-    checkpoint_every: int = CKE,
-):
+config_command(app, "train", TRAIN, _train, help_extra=TRAIN_HELP,
+               extra=[out_option("runs/sparsity/entmax_model.safetensors", "Checkpoint file to write"),
+                      option("resume", bool, False, "--resume/--no-resume",
+                             help="Continue an interrupted training from its partial checkpoint (<out stem>.partial"
+                                  ".safetensors); a finished --out with the same settings is kept."),
+                      quiet_option()])
+
+
+def _run(settings: dict, out: str, resume: bool, quiet: bool) -> None:
     """Train/load an entmax model, fit every predictor, sweep operating points, downstream eval, plots."""
     from ..errors import AttnlabError
 
     try:
         from .run import sparsity
+        from .train_entmax import EntmaxTrainConfig
 
-        cfg = _train_cfg(objective, seq_len, vocab_size, d_model, n_heads, n_layers, alpha, learn_alpha, steps,
-                         batch_size, lr, max_windows, corpus, device, seed, checkpoint_every)
-        info = sparsity(out, model, checkpoint, cfg, split_words(methods), n_fit, n_eval, n_down, rank, epochs, seed=seed,
-                        resume=resume, hf_seq_len=hf_seq_len, hf_finetune_steps=hf_finetune_steps, loss=loss,
-                        force_window=force_window, force_cls=force_cls, quiet=quiet)
+        cfg = EntmaxTrainConfig(**settings[TRAIN])
+        info = sparsity(out, train=cfg, seed=cfg.seed, resume=resume, quiet=quiet, **settings[RUN])
         _print_summary(info)
     except AttnlabError as e:
         fail(e)
+
+
+config_command(app, "run", [TRAIN, RUN], _run, skip=("out", "train", "resume", "quiet"),
+               help_extra={**TRAIN_HELP,
+                           "model": "'small' (our entmax transformer) or an HF model ('minilm') with entmax swapped in",
+                           "checkpoint": "Load this small-model checkpoint instead of training",
+                           "methods": "Predictors (repeat or comma-separate; None: every registered 'default' one: "
+                                      "distance-thr, distance-knn, quantization, clustering, window, bigbird, lsh, "
+                                      "routing, oracle-topk)",
+                           "n_fit": "Windows used to fit predictors", "n_eval": "Held-out windows for the sweeps",
+                           "n_down": "Held-out windows for downstream evaluation (0 = skip)",
+                           "rank": "Projection dimension r of the learned predictors",
+                           "epochs": "Epochs of projection training (margin loss, Adam)",
+                           "targets": "Sparsities of the downstream operating points",
+                           "hf_seq_len": "Window length for an HF model",
+                           "hf_finetune_steps": "Entmax distillation fine-tuning steps for an HF model (0 = none)",
+                           "tokenizer": "Model folder / alias whose tokenizer reads the corpus for the small model",
+                           "loss": "Projection loss: sum (Sparsefinder's per-query sums) | pair (per-pair hinge)",
+                           "force_window": "Always predict edges with |i - j| <= this (-1 = off); counts in the metrics",
+                           "force_cls": "Always predict edges to and from token 0 ([CLS])"},
+               extra=[out_option("runs/sparsity", "Run directory (results.json section 'sparsity', PNGs, tensors)"),
+                      option("resume", bool, False, "--resume/--no-resume",
+                             help="Reuse a cached checkpoint / finished section in --out and continue an interrupted "
+                                  "training from its partial checkpoint."),
+                      quiet_option()])
 
 
 @app.command()
@@ -154,3 +131,38 @@ def _print_summary(info: dict, all_points: bool = False) -> None:
     for m, v in info["recall_at_0.9"].items():
         t2.add_row(m, "n/a" if v is None else f"{v:.3f}")
     con.print(t2)
+
+
+@app.command()
+def prefill(
+    model: str = typer.Option(..., "--model", help="Causal HF model folder or cached hub id (e.g. a folder from "
+                              "'attnlab lm train')."),
+    seq_len: int = typer.Option(16384, help="Tokens per held-out window (padded inside attention to a multiple "
+                                "of --block-size)."),
+    predictor: str = typer.Option("pooled", help="Block predictor name (the block-predictor registry, plus "
+                                  "'oracle' and 'full')."),
+    recall: float = typer.Option(0.95, help="Mass-recall target p per head."),
+    block_size: int = typer.Option(128, help="Tile size of the block pattern."),
+    windows: int = typer.Option(2, help="Held-out windows (spread across windows is reported)."),
+    rows: int = typer.Option(256, help="Sampled query rows per layer for exact recall and output error."),
+    reps: int = typer.Option(3, help="Timed forwards per window and mode."),
+    fallback: bool = typer.Option(True, help="Run heads above the kernel's measured break-even density dense."),
+    device: str = typer.Option("auto", help="auto (cuda if available) | cpu | cuda."),
+    out: Optional[str] = typer.Option(None, help="Write the full result (per layer/head) as JSON here."),
+):
+    """Real forward of a causal model with every attention layer replaced by predicted block-sparse attention:
+    per-head density, measured recall and output error; loss change and speed vs SDPA flash / cuDNN."""
+    from ..errors import AttnlabError
+    from ..io import write_json
+    from .prefill import PrefillConfig, format_summary, run_prefill
+
+    try:
+        cfg = PrefillConfig(model=model, seq_len=seq_len, predictor=predictor, recall=recall, block_size=block_size,
+                            windows=windows, rows=rows, reps=reps, fallback=fallback, device=device)
+        res = run_prefill(cfg, log=typer.echo)
+    except AttnlabError as e:
+        fail(e)
+    typer.echo(format_summary(res))
+    if out:
+        write_json(out, res)
+        typer.echo(f"wrote {out}")

@@ -51,7 +51,7 @@ def capture_layers(model, ids: torch.Tensor, batch_size: int = 16, alpha: float 
     """Run ``ids`` through ``model`` with alpha-entmax attention in every layer and keep q, k, valid and the
     gold entmax graph of every chosen layer. ``alpha``: one value, or one per layer (e.g. learned per head).
     """
-    from .train_entmax import entmax_handler
+    from .entmax_hf import entmax_handler
 
     src = as_source(model)
     L = src.n_layers
@@ -148,7 +148,7 @@ class _GoldOracle:
 def lm_eval(model, ids: torch.Tensor, objective: str, seed: int = 0, batch_size: int = 32,
             mask_prob: float = 0.15) -> dict:
     """Mean loss and token accuracy on compact ids (fixed MLM masks from ``seed``, so runs are paired)."""
-    from .train_entmax import lm_loss
+    from .vocab import lm_loss
 
     g = torch.Generator().manual_seed(seed)
     tot_l, tot_a, n = 0.0, 0.0, 0
@@ -201,7 +201,7 @@ class HiddenTask:
 
     def measure(self) -> torch.Tensor:
         """Final hidden states under the current attention."""
-        from .train_entmax import hf_hidden
+        from .entmax_hf import hf_hidden
 
         return torch.cat([hf_hidden(self.hf, c) for c in self.ids.split(self.batch_size)]).float()
 
@@ -220,7 +220,7 @@ def downstream(model, task, alpha: float | Sequence, fitted: dict[str, list], re
                targets: Sequence[float] = (0.8, 0.9, 0.95)) -> dict:
     """``task`` scores with every layer's entmax attention restricted to predicted graphs, per method at the
     knobs closest to ``targets`` (``task``: :class:`LMTask`, :class:`HiddenTask` or alike)."""
-    from .train_entmax import entmax_handler
+    from .entmax_hf import entmax_handler
 
     src = as_source(model)
     alphas = list(alpha) if isinstance(alpha, (list, tuple)) else [alpha] * src.n_layers

@@ -113,7 +113,7 @@ def _hf_model(run, name, train, quiet, n_fit, n_eval, n_down, hf_seq_len, hf_fin
     from ..capture.corpus import token_windows
     from ..sources.hf import load_model
     from .evaluate import HiddenTask
-    from .train_entmax import finetune_hf_entmax
+    from .entmax_hf import finetune_hf_entmax
 
     net = load_model(name, device=train.device)
     if hf_seq_len > net.max_len:

@@ -73,34 +73,53 @@ def _configs(d_model: int, n_heads: int, n_layers: int, attention: str, lr: floa
                        n_test=n_test, n_val=n_test, monitor=monitor)
 
 
+ModelOpt = Annotated[str, typer.Option(
+    "--model", help="bounded (default: the norm-bounded one-layer attention head the log T theorem covers; every "
+    "norm projected after each step) | transformer (SmallTransformer with LayerNorm, biases, MLP; norms only as "
+    "--norm-mode sets them).")]
+EmbBound = Annotated[float, typer.Option(help="Bounded model: bound on every token/position embedding row's norm.")]
+
+
 @app.command(context_settings={"allow_extra_args": True})
 def sweep(
     ctx: typer.Context,
     task: Task = "and",
     s: int = typer.Option(3, "--s", help="Number of relevant (hidden) bits; must be <= every T."),
-    T: List[str] = typer.Option(["16", "32", "64", "128"], "--T", help=T_HELP),
-    seeds: int = typer.Option(3, help="Number of seeds (seed, seed+1, ...); each changes positions, data and init."),
+    T: List[str] = typer.Option([str(t) for t in (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)], "--T",
+                                help=T_HELP + " The law fits need at least 5 values with a reached m*."),
+    seeds: int = typer.Option(5, help="Number of seeds (seed, seed+1, ...); each changes positions, data and init."),
     seed: int = typer.Option(0, help="First seed."),
     threshold: float = typer.Option(0.95, help="Test accuracy that counts as learned, in (0, 1]."),
-    share: float = typer.Option(0.5, help="Fraction of seeds that must reach --threshold, in (0, 1]."),
     m_min: int = typer.Option(8, help="First train size tried by the doubling search."),
-    m_max: int = typer.Option(65536, help="Largest train size tried; m* is reported as not reached beyond it."),
-    rtol: float = typer.Option(0.1, help="Bisection stops when (hi - lo) <= rtol * hi; 0 = exact."),
+    m_max: int = typer.Option(65536, help="Largest train size tried; beyond it a seed is 'not learned up to m_max'."),
+    rtol: float = typer.Option(0.05, help="Refinement stops when (hi - lo) <= rtol * hi per seed; 0 = exact."),
+    points: int = typer.Option(4, help="Train sizes tried inside each seed's bracket per refinement round."),
     balanced: Balanced = True,
     noise: Noise = 0.0,
-    d_model: DModel = 64,
-    n_heads: NHeads = 2,
+    model: ModelOpt = "bounded",
+    contrast: str = typer.Option("mlp", help="Contrast learner on the same tasks and protocol: mlp (ReLU MLP on the "
+                                             "flattened bits, SGD) | none."),
+    contrast_max_t: Optional[int] = typer.Option(None, "--contrast-max-T", help="Run the contrast only for T <= this."),
+    d_model: Optional[int] = typer.Option(None, help="Model width (default 32 bounded, 64 transformer)."),
+    n_heads: Optional[int] = typer.Option(None, help="Attention heads (default 1 bounded, 2 transformer)."),
     n_layers: NLayers = 1,
     attention: Attention = "softmax",
-    lr: Lr = 1e-3,
+    lr: Optional[float] = typer.Option(None, help="Adam learning rate (default 1e-2 bounded, 1e-3 transformer)."),
     batch_size: BatchSize = 64,
-    max_steps: MaxSteps = 2000,
+    max_steps: Optional[int] = typer.Option(None, help="Optimiser steps at most per run (default 1500 bounded, "
+                                                       "2000 transformer)."),
+    restarts: int = typer.Option(1, help="Bounded/MLP: initialisations per (m, seed); lowest training loss wins."),
     weight_decay: WeightDecay = 0.01,
     norm_mode: NormMode = "none",
-    qk_bound: QkBound = None,
-    v_bound: VBound = None,
-    out_bound: OutBound = None,
+    emb_bound: EmbBound = 1.0,
+    qk_bound: float = typer.Option(16.0, help="Bound on ||W_Q^h^T W_K^h||_F per head (bounded; transformer with "
+                                              "--norm-mode constrain)."),
+    v_bound: float = typer.Option(4.0, help="Bound on ||W_V||_F (bounded; transformer with constrain)."),
+    out_bound: float = typer.Option(4.0, help="Bound on the classifier's ||W_c||_F (bounded; transformer with constrain)."),
     penalty: Penalty = 0.0,
+    norm_sweep: List[str] = typer.Option([], "--norm-sweep", help="qk bounds for the norm/sample trade-off at --norm-T "
+                                                                  "(e.g. --norm-sweep 2,4,8,16)."),
+    norm_t: Optional[int] = typer.Option(None, "--norm-T", help="T of the norm sweep (default: the median --T)."),
     n_test: NTest = 1000,
     monitor: Monitor = "val",
     probe: bool = typer.Option(True, help="Probe the readout attention at the largest T reached."),
@@ -109,19 +128,38 @@ def sweep(
     resume: bool = typer.Option(False, help="Reuse finished (T, m, seed) trials from the run directory."),
     device: Device = "cpu",
 ) -> None:
-    """Find m*(T), the smallest train size reaching --threshold, for each T; fit a + b log T vs a + b T^c."""
+    """Find m*(T) per seed (median, bootstrap CI) for the model and a contrast learner; fit log vs power laws."""
     from ..errors import AttnlabError, ConfigError
     from .complexity import SearchConfig
+    from .ensemble import Bounds, EnsembleConfig
     from .experiment import SweepConfig, run_sweep
 
     try:
         Ts = parse_ints(T, ctx.args)
-        train = _configs(d_model, n_heads, n_layers, attention, lr, batch_size, max_steps, weight_decay,
-                         norm_mode, qk_bound, v_bound, out_bound, penalty, n_test, monitor)
+        sweep_bounds = []
+        for v in norm_sweep:
+            for part in str(v).replace(",", " ").split():
+                try:
+                    sweep_bounds.append(float(part))
+                except ValueError:
+                    raise ConfigError(f"--norm-sweep: {part!r} is not a number") from None
+        if any(not b > 0 for b in sweep_bounds):
+            raise ConfigError(f"--norm-sweep bounds must be > 0 (got {sweep_bounds})")
+        given = {k: v for k, v in (("d_model", d_model), ("n_heads", n_heads), ("lr", lr), ("max_steps", max_steps))
+                 if v is not None}
+        bounded = EnsembleConfig(kind="bounded", batch_size=batch_size, restarts=restarts, n_test=n_test,
+                                 bounds=Bounds(emb=emb_bound, qk=qk_bound, v=v_bound, out=out_bound), **given)
+        mlp = EnsembleConfig(kind="mlp", lr=0.05, batch_size=batch_size, restarts=restarts, n_test=n_test,
+                             **{k: v for k, v in given.items() if k == "max_steps"})
+        train = _configs(given.get("d_model", 64), given.get("n_heads", 2), n_layers, attention, given.get("lr", 1e-3),
+                         batch_size, given.get("max_steps", 2000), weight_decay, norm_mode,
+                         qk_bound if norm_mode == "constrain" else None, v_bound if norm_mode == "constrain" else None,
+                         out_bound if norm_mode == "constrain" else None, penalty, n_test, monitor)
         _check_memory(max(Ts, default=0), train)
-        search = SearchConfig(threshold=threshold, share=share, m_min=m_min, m_max=m_max, rtol=rtol)
-        cfg = SweepConfig(task=task, s=s, Ts=Ts, seeds=seeds, seed=seed, balanced=balanced, noise=noise,
-                          train=train, search=search, probe=probe, budget_s=budget_s)
+        search = SearchConfig(threshold=threshold, m_min=m_min, m_max=m_max, rtol=rtol, points=points)
+        cfg = SweepConfig(task=task, s=s, Ts=Ts, seeds=seeds, seed=seed, balanced=balanced, noise=noise, model=model,
+                          bounded=bounded, train=train, contrast=contrast, mlp=mlp, contrast_max_T=contrast_max_t,
+                          search=search, norm_sweep=sweep_bounds, norm_T=norm_t, probe=probe, budget_s=budget_s)
         section = run_sweep(cfg, out, device=device, resume=resume, log=typer.echo)
         if section.get("skipped_T"):
             typer.secho(f"warning: --budget-s {budget_s:g} ran out; skipped T = {section['skipped_T']}", err=True)
@@ -131,7 +169,8 @@ def sweep(
     except AttnlabError as e:
         fail(e)
     fits = section.get("fits")
-    typer.echo(f"best law: {fits['best'] if fits else 'n/a'}; results in {out}/results.json (section 'variables')")
+    verdict = f"{fits['verdict']} ({fits['reason']})" if fits else f"no fit ({section.get('fit_error')})"
+    typer.echo(f"law: {verdict}; results in {out}/results.json (section 'variables')")
 
 
 @app.command()

@@ -1,9 +1,14 @@
 """Sample complexity m*(T): the smallest train size whose test accuracy reaches a threshold.
 
-m*(T) is the smallest m such that at least ``share`` of the seeds reach ``threshold`` test accuracy,
-found by doubling from ``m_min`` until success, then bisection between the last failure and the
-first success until they are within ``rtol`` (relative) or adjacent. Every trial (T, m, seed) is
-written to a JSON file as soon as it finishes, so an interrupted sweep resumes without redoing it.
+Per seed, m*_s is the smallest tried m from which every larger tried m reaches ``threshold`` test
+accuracy. It is found in rounds: doubling blocks (``m_min``, 2 m_min, ... ``doubling`` sizes at a time, up
+to ``m_max``) until a seed succeeds, then ``points`` geometrically spaced sizes inside each seed's bracket
+(last failure, first success) per round until ``hi - lo <= rtol * hi`` (or the bracket is two adjacent
+integers). All seeds' trials of a round go to the learner at once, so a vectorised learner trains them
+in one ensemble. m*(T) is the median over seeds with a bootstrap confidence interval; a seed that never
+reaches the threshold by ``m_max`` counts as infinite (so m*(T) is "not learned up to m_max" when half
+the seeds fail). Every trial (T, m, seed) is written to a JSON file as soon as its round (or, for a
+one-trial learner, the trial) finishes, so an interrupted sweep resumes without redoing it.
 """
 
 from __future__ import annotations
@@ -11,37 +16,50 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Optional, Union
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
+
+import numpy as np
 
 from ..errors import ConfigError, ResultsError
 from ..io import checkpoint_written, read_json, write_json
 
 # A learner trains on m examples of the length-T task with one seed and returns the test accuracy,
-# or a dict holding it under "accuracy" (other keys are stored with the trial).
-Learner = Callable[[int, int, int], Union[float, Mapping[str, Any]]]
+# or a dict holding it under "accuracy" (other keys are stored with the trial). A learner with the
+# attribute ``batched = True`` takes (T, [(m, seed), ...]) and returns one such result per pair.
+Learner = Callable[..., Any]
 
 
 @dataclass
 class SearchConfig:
-    """Settings of the doubling-then-bisection search."""
+    """Settings of the per-seed doubling-then-refinement search."""
 
     threshold: float = 0.95  # test accuracy that counts as learned
-    share: float = 0.5  # fraction of seeds that must reach it
     m_min: int = 8  # first train size tried
-    m_max: int = 65536  # give up (m* = None) beyond this
-    rtol: float = 0.1  # stop bisecting when (hi - lo) <= rtol * hi (0 = exact integer search)
+    m_max: int = 65536  # give up (m*_s = not learned) beyond this
+    rtol: float = 0.05  # stop refining when (hi - lo) <= rtol * hi (0 = exact integer search)
+    points: int = 4  # sizes tried inside each seed's bracket per refinement round
+    doubling: int = 8  # sizes per doubling round
+    disagree: float = 4.0  # flag a T whose per-seed m* differ by more than this factor (max / min)
+    n_boot: int = 2000  # bootstrap resamples for the CI of the median
+    level: float = 0.95  # confidence level
 
     def __post_init__(self) -> None:
         if not 0 < self.threshold <= 1:
             raise ConfigError(f"--threshold must be in (0, 1] (got {self.threshold})")
-        if not 0 < self.share <= 1:
-            raise ConfigError(f"--share must be in (0, 1] (got {self.share})")
         if self.m_min < 1:
             raise ConfigError(f"--m-min must be >= 1 (got {self.m_min})")
         if self.m_max < self.m_min:
             raise ConfigError(f"--m-max ({self.m_max}) must be >= --m-min ({self.m_min})")
         if not 0 <= self.rtol < 1:
             raise ConfigError(f"--rtol must be in [0, 1) (got {self.rtol})")
+        if self.points < 1:
+            raise ConfigError(f"--points must be >= 1 (got {self.points})")
+        if self.doubling < 1:
+            raise ConfigError(f"--doubling must be >= 1 (got {self.doubling})")
+        if not self.disagree > 1:
+            raise ConfigError(f"--disagree must be > 1 (got {self.disagree})")
+        if not 0 < self.level < 1:
+            raise ConfigError(f"--level must be in (0, 1) (got {self.level})")
 
 
 def trial_key(T: int, m: int, seed: int) -> str:
@@ -70,19 +88,51 @@ class TrialStore:
 
     def put(self, T: int, m: int, seed: int, record: Mapping[str, Any]) -> None:
         """Store one trial and rewrite the file atomically."""
-        self.trials[trial_key(T, m, seed)] = {"T": T, "m": m, "seed": seed, **record}
+        self.put_many([{**record, "T": T, "m": m, "seed": seed}])
+
+    def put_many(self, records: Sequence[Mapping[str, Any]]) -> None:
+        """Store several trials (each with T, m, seed keys) in one atomic rewrite."""
+        for r in records:
+            self.trials[trial_key(r["T"], r["m"], r["seed"])] = dict(r)
         write_json(self.path, {"fingerprint": self.fingerprint, "trials": self.trials})
         checkpoint_written()
 
 
+def median_ci(values: Sequence[Optional[float]], n_boot: int = 2000, level: float = 0.95, seed: int = 0
+              ) -> tuple[Optional[float], list[Optional[float]]]:
+    """Median of ``values`` (None = infinite) and its percentile-bootstrap CI; infinite ends come back as None."""
+    v = np.array([math.inf if x is None else float(x) for x in values])
+    if v.size == 0:
+        raise ConfigError("median_ci needs at least one value")
+    as_opt = lambda x: None if not math.isfinite(x) else float(x)  # noqa: E731
+    med = _median(v)
+    rng = np.random.default_rng(seed)
+    boots = np.array([_median(v[rng.integers(0, len(v), len(v))]) for _ in range(n_boot)])
+    a = (1 - level) / 2
+    lo, hi = float(np.quantile(boots, a, method="lower")), float(np.quantile(boots, 1 - a, method="higher"))
+    return as_opt(med), [as_opt(lo), as_opt(hi)]
+
+
+def _median(v: np.ndarray) -> float:
+    """Median allowing +inf entries (inf when the middle order statistics are infinite)."""
+    s = np.sort(v)
+    n = len(s)
+    mid = s[(n - 1) // 2: n // 2 + 1]
+    return float(mid.mean()) if np.all(np.isfinite(mid)) else math.inf
+
+
 @dataclass
 class ComplexityResult:
-    """m*(T) with every trial the search ran."""
+    """m*(T) (median over seeds, CI) with every trial the search ran."""
 
     T: int
-    m_star: Optional[int]  # None if not reached by m_max
-    lower: int  # largest m that failed (0 if none)
-    per_seed: dict[int, Optional[int]]  # smallest tried m at which each seed reached the threshold
+    m_star: Optional[float]  # median over seeds of m*_s; None = not learned up to m_max by half the seeds
+    ci: list[Optional[float]]  # bootstrap CI of the median (None = unbounded)
+    lower: int  # median over seeds of the largest failing m below m*_s
+    per_seed: dict[int, Optional[int]]  # m*_s per seed (None = not reached by m_max)
+    m_max: int = 0
+    n_learned: int = 0  # seeds that reached the threshold
+    flag: Optional[str] = None  # seeds disagree wildly / some seeds never learned
     trials: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -90,58 +140,100 @@ class ComplexityResult:
         return asdict(self)
 
 
-def _run_trial(learner: Learner, T: int, m: int, seed: int, store: Optional[TrialStore]) -> dict[str, Any]:
-    """Run (or fetch from the store) one trial; return its record with an 'accuracy' key."""
-    if store is not None and (rec := store.get(T, m, seed)) is not None:
-        return rec
-    out = learner(T, m, seed)
-    rec = dict(out) if isinstance(out, Mapping) else {"accuracy": float(out)}
-    if "accuracy" not in rec:
-        raise ConfigError("learner must return an accuracy or a dict with key 'accuracy'")
-    rec = {"T": T, "m": m, "seed": seed, **rec}
-    if store is not None:
-        store.put(T, m, seed, rec)
-    return rec
+def _bracket(tested: Mapping[int, bool]) -> tuple[int, Optional[int]]:
+    """(lo, hi): hi = smallest tried m from which every larger tried m succeeds (None if the largest fails)."""
+    hi = None
+    for m in sorted(tested, reverse=True):
+        if not tested[m]:
+            break
+        hi = m
+    lo = max((m for m in tested if hi is None or m < hi), default=0)
+    return lo, hi
+
+
+def _interior(lo: int, hi: int, k: int) -> list[int]:
+    """Up to k integers strictly inside (lo, hi), geometrically spaced (all of them if few)."""
+    if hi - lo - 1 <= k:
+        return list(range(lo + 1, hi))
+    pts = {int(round(lo * (hi / lo) ** (j / (k + 1)))) for j in range(1, k + 1)}
+    pts = sorted(p for p in pts if lo < p < hi)
+    return pts or [(lo + hi) // 2]
+
+
+def _run_round(learner: Learner, T: int, pairs: list[tuple[int, int]], store: Optional[TrialStore]
+               ) -> list[dict[str, Any]]:
+    """Run (or fetch from the store) the trials (m, seed) of one round; records with an 'accuracy' key."""
+    cached = {p: store.get(T, *p) for p in pairs} if store is not None else {p: None for p in pairs}
+    todo = [p for p in pairs if cached[p] is None]
+
+    def record(p: tuple[int, int], out: Any) -> dict[str, Any]:
+        rec = dict(out) if isinstance(out, Mapping) else {"accuracy": float(out)}
+        if "accuracy" not in rec:
+            raise ConfigError("learner must return an accuracy or a dict with key 'accuracy'")
+        return {**rec, "T": T, "m": p[0], "seed": p[1]}
+
+    if getattr(learner, "batched", False) and todo:
+        outs = learner(T, todo)
+        if len(outs) != len(todo):
+            raise ResultsError(f"batched learner returned {len(outs)} results for {len(todo)} trials")
+        recs = [record(p, o) for p, o in zip(todo, outs)]
+        if store is not None:
+            store.put_many(recs)
+        cached.update(zip(todo, recs))
+    else:
+        for p in todo:
+            rec = record(p, learner(T, *p))
+            if store is not None:
+                store.put_many([rec])
+            cached[p] = rec
+    return [cached[p] for p in pairs]
 
 
 def sample_complexity(
     learner: Learner, T: int, seeds: Iterable[int], cfg: Optional[SearchConfig] = None,
     store: Optional[TrialStore] = None,
 ) -> ComplexityResult:
-    """Find m*(T) for ``learner`` by doubling then bisection (see module docstring)."""
+    """Find m*_s per seed and their median m*(T) (see module docstring)."""
     cfg = cfg or SearchConfig()
     seeds = list(seeds)
     if not seeds:
         raise ConfigError("--seeds must be >= 1")
-    need = math.ceil(cfg.share * len(seeds) - 1e-9)
+    tested: dict[int, dict[int, bool]] = {s: {} for s in seeds}
     trials: list[dict[str, Any]] = []
-
-    def succeeds(m: int) -> bool:
-        recs = [_run_trial(learner, T, m, s, store) for s in seeds]
-        trials.extend(recs)
-        return sum(r["accuracy"] >= cfg.threshold for r in recs) >= need
-
-    lo, hi, m = 0, None, cfg.m_min
-    while True:  # doubling
-        if succeeds(m):
-            hi = m
+    while True:
+        pairs: list[tuple[int, int]] = []
+        for s in seeds:
+            lo, hi = _bracket(tested[s])
+            if hi is None:
+                top = max(tested[s], default=0)
+                if top >= cfg.m_max:
+                    continue
+                start = cfg.m_min if not tested[s] else 2 * top
+                block = sorted({min(start * 2**j, cfg.m_max) for j in range(cfg.doubling)})
+                pairs += [(m, s) for m in block]
+            elif lo > 0 and hi - lo > max(1.0, cfg.rtol * hi):
+                pairs += [(m, s) for m in _interior(lo, hi, cfg.points)]
+        if not pairs:
             break
-        lo = m
-        if m >= cfg.m_max:
-            break
-        m = min(2 * m, cfg.m_max)
-    if hi is not None:
-        while hi - lo > max(1.0, cfg.rtol * hi) and lo > 0:  # bisection (lo = 0: m_min itself succeeded)
-            mid = (lo + hi) // 2
-            if succeeds(mid):
-                hi = mid
-            else:
-                lo = mid
-    per_seed: dict[int, Optional[int]] = {}
+        for rec in _run_round(learner, T, pairs, store):
+            trials.append(rec)
+            tested[rec["seed"]][rec["m"]] = rec["accuracy"] >= cfg.threshold
+    per_seed, lowers = {}, []
     for s in seeds:
-        ok = [r["m"] for r in trials if r["seed"] == s and r["accuracy"] >= cfg.threshold]
-        per_seed[s] = min(ok) if ok else None
-    return ComplexityResult(T=T, m_star=hi, lower=lo, per_seed=per_seed, trials=trials)
+        lo, hi = _bracket(tested[s])
+        per_seed[s] = hi
+        lowers.append(lo)
+    med, ci = median_ci(list(per_seed.values()), cfg.n_boot, cfg.level)
+    got = [v for v in per_seed.values() if v is not None]
+    flag = None
+    if len(got) < len(seeds):
+        flag = f"{len(seeds) - len(got)} of {len(seeds)} seeds not learned up to m = {cfg.m_max}"
+    elif len(got) > 1 and max(got) > cfg.disagree * min(got):
+        flag = f"seeds disagree: per-seed m* from {min(got)} to {max(got)} (> {cfg.disagree:g}x)"
+    if med is not None and float(med).is_integer():
+        med = int(med)
+    return ComplexityResult(T=T, m_star=med, ci=ci, lower=int(np.median(lowers)), per_seed=per_seed,
+                            m_max=cfg.m_max, n_learned=len(got), flag=flag, trials=trials)
 
 
 def sweep(

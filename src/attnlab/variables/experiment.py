@@ -1,6 +1,8 @@
-"""The full experiment: sweep m*(T) with real training, fit the laws, probe attention, plot, save.
+"""The full experiment: m*(T) of the bounded-norm attention head and of a contrast learner, law fits,
+the norm/sample trade-off, the attention probe, plots.
 
-Results go to the run directory: trials in ``variables_trials.json`` (one write per trial, resumable),
+Results go to the run directory: trials in ``variables_trials.json`` (main model),
+``variables_contrast_trials.json`` and ``variables_norm_trials.json`` (one write per round, resumable),
 the summary in the ``variables`` section of ``results.json`` (rewritten after every T), plots as PNG.
 """
 
@@ -14,135 +16,286 @@ from typing import Any, Callable, Optional, Union
 from ..errors import AttnlabError, ConfigError
 from ..io import RunDir
 from .complexity import Learner, SearchConfig, TrialStore, sample_complexity
+from .ensemble import Bounds, EnsembleConfig, Member, train_ensemble
+from .fit import MIN_POINTS
 from .tasks import make_task
 from .train import TrainConfig, resolve_device, train_model
 
 SECTION = "variables"
 TRIALS_FILE = "variables_trials.json"
+CONTRAST_TRIALS_FILE = "variables_contrast_trials.json"
+NORM_TRIALS_FILE = "variables_norm_trials.json"
+MODELS = ("bounded", "transformer")
+CONTRASTS = ("mlp", "none")
+DEFAULT_TS = [16, 32, 64, 128, 256, 512, 1024, 2048, 4096]
+# settings shared by the transformer's TrainConfig and the ensembles' EnsembleConfig
+SHARED = ("d_model", "n_heads", "lr", "batch_size", "max_steps", "eval_every", "patience", "n_test")
 
 
 @dataclass
 class SweepConfig:
-    """What to sweep: task, context lengths, seeds, training and search settings."""
+    """What to sweep: task, context lengths, seeds, the model (and contrast), training and search settings."""
 
     task: str = "and"  # parity | and | or | majority | random
     s: int = 3  # number of relevant bits
-    Ts: list[int] = field(default_factory=lambda: [16, 32, 64, 128])  # context lengths
-    seeds: int = 3  # seeds 0 .. seeds-1 (offset by seed)
+    Ts: list[int] = field(default_factory=lambda: list(DEFAULT_TS))  # context lengths
+    seeds: int = 5  # seeds 0 .. seeds-1 (offset by seed)
     seed: int = 0  # first seed
     balanced: bool = True  # 50/50 labels
     noise: float = 0.0  # train label-flip probability
-    train: TrainConfig = field(default_factory=TrainConfig)
+    model: str = "bounded"  # bounded (the theorem's norm-bounded class) | transformer (SmallTransformer)
+    bounded: EnsembleConfig = field(default_factory=lambda: EnsembleConfig(kind="bounded", bounds=Bounds()))
+    train: TrainConfig = field(default_factory=TrainConfig)  # the transformer's settings
+    contrast: str = "mlp"  # mlp | none
+    mlp: EnsembleConfig = field(default_factory=lambda: EnsembleConfig(kind="mlp", lr=0.05))
+    contrast_max_T: Optional[int] = None  # no contrast above this T (None = every T)
     search: SearchConfig = field(default_factory=SearchConfig)
+    norm_sweep: list[float] = field(default_factory=list)  # qk bounds for the norm/sample trade-off
+    norm_T: Optional[int] = None  # T of the trade-off sweep (default: the median --T)
     probe: bool = True  # probe attention at the largest T reached
     budget_s: Optional[float] = None  # start no new T after this many seconds
+    max_members: int = 96  # largest ensemble trained at once (memory)
 
     def __post_init__(self) -> None:
         if isinstance(self.train, dict):
-            self.train = TrainConfig(**self.train)
+            given = dict(self.train)
+            self.train = TrainConfig(**given)
+            if isinstance(self.bounded, EnsembleConfig):  # shared keys given for the training apply to both
+                self.bounded = EnsembleConfig(**{**asdict(self.bounded), **{k: v for k, v in given.items() if k in SHARED}})
+        if isinstance(self.bounded, dict):
+            self.bounded = EnsembleConfig(**{"kind": "bounded", "bounds": Bounds(), **self.bounded})
+        if isinstance(self.mlp, dict):
+            self.mlp = EnsembleConfig(**{"kind": "mlp", "lr": 0.05, **self.mlp})
         if isinstance(self.search, dict):
             self.search = SearchConfig(**self.search)
+        if self.model not in MODELS:
+            raise ConfigError(f"--model must be one of {', '.join(MODELS)} (got {self.model!r})")
+        if self.contrast not in CONTRASTS:
+            raise ConfigError(f"--contrast must be one of {', '.join(CONTRASTS)} (got {self.contrast!r})")
         if not self.Ts:
             raise ConfigError("--T: give at least one context length")
         for T in self.Ts:
             make_task(self.task, T, self.s, 0, self.balanced, self.noise)  # validates task, s, T, noise
         if self.seeds < 1:
             raise ConfigError(f"--seeds must be >= 1 (got {self.seeds})")
+        if any(not b > 0 for b in self.norm_sweep):
+            raise ConfigError(f"--norm-sweep bounds must be > 0 (got {self.norm_sweep})")
+        if self.norm_sweep and self.model != "bounded":
+            raise ConfigError("--norm-sweep needs --model bounded")
         self.Ts = sorted(set(int(t) for t in self.Ts))
+        if self.norm_T is not None:
+            make_task(self.task, self.norm_T, self.s, 0)
+        if self.max_members < 1:
+            raise ConfigError(f"--max-members must be >= 1 (got {self.max_members})")
 
     def seed_list(self) -> list[int]:
         """The seeds used."""
         return list(range(self.seed, self.seed + self.seeds))
 
-    def fingerprint(self) -> dict[str, Any]:
+    def fingerprint(self, learner: str) -> dict[str, Any]:
         """Settings a trial's outcome depends on (a resume must match them)."""
-        return {"task": self.task, "s": self.s, "balanced": self.balanced, "noise": self.noise,
-                "train": self.train.to_dict()}
+        base = {"task": self.task, "s": self.s, "balanced": self.balanced, "noise": self.noise, "learner": learner}
+        if learner == "transformer":
+            return {**base, "train": self.train.to_dict()}
+        cfg = self.mlp if learner == "mlp" else self.bounded
+        return {**base, "train": asdict(cfg)}
+
+
+def ensemble_learner(cfg: SweepConfig, ens: EnsembleConfig, device: str) -> Learner:
+    """A batched learner: (T, [(m, seed), ...]) -> records, training the trials as ensembles."""
+
+    def learn(T: int, pairs: list[tuple[int, int]]) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        chunk = max(1, cfg.max_members // ens.restarts)
+        for i in range(0, len(pairs), chunk):
+            part = pairs[i:i + chunk]
+            members = [Member(make_task(cfg.task, T, cfg.s, sd, cfg.balanced, cfg.noise), m, sd) for m, sd in part]
+            out += train_ensemble(members, ens, device)
+        return out
+
+    learn.batched = True  # type: ignore[attr-defined]
+    return learn
 
 
 def make_learner(cfg: SweepConfig, device: str = "cpu") -> Learner:
-    """A learner (T, m, seed) -> record with the test accuracy, training real models."""
+    """The main learner: the bounded-norm head (batched) or the SmallTransformer (one trial at a time)."""
+    if cfg.model == "bounded":
+        return ensemble_learner(cfg, cfg.bounded, device)
 
     def learn(T: int, m: int, seed: int) -> dict[str, Any]:
         task = make_task(cfg.task, T, cfg.s, seed, cfg.balanced, cfg.noise)
         r = train_model(task, m, cfg.train, device=device, seed=seed)
         return {"accuracy": r.test_acc, "train_acc": r.train_acc, "val_acc": r.val_acc, "steps": r.steps,
-                "best_step": r.best_step, "seconds": round(r.seconds, 3), "qk_max": r.norms["qk_max"],
-                "v": r.norms["v"], "out": r.norms["out"]}
+                "best_step": r.best_step, "seconds": round(r.seconds, 3), "norm_qk": r.norms["qk_max"],
+                "norm_v": max(r.norms["v"]), "norm_out": r.norms["out"]}
 
     return learn
+
+
+def _summary(res, t1: float) -> dict[str, Any]:
+    """JSON summary of one ComplexityResult: m*, CI, per seed, flags, and the largest norms of its trials."""
+    d = res.to_dict()
+    trials = d.pop("trials")
+    d["n_trials"] = len(trials)
+    d["seconds"] = round(time.perf_counter() - t1, 2)
+    norms = sorted({k for r in trials for k in r if k.startswith("norm_")})
+    d["norms_max"] = {k[5:]: max(r[k] for r in trials if k in r) for k in norms}
+    return d
+
+
+def _log_result(log: Callable[[str], None], name: str, d: dict[str, Any]) -> None:
+    """One progress line per T."""
+    ci = d["ci"]
+    log(f"{name:>11} T={d['T']:5d}  m*={d['m_star']}  CI [{ci[0]}, {ci[1]}]  per-seed={list(d['per_seed'].values())}"
+        f"{'  FLAG: ' + d['flag'] if d.get('flag') else ''}  {d['seconds']:.1f}s")
 
 
 def run_sweep(
     cfg: SweepConfig, out: Union[str, Path, RunDir], device: str = "cpu", resume: bool = False,
     learner: Optional[Learner] = None, log: Callable[[str], None] = print, plots: bool = True,
+    contrast_learner: Optional[Learner] = None,
 ) -> dict[str, Any]:
-    """Run the sweep, fit, probe and plot; write the ``variables`` section and return it."""
+    """Run the sweeps (model, contrast, norm trade-off), fit, probe and plot; write and return the section."""
     run = out if isinstance(out, RunDir) else RunDir(out)
     dev = str(resolve_device(device))
     learner = learner or make_learner(cfg, dev)
+    if cfg.contrast == "mlp" and contrast_learner is None:
+        contrast_learner = ensemble_learner(cfg, cfg.mlp, dev)
     cfg_dict = asdict(cfg)
     run.write_config(SECTION, {**cfg_dict, "device": dev})
-    store = TrialStore(run.file(TRIALS_FILE), cfg.fingerprint(), resume=resume)
+    store = TrialStore(run.file(TRIALS_FILE), cfg.fingerprint(cfg.model), resume=resume)
+    c_store = TrialStore(run.file(CONTRAST_TRIALS_FILE), cfg.fingerprint("mlp"), resume=resume)
+    if len(cfg.Ts) < MIN_POINTS:
+        log(f"note: {len(cfg.Ts)} values of --T; the law fits need at least {MIN_POINTS} with a reached m*")
     t0 = time.perf_counter()
-    section: dict[str, Any] = {"config": cfg_dict, "device": dev, "results": [], "skipped_T": []}
-    for T in cfg.Ts:
-        if cfg.budget_s is not None and time.perf_counter() - t0 > cfg.budget_s:
-            section["skipped_T"].append(T)
-            continue
-        t1 = time.perf_counter()
-        res = sample_complexity(learner, T, cfg.seed_list(), cfg.search, store)
-        d = res.to_dict()
-        d["n_trials"] = len(d.pop("trials"))
-        d["seconds"] = round(time.perf_counter() - t1, 2)
-        section["results"].append(d)
-        section["wall_s"] = round(time.perf_counter() - t0, 2)
+    section: dict[str, Any] = {"config": cfg_dict, "device": dev, "model": cfg.model, "results": [],
+                               "skipped_T": [], "contrast": None}
+    if cfg.contrast != "none":
+        section["contrast"] = {"model": cfg.contrast, "results": []}
+    seeds = cfg.seed_list()
+    # the model over every T first, then the contrast: a time budget cuts the contrast before the model
+    plan = [(cfg.model, section["results"], learner, store, list(cfg.Ts))]
+    if section["contrast"] is not None:
+        cts = [T for T in cfg.Ts if cfg.contrast_max_T is None or T <= cfg.contrast_max_T]
+        plan.append((cfg.contrast, section["contrast"]["results"], contrast_learner, c_store, cts))
+    for name, results, lrn, st, Ts in plan:
+        for T in Ts:
+            if cfg.budget_s is not None and time.perf_counter() - t0 > cfg.budget_s:
+                section["skipped_T"].append({"learner": name, "T": T})
+                continue
+            t1 = time.perf_counter()
+            d = _summary(sample_complexity(lrn, T, seeds, cfg.search, st), t1)
+            results.append(d)
+            _log_result(log, name, d)
+            section["wall_s"] = round(time.perf_counter() - t0, 2)
+            run.write_section(SECTION, section)
+    if cfg.norm_sweep and (cfg.budget_s is None or time.perf_counter() - t0 <= cfg.budget_s):
+        _norm_sweep(cfg, run, section, dev, resume, log)
         run.write_section(SECTION, section)
-        log(f"T={T:5d}  m*={res.m_star}  (lower {res.lower})  per-seed={res.per_seed}  {d['seconds']:.1f}s")
     _analyse(cfg, run, section, dev, log, plots)
     section["wall_s"] = round(time.perf_counter() - t0, 2)
     run.write_section(SECTION, section)
     return section
 
 
+def _norm_sweep(cfg: SweepConfig, run: RunDir, section: dict[str, Any], device: str, resume: bool,
+                log: Callable[[str], None]) -> None:
+    """m* at one T for each qk bound in ``cfg.norm_sweep`` (other bounds unchanged)."""
+    T = cfg.norm_T or cfg.Ts[len(cfg.Ts) // 2]
+    out: dict[str, Any] = {"T": T, "bound": "qk", "results": []}
+    section["norm_sweep"] = out
+    base = cfg.bounded.bounds or Bounds(emb=None, qk=None, v=None, out=None)
+    for b in cfg.norm_sweep:
+        ens = EnsembleConfig(**{**asdict(cfg.bounded), "bounds": Bounds(**{**asdict(base), "qk": b})})
+        store = TrialStore(run.file(NORM_TRIALS_FILE.replace(".json", f"_qk{b:g}.json")),
+                           {**cfg.fingerprint("bounded"), "train": asdict(ens)}, resume=resume)
+        t1 = time.perf_counter()
+        d = _summary(sample_complexity(ensemble_learner(cfg, ens, device), T, cfg.seed_list(), cfg.search, store), t1)
+        d["qk_bound"] = b
+        out["results"].append(d)
+        _log_result(log, f"qk<={b:g}", d)
+        run.write_section(SECTION, section)
+
+
+def _fit_into(target: dict[str, Any], results: list[dict[str, Any]], log: Callable[[str], None], name: str) -> None:
+    """Fit the laws to the reached points of ``results``; record 'fits' or 'fit_error' and 'not_learned'."""
+    from .fit import fit_laws
+
+    done = [r for r in results if r["m_star"] is not None]
+    target["not_learned"] = [{"T": r["T"], "m_max": r["m_max"]} for r in results if r["m_star"] is None]
+    for r in target["not_learned"]:
+        log(f"{name}: T={r['T']} not learned up to m = {r['m_max']} (not a fitted point)")
+    try:
+        fits = fit_laws([r["T"] for r in done], [r["m_star"] for r in done],
+                        per_seed=[list(r["per_seed"].values()) for r in done])
+        target["fits"], target["fit_error"] = fits.to_dict(), None
+        c = fits.power.ci["c"]
+        log(f"{name} fits: log R2={fits.log.r2:.3f} (CI {fits.log.ci.get('r2')}), b={fits.log.params['b']:.3g} "
+            f"CI {fits.log.ci['b']}; power c={fits.power.params['c']:.3g} CI [{c[0]:.3g}, {c[1]:.3g}]; "
+            f"verdict: {fits.verdict} ({fits.reason})")
+    except AttnlabError as e:
+        target["fits"], target["fit_error"] = None, str(e)
+        log(f"{name} fits skipped: {e}")
+
+
 def _analyse(cfg: SweepConfig, run: RunDir, section: dict[str, Any], device: str,
              log: Callable[[str], None], plots: bool) -> None:
     """Fit the laws, probe attention and draw the plots into ``section``."""
-    from .fit import fit_laws
-
-    done = [r for r in section["results"] if r["m_star"] is not None]
-    try:
-        fits = fit_laws([r["T"] for r in done], [r["m_star"] for r in done])
-        section["fits"] = fits.to_dict()
-        log(f"fits: log SSE={fits.log.sse:.4g} AICc={fits.log.aic:.2f}; power SSE={fits.power.sse:.4g} "
-            f"AICc={fits.power.aic:.2f} (c={fits.power.params['c']:.3f}); best: {fits.best}")
-    except AttnlabError as e:
-        section["fits"], section["fit_error"] = None, str(e)
-        log(f"fits skipped: {e}")
+    _fit_into(section, section["results"], log, cfg.model)
+    if section.get("contrast"):
+        _fit_into(section["contrast"], section["contrast"]["results"], log, cfg.contrast)
     section["plots"] = []
+    done = [r for r in section["results"] if r["m_star"] is not None]
     if cfg.probe and done:
-        from .probe import attention_probe
-
-        top = done[-1]
-        task = make_task(cfg.task, top["T"], cfg.s, cfg.seed, cfg.balanced, cfg.noise)
-        r = train_model(task, top["m_star"], cfg.train, device=device, seed=cfg.seed)
-        section["probe"] = {"T": top["T"], "m": top["m_star"], "seed": cfg.seed, "test_acc": r.test_acc,
-                            **attention_probe(r.model, task)}
-        log(f"probe at T={top['T']}, m={top['m_star']}: mass on relevant per layer/head {section['probe']['mass']}")
+        section["probe"] = _probe(cfg, done[-1], device)
+        p = section["probe"]
+        log(f"probe at T={p['T']}: readout attention mass on the {cfg.s} relevant positions "
+            f"median {p['mass_median']:.3f} over seeds {p['mass_per_seed']}")
     if plots:
-        from .plots import COMPLEXITY_PNG, PROBE_PNG, plot_complexity, plot_probe
+        from .plots import COMPLEXITY_PNG, NORM_PNG, PROBE_PNG, plot_complexity, plot_norm_sweep, plot_probe
 
-        if done:
-            plot_complexity(section["results"], section.get("fits"), run.file(COMPLEXITY_PNG))
+        if section["results"] or (section.get("contrast") or {}).get("results"):
+            plot_complexity(section, run.file(COMPLEXITY_PNG))
             section["plots"].append(COMPLEXITY_PNG)
         if section.get("probe"):
             plot_probe(section["probe"], run.file(PROBE_PNG))
             section["plots"].append(PROBE_PNG)
+        if section.get("norm_sweep", {}).get("results"):
+            plot_norm_sweep(section["norm_sweep"], run.file(NORM_PNG))
+            section["plots"].append(NORM_PNG)
+
+
+def _probe(cfg: SweepConfig, top: dict[str, Any], device: str) -> dict[str, Any]:
+    """Train each learned seed at its own m*_s at the largest reached T and probe the readout attention."""
+    from .probe import attention_probe
+
+    T = top["T"]
+    pairs = [(m, int(sd)) for sd, m in top["per_seed"].items() if m is not None]
+    per_seed: dict[str, Any] = {}
+    if cfg.model == "bounded":
+        from .ensemble import bounded_probe
+
+        members = [Member(make_task(cfg.task, T, cfg.s, sd, cfg.balanced, cfg.noise), m, sd) for m, sd in pairs]
+        recs, model, chosen = train_ensemble(members, cfg.bounded, device, return_model=True)
+        for (m, sd), e, rec, mb in zip(pairs, chosen, recs, members):
+            per_seed[str(sd)] = {"m": m, "test_acc": rec["accuracy"], **bounded_probe(model, e, mb.task)}
+    else:
+        for m, sd in pairs:
+            task = make_task(cfg.task, T, cfg.s, sd, cfg.balanced, cfg.noise)
+            r = train_model(task, m, cfg.train, device=device, seed=sd)
+            per_seed[str(sd)] = {"m": m, "test_acc": r.test_acc, **attention_probe(r.model, task)}
+    import numpy as np
+
+    # per seed: the readout's mass on the relevant positions, averaged over heads (and layers)
+    mass = {sd: float(np.mean(p["mass"])) for sd, p in per_seed.items()}
+    return {"T": T, "s": cfg.s, "per_seed": per_seed, "mass_per_seed": {k: round(v, 4) for k, v in mass.items()},
+            "mass_median": float(np.median(list(mass.values()))) if mass else float("nan"),
+            "uniform_mass": cfg.s / (T + 1)}
 
 
 def run_variables(out: Union[str, Path], device: str = "cpu", resume: bool = False, progress: bool = True,
                   **settings: Any) -> dict[str, Any]:
     """Python mirror of `attnlab variables sweep`: ``settings`` are :class:`SweepConfig` fields
-    (``train=`` / ``search=`` may be dicts of :class:`TrainConfig` / :class:`SearchConfig` fields)."""
+    (``train=`` / ``bounded=`` / ``mlp=`` / ``search=`` may be dicts of their config fields)."""
     cfg = SweepConfig(**settings)
     return run_sweep(cfg, out, device=device, resume=resume, log=print if progress else (lambda _: None))

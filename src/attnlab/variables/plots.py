@@ -11,6 +11,7 @@ from ..io import atomic_path
 
 COMPLEXITY_PNG = "variables_mstar.png"
 PROBE_PNG = "variables_probe.png"
+NORM_PNG = "variables_norm_sweep.png"
 
 
 def _plt():
@@ -23,31 +24,85 @@ def _plt():
     return plt
 
 
-def plot_complexity(results: Sequence[Mapping[str, Any]], fits: Optional[Mapping[str, Any]], path: str | Path) -> Path:
-    """m*(T) (line), per-seed smallest successful m (points) and fitted laws, log-scaled T axis."""
+def _curve(ax, results: Sequence[Mapping[str, Any]], fits: Optional[Mapping[str, Any]], color: str, name: str) -> None:
+    """One learner: median m*(T) with bootstrap CI bars, per-seed points, fitted laws, unreached T marked."""
     from .fit import LAWS
 
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6, 4))
     done = [r for r in results if r.get("m_star") is not None]
     for r in results:
         pts = [(r["T"], m) for m in r.get("per_seed", {}).values() if m is not None]
         if pts:
-            ax.scatter(*zip(*pts), s=14, alpha=0.5, color="tab:gray")
+            ax.scatter(*zip(*pts), s=10, alpha=0.35, color=color)
     if done:
-        ax.plot([r["T"] for r in done], [r["m_star"] for r in done], "o-", color="tab:blue", label="m*(T)")
-    if fits:
+        T = np.array([r["T"] for r in done], dtype=float)
+        y = np.array([r["m_star"] for r in done], dtype=float)
+        lo = np.array([r.get("ci", [None, None])[0] or v for r, v in zip(done, y)], dtype=float)
+        hi = np.array([r.get("ci", [None, None])[1] or v for r, v in zip(done, y)], dtype=float)
+        ax.errorbar(T, y, yerr=[y - lo, hi - y], fmt="o-", color=color, capsize=3, label=f"{name}: median m*, 95% CI")
+    for r in results:
+        if r.get("m_star") is None:
+            ax.scatter([r["T"]], [r.get("m_max", 1)], marker="^", color=color, s=40,
+                       label=f"{name}: not learned up to m_max")
+    if fits and done:
         Ts = np.geomspace(min(r["T"] for r in done), max(r["T"] for r in done), 100)
         for law, style in (("log", "--"), ("power", ":")):
             f = fits[law]
-            best = " (best)" if fits.get("best") == law else ""
-            label = {"log": "a + b log T", "power": "a + b T^c"}[law] + best
-            ax.plot(Ts, LAWS[law](Ts, **f["params"]), style, label=label)
+            label = (f"{name}: a + b log T (R2 {f['r2']:.2f})" if law == "log"
+                     else f"{name}: a + b T^c (c = {f['params']['c']:.2f})")
+            ax.plot(Ts, LAWS[law](Ts, **f["params"]), style, color=color, alpha=0.8, label=label)
+
+
+def plot_complexity(section: Mapping[str, Any], path: str | Path) -> Path:
+    """m*(T) of the model and of the contrast learner on one log-log plot, with CIs, seeds and fits."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    _curve(ax, section.get("results", []), section.get("fits"), "tab:blue", section.get("model", "model"))
+    con = section.get("contrast") or {}
+    if con.get("results"):
+        _curve(ax, con["results"], con.get("fits"), "tab:red", con.get("model", "contrast"))
     ax.set_xscale("log", base=2)
+    ax.set_yscale("log", base=2)
     ax.set_xlabel("context length T")
-    ax.set_ylabel("samples m* to reach threshold")
-    ax.legend(fontsize=8)
-    ax.set_title("Sample complexity vs context length")
+    ax.set_ylabel("train size m* reaching the threshold")
+    handles, labels = ax.get_legend_handles_labels()
+    uniq = dict(zip(labels, handles))
+    ax.legend(uniq.values(), uniq.keys(), fontsize=7)
+    ax.set_title("Sample complexity vs context length (dots: seeds)")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_norm_sweep(sweep: Mapping[str, Any], path: str | Path) -> Path:
+    """m* at fixed T against the qk norm bound (median and CI; seeds as dots)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    rs = sweep["results"]
+    for r in rs:
+        pts = [(r["qk_bound"], m) for m in r.get("per_seed", {}).values() if m is not None]
+        if pts:
+            ax.scatter(*zip(*pts), s=10, alpha=0.35, color="tab:blue")
+    done = [r for r in rs if r.get("m_star") is not None]
+    if done:
+        b = np.array([r["qk_bound"] for r in done], dtype=float)
+        y = np.array([r["m_star"] for r in done], dtype=float)
+        lo = np.array([r["ci"][0] or v for r, v in zip(done, y)], dtype=float)
+        hi = np.array([r["ci"][1] or v for r, v in zip(done, y)], dtype=float)
+        ax.errorbar(b, y, yerr=[y - lo, hi - y], fmt="o-", capsize=3, label="median m*, 95% CI")
+    for r in rs:
+        if r.get("m_star") is None:
+            ax.scatter([r["qk_bound"]], [r.get("m_max", 1)], marker="^", color="tab:red", label="not learned up to m_max")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log", base=2)
+    ax.set_xlabel("bound on ||W_Q^T W_K||_F")
+    ax.set_ylabel("m*")
+    ax.set_title(f"Norm / sample trade-off at T = {sweep['T']}")
+    handles, labels = ax.get_legend_handles_labels()
+    uniq = dict(zip(labels, handles))
+    ax.legend(uniq.values(), uniq.keys(), fontsize=8)
     fig.tight_layout()
     try:
         with atomic_path(path, suffix=".png") as tmp:  # a killed run never leaves a half-written PNG
@@ -58,24 +113,20 @@ def plot_complexity(results: Sequence[Mapping[str, Any]], fits: Optional[Mapping
 
 
 def plot_probe(probe: Mapping[str, Any], path: str | Path) -> Path:
-    """Bars per (layer, head): readout attention mass on relevant positions, top-s and support precision."""
+    """Bars per seed: readout attention mass on the s relevant positions and top-s precision (mean over heads)."""
     plt = _plt()
-    labels, mass, topk, sprec = [], [], [], []
-    for layer, row in enumerate(probe["mass"]):
-        for h, v in enumerate(row):
-            labels.append(f"L{layer}H{h}")
-            mass.append(v)
-            topk.append(probe["topk_precision"][layer][h])
-            sprec.append(probe["support_precision"][layer][h])
-    x = np.arange(len(labels))
-    fig, ax = plt.subplots(figsize=(max(4, 0.9 * len(labels) + 2), 3.5))
-    w = 0.27
-    ax.bar(x - w, mass, w, label="mass on relevant")
-    ax.bar(x, topk, w, label="top-s precision")
-    ax.bar(x + w, sprec, w, label="support precision")
-    ax.set_xticks(x, labels)
+    seeds = list(probe["per_seed"])
+    mass = [float(np.mean(probe["per_seed"][k]["mass"])) for k in seeds]
+    topk = [float(np.mean(probe["per_seed"][k]["topk_precision"])) for k in seeds]
+    x = np.arange(len(seeds))
+    fig, ax = plt.subplots(figsize=(max(4, 0.7 * len(seeds) + 2), 3.5))
+    w = 0.38
+    ax.bar(x - w / 2, mass, w, label="mass on relevant")
+    ax.bar(x + w / 2, topk, w, label="top-s precision")
+    ax.axhline(probe.get("uniform_mass", 0), color="gray", ls=":", label="uniform attention")
+    ax.set_xticks(x, [f"seed {k}" for k in seeds])
     ax.set_ylim(0, 1.05)
-    ax.set_title(f"Readout attention ({probe.get('attention', '?')})")
+    ax.set_title(f"Readout attention at T = {probe['T']} (each seed at its m*)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     try:

@@ -3,47 +3,95 @@
 from __future__ import annotations
 
 from html import escape
+from typing import Any, Mapping
 
 from ..io import RunDir
 from ..report.html import cell as _fmt, table as _table
 from .experiment import SECTION
 
 
+def _ci(ci: Any) -> str:
+    """[lo, hi] with None shown as infinity."""
+    if not ci:
+        return ""
+    return f"[{_fmt(ci[0]) if ci[0] is not None else '-inf'}, {_fmt(ci[1]) if ci[1] is not None else 'inf'}]"
+
+
+def _results_table(results: list[Mapping[str, Any]]) -> str:
+    """m*(T) rows: median, CI, per seed, flags, trials, the largest norms reached."""
+    rows = [[r["T"], r["m_star"] if r["m_star"] is not None else f"not learned up to m = {r.get('m_max')}",
+             _ci(r.get("ci")), ", ".join(f"{k}: {_fmt(v)}" for k, v in r.get("per_seed", {}).items()),
+             r.get("flag") or "", r.get("n_trials"),
+             ", ".join(f"{k} {v:.3g}" for k, v in r.get("norms_max", {}).items()), r.get("seconds")]
+            for r in results]
+    return _table(["T", "m* (median over seeds)", "95% CI", "per seed m*", "flag", "trials",
+                   "largest norm over trials", "seconds"], rows)
+
+
+def _fits_html(target: Mapping[str, Any], name: str) -> str:
+    """Fit table and the verdict sentence (or why there is no fit)."""
+    fits = target.get("fits")
+    if not fits:
+        return f"<p>{escape(name)}: no law fit: {escape(str(target.get('fit_error') or 'no points'))}</p>"
+    lf, pf = fits["log"], fits["power"]
+    rows = [["a + b log T", ", ".join(f"{k}={v:.4g} {_ci(lf['ci'].get(k))}" for k, v in lf["params"].items()),
+             f"{lf['r2']:.3f} {_ci(lf['ci'].get('r2'))}", lf["aic"]],
+            ["a + b T^c", ", ".join(f"{k}={v:.4g}" + (f" {_ci(pf['ci'].get(k))}" if k in pf["ci"] else "")
+                                    for k, v in pf["params"].items()), f"{pf['r2']:.3f}", pf["aic"]]]
+    how = "bootstrap over seeds" if fits.get("method") == "bootstrap" else "least-squares t intervals"
+    return (f"<h4>{escape(name)}: law fits ({fits['n_points']} points, {how})</h4>"
+            + _table(["law", "parameters (95% CI)", "R^2 (CI)", "AICc"], rows)
+            + f"<p>Verdict: <b>{escape(fits['verdict'])}</b> - {escape(fits.get('reason', ''))}.</p>")
+
+
 def render_section(run: RunDir) -> str:
-    """The variables section as an HTML fragment: m*(T) table, fits, probe, and <img> of the PNGs."""
+    """The variables section as an HTML fragment: m*(T) tables, fits, norms, trade-off, probe, and PNGs."""
     sec = run.section(SECTION)
     if not sec:
         return "<p>No variables results in this run.</p>"
     cfg = sec.get("config", {})
     search = cfg.get("search", {})
+    model = sec.get("model", cfg.get("model", "transformer"))
     parts = [
-                f"<p>Task <b>{_fmt(cfg.get('task'))}</b>, s = {_fmt(cfg.get('s'))}, {_fmt(cfg.get('seeds'))} seeds, "
-        f"threshold {_fmt(search.get('threshold'))} test accuracy in at least {_fmt(search.get('share'))} of seeds; "
-        f"device {_fmt(sec.get('device'))}, wall {_fmt(sec.get('wall_s'))} s.</p>",
+        f"<p>Task <b>{_fmt(cfg.get('task'))}</b>, s = {_fmt(cfg.get('s'))}, {_fmt(cfg.get('seeds'))} seeds; "
+        f"m*_s per seed = smallest train size from which every larger tried size reaches "
+        f"{_fmt(search.get('threshold'))} test accuracy; m*(T) = median over seeds with a bootstrap 95% CI. "
+        f"Device {_fmt(sec.get('device'))}, wall {_fmt(sec.get('wall_s'))} s.</p>",
     ]
-    rows = [[r["T"], r["m_star"], r.get("lower"), ", ".join(f"{k}: {_fmt(v)}" for k, v in r.get("per_seed", {}).items()),
-             r.get("n_trials"), r.get("seconds")] for r in sec.get("results", [])]
-    parts.append(_table(["T", "m*", "largest failing m", "per seed (smallest m reached)", "trials", "seconds"], rows))
+    if model == "bounded":
+        b = (cfg.get("bounded") or {}).get("bounds") or {}
+        parts.append("<p>Model: the <b>bounded-norm attention head</b> (the class of the log T bound): one layer, CLS "
+                     "readout, no biases, LayerNorm, MLP or residual; after every step the norms are projected onto "
+                     f"||E_tok[i]||, ||E_pos[t]|| &le; {_fmt(b.get('emb'))}, ||W_Q^h^T W_K^h||_F &le; {_fmt(b.get('qk'))}, "
+                     f"||W_V||_F &le; {_fmt(b.get('v'))}, ||W_c||_F &le; {_fmt(b.get('out'))}. The last table column "
+                     "shows the largest norm any trained model ended with.</p>")
+    else:
+        parts.append(f"<p>Model: {escape(str(model))} (SmallTransformer; norms only as set by --norm-mode).</p>")
+    parts.append(_results_table(sec.get("results", [])))
     if sec.get("skipped_T"):
-        parts.append(f"<p>Skipped (time budget): T = {_fmt(sec['skipped_T'])}.</p>")
-    fits = sec.get("fits")
-    if fits:
-        frows = [[law, ", ".join(f"{k}={v:.4g}" for k, v in fits[law]["params"].items()), fits[law]["sse"],
-                  fits[law]["r2"], fits[law]["aic"]] for law in ("log", "power")]
-        parts.append("<h3>Fits</h3>" + _table(["law", "parameters", "SSE", "R^2", "AICc"], frows))
-        parts.append(f"<p>Better fit (lower AICc): <b>{escape(fits['best'])}</b> "
-                     f"(&Delta;AICc = {fits['delta_aic']:.2f}, {fits['n_points']} points).</p>")
-    elif sec.get("fit_error"):
-        parts.append(f"<p>Fits skipped: {escape(sec['fit_error'])}</p>")
+        skipped = ", ".join(f"{d['learner']} T={d['T']}" if isinstance(d, dict) else str(d) for d in sec["skipped_T"])
+        parts.append(f"<p>Skipped (time budget): {escape(skipped)}.</p>")
+    parts.append(_fits_html(sec, str(model)))
+    con = sec.get("contrast")
+    if con and con.get("results"):
+        parts.append(f"<h3>Contrast learner: {escape(con['model'])} on the flattened bits (SGD)</h3>")
+        parts.append(_results_table(con["results"]))
+        parts.append(_fits_html(con, con["model"]))
+    ns = sec.get("norm_sweep")
+    if ns and ns.get("results"):
+        parts.append(f"<h3>Norm / sample trade-off at T = {ns['T']} (bound on ||W_Q^T W_K||_F)</h3>")
+        rows = [[r["qk_bound"], r["m_star"] if r["m_star"] is not None else f"not learned up to m = {r['m_max']}",
+                 _ci(r.get("ci")), ", ".join(f"{k}: {_fmt(v)}" for k, v in r["per_seed"].items()), r.get("flag") or ""]
+                for r in ns["results"]]
+        parts.append(_table(["qk bound", "m*", "95% CI", "per seed", "flag"], rows))
     probe = sec.get("probe")
     if probe:
-        prow = [[f"L{l}H{h}", probe["mass"][l][h], probe["topk_precision"][l][h], probe["support_precision"][l][h],
-                 probe["support_recall"][l][h], probe["support_exact"][l][h]]
-                for l in range(len(probe["mass"])) for h in range(len(probe["mass"][l]))]
-        parts.append(f"<h3>Attention probe (T = {probe['T']}, m = {probe['m']}, test acc {_fmt(probe.get('test_acc'))}, "
-                     f"{escape(str(probe.get('attention')))})</h3>")
-        parts.append(_table(["head", "mass on relevant", "top-s precision", "support precision", "support recall",
-                             "support == relevant"], prow))
+        parts.append(f"<h3>Attention probe (T = {probe['T']}, each seed at its m*)</h3>")
+        prow = [[k, p["m"], p.get("test_acc"), _fmt(p["mass"]), _fmt(p["topk_precision"])]
+                for k, p in probe["per_seed"].items()]
+        parts.append(_table(["seed", "m", "test acc", "readout mass on relevant (per head)", "top-s precision"], prow))
+        parts.append(f"<p>Median mass on the {probe['s']} relevant positions: <b>{probe['mass_median']:.3f}</b> "
+                     f"(uniform attention would give {probe['uniform_mass']:.4f}).</p>")
     for png in sec.get("plots", []):
         if run.file(png).exists():
             parts.append(f"<img src='{escape(png)}' alt='{escape(png)}'>")

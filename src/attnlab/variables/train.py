@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from ..errors import ConfigError, NumericalError
 from ..validate import check_fields
 from ..seeding import seed_everything
+from ..training import adamw, train_steps
 from .tasks import Split, SparseBooleanTask
 
 NORM_MODES = ("none", "constrain", "penalty")
@@ -224,7 +225,7 @@ def train_model(
     split = split or task.split(m, cfg.n_test, cfg.n_val if cfg.monitor == "val" else 0)
     gen = seed_everything(seed)
     model = build_model(task, cfg).to(dev)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = adamw(model, cfg.lr, cfg.weight_decay)
     tx, ty = split.train_x.to(dev), split.train_y.to(dev)
     sx, sy = split.test_x.to(dev), split.test_y.to(dev)
     vx = split.val_x.to(dev) if split.val_x is not None else None
@@ -237,35 +238,39 @@ def train_model(
     t0 = time.perf_counter()
     history: list[dict[str, Any]] = []
     best_acc, best_step, best_state, stale = -1.0, 0, None, 0
-    perm, pos, step, loss_sum, loss_n = torch.randperm(n, generator=gen), 0, 0, 0.0, 0
-    model.train()
-    while step < cfg.max_steps:
-        if pos + bs > n:
-            perm, pos = torch.randperm(n, generator=gen), 0
-        idx = perm[pos:pos + bs].to(dev)
-        pos += bs
+    batches = {"perm": torch.randperm(n, generator=gen), "pos": 0}
+    sums = {"loss": 0.0, "n": 0, "last": None}
+
+    def step_loss(step: int) -> torch.Tensor:
+        if batches["pos"] + bs > n:
+            batches["perm"], batches["pos"] = torch.randperm(n, generator=gen), 0
+        idx = batches["perm"][batches["pos"]:batches["pos"] + bs].to(dev)
+        batches["pos"] += bs
         loss = F.cross_entropy(model(tx[idx]).class_logits, ty[idx])
-        total = loss + cfg.norm.penalty * norm_penalty(model) if cfg.norm.mode == "penalty" else loss
-        opt.zero_grad(set_to_none=True)
-        total.backward()
-        opt.step()
+        sums["last"] = loss
+        return loss + cfg.norm.penalty * norm_penalty(model) if cfg.norm.mode == "penalty" else loss
+
+    def after_step(step: int, total: torch.Tensor) -> bool:
+        nonlocal best_acc, best_step, best_state, stale
         if cfg.norm.mode == "constrain":
             project_norms(model, cfg.norm)
-        step += 1
-        loss_sum, loss_n = loss_sum + float(loss.detach()), loss_n + 1
+        sums["loss"], sums["n"] = sums["loss"] + float(sums["last"].detach()), sums["n"] + 1
         if step % cfg.eval_every == 0 or step == cfg.max_steps:
             acc = accuracy(model, mon_x, mon_y)
             norms = model_norms(model)
-            history.append({"step": step, "loss": loss_sum / loss_n, f"{cfg.monitor}_acc": acc,
+            history.append({"step": step, "loss": sums["loss"] / sums["n"], f"{cfg.monitor}_acc": acc,
                             "qk_max": norms["qk_max"], "v": norms["v"], "out": norms["out"]})
-            loss_sum, loss_n = 0.0, 0
+            sums["loss"], sums["n"] = 0.0, 0
             if acc > best_acc:
                 best_acc, best_step, stale = acc, step, 0
                 best_state = copy.deepcopy(model.state_dict())
             else:
                 stale += 1
             if acc >= cfg.stop_acc or stale >= cfg.patience or not math.isfinite(history[-1]["loss"]):
-                break
+                return True
+        return False
+
+    step = train_steps(model, opt, cfg.max_steps, step_loss, after_step=after_step)
     if history and not math.isfinite(history[-1]["loss"]):
         raise NumericalError(f"training diverged: loss {history[-1]['loss']} at step {step} (T={task.T}, m={m}); "
                              f"lower --lr (now {cfg.lr:g})")

@@ -1,0 +1,217 @@
+"""Command-line options generated from a config dataclass: one source of defaults and help.
+
+Each field of the dataclass becomes ``--field-name``; its type gives the option's type, its trailing
+comment (``seq_len: int = 128  # tokens per window``) the help text, and its default the ``[default: ...]``
+note. The fields are read from the module's source with :mod:`ast`, so building the CLI never imports
+the (torch-heavy) module that defines the dataclass and ``--help`` stays instant. Options default to
+None, meaning "not given": the dataclass fills in its own default, and a ``--config`` TOML table (click's
+default_map) or a flag overrides it. Validation stays in the dataclass (``__post_init__`` / ``validate``),
+so the CLI, the TOML file and the Python API check values in one place.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import importlib.util
+import inspect
+import io
+import tokenize
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any, Callable, List, Optional, Sequence
+
+import typer
+
+_SCALARS = {"int": int, "float": float, "str": str, "bool": bool}
+
+
+@dataclass(frozen=True)
+class ConfigField:
+    """One dataclass field as the CLI sees it."""
+
+    name: str
+    kind: str  # int | float | str | bool | list (comma/space separated values) | ints (e.g. '0,2-4')
+    optional: bool  # None is a valid value
+    default: str  # the default as written in the source (for --help)
+    help: str  # the field's trailing comment
+
+    @property
+    def flag(self) -> str:
+        """``--field-name``."""
+        return "--" + self.name.replace("_", "-")
+
+
+def _kind(annotation: str) -> tuple[str, bool]:
+    a = annotation.replace(" ", "")
+    optional = a.startswith("Optional[") or a.endswith("|None") or a.startswith("None|")
+    for wrap in ("Optional[",):
+        if a.startswith(wrap):
+            a = a[len(wrap):-1]
+    a = a.replace("|None", "").replace("None|", "")
+    if a in _SCALARS:
+        return a, optional
+    if a in ("list[int]",):
+        return "ints", optional
+    if a.startswith("list") or a.startswith("tuple") or a.startswith("Sequence"):
+        return "list", optional
+    if a in ("float|int", "int|float"):
+        return "float", optional
+    return "str", optional
+
+
+def _default_text(node: Optional[ast.expr]) -> str:
+    if node is None:
+        return "required"
+    if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "field":
+        for kw in node.keywords:
+            if kw.arg == "default":
+                return ast.unparse(kw.value)
+            if kw.arg == "default_factory":
+                v = kw.value
+                return ast.unparse(v.body) if isinstance(v, ast.Lambda) else f"{ast.unparse(v)}()"
+    return ast.unparse(node)
+
+
+def _comments(source: str) -> dict[int, str]:
+    out = {}
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type == tokenize.COMMENT:
+            out[tok.start[0]] = tok.string.lstrip("#").strip()
+    return out
+
+
+@lru_cache(maxsize=None)
+def config_fields(target: str) -> tuple[ConfigField, ...]:
+    """The fields of dataclass ``'package.module:Class'`` (or the keyword parameters of a function), read from
+    the module source (not imported)."""
+    module, cls = target.split(":")
+    spec = importlib.util.find_spec(module)
+    if spec is None or spec.origin is None:
+        raise ImportError(f"cannot find module {module}")
+    with open(spec.origin, encoding="utf-8") as f:
+        source = f.read()
+    comments = _comments(source)
+    node = next((n for n in ast.walk(ast.parse(source))
+                 if isinstance(n, (ast.ClassDef, ast.FunctionDef)) and n.name == cls), None)
+    if node is None:
+        raise ImportError(f"{module} has no class or function {cls}")
+    fields = []
+    if isinstance(node, ast.FunctionDef):  # a function's keyword parameters (help via help_extra)
+        args = node.args.args + node.args.kwonlyargs
+        defaults = [None] * (len(node.args.args) - len(node.args.defaults)) + node.args.defaults + node.args.kw_defaults
+        for a, d in zip(args, defaults):
+            if a.annotation is None:
+                continue
+            kind, optional = _kind(ast.unparse(a.annotation))
+            fields.append(ConfigField(a.arg, kind, optional, _default_text(d), comments.get(a.lineno, "")))
+        return tuple(fields)
+    for stmt in node.body:
+        if not isinstance(stmt, ast.AnnAssign) or not isinstance(stmt.target, ast.Name):
+            continue
+        kind, optional = _kind(ast.unparse(stmt.annotation))
+        fields.append(ConfigField(stmt.target.id, kind, optional, _default_text(stmt.value),
+                                  comments.get(stmt.lineno, "").rstrip(".")))
+    return tuple(fields)
+
+
+def parse_value(f: ConfigField, value: Any) -> Any:
+    """A CLI / TOML value of field ``f`` in the field's type (lists from 'a,b c' strings or TOML lists)."""
+    if value is None or f.kind not in ("list", "ints", "number"):
+        return value
+    if f.kind == "number":
+        v = _number(value)
+        if isinstance(v, str):
+            from .errors import ConfigError
+
+            raise ConfigError(f"{f.flag} {value!r} is not a number (a fraction like 0.25 or a count like 32)")
+        return v
+    from .cli_utils import split_words
+
+    items = split_words([str(x) for x in value] if isinstance(value, (list, tuple)) else [value]) or []
+    if f.kind == "ints":
+        from .cli import parse_int_list
+
+        return parse_int_list(",".join(items), f.flag)
+    return [_number(x) for x in items]
+
+
+def _number(x: Any) -> Any:
+    """'0.25' -> 0.25, '32' -> 32, other words unchanged (budgets are fractions or counts)."""
+    if not isinstance(x, str):
+        return x
+    for conv in (int, float):
+        try:
+            return conv(x)
+        except ValueError:
+            pass
+    return x
+
+
+def _option(f: ConfigField, help_extra: dict[str, str]) -> tuple[Any, Any]:
+    text = help_extra.get(f.name) or (f.help[:1].upper() + f.help[1:]) or f.name.replace("_", " ").capitalize()
+    text = f"{text}. \\[default: {f.default}]"  # escaped: rich markup eats [..]
+    if f.kind == "bool":
+        return Optional[bool], typer.Option(None, f"{f.flag}/--no-{f.flag[2:]}", help=text, show_default=False)
+    if f.kind == "list":  # repeat the flag or give a comma/space separated list
+        return Optional[List[str]], typer.Option(None, f.flag, help=text, show_default=False)
+    typ = {"int": int, "float": float}.get(f.kind, str)
+    return Optional[typ], typer.Option(None, f.flag, help=text, show_default=False)
+
+
+def config_command(app: typer.Typer, name: str, target: str | Sequence[str], run: Callable[..., None], *,
+                   skip: Sequence[str] = (), extra: Sequence[inspect.Parameter] = (),
+                   help_extra: Optional[dict[str, str]] = None, kinds: Optional[dict[str, str]] = None,
+                   doc: Optional[str] = None) -> Callable[..., None]:
+    """Register command ``name`` on ``app`` with one option per field of ``target`` (minus ``skip``) plus the
+    ``extra`` parameters; ``run(settings, **extra_values)`` gets the given fields, parsed to their types.
+    Several targets (e.g. a training config and the run function): ``settings`` is a dict per target, and a
+    name both have belongs to the first. ``kinds`` overrides a field's parsed kind: 'ints' ('0,2-4'), 'list' (words/numbers), 'number' (int or float)."""
+    targets = [target] if isinstance(target, str) else list(target)
+    owner = {f.name: t for t in reversed(targets) for f in config_fields(t)}  # a shared name goes to the first
+    fields = [dataclasses.replace(f, kind=(kinds or {}).get(f.name, f.kind))
+              for t in targets for f in config_fields(t) if f.name not in skip and owner[f.name] == t]
+    params, annotations = [], {}
+    for f in fields:
+        typ, opt = _option(f, help_extra or {})
+        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=opt, annotation=typ))
+        annotations[f.name] = typ
+    for p in extra:
+        params.append(p.replace(kind=inspect.Parameter.KEYWORD_ONLY))
+        annotations[p.name] = p.annotation
+    by_name = {f.name: f for f in fields}
+
+    def command(**values: Any) -> None:
+        given = {k: v for k, v in values.items() if k in by_name and v is not None and v != [] and v != ()}
+        settings = {k: parse_value(by_name[k], v) for k, v in given.items()}
+        if len(targets) > 1:  # one settings dict per target
+            settings = {t: {k: v for k, v in settings.items() if owner[k] == t} for t in targets}
+        run(settings, **{k: v for k, v in values.items() if k not in by_name})
+
+    command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    command.__annotations__ = annotations
+    command.__doc__ = doc or run.__doc__
+    command.__name__ = name.replace("-", "_")
+    return app.command(name)(command)
+
+
+def option(name: str, annotation: Any, default: Any, *decls: str, **kw: Any) -> inspect.Parameter:
+    """An extra (non-config) parameter for :func:`config_command`, e.g. the shared --out / --resume / --quiet."""
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=typer.Option(default, *decls, **kw),
+                             annotation=annotation)
+
+
+def out_option(default: Optional[str], what: str = "Run directory") -> inspect.Parameter:
+    """``--out``: the run directory every command writes (results.json, tensors, plots)."""
+    return option("out", str, default, "--out", help=f"{what}.")
+
+
+def resume_option() -> inspect.Parameter:
+    """``--resume``: continue an interrupted run from its checkpoint / reuse finished parts (same settings only)."""
+    return option("resume", bool, False, "--resume/--no-resume",
+                  help="Continue an interrupted run from its checkpoint (settings must match).")
+
+
+def quiet_option() -> inspect.Parameter:
+    """``--quiet``: no progress output."""
+    return option("quiet", bool, False, "--quiet", help="No progress output.")

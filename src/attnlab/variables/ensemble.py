@@ -1,0 +1,365 @@
+"""Vectorised training of many small models at once: the bounded-norm attention head and the MLP contrast.
+
+One ensemble holds E independent members (each its own seed, task instance and train size m) whose
+parameters carry a leading member dimension; the loss is the sum of the members' losses and Adam/SGD
+are elementwise, so members never interact. Each member is initialised and batched from its own
+generator, so its result does not depend on which other members share the ensemble.
+
+The **bounded-norm class** (the class of Edelman et al.'s log T bound): one self-attention layer read out
+through the CLS token, no biases, no LayerNorm, no MLP, no residual, no output projection:
+
+    x_t = E_tok[id_t] + E_pos[t],  p^h = softmax_t(x_0^T W_Q^h^T W_K^h x_t / sqrt(d_head)),
+    z^h = sum_t p^h_t W_V^h x_t,   logits = W_c [z^1; ...; z^H].
+
+Every parameter that scales the logits or the output is projected after each optimiser step onto
+||E_tok[i]||, ||E_pos[t]|| <= emb_bound, ||W_Q^h^T W_K^h||_F <= qk_bound (per head), ||W_V||_F <= v_bound
+and ||W_c||_F <= out_bound. Only the readout row of attention is computed, in O(T d) per example
+(the token and position parts of x_t are projected separately, which is exact).
+
+The **contrast** is a one-hidden-layer ReLU MLP on the flattened +/-1 bits trained with SGD + momentum:
+a rotation-invariant learner, whose sample complexity on sparse targets grows at least linearly in T
+(Ng 2004), against attention's log T.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import ConfigError
+from .tasks import CLS_ID, VOCAB_SIZE, SparseBooleanTask
+
+
+@dataclass
+class Member:
+    """One model of the ensemble: its task instance, train size and seed."""
+
+    task: SparseBooleanTask
+    m: int
+    seed: int
+
+
+def _gen(seed: int, m: int, salt: int) -> torch.Generator:
+    """A CPU generator for one member, keyed by (seed, m, salt); init uses m = 0 (same init for every m)."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed % 2**63, m, salt]).generate_state(1)[0]))
+
+
+# ---------------------------------------------------------------- models
+
+
+class BoundedHeads(torch.nn.Module):
+    """E bounded-norm one-layer attention heads with a CLS readout (see module docstring)."""
+
+    attention = "softmax"
+
+    def __init__(self, members: Sequence[Member], d_model: int, n_heads: int, init_std: float = 0.02):
+        super().__init__()
+        if d_model % n_heads:
+            raise ConfigError(f"--d-model ({d_model}) must be divisible by --n-heads ({n_heads})")
+        N = members[0].task.seq_len
+        self.H, self.dh, self.d = n_heads, d_model // n_heads, d_model
+        shapes = {"tok": (VOCAB_SIZE, d_model), "pos": (N, d_model), "wq": (n_heads, self.dh, d_model),
+                  "wk": (n_heads, self.dh, d_model), "wv": (n_heads, self.dh, d_model), "wc": (2, d_model)}
+        init: dict[str, list[torch.Tensor]] = {k: [] for k in shapes}
+        for mb in members:
+            g = _gen(mb.seed, 0, 1)
+            for k, shp in shapes.items():
+                std = 1.0 / math.sqrt(d_model) if k in ("tok", "pos") else init_std
+                init[k].append(torch.randn(shp, generator=g) * std)
+        for k, v in init.items():
+            setattr(self, k, torch.nn.Parameter(torch.stack(v)))
+
+    @property
+    def cfg(self):
+        """The probe reads ``model.cfg.attention``."""
+        return self
+
+    def readout_attention(self, onehot: torch.Tensor) -> torch.Tensor:
+        """Readout-row attention (E, B, H, N) from one-hot tokens (E, B, N, V)."""
+        x0 = self.tok[:, CLS_ID] + self.pos[:, 0]  # (E, d)
+        q = torch.einsum("ehkd,ed->ehk", self.wq, x0)
+        qk = torch.einsum("ehk,ehkd->ehd", q, self.wk) / math.sqrt(self.dh)  # x_0^T W_Q^T W_K / sqrt(dh)
+        a_pos = torch.einsum("ehd,end->ehn", qk, self.pos)  # (E, H, N)
+        a_tok = torch.einsum("ehd,evd->ehv", qk, self.tok)  # (E, H, V)
+        logits = a_pos[:, None] + torch.einsum("ebnv,ehv->ebhn", onehot, a_tok)
+        return torch.softmax(logits, dim=-1)
+
+    def forward(self, onehot: torch.Tensor, return_attention: bool = False):
+        """Class logits (E, B, 2) (and the readout attention)."""
+        p = self.readout_attention(onehot)
+        v_pos = torch.einsum("ehkd,end->ehnk", self.wv, self.pos)  # (E, H, N, dh)
+        v_tok = torch.einsum("ehkd,evd->ehvk", self.wv, self.tok)  # (E, H, V, dh)
+        z = torch.einsum("ebhn,ehnk->ebhk", p, v_pos)
+        z = z + torch.einsum("ebhv,ehvk->ebhk", torch.einsum("ebhn,ebnv->ebhv", p, onehot), v_tok)
+        out = torch.einsum("ebf,ecf->ebc", z.flatten(2), self.wc)
+        return (out, p) if return_attention else out
+
+    @staticmethod
+    def encode(ids: torch.Tensor) -> torch.Tensor:
+        """Token ids (E, B, N) -> float one-hot (E, B, N, V)."""
+        return F.one_hot(ids.long(), VOCAB_SIZE).float()
+
+    def qk_norms(self) -> torch.Tensor:
+        """||W_Q^h^T W_K^h||_F per member and head, (E, H)."""
+        return torch.einsum("ehkd,ehkf->ehdf", self.wq, self.wk).flatten(2).norm(dim=-1)
+
+    @torch.no_grad()
+    def norms(self) -> dict[str, torch.Tensor]:
+        """Per-member controlled norms: emb (max row), qk (max head), v, out; each (E,)."""
+        emb = torch.cat([self.tok, self.pos], dim=1).norm(dim=-1).amax(-1)
+        return {"emb": emb, "qk": self.qk_norms().amax(-1), "v": self.wv.flatten(1).norm(dim=-1),
+                "out": self.wc.flatten(1).norm(dim=-1)}
+
+    @torch.no_grad()
+    def project(self, bounds: "Bounds") -> None:
+        """Rescale every controlled weight onto its bound (the projection after each optimiser step)."""
+        if bounds.emb is not None:
+            for w in (self.tok, self.pos):
+                w.mul_((bounds.emb / w.norm(dim=-1, keepdim=True).clamp_min(1e-12)).clamp(max=1.0))
+        if bounds.qk is not None:
+            s = (bounds.qk / self.qk_norms().clamp_min(1e-12)).clamp(max=1.0).sqrt()[..., None, None]  # (E,H,1,1)
+            self.wq.mul_(s)
+            self.wk.mul_(s)
+        for w, b in ((self.wv, bounds.v), (self.wc, bounds.out)):
+            if b is not None:
+                w.mul_((b / w.flatten(1).norm(dim=-1).clamp_min(1e-12)).clamp(max=1.0).view(-1, *[1] * (w.dim() - 1)))
+
+
+class MLPEnsemble(torch.nn.Module):
+    """E one-hidden-layer ReLU MLPs on the flattened +/-1 bits (the readout token is dropped)."""
+
+    attention = None
+
+    def __init__(self, members: Sequence[Member], width: int):
+        super().__init__()
+        T = members[0].task.T
+        w1, w2 = [], []
+        for mb in members:
+            g = _gen(mb.seed, 0, 2)
+            w1.append(torch.randn(T, width, generator=g) / math.sqrt(T))
+            w2.append(torch.randn(width, 2, generator=g) / math.sqrt(width))
+        E = len(members)
+        self.w1, self.w2 = torch.nn.Parameter(torch.stack(w1)), torch.nn.Parameter(torch.stack(w2))
+        self.b1, self.b2 = torch.nn.Parameter(torch.zeros(E, 1, width)), torch.nn.Parameter(torch.zeros(E, 1, 2))
+
+    @staticmethod
+    def encode(ids: torch.Tensor) -> torch.Tensor:
+        """Token ids (E, B, T + 1) -> +/-1 floats (E, B, T)."""
+        return ids[..., 1:].float() * 2 - 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Class logits (E, B, 2)."""
+        return torch.relu(torch.bmm(x, self.w1) + self.b1).bmm(self.w2) + self.b2
+
+    @torch.no_grad()
+    def norms(self) -> dict[str, torch.Tensor]:
+        """Frobenius norms of both layers per member."""
+        return {"w1": self.w1.flatten(1).norm(dim=-1), "w2": self.w2.flatten(1).norm(dim=-1)}
+
+    def project(self, bounds: "Bounds") -> None:
+        """The MLP is not norm-constrained."""
+
+
+@dataclass
+class Bounds:
+    """Norm bounds of the bounded class (None = that norm is free)."""
+
+    emb: Optional[float] = 1.0
+    qk: Optional[float] = 16.0
+    v: Optional[float] = 4.0
+    out: Optional[float] = 4.0
+
+    def __post_init__(self) -> None:
+        for flag, b in (("--emb-bound", self.emb), ("--qk-bound", self.qk), ("--v-bound", self.v),
+                        ("--out-bound", self.out)):
+            if b is not None and not (isinstance(b, (int, float)) and math.isfinite(b) and b > 0):
+                raise ConfigError(f"{flag} must be a finite number > 0 (got {b})")
+
+
+@dataclass
+class EnsembleConfig:
+    """Optimisation settings shared by every member of an ensemble run.
+
+    No held-out data is used for training or model selection: each run is monitored on (at most
+    ``n_monitor`` of) its own training examples, keeps the weights of lowest training loss, stops after
+    ``patience`` evaluations without a relative improvement of 1e-3 once the loss has fallen below 0.9 x
+    its first value (a run still on the initial plateau trains on), or at train accuracy 1 and loss below
+    ``stop_loss``; and among ``restarts`` initialisations the one of lowest training loss is
+    kept. The test set (``n_test`` fresh examples) is only used to measure.
+    """
+
+    kind: str = "bounded"  # bounded | mlp
+    d_model: int = 32  # width (bounded)
+    n_heads: int = 1  # attention heads (bounded)
+    width: int = 128  # hidden width (mlp)
+    lr: float = 1e-2  # Adam (bounded) / SGD (mlp) learning rate
+    momentum: float = 0.9  # SGD momentum (mlp)
+    batch_size: int = 64
+    max_steps: int = 1500
+    eval_every: int = 50
+    patience: int = 10
+    stop_loss: float = 0.01  # stop early once train accuracy is 1 and train loss is below this
+    restarts: int = 1  # initialisations per (m, seed); the lowest training loss wins
+    n_monitor: int = 2048  # training examples the monitor evaluates
+    n_test: int = 1000
+    bounds: Optional[Bounds] = None  # bounded kind only; None = unconstrained
+    eval_chunk: int = 256
+
+    def __post_init__(self) -> None:
+        if isinstance(self.bounds, dict):
+            self.bounds = Bounds(**self.bounds)
+        if self.kind not in ("bounded", "mlp"):
+            raise ConfigError(f"--model must be bounded or mlp for ensemble training (got {self.kind!r})")
+        for flag, v in (("--d-model", self.d_model), ("--n-heads", self.n_heads), ("--width", self.width),
+                        ("--lr", self.lr), ("--batch-size", self.batch_size), ("--max-steps", self.max_steps),
+                        ("--eval-every", self.eval_every), ("--patience", self.patience),
+                        ("--restarts", self.restarts), ("--n-test", self.n_test), ("--n-monitor", self.n_monitor)):
+            if not v > 0:
+                raise ConfigError(f"{flag} must be > 0 (got {v})")
+
+
+def _stack_data(members: Sequence[Member], n_test: int, device: torch.device):
+    """Per distinct seed: the train set of its largest m (smaller m are prefixes) and the test set, uint8."""
+    seeds = sorted({mb.seed for mb in members})
+    idx = {s: i for i, s in enumerate(seeds)}
+    big = {s: max(mb.m for mb in members if mb.seed == s) for s in seeds}
+    task_of = {mb.seed: mb.task for mb in members}
+    N = members[0].task.seq_len
+    tx = torch.zeros(len(seeds), max(big.values()), N, dtype=torch.uint8)
+    ty = torch.zeros(len(seeds), max(big.values()), dtype=torch.long)
+    sx, sy = [], []
+    for s in seeds:
+        sp = task_of[s].split(big[s], n_test)
+        tx[idx[s], :big[s]] = sp.train_x.to(torch.uint8)
+        ty[idx[s], :big[s]] = sp.train_y
+        sx.append(sp.test_x.to(torch.uint8)), sy.append(sp.test_y)
+    member_task = torch.tensor([idx[mb.seed] for mb in members])
+    return tx.to(device), ty.to(device), torch.stack(sx).to(device), torch.stack(sy).to(device), member_task.to(device)
+
+
+@torch.no_grad()
+def _evaluate(model, x: torch.Tensor, y: torch.Tensor, member_task: torch.Tensor, n: torch.Tensor, chunk: int
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-member (accuracy, mean loss) on the first n[e] examples of its task's set x (S, M, N), y (S, M)."""
+    E = len(member_task)
+    correct = torch.zeros(E, device=x.device)
+    loss = torch.zeros(E, device=x.device)
+    for i in range(0, int(n.max()), chunk):
+        xb, yb = x[member_task, i:i + chunk], y[member_task, i:i + chunk]
+        keep = (torch.arange(i, i + xb.shape[1], device=x.device)[None] < n[:, None]).float()  # (E, b)
+        logits = model(model.encode(xb))
+        ce = F.cross_entropy(logits.flatten(0, 1), yb.flatten(), reduction="none").view_as(keep)
+        correct += ((logits.argmax(-1) == yb).float() * keep).sum(1)
+        loss += (ce * keep).sum(1)
+    return correct / n, loss / n
+
+
+def train_ensemble(members: Sequence[Member], cfg: EnsembleConfig, device: str | torch.device = "cpu",
+                   return_model: bool = False):
+    """Train every member (x ``restarts``); one record per member with its test accuracy and norms.
+
+    With ``return_model`` the trained ensemble is returned too: (records, model, chosen), where
+    ``chosen[i]`` is the ensemble index of member i's kept restart.
+    """
+    if not members:
+        raise ConfigError("train_ensemble needs at least one member")
+    if len({mb.task.T for mb in members}) != 1:
+        raise ConfigError("all members of an ensemble must share T")
+    dev = torch.device(device)
+    t0 = time.perf_counter()
+    R = cfg.restarts
+    runs = [Member(mb.task, mb.m, mb.seed + r * 1_000_003) for mb in members for r in range(R)]
+    E = len(runs)
+    if cfg.kind == "bounded":
+        model = BoundedHeads(runs, cfg.d_model, cfg.n_heads).to(dev)
+        opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    else:
+        model = MLPEnsemble(runs, cfg.width).to(dev)
+        opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
+    bounds = cfg.bounds if cfg.kind == "bounded" else None
+    if bounds is not None:
+        model.project(bounds)
+    data_members = [Member(mb.task, mb.m, mb.seed) for mb in members for _ in range(R)]
+    tx, ty, sx, sy, mt = _stack_data(data_members, cfg.n_test, dev)
+    ms = torch.tensor([mb.m for mb in runs], device=dev)
+    n_mon = ms.clamp(max=cfg.n_monitor)
+    n_test = torch.full_like(ms, cfg.n_test)
+    bs = cfg.batch_size
+    # batch indices from each run's own generator: u in [0, 1) scaled to its train size
+    u = torch.stack([torch.rand(cfg.max_steps, bs, generator=_gen(mb.seed, mb.m, 3)) for mb in runs], 1)
+    batches = (u.to(dev) * ms.view(1, E, 1)).long().clamp_max(ms.view(1, E, 1) - 1)  # (steps, E, B)
+    best = torch.full((E,), math.inf, device=dev)
+    best_acc = torch.zeros(E, device=dev)
+    best_step = torch.zeros(E, dtype=torch.long, device=dev)
+    stale = torch.zeros(E, dtype=torch.long, device=dev)
+    done = torch.zeros(E, dtype=torch.bool, device=dev)
+    snap = {k: p.detach().clone() for k, p in model.named_parameters()}
+    rows = mt.view(E, 1)
+    step, first = 0, None
+    for step in range(1, cfg.max_steps + 1):
+        idx = batches[step - 1]
+        xb, yb = tx[rows, idx], ty[rows, idx]  # (E, B, N), (E, B)
+        logits = model(model.encode(xb))
+        loss = F.cross_entropy(logits.flatten(0, 1), yb.flatten(), reduction="sum") / bs
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if bounds is not None:
+            model.project(bounds)
+        if step % cfg.eval_every == 0 or step == cfg.max_steps:
+            acc, tl = _evaluate(model, tx, ty, mt, n_mon, cfg.eval_chunk)
+            if first is None:
+                first = tl.clone()
+            better = (tl < best * (1 - 1e-3)) & ~done
+            best = torch.where(better, tl, best)
+            best_acc = torch.where(better, acc, best_acc)
+            best_step = torch.where(better, torch.full_like(best_step, step), best_step)
+            # patience only counts once the loss has left its initial plateau: a run still sitting at the
+            # saddle (loss ~ ln 2, common at large T and large m) keeps training up to max_steps
+            moved = best < 0.9 * first
+            stale = torch.where(better | ~moved, torch.zeros_like(stale), stale + 1)
+            with torch.no_grad():
+                for k, p in model.named_parameters():
+                    snap[k] = torch.where(better.view(-1, *[1] * (p.dim() - 1)), p.detach(), snap[k])
+            done |= (stale >= cfg.patience) | ((best_acc >= 1.0) & (best < cfg.stop_loss))
+            if bool(done.all()) or not math.isfinite(float(loss.detach())):
+                break
+    with torch.no_grad():
+        for k, p in model.named_parameters():
+            p.copy_(snap[k])
+    test, _ = _evaluate(model, sx, sy, mt, n_test, cfg.eval_chunk)
+    norms = {k: v.tolist() for k, v in model.norms().items()}
+    secs = (time.perf_counter() - t0) / len(members)
+    best_l = best.view(len(members), R)
+    chosen = (best_l.argmin(1) + torch.arange(len(members), device=dev) * R).tolist()
+    recs = [{"accuracy": round(float(test[e]), 6), "train_acc": round(float(best_acc[e]), 6),
+             "train_loss": round(float(best[e]), 6), "steps": step, "best_step": int(best_step[e]),
+             "restart": e % R, "seconds": round(secs, 4), **{f"norm_{k}": round(v[e], 6) for k, v in norms.items()}}
+            for e in chosen]
+    return (recs, model, chosen) if return_model else recs
+
+
+@torch.no_grad()
+def bounded_probe(model: BoundedHeads, member: int, task: SparseBooleanTask, n: int = 256, stream: int = 12345
+                  ) -> dict[str, Any]:
+    """Readout attention mass on the relevant positions, per head, for one member of a trained ensemble."""
+    x, _ = task.sample(n, stream=stream, noise=0.0)
+    dev = model.tok.device
+    E = model.tok.shape[0]
+    ids = torch.zeros(E, n, task.seq_len, dtype=torch.long, device=dev)
+    ids[member] = x.to(dev)
+    _, p = model(model.encode(ids), return_attention=True)
+    p = p[member]  # (n, H, N)
+    R = torch.zeros(task.seq_len, dtype=torch.bool, device=dev)
+    R[list(task.relevant_tokens)] = True
+    s = len(task.relevant)
+    mass = p[..., R].sum(-1).mean(0)
+    topk = R[p.topk(s, dim=-1).indices].float().mean(-1).mean(0)
+    return {"mass": [mass.tolist()], "topk_precision": [topk.tolist()], "relevant": list(task.relevant_tokens),
+            "attention": "softmax", "n": n}
