@@ -124,7 +124,6 @@ def test_interrupt_message_fits_the_command(monkeypatch, out, capsys):
 
 @pytest.mark.parametrize("args,flag", [
     (["variables", "train", "--T", "100000"], "--T 100000"),
-    (["variables", "sweep", "--T", "16", "1000000", "--out", "{out}"], "--T 1000000"),
     (["spectrum", "--out", "{out}", "--heads", "0-100000000"], "--heads"),
 ])
 def test_huge_sizes_are_refused_up_front(args, flag, out, capsys):

@@ -167,7 +167,8 @@ def test_killed_variables_sweep_resumes_without_redoing_trials(tmp_path, sig, va
     trials = run / "variables_trials.json"
     assert proc.returncode == (-9 if sig == signal.SIGKILL else 130), proc.stderr
     done_before = set(read_json(trials)["trials"])  # the trial file on disk is whole (atomic writes)
-    assert len(done_before) == 3
+    total = set(read_json(variables_ref / "variables_trials.json")["trials"])
+    assert 0 < len(done_before) < len(total)  # killed mid-sweep, right after its 3rd trial-file write
     res = subprocess.run([sys.executable, "-m", "attnlab", *VARS, "--out", str(run), "--resume"], env=ENV,
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr

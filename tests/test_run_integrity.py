@@ -62,7 +62,7 @@ def test_output_files_respect_umask(tmp_path):
         write_json(tmp_path / "a.json", {"x": 1})
         write_tensors(tmp_path / "t.safetensors", {"x": torch.zeros(2)})
         save_figure(plt.figure(), tmp_path / "f.png")
-        probe = {"mass": [[0.5]], "topk_precision": [[0.5]], "support_precision": [[0.5]]}
+        probe = {"T": 8, "per_seed": {"0": {"mass": [0.5], "topk_precision": [0.5]}}}
         plot_probe(probe, tmp_path / "p.png")
         for name in ("a.json", "t.safetensors", "f.png", "p.png"):
             assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o644, name
@@ -80,7 +80,7 @@ def test_variables_plot_is_atomic(tmp_path, monkeypatch):
 
     from attnlab.variables.plots import plot_probe
 
-    probe = {"mass": [[0.5]], "topk_precision": [[0.5]], "support_precision": [[0.5]]}
+    probe = {"T": 8, "per_seed": {"0": {"mass": [0.5], "topk_precision": [0.5]}}}
     target = plot_probe(probe, tmp_path / "p.png")
     before = target.read_bytes()
 

@@ -155,7 +155,6 @@ def sweep(
                          batch_size, given.get("max_steps", 2000), weight_decay, norm_mode,
                          qk_bound if norm_mode == "constrain" else None, v_bound if norm_mode == "constrain" else None,
                          out_bound if norm_mode == "constrain" else None, penalty, n_test, monitor)
-        _check_memory(max(Ts, default=0), train)
         search = SearchConfig(threshold=threshold, m_min=m_min, m_max=m_max, rtol=rtol, points=points)
         cfg = SweepConfig(task=task, s=s, Ts=Ts, seeds=seeds, seed=seed, balanced=balanced, noise=noise, model=model,
                           bounded=bounded, train=train, contrast=contrast, mlp=mlp, contrast_max_T=contrast_max_t,
