@@ -39,6 +39,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
 
+from attnlab.io import write_json  # noqa: E402
 from attnlab.sparsity.block_predictors import ClusterBlockPredictor, PooledBlockPredictor  # noqa: E402
 from attnlab.sparsity.blockmask import BlockPattern, KVBlocks  # noqa: E402
 from attnlab.sparsity.flex import (  # noqa: E402
@@ -220,11 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     skipped: list[str] = []
 
     def save() -> None:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        tmp = args.out + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump({"meta": meta, "rows": rows, "skipped": skipped}, f, indent=1)
-        os.replace(tmp, args.out)
+        # atomic, and NaN (e.g. no cuDNN timing on CPU) becomes null so the file stays valid JSON
+        write_json(args.out, {"meta": meta, "rows": rows, "skipped": skipped})
 
     limits = {c.split(":")[0]: {int(x) for x in c.split(":")[1].split("+")}
               for c in args.cases_at.split(";") if c}

@@ -25,6 +25,8 @@ def _params(*path: str) -> dict[str, click.Parameter]:
     (("reconstruct", "train"), "attnlab.reconstruct.train:TrainConfig", ()),
     (("sparsity", "train"), "attnlab.sparsity.train_entmax:EntmaxTrainConfig", ()),
     (("sparsity", "run"), "attnlab.sparsity.train_entmax:EntmaxTrainConfig", ()),
+    (("sparsity", "prefill"), "attnlab.sparsity.prefill:PrefillConfig", ()),
+    (("lm", "train"), "attnlab.lm.train:LMConfig", ()),
 ])
 def test_every_config_field_is_an_option(path, cls, skip):
     import importlib
@@ -34,8 +36,7 @@ def test_every_config_field_is_an_option(path, cls, skip):
     assert {f.name for f in config_fields(cls)} == real  # the source reader sees every field
     params = _params(*path)
     assert real - set(skip) <= set(params), real - set(params)
-    for common in ("out", "quiet"):
-        assert common in params
+    assert "out" in params
 
 
 def test_config_values_reach_the_run(tmp_path, monkeypatch):
@@ -46,7 +47,8 @@ def test_config_values_reach_the_run(tmp_path, monkeypatch):
 
     def fake(out, progress=True, **settings):
         seen.update(settings, out=out)
-        return {"table": {}, "best": "x", "best_worst_layer_tv": 0.0}
+        return {"table": {}, "best": "x", "best_worst_layer_tv": 0.0, "best_chosen_at": "pair budget 32",
+                "best_compute": 0.5}
 
     monkeypatch.setattr(rr, "reconstruct", fake)
     monkeypatch.setattr(rr, "format_table", lambda t: "")
@@ -65,4 +67,4 @@ def test_config_values_reach_the_run(tmp_path, monkeypatch):
 
 def test_help_shows_the_dataclass_default_and_comment():
     help_text = _params("spectrum")["head_chunk"].help
-    assert help_text == "Heads scored at once (bounds peak memory). \\[default: 4]"  # the field's comment + default
+    assert help_text == "Heads scored at once (bounds peak memory). [default: 4]"  # the field's comment + default (plain help)

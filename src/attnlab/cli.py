@@ -17,12 +17,45 @@ from .cli_config import config_command, option, out_option, quiet_option, resume
 
 app = typer.Typer(
     name="attnlab", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    # Plain help text: Rich markup would swallow "[default: ...]" and "[spectrum]" as style tags.
+    rich_markup_mode=None,
     help="Measure, predict and exploit the structure of self-attention in transformer models.\n\n"
          "Start with `attnlab demo`; every command writes a run directory (results.json, *.safetensors, "
          "*.png) that `attnlab report RUN_DIR` renders into one self-contained report.html.\n\n"
          "Every command also takes --config FILE.toml: its [command] table (e.g. [spectrum], [reconstruct.run]) "
          "sets defaults; flags on the command line win.",
 )
+
+def _version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        typer.echo(f"attnlab {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Print the attnlab version and exit."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Also show debug messages of the library."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Show warnings and errors only."),
+) -> None:
+    """Measure, predict and exploit the structure of self-attention in transformer models."""
+    from .logs import setup_cli_logging
+
+    setup_cli_logging("DEBUG" if verbose else "WARNING" if quiet else "INFO")
+
+
+ModelOpt = typer.Option(None, "--model", help="HF hub id (already cached), local model folder, or 'minilm' "
+                                              "(packaged all-MiniLM-L6-v2). [default: minilm]")
+CorpusOpt = typer.Option(None, "--corpus", help="Text file, directory of .txt/.md/.jsonl files, or .jsonl file. "
+                                                "[default: Python stdlib docstrings]")
+LayersOpt = typer.Option(None, "--layers", help="Layers to analyse, e.g. '0,2-4'. [default: all]")
+HeadsOpt = typer.Option(None, "--heads", help="Heads to analyse, e.g. '0-3,7'. [default: all]")
+DeviceOpt = typer.Option(None, "--device", help="cpu, cuda or cuda:N. [default: cpu]")
+SeedOpt = typer.Option(None, "--seed", help="Random seed (same seed, same numbers). [default: 0]")
+
 
 def parse_int_list(text: Optional[str | list], flag: str) -> Optional[list[int]]:
     """Parse '0,2-4' (or a TOML list) into [0, 2, 3, 4]."""
@@ -67,6 +100,7 @@ def _capture(settings: dict[str, Any], out: str, quiet: bool) -> None:
     meta = run_capture(out, progress=not quiet, **settings)
     typer.echo(f"captured {meta['n_sequences']} x {len(meta['layers'])} layers x {len(meta['heads'])} heads -> "
                f"{Path(out) / 'capture.safetensors'}")
+    _render(Path(out))
 
 
 _MODEL_HELP = {"model": "HF hub id (already cached), local model folder, or 'minilm' (packaged all-MiniLM-L6-v2)",
@@ -119,21 +153,55 @@ def compare(
     from .spectral.compare import compare_runs
 
     res = compare_runs(run_a, run_b, out)
-    for i, row in enumerate(res["overlap"]):
-        typer.echo(f"layer {i}: " + " ".join(f"{v:.2f}" for v in row))
+    typer.echo(f"rows = A: {res['label_a']}; columns = B: {res['label_b']}; k = {res['k']}, chance {res['chance']:.2f}")
+    typer.echo("A \\ B   " + " ".join(f"L{l:<4d}" for l in res["layers_b"]))
+    for l, row in zip(res["layers_a"], res["overlap"]):
+        typer.echo(f"L{l:<7d} " + " ".join(f"{v:5.2f}" for v in row))
+    if res.get("noise_floor"):
+        d = res["noise_floor"]["diagonal"]
+        typer.echo(f"noise floor (two halves of A's windows, same layer): {min(d):.2f}-{max(d):.2f}")
+    if out is not None:
+        _render(out)
+
+
+@app.command()
+def views(
+    out: Path = typer.Option(..., "--out", help="Run directory (views.safetensors, report.html)."),
+    text: str = typer.Option(..., "--text", help="The text whose attention to draw (tokenized as the model does)."),
+    model: Optional[str] = ModelOpt, layers: Optional[str] = LayersOpt, heads: Optional[str] = HeadsOpt,
+    max_tokens: int = typer.Option(40, "--max-tokens", help="Tokens drawn per heatmap axis (longer texts are cut, "
+                                                            "with a note)."),
+    budget: float = typer.Option(0.25, "--budget", help="Share of key blocks per query block that the drawn "
+                                                        "sparse_attention block mask may keep."),
+    device: Optional[str] = DeviceOpt,
+) -> None:
+    """Attention heatmaps (per layer and head, token labels) and sparse_attention's block mask for your text.
+
+    Example: attnlab views --out runs/views --text "The cat sat on the mat." --layers 0,5
+    """
+    from .report.views import attention_views
+
+    meta = attention_views(out, text, model or "minilm", parse_int_list(layers, "--layers"),
+                           parse_int_list(heads, "--heads"), max_tokens=max_tokens, device=device or "cpu",
+                           budget=budget)
+    from .report.html import render_report
+
+    typer.echo(f"{meta['seq_len']} tokens, layers {meta['layers']}, heads {meta['heads']}")
+    typer.echo(f"report: {render_report(out).resolve()}")
 
 
 @app.command()
 def report(run_dir: Path = typer.Argument(..., help="Run directory to render.")) -> None:
     """Render every section of a run directory into one self-contained report.html."""
-    _render(run_dir, strict=True)
-
-
-def _render(run_dir: Path, strict: bool = False) -> None:
     from .report.html import render_report
 
-    path = render_report(run_dir, strict=strict)
-    typer.echo(f"report: {path.resolve()}")
+    typer.echo(f"report: {render_report(run_dir, strict=True).resolve()}")
+
+
+def _render(run_dir: Path) -> None:
+    from .cli_utils import write_report
+
+    write_report(run_dir)
 
 
 @app.command()
@@ -143,7 +211,7 @@ def demo(
     seq_len: int = typer.Option(128, "--seq-len", help="Tokens per window."),
     pillars: str = typer.Option("spectrum,reconstruct,sparsity,variables", "--pillars",
                                 help="Comma-separated subset of spectrum,reconstruct,sparsity,variables."),
-    quick: bool = typer.Option(False, "--quick", help="Tiny run (about a minute) for smoke tests."),
+    quick: bool = typer.Option(False, "--quick", help="Smallest settings of every pillar: a smoke test, not a measurement (about 65 CPU-seconds)."),
 ) -> None:
     """Every pillar on the packaged MiniLM and stdlib docstrings (spectrum first), then report.html.
 

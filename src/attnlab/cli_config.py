@@ -150,12 +150,14 @@ def _number(x: Any) -> Any:
 
 def _option(f: ConfigField, help_extra: dict[str, str]) -> tuple[Any, Any]:
     text = help_extra.get(f.name) or (f.help[:1].upper() + f.help[1:]) or f.name.replace("_", " ").capitalize()
-    text = f"{text}. \\[default: {f.default}]"  # escaped: rich markup eats [..]
+    text = f"{text}. [default: {f.default}]"  # plain help (the app sets rich_markup_mode=None): shown as is
     if f.kind == "bool":
         return Optional[bool], typer.Option(None, f"{f.flag}/--no-{f.flag[2:]}", help=text, show_default=False)
     if f.kind == "list":  # repeat the flag or give a comma/space separated list
         return Optional[List[str]], typer.Option(None, f.flag, help=text, show_default=False)
     typ = {"int": int, "float": float}.get(f.kind, str)
+    if f.default == "required":  # a field without a default must be given
+        return typ, typer.Option(..., f.flag, help=text.replace(" \\[default: required]", ""), show_default=False)
     return Optional[typ], typer.Option(None, f.flag, help=text, show_default=False)
 
 

@@ -21,6 +21,18 @@ def split_words(values: Optional[Sequence[str]]) -> Optional[list[str]]:
     return [p for v in values for p in str(v).replace(",", " ").split()]
 
 
+def write_report(out) -> None:
+    """Render ``out``/report.html and print its path (every command that writes a run directory calls this)."""
+    from pathlib import Path
+
+    from .report.html import render_report
+
+    if not (Path(out) / "results.json").is_file():
+        typer.echo(f"report: none ({out} has no results.json yet)")
+        return
+    typer.echo(f"report: {render_report(out).resolve()} (re-render with `attnlab report {out}`)")
+
+
 # Options / arguments naming a path: an empty value would silently mean the current directory.
 PATH_OPTIONS = ("out", "corpus", "checkpoint", "model", "fit_path", "spectrum", "run_dir", "run_a", "run_b",
                 "tensorboard")
@@ -38,16 +50,19 @@ def _out_kind(param) -> str:
 def _check_values(params: dict, kwargs: dict) -> None:
     """Validate every given option by name (attnlab.validate.RULES), floats finite, paths non-empty."""
     from .errors import ConfigError
-    from .validate import check_option, flag_of
+    from .validate import check_option, finite, flag_of
 
     for name, value in kwargs.items():
         p = params.get(name)
         flag = next((o for o in getattr(p, "opts", ()) if o.startswith("--")), None) or flag_of(name)
         if name in PATH_OPTIONS and value is not None and not str(value).strip():
             raise ConfigError(f"{flag} is empty; give a path" if flag.startswith("--") else f"{name} is empty; give a path")
-        for v in (value if isinstance(value, (list, tuple)) else [value]):
-            if isinstance(v, (int, float)) or name in ("device", "seed"):
-                check_option(name, v, flag)
+        if isinstance(value, (list, tuple)):  # list options: every number finite (rules are for scalars)
+            for v in value:
+                if isinstance(v, float):
+                    finite(v, flag)
+        elif isinstance(value, (int, float)) or name in ("device", "seed"):
+            check_option(name, value, flag)
 
 
 class _EchoWarnings(logging.Handler):

@@ -7,6 +7,8 @@ on a corpus. Public API:
 - estimation: :class:`Estimator`, :class:`RowModel`, ``ESTIMATORS``
 - fitting: :func:`fit_corpus`, :func:`fit_from_windows`, :func:`fit_from_spectrum`, :class:`ReconstructionFit`
 - evaluation: :class:`Combo`, :class:`Method`, :func:`make_methods`, :func:`evaluate`, metrics in :mod:`.metrics`
+- total compute: :func:`cost_breakdown`, :func:`method_cost` (units of dense QK^T multiply-adds); frontier:
+  :func:`candidates`, :func:`evaluate_points`, :func:`best_at` (worst-layer TV vs total compute per method family)
 - drop-in: :func:`approximate`, :class:`ApproxAttention`, :func:`output_effect`
 - runs: :func:`reconstruct`, :func:`train` (training comparison), :func:`render_section`
 
@@ -22,6 +24,14 @@ _EXPORTS = {
     "ApproxAttention": "approx",
     "approximate": "approx",
     "output_effect": "approx",
+    "cost_breakdown": "cost",
+    "method_cost": "cost",
+    "SELECTION_COSTS": "cost",
+    "ESTIMATOR_COSTS": "cost",
+    "FAMILIES": "frontier",
+    "candidates": "frontier",
+    "evaluate_points": "frontier",
+    "best_at": "frontier",
     "ESTIMATORS": "estimators",
     "Estimator": "estimators",
     "RowModel": "estimators",

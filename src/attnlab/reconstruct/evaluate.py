@@ -70,6 +70,7 @@ class Method:
     proxy_rank: int = 4
     seed: int = 0
     dtype: torch.dtype = torch.float64
+    name: Optional[str] = None  # label override (frontier points); b = 0 is the pure proxy (no exact pairs)
     _est: dict = field(default_factory=dict)
     _sel: dict = field(default_factory=dict)
     _gen: Optional[torch.Generator] = None
@@ -77,6 +78,8 @@ class Method:
     @property
     def label(self) -> str:
         """Combo label plus the proxy rank where the proxy is used, e.g. 'proxy/adaptive[r=4]'."""
+        if self.name:
+            return self.name
         uses = self.combo.selection == "adaptive" or self.combo.estimator in PROXY_ESTIMATORS
         return self.combo.label + (f"[r={self.proxy_rank}]" if uses else "")
 
@@ -109,6 +112,8 @@ class Method:
                   valid_h: Optional[torch.Tensor]) -> torch.Tensor:
         """Key indices to compute exactly for head ``head`` of this call."""
         strat, n, B = self.combo.selection, scores_h.shape[-1], scores_h.shape[0]
+        if self.b == 0:  # no exact pairs (pure proxy)
+            return torch.empty(B, scores_h.shape[1], 0, dtype=torch.long, device=scores_h.device)
         if "static" in SELECTIONS.entry(strat).tags:  # fitted once per (layer, head)
             key = (layer, head)
             if key not in self._sel:

@@ -31,10 +31,14 @@ def plot_reconstruct(run: RunDir, res: dict[str, Any]) -> list[str]:
         safe = "".join(c if c.isalnum() else "_" for c in lab).strip("_")
         name = f"reconstruct_sweep_{safe}.png"
         curves(series, f"{lab}: softmax TV vs budget", "pairs per row (fraction)", "mean softmax TV",
-               run.file(name), hlines=(TV_TARGET,), xs=[float(b) for b in budgets], marker="o")
+               run.file(name), hlines=(TV_TARGET,), xs=[float(b) for b in budgets], marker="o",
+               hline_labels=(f"target TV {TV_TARGET:g}",))
         files.append(name)
+    front = res.get("frontier") or {}
+    if front:
+        files.append(plot_frontier(front, run.file("reconstruct_frontier.png")).name)
     train = res.get("train")
-    if train:
+    if train and train.get("runs"):
         series = {}
         for r in train["runs"]:
             lab = r["label"] if r["budget"] is None else f"{r['label']} @ {r['budget']}"
@@ -46,6 +50,25 @@ def plot_reconstruct(run: RunDir, res: dict[str, Any]) -> list[str]:
     return files
 
 
+def plot_frontier(front: dict[str, list[dict[str, Any]]], path, title: str = "") -> Any:
+    """Worst-layer TV (mean +- sd over held-out window groups) against total compute, one line per family."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.0, 4.6))
+    for fam, pts in front.items():
+        xs = [p["compute"] for p in pts]
+        ys = [p["worst_layer_tv"]["mean"] for p in pts]
+        es = [p["worst_layer_tv"]["std"] for p in pts]
+        ax.errorbar(xs, ys, yerr=es, marker="o", ms=3, capsize=2, label=fam)
+    ax.axhline(TV_TARGET, color="grey", lw=0.8, ls="--")
+    ax.set_yscale("log")
+    ax.set(title=title or "worst-layer softmax TV vs total compute (held-out)",
+           xlabel="total compute (fraction of dense QK^T multiply-adds)", ylabel="worst-layer TV")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return save_figure(fig, path)
+
+
 def _labelled_heatmap(grid, rows, cols, title, path) -> None:
     """Heatmap with row / column labels and values (the shared helper has numeric ticks only)."""
     import matplotlib.pyplot as plt
@@ -54,7 +77,7 @@ def _labelled_heatmap(grid, rows, cols, title, path) -> None:
     m = np.asarray(grid, dtype=float)
     fig, ax = plt.subplots(figsize=(2.5 + 0.7 * m.shape[1], 1.0 + 0.28 * m.shape[0]))
     im = ax.imshow(m, cmap="magma_r", vmin=0.0, vmax=max(float(np.nanmax(m)), TV_TARGET), aspect="auto")
-    fig.colorbar(im, ax=ax)
+    fig.colorbar(im, ax=ax, label="softmax total variation (lower is better)")
     ax.set_xticks(range(len(cols)), cols)
     ax.set_yticks(range(len(rows)), rows, fontsize=7)
     ax.set_title(title, fontsize=9)

@@ -3,6 +3,7 @@ text, sweep the budget, measure the drop-in effect on the model's outputs; write
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,11 +19,19 @@ from ..seeding import seed_everything
 from .estimators import ALL_ESTIMATORS
 from .evaluate import Combo, evaluate, make_methods
 from .fit import FIT_FILE, ReconstructionFit, fit_corpus, fit_from_spectrum, load_checked, windows_for
+from .cost import method_cost
+from .frontier import best_at, candidates, evaluate_points, format_frontier, frontier_curves, require_affordable
 from .selection import STRATEGIES, budget_count
+
+_log = logging.getLogger(__name__)
 
 SECTION = "reconstruct"
 TENSORS = "reconstruct.safetensors"
 TV_TARGET = 0.05
+# Focused default grid (the strongest estimators, the plain baseline, the adaptive method and the oracle bound);
+# `--all` / estimators=ALL_ESTIMATORS, selections=STRATEGIES evaluates every combination.
+DEFAULT_ESTIMATORS = ("gaussian", "basis", "proxy+gaussian")
+DEFAULT_SELECTIONS = ("random", "leverage", "adaptive", "oracle")
 
 
 @dataclass
@@ -36,8 +45,8 @@ class ReconstructConfig:
     n_eval: int = 64  # windows of the held-out split used to evaluate
     budget: float = 0.25  # pairs per row: fraction in (0, 1] or a count
     budgets: list = field(default_factory=lambda: [0.0625, 0.125, 0.25, 0.5])  # sweep (empty = no sweep)
-    estimators: list = field(default_factory=lambda: list(ALL_ESTIMATORS))
-    selections: list = field(default_factory=lambda: list(STRATEGIES))
+    estimators: list = field(default_factory=lambda: list(DEFAULT_ESTIMATORS))  # ALL_ESTIMATORS with --all
+    selections: list = field(default_factory=lambda: list(DEFAULT_SELECTIONS))  # STRATEGIES with --all
     position: bool = True  # also evaluate gaussian with query-position-conditioned statistics
     pooled_baseline: bool = True  # also evaluate the naive basis LS with heads pooled and random pairs
     k: Optional[int] = None  # basis size (None: min(k90 of the head, budget))
@@ -53,12 +62,21 @@ class ReconstructConfig:
     dropin: bool = True  # run the best method as drop-in attention and measure output change
     fit_path: Optional[str] = None  # reuse a saved fit (file or run dir) instead of fitting
     spectrum: Optional[str] = None  # take row statistics from a spectrum run dir instead of fitting
+    compute: Optional[float] = None  # choose 'best' at this total compute (fraction of dense QK^T), not at --budget
+    frontier: bool = False  # evaluate the TV-vs-total-compute frontier (families x budgets x ranks); --compute implies it
+    frontier_ranks: list = field(default_factory=lambda: [2, 4, 8])  # proxy ranks of the frontier
+    frontier_budgets: list = field(default_factory=lambda: [1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2])  # pair fractions
+    families: Optional[list] = None  # frontier method families (None = all of frontier.FAMILIES)
+    chunks: int = 4  # groups of held-out windows for the frontier's spread
     seed: int = 0
 
     def validate(self) -> None:
         """Raise ConfigError on bad values (budget checked against seq_len)."""
         check_fields(self)
-        for n in ("seq_len", "n_fit", "n_eval", "batch_size", "topk", "proxy_rank"):
+        from .cost import check_compute
+
+        check_compute(self.compute)
+        for n in ("seq_len", "n_fit", "n_eval", "batch_size", "topk", "proxy_rank", "chunks"):
             if getattr(self, n) < 1:
                 raise ConfigError(f"--{n.replace('_', '-')} must be >= 1 (got {getattr(self, n)})")
         b = budget_count(self.budget, self.seq_len)
@@ -110,9 +128,10 @@ def get_fit(cfg: ReconstructConfig, hf) -> ReconstructionFit:
 
 def residual_proxies(cfg: ReconstructConfig) -> list[tuple[str, int, int]]:
     """The proxies (kind, rank, seed) whose residual statistics proxy+gaussian needs (none if not evaluated)."""
-    if "proxy+gaussian" not in cfg.estimators:
-        return []
-    return [(cfg.proxy, r, cfg.seed) for r in dict.fromkeys([cfg.proxy_rank, *cfg.extra_ranks])]
+    ranks = [cfg.proxy_rank, *cfg.extra_ranks] if "proxy+gaussian" in cfg.estimators else []
+    if cfg.frontier or cfg.compute is not None:
+        ranks += list(cfg.frontier_ranks)
+    return [(cfg.proxy, r, cfg.seed) for r in dict.fromkeys(ranks)]
 
 
 def _strip(res: dict[str, Any]) -> dict[str, Any]:
@@ -139,7 +158,7 @@ def reconstruct(out: str | Path, model: str = "minilm", progress: bool = True, *
     fit = get_fit(cfg, hf)
     fit.meta["model"] = cfg.model
     fit.save(run.file(FIT_FILE))
-    say = print if progress else (lambda *a, **k: None)
+    say = _log.info if progress else _log.debug
     say(f"fitted statistics ({fit.meta.get('source')}, {fit.meta.get('n_sequences')} windows) in "
         f"{time.perf_counter() - t0:.1f} s")
     kw = dict(k=cfg.k, ridge=cfg.ridge, jitter=cfg.jitter, proxy=cfg.proxy, proxy_rank=cfg.proxy_rank, seed=cfg.seed)
@@ -151,26 +170,56 @@ def reconstruct(out: str | Path, model: str = "minilm", progress: bool = True, *
         if rk != cfg.proxy_rank:
             methods += make_methods(fit, extra, cfg.budget, **{**kw, "proxy_rank": rk})
     by_label = {m.label: m for m in methods}
+    fr_kw = dict(fractions=cfg.frontier_budgets, ranks=cfg.frontier_ranks)
+    if cfg.compute is not None:  # fail before evaluating anything when nothing fits the compute budget
+        require_affordable(fit, cfg.compute, cfg.families, **fr_kw)
     table = evaluate(hf, windows, methods, cfg.layers, cfg.heads, cfg.batch_size, cfg.topk)
+    for m in methods:
+        table[m.label]["cost"] = method_cost(m, hf.head_dim)
     best = best_label(table)
-    say(f"evaluated {len(combos)} methods on {len(windows)} held-out windows; best {best}")
+    say(f"evaluated {len(combos)} methods on {len(windows)} held-out windows; best at --budget {best} "
+        f"(total compute {table[best]['cost']['compute']:.3f})")
     b = budget_count(cfg.budget, cfg.seq_len)
     res: dict[str, Any] = {
         "config": asdict(cfg), "model": hf.describe(), "budget_pairs": b, "budget_fraction": b / cfg.seq_len,
-        "n_eval": int(len(windows)), "fit": {k: v for k, v in fit.meta.items() if k != "kind"},
-        "proxy_cost_fraction": cfg.proxy_rank / hf.head_dim, "target_tv": TV_TARGET,
+        "n_eval": int(len(windows)), "fit": {k: v for k, v in fit.meta.items() if k != "kind"}, "target_tv": TV_TARGET,
         "table": {k: _strip(v) for k, v in table.items()}, "best": best,
         "best_worst_layer_tv": max(v["tv"] for v in table[best]["per_layer"].values()),
     }
+    if cfg.frontier and cfg.compute is None and not fit.meta.get("d_head"):
+        res["frontier_note"] = "no frontier: this fit has no query/key moments (spectrum run), so no proxy"
+    elif cfg.frontier or cfg.compute is not None:
+        cap = 1.0 if cfg.compute is None else cfg.compute
+        pts, skipped = candidates(fit, cfg.families, max_compute=cap, proxy=cfg.proxy, seed=cfg.seed, **fr_kw)
+        front = evaluate_points(hf, windows, pts, cfg.chunks, cfg.batch_size, cfg.layers, cfg.heads)
+        res["frontier_points"], res["frontier"] = front, frontier_curves(front)
+        res["frontier_skipped"] = skipped
+        res["best_at_compute"] = {str(c): best_at(front, c) for c in ((0.25, 0.5) if cfg.compute is None else (cfg.compute,))}
+        say(format_frontier(front, (0.25, 0.5) if cfg.compute is None else (cfg.compute,)))
+        if cfg.compute is not None:
+            # 'best' at a total-compute budget: the table's methods and the frontier's points that fit it
+            pool = {k: {"compute": v["cost"]["compute"], "tv": max(x["tv"] for x in v["per_layer"].values())}
+                    for k, v in table.items() if v["selection"] != "oracle"}
+            pool.update({k: {"compute": v["compute"], "tv": v["worst_layer_tv_pooled"]} for k, v in front.items()})
+            ok = {k: v for k, v in pool.items() if v["compute"] <= cfg.compute + 1e-12}
+            best = min(ok, key=lambda k: ok[k]["tv"])
+            res.update({"best": best, "best_worst_layer_tv": ok[best]["tv"], "best_compute": ok[best]["compute"],
+                        "best_chosen_at": f"total compute <= {cfg.compute}"})
+    if "best_compute" not in res:
+        res.update({"best_compute": table[best]["cost"]["compute"], "best_chosen_at": f"pair budget {b}"})
+    best_cost = table[best]["cost"] if best in table else res["frontier_points"][best]["cost"]
+    res["best_cost"] = best_cost
+    # the proxy's share at the winning method's own rank (r / d_head), not the base --proxy-rank
+    res["proxy_cost_fraction"] = best_cost["fractions"]["proxy_scores"] if best_cost["proxy_rank"] else 0.0
     res["meets_target"] = res["best_worst_layer_tv"] < TV_TARGET
     tensors = {}
     L = sorted({int(x.split(".")[0]) for x in next(iter(table.values()))["per_head"]})
     H = sorted({int(x.split(".")[1]) for x in next(iter(table.values()))["per_head"]})
     for lab, v in table.items():
         tensors[f"tv.{lab}"] = torch.tensor([[v["per_head"][f"{l}.{h}"]["tv"] for h in H] for l in L])
-    # Budget sweep: the best method and the best input-independent one.
+    # Budget sweep: the best method of the table and the best input-independent one.
     fixed = {k: v for k, v in table.items() if v["selection"] not in ("adaptive", "oracle")}
-    sweep_labels = [best] + ([best_label(fixed)] if fixed else [])
+    sweep_labels = [best if best in by_label else best_label(table)] + ([best_label(fixed)] if fixed else [])
     res["sweep"] = {}
     if cfg.budgets:
         for lab in dict.fromkeys(sweep_labels):
@@ -180,9 +229,9 @@ def reconstruct(out: str | Path, model: str = "minilm", progress: bool = True, *
                 kk = {**kw, "proxy_rank": m0.proxy_rank}
                 if m0.combo.estimator == "basis" and cfg.k is not None:
                     kk["k"] = min(cfg.k, budget_count(bud, cfg.seq_len))
-                r = evaluate(hf, windows, make_methods(fit, [m0.combo], bud, **kk), cfg.layers, cfg.heads,
-                             cfg.batch_size, cfg.topk)
-                res["sweep"][lab][str(bud)] = _strip(r[lab])
+                ms = make_methods(fit, [m0.combo], bud, **kk)
+                r = evaluate(hf, windows, ms, cfg.layers, cfg.heads, cfg.batch_size, cfg.topk)
+                res["sweep"][lab][str(bud)] = {**_strip(r[lab]), "cost": method_cost(ms[0], hf.head_dim)}
         say(f"budget sweep over {cfg.budgets} for {list(res['sweep'])}")
     if cfg.dropin:
         from .approx import output_effect
@@ -191,7 +240,8 @@ def reconstruct(out: str | Path, model: str = "minilm", progress: bool = True, *
         for lab in dict.fromkeys(sweep_labels):
             m0 = by_label[lab]
             m = make_methods(fit, [m0.combo], cfg.budget, **{**kw, "proxy_rank": m0.proxy_rank})[0]
-            res["dropin"].append(output_effect(hf, windows, m, cfg.layers, cfg.batch_size, seed=cfg.seed))
+            d = output_effect(hf, windows, m, cfg.layers, cfg.batch_size, seed=cfg.seed)
+            res["dropin"].append({**d, "compute": method_cost(m, hf.head_dim)["compute"]})
         say("drop-in: " + "; ".join(f"{d['method']}: hidden cos {d['hidden_cosine']:.4f}, sentence cos "
                                      f"{d['sentence_cosine']:.4f}" for d in res["dropin"]))
     res["seconds"] = round(time.perf_counter() - t0, 2)
@@ -223,14 +273,17 @@ def train(out: str | Path, progress: bool = True, **settings: Any) -> dict[str, 
 
 
 def format_table(table: dict[str, Any]) -> str:
-    """Plain-text table: TV per layer, worst layer, rel. error, top-1 per method (sorted by worst-layer TV)."""
+    """Plain-text table: TV per layer, worst layer, rel. error, top-1, pair budget and total compute per method
+    (sorted by worst-layer TV)."""
     layers = sorted(next(iter(table.values()))["per_layer"], key=int)
-    head = f"{'method':30s} " + " ".join(f"TV L{l:<3s}" for l in layers) + "  maxTV   relErr  top1   KL"
+    head = (f"{'method':30s} " + " ".join(f"TV L{l:<3s}" for l in layers)
+            + "  maxTV   relErr  top1   KL     pairs compute")
     lines = [head, "-" * len(head)]
     for lab in sorted(table, key=lambda k: max(v["tv"] for v in table[k]["per_layer"].values())):
         v = table[lab]
         tv = [v["per_layer"][l]["tv"] for l in layers]
         rel = v["mean"]["rel_err"]
+        comp = v["cost"]["compute"] if "cost" in v else float("nan")
         lines.append(f"{lab:30s} " + " ".join(f"{x:6.3f}" for x in tv) + f"  {max(tv):6.3f} "
-                     f"{rel:7.3f}  {v['mean']['top1']:.3f} {v['mean']['kl']:6.3f}")
+                     f"{rel:7.3f}  {v['mean']['top1']:.3f} {v['mean']['kl']:6.3f}  {v['budget_pairs']:5d} {comp:7.3f}")
     return "\n".join(lines)

@@ -7,7 +7,7 @@ from typing import Optional
 import typer
 
 from ..cli_config import config_command, option, out_option, quiet_option
-from ..cli_utils import fail
+from ..cli_utils import fail, write_report
 
 app = typer.Typer(help="Sparsefinder: entmax gold graphs, learned sparsity predictors, Pareto evaluation.",
                   no_args_is_help=True)
@@ -53,7 +53,7 @@ config_command(app, "train", TRAIN, _train, help_extra=TRAIN_HELP,
                       quiet_option()])
 
 
-def _run(settings: dict, out: str, resume: bool, quiet: bool) -> None:
+def _run(settings: dict, out: str, resume: bool, quiet: bool, all_methods: bool = False) -> None:
     """Train/load an entmax model, fit every predictor, sweep operating points, downstream eval, plots."""
     from ..errors import AttnlabError
 
@@ -62,8 +62,14 @@ def _run(settings: dict, out: str, resume: bool, quiet: bool) -> None:
         from .train_entmax import EntmaxTrainConfig
 
         cfg = EntmaxTrainConfig(**settings[TRAIN])
-        info = sparsity(out, train=cfg, seed=cfg.seed, resume=resume, quiet=quiet, **settings[RUN])
+        run_settings = dict(settings[RUN])
+        if all_methods:
+            from .predictors import METHODS
+
+            run_settings["methods"] = list(METHODS)
+        info = sparsity(out, train=cfg, seed=cfg.seed, resume=resume, quiet=quiet, **run_settings)
         _print_summary(info)
+        write_report(out)
     except AttnlabError as e:
         fail(e)
 
@@ -72,9 +78,8 @@ config_command(app, "run", [TRAIN, RUN], _run, skip=("out", "train", "resume", "
                help_extra={**TRAIN_HELP,
                            "model": "'small' (our entmax transformer) or an HF model ('minilm') with entmax swapped in",
                            "checkpoint": "Load this small-model checkpoint instead of training",
-                           "methods": "Predictors (repeat or comma-separate; None: every registered 'default' one: "
-                                      "distance-thr, distance-knn, quantization, clustering, window, bigbird, lsh, "
-                                      "routing, oracle-topk)",
+                           "methods": "Predictors (repeat or comma-separate; None: distance-knn, quantization, "
+                                      "clustering, window, bigbird, oracle-topk; --all adds distance-thr, lsh, routing)",
                            "n_fit": "Windows used to fit predictors", "n_eval": "Held-out windows for the sweeps",
                            "n_down": "Held-out windows for downstream evaluation (0 = skip)",
                            "rank": "Projection dimension r of the learned predictors",
@@ -90,7 +95,9 @@ config_command(app, "run", [TRAIN, RUN], _run, skip=("out", "train", "resume", "
                       option("resume", bool, False, "--resume/--no-resume",
                              help="Reuse a cached checkpoint / finished section in --out and continue an interrupted "
                                   "training from its partial checkpoint."),
-                      quiet_option()])
+                      quiet_option(),
+                      option("all_methods", bool, False, "--all",
+                             help="Evaluate every registered predictor (overrides --methods).")])
 
 
 @app.command()
@@ -133,23 +140,7 @@ def _print_summary(info: dict, all_points: bool = False) -> None:
     con.print(t2)
 
 
-@app.command()
-def prefill(
-    model: str = typer.Option(..., "--model", help="Causal HF model folder or cached hub id (e.g. a folder from "
-                              "'attnlab lm train')."),
-    seq_len: int = typer.Option(16384, help="Tokens per held-out window (padded inside attention to a multiple "
-                                "of --block-size)."),
-    predictor: str = typer.Option("pooled", help="Block predictor name (the block-predictor registry, plus "
-                                  "'oracle' and 'full')."),
-    recall: float = typer.Option(0.95, help="Mass-recall target p per head."),
-    block_size: int = typer.Option(128, help="Tile size of the block pattern."),
-    windows: int = typer.Option(2, help="Held-out windows (spread across windows is reported)."),
-    rows: int = typer.Option(256, help="Sampled query rows per layer for exact recall and output error."),
-    reps: int = typer.Option(3, help="Timed forwards per window and mode."),
-    fallback: bool = typer.Option(True, help="Run heads above the kernel's measured break-even density dense."),
-    device: str = typer.Option("auto", help="auto (cuda if available) | cpu | cuda."),
-    out: Optional[str] = typer.Option(None, help="Write the full result (per layer/head) as JSON here."),
-):
+def _prefill(settings: dict, out: Optional[str]) -> None:
     """Real forward of a causal model with every attention layer replaced by predicted block-sparse attention:
     per-head density, measured recall and output error; loss change and speed vs SDPA flash / cuDNN."""
     from ..errors import AttnlabError
@@ -157,12 +148,25 @@ def prefill(
     from .prefill import PrefillConfig, format_summary, run_prefill
 
     try:
-        cfg = PrefillConfig(model=model, seq_len=seq_len, predictor=predictor, recall=recall, block_size=block_size,
-                            windows=windows, rows=rows, reps=reps, fallback=fallback, device=device)
-        res = run_prefill(cfg, log=typer.echo)
+        res = run_prefill(PrefillConfig(**settings), log=typer.echo)
     except AttnlabError as e:
         fail(e)
     typer.echo(format_summary(res))
     if out:
         write_json(out, res)
         typer.echo(f"wrote {out}")
+
+
+config_command(app, "prefill", "attnlab.sparsity.prefill:PrefillConfig", _prefill,
+               help_extra={"model": "Causal HF model folder or cached hub id (e.g. a folder from 'attnlab lm train')",
+                           "seq_len": "Tokens per held-out window (padded inside attention to a multiple of "
+                                      "--block-size)",
+                           "predictor": "Block predictor name (the block-predictor registry, plus 'oracle' and 'full')",
+                           "recall": "Mass-recall target p per head", "block_size": "Tile size of the block pattern",
+                           "windows": "Held-out windows (spread across windows is reported)",
+                           "rows": "Sampled query rows per layer for exact recall and output error",
+                           "reps": "Timed forwards per window and mode",
+                           "fallback": "Run heads above the kernel's measured break-even density dense",
+                           "device": "auto (cuda if available) | cpu | cuda", "seed": "Seed of the window choice"},
+               extra=[option("out", Optional[str], None, "--out", help="Write the full result (per layer/head) as "
+                                                                       "JSON here.")])

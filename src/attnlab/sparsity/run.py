@@ -3,6 +3,7 @@ downstream evaluation, and write section ``sparsity`` (results.json), tensors an
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -16,14 +17,19 @@ from ..registry import Registry
 from ..seeding import seed_everything
 from .train_entmax import EntmaxTrainConfig
 
+_logger = logging.getLogger(__name__)
+
 SECTION = "sparsity"
 CHECKPOINT = "entmax_model.safetensors"
 TARGET = 0.9
+# Focused default: the learned predictors, two fixed patterns and the oracle bound; methods=METHODS (`--all`,
+# every predictor registered with tag 'default') adds distance-thr, lsh and routing.
+DEFAULT_METHODS = ("distance-knn", "quantization", "clustering", "window", "bigbird", "oracle-topk")
 
 
 def _log(quiet: bool, msg: str) -> None:
     if not quiet:
-        print(msg, flush=True)
+        _logger.info(msg)
 
 
 def stale_settings(trained: EntmaxTrainConfig, asked: EntmaxTrainConfig) -> list[str]:
@@ -155,7 +161,7 @@ def sparsity(
     from .predictors import PREDICTORS, Projector
 
     train = train or EntmaxTrainConfig()
-    methods = list(methods or PREDICTORS.names("default"))
+    methods = list(methods or DEFAULT_METHODS)  # --all: every PREDICTORS.names("default")
     for m in methods:
         PREDICTORS.get(m)  # an unknown name is a ConfigError listing the registered ones
     if loss not in ("sum", "pair"):
@@ -216,6 +222,9 @@ def sparsity(
         info["downstream"] = downstream(net, em.task(down_ids), alpha, fitted, results, targets)
 
     _write_artifacts(run, info, results, ev)
+    from ..report.views import save_sparsity_views
+
+    save_sparsity_views(run, fitted, ev, info["operating_points_0.9"])
     info["wall_s"] = time.time() - t_start
     info["complete"] = True
     run.write_section(SECTION, info)

@@ -7,6 +7,7 @@ distillation in ``entmax_hf.py`` (both re-exported here), the loop and checkpoin
 
 from __future__ import annotations
 
+import logging
 import hashlib
 import math
 import time
@@ -26,6 +27,8 @@ from ..seeding import seed_everything
 from ..training import adamw, load_checkpoint, save_checkpoint, train_steps
 from .entmax_hf import entmax_handler, finetune_hf_entmax, hf_hidden  # noqa: F401  (re-exported)
 from .vocab import CLS, MASK, N_SPECIAL, PAD, SEP, UNK, VocabMap, lm_loss, mlm_batch, tokenizer_of  # noqa: F401
+
+_log = logging.getLogger(__name__)
 
 
 
@@ -125,7 +128,7 @@ def train_small(cfg: EntmaxTrainConfig, windows: Optional[torch.Tensor] = None, 
     if ckpt is not None and resume and ckpt.exists():
         start, hist, elapsed = load_checkpoint(ckpt, fp, model, opt, sched, g)
         if not quiet:
-            print(f"  resuming training from {ckpt} at step {start}/{cfg.steps}", flush=True)
+            _log.info(f"  resuming training from {ckpt} at step {start}/{cfg.steps}")
     t0 = time.time() - elapsed
     accs: list = []
 
@@ -145,8 +148,7 @@ def train_small(cfg: EntmaxTrainConfig, windows: Optional[torch.Tensor] = None, 
                 raise NumericalError(f"training diverged: loss {hist['loss'][-1]} at step {step}; lower --lr "
                                      f"(now {cfg.lr:g})")
             if not quiet:
-                print(f"  step {step:5d}  loss {float(loss):.3f}  acc {float(accs[0]):.3f}  ({time.time() - t0:.0f}s)",
-                      flush=True)
+                _log.info(f"  step {step:5d}  loss {float(loss):.3f}  acc {float(accs[0]):.3f}  ({time.time() - t0:.0f}s)")
         if ckpt is not None and cfg.checkpoint_every > 0 and done % cfg.checkpoint_every == 0 and done < cfg.steps:
             save_checkpoint(ckpt, fp, done, model, opt, sched, g, hist, time.time() - t0)
             checkpoint_written()

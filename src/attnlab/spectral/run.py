@@ -34,7 +34,8 @@ class SpectrumConfig:
     layers: Optional[list[int]] = None  # None = all
     heads: Optional[list[int]] = None  # None = all
     batch_size: int = 8
-    sketch_size: int = 16  # full-matrix sketch rows per head (0 disables the full-matrix analysis)
+    sketch_size: int = 16  # whole-matrix sketch rows per head when not exact (0 disables the whole-matrix analysis)
+    full_exact: int = 256  # whole-matrix spectra exactly (Gram of the kept samples) when n_sequences <= this
     head_chunk: int = 4  # heads scored at once (bounds peak memory)
     basis_k: Optional[int] = None  # basis size for overlaps (None = seq_len // 8)
     split: str = "fit"  # fit | heldout | all: which documents (held-out ones are kept for evaluation)
@@ -49,6 +50,8 @@ class SpectrumConfig:
         for name in ("seq_len", "n_sequences", "batch_size", "head_chunk", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(self, name)})")
+        if self.full_exact < 0:
+            raise ConfigError(f"--full-exact must be >= 0 (got {self.full_exact})")
         if self.sketch_size < 0 or self.sketch_size == 1:
             raise ConfigError(f"--sketch-size must be 0 (off) or >= 2 (got {self.sketch_size})")
         if self.basis_k is not None and not 1 <= self.basis_k <= self.seq_len:
@@ -79,7 +82,10 @@ def spectrum(out: str | Path, model: str | Model = "minilm", windows: Optional[t
     elif windows.dim() != 2 or windows.shape[1] != cfg.seq_len:
         raise ConfigError(f"windows must be (M, seq_len={cfg.seq_len}), got {tuple(windows.shape)}")
     mine = windows[info.rank::info.world_size]
-    col = SpectrumCollector(layers, heads, cfg.seq_len, cfg.sketch_size, cfg.head_chunk, device=device)
+    # Exact whole matrices keep every matrix (float32, M N^2 per head): only when the run is small and on one process.
+    exact = bool(cfg.sketch_size) and info.world_size == 1 and len(windows) <= cfg.full_exact
+    col = SpectrumCollector(layers, heads, cfg.seq_len, cfg.sketch_size, cfg.head_chunk, device=device,
+                            full_exact=exact)
     conf = asdict(cfg)
     fp = fingerprint({**conf, "windows": windows_digest(windows)})  # corpus content, not only its path
     ckpt = run.file(f"spectrum.ckpt.rank{info.rank}.safetensors")
@@ -120,6 +126,9 @@ def spectrum(out: str | Path, model: str | Model = "minilm", windows: Optional[t
         from .plots import plot_spectrum
 
         plot_spectrum(run, results)
+        from ..report.views import save_views
+
+        save_views(run, m, windows[0], layers, heads)
     barrier(info)
     if ckpt.exists():
         ckpt.unlink()

@@ -174,6 +174,16 @@ def sketch_covariance_eig(sketch: torch.Tensor, mean: torch.Tensor, n: int, k: i
     return evals[order].clamp_min(0), q @ evecs[:, order]
 
 
+def gram_covariance(x: torch.Tensor) -> torch.Tensor:
+    """The M x M Gram matrix of the centred samples, Xc Xc^T / (M - 1), in float64, from samples x (M, D): it has
+    the same nonzero eigenvalues as the D x D sample covariance (exact whole-matrix spectra when M < D)."""
+    if x.dim() != 2 or x.shape[0] < 2:
+        raise ShapeError(f"need samples (M >= 2, D), got {tuple(x.shape)}")
+    xc = x.double()
+    xc = xc - xc.mean(0, keepdim=True)
+    return (xc @ xc.T) / (x.shape[0] - 1)
+
+
 def row_centre(scores: torch.Tensor, valid: Optional[torch.Tensor]) -> torch.Tensor:
     """Centre each score row over its valid keys (softmax is shift-invariant); masked entries become 0."""
     if valid is None:

@@ -7,7 +7,7 @@ from typing import Annotated, List, Optional
 
 import typer
 
-from ..cli_utils import fail
+from ..cli_utils import fail, write_report
 
 app = typer.Typer(help="Variable creation (Edelman et al.): sparse Boolean tasks, m*(T) sweeps, law fits.",
                   no_args_is_help=True)
@@ -170,6 +170,7 @@ def sweep(
     fits = section.get("fits")
     verdict = f"{fits['verdict']} ({fits['reason']})" if fits else f"no fit ({section.get('fit_error')})"
     typer.echo(f"law: {verdict}; results in {out}/results.json (section 'variables')")
+    write_report(out)
 
 
 @app.command()
