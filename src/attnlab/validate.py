@@ -100,7 +100,7 @@ RULES: dict[str, Callable[[Any, str], Any]] = {
     **{name: _POS_INT for name in (
         "batch_size", "n_sequences", "n_fit", "n_eval", "rank", "epochs", "d_model", "n_heads", "n_layers",
         "vocab_size", "max_windows", "proxy_rank", "refresh", "seeds", "m", "m_min", "m_max", "n_test", "max_steps",
-        "hf_seq_len", "head_chunk", "basis_k", "k", "s", "patience", "eval_every")},
+        "hf_seq_len", "head_chunk", "basis_k", "k", "s")},
     "seq_len": at_least(2, " (a window needs at least 2 tokens)"),
     **{name: _NON_NEG for name in ("n_down", "hf_finetune_steps", "steps", "sketch_size", "ridge", "jitter",
                                    "weight_decay", "penalty", "budget_s")},
