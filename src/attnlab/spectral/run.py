@@ -93,7 +93,10 @@ def spectrum(out: str | Path, model: str | Model = "minilm", windows: Optional[t
     done = run.section("spectrum") if resume and not ckpt.exists() and run.file(TENSORS).exists() else None
     if done is not None and read_tensors(run.file(TENSORS))[1].get("fingerprint") == fp:
         if progress and info.is_main:
-            print(f"{run.path}: spectrum already complete with these settings (resume); nothing to do", flush=True)
+            import logging
+
+            logging.getLogger("attnlab.spectral").warning("%s: spectrum already complete with these settings (resume); "
+                                                          "nothing to do", run.path)
         return done
     if resume and ckpt.exists():
         state, meta = read_tensors(ckpt)
