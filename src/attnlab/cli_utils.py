@@ -76,7 +76,7 @@ class _EchoWarnings(logging.Handler):
 def show_warnings() -> None:
     """Make the CLI print warnings of the 'attnlab' logger (fewer windows than asked, skipped steps)."""
     logger = logging.getLogger("attnlab")
-    if not any(isinstance(h, _EchoWarnings) for h in logger.handlers):
+    if not logger.handlers:  # the CLI's own handler (attnlab.logs.setup_cli_logging), if installed, shows them
         h = _EchoWarnings(logging.WARNING)
         logger.addHandler(h)
         if logger.level == logging.NOTSET or logger.level > logging.WARNING:
