@@ -60,6 +60,7 @@ SeedOpt = typer.Option(None, "--seed", help="Random seed (same seed, same number
 def parse_int_list(text: Optional[str | list], flag: str) -> Optional[list[int]]:
     """Parse '0,2-4' (or a TOML list) into [0, 2, 3, 4]."""
     from .errors import ConfigError
+    from .validate import MAX_RANGE
 
     if text is None:
         return None
@@ -73,9 +74,15 @@ def parse_int_list(text: Optional[str | list], flag: str) -> Optional[list[int]]
                 continue
             if "-" in part[1:]:
                 a, b = part.split("-", 1)
+                if int(b) < int(a):
+                    raise ConfigError(f"{flag} {text!r}: range {part!r} is reversed; write it as '{b}-{a}'")
+                if int(b) - int(a) >= MAX_RANGE:
+                    raise ConfigError(f"{flag} {text!r}: range {part!r} has more than {MAX_RANGE} values")
                 out.extend(range(int(a), int(b) + 1))
             else:
                 out.append(int(part))
+    except ConfigError:
+        raise
     except ValueError as e:
         raise ConfigError(f"{flag} {text!r}: expected integers like '0,2-4'") from e
     if not out:
@@ -188,7 +195,7 @@ def report(run_dir: Path = typer.Argument(..., help="Run directory to render."))
     """Render every section of a run directory into one self-contained report.html."""
     from .report.html import render_report
 
-    typer.echo(f"report: {render_report(run_dir).resolve()}")
+    typer.echo(f"report: {render_report(run_dir, strict=True).resolve()}")
 
 
 def _render(run_dir: Path) -> None:
@@ -232,11 +239,6 @@ app.add_typer(_sparsity_app, name="sparsity", help="Sparsefinder: entmax attenti
 app.add_typer(_lm_app, name="lm", help="Reference trained long-context LM (byte-level Llama on the stdlib source).")
 app.add_typer(_variables_app, name="variables",
               help="Variable creation: sparse Boolean tasks, sample complexity vs context length.")
-
-
-def _interrupted(signum, frame) -> None:
-    typer.secho("interrupted: results written so far are intact; re-run with --resume to continue", err=True)
-    raise KeyboardInterrupt  # Typer turns this into exit code 130
 
 
 def split_config_flag(argv: list[str]) -> tuple[list[str], Optional[str]]:
@@ -284,36 +286,57 @@ def default_map(path: str) -> dict[str, Any]:
                                   f"(known: {', '.join(sorted(params))})")
             if isinstance(value, list) and not getattr(params[name], "multiple", False):
                 value = ",".join(str(v) for v in value)
+            try:  # type errors name the file and table, not only the option
+                params[name].process_value(cmd.context_class(cmd), value)
+            except Exception as e:  # click's BadParameter (typer vendors its own click)
+                msg = getattr(e, "message", None) or str(e)
+                raise ConfigError(f"--config {path}: [{where.rstrip('.')}] {key} = {value!r}: {msg}") from None
             out[name] = value
         return out
 
     return build(typer.main.get_command(app), read_toml(path), "")
 
 
+def command():
+    """The click command of the app, hardened (see :func:`attnlab.cli_utils.harden`)."""
+    import typer.main
+
+    from .cli_utils import harden
+
+    return harden(typer.main.get_command(app))
+
+
 def run_cli(argv: list[str]) -> None:
     """Run the app on ``argv`` with --config applied (what `main` does, without exiting on attnlab errors)."""
     argv, config_path = split_config_flag(list(argv))
     extra = {"default_map": default_map(config_path)} if config_path else {}
-    app(args=argv, prog_name="attnlab", **extra)
+    command()(args=argv, prog_name="attnlab", **extra)
 
 
 def _interrupted(signum, frame) -> None:
-    typer.secho("interrupted: results written so far are intact; re-run with --resume to continue", err=True)
-    raise KeyboardInterrupt  # Typer turns this into exit code 130
+    raise KeyboardInterrupt  # the command wrapper (see harden) prints what to do and exits with code 130
+
+
+def invoke(argv: list[str]) -> int:
+    """Run the CLI on ``argv`` in this process and return the exit code (attnlab errors: one line, code 2)."""
+    from .errors import AttnlabError
+
+    try:
+        run_cli(argv)
+    except AttnlabError as e:
+        typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+        return 2
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    return 0
 
 
 def main() -> None:
     """Entry point: attnlab errors become one clear line and exit code 2, Ctrl-C exit code 130."""
     import signal
 
-    from .errors import AttnlabError
-
     signal.signal(signal.SIGINT, _interrupted)
-    try:
-        run_cli(sys.argv[1:])
-    except AttnlabError as e:
-        typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
-        sys.exit(2)
+    sys.exit(invoke(sys.argv[1:]))
 
 
 if __name__ == "__main__":

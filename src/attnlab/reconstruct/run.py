@@ -11,7 +11,9 @@ from typing import Any, Optional
 
 import torch
 
+from ..capture.corpus import MIN_EVAL_WINDOWS
 from ..errors import ConfigError
+from ..validate import check_fields
 from ..io import RunDir, write_tensors
 from ..seeding import seed_everything
 from .estimators import ALL_ESTIMATORS
@@ -70,6 +72,7 @@ class ReconstructConfig:
 
     def validate(self) -> None:
         """Raise ConfigError on bad values (budget checked against seq_len)."""
+        check_fields(self)
         from .cost import check_compute
 
         check_compute(self.compute)
@@ -89,6 +92,10 @@ class ReconstructConfig:
         for s in self.selections:
             if s not in STRATEGIES:
                 raise ConfigError(f"--selections: unknown {s!r} (choose from {', '.join(STRATEGIES)})")
+        from .train import PROXY_KINDS
+
+        if self.proxy not in PROXY_KINDS:
+            raise ConfigError(f"--proxy must be one of {', '.join(PROXY_KINDS)} (got {self.proxy!r})")
 
 
 def combos_for(cfg: ReconstructConfig) -> list[Combo]:
@@ -134,18 +141,26 @@ def _strip(res: dict[str, Any]) -> dict[str, Any]:
 def reconstruct(out: str | Path, model: str = "minilm", progress: bool = True, **settings: Any) -> dict[str, Any]:
     """Run the reconstruction study into run directory ``out``; returns the results section."""
     cfg = ReconstructConfig(model=model, **settings)
+    if cfg.spectrum and cfg.position:  # a spectrum run has no per-position sums: say so instead of failing late
+        from ..capture.corpus import log
+
+        log.warning("--spectrum %s: position-conditioned gaussian skipped (a spectrum run stores no per-position "
+                    "sums); fit from a corpus for it, or pass --no-position to silence this", cfg.spectrum)
+        cfg.position = False
     cfg.validate()
     seed_everything(cfg.seed)
     run = RunDir(out)
     t0 = time.perf_counter()
     hf = load_checked(cfg.model, cfg.seq_len)
+    # held-out windows first: a corpus too small to evaluate on fails before the fit, not after it
+    windows = windows_for(hf.tokenizer, cfg.seq_len, cfg.n_eval, "heldout", cfg.corpus, cfg.seed + 1, flag="--n-eval",
+                          minimum=MIN_EVAL_WINDOWS)
     fit = get_fit(cfg, hf)
     fit.meta["model"] = cfg.model
     fit.save(run.file(FIT_FILE))
     say = _log.info if progress else _log.debug
     say(f"fitted statistics ({fit.meta.get('source')}, {fit.meta.get('n_sequences')} windows) in "
         f"{time.perf_counter() - t0:.1f} s")
-    windows = windows_for(hf.tokenizer, cfg.seq_len, cfg.n_eval, "heldout", cfg.corpus, cfg.seed + 1)
     kw = dict(k=cfg.k, ridge=cfg.ridge, jitter=cfg.jitter, proxy=cfg.proxy, proxy_rank=cfg.proxy_rank, seed=cfg.seed)
     combos = combos_for(cfg)
     methods = make_methods(fit, combos, cfg.budget, **kw)

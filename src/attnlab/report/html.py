@@ -18,6 +18,7 @@ import re
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
+from ..errors import ResultsError
 from ..io import RunDir, _atomic_write_bytes
 
 log = logging.getLogger(__name__)
@@ -191,18 +192,19 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def render_report(run_dir: str | Path) -> Path:
+def render_report(run_dir: str | Path, strict: bool = False) -> Path:
     """Write ``run_dir/report.html`` from every section results.json has; returns its path.
 
     The page starts with a summary (one line per pillar with its key numbers and their spread), then
-    one section per analysis; configuration and versions come last, collapsed.
+    one section per analysis; configuration and versions come last, collapsed. A section that cannot be
+    rendered is noted in the page; with ``strict`` a ResultsError naming it follows.
     """
     from .summary import summary_html
 
     run = RunDir(run_dir, create=False)
     results = run.results()
     _table_ids["n"] = 0
-    parts, nav = [], []
+    parts, nav, failed = [], [], []
     for key, target, title in SECTIONS:
         if key not in results and not (key == "views" and run.file("views.safetensors").exists()):
             continue
@@ -211,6 +213,7 @@ def render_report(run_dir: str | Path) -> Path:
             render: Callable[[RunDir], str] = getattr(importlib.import_module(module), func)
             body = render(run)
         except Exception as e:  # a broken section must not hide the others
+            failed.append(f"{key} ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})")
             log.warning("report: section %s could not be rendered: %r", key, e)
             body = f'<p class="note">could not render this section: {html.escape(repr(e))}</p>'
         if not body:
@@ -237,4 +240,6 @@ def render_report(run_dir: str | Path) -> Path:
 <script>{SCRIPT}</script></body></html>"""
     path = run.file("report.html")
     _atomic_write_bytes(path, page.encode())
+    if failed and strict:
+        raise ResultsError(f"{path}: written, but malformed section(s) could not be rendered: {'; '.join(failed)}")
     return path

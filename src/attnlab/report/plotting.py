@@ -13,6 +13,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from ..io import public_mode  # noqa: E402
+
 
 def save_figure(fig, path: str | Path) -> Path:
     """Save a figure as PNG atomically and close it."""
@@ -22,6 +24,7 @@ def save_figure(fig, path: str | Path) -> Path:
     os.close(fd)
     try:
         fig.savefig(tmp, dpi=110, bbox_inches="tight")
+        public_mode(tmp)  # mkstemp creates 0600; published files follow the umask
         os.replace(tmp, path)
     finally:
         plt.close(fig)

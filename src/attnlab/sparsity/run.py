@@ -12,7 +12,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from ..config import fingerprint
-from ..errors import ConfigError
+from ..errors import ConfigError, ResultsError
 from ..io import RunDir, write_tensors
 from ..registry import Registry
 from ..seeding import seed_everything
@@ -45,6 +45,13 @@ def _log(quiet: bool, msg: str) -> None:
         _logger.info(msg)
 
 
+def stale_settings(trained: EntmaxTrainConfig, asked: EntmaxTrainConfig) -> list[str]:
+    """Flags whose value differs between a trained model's config and the one asked for (cadence/device ignored)."""
+    a, b = asdict(trained), asdict(asked)
+    return [f"--{k.replace('_', '-')} {a.get(k)} vs {b[k]}" for k in b
+            if k not in ("checkpoint_every", "device") and a.get(k) != b[k]]
+
+
 def prepare_small(run: RunDir, train: EntmaxTrainConfig, checkpoint: Optional[str], resume: bool, quiet: bool,
                   tokenizer: str = "minilm"):
     """Load the checkpoint (given, or cached in the run dir when resuming) or train and save one."""
@@ -56,6 +63,11 @@ def prepare_small(run: RunDir, train: EntmaxTrainConfig, checkpoint: Optional[st
     if path.exists() and (checkpoint or resume):
         _log(quiet, f"loading entmax model from {path}")
         model, vmap, tcfg, meta = load_small(path, train.device)
+        if not checkpoint:  # a cached model must have been trained with the settings asked for now
+            diff = stale_settings(tcfg, train)
+            if diff:
+                raise ResultsError(f"{path}: the cached model was trained with other settings ({', '.join(diff)}); "
+                                   f"use another --out, --no-resume to retrain, or the original settings")
         return model, vmap, tcfg, meta.get("history", {}), str(path)
     _log(quiet, f"training entmax model ({train.objective}, {train.n_layers}x{train.n_heads}, d={train.d_model}, "
                 f"N={train.seq_len}, {train.steps} steps on {train.device})")
@@ -93,10 +105,20 @@ def _small_model(run, name, train, checkpoint, resume, quiet, tokenizer, n_fit, 
     from .evaluate import LMTask
     from .train_entmax import tokenizer_of
 
-    net, vmap, tcfg, hist, ckpt = prepare_small(run, train, checkpoint, resume, quiet, tokenizer)
     tok = tokenizer_of(tokenizer)
-    held = token_windows(tok, tcfg.seq_len, tcfg.corpus, max_windows=n_eval + n_down, split="heldout")
-    fitw = token_windows(tok, tcfg.seq_len, tcfg.corpus, max_windows=n_fit, split="fit")
+    notes: dict = {}
+
+    def windows(cfg: EntmaxTrainConfig):
+        held = token_windows(tok, cfg.seq_len, cfg.corpus, max_windows=n_eval + n_down, split="heldout")
+        fitw = token_windows(tok, cfg.seq_len, cfg.corpus, max_windows=n_fit, split="fit")
+        _check_split(fitw, held, n_fit, n_eval, n_down, notes)
+        return held, fitw
+
+    if not checkpoint:  # a too-small corpus fails before minutes of training, not after
+        held, fitw = windows(train)
+    net, vmap, tcfg, hist, ckpt = prepare_small(run, train, checkpoint, resume, quiet, tokenizer)
+    if checkpoint:
+        held, fitw = windows(tcfg)
     alphas = [b.attn.alpha() for b in net.blocks]
     alphas = [a.detach().cpu() if isinstance(a, torch.Tensor) else a for a in alphas]
     info = {"kind": "small", "checkpoint": ckpt, "config": net.cfg.to_dict(), "objective": tcfg.objective,
@@ -104,7 +126,7 @@ def _small_model(run, name, train, checkpoint, resume, quiet, tokenizer, n_fit, 
             "gold_graphs_from": f"our {'causal decoder' if tcfg.objective == 'clm' else 'MLM encoder'} trained with "
                                 f"entmax-{tcfg.alpha:g} attention ({tcfg.steps} steps)",
             "setting_id": "small|" + fingerprint({"model": net.cfg.to_dict(), "train": asdict(tcfg)},
-                                                 ignore=("checkpoint_every", "device"))}
+                                                 ignore=("checkpoint_every", "device")), **notes}
     return EntmaxModel(SmallSource(net), alphas, vmap(fitw), vmap(held[:n_eval]), vmap(held[n_eval:]), info,
                        lambda ids: LMTask(net, ids, tcfg.objective, seed))
 
@@ -117,11 +139,15 @@ def _hf_model(run, name, train, quiet, n_fit, n_eval, n_down, hf_seq_len, hf_fin
     from .finetune_hf import HFFinetuneConfig, entmax_finetuned
 
     net = load_model(name, device=train.device)
+    if hf_seq_len > net.max_len:
+        raise ConfigError(f"--hf-seq-len {hf_seq_len} exceeds {name}'s maximum of {net.max_len} positions")
     alpha = train.alpha
     ft = HFFinetuneConfig(steps=hf_finetune_steps, alpha=alpha, seed=seed)
     n_ft = min(8 * hf_finetune_steps, 512) if hf_finetune_steps > 0 else 0
     fitw = token_windows(net.tokenizer, hf_seq_len, train.corpus, split="fit", max_windows=n_fit + n_ft)
     held = token_windows(net.tokenizer, hf_seq_len, train.corpus, max_windows=n_eval + n_down, split="heldout")
+    notes: dict = {}
+    _check_split(fitw[:n_fit], held, n_fit, n_eval, n_down, notes)
     ft_windows = fitw[n_fit:] if len(fitw) > n_fit else fitw[:n_fit]
     mlm_eval = held[n_eval:][:32] if len(held) > n_eval else held[:32]
     rec = entmax_finetuned(net, ft_windows, mlm_eval, ft, probe_windows=fitw[:n_fit][:64], quiet=quiet)
@@ -173,6 +199,8 @@ def sparsity(
         PREDICTORS.get(m)  # an unknown name is a ConfigError listing the registered ones
     if authors_defaults:
         force_window, force_cls = max(force_window, 1), True
+    if loss not in ("sum", "pair"):
+        raise ConfigError(f"--loss must be sum or pair (got {loss!r})")
     if min(n_fit, n_eval) < 1 or n_down < 0:
         raise ConfigError("--n-fit and --n-eval must be >= 1, --n-down >= 0")
     run = RunDir(out)
@@ -198,6 +226,8 @@ def sparsity(
     setting_id = em.info.pop("setting_id")
     for w in em.info.pop("warnings", []):
         _warn(info, quiet, w)
+    if "downstream_skipped" in em.info:
+        info["downstream_skipped"] = em.info.pop("downstream_skipped")
     info["model"] = em.info
     if len(eval_ids) < n_eval:
         _warn(info, quiet, f"only {len(eval_ids)} held-out evaluation windows available (--n-eval {n_eval} asked): "
@@ -253,7 +283,7 @@ def sparsity(
         info["predictors"] = save_predictors(run.file(PREDICTORS_FILE), fitted, setting).name
     info["setting"] = setting
 
-    if n_down > 0 and len(down_ids):
+    if n_down > 0 and len(down_ids):  # (an empty downstream split was reported by _check_split)
         _log(quiet, f"downstream: attention restricted to predicted graphs ({len(down_ids)} windows)")
         info["downstream"] = downstream(net, em.task(down_ids), alpha, fitted, results, targets)
     elif n_down > 0:
@@ -272,6 +302,21 @@ def sparsity(
     info["complete"] = True
     run.write_section(SECTION, info)
     return info
+
+
+def _check_split(fitw: torch.Tensor, held: torch.Tensor, n_fit: int, n_eval: int, n_down: int, info: dict) -> None:
+    """Warn about fewer windows than asked, refuse too few evaluation windows, report a skipped downstream step."""
+    from ..capture.corpus import MIN_EVAL_WINDOWS, check_windows, log
+
+    check_windows(fitw, n_fit, "--n-fit", "fit")
+    check_windows(held[:n_eval], n_eval, "--n-eval", "heldout", minimum=MIN_EVAL_WINDOWS)
+    down = len(held) - min(n_eval, len(held))
+    if n_down > 0 and down == 0:
+        info["downstream_skipped"] = (f"no held-out windows left after --n-eval {n_eval} (the split has {len(held)}); "
+                                      "lower --n-eval or give more text")
+        log.warning("downstream evaluation skipped: %s", info["downstream_skipped"])
+    elif n_down > 0:
+        check_windows(held[n_eval:], n_down, "--n-down", "heldout")
 
 
 def _write_artifacts(run: RunDir, info: dict, results: dict, ev) -> None:
