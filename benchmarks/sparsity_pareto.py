@@ -1,5 +1,5 @@
 """Sparsefinder Pareto benchmark: train (or load a cached) entmax model on the corpus, fit every sparsity
-predictor, and print sparsity / recall / efficiency per method and operating point, recall at sparsity 0.9
+predictor, and print sparsity / recall / cost per method and operating point, recall at sparsity 0.9
 (interpolated on each Pareto front) and the downstream loss change with attention restricted to predicted
 graphs. Writes the run directory and a JSON summary under results/ (git-ignored).
 
@@ -76,10 +76,10 @@ def main(argv=None) -> dict:
     print(f"\nentmax model: {gold['n_layers']} layers x {gold['n_heads']} heads, N={gold['seq_len']}; "
           f"gold graph sparsity {gold['sparsity']:.3f} (per layer "
           f"{', '.join(f'{1 - x:.3f}' for x in gold['density_per_layer'])})")
-    print(f"\n{'method':14s} {'knob':18s} {'sparsity':>8s} {'recall':>7s} {'exact':>6s} {'effic.':>7s}  front")
+    print(f"\n{'method':14s} {'knob':18s} {'sparsity':>8s} {'recall':>7s} {'exact':>6s} {'cost':>7s}  front")
     for r in pareto_table(info):
         print(f"{r['method']:14s} {r['knob']:18s} {r['sparsity']:8.3f} {r['recall']:7.3f} {r['exact']:6.3f} "
-              f"{r['efficiency']:7.3f}  {'*' if r['front'] else ''}")
+              f"{r['cost']:7.3f}  {'*' if r['front'] else ''}")
     print("\nrecall at sparsity 0.9 (linear interpolation on each method's Pareto front):")
     for m, v in info["recall_at_0.9"].items():
         print(f"  {m:14s} {'not reached' if v is None else f'{v:.3f}'}")

@@ -41,3 +41,14 @@ def tiny_hf(arch: str, seed: int = 0):
     model.set_attn_implementation("sdpa")
     model.eval()
     return HFModel(model, None, arch, 2, n_heads, head_dim, 64, True)
+
+
+@pytest.fixture(scope="session")
+def spectrum_run(tmp_path_factory, minilm):
+    """A tiny finished spectrum run of MiniLM (layers 1 and 3, heads 0-2, 4 windows of 32 tokens) with its views."""
+    from attnlab.spectral.run import spectrum
+
+    out = tmp_path_factory.mktemp("rep") / "run"
+    spectrum(out, model=minilm, n_sequences=4, seq_len=32, batch_size=2, layers=[1, 3], heads=[0, 1, 2],
+             sketch_size=4, progress=False)
+    return out

@@ -67,4 +67,4 @@ def test_config_values_reach_the_run(tmp_path, monkeypatch):
 
 def test_help_shows_the_dataclass_default_and_comment():
     help_text = _params("spectrum")["head_chunk"].help
-    assert help_text == "Heads scored at once (bounds peak memory). \\[default: 4]"  # the field's comment + default
+    assert help_text == "Heads scored at once (bounds peak memory). [default: 4]"  # the field's comment + default (plain help)

@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -22,34 +21,42 @@ ARGS = ["spectrum", "--n-sequences", "48", "--seq-len", "48", "--batch-size", "2
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 
 
-def _start(out):
-    return subprocess.Popen([sys.executable, "-m", "attnlab", *ARGS, "--out", str(out)], env=ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def _killed_at_checkpoint(args, n: int, sig: signal.Signals) -> subprocess.CompletedProcess:
+    """Run the CLI; it signals itself right after its n-th checkpoint (a known point, no sleep, no race)."""
+    env = {**ENV, "ATTNLAB_TEST_KILL_AFTER_CHECKPOINT": str(n), "ATTNLAB_TEST_KILL_SIGNAL": sig.name[3:]}
+    return subprocess.run([sys.executable, "-m", "attnlab", *args], env=env, capture_output=True, text=True,
+                          timeout=600)
+
+
+def _reference(tmp_path_factory, args):
+    """One uninterrupted run shared by the SIGKILL and SIGINT cases."""
+    out = tmp_path_factory.mktemp("ref")
+    ref = subprocess.run([sys.executable, "-m", "attnlab", *args, "--out", str(out)], env=ENV, capture_output=True,
+                         text=True, timeout=600)
+    assert ref.returncode == 0, ref.stderr
+    return out
+
+
+@pytest.fixture(scope="module")
+def spectrum_ref(tmp_path_factory):
+    return _reference(tmp_path_factory, ARGS)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
-def test_killed_spectrum_resumes_to_same_numbers(tmp_path, sig):
-    ref = subprocess.run([sys.executable, "-m", "attnlab", *ARGS, "--out", str(tmp_path / "ref")], env=ENV,
-                         capture_output=True, text=True, timeout=600)
-    assert ref.returncode == 0, ref.stderr
-    proc = _start(tmp_path / "run")
+def test_killed_spectrum_resumes_to_same_numbers(tmp_path, sig, spectrum_ref):
+    proc = _killed_at_checkpoint([*ARGS, "--out", str(tmp_path / "run")], 5, sig)
     ckpt = tmp_path / "run" / "spectrum.ckpt.rank0.safetensors"
-    deadline = time.time() + 300
-    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    time.sleep(0.3)  # a few more batches
-    proc.send_signal(sig)
-    proc.wait(timeout=60)
+    assert proc.returncode == (-9 if sig == signal.SIGKILL else 130), proc.stderr
     assert proc.returncode != 0, "the run finished before it could be interrupted"
     if sig == signal.SIGINT:
-        assert "--resume" in proc.stderr.read()
+        assert "--resume" in proc.stderr
     assert ckpt.exists()
-    read_tensors(ckpt)  # the checkpoint on disk is whole (atomic writes)
+    assert read_tensors(ckpt)[1]["batches_done"] == 5  # the checkpoint on disk is whole (atomic writes)
     assert not (tmp_path / "run" / "results.json").exists()
     res = subprocess.run([sys.executable, "-m", "attnlab", *ARGS, "--out", str(tmp_path / "run"), "--resume"],
                          env=ENV, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr
-    a = read_json(tmp_path / "ref" / "results.json")["spectrum"]
+    a = read_json(spectrum_ref / "results.json")["spectrum"]
     b = read_json(tmp_path / "run" / "results.json")["spectrum"]
     for key in ("per_head", "per_layer", "pooled", "overlap_layers", "full_matrix", "n_rows"):
         assert json.dumps(a[key], sort_keys=True) == json.dumps(b[key], sort_keys=True), key
@@ -148,29 +155,24 @@ def _m_star(run_dir):
     return [(r["T"], r["m_star"], r.get("per_seed")) for r in sec["results"]]
 
 
+@pytest.fixture(scope="module")
+def variables_ref(tmp_path_factory):
+    return _reference(tmp_path_factory, VARS)
+
+
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
-def test_killed_variables_sweep_resumes_without_redoing_trials(tmp_path, sig):
-    ref = subprocess.run([sys.executable, "-m", "attnlab", *VARS, "--out", str(tmp_path / "ref")], env=ENV,
-                         capture_output=True, text=True, timeout=600)
-    assert ref.returncode == 0, ref.stderr
+def test_killed_variables_sweep_resumes_without_redoing_trials(tmp_path, sig, variables_ref):
     run = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "attnlab", *VARS, "--out", str(run)], env=ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = _killed_at_checkpoint([*VARS, "--out", str(run)], 3, sig)  # after the 3rd trial is written
     trials = run / "variables_trials.json"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if trials.exists() and len(read_json(trials).get("trials", {})) >= 3:
-            break
-        time.sleep(0.05)
-    proc.send_signal(sig)
-    proc.wait(timeout=60)
-    assert proc.returncode != 0, "the sweep finished before it could be interrupted"
+    assert proc.returncode == (-9 if sig == signal.SIGKILL else 130), proc.stderr
     done_before = set(read_json(trials)["trials"])  # the trial file on disk is whole (atomic writes)
-    assert done_before
+    total = set(read_json(variables_ref / "variables_trials.json")["trials"])
+    assert 0 < len(done_before) < len(total)  # killed mid-sweep, right after its 3rd trial-file write
     res = subprocess.run([sys.executable, "-m", "attnlab", *VARS, "--out", str(run), "--resume"], env=ENV,
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr
-    assert _m_star(run) == _m_star(tmp_path / "ref")
+    assert _m_star(run) == _m_star(variables_ref)
     after = read_json(trials)["trials"]
     assert done_before <= set(after)
-    assert set(after) == set(read_json(tmp_path / "ref" / "variables_trials.json")["trials"])
+    assert set(after) == set(read_json(variables_ref / "variables_trials.json")["trials"])

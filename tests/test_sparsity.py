@@ -90,7 +90,7 @@ def test_metrics_on_hand_made_graphs():
     assert m.sparsity.item() == pytest.approx(1 - 6 / 16)
     assert m.recall.item() == pytest.approx(5 / 7)
     assert m.exact.item() == pytest.approx(2 / 4)
-    assert m.efficiency.item() == pytest.approx((6 + 4) / 16)
+    assert m.cost.item() == pytest.approx((6 + 4) / 16)
 
 
 def test_metrics_respect_valid_mask_and_average_over_batch():
@@ -102,7 +102,7 @@ def test_metrics_respect_valid_mask_and_average_over_batch():
     assert m.sparsity.item() == pytest.approx(((1 - 6 / 6) + (1 - 5 / 6)) / 2)
     assert m.recall.item() == pytest.approx((1 + 2 / 3) / 2)
     assert m.exact.item() == pytest.approx((1 + 2 / 3) / 2)
-    assert m.efficiency.item() == pytest.approx((6 / 9 + 5 / 9) / 2)
+    assert m.cost.item() == pytest.approx((6 / 6 + 5 / 6) / 2)  # causal: normalised by n(n+1)/2 = 6 valid pairs
 
 
 def test_metric_errors():

@@ -338,7 +338,7 @@ def test_run_sweep_with_fake_learner_writes_section_plots_and_report(tmp_path):
     assert run.section("variables")["results"][0]["T"] == 16
     assert run.file("variables_mstar.png").stat().st_size > 1000
     html = render_section(run)
-    assert "<img src='variables_mstar.png'" in html and "<td>40</td>" in html
+    assert '<img src="variables_mstar.png"' in html and "<td>40</td>" in html  # embedded by the report
     assert "not learned up to m = 4096" in html and "Verdict: <b>log</b>" in html
 
 

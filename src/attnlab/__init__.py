@@ -7,6 +7,7 @@ Python API (mirrors the CLI; each call writes a run directory that ``report`` re
     attnlab.reconstruct("runs/minilm", budget=0.25)       # scores from 25% of the pairs
     attnlab.sparsity("runs/minilm")                       # Sparsefinder on a small entmax model
     attnlab.variables("runs/minilm", task="and", s=3, Ts=[16, 32, 64])
+    attnlab.views("runs/minilm", text="The cat sat on the mat.")   # attention heatmaps of your text
     attnlab.report("runs/minilm")
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from . import logs as _logs  # noqa: F401  (library logging: NullHandler; the CLI adds a console handler)
 from .errors import AttnlabError, ConfigError, CorpusError, ModelError, NumericalError, ResultsError, ShapeError
 
 __version__ = "0.1.0"
@@ -24,6 +26,7 @@ _LAZY = {
     "spectrum": ("attnlab.spectral.run", "spectrum"),
     "compare": ("attnlab.spectral.compare", "compare_runs"),
     "demo": ("attnlab.demo", "run_demo"),
+    "views": ("attnlab.report.views", "attention_views"),
 }
 
 
@@ -40,6 +43,11 @@ def __getattr__(name: str) -> Any:
         module, attr = _LAZY[name]
         return getattr(importlib.import_module(module), attr)
     raise AttributeError(f"module 'attnlab' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    """Module attributes plus the lazily imported API functions (spectrum, compare, demo, ...)."""
+    return sorted(set(globals()) | set(_LAZY))
 
 
 __all__ = ["capture", "reconstruct", "report", "sparsity", "variables", "AttnlabError", "ConfigError", "CorpusError", "ModelError", "NumericalError", "ResultsError", "ShapeError",

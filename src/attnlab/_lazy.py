@@ -8,6 +8,7 @@ use, so that ``import attnlab`` and ``attnlab --help`` do not import torch.
 from __future__ import annotations
 
 import importlib
+import inspect
 import sys
 import types
 from typing import Any, Mapping, Optional
@@ -30,8 +31,31 @@ def lazy_package(package: str, exports: Mapping[str, str], call: Optional[str] =
         def __call__(self, *args: Any, **kwargs: Any) -> Any:
             if module_name is None:
                 raise TypeError(f"module {package!r} is not callable")
-            return getattr(importlib.import_module(module_name), func_name)(*args, **kwargs)
+            return _target()(*args, **kwargs)
+
+        # help(), inspect.signature() and IDEs see the function that a call runs (imported on first look).
+        @property
+        def __signature__(self) -> inspect.Signature:
+            if module_name is None:
+                raise AttributeError("__signature__")
+            return inspect.signature(_target())
+
+        @property
+        def __doc__(self) -> Optional[str]:  # type: ignore[override]
+            if module_name is None:
+                return module_doc
+            fn = _target()
+            return (f"{package}{inspect.signature(fn)}\n\n{inspect.getdoc(fn) or ''}\n\n"
+                    f"(calls {module_name}.{func_name}; the package itself:)\n\n{module_doc or ''}")
+
+        @__doc__.setter
+        def __doc__(self, value: Optional[str]) -> None:
+            pass
+
+    def _target() -> Any:
+        return getattr(importlib.import_module(module_name), func_name)
 
     module = sys.modules[package]
+    module_doc = module.__dict__.get("__doc__")
     module.__class__ = _LazyPackage
     module.__all__ = sorted(exports)

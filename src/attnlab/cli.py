@@ -17,6 +17,8 @@ from .cli_config import config_command, option, out_option, quiet_option, resume
 
 app = typer.Typer(
     name="attnlab", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    # Plain help text: Rich markup would swallow "[default: ...]" and "[spectrum]" as style tags.
+    rich_markup_mode=None,
     help="Measure, predict and exploit the structure of self-attention in transformer models.\n\n"
          "Start with `attnlab demo`; every command writes a run directory (results.json, *.safetensors, "
          "*.png) that `attnlab report RUN_DIR` renders into one self-contained report.html.\n\n"
@@ -24,9 +26,41 @@ app = typer.Typer(
          "sets defaults; flags on the command line win.",
 )
 
+def _version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        typer.echo(f"attnlab {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Print the attnlab version and exit."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Also show debug messages of the library."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Show warnings and errors only."),
+) -> None:
+    """Measure, predict and exploit the structure of self-attention in transformer models."""
+    from .logs import setup_cli_logging
+
+    setup_cli_logging("DEBUG" if verbose else "WARNING" if quiet else "INFO")
+
+
+ModelOpt = typer.Option(None, "--model", help="HF hub id (already cached), local model folder, or 'minilm' "
+                                              "(packaged all-MiniLM-L6-v2). [default: minilm]")
+CorpusOpt = typer.Option(None, "--corpus", help="Text file, directory of .txt/.md/.jsonl files, or .jsonl file. "
+                                                "[default: Python stdlib docstrings]")
+LayersOpt = typer.Option(None, "--layers", help="Layers to analyse, e.g. '0,2-4'. [default: all]")
+HeadsOpt = typer.Option(None, "--heads", help="Heads to analyse, e.g. '0-3,7'. [default: all]")
+DeviceOpt = typer.Option(None, "--device", help="cpu, cuda or cuda:N. [default: cpu]")
+SeedOpt = typer.Option(None, "--seed", help="Random seed (same seed, same numbers). [default: 0]")
+
+
 def parse_int_list(text: Optional[str | list], flag: str) -> Optional[list[int]]:
     """Parse '0,2-4' (or a TOML list) into [0, 2, 3, 4]."""
     from .errors import ConfigError
+    from .validate import MAX_RANGE
 
     if text is None:
         return None
@@ -40,9 +74,15 @@ def parse_int_list(text: Optional[str | list], flag: str) -> Optional[list[int]]
                 continue
             if "-" in part[1:]:
                 a, b = part.split("-", 1)
+                if int(b) < int(a):
+                    raise ConfigError(f"{flag} {text!r}: range {part!r} is reversed; write it as '{b}-{a}'")
+                if int(b) - int(a) >= MAX_RANGE:
+                    raise ConfigError(f"{flag} {text!r}: range {part!r} has more than {MAX_RANGE} values")
                 out.extend(range(int(a), int(b) + 1))
             else:
                 out.append(int(part))
+    except ConfigError:
+        raise
     except ValueError as e:
         raise ConfigError(f"{flag} {text!r}: expected integers like '0,2-4'") from e
     if not out:
@@ -60,6 +100,7 @@ def _capture(settings: dict[str, Any], out: str, quiet: bool) -> None:
     meta = run_capture(out, progress=not quiet, **settings)
     typer.echo(f"captured {meta['n_sequences']} x {len(meta['layers'])} layers x {len(meta['heads'])} heads -> "
                f"{Path(out) / 'capture.safetensors'}")
+    _render(Path(out))
 
 
 _MODEL_HELP = {"model": "HF hub id (already cached), local model folder, or 'minilm' (packaged all-MiniLM-L6-v2)",
@@ -112,21 +153,55 @@ def compare(
     from .spectral.compare import compare_runs
 
     res = compare_runs(run_a, run_b, out)
-    for i, row in enumerate(res["overlap"]):
-        typer.echo(f"layer {i}: " + " ".join(f"{v:.2f}" for v in row))
+    typer.echo(f"rows = A: {res['label_a']}; columns = B: {res['label_b']}; k = {res['k']}, chance {res['chance']:.2f}")
+    typer.echo("A \\ B   " + " ".join(f"L{l:<4d}" for l in res["layers_b"]))
+    for l, row in zip(res["layers_a"], res["overlap"]):
+        typer.echo(f"L{l:<7d} " + " ".join(f"{v:5.2f}" for v in row))
+    if res.get("noise_floor"):
+        d = res["noise_floor"]["diagonal"]
+        typer.echo(f"noise floor (two halves of A's windows, same layer): {min(d):.2f}-{max(d):.2f}")
+    if out is not None:
+        _render(out)
+
+
+@app.command()
+def views(
+    out: Path = typer.Option(..., "--out", help="Run directory (views.safetensors, report.html)."),
+    text: str = typer.Option(..., "--text", help="The text whose attention to draw (tokenized as the model does)."),
+    model: Optional[str] = ModelOpt, layers: Optional[str] = LayersOpt, heads: Optional[str] = HeadsOpt,
+    max_tokens: int = typer.Option(40, "--max-tokens", help="Tokens drawn per heatmap axis (longer texts are cut, "
+                                                            "with a note)."),
+    budget: float = typer.Option(0.25, "--budget", help="Share of key blocks per query block that the drawn "
+                                                        "sparse_attention block mask may keep."),
+    device: Optional[str] = DeviceOpt,
+) -> None:
+    """Attention heatmaps (per layer and head, token labels) and sparse_attention's block mask for your text.
+
+    Example: attnlab views --out runs/views --text "The cat sat on the mat." --layers 0,5
+    """
+    from .report.views import attention_views
+
+    meta = attention_views(out, text, model or "minilm", parse_int_list(layers, "--layers"),
+                           parse_int_list(heads, "--heads"), max_tokens=max_tokens, device=device or "cpu",
+                           budget=budget)
+    from .report.html import render_report
+
+    typer.echo(f"{meta['seq_len']} tokens, layers {meta['layers']}, heads {meta['heads']}")
+    typer.echo(f"report: {render_report(out).resolve()}")
 
 
 @app.command()
 def report(run_dir: Path = typer.Argument(..., help="Run directory to render.")) -> None:
     """Render every section of a run directory into one self-contained report.html."""
-    _render(run_dir)
+    from .report.html import render_report
+
+    typer.echo(f"report: {render_report(run_dir, strict=True).resolve()}")
 
 
 def _render(run_dir: Path) -> None:
-    from .report.html import render_report
+    from .cli_utils import write_report
 
-    path = render_report(run_dir)
-    typer.echo(f"report: {path.resolve()}")
+    write_report(run_dir)
 
 
 @app.command()
@@ -136,7 +211,7 @@ def demo(
     seq_len: int = typer.Option(128, "--seq-len", help="Tokens per window."),
     pillars: str = typer.Option("spectrum,reconstruct,sparsity,variables", "--pillars",
                                 help="Comma-separated subset of spectrum,reconstruct,sparsity,variables."),
-    quick: bool = typer.Option(False, "--quick", help="Tiny run (about a minute) for smoke tests."),
+    quick: bool = typer.Option(False, "--quick", help="Smallest settings of every pillar: a smoke test, not a measurement (about 65 CPU-seconds)."),
 ) -> None:
     """Every pillar on the packaged MiniLM and stdlib docstrings (spectrum first), then report.html.
 
@@ -164,11 +239,6 @@ app.add_typer(_sparsity_app, name="sparsity", help="Sparsefinder: entmax attenti
 app.add_typer(_lm_app, name="lm", help="Reference trained long-context LM (byte-level Llama on the stdlib source).")
 app.add_typer(_variables_app, name="variables",
               help="Variable creation: sparse Boolean tasks, sample complexity vs context length.")
-
-
-def _interrupted(signum, frame) -> None:
-    typer.secho("interrupted: results written so far are intact; re-run with --resume to continue", err=True)
-    raise KeyboardInterrupt  # Typer turns this into exit code 130
 
 
 def split_config_flag(argv: list[str]) -> tuple[list[str], Optional[str]]:
@@ -216,36 +286,57 @@ def default_map(path: str) -> dict[str, Any]:
                                   f"(known: {', '.join(sorted(params))})")
             if isinstance(value, list) and not getattr(params[name], "multiple", False):
                 value = ",".join(str(v) for v in value)
+            try:  # type errors name the file and table, not only the option
+                params[name].process_value(cmd.context_class(cmd), value)
+            except Exception as e:  # click's BadParameter (typer vendors its own click)
+                msg = getattr(e, "message", None) or str(e)
+                raise ConfigError(f"--config {path}: [{where.rstrip('.')}] {key} = {value!r}: {msg}") from None
             out[name] = value
         return out
 
     return build(typer.main.get_command(app), read_toml(path), "")
 
 
+def command():
+    """The click command of the app, hardened (see :func:`attnlab.cli_utils.harden`)."""
+    import typer.main
+
+    from .cli_utils import harden
+
+    return harden(typer.main.get_command(app))
+
+
 def run_cli(argv: list[str]) -> None:
     """Run the app on ``argv`` with --config applied (what `main` does, without exiting on attnlab errors)."""
     argv, config_path = split_config_flag(list(argv))
     extra = {"default_map": default_map(config_path)} if config_path else {}
-    app(args=argv, prog_name="attnlab", **extra)
+    command()(args=argv, prog_name="attnlab", **extra)
 
 
 def _interrupted(signum, frame) -> None:
-    typer.secho("interrupted: results written so far are intact; re-run with --resume to continue", err=True)
-    raise KeyboardInterrupt  # Typer turns this into exit code 130
+    raise KeyboardInterrupt  # the command wrapper (see harden) prints what to do and exits with code 130
+
+
+def invoke(argv: list[str]) -> int:
+    """Run the CLI on ``argv`` in this process and return the exit code (attnlab errors: one line, code 2)."""
+    from .errors import AttnlabError
+
+    try:
+        run_cli(argv)
+    except AttnlabError as e:
+        typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+        return 2
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    return 0
 
 
 def main() -> None:
     """Entry point: attnlab errors become one clear line and exit code 2, Ctrl-C exit code 130."""
     import signal
 
-    from .errors import AttnlabError
-
     signal.signal(signal.SIGINT, _interrupted)
-    try:
-        run_cli(sys.argv[1:])
-    except AttnlabError as e:
-        typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
-        sys.exit(2)
+    sys.exit(invoke(sys.argv[1:]))
 
 
 if __name__ == "__main__":

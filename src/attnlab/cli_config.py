@@ -150,7 +150,7 @@ def _number(x: Any) -> Any:
 
 def _option(f: ConfigField, help_extra: dict[str, str]) -> tuple[Any, Any]:
     text = help_extra.get(f.name) or (f.help[:1].upper() + f.help[1:]) or f.name.replace("_", " ").capitalize()
-    text = f"{text}. \\[default: {f.default}]"  # escaped: rich markup eats [..]
+    text = f"{text}. [default: {f.default}]"  # plain help (the app sets rich_markup_mode=None): shown as is
     if f.kind == "bool":
         return Optional[bool], typer.Option(None, f"{f.flag}/--no-{f.flag[2:]}", help=text, show_default=False)
     if f.kind == "list":  # repeat the flag or give a comma/space separated list

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import NoReturn, Optional, Sequence
 
 import typer
@@ -18,3 +19,133 @@ def split_words(values: Optional[Sequence[str]]) -> Optional[list[str]]:
     if not values:
         return None
     return [p for v in values for p in str(v).replace(",", " ").split()]
+
+
+def write_report(out) -> None:
+    """Render ``out``/report.html and print its path (every command that writes a run directory calls this)."""
+    from pathlib import Path
+
+    from .report.html import render_report
+
+    if not (Path(out) / "results.json").is_file():
+        typer.echo(f"report: none ({out} has no results.json yet)")
+        return
+    typer.echo(f"report: {render_report(out).resolve()} (re-render with `attnlab report {out}`)")
+
+
+# Options / arguments naming a path: an empty value would silently mean the current directory.
+PATH_OPTIONS = ("out", "corpus", "checkpoint", "model", "fit_path", "spectrum", "run_dir", "run_a", "run_b",
+                "tensorboard")
+READ_ONLY_COMMANDS = ("table",)  # their --out is read, not written: no lock, no creation
+
+
+def _out_kind(param) -> str:
+    """'file' when the command's --out default names a file (has a suffix), else 'dir'."""
+    from pathlib import Path
+
+    default = getattr(param, "default", None)
+    return "file" if default and Path(str(default)).suffix else "dir"
+
+
+def _check_values(params: dict, kwargs: dict) -> None:
+    """Validate every given option by name (attnlab.validate.RULES), floats finite, paths non-empty."""
+    from .errors import ConfigError
+    from .validate import check_option, finite, flag_of
+
+    for name, value in kwargs.items():
+        p = params.get(name)
+        flag = next((o for o in getattr(p, "opts", ()) if o.startswith("--")), None) or flag_of(name)
+        if name in PATH_OPTIONS and value is not None and not str(value).strip():
+            raise ConfigError(f"{flag} is empty; give a path" if flag.startswith("--") else f"{name} is empty; give a path")
+        if isinstance(value, (list, tuple)):  # list options: every number finite (rules are for scalars)
+            for v in value:
+                if isinstance(v, float):
+                    finite(v, flag)
+        elif isinstance(value, (int, float)) or name in ("device", "seed"):
+            check_option(name, value, flag)
+
+
+class _EchoWarnings(logging.Handler):
+    """Show attnlab's log warnings on the current stderr as 'warning: ...' lines."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        typer.secho(f"{record.levelname.lower()}: {record.getMessage()}", err=True,
+                    fg=typer.colors.YELLOW if record.levelno >= logging.WARNING else None)
+
+
+def show_warnings() -> None:
+    """Make the CLI print warnings of the 'attnlab' logger (fewer windows than asked, skipped steps)."""
+    logger = logging.getLogger("attnlab")
+    if not logger.handlers:  # the CLI's own handler (attnlab.logs.setup_cli_logging), if installed, shows them
+        h = _EchoWarnings(logging.WARNING)
+        logger.addHandler(h)
+        if logger.level == logging.NOTSET or logger.level > logging.WARNING:
+            logger.setLevel(logging.WARNING)
+
+
+def _guard_empty(param) -> None:
+    """Refuse an empty path value while parsing (typer turns '' into Path('.'), the current directory)."""
+    from .errors import ConfigError
+
+    orig = param.process_value
+
+    def process_value(ctx, value):
+        for v in (value if isinstance(value, (list, tuple)) else [value]):
+            if isinstance(v, str) and not v.strip():
+                flag = next((o for o in param.opts if o.startswith("--")), param.name)
+                raise ConfigError(f"{flag} is empty; give a path")
+        return orig(ctx, value)
+
+    param.process_value = process_value
+
+
+def harden(cmd):
+    """Wrap every command's callback (once): options validated before any work (attnlab.validate.RULES; no NaN/inf),
+    --out checked and locked against concurrent runs, attnlab errors and full disks as one line + exit 2,
+    Ctrl-C as a hint + exit 130. Works on any click command tree (hand-written or generated options)."""
+    import errno
+    import functools
+
+    if hasattr(cmd, "commands"):  # a group (typer vendors its own click: no isinstance check)
+        for sub in cmd.commands.values():
+            harden(sub)
+        return cmd
+    orig = cmd.callback
+    if orig is None or getattr(orig, "_attnlab_hardened", False):
+        return cmd
+    params = {p.name: p for p in cmd.params}
+    for name in PATH_OPTIONS:
+        if name in params:
+            _guard_empty(params[name])
+    can_resume = "resume" in params
+    kind = _out_kind(params["out"]) if "out" in params else "dir"
+    lock_out = "out" in params and cmd.name not in READ_ONLY_COMMANDS
+
+    @functools.wraps(orig)
+    def run(*args, **kwargs):
+        from .errors import AttnlabError
+        from .io import lock_output, os_error
+
+        show_warnings()
+        try:
+            _check_values(params, kwargs)
+            if lock_out and kwargs.get("out") is not None:
+                with lock_output(kwargs["out"], "--out", kind):
+                    return orig(*args, **kwargs)
+            return orig(*args, **kwargs)
+        except AttnlabError as e:
+            fail(e)
+        except KeyboardInterrupt:
+            hint = ("re-run the same command with --resume to continue" if can_resume else
+                    "this command cannot resume; re-run it to start over")
+            typer.secho(f"interrupted: files written so far are intact; {hint}", err=True)
+            raise typer.Exit(130) from None
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
+                action = "access" if e.errno == errno.EACCES else "write"
+                fail(os_error(e, e.filename or kwargs.get("out") or "output", action))
+            raise
+
+    run._attnlab_hardened = True
+    cmd.callback = run
+    return cmd

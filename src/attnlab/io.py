@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import math
 import os
 import re
+import signal
 import tempfile
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from .errors import ResultsError
+from .errors import ConfigError, ResultsError
 
 RESULTS = "results.json"
 CONFIG = "config.json"
@@ -56,19 +59,49 @@ def merge_timings(obj: Any, timings: Any) -> Any:
     return obj
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+def public_mode(path: str | os.PathLike) -> None:
+    """Give a fresh temp file the permissions of an ordinary new file (0666 minus the umask) before publishing it."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
+def os_error(e: OSError, path: str | os.PathLike, action: str = "write") -> ResultsError:
+    """A one-line ResultsError for a failed write (disk full, read-only, permission) naming the path."""
+    why = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded", errno.EROFS: "read-only file system",
+           errno.EACCES: "permission denied", errno.EPERM: "permission denied"}.get(e.errno, e.strerror or str(e))
+    hint = "; free some space and re-run with --resume (files written so far are intact)" if e.errno in (
+        errno.ENOSPC, errno.EDQUOT) else "; choose another --out"
+    return ResultsError(f"cannot {action} {path}: {why}{hint}")
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]:
+    """Yield a temp path next to ``path``; on success it replaces ``path`` (umask-respecting mode), else it is removed."""
+    path = Path(path)
     try:
-        with os.fdopen(fd, "wb") as fh:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+        os.close(fd)
+    except OSError as e:
+        raise os_error(e, path) from e
+    try:
+        yield Path(tmp)
+        public_mode(tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise os_error(e, path) from e
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _jsonable(obj: Any) -> Any:
@@ -109,17 +142,9 @@ def read_json(path: str | os.PathLike) -> Any:
 def write_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any] | None = None) -> Path:
     """Save tensors as safetensors atomically; ``meta`` is stored as JSON in the header."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        clean = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-        save_file(clean, tmp, metadata={"attnlab": json.dumps(_jsonable(meta or {}))})
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    clean = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    with atomic_path(path) as tmp:
+        save_file(clean, str(tmp), metadata={"attnlab": json.dumps(_jsonable(meta or {}))})
     return path
 
 
@@ -140,14 +165,99 @@ def read_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
     return tensors, meta
 
 
+LOCK_FILE = ".attnlab.lock"
+_HELD: dict[str, list] = {}  # real path of a lock file -> [fd, depth] (re-entrant within one process)
+_CHECKPOINTS = 0
+
+
+def check_out(path: str | os.PathLike | None, flag: str = "--out", kind: str = "dir") -> Path:
+    """Check (and create) an output location before any work: not empty, right kind, writable. Returns it."""
+    raw = "" if path is None else os.fspath(path)
+    if not str(raw).strip():
+        raise ConfigError(f"{flag} is empty; give a {'run directory' if kind == 'dir' else 'file path'}")
+    p = Path(raw)
+    if kind == "dir" and p.exists() and not p.is_dir():
+        raise ConfigError(f"{flag} {p}: exists and is not a directory; give a run directory")
+    if kind == "file" and p.is_dir():
+        raise ConfigError(f"{flag} {p}: is a directory; give a file path, e.g. {p / 'model.safetensors'}")
+    target = p if kind == "dir" else p.parent
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise os_error(e, target, "create") from e
+    if not os.access(target, os.W_OK | os.X_OK):
+        raise ResultsError(f"{flag} {p}: {target} is not writable; choose another {flag}")
+    return p
+
+
+@contextlib.contextmanager
+def lock_output(path: str | os.PathLike, flag: str = "--out", kind: str = "dir") -> Iterator[Path]:
+    """Hold an exclusive lock on an output directory (or file) so that two runs cannot mix their files.
+
+    The lock is ``fcntl.flock`` on ``.attnlab.lock`` (``.<name>.lock`` next to a file output); the kernel releases
+    it when the process ends, even on SIGKILL. Re-entrant within one process. Raises ResultsError if busy.
+    """
+    import fcntl
+
+    p = check_out(path, flag, kind)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and int(os.environ.get("RANK", "0")) != 0:
+        yield p  # under torchrun rank 0 holds the lock for the whole job (the other ranks do not write)
+        return
+    lock = p / LOCK_FILE if kind == "dir" else p.parent / f".{p.name}.lock"
+    key = os.path.realpath(lock)
+    if key in _HELD:
+        _HELD[key][1] += 1
+        try:
+            yield p
+        finally:
+            _HELD[key][1] -= 1
+        return
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as e:
+        raise os_error(e, lock, "create lock file") from e
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        pid = os.read(fd, 32).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise ResultsError(f"{flag} {p} is in use by another attnlab run (pid {pid}); wait for it to finish or "
+                           f"choose another {flag}") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    _HELD[key] = [fd, 1]
+    try:
+        yield p
+    finally:
+        del _HELD[key]
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def checkpoint_written() -> None:
+    """Call after each resumable checkpoint. Test hook: ``ATTNLAB_TEST_KILL_AFTER_CHECKPOINT=N`` makes the process
+    send itself ``ATTNLAB_TEST_KILL_SIGNAL`` (KILL, INT or TERM; default KILL) right after its N-th checkpoint."""
+    global _CHECKPOINTS
+    n = os.environ.get("ATTNLAB_TEST_KILL_AFTER_CHECKPOINT")
+    if not n:
+        return
+    _CHECKPOINTS += 1
+    if _CHECKPOINTS == int(n):
+        sig = getattr(signal, "SIG" + os.environ.get("ATTNLAB_TEST_KILL_SIGNAL", "KILL").upper())
+        os.kill(os.getpid(), sig)
+
+
 class RunDir:
     """A run directory: ``config.json``, ``results.json`` (one section per analysis), tensors, plots."""
 
     def __init__(self, path: str | os.PathLike, create: bool = True):
-        self.path = Path(path)
         if create:
-            self.path.mkdir(parents=True, exist_ok=True)
-        elif not self.path.is_dir():
+            self.path = check_out(path)
+        elif not str(os.fspath(path)).strip():
+            raise ConfigError("run directory path is empty")
+        else:
+            self.path = Path(path)
+        if not self.path.is_dir():
             raise ResultsError(f"{self.path}: run directory does not exist")
 
     def file(self, name: str) -> Path:

@@ -6,18 +6,22 @@ from typing import Optional
 
 import typer
 
-from ..cli_config import config_command, out_option, quiet_option
-from ..cli_utils import fail
+from ..cli_config import config_command, option, out_option, quiet_option
+from ..cli_utils import fail, write_report
 
 app = typer.Typer(help="Reconstruct attention scores from a subset of computed pairs (eigen-analysis paper).",
                   no_args_is_help=True)
 
 
-def _run(settings: dict, out: str, quiet: bool) -> None:
+def _run(settings: dict, out: str, quiet: bool, all_methods: bool = False) -> None:
     """Fit on the fit split, evaluate every estimator x selection on held-out text, sweep budgets, drop-in."""
     from ..errors import AttnlabError
+    from .estimators import ALL_ESTIMATORS
     from .run import format_table, reconstruct
+    from .selection import STRATEGIES
 
+    if all_methods:
+        settings = {**settings, "estimators": list(ALL_ESTIMATORS), "selections": list(STRATEGIES)}
     try:
         res = reconstruct(out, progress=not quiet, **settings)
     except AttnlabError as e:
@@ -29,17 +33,21 @@ def _run(settings: dict, out: str, quiet: bool) -> None:
     typer.echo(format_table(res["table"]))
     typer.echo(f"best {res['best']} (chosen at {res['best_chosen_at']}): worst-layer TV {res['best_worst_layer_tv']:.4f} "
                f"(target 0.05) at total compute {res['best_compute']:.3f}; results in {out}")
+    write_report(out)
 
 
 config_command(app, "run", "attnlab.reconstruct.run:ReconstructConfig", _run,
                extra=[out_option("runs/reconstruct", "Run directory (results.json section 'reconstruct', PNGs)"),
-                      quiet_option()],
+                      quiet_option(),
+                      option("all_methods", bool, False, "--all",
+                             help="Evaluate every estimator x selection (overrides --estimators/--selections).")],
                kinds={"budget": "number", "layers": "ints", "heads": "ints"},
                help_extra={"budget": "Exact pairs per row: a fraction in (0, 1] (0.25) or a count (32)",
                            "budgets": "Budgets of the sweep (comma list; empty = no sweep)",
-                           "estimators": "Estimators (comma list): gaussian, basis, mean, none, proxy, proxy+gaussian",
-                           "selections": "Selection strategies (comma list): random, fixed, evenly, local, leverage, "
-                                         "qr, adaptive, oracle",
+                           "estimators": "Estimators (comma list; --all for every one): gaussian, basis, mean, none, "
+                                         "proxy, proxy+gaussian",
+                           "selections": "Selection strategies (comma list; --all for every one): random, fixed, "
+                                         "evenly, local, leverage, qr, adaptive, oracle",
                            "layers": "Layers, e.g. '0,2-4' (None: all)", "heads": "Heads, e.g. '0-3' (None: all)"})
 
 
@@ -77,6 +85,7 @@ def _train(settings: dict, out: str, quiet: bool) -> None:
     from .train import format_summary
 
     typer.echo(format_summary(res["summary"]))
+    write_report(out)
 
 
 config_command(app, "train", "attnlab.reconstruct.train:TrainConfig", _train,

@@ -193,7 +193,7 @@ class ReconstructionFit:
         else:
             if position:
                 raise ConfigError("--position needs per-position sums; this fit came from a spectrum run "
-                                  "(only mean/covariance): fit from a corpus instead")
+                                  "(only mean/covariance): pass --no-position, or fit from a corpus")
             n_rows = float(s["nq"].sum())
             total = s["sxt"]
         if n_rows < 2:
@@ -278,17 +278,15 @@ def load_checked(model: str, seq_len: int, head: Optional[str] = None) -> HFMode
     return hf
 
 
-def windows_for(tokenizer, seq_len: int, n: int, split: str, corpus: Optional[str] = None, seed: int = 0) -> torch.Tensor:
-    """``n`` windows drawn with ``seed`` from a pool of 4n windows of one corpus split ('fit' or 'heldout')."""
-    from ..capture.corpus import token_windows
+def windows_for(tokenizer, seq_len: int, n: int, split: str, corpus: Optional[str] = None, seed: int = 0,
+                flag: str = "--n-fit", minimum: int = 1) -> torch.Tensor:
+    """``n`` windows drawn with ``seed`` from a pool of 4n windows of one corpus split ('fit' or 'heldout');
+    warns when fewer are available, raises CorpusError below ``minimum``."""
+    from ..capture.corpus import select_windows
 
     if n < 1:
-        raise ConfigError(f"number of sequences must be >= 1 (got {n})")
-    pool = token_windows(tokenizer, seq_len, corpus, max_windows=4 * n, split=split)
-    if len(pool) <= n:
-        return pool
-    g = torch.Generator().manual_seed(seed)
-    return pool[torch.randperm(len(pool), generator=g)[:n].sort().values]
+        raise ConfigError(f"{flag} must be >= 1 (got {n})")
+    return select_windows(tokenizer, seq_len, corpus, n, split, seed, flag=flag, minimum=minimum)
 
 
 def fit_from_windows(model: HFModel | Any, windows: torch.Tensor, layers: Optional[list[int]] = None,

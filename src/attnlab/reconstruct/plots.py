@@ -31,7 +31,8 @@ def plot_reconstruct(run: RunDir, res: dict[str, Any]) -> list[str]:
         safe = "".join(c if c.isalnum() else "_" for c in lab).strip("_")
         name = f"reconstruct_sweep_{safe}.png"
         curves(series, f"{lab}: softmax TV vs budget", "pairs per row (fraction)", "mean softmax TV",
-               run.file(name), hlines=(TV_TARGET,), xs=[float(b) for b in budgets], marker="o")
+               run.file(name), hlines=(TV_TARGET,), xs=[float(b) for b in budgets], marker="o",
+               hline_labels=(f"target TV {TV_TARGET:g}",))
         files.append(name)
     front = res.get("frontier") or {}
     if front:
@@ -76,7 +77,7 @@ def _labelled_heatmap(grid, rows, cols, title, path) -> None:
     m = np.asarray(grid, dtype=float)
     fig, ax = plt.subplots(figsize=(2.5 + 0.7 * m.shape[1], 1.0 + 0.28 * m.shape[0]))
     im = ax.imshow(m, cmap="magma_r", vmin=0.0, vmax=max(float(np.nanmax(m)), TV_TARGET), aspect="auto")
-    fig.colorbar(im, ax=ax)
+    fig.colorbar(im, ax=ax, label="softmax total variation (lower is better)")
     ax.set_xticks(range(len(cols)), cols)
     ax.set_yticks(range(len(rows)), rows, fontsize=7)
     ax.set_title(title, fontsize=9)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from html import escape
 
 from ..io import RunDir
-from ..report.html import cell as _fmt, table as _table
+from ..report.html import cell as _fmt, figure, table as _table
 
 SECTION = "reconstruct"
 
@@ -35,7 +35,8 @@ def render_section(run: RunDir) -> str:
                 [table[lab]["mean"]["rel_err"], table[lab]["mean"]["top1"], table[lab]["mean"]["kl"],
                  table[lab]["budget_pairs"], (table[lab].get("cost") or {}).get("compute")] for lab in order]
         parts.append(_table(["method"] + [f"TV L{l}" for l in layers] + ["rel. err", "top-1", "KL", "pairs", "total compute"],
-                            rows))
+                            rows, caption="Softmax total variation (TV) per layer on held-out windows, sorted by "
+                            "worst layer (click a header to re-sort, hover a value for full precision)."))
     front = sec.get("frontier") or {}
     if front:
         parts.append("<h3>Quality vs total compute (Pareto points of each family; spread across groups of held-out "
@@ -65,5 +66,20 @@ def render_section(run: RunDir) -> str:
                                  "sd", "paired gap to full", "sd", "95% t-interval verdict"], rows))
     for png in sec.get("plots") or []:
         if run.file(png).exists():
-            parts.append(f"<img src='{escape(png)}' alt='{escape(png)}'>")
+            parts.append(figure(png, _caption(png, sec)))
     return "\n".join(parts)
+
+
+def _caption(png: str, sec: dict) -> str:
+    """What a reconstruct plot shows, by file name."""
+    target = sec.get("target_tv", 0.05)
+    if png == "reconstruct_tv_table.png":
+        return (f"Softmax TV per method (rows) and layer (columns, real indices) at {sec.get('budget_pairs')} exact "
+                f"pairs per row on held-out windows; darker = worse. Target: TV &lt; {target:g} in every layer.")
+    if png.startswith("reconstruct_sweep_"):
+        lab = png[len("reconstruct_sweep_"):-4]
+        return (f"Budget sweep for {escape(lab)}: mean softmax TV per layer against the fraction of exact pairs per "
+                f"row; the dashed line is the target TV {target:g}.")
+    if png == "reconstruct_train.png":
+        return "Training a small LM with reconstructed attention: training loss per step for each method and budget."
+    return escape(png)

@@ -3,6 +3,7 @@ text, sweep the budget, measure the drop-in effect on the model's outputs; write
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -10,8 +11,10 @@ from typing import Any, Optional
 
 import torch
 
+from ..capture.corpus import MIN_EVAL_WINDOWS
 from ..distributed import barrier, init_distributed
 from ..errors import ConfigError
+from ..validate import check_fields
 from ..io import RunDir, write_tensors
 from ..seeding import seed_everything
 from .estimators import ALL_ESTIMATORS
@@ -21,9 +24,15 @@ from .cost import method_cost
 from .frontier import best_at, candidates, evaluate_points, format_frontier, frontier_curves, require_affordable
 from .selection import STRATEGIES, budget_count
 
+_log = logging.getLogger(__name__)
+
 SECTION = "reconstruct"
 TENSORS = "reconstruct.safetensors"
 TV_TARGET = 0.05
+# Focused default grid (the strongest estimators, the plain baseline, the adaptive method and the oracle bound);
+# `--all` / estimators=ALL_ESTIMATORS, selections=STRATEGIES evaluates every combination.
+DEFAULT_ESTIMATORS = ("gaussian", "basis", "proxy+gaussian")
+DEFAULT_SELECTIONS = ("random", "leverage", "adaptive", "oracle")
 
 
 @dataclass
@@ -37,8 +46,8 @@ class ReconstructConfig:
     n_eval: int = 64  # windows of the held-out split used to evaluate
     budget: float = 0.25  # pairs per row: fraction in (0, 1] or a count
     budgets: list = field(default_factory=lambda: [0.0625, 0.125, 0.25, 0.5])  # sweep (empty = no sweep)
-    estimators: list = field(default_factory=lambda: list(ALL_ESTIMATORS))
-    selections: list = field(default_factory=lambda: list(STRATEGIES))
+    estimators: list = field(default_factory=lambda: list(DEFAULT_ESTIMATORS))  # ALL_ESTIMATORS with --all
+    selections: list = field(default_factory=lambda: list(DEFAULT_SELECTIONS))  # STRATEGIES with --all
     position: bool = True  # also evaluate gaussian with query-position-conditioned statistics
     pooled_baseline: bool = True  # also evaluate the naive basis LS with heads pooled and random pairs
     k: Optional[int] = None  # basis size (None: min(k90 of the head, budget))
@@ -64,6 +73,7 @@ class ReconstructConfig:
 
     def validate(self) -> None:
         """Raise ConfigError on bad values (budget checked against seq_len)."""
+        check_fields(self)
         from .cost import check_compute
 
         check_compute(self.compute)
@@ -83,6 +93,10 @@ class ReconstructConfig:
         for s in self.selections:
             if s not in STRATEGIES:
                 raise ConfigError(f"--selections: unknown {s!r} (choose from {', '.join(STRATEGIES)})")
+        from .train import PROXY_KINDS
+
+        if self.proxy not in PROXY_KINDS:
+            raise ConfigError(f"--proxy must be one of {', '.join(PROXY_KINDS)} (got {self.proxy!r})")
 
 
 def combos_for(cfg: ReconstructConfig) -> list[Combo]:
@@ -132,21 +146,29 @@ def reconstruct(out: str | Path, model: str = "minilm", progress: bool = True, *
     sums all-reduced, every evaluation shards the held-out windows and sums the per-row metrics across ranks, so
     each rank holds the same numbers; the drop-in output check runs on rank 0 alone, and rank 0 writes."""
     cfg = ReconstructConfig(model=model, **settings)
+    if cfg.spectrum and cfg.position:  # a spectrum run has no per-position sums: say so instead of failing late
+        from ..capture.corpus import log
+
+        log.warning("--spectrum %s: position-conditioned gaussian skipped (a spectrum run stores no per-position "
+                    "sums); fit from a corpus for it, or pass --no-position to silence this", cfg.spectrum)
+        cfg.position = False
     cfg.validate()
     seed_everything(cfg.seed)
     info = init_distributed("cpu")
     run = RunDir(out)
     t0 = time.perf_counter()
     hf = load_checked(cfg.model, cfg.seq_len)
+    # held-out windows first: a corpus too small to evaluate on fails before the fit, not after it
+    windows = windows_for(hf.tokenizer, cfg.seq_len, cfg.n_eval, "heldout", cfg.corpus, cfg.seed + 1, flag="--n-eval",
+                          minimum=MIN_EVAL_WINDOWS)
     t_work = time.perf_counter()
     fit = get_fit(cfg, hf)
     fit.meta["model"] = cfg.model
     if info.is_main:
         fit.save(run.file(FIT_FILE))
-    say = print if progress and info.is_main else (lambda *a, **k: None)
+    say = _log.info if progress and info.is_main else _log.debug
     say(f"fitted statistics ({fit.meta.get('source')}, {fit.meta.get('n_sequences')} windows) in "
         f"{time.perf_counter() - t0:.1f} s")
-    windows = windows_for(hf.tokenizer, cfg.seq_len, cfg.n_eval, "heldout", cfg.corpus, cfg.seed + 1)
     kw = dict(k=cfg.k, ridge=cfg.ridge, jitter=cfg.jitter, proxy=cfg.proxy, proxy_rank=cfg.proxy_rank, seed=cfg.seed)
     combos = combos_for(cfg)
     methods = make_methods(fit, combos, cfg.budget, **kw)

@@ -15,6 +15,7 @@ are read: this simulates the approximation's effect on learning; it does not mak
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 
 from ..attention import AttentionCall
 from ..errors import ConfigError, CorpusError
+from ..validate import check_fields
 from ..models.attention import masked_softmax
 from ..models.transformer import SmallTransformer, TransformerConfig
 from ..seeding import seed_everything
@@ -31,6 +33,11 @@ from ..sources.small import SmallSource
 from ..training import adamw, train_steps, warmup_cosine
 from .evaluate import Combo, Method
 from .fit import fit_from_windows
+
+_log = logging.getLogger(__name__)
+
+
+PROXY_KINDS = ("bilinear", "pca", "random")
 
 
 @dataclass
@@ -64,12 +71,23 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise ConfigError on bad values."""
+        check_fields(self)
         for n in ("seq_len", "d_model", "n_heads", "n_layers", "steps", "batch_size", "refresh", "refit_windows",
                   "eval_windows", "log_every"):
             if getattr(self, n) < 1:
                 raise ConfigError(f"--{n.replace('_', '-')} must be >= 1 (got {getattr(self, n)})")
         if not self.budgets:
             raise ConfigError("--budgets is empty")
+        # names and budgets checked before the first (minutes-long) training run, not after it
+        from .evaluate import Combo
+        from .selection import budget_count
+
+        for b in self.budgets:
+            budget_count(b, self.seq_len, flag="--budgets")
+        for sel in self.selections:
+            Combo(self.estimator, sel).validate()
+        if self.proxy not in PROXY_KINDS:
+            raise ConfigError(f"--proxy must be one of {', '.join(PROXY_KINDS)} (got {self.proxy!r})")
         if not self.seeds:
             raise ConfigError("--seeds is empty")
         bad = [x for x in self.seeds if isinstance(x, bool) or not isinstance(x, int)]
@@ -273,7 +291,7 @@ def train_compare(cfg: Optional[TrainConfig] = None, progress: bool = True, **kw
     g = torch.Generator().manual_seed(cfg.seed)
     heldout = heldout[torch.randperm(len(heldout), generator=g)[: cfg.eval_windows]]
     estimators = cfg.estimators or [cfg.estimator]
-    say = (lambda s: print(s, flush=True)) if progress else (lambda s: None)
+    say = _log.info if progress else _log.debug
     runs = []
     d_head = cfg.d_model // cfg.n_heads
     for obj in cfg.objectives:

@@ -13,6 +13,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from ..io import public_mode  # noqa: E402
+
 
 def save_figure(fig, path: str | Path) -> Path:
     """Save a figure as PNG atomically and close it."""
@@ -22,6 +24,7 @@ def save_figure(fig, path: str | Path) -> Path:
     os.close(fd)
     try:
         fig.savefig(tmp, dpi=110, bbox_inches="tight")
+        public_mode(tmp)  # mkstemp creates 0600; published files follow the umask
         os.replace(tmp, path)
     finally:
         plt.close(fig)
@@ -32,32 +35,49 @@ def save_figure(fig, path: str | Path) -> Path:
 
 def heatmap(matrix: Sequence[Sequence[float]], title: str, xlabel: str, ylabel: str, path: str | Path,
             vmin: Optional[float] = None, vmax: Optional[float] = None, annotate: bool = True, fmt: str = "{:.2f}",
-            cmap: str = "viridis") -> Path:
-    """A labelled heatmap with optional cell annotations (skipped for large grids)."""
+            cmap: str = "viridis", xticklabels: Optional[Sequence[str]] = None,
+            yticklabels: Optional[Sequence[str]] = None, cbar_label: str = "value") -> Path:
+    """A labelled heatmap with optional cell annotations (skipped for large grids).
+
+    Pass ``xticklabels`` / ``yticklabels`` to keep real indices (e.g. layers 3 and 5, not 0 and 1).
+    """
     m = np.asarray(matrix, dtype=float)
-    fig, ax = plt.subplots(figsize=(1.0 + 0.45 * m.shape[1], 1.0 + 0.4 * m.shape[0]))
+    fig, ax = plt.subplots(figsize=(1.6 + 0.45 * m.shape[1], 1.0 + 0.4 * m.shape[0]))
     im = ax.imshow(m, vmin=vmin, vmax=vmax, cmap=cmap, aspect="auto")
-    fig.colorbar(im, ax=ax)
+    fig.colorbar(im, ax=ax, label=cbar_label)
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
-    ax.set_xticks(range(m.shape[1]))
-    ax.set_yticks(range(m.shape[0]))
+    ax.set_xticks(range(m.shape[1]), xticklabels if xticklabels is not None else [str(i) for i in range(m.shape[1])])
+    ax.set_yticks(range(m.shape[0]), yticklabels if yticklabels is not None else [str(i) for i in range(m.shape[0])])
     if annotate and m.size <= 400:
+        lo = np.nanmin(m) if vmin is None else vmin
+        hi = np.nanmax(m) if vmax is None else vmax
         for (i, j), v in np.ndenumerate(m):
+            # dark text on the bright end of the colour map, white on the dark end
+            bright = (v - lo) / (hi - lo) > 0.55 if hi > lo else True
             ax.text(j, i, fmt.format(v), ha="center", va="center", fontsize=7,
-                    color="white" if (vmax is not None and v < 0.6 * vmax) or (vmax is None and v < m.mean()) else "black")
+                    color=("black" if bright else "white") if cmap in ("viridis", "magma", "Blues_r") else
+                    ("white" if bright else "black"))
     return save_figure(fig, path)
 
 
 def curves(series: dict[str, Sequence[float]], title: str, xlabel: str, ylabel: str, path: str | Path,
            hlines: Sequence[float] = (), logx: bool = False, xs: Optional[Sequence[float]] = None,
-           marker: Optional[str] = None) -> Path:
-    """Several labelled curves on one axis."""
+           marker: Optional[str] = None, hline_labels: Optional[Sequence[str]] = None,
+           bands: Optional[dict[str, tuple[Sequence[float], Sequence[float]]]] = None) -> Path:
+    """Several labelled curves on one axis; dashed reference lines carry their own legend entries.
+
+    ``bands``: per series (low, high) drawn as a shaded interval around the curve.
+    """
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for label, ys in series.items():
+    for i, (label, ys) in enumerate(series.items()):
         x = xs if xs is not None else np.arange(1, len(ys) + 1)
-        ax.plot(x, ys, label=label, marker=marker)
-    for h in hlines:
-        ax.axhline(h, color="grey", lw=0.8, ls="--")
+        ax.plot(x, ys, label=label, marker=marker, color=f"C{i % 10}")
+        if bands and label in bands:
+            lo, hi = bands[label]
+            ax.fill_between(x, lo, hi, color=f"C{i % 10}", alpha=0.2, lw=0)
+    labels = list(hline_labels) if hline_labels is not None else [f"y = {h:g}" for h in hlines]
+    for h, lab, ls in zip(hlines, labels, ("--", ":", "-.", "--")):
+        ax.axhline(h, color="grey", lw=0.9, ls=ls, label=lab)
     if logx:
         ax.set_xscale("log")
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)

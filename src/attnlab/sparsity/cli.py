@@ -7,7 +7,7 @@ from typing import Optional
 import typer
 
 from ..cli_config import config_command, option, out_option, quiet_option
-from ..cli_utils import fail
+from ..cli_utils import fail, write_report
 
 app = typer.Typer(help="Sparsefinder: entmax gold graphs, learned sparsity predictors, Pareto evaluation.",
                   no_args_is_help=True)
@@ -53,7 +53,7 @@ config_command(app, "train", TRAIN, _train, help_extra=TRAIN_HELP,
                       quiet_option()])
 
 
-def _run(settings: dict, out: str, resume: bool, quiet: bool) -> None:
+def _run(settings: dict, out: str, resume: bool, quiet: bool, all_methods: bool = False) -> None:
     """Train/load an entmax model, fit every predictor, sweep operating points, downstream eval, plots."""
     from ..errors import AttnlabError
 
@@ -62,8 +62,14 @@ def _run(settings: dict, out: str, resume: bool, quiet: bool) -> None:
         from .train_entmax import EntmaxTrainConfig
 
         cfg = EntmaxTrainConfig(**settings[TRAIN])
-        info = sparsity(out, train=cfg, seed=cfg.seed, resume=resume, quiet=quiet, **settings[RUN])
+        run_settings = dict(settings[RUN])
+        if all_methods:
+            from .predictors import METHODS
+
+            run_settings["methods"] = list(METHODS)
+        info = sparsity(out, train=cfg, seed=cfg.seed, resume=resume, quiet=quiet, **run_settings)
         _print_summary(info)
+        write_report(out)
     except AttnlabError as e:
         fail(e)
 
@@ -72,16 +78,24 @@ config_command(app, "run", [TRAIN, RUN], _run, skip=("out", "train", "resume", "
                help_extra={**TRAIN_HELP,
                            "model": "'small' (our entmax transformer) or an HF model ('minilm') with entmax swapped in",
                            "checkpoint": "Load this small-model checkpoint instead of training",
-                           "methods": "Predictors (repeat or comma-separate; None: every registered 'default' one: "
-                                      "distance-thr, distance-knn, quantization, clustering, window, bigbird, lsh, "
-                                      "routing, oracle-topk)",
+                           "methods": "Predictors (repeat or comma-separate; None: distance-knn, quantization, "
+                                      "clustering, rank, window, bigbird, oracle-topk; --all adds distance-thr, lsh, "
+                                      "routing, longformer, strided; also clustering-top2, quantization-fixed, "
+                                      "quantization-dynamic (the authors' bucketings), strided-fixed, rank-knn)",
                            "n_fit": "Windows used to fit predictors", "n_eval": "Held-out windows for the sweeps",
                            "n_down": "Held-out windows for downstream evaluation (0 = skip)",
                            "rank": "Projection dimension r of the learned predictors",
                            "epochs": "Epochs of projection training (margin loss, Adam)",
                            "targets": "Sparsities of the downstream operating points",
                            "hf_seq_len": "Window length for an HF model",
-                           "hf_finetune_steps": "Entmax distillation fine-tuning steps for an HF model (0 = none)",
+                           "hf_finetune_steps": "Entmax self-distillation fine-tuning steps for an HF model (cached "
+                                                "under $ATTNLAB_CACHE or ~/.cache/attnlab; 0 = entmax swapped in, "
+                                                "untrained)",
+                           "authors_defaults": "The public Sparsefinder code's defaults: forced window 3 (|i - j| <= 1) "
+                                               "and [CLS] edges for every predictor",
+                           "score_rank": "Rank of the 'rank' predictor's learned scorer",
+                           "predictor_path": "Reuse fitted predictors (a run dir or its predictors.safetensors) instead "
+                                             "of fitting; must match the model and sequence length",
                            "tokenizer": "Model folder / alias whose tokenizer reads the corpus for the small model",
                            "loss": "Projection loss: sum (Sparsefinder's per-query sums) | pair (per-pair hinge)",
                            "force_window": "Always predict edges with |i - j| <= this (-1 = off); counts in the metrics",
@@ -90,7 +104,9 @@ config_command(app, "run", [TRAIN, RUN], _run, skip=("out", "train", "resume", "
                       option("resume", bool, False, "--resume/--no-resume",
                              help="Reuse a cached checkpoint / finished section in --out and continue an interrupted "
                                   "training from its partial checkpoint."),
-                      quiet_option()])
+                      quiet_option(),
+                      option("all_methods", bool, False, "--all",
+                             help="Evaluate every registered predictor (overrides --methods).")])
 
 
 @app.command()
@@ -119,18 +135,44 @@ def _print_summary(info: dict, all_points: bool = False) -> None:
 
     con = Console()
     t = Table(title=f"Sparsity predictors (gold sparsity {info['gold']['sparsity']:.3f})")
-    for c in ("method", "knob", "sparsity", "recall", "exact", "efficiency"):
+    for c in ("method", "knob", "sparsity", "recall", "exact", "cost", "comp.sparsity", "front"):
         t.add_column(c)
     for r in pareto_table(info):
-        if all_points or r["front"]:
-            t.add_row(r["method"], r["knob"], *(f"{r[k]:.3f}" for k in ("sparsity", "recall", "exact", "efficiency")))
+        if all_points or r["front"] or r["front_cost"]:
+            t.add_row(r["method"], r["knob"], *(f"{r[k]:.3f}" for k in ("sparsity", "recall", "exact", "cost",
+                                                                       "comp_sparsity")),
+                      "+".join(x for x, on in (("sparsity", r["front"]), ("cost", r["front_cost"])) if on))
     con.print(t)
     t2 = Table(title="Recall at sparsity 0.9")
     t2.add_column("method")
     t2.add_column("recall@0.9")
+    t2.add_column("spread over windows (op. point nearest 0.9)")
     for m, v in info["recall_at_0.9"].items():
-        t2.add_row(m, "n/a" if v is None else f"{v:.3f}")
+        w = info["methods"][m].get("windows_at_0.9", {}).get("recall")
+        t2.add_row(m, "n/a" if v is None else f"{v:.3f}",
+                   "" if not w else f"{w['mean']:.3f} +- {w['ci95']:.3f} (sd {w['std']:.3f}, {w['n']} windows)")
     con.print(t2)
+    model = info.get("model", {})
+    if model.get("gold_graphs_from"):
+        con.print(f"gold graphs from: {model['gold_graphs_from']}")
+    mlm = model.get("finetune", {}).get("mlm", {})
+    if "entmax_finetuned" in mlm:
+        con.print("MLM probe loss (held-out): " + ", ".join(f"{k} {v['loss']:.3f} +- {1.96 * v['loss_se']:.3f}"
+                                                          for k, v in mlm.items() if isinstance(v, dict)))
+    cmp = info.get("comparison") or {}
+    if cmp.get("per_layer"):
+        t3 = Table(title=f"Best learned ({cmp['best_learned']}) vs baselines and oracle, per layer")
+        for c in ("layer", "recall@0.9", "oracle@0.9", "gap", "min margin vs baselines", "worst baseline point"):
+            t3.add_column(c)
+        f = lambda x: "n/a" if x is None else f"{x:.3f}"  # noqa: E731
+        for r in cmp["per_layer"]:
+            w = r.get("worst") or {}
+            t3.add_row(str(r["layer"]), f(r["learned_recall_at_target"]), f(r.get("oracle_recall_at_target")),
+                       f(r.get("gap_to_oracle")), f(r["min_margin"]),
+                       f"{w.get('baseline', '')} @ {w.get('sparsity', float('nan')):.2f}" if w else "")
+        con.print(t3)
+    for w in info.get("warnings", []):
+        con.print(f"warning: {w}")
 
 
 def _prefill(settings: dict, out: Optional[str]) -> None:

@@ -10,6 +10,7 @@ without inventing a head.
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Optional, Sequence
 
@@ -19,6 +20,8 @@ import torch.nn.functional as F
 from ..models.attention import check_alpha, masked_entmax
 from ..seeding import seed_everything
 from ..training import train_steps
+
+_log = logging.getLogger(__name__)
 
 
 def entmax_handler(alpha: float | torch.Tensor | Sequence = 1.5, graphs: Optional[dict] = None,
@@ -90,7 +93,7 @@ def finetune_hf_entmax(hf, windows: torch.Tensor, alpha: float = 1.5, steps: int
         hist["step"].append(done - 1)
         hist["mse"].append(float(loss))
         if not quiet and ((done - 1) % 10 == 0 or done == steps):
-            print(f"  hf step {done - 1:4d}  mse {float(loss):.4f}  ({time.time() - t0:.0f}s)", flush=True)
+            _log.info(f"  hf step {done - 1:4d}  mse {float(loss):.4f}  ({time.time() - t0:.0f}s)")
 
     train_steps(hf.model, opt, steps, step_loss, after_step=after_step)
     hf.model.eval()

@@ -3,7 +3,7 @@ restricted to predicted graphs.
 
 Pipeline: ``capture_layers`` runs any attention source with entmax attention in every layer and keeps each
 layer's q, k, valid mask and gold entmax graph; ``sweep_method`` fits one predictor per layer on the fit
-data and visits its knob grid on the evaluation data, giving sparsity / recall / exact / efficiency per
+data and visits its knob grid on the evaluation data, giving sparsity / recall / exact / cost per
 operating point (per layer x head and averaged); ``downstream`` reruns the model with each layer's
 attention restricted to the graph predicted *on the fly* from that layer's actual q and k (so errors
 compound through layers as they would in deployment), scored by a task (LM loss, or hidden-state error).
@@ -88,13 +88,28 @@ def capture_layers(model, ids: torch.Tensor, batch_size: int = 16, alpha: float 
     return out
 
 
+def predictor_ops(pred: BasePredictor, valid: Optional[torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
+    """``pred.cost(n, pairs)`` per (sequence, head) (B, H), with n and the candidate pairs of each sequence."""
+    B, H, N, _ = shape
+    if valid is None:
+        return torch.full((B, H), float(pred.cost(N, N * N)), dtype=torch.float64)
+    v = valid.bool().expand(B, -1, -1, -1)[:, 0]  # (B, N, N): the mask is shared by heads
+    pairs = v.sum(dim=(-1, -2)).tolist()
+    ns = v.any(-1).sum(-1).tolist()
+    memo: dict = {}
+    vals = [memo.setdefault((n, p), float(pred.cost(int(n), float(p)))) for n, p in zip(ns, pairs)]
+    return torch.tensor(vals, dtype=torch.float64).view(B, 1).expand(B, H)
+
+
 def _predict_metrics(pred: BasePredictor, data: LayerData, chunk: int = 64):
     parts = []
     for s in range(0, data.q.shape[0], chunk):
         sl = slice(s, s + chunk)
         v = None if data.valid is None else data.valid[sl] if data.valid.shape[0] > 1 else data.valid
-        g = pred.predict(data.q[sl], data.k[sl], v)
-        parts.append(graph_metrics(g, data.gold[sl], v, pred.cost(data.n)))
+        q, k = data.q[sl], data.k[sl]
+        g = pred.predict(q, k, v)
+        parts.append(graph_metrics(g, data.gold[sl], v, predictor_ops(pred, v, tuple(g.shape)),
+                                   pred.compute_ops(q, k, v)))
     return merge_batches(parts)
 
 
@@ -124,8 +139,14 @@ def sweep_method(method: str, fitted: list[BasePredictor], data: list[LayerData]
         points.append({"knob": v, **agg})
     sr = [(p["mean"]["sparsity"], p["mean"]["recall"]) for p in points]
     front = pareto_front(sr)
+    L = len(data)
+    per_layer = [recall_at_sparsity([(p["per_layer"]["sparsity"][l], p["per_layer"]["recall"][l]) for p in points],
+                                    target) for l in range(L)]
+    near = min(points, key=lambda p: abs(p["mean"]["sparsity"] - target))
     return {"method": method, "knob": fitted[0].knob, "points": points, "front": front,
-            f"recall_at_{target:g}": recall_at_sparsity(sr, target), "seconds": time.time() - t0}
+            f"recall_at_{target:g}": recall_at_sparsity(sr, target), f"recall_at_{target:g}_per_layer": per_layer,
+            f"windows_at_{target:g}": {"knob": near["knob"], **near.get("windows", {})},
+            "seconds": time.time() - t0}
 
 
 def closest_knob(result: dict, sparsity: float) -> tuple:

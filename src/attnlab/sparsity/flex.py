@@ -202,6 +202,13 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, predictor: Any = None, blo
                      backend: str = "auto", return_pattern: bool = False,
                      kernel_options: dict[str, Any] | None = None) -> Tensor | tuple[Tensor, BlockPattern, dict]:
     """Predicted block-sparse attention. q, k, v (B, H, N, D); N a multiple of ``block_size``.
+
+    ``predictor``: None (a :class:`PooledBlockPredictor`), a BlockPattern, a bool block/token mask, or a
+    predictor object (see :func:`resolve_pattern`). ``budget``: how many key blocks each query block may
+    compute: a fraction of the key blocks in (0, 1] (e.g. 0.1 = at most 10% of tiles per block row) or an int
+    count of blocks; None keeps the predictor's own (0.1 for the default predictor). It replaces the
+    ``budget`` field of a dataclass predictor (ConfigError if it has none); a mask or BlockPattern ignores it.
+    The budget caps work, it does not guarantee recall: check ``mass_recall`` on your data.
     Returns the output (B, H, N, D), or ``(out, pattern, stats)`` with ``return_pattern`` (stats: density =
     fraction of tiles computed, permuted, backend)."""
     if q.dim() != 4 or k.shape != v.shape[:-1] + (k.shape[-1],) or q.shape[:2] != k.shape[:2]:

@@ -1,30 +1,38 @@
-"""Sparsefinder metrics: sparsity, recall, exact fraction, efficiency; Pareto fronts.
+"""Sparsefinder metrics: sparsity, recall, exact fraction, cost, the authors' computation sparsity; Pareto fronts.
 
-Definitions (per sequence b and head h; ``valid`` = pairs the model's mask allows, ``n`` = number of
-queries with at least one valid key, i.e. the unpadded length):
+Definitions (per sequence b and head h; ``valid`` = pairs the model's mask allows (n(n+1)/2 for a causal
+sequence of n tokens, n^2 bidirectional), ``n`` = number of queries with at least one valid key):
 
 * sparsity   = 1 - |pred AND valid| / |valid|                (fraction of allowed pairs *not* predicted)
 * recall     = |pred AND gold| / |gold|                       (fraction of gold entmax edges predicted)
 * exact      = share of queries with a non-empty gold row whose gold keys are all predicted (row recall 1)
-* efficiency = (|pred AND valid| + predictor_ops) / n^2       (pairs that must be scored, plus the predictor's
-  own cost, relative to dense attention; ``predictor_ops`` is counted in *pair-score equivalents*: one unit is
-  one d_head-dimensional dot product, so an r-dimensional distance costs r / d_head units)
+* cost       = (|pred AND valid| + predictor_ops) / |valid|   (pairs that must be scored, plus everything the
+  predictor computes -- projections, distances, bucket sorting, top-k selection -- relative to dense attention
+  over the valid pairs; ``predictor_ops`` is counted in *pair-score equivalents*: one unit is one d_head-dim
+  dot product, so an r-dimensional distance costs r / d_head units and a scalar comparison 1 / d_head).
+  Lower is better; 1 = as expensive as dense attention; predicting every valid pair at no cost gives 1.
+* comp_sparsity = 1 - compute_ops / n^2                       (the Sparsefinder authors' "computation sparsity":
+  score computations a bucketed kernel performs -- per bucket round, n_buckets x largest query bucket x largest
+  key bucket -- plus the forced window; predictors without buckets compute their predicted pairs. Their code
+  divides by n^2 also for causal attention; so do we, to stay comparable.)
 
-Forced edges (window, CLS, ...) are part of ``pred`` and count toward both sparsity and recall.
+Forced edges (window, CLS, ...) are part of ``pred`` and count toward sparsity, recall and cost.
 Per head: mean over sequences (sequences without gold edges are skipped for recall/exact), then
-averaged over layers. Lower efficiency is better; values > 1 cost more than dense attention.
+averaged over layers. ``seq_recall`` / ``seq_sparsity`` keep the per-sequence means over heads, for error bars
+across windows.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import torch
 
 from .graphs import check_gold, check_graphs, full_valid
 
-METRICS = ("sparsity", "recall", "exact", "efficiency")
+METRICS = ("sparsity", "recall", "exact", "cost", "comp_sparsity")
 
 
 @dataclass
@@ -34,8 +42,11 @@ class HeadMetrics:
     sparsity: torch.Tensor
     recall: torch.Tensor
     exact: torch.Tensor
-    efficiency: torch.Tensor
+    cost: torch.Tensor
+    comp_sparsity: torch.Tensor
     n_sequences: int = 0
+    seq_recall: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.float64))
+    seq_sparsity: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.float64))
 
     def mean(self) -> dict[str, float]:
         """Mean over heads of each metric."""
@@ -51,12 +62,21 @@ def _nanmean0(x: torch.Tensor) -> torch.Tensor:
     return x.nanmean(dim=0)
 
 
+def _per_bh(x, shape: tuple[int, int], device) -> torch.Tensor:
+    """A scalar or (B, H) / (H,) tensor of per-(sequence, head) operation counts as float64 (B, H)."""
+    t = torch.as_tensor(x, dtype=torch.float64, device=device)
+    return t.expand(shape) if t.dim() < 2 else t
+
+
 def graph_metrics(pred: torch.Tensor, gold: torch.Tensor, valid: Optional[torch.Tensor] = None,
-                  predictor_ops: float = 0.0) -> HeadMetrics:
-    """Sparsity, recall, exact fraction and efficiency per head (see module docstring), averaged over the batch.
+                  predictor_ops: float | torch.Tensor = 0.0,
+                  compute_ops: Optional[float | torch.Tensor] = None) -> HeadMetrics:
+    """Sparsity, recall, exact fraction, cost and computation sparsity per head (see module docstring).
 
     ``pred``, ``gold``: bool (B, H, Nq, Nk) of the same shape; ``valid`` broadcastable to it (None = all
-    valid); ``predictor_ops``: predictor cost per head and sequence in pair-score units (``Predictor.cost(n)``).
+    valid); ``predictor_ops``: predictor cost per head and sequence in pair-score units (``Predictor.cost(n)``),
+    a float or (B, H); ``compute_ops``: the authors' score computations per sequence and head (None = the
+    predicted valid pairs).
     """
     check_graphs(pred, gold, valid)
     check_gold(gold)
@@ -74,10 +94,24 @@ def graph_metrics(pred: torch.Tensor, gold: torch.Tensor, valid: Optional[torch.
     rows = gold_row > 0
     exact_rows = ((hit == gold_row) & rows).sum(-1).double()
     exact = torch.where(rows.sum(-1) > 0, exact_rows / rows.sum(-1).clamp(min=1), nan)
+    bh = tuple(n_valid.shape)
+    cost = torch.where(n_valid > 0, (n_pred + _per_bh(predictor_ops, bh, gold.device)) / n_valid.clamp(min=1), nan)
     n = v.any(dim=-1).sum(dim=-1).double()  # unpadded length per (B, H)
-    efficiency = torch.where(n > 0, (n_pred + float(predictor_ops)) / (n * n).clamp(min=1), nan)
+    ops = n_pred if compute_ops is None else _per_bh(compute_ops, bh, gold.device)
+    comp = torch.where(n > 0, 1.0 - ops / (n * n).clamp(min=1), nan)
     return HeadMetrics(_nanmean0(sparsity).cpu(), _nanmean0(recall).cpu(), _nanmean0(exact).cpu(),
-                       _nanmean0(efficiency).cpu(), int(gold.shape[0]))
+                       _nanmean0(cost).cpu(), _nanmean0(comp).cpu(), int(gold.shape[0]),
+                       recall.nanmean(dim=1).cpu(), sparsity.nanmean(dim=1).cpu())
+
+
+def spread(x: torch.Tensor) -> dict[str, float]:
+    """Mean, standard deviation and 95% normal half-width of the mean of a 1-D sample (NaNs dropped)."""
+    x = x[~torch.isnan(x)].double()
+    m = len(x)
+    if m == 0:
+        return {"mean": float("nan"), "std": float("nan"), "ci95": float("nan"), "n": 0}
+    sd = float(x.std()) if m > 1 else 0.0
+    return {"mean": float(x.mean()), "std": sd, "ci95": 1.96 * sd / math.sqrt(m), "n": m}
 
 
 def average_layers(per_layer: Sequence[HeadMetrics]) -> dict:
@@ -90,6 +124,9 @@ def average_layers(per_layer: Sequence[HeadMetrics]) -> dict:
         out["per_head"][m] = grid.nanmean(dim=0).tolist()
         out["per_layer"][m] = grid.nanmean(dim=1).tolist()
         out["mean"][m] = float(grid.nanmean())
+    if all(len(h.seq_recall) for h in per_layer):  # per window: mean over layers and heads -> spread over windows
+        out["windows"] = {m: spread(torch.stack([getattr(h, f"seq_{m}") for h in per_layer]).nanmean(dim=0))
+                          for m in ("recall", "sparsity")}
     return out
 
 
@@ -101,7 +138,8 @@ def merge_batches(parts: Sequence[HeadMetrics]) -> HeadMetrics:
         x = torch.stack([getattr(p, m) for p in parts])  # (P, H)
         ww = w[:, None].expand_as(x) * ~torch.isnan(x)
         out[m] = torch.nan_to_num(x) .mul(ww).sum(0) / ww.sum(0)
-    return HeadMetrics(**out, n_sequences=int(w.sum()))
+    return HeadMetrics(**out, n_sequences=int(w.sum()), seq_recall=torch.cat([p.seq_recall for p in parts]),
+                       seq_sparsity=torch.cat([p.seq_sparsity for p in parts]))
 
 
 def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:

@@ -7,7 +7,7 @@ from html import escape
 from functools import partial
 
 from ..io import RunDir
-from ..report.html import cell, table
+from ..report.html import cell, figure, table, toggles
 from .run import SECTION
 
 _fmt = partial(cell, float_fmt="{:.3f}")
@@ -24,22 +24,31 @@ def render_section(run: RunDir) -> str:
              f"{_fmt(gold.get('n_layers'))} layers x {_fmt(gold.get('n_heads'))} heads, d_head {_fmt(gold.get('d_head'))}, "
              f"N = {_fmt(gold.get('seq_len'))}. Gold entmax graph sparsity {_fmt(gold.get('sparsity'))}. "
              "Sparsity = 1 - predicted / valid pairs; recall = predicted gold edges / gold edges; exact = share of "
-             "queries with all gold keys predicted; efficiency = (predicted pairs + predictor cost in dot-product "
-             "units) / n<sup>2</sup>. Means over heads and layers on held-out windows.</p>"]
+             "queries with all gold keys predicted; cost = (predicted pairs + predictor cost in dot-product "
+             "units, selection included) / valid pairs (lower is better; causal: n(n+1)/2 valid pairs); computation "
+             "sparsity = the Sparsefinder authors' 1 - bucket operations / n<sup>2</sup>. Means over heads and layers on held-out windows.</p>"]
     r9 = sec.get("recall_at_0.9", {})
     parts.append("<h3>Recall at sparsity 0.9 (interpolated on the Pareto front)</h3>"
-                 + _table(["method", "recall@0.9"], [[m, v] for m, v in r9.items()]))
-    for name, cap in (("pareto", "recall vs sparsity"), ("efficiency", "recall vs efficiency"), ("training", "training")):
+                 + _table(["method", "recall@0.9"], [[m, v] for m, v in r9.items()], collapse=None))
+    caps = {"pareto": "Recall of gold entmax edges against sparsity for every method: dots are operating points, the "
+                      "solid line each method's Pareto front; dashed grey: the sparsity-0.9 reference; dotted black: "
+                      "the gold graph's own sparsity (an oracle's best point).",
+            "cost": "Recall against total cost: (predicted pairs + predictor cost in dot-product units, selection "
+                    "included) / valid pairs. Lower cost is better; the dashed line at 1 is the cost of dense attention.",
+            "training": "Training loss of the entmax model whose attention graphs are the gold standard."}
+    for name, cap in caps.items():
         if sec.get("plots", {}).get(name):
-            parts.append(f"<figure><img src='{escape(sec['plots'][name])}' alt='{cap}'><figcaption>{cap}</figcaption></figure>")
-    rows = []
-    for m, res in sec.get("methods", {}).items():
-        for i, p in enumerate(res["points"]):
-            mm = p["mean"]
-            rows.append([m, f"{res['knob']}={p['knob']}", mm["sparsity"], mm["recall"], mm["exact"], mm["efficiency"],
-                         i in res["front"]])
-    parts.append("<h3>All operating points</h3>"
-                 + _table(["method", "knob", "sparsity", "recall", "exact", "efficiency", "Pareto"], rows))
+            parts.append(figure(sec["plots"][name], cap))
+    from ..report.views import sparsity_figures
+    from .run import pareto_table
+
+    parts.append(sparsity_figures(run))
+    rows = [[r["method"], r["knob"], r["sparsity"], r["recall"], r["exact"], r["cost"], r["comp_sparsity"],
+             r["front"], r["front_cost"]] for r in pareto_table(sec)]
+    parts.append("<h3>All operating points</h3><p>Pareto: on the front of (sparsity, recall) over all methods "
+                 "(oracle excluded); Pareto (cost): on the front of (cost, recall).</p>"
+                 + _table(["method", "knob", "sparsity", "recall", "exact", "cost", "comp. sparsity", "Pareto",
+                           "Pareto (cost)"], rows, group_col=0))
     down = sec.get("downstream")
     if down:
         base = down.get("full_entmax", {})
@@ -49,14 +58,21 @@ def render_section(run: RunDir) -> str:
                          f"{_fmt(down['gold_graph']['loss'])}.</p>")
             drows = [[m, r["knob"], r["sparsity"], r["recall"], r["loss"], r["delta_loss"], r["acc"], r["delta_acc"]]
                      for m, rs in down["methods"].items() for r in rs]
-            parts.append(_table(["method", "knob", "sparsity", "recall", "loss", "Δ loss", "acc", "Δ acc"], drows))
+            parts.append(_table(["method", "knob", "sparsity", "recall", "loss", "Δ loss", "acc", "Δ acc"], drows,
+                                group_col=0))
         else:
             parts.append("<h3>Downstream (final hidden states vs full entmax)</h3>")
             drows = [[m, r["knob"], r["sparsity"], r["recall"], r["rel_error"], r["cosine"]]
                      for m, rs in down["methods"].items() for r in rs]
-            parts.append(_table(["method", "knob", "sparsity", "recall", "relative error", "cosine"], drows))
+            parts.append(_table(["method", "knob", "sparsity", "recall", "relative error", "cosine"], drows, group_col=0))
     heads = [v for k, v in sec.get("plots", {}).items() if k.startswith("heads_")]
     if heads:
         parts.append("<h3>Recall per layer and head at the operating point closest to sparsity 0.9</h3>")
-        parts.extend(f"<img src='{escape(h)}' alt='{escape(h)}'>" for h in heads)
+        names = {v: k[len("heads_"):] for k, v in sec.get("plots", {}).items() if k.startswith("heads_")}
+        ops = sec.get("operating_points_0.9", {})
+        parts.append(toggles("sp-heads", list(names.values()), "methods"))
+        parts.append('<div id="sp-heads" class="grid">' + "".join(
+            figure(h, f"{escape(names[h])}: recall of gold edges per layer (rows) and head (columns) at measured "
+                      f"sparsity {ops.get(names[h], {}).get('sparsity', float('nan')):.2f}.", group=names[h])
+            for h in heads) + "</div>")
     return "\n".join(parts)

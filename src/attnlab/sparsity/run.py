@@ -3,6 +3,7 @@ downstream evaluation, and write section ``sparsity`` (results.json), tensors an
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -10,20 +11,45 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from ..errors import ConfigError
+from ..config import fingerprint
+from ..errors import ConfigError, ResultsError
 from ..io import RunDir, write_tensors
 from ..registry import Registry
 from ..seeding import seed_everything
+from .metrics import pareto_front
 from .train_entmax import EntmaxTrainConfig
+
+_logger = logging.getLogger(__name__)
 
 SECTION = "sparsity"
 CHECKPOINT = "entmax_model.safetensors"
+PREDICTORS_FILE = "predictors.safetensors"
 TARGET = 0.9
+MIN_EVAL = 16  # fewer held-out windows than this: error bars across windows are not meaningful
+log = logging.getLogger(__name__)
+
+
+def _warn(info: dict, quiet: bool, msg: str) -> None:
+    """Log a warning, print it unless quiet, and keep it in the results."""
+    log.warning(msg)
+    info.setdefault("warnings", []).append(msg)
+    if not quiet:
+        print(f"warning: {msg}", flush=True)
+# Focused default: the learned predictors, two fixed patterns and the oracle bound; methods=METHODS (`--all`,
+# every predictor registered with tag 'default') adds distance-thr, lsh, routing, longformer and strided.
+DEFAULT_METHODS = ("distance-knn", "quantization", "clustering", "rank", "window", "bigbird", "oracle-topk")
 
 
 def _log(quiet: bool, msg: str) -> None:
     if not quiet:
-        print(msg, flush=True)
+        _logger.info(msg)
+
+
+def stale_settings(trained: EntmaxTrainConfig, asked: EntmaxTrainConfig) -> list[str]:
+    """Flags whose value differs between a trained model's config and the one asked for (cadence/device ignored)."""
+    a, b = asdict(trained), asdict(asked)
+    return [f"--{k.replace('_', '-')} {a.get(k)} vs {b[k]}" for k in b
+            if k not in ("checkpoint_every", "device") and a.get(k) != b[k]]
 
 
 def prepare_small(run: RunDir, train: EntmaxTrainConfig, checkpoint: Optional[str], resume: bool, quiet: bool,
@@ -37,6 +63,11 @@ def prepare_small(run: RunDir, train: EntmaxTrainConfig, checkpoint: Optional[st
     if path.exists() and (checkpoint or resume):
         _log(quiet, f"loading entmax model from {path}")
         model, vmap, tcfg, meta = load_small(path, train.device)
+        if not checkpoint:  # a cached model must have been trained with the settings asked for now
+            diff = stale_settings(tcfg, train)
+            if diff:
+                raise ResultsError(f"{path}: the cached model was trained with other settings ({', '.join(diff)}); "
+                                   f"use another --out, --no-resume to retrain, or the original settings")
         return model, vmap, tcfg, meta.get("history", {}), str(path)
     _log(quiet, f"training entmax model ({train.objective}, {train.n_layers}x{train.n_heads}, d={train.d_model}, "
                 f"N={train.seq_len}, {train.steps} steps on {train.device})")
@@ -74,14 +105,28 @@ def _small_model(run, name, train, checkpoint, resume, quiet, tokenizer, n_fit, 
     from .evaluate import LMTask
     from .train_entmax import tokenizer_of
 
-    net, vmap, tcfg, hist, ckpt = prepare_small(run, train, checkpoint, resume, quiet, tokenizer)
     tok = tokenizer_of(tokenizer)
-    held = token_windows(tok, tcfg.seq_len, tcfg.corpus, max_windows=n_eval + n_down, split="heldout")
-    fitw = token_windows(tok, tcfg.seq_len, tcfg.corpus, max_windows=n_fit, split="fit")
+    notes: dict = {}
+
+    def windows(cfg: EntmaxTrainConfig):
+        held = token_windows(tok, cfg.seq_len, cfg.corpus, max_windows=n_eval + n_down, split="heldout")
+        fitw = token_windows(tok, cfg.seq_len, cfg.corpus, max_windows=n_fit, split="fit")
+        _check_split(fitw, held, n_fit, n_eval, n_down, notes)
+        return held, fitw
+
+    if not checkpoint:  # a too-small corpus fails before minutes of training, not after
+        held, fitw = windows(train)
+    net, vmap, tcfg, hist, ckpt = prepare_small(run, train, checkpoint, resume, quiet, tokenizer)
+    if checkpoint:
+        held, fitw = windows(tcfg)
     alphas = [b.attn.alpha() for b in net.blocks]
     alphas = [a.detach().cpu() if isinstance(a, torch.Tensor) else a for a in alphas]
     info = {"kind": "small", "checkpoint": ckpt, "config": net.cfg.to_dict(), "objective": tcfg.objective,
-            "train_history": hist}
+            "train_history": hist,
+            "gold_graphs_from": f"our {'causal decoder' if tcfg.objective == 'clm' else 'MLM encoder'} trained with "
+                                f"entmax-{tcfg.alpha:g} attention ({tcfg.steps} steps)",
+            "setting_id": "small|" + fingerprint({"model": net.cfg.to_dict(), "train": asdict(tcfg)},
+                                                 ignore=("checkpoint_every", "device")), **notes}
     return EntmaxModel(SmallSource(net), alphas, vmap(fitw), vmap(held[:n_eval]), vmap(held[n_eval:]), info,
                        lambda ids: LMTask(net, ids, tcfg.objective, seed))
 
@@ -91,19 +136,34 @@ def _hf_model(run, name, train, quiet, n_fit, n_eval, n_down, hf_seq_len, hf_fin
     from ..capture.corpus import token_windows
     from ..sources.hf import load_model
     from .evaluate import HiddenTask
-    from .entmax_hf import finetune_hf_entmax
+    from .finetune_hf import HFFinetuneConfig, entmax_finetuned
 
     net = load_model(name, device=train.device)
-    fitw = token_windows(net.tokenizer, hf_seq_len, train.corpus, split="fit",
-                         max_windows=n_fit + (min(8 * hf_finetune_steps, 1024) if hf_finetune_steps > 0 else 0))
+    if hf_seq_len > net.max_len:
+        raise ConfigError(f"--hf-seq-len {hf_seq_len} exceeds {name}'s maximum of {net.max_len} positions")
+    alpha = train.alpha
+    ft = HFFinetuneConfig(steps=hf_finetune_steps, alpha=alpha, seed=seed)
+    n_ft = min(8 * hf_finetune_steps, 512) if hf_finetune_steps > 0 else 0
+    fitw = token_windows(net.tokenizer, hf_seq_len, train.corpus, split="fit", max_windows=n_fit + n_ft)
     held = token_windows(net.tokenizer, hf_seq_len, train.corpus, max_windows=n_eval + n_down, split="heldout")
-    hist = {}
-    if hf_finetune_steps > 0:
-        _log(quiet, f"fine-tuning {name} with entmax attention ({hf_finetune_steps} distillation steps)")
-        hist = finetune_hf_entmax(net, fitw[n_fit:] if len(fitw) > n_fit else fitw, train.alpha, hf_finetune_steps,
-                                  seed=seed, quiet=quiet)
-    info = {"kind": "hf", **net.describe(), "finetune": hist}
-    return EntmaxModel(net, [train.alpha] * net.n_layers, fitw[:n_fit], held[:n_eval], held[n_eval:], info,
+    notes: dict = {}
+    _check_split(fitw[:n_fit], held, n_fit, n_eval, n_down, notes)
+    ft_windows = fitw[n_fit:] if len(fitw) > n_fit else fitw[:n_fit]
+    mlm_eval = held[n_eval:][:32] if len(held) > n_eval else held[:32]
+    rec = entmax_finetuned(net, ft_windows, mlm_eval, ft, probe_windows=fitw[:n_fit][:64], quiet=quiet)
+    source = (f"{name} with entmax-{alpha:g} attention, fine-tuned {hf_finetune_steps} self-distillation steps"
+              + (" (cached weights)" if rec.get("cached") else "")) if hf_finetune_steps > 0 else \
+        f"{name} with entmax-{alpha:g} swapped in, NOT fine-tuned (--hf-finetune-steps 0)"
+    warnings = ["gold graphs come from a model never trained with entmax (--hf-finetune-steps 0)"] \
+        if hf_finetune_steps == 0 else []
+    mlm = rec.get("mlm", {})
+    if "entmax_finetuned" in mlm:
+        _log(quiet, "MLM probe loss (held-out): softmax original {:.3f}, entmax swap {:.3f}, entmax fine-tuned "
+                    "{:.3f}".format(mlm["softmax_original"]["loss"], mlm["entmax_no_finetune"]["loss"],
+                                    mlm["entmax_finetuned"]["loss"]))
+    info = {"kind": "hf", **net.describe(), "gold_graphs_from": source, "finetune": rec, "warnings": warnings,
+            "setting_id": f"{name}|entmax-{alpha:g}|finetune:{rec['key'] if hf_finetune_steps > 0 else 'none'}"}
+    return EntmaxModel(net, [alpha] * net.n_layers, fitw[:n_fit], held[:n_eval], held[n_eval:], info,
                        lambda ids: HiddenTask(net, ids))
 
 
@@ -111,16 +171,21 @@ def sparsity(
     out: str | Path, model: str = "small", checkpoint: Optional[str] = None, train: Optional[EntmaxTrainConfig] = None,
     methods: Optional[Sequence[str]] = None, n_fit: int = 128, n_eval: int = 64, n_down: int = 128, rank: int = 4,
     epochs: int = 20, targets: Sequence[float] = (0.8, 0.9, 0.95), seed: int = 0, resume: bool = True,
-    hf_seq_len: int = 128, hf_finetune_steps: int = 0, tokenizer: str = "minilm", loss: str = "sum",
-    force_window: int = -1, force_cls: bool = False, quiet: bool = False,
+    hf_seq_len: int = 128, hf_finetune_steps: int = 30, tokenizer: str = "minilm", loss: str = "sum",
+    force_window: int = -1, force_cls: bool = False, quiet: bool = False, predictor_path: Optional[str] = None,
+    authors_defaults: bool = False, score_rank: int = 4,
 ) -> dict:
     """Run the whole Sparsefinder evaluation and write section ``sparsity`` of ``out``/results.json.
 
     ``model`` is 'small' (our entmax transformer, trained per ``train`` or loaded from ``checkpoint``) or an
     HF model name / folder ('minilm') whose softmax is swapped for entmax (optionally fine-tuned for
-    ``hf_finetune_steps`` distillation steps). ``tokenizer``: model folder / alias whose tokenizer reads the
-    corpus for the small model. ``loss``: projector loss, ``sum`` (Sparsefinder) or ``pair``. ``force_window`` >= 0 and
-    ``force_cls`` add forced edges to every predictor (off by default). With ``resume``
+    ``hf_finetune_steps`` self-distillation steps, default 30, cached; see :mod:`attnlab.sparsity.finetune_hf`; the
+    gold graphs come from the fine-tuned model and ``model.gold_graphs_from`` says so). ``tokenizer``: model folder
+    / alias whose tokenizer reads the corpus for the small model. ``loss``: projector loss, ``sum`` (Sparsefinder)
+    or ``pair``. ``force_window`` >= 0 and ``force_cls`` add forced edges to every predictor (off by default);
+    ``authors_defaults`` sets the public Sparsefinder code's defaults (forced window 3, i.e. |i - j| <= 1, and CLS
+    edges). ``score_rank``: rank of the ``rank`` predictor's scorer. ``predictor_path``: load fitted predictors
+    (safetensors + JSON written to every run dir as ``predictors.safetensors``) instead of fitting. With ``resume``
     a finished section with the same config is
     returned as is, a cached checkpoint is reused and an interrupted training continues from its partial
     checkpoint (``entmax_model.partial.safetensors``, every ``train.checkpoint_every`` steps).
@@ -129,9 +194,13 @@ def sparsity(
     from .predictors import PREDICTORS, Projector
 
     train = train or EntmaxTrainConfig()
-    methods = list(methods or PREDICTORS.names("default"))
+    methods = list(methods or DEFAULT_METHODS)  # --all: every PREDICTORS.names("default")
     for m in methods:
         PREDICTORS.get(m)  # an unknown name is a ConfigError listing the registered ones
+    if authors_defaults:
+        force_window, force_cls = max(force_window, 1), True
+    if loss not in ("sum", "pair"):
+        raise ConfigError(f"--loss must be sum or pair (got {loss!r})")
     if min(n_fit, n_eval) < 1 or n_down < 0:
         raise ConfigError("--n-fit and --n-eval must be >= 1, --n-down >= 0")
     run = RunDir(out)
@@ -139,7 +208,8 @@ def sparsity(
     config = {"model": model, "checkpoint": checkpoint, "train": train_cfg, "methods": methods, "n_fit": n_fit,
               "n_eval": n_eval, "n_down": n_down, "rank": rank, "epochs": epochs, "targets": list(targets), "seed": seed,
               "hf_seq_len": hf_seq_len, "hf_finetune_steps": hf_finetune_steps, "loss": loss,
-              "force_window": force_window, "force_cls": force_cls}
+              "force_window": force_window, "force_cls": force_cls, "predictor_path": predictor_path,
+              "authors_defaults": authors_defaults, "score_rank": score_rank}
     prev = run.section(SECTION)
     if resume and prev and prev.get("config") == config and prev.get("complete"):
         _log(quiet, f"{run.path}: section '{SECTION}' already complete (resume); delete it or pass --no-resume to redo")
@@ -153,7 +223,19 @@ def sparsity(
                               tokenizer=tokenizer, n_fit=n_fit, n_eval=n_eval, n_down=n_down, hf_seq_len=hf_seq_len,
                               hf_finetune_steps=hf_finetune_steps, seed=seed)
     net, alpha, fit_ids, eval_ids, down_ids = em.source, em.alphas, em.fit_ids, em.eval_ids, em.down_ids
+    setting_id = em.info.pop("setting_id")
+    for w in em.info.pop("warnings", []):
+        _warn(info, quiet, w)
+    if "downstream_skipped" in em.info:
+        info["downstream_skipped"] = em.info.pop("downstream_skipped")
     info["model"] = em.info
+    if len(eval_ids) < n_eval:
+        _warn(info, quiet, f"only {len(eval_ids)} held-out evaluation windows available (--n-eval {n_eval} asked): "
+                           "the corpus is too small")
+    if len(eval_ids) < MIN_EVAL:
+        _warn(info, quiet, f"{len(eval_ids)} evaluation windows < {MIN_EVAL}: spreads across windows are unreliable")
+    if len(fit_ids) < n_fit:
+        _warn(info, quiet, f"only {len(fit_ids)} fit windows available (--n-fit {n_fit} asked)")
 
     _log(quiet, f"capturing q/k and gold entmax graphs ({len(fit_ids)} fit, {len(eval_ids)} eval windows)")
     t0 = time.time()
@@ -165,12 +247,26 @@ def sparsity(
                     "seq_len": ev[0].n, "n_layers": len(ev), "n_heads": ev[0].q.shape[1], "d_head": ev[0].q.shape[-1]}
     _log(quiet, f"gold graph sparsity {info['gold']['sparsity']:.3f} (per layer {[round(1 - d, 3) for d in gold_density]})")
 
+    setting = {"model": setting_id, "seq_len": ev[0].n, "n_layers": len(ev), "n_heads": ev[0].q.shape[1],
+               "d_head": ev[0].q.shape[-1], "alpha": [float(a) if not isinstance(a, torch.Tensor) else "learned" for a in alpha]}
     projectors = [Projector(rank, epochs=epochs, seed=seed + l, loss=loss) for l in range(len(fit))]
     results, fitted, fit_seconds = {}, {}, {}
+    loaded = {}
+    if predictor_path:
+        from .predictors.persist import load_predictors
+
+        loaded = load_predictors(predictor_path, methods, setting)
+        _log(quiet, f"loaded fitted predictors from {predictor_path}")
     for m in methods:
         t0 = time.time()
-        fitted[m] = fit_layers(m, fit, rank=rank, epochs=epochs, seed=seed, projectors=projectors,
-                               force_window=force_window, force_cls=force_cls)
+        if m in loaded:
+            fitted[m] = loaded[m]
+            for p in fitted[m]:
+                p.force_window, p.force_cls = int(force_window), bool(force_cls)
+        else:
+            fitted[m] = fit_layers(m, fit, rank=rank, epochs=epochs, seed=seed, projectors=projectors,
+                                   force_window=force_window, force_cls=force_cls,
+                                   **({"score_rank": score_rank} if m in PREDICTORS.names("trained") else {}))
         fit_seconds[m] = time.time() - t0
         results[m] = sweep_method(m, fitted[m], ev, target=TARGET)
         results[m]["fit_seconds"] = fit_seconds[m]
@@ -180,16 +276,47 @@ def sparsity(
     info["projector_loss"] = [p.history for p in projectors]
     info["methods"] = results
     info["recall_at_0.9"] = {m: results[m][f"recall_at_{TARGET:g}"] for m in methods}
+    info["comparison"] = compare_methods(results, TARGET)
+    if not predictor_path:
+        from .predictors.persist import save_predictors
 
-    if n_down > 0 and len(down_ids):
+        info["predictors"] = save_predictors(run.file(PREDICTORS_FILE), fitted, setting).name
+    info["setting"] = setting
+
+    if n_down > 0 and len(down_ids):  # (an empty downstream split was reported by _check_split)
         _log(quiet, f"downstream: attention restricted to predicted graphs ({len(down_ids)} windows)")
         info["downstream"] = downstream(net, em.task(down_ids), alpha, fitted, results, targets)
+    elif n_down > 0:
+        reason = (f"downstream evaluation NOT run: no held-out windows left after the {len(eval_ids)} evaluation "
+                  f"windows (--n-down {n_down} asked); use a larger corpus or lower --n-eval")
+        _warn(info, quiet, reason)
+        info["downstream"] = {"skipped": reason}
+    else:
+        info["downstream"] = {"skipped": "downstream evaluation not requested (--n-down 0)"}
 
     _write_artifacts(run, info, results, ev)
+    from ..report.views import save_sparsity_views
+
+    save_sparsity_views(run, fitted, ev, info["operating_points_0.9"])
     info["wall_s"] = time.time() - t_start
     info["complete"] = True
     run.write_section(SECTION, info)
     return info
+
+
+def _check_split(fitw: torch.Tensor, held: torch.Tensor, n_fit: int, n_eval: int, n_down: int, info: dict) -> None:
+    """Warn about fewer windows than asked, refuse too few evaluation windows, report a skipped downstream step."""
+    from ..capture.corpus import MIN_EVAL_WINDOWS, check_windows, log
+
+    check_windows(fitw, n_fit, "--n-fit", "fit")
+    check_windows(held[:n_eval], n_eval, "--n-eval", "heldout", minimum=MIN_EVAL_WINDOWS)
+    down = len(held) - min(n_eval, len(held))
+    if n_down > 0 and down == 0:
+        info["downstream_skipped"] = (f"no held-out windows left after --n-eval {n_eval} (the split has {len(held)}); "
+                                      "lower --n-eval or give more text")
+        log.warning("downstream evaluation skipped: %s", info["downstream_skipped"])
+    elif n_down > 0:
+        check_windows(held[n_eval:], n_down, "--n-down", "heldout")
 
 
 def _write_artifacts(run: RunDir, info: dict, results: dict, ev) -> None:
@@ -202,13 +329,13 @@ def _write_artifacts(run: RunDir, info: dict, results: dict, ev) -> None:
         knob, s = closest_knob(res, TARGET)
         pt = next(p for p in res["points"] if p["knob"] == knob)
         op[m] = {"knob": knob, "sparsity": s}
-        for metric in ("recall", "sparsity", "exact", "efficiency"):
+        for metric in ("recall", "sparsity", "exact", "cost", "comp_sparsity"):
             tensors[f"{m}.{metric}"] = torch.tensor(pt["grid"][metric], dtype=torch.float32)
         safe = m.replace("/", "_")
         plots[f"heads_{safe}"] = head_recall_plot(pt["grid"]["recall"], m, s, run.file(f"sparsity_heads_{safe}.png")).name
     write_tensors(run.file("sparsity_heads.safetensors"), tensors, {"operating_points": op})
     plots["pareto"] = pareto_plot(results, run.file("sparsity_pareto.png"), "sparsity", info["gold"]["sparsity"]).name
-    plots["efficiency"] = pareto_plot(results, run.file("sparsity_efficiency.png"), "efficiency").name
+    plots["cost"] = pareto_plot(results, run.file("sparsity_cost.png"), "cost").name
     hist = info["model"].get("train_history") or {}
     if hist.get("step"):
         plots["training"] = training_plot(hist, run.file("sparsity_training.png")).name
@@ -218,10 +345,76 @@ def _write_artifacts(run: RunDir, info: dict, results: dict, ev) -> None:
 
 
 def pareto_table(info: dict) -> list[dict]:
-    """Flat rows (method, knob, sparsity, recall, exact, efficiency, on_front) of a finished section."""
+    """Flat rows (method, knob, sparsity, recall, exact, cost, comp_sparsity, front, front_cost) of a finished section.
+
+    ``front``: the point is on the Pareto front of (sparsity, recall) over *all* methods' points (oracle excluded);
+    ``front_cost``: on the front of (cost lower, recall higher) over all methods."""
     rows = []
     for m, res in info["methods"].items():
-        for i, p in enumerate(res["points"]):
-            rows.append({"method": m, "knob": f"{res['knob']}={p['knob']}", **{k: p["mean"][k] for k in
-                         ("sparsity", "recall", "exact", "efficiency")}, "front": i in res["front"]})
+        for p in res["points"]:
+            rows.append({"method": m, "knob": f"{res['knob']}={p['knob']}",
+                         **{k: p["mean"].get(k, float("nan")) for k in ("sparsity", "recall", "exact", "cost",
+                                                                       "comp_sparsity")}})
+    cand = [i for i, r in enumerate(rows) if r["method"] != "oracle-topk"]
+    front = set(cand[j] for j in pareto_front([(rows[i]["sparsity"], rows[i]["recall"]) for i in cand]))
+    front_c = set(cand[j] for j in pareto_front([(-rows[i]["cost"], rows[i]["recall"]) for i in cand]))
+    for i, r in enumerate(rows):
+        r["front"], r["front_cost"] = i in front, i in front_c
     return rows
+
+
+def _curve(points: list[tuple[float, float]]):
+    """Recall as a function of sparsity along the Pareto front (linear interpolation; None beyond the sparsest)."""
+    front = [points[i] for i in pareto_front(points)]
+
+    def f(s: float) -> Optional[float]:
+        if not front or s > front[-1][0] + 1e-12:
+            return None
+        if s <= front[0][0]:
+            return front[0][1]
+        for (s0, r0), (s1, r1) in zip(front, front[1:]):
+            if s0 <= s <= s1:
+                return r0 if s1 == s0 else r0 + (s - s0) / (s1 - s0) * (r1 - r0)
+        return None
+
+    return f
+
+
+def compare_methods(results: dict, target: float = TARGET) -> dict:
+    """Per layer: does the best learned predictor's front lie above every baseline's front points, and how far
+    is it from the oracle at ``target`` sparsity?
+
+    For each layer and baseline point (s, r) with s <= the learned method's sparsest point, the margin is
+    learned recall at s (interpolated on its per-layer front) minus r; ``beats_all`` = every margin >= 0."""
+    from .predictors import trained_methods
+
+    learned = [m for m in results if m in trained_methods()]
+    baselines = [m for m in results if m not in learned and m != "oracle-topk"]
+    if not learned:
+        return {}
+    best = max(learned, key=lambda m: results[m].get(f"recall_at_{target:g}") or -1.0)
+    L = len(results[best]["points"][0]["per_layer"]["recall"])
+    layers = []
+    for l in range(L):
+        pts = lambda m: [(p["per_layer"]["sparsity"][l], p["per_layer"]["recall"][l]) for p in results[m]["points"]]  # noqa: E731
+        f = _curve(pts(best))
+        worst, where, n_cmp = float("inf"), None, 0
+        for b in baselines:
+            for s, r in (pts(b)[i] for i in pareto_front(pts(b))):
+                v = f(s)
+                if v is None or s <= 0.0:
+                    continue
+                n_cmp += 1
+                if v - r < worst:
+                    worst, where = v - r, {"baseline": b, "sparsity": s, "baseline_recall": r, "learned_recall": v}
+        rec = {"layer": l, "min_margin": None if n_cmp == 0 else worst, "worst": where, "n_compared": n_cmp,
+               "beats_all": n_cmp > 0 and worst >= 0.0,
+               "learned_recall_at_target": results[best][f"recall_at_{target:g}_per_layer"][l]}
+        if "oracle-topk" in results:
+            o = results["oracle-topk"][f"recall_at_{target:g}_per_layer"][l]
+            rec["oracle_recall_at_target"] = o
+            lr = rec["learned_recall_at_target"]
+            rec["gap_to_oracle"] = None if o is None or lr is None else o - lr
+        layers.append(rec)
+    return {"best_learned": best, "baselines": baselines, "per_layer": layers,
+            "beats_all_layers": all(x["beats_all"] for x in layers)}

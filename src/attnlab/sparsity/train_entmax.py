@@ -7,7 +7,9 @@ distillation in ``entmax_hf.py`` (both re-exported here), the loop and checkpoin
 
 from __future__ import annotations
 
+import logging
 import hashlib
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -16,14 +18,17 @@ from typing import Callable, Optional
 import torch
 
 from ..config import fingerprint
-from ..errors import ConfigError, ResultsError
-from ..io import read_tensors, write_tensors
+from ..errors import ConfigError, NumericalError, ResultsError
+from ..io import checkpoint_written, read_tensors, write_tensors
 from ..models.attention import check_alpha
+from ..validate import check_fields
 from ..models.transformer import SmallTransformer, TransformerConfig
 from ..seeding import seed_everything
 from ..training import adamw, load_checkpoint, save_checkpoint, train_steps
 from .entmax_hf import entmax_handler, finetune_hf_entmax, hf_hidden  # noqa: F401  (re-exported)
 from .vocab import CLS, MASK, N_SPECIAL, PAD, SEP, UNK, VocabMap, lm_loss, mlm_batch, tokenizer_of  # noqa: F401
+
+_log = logging.getLogger(__name__)
 
 
 
@@ -51,6 +56,7 @@ class EntmaxTrainConfig:
     checkpoint_every: int = 100  # steps between resumable partial checkpoints (0 = none); does not change results
 
     def __post_init__(self) -> None:
+        check_fields(self)
         if self.objective not in ("mlm", "clm"):
             raise ConfigError(f"--objective must be mlm or clm (got {self.objective!r})")
         check_alpha(self.alpha)
@@ -122,7 +128,7 @@ def train_small(cfg: EntmaxTrainConfig, windows: Optional[torch.Tensor] = None, 
     if ckpt is not None and resume and ckpt.exists():
         start, hist, elapsed = load_checkpoint(ckpt, fp, model, opt, sched, g)
         if not quiet:
-            print(f"  resuming training from {ckpt} at step {start}/{cfg.steps}", flush=True)
+            _log.info(f"  resuming training from {ckpt} at step {start}/{cfg.steps}")
     t0 = time.time() - elapsed
     accs: list = []
 
@@ -138,11 +144,14 @@ def train_small(cfg: EntmaxTrainConfig, windows: Optional[torch.Tensor] = None, 
             hist["step"].append(step)
             hist["loss"].append(float(loss.detach()))
             hist["acc"].append(float(accs[0]))
+            if not math.isfinite(hist["loss"][-1]):  # checked at log steps (incl. the last): no NaN model is saved
+                raise NumericalError(f"training diverged: loss {hist['loss'][-1]} at step {step}; lower --lr "
+                                     f"(now {cfg.lr:g})")
             if not quiet:
-                print(f"  step {step:5d}  loss {float(loss):.3f}  acc {float(accs[0]):.3f}  ({time.time() - t0:.0f}s)",
-                      flush=True)
+                _log.info(f"  step {step:5d}  loss {float(loss):.3f}  acc {float(accs[0]):.3f}  ({time.time() - t0:.0f}s)")
         if ckpt is not None and cfg.checkpoint_every > 0 and done % cfg.checkpoint_every == 0 and done < cfg.steps:
             save_checkpoint(ckpt, fp, done, model, opt, sched, g, hist, time.time() - t0)
+            checkpoint_written()
         if on_step is not None:
             on_step(done)
 
@@ -179,8 +188,15 @@ def load_small(path: str | Path, device: str = "cpu") -> tuple[SmallTransformer,
     tensors, meta = read_tensors(path)
     if "model_config" not in meta:
         raise ResultsError(f"{path}: not an attnlab entmax checkpoint (no model_config in metadata)")
-    model = SmallTransformer(TransformerConfig(**meta["model_config"]))
-    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-    model.to(device).eval()
-    vmap = VocabMap(tensors["vocab.keep"], meta["specials"], meta["full_vocab"])
-    return model, vmap, EntmaxTrainConfig(**meta["train_config"]), meta
+    try:
+        model = SmallTransformer(TransformerConfig(**meta["model_config"]))
+        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        model.to(device).eval()
+        vmap = VocabMap(tensors["vocab.keep"], meta["specials"], meta["full_vocab"])
+        cfg = EntmaxTrainConfig(**meta["train_config"])
+    except (RuntimeError, KeyError, TypeError, ValueError) as e:
+        if isinstance(e, ConfigError):
+            raise ResultsError(f"{path}: checkpoint holds invalid settings ({e})") from e
+        raise ResultsError(f"{path}: broken entmax checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                           "retrain it") from e
+    return model, vmap, cfg, meta

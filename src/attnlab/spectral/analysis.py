@@ -56,7 +56,7 @@ def summarise(col: SpectrumCollector, basis_k: Optional[int] = None) -> tuple[di
     # (k/N); k90 would often be most of N here, where any two subspaces overlap.
     k = max(1, min(basis_k or col.seq_len // 8, col.seq_len))
     res["basis_k"] = k
-    res["pooled"] = {"curve": ov_curve[:64].tolist(), **ranks_for(ov_curve)}
+    res["pooled"] = {"curve": ov_curve.tolist(), **ranks_for(ov_curve)}
     tensors["rows.basis.pooled"] = ov_vecs[:, :k]
     layer_bases = {}
     res["per_layer"] = {}
@@ -65,12 +65,13 @@ def summarise(col: SpectrumCollector, basis_k: Optional[int] = None) -> tuple[di
         curve = explained_variance(evals)
         layer_bases[l] = evecs[:, :k]
         tensors[f"rows.basis.layer.{l}"] = layer_bases[l]
-        res["per_layer"][str(l)] = {"curve": curve[:64].tolist(), **ranks_for(curve)}
+        res["per_layer"][str(l)] = {"curve": curve.tolist(), **ranks_for(curve)}
     res["per_head"] = {
-        f"{l}.{h}": {"curve": head_curves[(l, h)][:64].tolist(), **head_ranks[(l, h)]} for (l, h) in head_stats}
+        f"{l}.{h}": {"curve": head_curves[(l, h)].tolist(), **head_ranks[(l, h)]} for (l, h) in head_stats}
     for (l, h), vecs in head_bases.items():
         tensors[f"rows.basis.{l}.{h}"] = vecs[:, :k]
     res["overlap_layers"] = overlap_matrix([layer_bases[l] for l in L]).tolist()
+    res["noise_floor"] = noise_floor(col, k)
     res["overlap_heads"] = {str(l): overlap_matrix([head_bases[(l, h)][:, :k] for h in H]).tolist() for l in L}
     # Chance level: expected overlap of two random k-dim subspaces of R^N is k/N.
     res["overlap_chance"] = k / col.seq_len
@@ -91,6 +92,25 @@ def summarise(col: SpectrumCollector, basis_k: Optional[int] = None) -> tuple[di
             tensors[f"full.eigvals.{l}.{h}"] = evals
     res["k90_grid"] = [[head_ranks[(l, h)]["k90"] for h in H] for l in L]
     return res, tensors
+
+
+def noise_floor(col: SpectrumCollector, k: int) -> dict[str, Any] | None:
+    """Same-layer eigenspace overlap between two halves of the windows (even vs odd batches), per layer.
+
+    Two runs on the same corpus can't agree better than this; `compare` quotes it as its noise floor.
+    None when the collector kept no split (long windows) or a half has too few rows.
+    """
+    diag = []
+    for l in col.layers:
+        halves = [col.half_split(l, h) for h in col.heads]
+        if any(x is None for x in halves):
+            return None
+        bases = []
+        for side in (0, 1):
+            _, vecs = eigh_desc(pooled_within([x[side] for x in halves]))
+            bases.append(vecs[:, :k])
+        diag.append(float(overlap_matrix([bases[0]], [bases[1]])[0, 0]))
+    return {"diagonal": diag, "layers": list(col.layers), "k": k, "split": "even vs odd batches of windows"}
 
 
 def full_exact_spectra(col: SpectrumCollector, tensors: dict[str, torch.Tensor]) -> tuple[dict, dict]:

@@ -10,6 +10,23 @@ from ..attention import AttentionCall
 from ..errors import NumericalError, ShapeError
 from .stats import StreamingSketch, StreamingCovariance, row_centre
 
+# Longest window for which a second row statistic over every other batch is kept (the noise floor of
+# `compare`: overlap between two halves of the same corpus); G x N^2 doubles, so bounded.
+HALF_MAX_N = 1024
+
+
+def minus(total: StreamingCovariance, part: StreamingCovariance) -> StreamingCovariance:
+    """The statistic of the samples in ``total`` that are not in ``part`` (inverse of merge)."""
+    out = StreamingCovariance(total.dim, total.diag_only, total.mean.device, total.groups)
+    n_b = total.n - part.n
+    if n_b <= 0:
+        return out
+    mean_b = (total.mean * total.n - part.mean * part.n) / n_b
+    delta = part.mean - mean_b
+    outer = delta * delta if total.diag_only else delta.unsqueeze(-1) * delta.unsqueeze(-2)
+    out.n, out.mean, out.m2 = n_b, mean_b, total.m2 - part.m2 - outer * (part.n * n_b / total.n)
+    return out
+
 
 class SpectrumCollector:
     """Row covariance (N x N) and, optionally, whole-matrix statistics (N^2) for every (layer, head).
@@ -39,6 +56,10 @@ class SpectrumCollector:
         self.full_sketch = {l: StreamingSketch(N * N, self.sketch_size, device, G) for l in self.layers} \
             if self.sketch_size else {}
         self.full_samples: dict[int, list[torch.Tensor]] = {l: [] for l in self.layers} if self.full_exact else {}
+        # rows of every other batch (batches 0, 2, 4, ... of each layer): the first half of a two-way split
+        self.rows_half = {l: StreamingCovariance(N, device=device, groups=G) for l in self.layers} \
+            if N <= HALF_MAX_N else {}
+        self.calls = {l: 0 for l in self.layers}
 
     def __call__(self, call: AttentionCall) -> None:
         if call.layer not in self.rows:
@@ -60,7 +81,11 @@ class SpectrumCollector:
             rows.append(s.reshape(len(hs), B * Nq, Nk) if row_ok is None else s[:, row_ok])
             if self.sketch_size or self.full_exact:
                 flats.append(s.reshape(len(hs), B, Nq * Nk))
-        self.rows[call.layer].update(torch.cat(rows))
+        rows_all = torch.cat(rows)
+        self.rows[call.layer].update(rows_all)
+        if self.rows_half and self.calls[call.layer] % 2 == 0:
+            self.rows_half[call.layer].update(rows_all)
+        self.calls[call.layer] += 1
         if self.full_exact:
             self.full_samples[call.layer].append(torch.cat(flats).float().cpu())  # (G, B, N^2)
         elif self.sketch_size:
@@ -71,6 +96,15 @@ class SpectrumCollector:
     def head_rows(self, layer: int, head: int) -> StreamingCovariance:
         """Row statistic of one (layer, head)."""
         return self.rows[layer].group(self.heads.index(head))
+
+    def half_split(self, layer: int, head: int) -> tuple[StreamingCovariance, StreamingCovariance] | None:
+        """Row statistics of (even batches, odd batches) of one (layer, head), or None if not kept / too few."""
+        if not self.rows_half:
+            return None
+        g = self.heads.index(head)
+        a = self.rows_half[layer].group(g)
+        b = minus(self.rows[layer], self.rows_half[layer]).group(g)
+        return (a, b) if min(a.n, b.n) > 1 else None
 
     def head_full(self, layer: int, head: int) -> tuple[StreamingCovariance, torch.Tensor]:
         """Full-matrix diagonal statistic and sketch of one (layer, head)."""
@@ -85,7 +119,7 @@ class SpectrumCollector:
     # --- persistence and distribution -------------------------------------------------------------
     def cpu(self) -> "SpectrumCollector":
         """Move every statistic to the CPU (before the eigen analysis)."""
-        for st in list(self.rows.values()) + list(self.full_diag.values()):
+        for st in list(self.rows.values()) + list(self.full_diag.values()) + list(self.rows_half.values()):
             st.to("cpu")
         for fd in self.full_sketch.values():
             fd.buf = fd.buf.cpu()
@@ -97,6 +131,9 @@ class SpectrumCollector:
         out: dict[str, torch.Tensor] = {}
         for l in self.layers:
             out.update(self.rows[l].state(f"rows.{l}."))
+            if self.rows_half:
+                out.update(self.rows_half[l].state(f"half.{l}."))
+                out[f"half.calls.{l}"] = torch.tensor([self.calls[l]], dtype=torch.int64)
             if self.sketch_size:
                 out.update(self.full_diag[l].state(f"full.{l}."))
                 out[f"sketch.{l}"] = self.full_sketch[l].buf.cpu().clone()
@@ -109,6 +146,11 @@ class SpectrumCollector:
         G = len(self.heads)
         for l in self.layers:
             self.rows[l] = StreamingCovariance.from_state(tensors, f"rows.{l}.", G).to(self.device)
+            if self.rows_half and f"half.{l}.n" in tensors:
+                self.rows_half[l] = StreamingCovariance.from_state(tensors, f"half.{l}.", G).to(self.device)
+                self.calls[l] = int(tensors[f"half.calls.{l}"].item())
+            elif self.rows_half:  # a checkpoint without the split: no noise floor for this run
+                self.rows_half = {}
             if self.sketch_size:
                 self.full_diag[l] = StreamingCovariance.from_state(tensors, f"full.{l}.", G).to(self.device)
                 self.full_sketch[l].buf = tensors[f"sketch.{l}"].double().to(self.device)
@@ -121,6 +163,8 @@ class SpectrumCollector:
 
         for l in self.layers:
             self.rows[l].all_reduce()
+            if self.rows_half:
+                self.rows_half[l].all_reduce()
             if not self.sketch_size:
                 continue
             self.full_diag[l].all_reduce()

@@ -20,14 +20,39 @@ def compare_runs(run_a: str | Path, run_b: str | Path, out: Optional[str | Path]
                          "bases live in different spaces")
     k = min(next(iter(bases_a.values())).shape[1], next(iter(bases_b.values())).shape[1])
     overlap = cross_overlap({l: b[:, :k] for l, b in bases_a.items()}, {l: b[:, :k] for l, b in bases_b.items()})
+    cfg_a, cfg_b = _config(run_a), _config(run_b)
+    for cfg, run_dir in ((cfg_a, run_a), (cfg_b, run_b)):  # the model's real name (a passed-in object has none)
+        name = ((RunDir(run_dir, create=False).section("spectrum") or {}).get("model") or {}).get("name")
+        if name and cfg.get("model") in (None, "HFModel", "SmallTransformer"):
+            cfg["model"] = name
     res = {"run_a": str(run_a), "run_b": str(run_b), "model_a": meta_a.get("model"), "model_b": meta_b.get("model"),
+           "label_a": _label(run_a, meta_a, cfg_a), "label_b": _label(run_b, meta_b, cfg_b),
+           "config_a": cfg_a, "config_b": cfg_b, "layers_a": sorted(bases_a), "layers_b": sorted(bases_b),
            "k": k, "seq_len": meta_a.get("seq_len"), "overlap": overlap.tolist(),
            "chance": k / int(meta_a.get("seq_len") or 1)}
+    nf = (RunDir(run_a, create=False).section("spectrum") or {}).get("noise_floor")
+    if nf and nf.get("k") == k:
+        res["noise_floor"] = nf
     if out is not None:
         from ..report.plotting import heatmap
 
         run = RunDir(out)
         run.write_section("compare", res)
-        heatmap(overlap, f"Cross-run eigenspace overlap (k={k})", f"layer ({meta_b.get('model')})",
-                f"layer ({meta_a.get('model')})", run.file("compare_overlap.png"), vmin=0, vmax=1)
+        heatmap(overlap, f"Cross-run eigenspace overlap (k={k})", f"layer of B: {res['label_b']}",
+                f"layer of A: {res['label_a']}", run.file("compare_overlap.png"), vmin=0, vmax=1,
+                xticklabels=[str(l) for l in res["layers_b"]], yticklabels=[str(l) for l in res["layers_a"]],
+                cbar_label="subspace overlap")
     return res
+
+
+def _config(run_dir: str | Path) -> dict[str, Any]:
+    """The spectrum settings a run directory was made with ({} if it has none)."""
+    run = RunDir(run_dir, create=False)
+    sec = run.section("spectrum") or {}
+    return dict(sec.get("config") or {})
+
+
+def _label(run_dir: str | Path, meta: dict[str, Any], cfg: dict[str, Any]) -> str:
+    """'<model> on <corpus> (<run dir name>)': distinguishes two runs of one model on two corpora."""
+    corpus = cfg.get("corpus") or "stdlib docstrings"
+    return f"{cfg.get('model') or meta.get('model')} on {Path(str(corpus)).name or corpus} ({Path(run_dir).name})"

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import html
+
 from ..io import RunDir
-from ..report.html import table
+from ..report.html import figure, table
 from .plots import PLOTS
 
 
@@ -40,13 +42,18 @@ def full_matrix_note(res: dict) -> str:
 
 
 def render_section(run: RunDir) -> str:
-    """Spectrum section: summary, per-layer table, plots."""
+    """Spectrum section: summary, per-layer table, plots (with captions), top eigenvectors drawn as rows."""
+    from ..report.views import eigenvector_figure
+
     res = run.section("spectrum") or {}
     model = res.get("model", {})
     n = res["seq_len"]
-    parts = [f"<p>Model <b>{model.get('name')}</b> ({model.get('n_layers')} layers x {model.get('n_heads')} heads), "
-             f"{res['n_sequences']} windows of {n} tokens, {res.get('world_size', 1)} process(es), "
-             f"{res.get('seconds', 0):.1f} s. Rows are pre-softmax score rows, centred per row (softmax is "
+    asked = (res.get("config") or {}).get("n_sequences")
+    used = res["n_sequences"]
+    short = (f' <b>Only {used} of the {asked} windows asked for were available.</b>' if asked and used < asked else "")
+    parts = [f"<p>Model <b>{html.escape(str(model.get('name')))}</b> ({model.get('n_layers')} layers x "
+             f"{model.get('n_heads')} heads), {used} windows of {n} tokens, {res.get('world_size', 1)} process(es), "
+             f"{res.get('seconds', 0):.1f} s.{short} Rows are pre-softmax score rows, centred per row (softmax is "
              f"shift-invariant). Pooling all layers and heads with equal weight (each head's covariance scaled to unit "
              f"total variance; differences between heads' mean rows excluded), <b>{res['pooled']['k90']}</b> / "
              f"{res['pooled']['k95']} / {res['pooled']['k99']} of {n} eigenvectors explain 90 / 95 / 99% of the "
@@ -62,20 +69,48 @@ def render_section(run: RunDir) -> str:
     header = ["layer", "k90 (heads pooled)", "k95", "k99", "min head k90", "mean head k90", "max head k90"]
     if res.get("full_matrix"):
         header += ["whole-matrix k90, layer", "whole-matrix k90, heads min / median / max"]
-    parts.append(table(header, rows, "{:.3f}"))
+    parts.append(table(header, rows, "{:.1f}", caption="Ranks per layer (real layer indices); the head columns "
+                                                        "show the spread across heads."))
     for name, caption in PLOTS.items():
         if run.file(name).exists():
-            parts.append(f'<figure><img src="{name}" alt="{caption}"><figcaption>{caption}</figcaption></figure>')
+            parts.append(figure(name, caption))
+    eig = eigenvector_figure(run, res)
+    if eig:
+        parts.append(figure(eig, "Top eigenvectors of each layer's pooled score-row covariance, one per row "
+                                 "(eigenvector 1 at the top), over key positions. Smooth, position-like patterns "
+                                 "mean the low-rank structure is positional; spiky ones point at specific tokens "
+                                 "(e.g. [CLS]/[SEP])."))
     parts.append(f'<p class="note">Overlap = ||U1^T U2||_F^2 / k with k = {res["basis_k"]}; two random subspaces '
                  f'would give about {res["overlap_chance"]:.2f}. {full_matrix_note(res)}</p>')
     return "".join(parts)
 
 
 def render_compare(run: RunDir) -> str:
-    """Cross-run overlap section."""
+    """Cross-run overlap section: both runs named with their corpora and settings, and a noise floor."""
     res = run.section("compare") or {}
-    rows = [[i] + [float(v) for v in row] for i, row in enumerate(res["overlap"])]
-    header = ["layer"] + [str(j) for j in range(len(res["overlap"][0]))]
-    img = '<img src="compare_overlap.png" alt="cross overlap">' if run.file("compare_overlap.png").exists() else ""
-    return (f"<p>{res['model_a']} (rows) vs {res['model_b']} (columns), k = {res['k']}, chance {res['chance']:.2f}."
-            f"</p>{table(header, rows, '{:.3f}')}{img}")
+    la = res.get("label_a") or res.get("model_a")
+    lb = res.get("label_b") or res.get("model_b")
+    layers_a = res.get("layers_a") or list(range(len(res["overlap"])))
+    layers_b = res.get("layers_b") or list(range(len(res["overlap"][0])))
+    rows = [[f"{la} L{layers_a[i]}"] + [float(v) for v in row] for i, row in enumerate(res["overlap"])]
+    header = ["rows: " + str(la)] + [f"{lb} L{j}" for j in layers_b]
+    parts = [f"<p>Rows: <b>{html.escape(str(la))}</b> ({html.escape(str(res.get('run_a')))}); columns: "
+             f"<b>{html.escape(str(lb))}</b> ({html.escape(str(res.get('run_b')))}). k = {res['k']} eigenvectors per "
+             f"layer, N = {res.get('seq_len')}, chance level {res['chance']:.2f}.</p>"]
+    cfgs = [("A", res.get("config_a")), ("B", res.get("config_b"))]
+    if any(c for _, c in cfgs):
+        keys = sorted(set().union(*[set(c or {}) for _, c in cfgs]) - {"checkpoint_every", "head_chunk"})
+        crow = [[k, str((res.get("config_a") or {}).get(k)), str((res.get("config_b") or {}).get(k))] for k in keys]
+        parts.append(table(["setting", f"A: {la}", f"B: {lb}"], crow, collapse=0))
+    nf = res.get("noise_floor")
+    if nf:
+        d = nf["diagonal"]
+        parts.append(f"<p>Noise floor: the same-layer overlap between two disjoint halves of run A's windows is "
+                     f"{min(d):.2f}&ndash;{max(d):.2f} (mean {sum(d) / len(d):.2f}); same-layer overlaps between the "
+                     "runs below this range are differences, above it are noise.</p>")
+    parts.append(table(header, rows, "{:.3f}", caption="Eigenspace overlap, layer x layer."))
+    if run.file("compare_overlap.png").exists():
+        parts.append(figure("compare_overlap.png", f"Layer x layer eigenspace overlap between {html.escape(str(la))} "
+                                                   f"(rows) and {html.escape(str(lb))} (columns); 1 = same subspace, "
+                                                   f"chance {res['chance']:.2f}."))
+    return "".join(parts)

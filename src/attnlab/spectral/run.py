@@ -15,7 +15,8 @@ from ..capture.run import Model, resolve_model, stream_attention
 from ..config import fingerprint
 from ..distributed import barrier, device_for, init_distributed
 from ..errors import ConfigError, ResultsError
-from ..io import RunDir, read_tensors, write_tensors
+from ..io import RunDir, checkpoint_written, read_tensors, write_tensors
+from ..validate import check_fields
 from .analysis import summarise
 from .collector import SpectrumCollector
 
@@ -45,6 +46,7 @@ class SpectrumConfig:
 
     def validate(self) -> None:
         """Raise ConfigError on bad values."""
+        check_fields(self)
         for name in ("seq_len", "n_sequences", "batch_size", "head_chunk", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(self, name)})")
@@ -85,9 +87,17 @@ def spectrum(out: str | Path, model: str | Model = "minilm", windows: Optional[t
     col = SpectrumCollector(layers, heads, cfg.seq_len, cfg.sketch_size, cfg.head_chunk, device=device,
                             full_exact=exact)
     conf = asdict(cfg)
-    fp = fingerprint(conf)
+    fp = fingerprint({**conf, "windows": windows_digest(windows)})  # corpus content, not only its path
     ckpt = run.file(f"spectrum.ckpt.rank{info.rank}.safetensors")
     start = 0
+    done = run.section("spectrum") if resume and not ckpt.exists() and run.file(TENSORS).exists() else None
+    if done is not None and read_tensors(run.file(TENSORS))[1].get("fingerprint") == fp:
+        if progress and info.is_main:
+            import logging
+
+            logging.getLogger("attnlab.spectral").warning("%s: spectrum already complete with these settings (resume); "
+                                                          "nothing to do", run.path)
+        return done
     if resume and ckpt.exists():
         state, meta = read_tensors(ckpt)
         if meta.get("fingerprint") != fp:
@@ -98,6 +108,7 @@ def spectrum(out: str | Path, model: str | Model = "minilm", windows: Optional[t
     def checkpoint(batch: int) -> None:
         if (batch + 1) % cfg.checkpoint_every == 0:
             write_tensors(ckpt, col.state(), {"fingerprint": fp, "batches_done": batch + 1})
+            checkpoint_written()
 
     t0 = time.perf_counter()
     n_batches = stream_attention(m, mine, col, layers, cfg.batch_size, start_batch=start, on_batch_end=checkpoint,
@@ -118,10 +129,20 @@ def spectrum(out: str | Path, model: str | Model = "minilm", windows: Optional[t
         from .plots import plot_spectrum
 
         plot_spectrum(run, results)
+        from ..report.views import save_views
+
+        save_views(run, m, windows[0], layers, heads)
     barrier(info)
     if ckpt.exists():
         ckpt.unlink()
     return results
+
+
+def windows_digest(windows: torch.Tensor) -> str:
+    """A short hash of the token windows (so that a resume refuses a changed corpus)."""
+    import hashlib
+
+    return hashlib.sha256(windows.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()[:16]
 
 
 def load_bases(run_dir: str | Path) -> tuple[dict[int, torch.Tensor], dict[str, Any]]:

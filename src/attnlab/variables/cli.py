@@ -7,7 +7,7 @@ from typing import Annotated, List, Optional
 
 import typer
 
-from ..cli_utils import fail
+from ..cli_utils import fail, write_report
 
 app = typer.Typer(help="Variable creation (Edelman et al.): sparse Boolean tasks, m*(T) sweeps, law fits.",
                   no_args_is_help=True)
@@ -49,6 +49,16 @@ def parse_ints(values: List[str], extra: List[str], flag: str = "--T") -> list[i
             except ValueError:
                 raise ConfigError(f"{flag}: {part!r} is not an integer") from None
     return out
+
+
+def _check_memory(T: int, cfg) -> None:
+    """Refuse a context length whose attention would not fit in memory (evaluation runs 1024 examples at once)."""
+    from ..validate import attention_bytes, check_memory
+
+    need = max(attention_bytes(cfg.batch_size, cfg.n_heads, T + 1, cfg.n_layers, factor=3.0),  # training step
+               attention_bytes(min(1024, cfg.n_test), cfg.n_heads, T + 1, 1, factor=2.0))  # no-grad evaluation
+    check_memory(need, f"--T {T}",
+                 "lower --T (or --n-test / --batch-size / --n-heads)")
 
 
 def _configs(d_model: int, n_heads: int, n_layers: int, attention: str, lr: float,
@@ -150,6 +160,11 @@ def sweep(
                           bounded=bounded, train=train, contrast=contrast, mlp=mlp, contrast_max_T=contrast_max_t,
                           search=search, norm_sweep=sweep_bounds, norm_T=norm_t, probe=probe, budget_s=budget_s)
         section = run_sweep(cfg, out, device=device, resume=resume, log=typer.echo)
+        if section.get("skipped_T"):
+            typer.secho(f"warning: --budget-s {budget_s:g} ran out; skipped T = {section['skipped_T']}", err=True)
+        if not section["results"] and section.get("skipped_T"):
+            raise ConfigError(f"--budget-s {budget_s:g}: no context length was run (it ran out before the first T); "
+                              "raise --budget-s or leave it out")
     except AttnlabError as e:
         fail(e)
     from ..distributed import is_main_process
@@ -159,6 +174,7 @@ def sweep(
     fits = section.get("fits")
     verdict = f"{fits['verdict']} ({fits['reason']})" if fits else f"no fit ({section.get('fit_error')})"
     typer.echo(f"law: {verdict}; results in {out}/results.json (section 'variables')")
+    write_report(out)
 
 
 @app.command()
@@ -197,6 +213,7 @@ def train(
         t = make_task(task, T, s, seed, balanced, noise)
         cfg = _configs(d_model, n_heads, n_layers, attention, lr, batch_size, max_steps, weight_decay,
                        norm_mode, qk_bound, v_bound, out_bound, penalty, n_test, monitor)
+        _check_memory(T, cfg)
         r = train_model(t, m, cfg, device=device, seed=seed)
     except AttnlabError as e:
         fail(e)

@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 import numpy as np
 
 from ..errors import ConfigError, ResultsError
-from ..io import read_json, write_json
+from ..io import checkpoint_written, read_json, write_json
 
 # A learner trains on m examples of the length-T task with one seed and returns the test accuracy,
 # or a dict holding it under "accuracy" (other keys are stored with the trial). A learner with the
@@ -98,6 +98,7 @@ class TrialStore:
             self.trials[trial_key(r["T"], r["m"], r["seed"])] = dict(r)
         if self.write:
             write_json(self.path, {"fingerprint": self.fingerprint, "trials": self.trials})
+            checkpoint_written()
 
 
 def median_ci(values: Sequence[Optional[float]], n_boot: int = 2000, level: float = 0.95, seed: int = 0

@@ -12,6 +12,7 @@ the section, fits, probe and plots. A resume reads the saved trials on every ran
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,6 +26,8 @@ from .ensemble import Bounds, EnsembleConfig, Member, train_ensemble
 from .fit import MIN_POINTS
 from .tasks import make_task
 from .train import TrainConfig, resolve_device, train_model
+
+_log = logging.getLogger(__name__)
 
 SECTION = "variables"
 TRIALS_FILE = "variables_trials.json"
@@ -157,11 +160,12 @@ def _log_result(log: Callable[[str], None], name: str, d: dict[str, Any]) -> Non
 
 def run_sweep(
     cfg: SweepConfig, out: Union[str, Path, RunDir], device: str = "cpu", resume: bool = False,
-    learner: Optional[Learner] = None, log: Callable[[str], None] = print, plots: bool = True,
+    learner: Optional[Learner] = None, log: Optional[Callable[[str], None]] = None, plots: bool = True,
     contrast_learner: Optional[Learner] = None, info: Optional[DistInfo] = None,
 ) -> dict[str, Any]:
     """Run the sweeps (model, contrast, norm trade-off), fit, probe and plot; write and return the section
     (under torchrun: trials sharded over ranks, rank 0 writes; other ranks return the section without analysis)."""
+    log = log or _log.info
     run = out if isinstance(out, RunDir) else RunDir(out)
     base = str(resolve_device(device))
     info = info or init_distributed(base)
@@ -324,4 +328,4 @@ def run_variables(out: Union[str, Path], device: str = "cpu", resume: bool = Fal
     """Python mirror of `attnlab variables sweep`: ``settings`` are :class:`SweepConfig` fields
     (``train=`` / ``bounded=`` / ``mlp=`` / ``search=`` may be dicts of their config fields)."""
     cfg = SweepConfig(**settings)
-    return run_sweep(cfg, out, device=device, resume=resume, log=print if progress else (lambda _: None))
+    return run_sweep(cfg, out, device=device, resume=resume, log=_log.info if progress else _log.debug)

@@ -7,6 +7,8 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
+from ..io import atomic_path
+
 COMPLEXITY_PNG = "variables_mstar.png"
 PROBE_PNG = "variables_probe.png"
 NORM_PNG = "variables_norm_sweep.png"
@@ -69,7 +71,7 @@ def plot_complexity(section: Mapping[str, Any], path: str | Path) -> Path:
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
 
@@ -102,11 +104,12 @@ def plot_norm_sweep(sweep: Mapping[str, Any], path: str | Path) -> Path:
     uniq = dict(zip(labels, handles))
     ax.legend(uniq.values(), uniq.keys(), fontsize=8)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    try:
+        with atomic_path(path, suffix=".png") as tmp:  # a killed run never leaves a half-written PNG
+            fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    finally:
+        plt.close(fig)
+    return Path(path)
 
 
 def plot_probe(probe: Mapping[str, Any], path: str | Path) -> Path:
@@ -124,10 +127,11 @@ def plot_probe(probe: Mapping[str, Any], path: str | Path) -> Path:
     ax.set_xticks(x, [f"seed {k}" for k in seeds])
     ax.set_ylim(0, 1.05)
     ax.set_title(f"Readout attention at T = {probe['T']} (each seed at its m*)")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside the axes: covers no bar
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    try:
+        with atomic_path(path, suffix=".png") as tmp:  # a killed run never leaves a half-written PNG
+            fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    finally:
+        plt.close(fig)
+    return Path(path)

@@ -6,7 +6,7 @@ from html import escape
 from typing import Any, Mapping
 
 from ..io import RunDir
-from ..report.html import cell as _fmt, table as _table
+from ..report.html import cell as _fmt, figure, table as _table
 from .experiment import SECTION
 
 
@@ -92,7 +92,15 @@ def render_section(run: RunDir) -> str:
         parts.append(_table(["seed", "m", "test acc", "readout mass on relevant (per head)", "top-s precision"], prow))
         parts.append(f"<p>Median mass on the {probe['s']} relevant positions: <b>{probe['mass_median']:.3f}</b> "
                      f"(uniform attention would give {probe['uniform_mass']:.4f}).</p>")
+    captions = {
+        "variables_mstar.png": "Smallest training-set size m* reaching the accuracy threshold against context length "
+                               "T (log axis): per-seed points, the median with its bootstrap 95% interval, and the "
+                               "fitted laws (legend).",
+        "variables_probe.png": "Readout attention per seed at its m*: attention mass on the s relevant positions and "
+                               "top-s precision (mean over heads); the dotted line is uniform attention.",
+        "variables_norm_sweep.png": "Norm / sample trade-off: m* against the bound on ||W_Q^T W_K||_F.",
+    }
     for png in sec.get("plots", []):
         if run.file(png).exists():
-            parts.append(f"<img src='{escape(png)}' alt='{escape(png)}'>")
+            parts.append(figure(png, captions.get(png, escape(png))))
     return "\n".join(parts)

@@ -18,7 +18,8 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
-from ..errors import ConfigError
+from ..errors import ConfigError, NumericalError
+from ..validate import check_fields
 from ..seeding import seed_everything
 from ..training import adamw, train_steps
 from .tasks import Split, SparseBooleanTask
@@ -78,6 +79,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if isinstance(self.norm, dict):
             self.norm = NormControl(**self.norm)
+        check_fields(self, skip=("device", "norm"))
         for flag, v in (("--lr", self.lr), ("--batch-size", self.batch_size), ("--max-steps", self.max_steps),
                         ("--eval-every", self.eval_every), ("--patience", self.patience), ("--n-test", self.n_test)):
             if not v > 0:
@@ -269,6 +271,9 @@ def train_model(
         return False
 
     step = train_steps(model, opt, cfg.max_steps, step_loss, after_step=after_step)
+    if history and not math.isfinite(history[-1]["loss"]):
+        raise NumericalError(f"training diverged: loss {history[-1]['loss']} at step {step} (T={task.T}, m={m}); "
+                             f"lower --lr (now {cfg.lr:g})")
     if best_state is not None:
         model.load_state_dict(best_state)
     return TrainResult(

@@ -8,12 +8,15 @@ from .base import BasePredictor, BucketPredictor, Predictor
 from .baselines import BigBirdPredictor, LSHPredictor, OracleTopK, RoutingPredictor, WindowPredictor
 from .clustering import ClusteringPredictor, kmeans
 from .distance import DistancePredictor, Projector
+from .patterns import LongformerPredictor, StridedPredictor
 from .quantization import QuantizationPredictor
+from .rank import RankPredictor
 
 __all__ = [
     "BasePredictor", "BigBirdPredictor", "BucketPredictor", "ClusteringPredictor", "DistancePredictor",
     "LSHPredictor", "OracleTopK", "Predictor", "Projector", "QuantizationPredictor", "RoutingPredictor",
-    "WindowPredictor", "kmeans", "make_predictor", "METHODS", "PREDICTORS",
+    "WindowPredictor", "kmeans", "make_predictor", "METHODS", "PREDICTORS", "LongformerPredictor",
+    "StridedPredictor", "RankPredictor", "trained_methods",
 ]
 
 # Registrations, in the order runs list them (``default``: run unless --methods says otherwise; ``learned``:
@@ -30,6 +33,17 @@ PREDICTORS.add("routing", RoutingPredictor, "Routing Transformer k-means on q/k"
 PREDICTORS.add("oracle-topk", OracleTopK, "exact top-k keys per query (upper bound)", ("default",))
 PREDICTORS.add("clustering-top2", partial(ClusteringPredictor, top=2), "clustering, two nearest centroids",
                ("learned",))
+PREDICTORS.add("quantization-fixed", partial(QuantizationPredictor, mode="fixed"),
+               "quantization, per-sequence equal-size buckets (the authors' --same-size)", ("learned",))
+PREDICTORS.add("quantization-dynamic", partial(QuantizationPredictor, mode="dynamic"),
+               "quantization, tanh equal-width buckets (the authors' default)", ("learned",))
+PREDICTORS.add("longformer", LongformerPredictor, "window + global first/last tokens", ("default",))
+PREDICTORS.add("strided", StridedPredictor, "OpenAI Sparse Transformer, strided pattern", ("default",))
+PREDICTORS.add("strided-fixed", partial(StridedPredictor, mode="fixed"), "OpenAI Sparse Transformer, fixed pattern")
+# ``trained``: fitted on the gold graph with their own scorer (take rank / epochs, not the shared projector)
+PREDICTORS.add("rank", partial(RankPredictor, mode="gap"), "low-rank scorer, ranking loss over all keys, gap to "
+               "row max, per-head budgets", ("default", "trained"))
+PREDICTORS.add("rank-knn", partial(RankPredictor, mode="knn"), "rank scorer with top-k per query", ("trained",))
 
 #: The methods a run evaluates by default (registered with tag ``default``, at import).
 METHODS = tuple(PREDICTORS.names("default"))
@@ -41,10 +55,19 @@ def make_predictor(method: str, rank: int = 4, epochs: int = 20, seed: int = 0, 
 
     ``force_window`` >= 0 / ``force_cls`` add forced edges (counted in sparsity and recall, as in Sparsefinder)."""
     learned = None
-    if "learned" in PREDICTORS.entry(method).tags:
+    score_rank = kw.pop("score_rank", None)
+    tags = PREDICTORS.entry(method).tags
+    if "learned" in tags:
         if projector is None:
             projector = Projector(rank, epochs=epochs, seed=seed, loss=loss)
         learned = dict(rank=rank, epochs=epochs, projector=projector)
+    if "trained" in tags:
+        kw = {"rank": score_rank or rank, "epochs": epochs, **kw}
     p = build_predictor(method, seed=seed, learned=learned, **kw)
     p.force_window, p.force_cls = int(force_window), bool(force_cls)
     return p
+
+
+def trained_methods() -> tuple[str, ...]:
+    """Predictors fitted on the gold graph (tags ``learned`` or ``trained``): the learned side of comparisons."""
+    return tuple(dict.fromkeys(PREDICTORS.names("learned") + PREDICTORS.names("trained")))

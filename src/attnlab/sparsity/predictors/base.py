@@ -5,14 +5,19 @@ A predictor guesses, from a layer's queries and keys, which (query, key) pairs e
 number of buckets / clusters, window): ``with_knob(value)`` returns a copy at another operating point,
 ``grid(n)`` lists the knob values a sweep visits (densest first; the first value predicts all pairs).
 
-Costs (``cost(n)``) are predictor operations per head and sequence of length n in *pair-score units*:
+Costs (``cost(n, pairs)``) are predictor operations per head and sequence of length n in *pair-score units*:
 one unit = one d_head-dimensional dot product (d_head multiply-adds); a scalar comparison or an
-r-dimensional distance costs 1/d_head resp. r/d_head units. See :mod:`attnlab.sparsity.metrics`.
+r-dimensional distance costs 1/d_head resp. r/d_head units. ``pairs`` is the number of candidate (valid)
+pairs (n^2 bidirectional, n(n+1)/2 causal): pairwise work is done on those only. Selection is counted too
+(a threshold test per candidate pair, top-k selection as ``pairs * log2(k)`` comparisons).
+``compute_ops(q, k, valid)`` gives the Sparsefinder authors' operation count for their "computation sparsity"
+(None = the predicted pairs). See :mod:`attnlab.sparsity.metrics`.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 from typing import Any, Optional, Protocol, runtime_checkable
 
 import torch
@@ -32,7 +37,7 @@ class Predictor(Protocol):
 
     def predict(self, q: Tensor, k: Tensor, valid: Optional[Tensor] = None) -> Tensor: ...
 
-    def cost(self, n: int) -> float: ...
+    def cost(self, n: int, pairs: Optional[float] = None) -> float: ...
 
 
 @runtime_checkable
@@ -84,9 +89,32 @@ class BasePredictor:
             return graph_from_ids(qi, ki)
         raise NotImplementedError
 
-    def cost(self, n: int) -> float:
-        """Predictor operations per head for a sequence of length n, in pair-score units."""
+    def cost(self, n: int, pairs: Optional[float] = None) -> float:
+        """Predictor operations per head for a sequence of length n (``pairs`` candidate pairs), pair-score units."""
         return 0.0
+
+    def compute_ops(self, q: Tensor, k: Tensor, valid: Optional[Tensor] = None) -> Optional[Tensor]:
+        """The authors' score computations per (sequence, head) (B, H), or None for 'the predicted pairs'.
+
+        Bucket predictors (with ``assign``): per id slot, n_buckets x largest query bucket x largest key bucket
+        (a batched kernel pads every bucket to the largest), plus n x forced-window width."""
+        if not hasattr(self, "assign") or self.knob_value == self.all_pairs(q.shape[2]):
+            return None
+        with torch.no_grad():
+            qi, ki = self.assign(q, k)  # type: ignore[attr-defined]
+        B, H, N, S = qi.shape
+        top = int(max(qi.max(), ki.max())) + 1
+        ops = torch.zeros(B, H, dtype=torch.float64)
+        for s in range(S):
+            cq = torch.zeros(B, H, top).scatter_add_(-1, qi[..., s].long().cpu(), torch.ones(B, H, N))
+            ck = torch.zeros(B, H, top).scatter_add_(-1, ki[..., s].long().cpu(), torch.ones(B, H, k.shape[2]))
+            used = ((cq > 0) | (ck > 0)).sum(-1).double()
+            ops += used * cq.amax(-1).double() * ck.amax(-1).double()
+        if self.force_window >= 0:
+            ops += N * (2 * self.force_window + 1)
+        if self.force_cls:
+            ops += 2 * N
+        return ops
 
     # -- operating points -----------------------------------------------------------------------
     @property
@@ -133,6 +161,11 @@ def int_grid(n: int, values: list[int], full: Optional[int] = None) -> list[int]
         if v < n and v not in out:
             out.append(v)
     return out
+
+
+def select_cost(pairs: float, k: float, dh: int) -> float:
+    """Top-k selection over ``pairs`` candidate scores: pairs * log2(max(k, 2)) comparisons, in pair-score units."""
+    return pairs * math.log2(max(float(k), 2.0)) / dh
 
 
 def topk_graph(scores: Tensor, k: int, valid: Optional[Tensor]) -> Tensor:

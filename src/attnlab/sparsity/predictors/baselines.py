@@ -9,7 +9,7 @@ from torch import Tensor
 
 from ...errors import ConfigError
 from ..graphs import attention_scores, check_qk, full_valid
-from .base import BasePredictor, int_grid, topk_graph
+from .base import BasePredictor, int_grid, select_cost, topk_graph
 from .clustering import KMeansPredictor
 
 
@@ -75,7 +75,7 @@ class BigBirdPredictor(BasePredictor):
     def grid(self, n: int) -> list:
         return int_grid(n, [32, 24, 16, 12, 8, 6, 4, 3, 2, 1, 0])
 
-    def cost(self, n: int) -> float:
+    def cost(self, n: int, pairs=None) -> float:
         return 0.0
 
 
@@ -124,7 +124,7 @@ class LSHPredictor(BasePredictor):
     def grid(self, n: int) -> list:
         return [b for b in [1, 2, 4, 6, 8, 12, 16, 24, 32, 48, 64] if b <= n]
 
-    def cost(self, n: int) -> float:
+    def cost(self, n: int, pairs=None) -> float:
         """Rotating 2n vectors per round: 2 n (n_buckets/2) n_hashes units."""
         return float(n * max(int(self.n_buckets), 1) * self.n_hashes) if int(self.n_buckets) > 1 else 0.0
 
@@ -148,13 +148,13 @@ class RoutingPredictor(KMeansPredictor):
         self._keep_points(q, k)
         return self
 
-    def cost(self, n: int) -> float:
+    def cost(self, n: int, pairs=None) -> float:
         """Distances of 2n vectors to C centroids in d_head dims: 2 n C units."""
         return 2.0 * n * int(self.n_clusters) if int(self.n_clusters) > 1 else 0.0
 
 
 class OracleTopK(BasePredictor):
-    """Oracle: the k highest true scores per query (needs all n^2 scores, so its efficiency is >= 1). Knob: ``k``."""
+    """Oracle: the k highest true scores per query (needs all valid scores, so its cost is >= 1). Knob: ``k``."""
 
     name = "oracle-topk"
     knob = "k"
@@ -175,6 +175,11 @@ class OracleTopK(BasePredictor):
     def grid(self, n: int) -> list:
         return int_grid(n, [64, 48, 32, 24, 16, 12, 8, 6, 4, 3, 2, 1])
 
-    def cost(self, n: int) -> float:
-        """All n^2 scores."""
-        return float(n * n)
+    def cost(self, n: int, pairs=None) -> float:
+        """All candidate scores, plus top-k selection."""
+        pairs = float(n * n) if pairs is None else float(pairs)
+        return pairs + select_cost(pairs, self.k, self.d_head or 64)
+
+    def compute_ops(self, q, k, valid=None):
+        """Every score is computed."""
+        return torch.full((q.shape[0], q.shape[1]), float(q.shape[2] * k.shape[2]), dtype=torch.float64)

@@ -134,7 +134,7 @@ class ClusteringPredictor(KMeansPredictor):
         self._keep_points(q, k)
         return self
 
-    def cost(self, n: int) -> float:
+    def cost(self, n: int, pairs=None) -> float:
         """Projection (2 n r units) + distances of 2n points to C centroids in r dims (2 n C r / d_head)."""
         dh = self.d_head or 64
         r = self.projector.rank

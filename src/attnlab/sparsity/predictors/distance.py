@@ -22,7 +22,7 @@ from torch import Tensor
 
 from ...errors import ConfigError
 from ..graphs import check_qk, full_valid
-from .base import BasePredictor, int_grid, topk_graph
+from .base import BasePredictor, int_grid, select_cost, topk_graph
 
 
 class Projector:
@@ -195,10 +195,15 @@ class DistancePredictor(BasePredictor):
             return [1.0, 0.6, 0.4, 0.3, 0.2, 0.15, 0.1, 0.07, 0.05, 0.03, 0.02, 0.01]
         return int_grid(n, [64, 48, 32, 24, 16, 12, 8, 6, 4, 3, 2, 1])
 
-    def cost(self, n: int) -> float:
-        """Projection of n queries and n keys (2 n r units) + n^2 r-dim distances (n^2 r / d_head units).
-
-        Top-k selection (knn) and the threshold comparison are not counted."""
+    def cost(self, n: int, pairs: Optional[float] = None) -> float:
+        """Projection of n queries and n keys (2 n r units) + an r-dim distance per candidate pair (pairs r / d_head)
+        + selection: a threshold test per pair (pairs / d_head) or top-k per query (pairs log2 k / d_head)."""
         dh = self.d_head or 64
         r = self.projector.rank
-        return 2.0 * n * r + n * n * r / dh
+        pairs = float(n * n) if pairs is None else float(pairs)
+        sel = pairs / dh if self.mode == "threshold" else select_cost(pairs, self.k, dh)
+        return 2.0 * n * r + pairs * r / dh + sel
+
+    def compute_ops(self, q, k, valid=None):
+        """The authors count every pairwise distance: n^2 per head (computation sparsity 0)."""
+        return torch.full((q.shape[0], q.shape[1]), float(q.shape[2] * k.shape[2]), dtype=torch.float64)
