@@ -37,6 +37,7 @@ def write_report(out) -> None:
 PATH_OPTIONS = ("out", "corpus", "checkpoint", "model", "fit_path", "spectrum", "run_dir", "run_a", "run_b",
                 "tensorboard")
 READ_ONLY_COMMANDS = ("table",)  # their --out is read, not written: no lock, no creation
+FILE_OUT_COMMANDS = ("prefill",)  # their --out names a JSON file (default None: no file), not a run directory
 
 
 def _out_kind(param) -> str:
@@ -118,7 +119,7 @@ def harden(cmd):
         if name in params:
             _guard_empty(params[name])
     can_resume = "resume" in params
-    kind = _out_kind(params["out"]) if "out" in params else "dir"
+    kind = "file" if cmd.name in FILE_OUT_COMMANDS else _out_kind(params["out"]) if "out" in params else "dir"
     lock_out = "out" in params and cmd.name not in READ_ONLY_COMMANDS
 
     @functools.wraps(orig)
