@@ -103,7 +103,7 @@ def variables(a: argparse.Namespace, k: int, out: Path, env: dict[str, str]) -> 
                   "--no-probe", "--device", a.device, "--out", str(out)], env)
     sec = RunDir(out).results()["variables"]
     trials = read_json(out / "variables_trials.json")["trials"]
-    return {"seconds": sec["sweep_s"], "work": len(trials), "unit": "trials",
+    return {"seconds": sec["sweep_seconds"], "work": len(trials), "unit": "trials",
             "check": {"m_star": [r["m_star"] for r in sec["results"]]}}
 
 

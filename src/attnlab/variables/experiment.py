@@ -217,7 +217,7 @@ def run_sweep(
     if cfg.norm_sweep and not over_budget():
         _norm_sweep(cfg, run, section, dev, resume, log, info)
         write()
-    section["sweep_s"] = round(time.perf_counter() - t0, 2)  # the trials alone (what torchrun spreads)
+    section["sweep_seconds"] = round(time.perf_counter() - t0, 2)  # the trials alone (what torchrun spreads)
     if info.is_main:
         _analyse(cfg, run, section, dev, log, plots)
     section["wall_s"] = round(time.perf_counter() - t0, 2)
