@@ -118,8 +118,7 @@ def distill(hf, windows: torch.Tensor, cfg: HFFinetuneConfig, quiet: bool = Fals
         hist["step"].append(step)
         hist["mse"].append(float(loss.detach()))
         if not quiet and (step % 10 == 0 or step == cfg.steps - 1):
-            print(f"  entmax distillation step {step:4d}  mse {float(loss.detach()):.4f}  ({time.time() - t0:.0f}s)",
-                  flush=True)
+            log.info("  entmax distillation step %4d  mse %.4f  (%.0fs)", step, float(loss.detach()), time.time() - t0)
     hf.model.eval()
     hist["seconds"] = time.time() - t0
     return hist
@@ -214,10 +213,10 @@ def entmax_finetuned(hf, train_windows: torch.Tensor, eval_windows: torch.Tensor
             hf.model.load_state_dict(tensors)
             rec.update(cached=True, history=meta.get("history", {}))
             if not quiet:
-                print(f"loaded entmax-fine-tuned weights from cache {path}", flush=True)
+                log.info("loaded entmax-fine-tuned weights from cache %s", path)
         else:
             if not quiet:
-                print(f"fine-tuning {hf.name} for entmax (self-distillation, {cfg.steps} steps)", flush=True)
+                log.info("fine-tuning %s for entmax (self-distillation, %d steps)", hf.name, cfg.steps)
             hist = distill(hf, train_windows, cfg, quiet=quiet)
             rec.update(cached=False, history=hist)
             if cfg.cache:

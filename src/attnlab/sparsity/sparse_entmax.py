@@ -27,25 +27,15 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError, ShapeError
-
-_COMPILED: dict[str, Any] = {}
-
+from .flex import compiled_flex_attention
 
 def _flex(device: torch.device):
-    """flex_attention: compiled on CUDA, eager elsewhere."""
+    """flex_attention: compiled on CUDA (one shared compiled instance, see ``flex.compiled_flex_attention``), eager elsewhere."""
     from torch.nn.attention.flex_attention import flex_attention
 
     if device.type != "cuda":
         return flex_attention
-    if "flex" not in _COMPILED:
-        import torch._dynamo
-
-        cfg = torch._dynamo.config
-        for name in ("cache_size_limit", "recompile_limit"):
-            if hasattr(cfg, name):
-                setattr(cfg, name, max(getattr(cfg, name), 64))
-        _COMPILED["flex"] = torch.compile(flex_attention, dynamic=False)
-    return _COMPILED["flex"]
+    return compiled_flex_attention()
 
 
 def token_to_block_graph(graph: Tensor, block: int) -> Tensor:
