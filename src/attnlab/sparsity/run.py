@@ -30,11 +30,9 @@ log = logging.getLogger(__name__)
 
 
 def _warn(info: dict, quiet: bool, msg: str) -> None:
-    """Log a warning, print it unless quiet, and keep it in the results."""
+    """Log a warning (the CLI shows warnings on stderr even with --quiet) and keep it in the results."""
     log.warning(msg)
     info.setdefault("warnings", []).append(msg)
-    if not quiet:
-        print(f"warning: {msg}", flush=True)
 # Focused default: the learned predictors, two fixed patterns and the oracle bound; methods=METHODS (`--all`,
 # every predictor registered with tag 'default') adds distance-thr, lsh, routing, longformer and strided.
 DEFAULT_METHODS = ("distance-knn", "quantization", "clustering", "rank", "window", "bigbird", "oracle-topk")
