@@ -7,6 +7,7 @@ Pattern for a workload: ``info = init_distributed(device)``; ``mine = shard(item
 
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence, TypeVar
@@ -49,7 +50,18 @@ def init_distributed(device: str = "cpu") -> DistInfo:
             torch.cuda.set_device(info.local_rank)
         dist.init_process_group(backend=backend)
         dist.barrier()  # set up communicators now, so that timed work does not pay for it
+        # Tear the group down before the interpreter does: a gloo group left to static destruction can abort
+        # ("terminate called without an active exception") on a loaded machine. No barrier here, so a rank
+        # that exits on an error never waits for its peers.
+        atexit.register(_destroy_process_group)
     return info
+
+
+def _destroy_process_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def is_main_process() -> bool:
