@@ -26,6 +26,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
 
 from attnlab.sparsity.blockmask import BlockPattern, block_graph_to_kv  # noqa: E402
+from attnlab.timing import time_ms  # noqa: E402
 
 #: kernel_options candidates (name -> options); None = FlexAttention's own default choice
 KERNEL_OPTIONS: dict[str, dict[str, Any] | None] = {
@@ -45,23 +46,7 @@ KERNEL_OPTIONS: dict[str, dict[str, Any] | None] = {
 
 def time_fn(fn: Callable[[], Any], device: torch.device, reps: int, warmup: int) -> tuple[float, float]:
     """(median, IQR/2) milliseconds of ``fn`` after ``warmup`` calls (CUDA events on GPU)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        for _ in range(reps):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b))
-    else:
-        for _ in range(reps):
-            t = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t) * 1e3)
+    times = time_ms(fn, device, reps, warmup)
     q = statistics.quantiles(times, n=4) if len(times) >= 4 else [min(times), 0, max(times)]
     return statistics.median(times), (q[2] - q[0]) / 2
 

@@ -43,6 +43,7 @@ from attnlab.sparsity.blockmask import BlockPattern  # noqa: E402
 from attnlab.sparsity.blocks import BLOCK_PREDICTORS, head_recall, make_block_predictor, tile_density  # noqa: E402
 from attnlab.sparsity.blocks.core import (  # noqa: E402
     calibrate_knob, exact_block_mass, graph_pattern, keep_graph, mass_thresholds)
+from attnlab.timing import time_ms as time_each  # noqa: E402
 from attnlab.sparsity.flex import masked_rows_reference, relative_error, run_pattern, tuned_kernel_options  # noqa: E402
 
 DEFAULT_MODEL = ".carry/lm"
@@ -134,21 +135,7 @@ def capture_qkv(backbone: Any, ids: torch.Tensor) -> list[tuple[torch.Tensor, to
 
 def time_ms(fn: Callable[[], Any], device: torch.device, reps: int, warmup: int = 2) -> tuple[float, float]:
     """(median, half inter-quartile range) ms; CUDA events on GPU."""
-    for _ in range(warmup):
-        fn()
-    ts = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            ts.append(a.elapsed_time(b))
-        else:
-            t = time.perf_counter()
-            fn()
-            ts.append((time.perf_counter() - t) * 1e3)
+    ts = time_each(fn, device, reps, warmup)
     qs = statistics.quantiles(ts, n=4) if len(ts) >= 4 else [min(ts), 0, max(ts)]
     return statistics.median(ts), (qs[2] - qs[0]) / 2
 

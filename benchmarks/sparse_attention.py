@@ -40,6 +40,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
 
 from attnlab.io import write_json  # noqa: E402
+from attnlab.timing import time_ms  # noqa: E402
 from attnlab.sparsity.block_predictors import ClusterBlockPredictor, PooledBlockPredictor  # noqa: E402
 from attnlab.sparsity.blockmask import BlockPattern, KVBlocks  # noqa: E402
 from attnlab.sparsity.flex import (  # noqa: E402
@@ -128,24 +129,7 @@ def make_inputs(case: str, B: int, H: int, N: int, D: int, dtype: torch.dtype, d
 
 def time_fn(fn: Callable[[], Any], device: torch.device, reps: int, warmup: int) -> float:
     """Median milliseconds of ``fn`` (CUDA events on GPU, perf_counter on CPU) after ``warmup`` calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        for _ in range(reps):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b))
-    else:
-        for _ in range(reps):
-            t = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
+    return statistics.median(time_ms(fn, device, reps, warmup))
 
 
 def full_pattern(B: int, H: int, nb: int, block_size: int, device: torch.device) -> BlockPattern:

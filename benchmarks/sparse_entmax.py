@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 import torch  # noqa: E402
+from attnlab.timing import time_ms  # noqa: E402
 
 ADASPLASH = {"n": 8192, "adasplash_ms": 2.38, "torch_bisect_ms": 36.67}
 
@@ -71,22 +72,9 @@ def predict_blocks(q, k, block: int, keep: int, band: int = 1):
 
 
 def timed(fn, reps: int, cuda: bool) -> float:
-    """Median milliseconds of ``reps`` calls (CUDA events on GPU)."""
-    fn()
-    out = []
-    for _ in range(reps):
-        if cuda:
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            torch.cuda.synchronize()
-            out.append(a.elapsed_time(b))
-        else:
-            t = time.perf_counter()
-            fn()
-            out.append((time.perf_counter() - t) * 1e3)
-    return sorted(out)[len(out) // 2]
+    """Median milliseconds of ``reps`` calls (CUDA events on GPU); the upper median for even ``reps``."""
+    out = sorted(time_ms(fn, "cuda" if cuda else "cpu", reps, warmup=1))
+    return out[len(out) // 2]
 
 
 def main(argv=None) -> dict:

@@ -37,8 +37,9 @@ from torch import Tensor
 from ..distributed import (DistInfo, broadcast_object, device_for, gather_lists, gather_ordered, init_distributed,
                            require_work_per_rank, shard_indices)
 from ..errors import ConfigError, ModelError
+from ..timing import time_ms
 from .blockmask import BlockPattern, KVBlocks, block_graph_to_kv
-from .flex import flex_available, run_pattern
+from .flex import run_pattern
 
 NOTICE_CPU = "no CUDA: the exact masked path ran instead of FlexAttention; timings are not meaningful"
 
@@ -167,17 +168,7 @@ _BREAKEVEN: dict[tuple, dict] = {}
 
 
 def _cuda_time(fn: Callable[[], Any], reps: int = 5) -> float:
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
+    return statistics.median(time_ms(fn, "cuda", reps, warmup=1))
 
 
 def _random_causal_pattern(B: int, H: int, nb: int, density: float, bs: int, device: Any, seed: int = 0) -> BlockPattern:

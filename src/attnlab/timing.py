@@ -1,0 +1,34 @@
+"""Wall-time measurement shared by prefill and the benchmarks: CUDA events on a GPU, ``perf_counter`` elsewhere."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+import torch
+
+
+def time_ms(fn: Callable[[], Any], device: torch.device | str, reps: int, warmup: int = 1) -> list[float]:
+    """Milliseconds of each of ``reps`` calls of ``fn``, after ``warmup`` untimed calls.
+
+    On CUDA every call is bracketed by events and the device is synchronised before timing starts, so
+    asynchronous work is counted where it runs; elsewhere a host clock times each call."""
+    cuda = torch.device(device).type == "cuda"
+    for _ in range(warmup):
+        fn()
+    if cuda:
+        torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        if cuda:
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b))
+        else:
+            t = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t) * 1e3)
+    return times
