@@ -52,3 +52,22 @@ def spectrum_run(tmp_path_factory, minilm):
     spectrum(out, model=minilm, n_sequences=4, seq_len=32, batch_size=2, layers=[1, 3], heads=[0, 1, 2],
              sketch_size=4, progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(tmp_path_factory):
+    """An untrained tiny byte Llama (GQA) with sharpened attention, saved as an HF folder (no training: fast)."""
+    import dataclasses
+
+    from attnlab.lm.train import PRESETS, build_model, save_model
+
+    cfg = dataclasses.replace(PRESETS["tiny"], seed=3)
+    model = build_model(cfg)
+    with torch.no_grad():  # sharper attention than the 0.02-std init, so patterns are not uniform
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(8.0)
+            layer.self_attn.k_proj.weight.mul_(8.0)
+    out = tmp_path_factory.mktemp("lm") / "tiny"
+    save_model(model, out, {"key": cfg.key(), "config": dataclasses.asdict(cfg), "train_loss": 0.0,
+                            "heldout_loss": 0.0, "steps": 0, "train_seconds": 0.0})
+    return str(out)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import socket
@@ -78,23 +77,6 @@ def test_helpers_under_torchrun_gloo(tmp_path):
 # ------------------------------------------------------------------------------------------------------------
 # sparsity prefill
 # ------------------------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def tiny_lm(tmp_path_factory):
-    """An untrained tiny byte Llama with sharpened attention saved as an HF folder (as tests/test_prefill.py)."""
-    from attnlab.lm.train import PRESETS, build_model, save_model
-
-    cfg = dataclasses.replace(PRESETS["tiny"], seed=3)
-    model = build_model(cfg)
-    with torch.no_grad():
-        for layer in model.model.layers:
-            layer.self_attn.q_proj.weight.mul_(8.0)
-            layer.self_attn.k_proj.weight.mul_(8.0)
-    out = tmp_path_factory.mktemp("lm") / "tiny"
-    save_model(model, out, {"key": cfg.key(), "config": dataclasses.asdict(cfg), "train_loss": 0.0,
-                            "heldout_loss": 0.0, "steps": 0, "train_seconds": 0.0})
-    return str(out)
 
 
 def test_prefill_two_processes_equal_single(tiny_lm, tmp_path):

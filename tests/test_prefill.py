@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 
 import pytest
 import torch
@@ -18,23 +17,6 @@ from attnlab.sparsity.prefill import (
     predictor_names,
     run_prefill,
 )
-
-
-@pytest.fixture(scope="module")
-def tiny_lm(tmp_path_factory):
-    """An untrained-but-not-uniform tiny byte Llama (GQA) saved as an HF folder (no training: fast)."""
-    from attnlab.lm.train import PRESETS, build_model, save_model
-
-    cfg = dataclasses.replace(PRESETS["tiny"], seed=3)
-    model = build_model(cfg)
-    with torch.no_grad():  # sharper attention than the 0.02-std init, so patterns are not uniform
-        for layer in model.model.layers:
-            layer.self_attn.q_proj.weight.mul_(8.0)
-            layer.self_attn.k_proj.weight.mul_(8.0)
-    out = tmp_path_factory.mktemp("lm") / "tiny"
-    save_model(model, out, {"key": cfg.key(), "config": dataclasses.asdict(cfg), "train_loss": 0.0,
-                            "heldout_loss": 0.0, "steps": 0, "train_seconds": 0.0})
-    return str(out)
 
 
 def _cfg(model, **kw):
