@@ -142,6 +142,21 @@ def fit_layers(method: str, fit: list[LayerData], rank: int = 4, epochs: int = 2
     return preds
 
 
+def _share_centroids(fitted: list[BasePredictor], knobs: list, shard: WindowShard) -> None:
+    """k-means predictors: compute the centroids of every (layer, knob) once over all ranks (round-robin) and
+    give each rank all of them; k-means runs on the gathered fit sample, identical on every rank, so this only
+    splits work that every rank would otherwise repeat."""
+    from ..distributed import gather_ordered, shard as shard_items
+    from .predictors.clustering import KMeansPredictor
+
+    if not all(isinstance(p, KMeansPredictor) for p in fitted):
+        return
+    jobs = [(l, int(v)) for l in range(len(fitted)) for v in knobs]
+    mine = [fitted[l].with_knob(v).centroids() for l, v in shard_items(jobs, shard.info)]
+    for (l, v), c in zip(jobs, gather_ordered(mine, len(jobs), shard.info, to_all=True)):
+        fitted[l]._centroids[v] = c
+
+
 def sweep_method(method: str, fitted: list[BasePredictor], data: list[LayerData],
                  knobs: Optional[list] = None, target: float = 0.9, shard: Optional[WindowShard] = None) -> dict:
     """Evaluate fitted per-layer predictors at every knob value; returns points, Pareto front and recall@target.
@@ -152,6 +167,8 @@ def sweep_method(method: str, fitted: list[BasePredictor], data: list[LayerData]
     knobs = knobs if knobs is not None else fitted[0].grid(n)
     points = []
     t0 = time.time()
+    if shard is not None and shard.info.enabled:
+        _share_centroids(fitted, knobs, shard)
     local = [[_predict_metrics(p.with_knob(v), d) for p, d in zip(fitted, data)] for v in knobs]
     if shard is not None and shard.info.enabled:
         # (K, L, B_local, M, H) -> every window's (K, L, M, H), in window order
@@ -275,8 +292,8 @@ class HiddenTask:
     def row(self, h: torch.Tensor, ref: torch.Tensor) -> dict:
         """Relative error and mean token cosine against the reference (over every rank's windows)."""
         cos = F.cosine_similarity(h.flatten(0, 1), ref.flatten(0, 1), dim=-1).double()
-        sums = torch.stack([(h - ref).double().pow(2).sum(), ref.double().pow(2).sum(), cos.sum(),
-                            torch.tensor(float(cos.numel()), dtype=torch.float64)])
+        sums = torch.tensor([float((h - ref).double().pow(2).sum()), float(ref.double().pow(2).sum()),
+                             float(cos.sum()), float(cos.numel())], dtype=torch.float64)
         self.shard.sum_([sums])
         return {"rel_error": float(sums[0].sqrt() / sums[1].sqrt()), "cosine": float(sums[2] / sums[3])}
 

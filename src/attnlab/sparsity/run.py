@@ -227,7 +227,9 @@ def sparsity(
               "hf_seq_len": hf_seq_len, "hf_finetune_steps": hf_finetune_steps, "loss": loss,
               "force_window": force_window, "force_cls": force_cls, "predictor_path": predictor_path,
               "authors_defaults": authors_defaults, "score_rank": score_rank}
-    dist = init_distributed(train.device)
+    # gloo even with --device cuda: every collective of this workload moves CPU tensors (gradients, float64 sums,
+    # pickled samples and metrics); the model itself runs on this rank's device (device_for)
+    dist = init_distributed("cpu")
     quiet = quiet or not dist.is_main  # rank 0 logs progress
     prev = run.section(SECTION)
     if resume and prev and prev.get("config") == config and prev.get("complete"):
