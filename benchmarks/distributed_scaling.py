@@ -13,7 +13,7 @@ Workloads (``--workload``, several allowed):
             sharded; work unit = trials. Default: T = 64..2048, 8 seeds, m up to 65536.
   reconstruct `attnlab reconstruct run` (no budget sweep, no drop-in): fit windows sharded with float64 sums
             all-reduced, then held-out batches sharded with metric sums merged; work unit = fit + held-out windows.
-            Runs as CPU processes (the command has no --device); default: MiniLM, 256 fit + 64 held-out windows.
+            Default: MiniLM, 1024 fit + 256 held-out windows of 128 tokens, on --device.
   sparsity  `attnlab sparsity run` (Sparsefinder, default predictors): gold-graph capture, evaluation and downstream
             windows sharded, learned predictors fitted data-parallel (all-reduced gradients); work unit = fit +
             evaluation windows. Timed: `sharded_seconds` (capture + fit + sweep + downstream; the entmax fine-tune
@@ -23,8 +23,11 @@ Workloads (``--workload``, several allowed):
             process, so each rank fits on one core); per-rank capture/fit/sweep/downstream seconds are kept.
 
 Time counted: each run's own timed section (`seconds`: streaming + merge), not process start, imports, model
-loading or tokenisation, which every rank repeats. Defaults aim at >= 30 s of timed work on one GPU; they were
-sized from the per-window/per-token costs, not all measured there. Prints a table, writes JSON.
+loading, tokenisation or compilation warm-up, which every rank repeats. ``--min-seconds S`` (default 30 on CUDA):
+when a workload's first one-process run has less than S s of timed work, its size is scaled up (spectrum
+sequences, prefill windows, reconstruct windows, variables seeds) and the scaled size is what every row measures;
+the JSON records the factor. Prints a table (with each rank's share of the time where the run reports it),
+writes JSON.
 """
 
 from __future__ import annotations
@@ -98,7 +101,7 @@ def prefill(a: argparse.Namespace, k: int, out: Path, env: dict[str, str]) -> di
                   "--out", str(path)], env)
     res = read_json(path)
     s = res["summary"]
-    return {"seconds": res["seconds"], "work": len(res["windows"]), "unit": "windows",
+    return {"seconds": res["seconds"], "work": len(res["windows"]), "unit": "windows", "ranks": res.get("ranks"),
             "check": {"recall_min_head": s["recall_min_head"], "loss_delta": s["loss_delta"]}}
 
 
@@ -115,10 +118,10 @@ def variables(a: argparse.Namespace, k: int, out: Path, env: dict[str, str]) -> 
 
 
 def reconstruct(a: argparse.Namespace, k: int, out: Path, env: dict[str, str]) -> dict[str, Any]:
-    """`attnlab reconstruct run` (CPU processes): held-out + fit windows/s of the sharded fit and evaluation."""
+    """`attnlab reconstruct run`: held-out + fit windows/s of the sharded fit and evaluation."""
     extra = ["--layers", "0", "--heads", "0-1", "--estimators", "gaussian,none", "--selections", "random,adaptive",
              "--no-position", "--no-pooled-baseline"] if a.quick else []
-    _torchrun(k, ["reconstruct", "run", "--model", a.model, "--seq-len", str(a.rec_seq_len), "--n-fit",
+    _torchrun(k, ["reconstruct", "run", "--device", a.device, "--model", a.model, "--seq-len", str(a.rec_seq_len), "--n-fit",
                   str(a.rec_n_fit), "--n-eval", str(a.rec_n_eval), "--budgets", "", "--no-dropin", "--quiet", *extra,
                   "--out", str(out)], env)
     sec = RunDir(out).results()["reconstruct"]
@@ -143,7 +146,8 @@ def sparsity(a: argparse.Namespace, k: int, out: Path, env: dict[str, str]) -> d
     windows = [r["windows"] for r in sec["ranks"]]
     parts = ("capture_seconds", "fit_seconds", "sweep_seconds", "downstream_seconds")
     return {"seconds": sec["sharded_seconds"], "work": sum(w["fit"] + w["eval"] for w in windows), "unit": "windows",
-            "ranks": [{"windows": r["windows"], **{p: round(r[p], 3) for p in parts}} for r in sec["ranks"]],
+            "ranks": [{"rank": r["rank"], "windows": r["windows"], **{p: round(r[p], 3) for p in parts}}
+                      for r in sec["ranks"]],
             "check": {"recall_at_0.9": {m: None if v is None else round(v, 4)
                                         for m, v in sec["recall_at_0.9"].items()}}}
 
@@ -154,6 +158,23 @@ SP_DEFAULT = {"n_fit": 32, "n_eval": 16, "n_down": 16}
 
 WORKLOADS: dict[str, Callable[[argparse.Namespace, int, Path, dict[str, str]], dict[str, Any]]] = {
     "spectrum": spectrum, "prefill": prefill, "variables": variables, "reconstruct": reconstruct, "sparsity": sparsity}
+
+MAX_PREFILL_WINDOWS = 120  # the reference LM's held-out split holds about 125 windows of 16384 bytes
+
+
+def _scale_windows(a: argparse.Namespace, f: float) -> None:
+    a.windows = min(MAX_PREFILL_WINDOWS, int(a.windows * f))
+
+
+#: How to make a workload's timed work f times larger (``--min-seconds``).
+SCALERS: dict[str, Callable[[argparse.Namespace, float], None]] = {
+    "spectrum": lambda a, f: setattr(a, "n_sequences", int(a.n_sequences * f)),
+    "prefill": _scale_windows,
+    "variables": lambda a, f: setattr(a, "var_seeds", int(a.var_seeds * f)),
+    "reconstruct": lambda a, f: (setattr(a, "rec_n_fit", int(a.rec_n_fit * f)),
+                                 setattr(a, "rec_n_eval", int(a.rec_n_eval * f))),
+    "sparsity": lambda a, f: [setattr(a, n, int(getattr(a, n) * f)) for n in ("sp_n_fit", "sp_n_eval", "sp_n_down")],
+}
 
 
 def main() -> None:
@@ -172,15 +193,15 @@ def main() -> None:
     p.add_argument("--lm", default=None, help="prefill: causal LM folder (default: train/cache the reference LM)")
     p.add_argument("--cache", default=str(ROOT / "results" / "lm"))
     p.add_argument("--prefill-seq-len", type=int, default=16384)
-    p.add_argument("--windows", type=int, default=32)
+    p.add_argument("--windows", type=int, default=48)
     p.add_argument("--predictor", default="pooled")
     p.add_argument("--block-size", type=int, default=128)
     p.add_argument("--rows", type=int, default=256)
     p.add_argument("--reps", type=int, default=3)
-    # reconstruct (MiniLM, --model; CPU processes: the command has no device option)
+    # reconstruct (MiniLM, --model)
     p.add_argument("--rec-seq-len", type=int, default=128)
-    p.add_argument("--rec-n-fit", type=int, default=256)
-    p.add_argument("--rec-n-eval", type=int, default=64)
+    p.add_argument("--rec-n-fit", type=int, default=1024)
+    p.add_argument("--rec-n-eval", type=int, default=256)
     # sparsity (MiniLM fine-tuned for entmax, cached; CPU fitting)
     p.add_argument("--sp-model", default="minilm", help="sparsity: HF model with entmax swapped in")
     p.add_argument("--sp-seq-len", type=int, default=128)
@@ -195,6 +216,8 @@ def main() -> None:
     p.add_argument("--var-m-max", type=int, default=65536)
     p.add_argument("--var-max-steps", type=int, default=1500)
     p.add_argument("--var-n-test", type=int, default=1000)
+    p.add_argument("--min-seconds", type=float, default=None,
+                   help="scale a workload up when its first 1-process run times less (default: 30 on cuda, 0 on cpu)")
     p.add_argument("--quick", action="store_true", help="CPU/gloo smoke run at tiny sizes")
     p.add_argument("--out", default=str(ROOT / "results" / "distributed_scaling"))
     a = p.parse_args()
@@ -212,16 +235,29 @@ def main() -> None:
         a.lm_path = _lm(a)
     out_root = Path(a.out)
     report: dict[str, Any] = {"args": vars(a), "device": a.device, "workloads": {}}
+    min_s = a.min_seconds if a.min_seconds is not None else (30.0 if a.device.startswith("cuda") else 0.0)
+
+    def timed(w: str, k: int, r: int, tag: str = "") -> dict[str, Any]:
+        t0 = time.perf_counter()
+        res = WORKLOADS[w](a, k, out_root / w / f"nproc{k}{tag}" / f"rep{r}", env)
+        res["launch_s"] = round(time.perf_counter() - t0, 2)
+        res["throughput"] = res["work"] / res["seconds"]
+        return res
+
     for w in workloads:
-        rows = []
+        rows, scaled = [], None
+        first = None
+        if min_s > 0 and w in SCALERS:  # one probe at the given size; scale up when it is too short
+            first = timed(w, a.nproc[0], 0, "_probe")
+            if first["seconds"] < min_s:
+                f = min(16.0, 1.15 * min_s / max(first["seconds"], 1e-3))
+                SCALERS[w](a, f)
+                scaled = {"factor": round(f, 3), "probe_seconds": first["seconds"], "probe_work": first["work"]}
+                first = None
         for k in a.nproc:
             runs = []
             for r in range(a.repeats):
-                t0 = time.perf_counter()
-                res = WORKLOADS[w](a, k, out_root / w / f"nproc{k}" / f"rep{r}", env)
-                res["launch_s"] = round(time.perf_counter() - t0, 2)
-                res["throughput"] = res["work"] / res["seconds"]
-                runs.append(res)
+                runs.append(first if (first is not None and k == a.nproc[0] and r == 0) else timed(w, k, r))
             tp = [x["throughput"] for x in runs]
             rows.append({"nproc": k, "unit": runs[0]["unit"], "work": runs[0]["work"], "runs": runs,
                          "seconds_median": statistics.median(x["seconds"] for x in runs),
@@ -231,16 +267,16 @@ def main() -> None:
         for r in rows:
             r["scaling"] = r["throughput_median"] / base
         report["workloads"][w] = rows
-        print(f"{w}: {rows[0]['work']} {rows[0]['unit']} on {a.device}, {a.repeats} run(s) per row")
+        report.setdefault("scaled", {})[w] = scaled
+        print(f"{w}: {rows[0]['work']} {rows[0]['unit']} on {a.device}, {a.repeats} run(s) per row"
+              + (f" (scaled x{scaled['factor']} after a {scaled['probe_seconds']:.1f} s probe)" if scaled else ""))
         print(f"{'nproc':>5} {'seconds':>8} {'per s':>10} {'min':>10} {'max':>10} {'scaling':>8}  check")
         for r in rows:
             print(f"{r['nproc']:>5} {r['seconds_median']:>8.2f} {r['throughput_median']:>10.1f} "
                   f"{r['throughput_min']:>10.1f} {r['throughput_max']:>10.1f} {r['scaling']:>7.2f}x  "
                   f"{json.dumps(r['runs'][0]['check'])}")
-        for r in rows:  # where the time goes, per rank (workloads that report it)
-            for run in r["runs"]:
-                for i, x in enumerate(run.get("ranks", [])):
-                    print(f"  nproc {r['nproc']} rank {i}: " + ", ".join(f"{k} {v}" for k, v in x.items()))
+            for rk in r["runs"][0].get("ranks") or []:
+                print(f"      rank {rk['rank']}: " + ", ".join(f"{k} {v}" for k, v in rk.items() if k != "rank"))
     path = write_json(out_root / "scaling.json", report)
     print(f"wrote {path}")
 

@@ -144,6 +144,9 @@ def test_variables_sweep_two_processes_equal_single_and_resume(tmp_path):
     torchrun(["-m", "attnlab", "variables", "sweep", *SWEEP, "--T", "4", "--out", str(dist)])
     first = _sweep_trials(dist)
     assert first and all(r["T"] == 4 for r in first.values())
+    from attnlab.io import RunDir
+
+    assert RunDir(dist).results()["variables"]["sharding"] == ["search_each_T"]  # 1 T < 2 ranks: rounds sharded
     torchrun(["-m", "attnlab", "variables", "sweep", *SWEEP, "--T", "4", "--T", "8", "--resume", "--out", str(dist)])
     a, b = _sweep_trials(tmp_path / "single"), _sweep_trials(dist)
     assert sorted(a) == sorted(b)
@@ -152,11 +155,28 @@ def test_variables_sweep_two_processes_equal_single_and_resume(tmp_path):
         assert a[k]["train_loss"] == pytest.approx(b[k]["train_loss"], rel=1e-4, abs=1e-6), k
     for k, r in first.items():  # resumed trials were reused, not retrained
         assert b[k] == r
-    from attnlab.io import RunDir
-
     sa, sb = RunDir(tmp_path / "single").results()["variables"], RunDir(dist).results()["variables"]
     assert [r["m_star"] for r in sa["results"]] == [r["m_star"] for r in sb["results"]]
     assert sb["world_size"] == 2
+    assert sb["sharding"] == ["search_sharded_T"]  # 2 T's on 2 ranks: each rank searched its own T
+    assert sorted(r["rank"] for r in sb["results"]) == [0, 1]
+    assert not list(dist.glob("variables_trials.rank*.json"))  # merged by rank 0 and removed
+
+
+def test_trial_store_resume_reads_rank_files(tmp_path):
+    """An interrupted T-sharded run leaves per-rank trial files; a resume reads them with the merged file."""
+    from attnlab.variables.complexity import TrialStore
+
+    path = tmp_path / "variables_trials.json"
+    TrialStore(path, {"a": 1}).put(4, 8, 0, {"accuracy": 1.0})
+    r1 = TrialStore(path, {"a": 1}, save_to=TrialStore(path).rank_file(1))
+    r1.put(8, 16, 0, {"accuracy": 0.5})
+    assert not r1.rank_file(1) == path and r1.rank_file(1).exists()
+    back = TrialStore(path, {"a": 1}, resume=True)
+    assert back.get(4, 8, 0)["accuracy"] == 1.0 and back.get(8, 16, 0)["accuracy"] == 0.5
+    assert TrialStore(path, {"a": 1}, resume=False).trials == {}
+    with pytest.raises(Exception, match="settings differ"):
+        TrialStore(path, {"a": 2}, resume=True)
 
 
 # ------------------------------------------------------------------------------------------------------------

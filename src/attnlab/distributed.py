@@ -162,20 +162,39 @@ def broadcast_object(obj: T, info: DistInfo, src: int = 0) -> T:
     return box[0]
 
 
+def comm_device() -> torch.device:
+    """Where collective tensors must live: this rank's GPU for nccl, the CPU for gloo."""
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce_(t: torch.Tensor, group=None) -> torch.Tensor:
+    """Sum ``t`` across ranks in place, wherever it lives (a CPU tensor travels through the GPU under nccl)."""
+    import torch.distributed as dist
+
+    dev = comm_device()
+    if t.device == dev:
+        dist.all_reduce(t, group=group)
+        return t
+    buf = t.to(dev)
+    dist.all_reduce(buf, group=group)
+    t.copy_(buf)
+    return t
+
+
 def all_reduce_sum_(tensors: Sequence[torch.Tensor], info: DistInfo) -> None:
     """Sum tensors across ranks in place; floating tensors travel as float64, so the merge adds no rounding
     beyond float64's (results equal the single-process sums to float tolerance, not bit for bit)."""
     if not info.enabled:
         return
-    import torch.distributed as dist
-
     for t in tensors:
         if t.is_floating_point() and t.dtype != torch.float64:
-            buf = t.double()
-            dist.all_reduce(buf)
-            t.copy_(buf)
+            t.copy_(all_reduce_(t.double()))
         else:
-            dist.all_reduce(t)
+            all_reduce_(t)
 
 
 def require_work_per_rank(n: int, info: DistInfo, flag: str) -> None:

@@ -268,11 +268,11 @@ class ReconstructionFit:
         return make_proxy(kind, rank, d_head, cq, ckk, seed=seed + 1000 * layer + head)
 
 
-def load_checked(model: str, seq_len: int, head: Optional[str] = None) -> HFModel:
-    """Load an HF model by name and check ``seq_len`` fits it."""
+def load_checked(model: str, seq_len: int, head: Optional[str] = None, device: str = "cpu") -> HFModel:
+    """Load an HF model by name (onto ``device``) and check ``seq_len`` fits it."""
     from ..sources.hf import load_model
 
-    hf = load_model(model, head=head)
+    hf = load_model(model, device=device, head=head)
     if seq_len > hf.max_len:
         raise ConfigError(f"--seq-len {seq_len} exceeds the model's maximum of {hf.max_len} positions")
     return hf

@@ -12,7 +12,7 @@ from typing import Any, Optional
 import torch
 
 from ..capture.corpus import MIN_EVAL_WINDOWS
-from ..distributed import barrier, init_distributed
+from ..distributed import barrier, device_for, init_distributed
 from ..errors import ConfigError
 from ..validate import check_fields
 from ..io import RunDir, write_tensors
@@ -69,6 +69,7 @@ class ReconstructConfig:
     frontier_budgets: list = field(default_factory=lambda: [1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2])  # pair fractions
     families: Optional[list] = None  # frontier method families (None = all of frontier.FAMILIES)
     chunks: int = 4  # groups of held-out windows for the frontier's spread
+    device: str = "cpu"  # where the model and the estimators run: cpu, cuda or cuda:N (statistics stay float64)
     seed: int = 0
 
     def validate(self) -> None:
@@ -142,7 +143,7 @@ def _strip(res: dict[str, Any]) -> dict[str, Any]:
 def reconstruct(out: str | Path, model: str = "minilm", progress: bool = True, **settings: Any) -> dict[str, Any]:
     """Run the reconstruction study into run directory ``out``; returns the results section.
 
-    Under torchrun (CPU processes with gloo; the model runs on CPU) the fit's windows are sharded and its float64
+    Under torchrun (gloo on CPU, nccl with one GPU per rank for ``device='cuda'``) the fit's windows are sharded and its float64
     sums all-reduced, every evaluation shards the held-out windows and sums the per-row metrics across ranks, so
     each rank holds the same numbers; the drop-in output check runs on rank 0 alone, and rank 0 writes."""
     cfg = ReconstructConfig(model=model, **settings)
@@ -154,10 +155,10 @@ def reconstruct(out: str | Path, model: str = "minilm", progress: bool = True, *
         cfg.position = False
     cfg.validate()
     seed_everything(cfg.seed)
-    info = init_distributed("cpu")
+    info = init_distributed(cfg.device)
     run = RunDir(out)
     t0 = time.perf_counter()
-    hf = load_checked(cfg.model, cfg.seq_len)
+    hf = load_checked(cfg.model, cfg.seq_len, device=device_for(info, cfg.device))
     # held-out windows first: a corpus too small to evaluate on fails before the fit, not after it
     windows = windows_for(hf.tokenizer, cfg.seq_len, cfg.n_eval, "heldout", cfg.corpus, cfg.seed + 1, flag="--n-eval",
                           minimum=MIN_EVAL_WINDOWS)

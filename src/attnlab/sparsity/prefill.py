@@ -513,8 +513,14 @@ def run_prefill(cfg: PrefillConfig, log: Optional[Callable[[str], None]] = None,
                                                       "kernel_ms": []} for m, _ in modes}
     layer_times: dict[str, dict[int, list[float]]] = {m: {} for m, _ in modes}
     dense_layers: list[int] = []
+    mine = shard_indices(ids.shape[0], info)
+    t_warm = time.perf_counter()
+    if cuda:  # compile and autotune every mode once on this rank's first window, outside the timed loop
+        for _, h in [("measure", measure), *modes]:
+            del _forward(hf, h, ids[mine[0]: mine[0] + 1])[0]
+    warmup_s = time.perf_counter() - t_warm
     t_loop = time.perf_counter()
-    for j, w in enumerate(shard_indices(ids.shape[0], info)):  # j: this rank's window count (warm-up on j == 0)
+    for j, w in enumerate(mine):  # j: this rank's window count (the guard is decided on j == 0)
         x = ids[w: w + 1]
         logits, _, _ = _forward(hf, measure, x)
         loss_sparse = _loss(logits, x)
@@ -529,19 +535,18 @@ def run_prefill(cfg: PrefillConfig, log: Optional[Callable[[str], None]] = None,
                 sparse.dense_layers = set(dense_layers)
                 if dense_layers:
                     log(f"layers run dense (prediction + sparse attention not faster than cuDNN): {dense_layers}")
-            for r in range(cfg.reps + (1 if j == 0 else 0)):  # first window: one warm-up (compilation)
+            for r in range(cfg.reps):
                 logits, att, tot = _forward(hf, h, x)
                 if r == 0:
                     losses[name] = _loss(logits, x)
-                if r > 0 or j > 0:
-                    pred_ms = h.prediction_ms()
-                    timings[name]["attention_ms"].append(att)
-                    timings[name]["forward_ms"].append(tot)
-                    timings[name]["prediction_ms"].append(pred_ms)
-                    timings[name]["kernel_ms"].append(att - pred_ms)
-                    if cuda:
-                        for i, ms in h.layer_ms().items():
-                            layer_times[name].setdefault(i, []).append(ms)
+                pred_ms = h.prediction_ms()
+                timings[name]["attention_ms"].append(att)
+                timings[name]["forward_ms"].append(tot)
+                timings[name]["prediction_ms"].append(pred_ms)
+                timings[name]["kernel_ms"].append(att - pred_ms)
+                if cuda:
+                    for i, ms in h.layer_ms().items():
+                        layer_times[name].setdefault(i, []).append(ms)
                 del logits
         ref_name = "cudnn" if cuda else "auto"
         per_window.append({
@@ -550,6 +555,7 @@ def run_prefill(cfg: PrefillConfig, log: Optional[Callable[[str], None]] = None,
             "loss_executed": losses["sparse"], "loss_delta_executed": losses["sparse"] - losses[ref_name],
             "layers": [asdict(r) for r in records]})
         log(f"window {w}: loss dense {losses[ref_name]:.4f} sparse {loss_sparse:.4f} as executed {losses['sparse']:.4f}")
+    own_s = time.perf_counter() - t_loop  # this rank's windows, before waiting for the others
     if info.enabled:  # every rank gets the merged records and timing samples (window order; ranks in order)
         per_window = gather_ordered(per_window, ids.shape[0], info, to_all=True)
         parts = gather_lists([(timings, layer_times)], info, to_all=True)
@@ -561,6 +567,10 @@ def run_prefill(cfg: PrefillConfig, log: Optional[Callable[[str], None]] = None,
     res["world_size"] = info.world_size
     # evaluation wall time (windows + merge; after the gather every rank has waited for the slowest one)
     res["seconds"] = round(time.perf_counter() - t_loop, 3)
+    # where the time goes per rank: compile/autotune warm-up (untimed), own windows, and the rest of the timed
+    # section (waiting for the slowest rank + gather)
+    res["ranks"] = gather_lists([{"rank": info.rank, "windows": len(mine), "warmup_s": round(warmup_s, 3),
+                                  "own_windows_s": round(own_s, 3)}], info, to_all=True)
     res["layer_ms"] = {m: {str(i): statistics.median(v) for i, v in d.items()} for m, d in layer_times.items()}
     return res
 

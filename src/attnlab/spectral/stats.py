@@ -73,15 +73,15 @@ class StreamingCovariance:
 
     def all_reduce(self, group=None) -> "StreamingCovariance":
         """Merge this statistic across all ranks of ``torch.distributed`` (exact, two all-reduces)."""
-        import torch.distributed as dist
+        from ..distributed import all_reduce_
 
         n = torch.tensor([float(self.n)], dtype=torch.float64, device=self.mean.device)
         total = self.mean * self.n
-        dist.all_reduce(n, group=group)
-        dist.all_reduce(total, group=group)
+        all_reduce_(n, group=group)
+        all_reduce_(total, group=group)
         mean = total / n.clamp_min(1)
         m2 = self.m2 + self._outer(self.mean - mean) * self.n
-        dist.all_reduce(m2, group=group)
+        all_reduce_(m2, group=group)
         self.n, self.mean, self.m2 = int(n.item()), mean, m2
         return self
 

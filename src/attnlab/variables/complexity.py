@@ -69,20 +69,36 @@ def trial_key(T: int, m: int, seed: int) -> str:
 
 class TrialStore:
     """Trials saved atomically to one JSON file after each result; ``fingerprint`` guards resumes. ``write=False``
-    keeps them in memory only (torchrun ranks other than 0: rank 0 saves the merged trials)."""
+    keeps them in memory only (torchrun ranks other than 0: rank 0 saves the merged trials). ``save_to``: write
+    there instead of ``path`` (a torchrun rank's own file while ranks search different T's); a resume reads
+    ``path`` and every rank file ``<stem>.rank*.json`` next to it."""
 
     def __init__(self, path: Union[str, Path], fingerprint: Optional[Mapping[str, Any]] = None, resume: bool = True,
-                 write: bool = True):
+                 write: bool = True, save_to: Optional[Union[str, Path]] = None):
         self.path, self.write = Path(path), write
+        self.save_to = Path(save_to) if save_to is not None else self.path
         self.fingerprint = dict(fingerprint or {})
         self.trials: dict[str, dict[str, Any]] = {}
-        if resume and self.path.exists():
-            data = read_json(self.path)
-            old = data.get("fingerprint", {})
-            if self.fingerprint and old != self.fingerprint:
-                diff = sorted(k for k in set(old) | set(self.fingerprint) if old.get(k) != self.fingerprint.get(k))
-                raise ResultsError(f"{self.path}: cannot resume, settings differ in {diff}; use a new --out or drop --resume")
-            self.trials = dict(data.get("trials", {}))
+        if resume:
+            for f in [self.path, *self.rank_files()]:
+                if f.exists():
+                    self._load(f)
+
+    def rank_files(self) -> list[Path]:
+        """Per-rank trial files left next to ``path`` by a T-sharded torchrun run (merged and removed at its end)."""
+        return sorted(self.path.parent.glob(f"{self.path.stem}.rank*.json"))
+
+    def rank_file(self, rank: int) -> Path:
+        """Where rank ``rank`` saves its trials while ranks search different T's."""
+        return self.path.with_name(f"{self.path.stem}.rank{rank}.json")
+
+    def _load(self, f: Path) -> None:
+        data = read_json(f)
+        old = data.get("fingerprint", {})
+        if self.fingerprint and old != self.fingerprint:
+            diff = sorted(k for k in set(old) | set(self.fingerprint) if old.get(k) != self.fingerprint.get(k))
+            raise ResultsError(f"{f}: cannot resume, settings differ in {diff}; use a new --out or drop --resume")
+        self.trials.update(data.get("trials", {}))
 
     def get(self, T: int, m: int, seed: int) -> Optional[dict[str, Any]]:
         """The stored record of a trial, or None."""
@@ -97,7 +113,7 @@ class TrialStore:
         for r in records:
             self.trials[trial_key(r["T"], r["m"], r["seed"])] = dict(r)
         if self.write:
-            write_json(self.path, {"fingerprint": self.fingerprint, "trials": self.trials})
+            write_json(self.save_to, {"fingerprint": self.fingerprint, "trials": self.trials})
             checkpoint_written()
 
 

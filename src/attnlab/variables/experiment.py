@@ -5,9 +5,12 @@ Results go to the run directory: trials in ``variables_trials.json`` (main model
 ``variables_contrast_trials.json`` and ``variables_norm_trials.json`` (one write per round, resumable),
 the summary in the ``variables`` section of ``results.json`` (rewritten after every T), plots as PNG.
 
-Under ``torchrun`` every round's (m, seed) trials are sharded round-robin over the ranks (one GPU each); all ranks
-receive every record and take the same next round, rank 0 saves the merged trials (once per round) and writes
-the section, fits, probe and plots. A resume reads the saved trials on every rank.
+Under ``torchrun`` (one GPU per rank) with at least as many T's as ranks, each rank runs the whole m* search of its
+own T's (snake order over the sorted list) and saves its trials to its own file; at the end rank 0 merges them into
+the trials file (T order) and writes the section, fits, probe and plots. With fewer T's than ranks (and for the
+norm sweep) every round's (m, seed) trials are sharded round-robin instead: all ranks receive every record and
+take the same next round, rank 0 saves the merged trials once per round. The trials are those of one process
+(the same rounds and seeds), and a resume reads the saved trials (and rank files) on every rank.
 """
 
 from __future__ import annotations
@@ -170,26 +173,19 @@ def run_sweep(
     base = str(resolve_device(device))
     info = info or init_distributed(base)
     dev = device_for(info, base)  # 'cuda' -> 'cuda:<local rank>' under torchrun
-    learner = distributed_learner(learner or make_learner(cfg, dev), info)
+    learner = learner or make_learner(cfg, dev)
     if cfg.contrast == "mlp" and contrast_learner is None:
         contrast_learner = ensemble_learner(cfg, cfg.mlp, dev)
-    if contrast_learner is not None:
-        contrast_learner = distributed_learner(contrast_learner, info)
     if not info.is_main:
         log = lambda _: None  # noqa: E731
     cfg_dict = asdict(cfg)
     if info.is_main:
         run.write_config(SECTION, {**cfg_dict, "device": dev})
-    store = TrialStore(run.file(TRIALS_FILE), cfg.fingerprint(cfg.model), resume=resume, write=info.is_main)
-    c_store = TrialStore(run.file(CONTRAST_TRIALS_FILE), cfg.fingerprint("mlp"), resume=resume, write=info.is_main)
     if len(cfg.Ts) < MIN_POINTS:
         log(f"note: {len(cfg.Ts)} values of --T; the law fits need at least {MIN_POINTS} with a reached m*")
     t0 = time.perf_counter()
     section: dict[str, Any] = {"config": cfg_dict, "device": dev, "model": cfg.model, "results": [],
                                "skipped_T": [], "contrast": None, "world_size": info.world_size}
-
-    def over_budget() -> bool:  # rank 0's clock decides, so every rank skips the same T
-        return broadcast_object(cfg.budget_s is not None and time.perf_counter() - t0 > cfg.budget_s, info)
 
     def write() -> None:
         if info.is_main:
@@ -197,23 +193,22 @@ def run_sweep(
 
     if cfg.contrast != "none":
         section["contrast"] = {"model": cfg.contrast, "results": []}
-    seeds = cfg.seed_list()
     # the model over every T first, then the contrast: a time budget cuts the contrast before the model
-    plan = [(cfg.model, section["results"], learner, store, list(cfg.Ts))]
+    plan = [(cfg.model, section["results"], learner, TRIALS_FILE, cfg.fingerprint(cfg.model), list(cfg.Ts))]
     if section["contrast"] is not None:
         cts = [T for T in cfg.Ts if cfg.contrast_max_T is None or T <= cfg.contrast_max_T]
-        plan.append((cfg.contrast, section["contrast"]["results"], contrast_learner, c_store, cts))
-    for name, results, lrn, st, Ts in plan:
-        for T in Ts:
-            if over_budget():
-                section["skipped_T"].append({"learner": name, "T": T})
-                continue
-            t1 = time.perf_counter()
-            d = _summary(sample_complexity(lrn, T, seeds, cfg.search, st), t1)
-            results.append(d)
-            _log_result(log, name, d)
-            section["wall_s"] = round(time.perf_counter() - t0, 2)
-            write()
+        plan.append((cfg.contrast, section["contrast"]["results"], contrast_learner, CONTRAST_TRIALS_FILE,
+                     cfg.fingerprint("mlp"), cts))
+    modes = []
+    for name, results, lrn, fname, fp, Ts in plan:
+        search = _search_sharded_T if info.world_size > 1 and len(Ts) >= info.world_size else _search_each_T
+        modes.append(search.__name__.strip("_"))
+        search(cfg, run.file(fname), fp, resume, name, results, lrn, Ts, section, t0, info, log, write)
+    section["sharding"] = modes if info.enabled else None
+
+    def over_budget() -> bool:  # rank 0's clock decides, so every rank takes the same branch
+        return broadcast_object(cfg.budget_s is not None and time.perf_counter() - t0 > cfg.budget_s, info)
+
     if cfg.norm_sweep and not over_budget():
         _norm_sweep(cfg, run, section, dev, resume, log, info)
         write()
@@ -223,6 +218,78 @@ def run_sweep(
     section["wall_s"] = round(time.perf_counter() - t0, 2)
     write()
     return section
+
+
+def _search_each_T(cfg: SweepConfig, path: Path, fp: dict[str, Any], resume: bool, name: str,
+                   results: list[dict[str, Any]], learner: Learner, Ts: list[int], section: dict[str, Any],
+                   t0: float, info: DistInfo, log: Callable[[str], None], write: Callable[[], None]) -> None:
+    """One T after another; under torchrun each round's (m, seed) trials are sharded over the ranks (used when
+    there are fewer T's than ranks). Rank 0 saves the merged trials after every round."""
+    store = TrialStore(path, fp, resume=resume, write=info.is_main)
+    lrn = distributed_learner(learner, info)
+    for T in Ts:
+        # rank 0's clock decides, so every rank skips the same T
+        if broadcast_object(cfg.budget_s is not None and time.perf_counter() - t0 > cfg.budget_s, info):
+            section["skipped_T"].append({"learner": name, "T": T})
+            continue
+        t1 = time.perf_counter()
+        d = _summary(sample_complexity(lrn, T, cfg.seed_list(), cfg.search, store), t1)
+        results.append(d)
+        _log_result(log, name, d)
+        section["wall_s"] = round(time.perf_counter() - t0, 2)
+        write()
+
+
+def zigzag(n: int, world: int) -> list[list[int]]:
+    """Indices 0..n-1 dealt to ``world`` ranks in snake order (0,1,..,w-1,w-1,..,0,...): with costs growing
+    along the list (larger T), every rank gets a similar share."""
+    parts: list[list[int]] = [[] for _ in range(world)]
+    for i in range(n):
+        b, pos = divmod(i, world)
+        parts[pos if b % 2 == 0 else world - 1 - pos].append(i)
+    return parts
+
+
+def _search_sharded_T(cfg: SweepConfig, path: Path, fp: dict[str, Any], resume: bool, name: str,
+                      results: list[dict[str, Any]], learner: Learner, Ts: list[int], section: dict[str, Any],
+                      t0: float, info: DistInfo, log: Callable[[str], None], write: Callable[[], None]) -> None:
+    """Under torchrun with at least one T per rank: each rank runs the whole m* search of its own T's (snake order)
+    on its GPU, with no collective until the end, saving its trials to its own file after every round; rank 0 then
+    merges every rank's trials into ``path`` (T order) and removes the rank files. A resume reads ``path`` and any
+    rank files left by an interrupted run. The trials are the ones a single process runs (same rounds, seeds)."""
+    from ..distributed import gather_lists
+
+    store = TrialStore(path, fp, resume=resume, write=True, save_to=TrialStore(path).rank_file(info.rank))
+    mine: list[tuple[int, Optional[dict[str, Any]]]] = []
+    for i in zigzag(len(Ts), info.world_size)[info.rank]:
+        T = Ts[i]
+        if cfg.budget_s is not None and time.perf_counter() - t0 > cfg.budget_s:  # this rank's own clock
+            mine.append((i, None))
+            continue
+        t1 = time.perf_counter()
+        d = _summary(sample_complexity(learner, T, cfg.seed_list(), cfg.search, store), t1)
+        d["rank"] = info.rank
+        mine.append((i, d))
+        _log_result(log, name, d)
+    done = gather_lists(mine, info)
+    trials = gather_lists(list(store.trials.values()), info)
+    if not info.is_main:
+        return
+    by_index = dict(done)
+    for i, T in enumerate(Ts):
+        if by_index[i] is None:
+            section["skipped_T"].append({"learner": name, "T": T})
+        else:
+            results.append(by_index[i])
+            if by_index[i]["rank"] != 0:
+                _log_result(log, f"{name}@rank{by_index[i]['rank']}", by_index[i])
+    order = {T: i for i, T in enumerate(Ts)}
+    merged = TrialStore(path, fp, resume=resume, write=True)
+    merged.put_many(sorted(trials, key=lambda r: order.get(r["T"], len(Ts))))
+    for f in merged.rank_files():
+        f.unlink()
+    section["wall_s"] = round(time.perf_counter() - t0, 2)
+    write()
 
 
 def _norm_sweep(cfg: SweepConfig, run: RunDir, section: dict[str, Any], device: str, resume: bool,
