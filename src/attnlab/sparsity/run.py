@@ -194,21 +194,21 @@ def sparsity(
     returned as is, a cached checkpoint is reused and an interrupted training continues from its partial
     checkpoint (``entmax_model.partial.safetensors``, every ``train.checkpoint_every`` steps).
 
-    Under torchrun (``python -m torch.distributed.run --nproc-per-node K -m attnlab sparsity run ...``; gloo on CPU,
-    nccl with ``--device cuda``) rank 0 prepares the model (training / fine-tuning, cached) while the others wait and
+    Under torchrun (``python -m torch.distributed.run --nproc-per-node K -m attnlab sparsity run ...``; gloo, also
+    with ``--device cuda``, where each rank's model runs on its own GPU) rank 0 prepares the model (training / fine-tuning, cached) while the others wait and
     then load it; every rank captures its round-robin share of the fit, evaluation and downstream windows, learned
     predictors fit data-parallel (global minibatches, all-reduced gradients and statistics, per-window seeded
     sampling), per-window metrics are gathered in window order and downstream sums all-reduced, so every rank holds
     the numbers of one process (to float tolerance); rank 0 alone writes the run directory. ``sharded_seconds``
     times that sharded part (capture + fit + sweep + downstream); ``ranks`` lists each rank's windows and times.
     """
-    from ..distributed import WindowShard, barrier, device_for, gather_lists, init_distributed, require_work_per_rank
-    from ..distributed import shard_indices
-
-    def shard_of(ids: torch.Tensor, d) -> torch.Tensor:
-        return ids[shard_indices(len(ids), d)]
+    from ..distributed import (WindowShard, barrier, device_for, gather_lists, init_distributed, require_work_per_rank,
+                               shard_indices)
     from .evaluate import capture_layers, downstream, fit_layers, gold_density as gold_density_of, sweep_method
     from .predictors import PREDICTORS, Projector
+
+    def shard_of(ids: torch.Tensor, d) -> torch.Tensor:  # this rank's windows (round-robin)
+        return ids[shard_indices(len(ids), d)]
 
     train = train or EntmaxTrainConfig()
     methods = list(methods or DEFAULT_METHODS)  # --all: every PREDICTORS.names("default")
