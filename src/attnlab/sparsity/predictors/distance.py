@@ -146,6 +146,7 @@ class DistancePredictor(BasePredictor):
         self.name = f"distance-{'thr' if mode == 'threshold' else 'knn'}"
         self.projector = projector or Projector(rank, shared, epochs, lr, margin, seed=seed)
         self._dists: Optional[Tensor] = None  # (H, S) sorted sample of fitted valid-pair distances
+        self._thresholds: dict = {}  # (sample, quantile) -> per-head thresholds
         self._check()
 
     def _check(self) -> None:
@@ -171,6 +172,7 @@ class DistancePredictor(BasePredictor):
             per_window = [d[b][:, v[b, 0]] for b in range(d.shape[0])]
             pool = pooled_sample(shard, per_window, self.calib_samples, self.projector.seed, CALIB)
             self._dists = pool.sort(dim=1).values
+            self._thresholds.clear()
         return self
 
     def thresholds(self) -> Tensor:
@@ -178,7 +180,10 @@ class DistancePredictor(BasePredictor):
         self._require_fit()
         if self.quantile >= 1.0:
             return torch.full((self._dists.shape[0],), float("inf"))
-        return torch.quantile(self._dists, self.quantile, dim=1)
+        key = (self._dists.data_ptr(), tuple(self._dists.shape), float(self.quantile))
+        if key not in self._thresholds:  # shared by the with_knob copies: one quantile per knob in a sweep
+            self._thresholds[key] = torch.quantile(self._dists, self.quantile, dim=1)
+        return self._thresholds[key]
 
     def distances(self, q: Tensor, k: Tensor) -> Tensor:
         """Projected distances (B, H, Nq, Nk)."""

@@ -56,6 +56,7 @@ class RankPredictor(BasePredictor):
         self.gold_density: Optional[Tensor] = None  # (H,) on the fit data
         self._gaps: Optional[Tensor] = None  # (H, S) sorted sample of fitted gaps to the row max
         self.history: list[float] = []
+        self._thresholds: dict = {}  # (gaps, density, per-head) -> thresholds, shared by with_knob copies
         self._check()
 
     def _check(self) -> None:
@@ -126,6 +127,7 @@ class RankPredictor(BasePredictor):
             return (per.sum(-1)[rows] / npos[rows]).sum(), int(rows.sum())
 
         self.history = fit_minibatches([wq, wk, u], opt, shard, self.epochs, self.batch_size, g, batch_loss)
+        self._thresholds.clear()
         self.scale = scale.float()
         self.wq, self.wk, self.u = wq.detach().float(), wk.detach().float(), u.detach().float()
         with torch.no_grad():
@@ -159,12 +161,17 @@ class RankPredictor(BasePredictor):
         return out
 
     def thresholds(self) -> Tensor:
-        """Per-head gap thresholds (H,) meeting ``head_density`` on the fit data."""
-        dens = self.head_density()
-        out = torch.empty_like(dens)
-        for h in range(len(dens)):
-            out[h] = float("inf") if dens[h] >= 1.0 else torch.quantile(self._gaps[h], float(dens[h]))
-        return out
+        """Per-head gap thresholds (H,) meeting ``head_density`` on the fit data (cached per budget; the cache is
+        shared by the ``with_knob`` copies, so a sweep computes each knob's quantiles once)."""
+        self._require_fit()
+        key = (self._gaps.data_ptr(), tuple(self._gaps.shape), float(self.density), bool(self.per_head_budget))
+        if key not in self._thresholds:
+            dens = self.head_density()
+            out = torch.empty_like(dens)
+            for h in range(len(dens)):
+                out[h] = float("inf") if dens[h] >= 1.0 else torch.quantile(self._gaps[h], float(dens[h]))
+            self._thresholds[key] = out
+        return self._thresholds[key]
 
     def _predict(self, q, k, valid):
         self._require_fit()
