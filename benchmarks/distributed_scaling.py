@@ -5,7 +5,7 @@
 
 Workloads (``--workload``, several allowed):
   spectrum  `attnlab spectrum`: windows sharded, streaming statistics merged by an exact all-reduce;
-            work unit = tokens. Default size: 16384 x 512 tokens of MiniLM, all heads (compute-bound on GPU).
+            work unit = tokens. Default size: 1024 x 512 tokens of MiniLM, all heads (then --min-seconds).
   prefill   `attnlab sparsity prefill` on the trained reference LM (`attnlab lm train` preset 'gpu', cached under
             --cache; an untrained 'tiny' one in --quick): held-out windows sharded, per-head records gathered;
             work unit = windows. Default size: 32 windows of 16384 tokens.
@@ -25,7 +25,7 @@ Workloads (``--workload``, several allowed):
 Time counted: each run's own timed section (`seconds`: streaming + merge), not process start, imports, model
 loading, tokenisation or compilation warm-up, which every rank repeats. ``--min-seconds S`` (default 30 on CUDA):
 when a workload's first one-process run has less than S s of timed work, its size is scaled up (spectrum
-sequences, prefill windows, reconstruct windows, variables seeds) and the scaled size is what every row measures;
+sequences, prefill windows then repetitions, reconstruct windows, variables seeds) and the scaled size is what every row measures;
 the JSON records the factor. Prints a table (with each rank's share of the time where the run reports it),
 writes JSON.
 """
@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import socket
 import statistics
@@ -159,11 +160,14 @@ SP_DEFAULT = {"n_fit": 32, "n_eval": 16, "n_down": 16}
 WORKLOADS: dict[str, Callable[[argparse.Namespace, int, Path, dict[str, str]], dict[str, Any]]] = {
     "spectrum": spectrum, "prefill": prefill, "variables": variables, "reconstruct": reconstruct, "sparsity": sparsity}
 
-MAX_PREFILL_WINDOWS = 120  # the reference LM's held-out split holds about 125 windows of 16384 bytes
+MAX_PREFILL_WINDOWS = 32  # the reference LM's held-out split (Python 3.12 stdlib) holds 35 windows of 16384 bytes
 
 
 def _scale_windows(a: argparse.Namespace, f: float) -> None:
-    a.windows = min(MAX_PREFILL_WINDOWS, int(a.windows * f))
+    """More windows up to the held-out split's size, then more timed repetitions per window and mode."""
+    w = max(a.windows, min(MAX_PREFILL_WINDOWS, int(a.windows * f)))
+    a.reps = max(a.reps, math.ceil(a.reps * f * a.windows / w))
+    a.windows = w
 
 
 #: How to make a workload's timed work f times larger (``--min-seconds``).
@@ -186,14 +190,14 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=1, help="runs per (workload, nproc): median and spread")
     # spectrum
     p.add_argument("--model", default="minilm")
-    p.add_argument("--n-sequences", type=int, default=16384)
+    p.add_argument("--n-sequences", type=int, default=1024)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=32)
     # prefill
     p.add_argument("--lm", default=None, help="prefill: causal LM folder (default: train/cache the reference LM)")
     p.add_argument("--cache", default=str(ROOT / "results" / "lm"))
     p.add_argument("--prefill-seq-len", type=int, default=16384)
-    p.add_argument("--windows", type=int, default=48)
+    p.add_argument("--windows", type=int, default=32)
     p.add_argument("--predictor", default="pooled")
     p.add_argument("--block-size", type=int, default=128)
     p.add_argument("--rows", type=int, default=256)
@@ -247,22 +251,28 @@ def main() -> None:
     for w in workloads:
         rows, scaled = [], None
         first = None
-        if min_s > 0 and w in SCALERS:  # one probe at the given size; scale up when it is too short
-            first = timed(w, a.nproc[0], 0, "_probe")
-            if first["seconds"] < min_s:
-                f = min(16.0, 1.15 * min_s / max(first["seconds"], 1e-3))
-                SCALERS[w](a, f)
-                scaled = {"factor": round(f, 3), "probe_seconds": first["seconds"], "probe_work": first["work"]}
-                first = None
-        for k in a.nproc:
-            runs = []
-            for r in range(a.repeats):
-                runs.append(first if (first is not None and k == a.nproc[0] and r == 0) else timed(w, k, r))
-            tp = [x["throughput"] for x in runs]
-            rows.append({"nproc": k, "unit": runs[0]["unit"], "work": runs[0]["work"], "runs": runs,
-                         "seconds_median": statistics.median(x["seconds"] for x in runs),
-                         "throughput_median": statistics.median(tp), "throughput_min": min(tp),
-                         "throughput_max": max(tp)})
+        try:
+            if min_s > 0 and w in SCALERS:  # one probe at the given size; scale up when it is too short
+                first = timed(w, a.nproc[0], 0, "_probe")
+                if first["seconds"] < min_s:
+                    f = min(16.0, 1.15 * min_s / max(first["seconds"], 1e-3))
+                    SCALERS[w](a, f)
+                    scaled = {"factor": round(f, 3), "probe_seconds": first["seconds"], "probe_work": first["work"]}
+                    first = None
+            for k in a.nproc:
+                runs = []
+                for r in range(a.repeats):
+                    runs.append(first if (first is not None and k == a.nproc[0] and r == 0) else timed(w, k, r))
+                tp = [x["throughput"] for x in runs]
+                rows.append({"nproc": k, "unit": runs[0]["unit"], "work": runs[0]["work"], "runs": runs,
+                             "seconds_median": statistics.median(x["seconds"] for x in runs),
+                             "throughput_median": statistics.median(tp), "throughput_min": min(tp),
+                             "throughput_max": max(tp)})
+        except SystemExit as e:  # one workload failing must not lose the others' rows
+            print(f"{w}: FAILED\n{e}")
+            report.setdefault("failed", {})[w] = str(e)[-3000:]
+            write_json(out_root / "scaling.json", report)
+            continue
         base = rows[0]["throughput_median"]
         for r in rows:
             r["scaling"] = r["throughput_median"] / base
@@ -277,6 +287,7 @@ def main() -> None:
                   f"{json.dumps(r['runs'][0]['check'])}")
             for rk in r["runs"][0].get("ranks") or []:
                 print(f"      rank {rk['rank']}: " + ", ".join(f"{k} {v}" for k, v in rk.items() if k != "rank"))
+        write_json(out_root / "scaling.json", report)  # after every workload: a later failure keeps these rows
     path = write_json(out_root / "scaling.json", report)
     print(f"wrote {path}")
 

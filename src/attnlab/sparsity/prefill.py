@@ -34,8 +34,8 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 from torch import Tensor
 
-from ..distributed import (DistInfo, broadcast_object, device_for, gather_lists, gather_ordered, init_distributed,
-                           require_work_per_rank, shard_indices)
+from ..distributed import (DistInfo, barrier, broadcast_object, device_for, gather_lists, gather_ordered,
+                           init_distributed, require_work_per_rank, shard_indices)
 from ..errors import ConfigError, ModelError
 from ..timing import time_ms
 from .blockmask import BlockPattern, KVBlocks, block_graph_to_kv
@@ -517,8 +517,9 @@ def run_prefill(cfg: PrefillConfig, log: Optional[Callable[[str], None]] = None,
     t_warm = time.perf_counter()
     if cuda:  # compile and autotune every mode once on this rank's first window, outside the timed loop
         for _, h in [("measure", measure), *modes]:
-            del _forward(hf, h, ids[mine[0]: mine[0] + 1])[0]
+            _forward(hf, h, ids[mine[0]: mine[0] + 1])
     warmup_s = time.perf_counter() - t_warm
+    barrier(info)  # every rank starts the timed loop together (a rank's compile is setup, like loading the model)
     t_loop = time.perf_counter()
     for j, w in enumerate(mine):  # j: this rank's window count (the guard is decided on j == 0)
         x = ids[w: w + 1]
