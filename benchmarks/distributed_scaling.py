@@ -14,6 +14,13 @@ Workloads (``--workload``, several allowed):
   reconstruct `attnlab reconstruct run` (no budget sweep, no drop-in): fit windows sharded with float64 sums
             all-reduced, then held-out batches sharded with metric sums merged; work unit = fit + held-out windows.
             Default: MiniLM, 128 fit + 32 held-out windows of 128 tokens (then --min-seconds), on --device.
+  sparsity  `attnlab sparsity run` (Sparsefinder, default predictors): gold-graph capture, evaluation and downstream
+            windows sharded, learned predictors fitted data-parallel (all-reduced gradients); work unit = fit +
+            evaluation windows. Timed: `sharded_seconds` (capture + fit + sweep + downstream; the entmax fine-tune
+            is cached by rank 0 and excluded). Default: MiniLM fine-tuned for entmax (cached under $ATTNLAB_CACHE),
+            128-token windows, --sp-n-fit / --sp-n-eval / --sp-n-down windows; --quick: our tiny small model.
+            Predictor fitting and the sweep run on CPU even with --device cuda (torchrun sets OMP_NUM_THREADS=1 per
+            process, so each rank fits on one core); per-rank capture/fit/sweep/downstream seconds are kept.
 
 Time counted: each run's own timed section (`seconds`: streaming + merge), not process start, imports, model
 loading, tokenisation or compilation warm-up, which every rank repeats. ``--min-seconds S`` (default 30 on CUDA):
@@ -124,8 +131,35 @@ def reconstruct(a: argparse.Namespace, k: int, out: Path, env: dict[str, str]) -
             "check": {"best": sec["best"], "best_worst_layer_tv": sec["best_worst_layer_tv"]}}
 
 
+def sparsity(a: argparse.Namespace, k: int, out: Path, env: dict[str, str]) -> dict[str, Any]:
+    """`attnlab sparsity run`: fit + evaluation windows/s of the sharded capture, data-parallel fit, sweep and
+    downstream (model preparation excluded)."""
+    if a.quick:  # our small entmax model, trained in ~1 s (sparsemax: sparse gold graphs even after few steps)
+        model = ["--model", "small", "--objective", "clm", "--seq-len", "24", "--vocab-size", "256", "--d-model", "32",
+                 "--n-heads", "2", "--n-layers", "2", "--alpha", "2", "--steps", "150", "--lr", "0.005",
+                 "--batch-size", "8", "--max-windows", "64"]
+    else:
+        model = ["--model", a.sp_model, "--hf-seq-len", str(a.sp_seq_len), "--hf-finetune-steps",
+                 str(a.sp_finetune_steps)]
+    _torchrun(k, ["sparsity", "run", *model, "--n-fit", str(a.sp_n_fit), "--n-eval", str(a.sp_n_eval), "--n-down",
+                  str(a.sp_n_down), "--epochs", str(a.sp_epochs), "--device", a.device, "--no-resume", "--quiet",
+                  "--out", str(out)], env)
+    sec = RunDir(out).results()["sparsity"]
+    windows = [r["windows"] for r in sec["ranks"]]
+    parts = ("capture_seconds", "fit_seconds", "sweep_seconds", "downstream_seconds")
+    return {"seconds": sec["sharded_seconds"], "work": sum(w["fit"] + w["eval"] for w in windows), "unit": "windows",
+            "ranks": [{"rank": r["rank"], "windows": r["windows"], **{p: round(r[p], 3) for p in parts}}
+                      for r in sec["ranks"]],
+            "check": {"recall_at_0.9": {m: None if v is None else round(v, 4)
+                                        for m, v in sec["recall_at_0.9"].items()}}}
+
+
+#: sparsity default size: MiniLM windows of 128 tokens (see the module docstring for how it was sized)
+SP_DEFAULT = {"n_fit": 32, "n_eval": 16, "n_down": 16}
+
+
 WORKLOADS: dict[str, Callable[[argparse.Namespace, int, Path, dict[str, str]], dict[str, Any]]] = {
-    "spectrum": spectrum, "prefill": prefill, "variables": variables, "reconstruct": reconstruct}
+    "spectrum": spectrum, "prefill": prefill, "variables": variables, "reconstruct": reconstruct, "sparsity": sparsity}
 
 MAX_PREFILL_WINDOWS = 32  # the reference LM's held-out split (Python 3.12 stdlib) holds 35 windows of 16384 bytes
 
@@ -144,6 +178,7 @@ SCALERS: dict[str, Callable[[argparse.Namespace, float], None]] = {
     "variables": lambda a, f: setattr(a, "var_seeds", int(a.var_seeds * f)),
     "reconstruct": lambda a, f: (setattr(a, "rec_n_fit", int(a.rec_n_fit * f)),
                                  setattr(a, "rec_n_eval", int(a.rec_n_eval * f))),
+    "sparsity": lambda a, f: [setattr(a, n, int(getattr(a, n) * f)) for n in ("sp_n_fit", "sp_n_eval", "sp_n_down")],
 }
 
 
@@ -174,6 +209,14 @@ def main() -> None:
     p.add_argument("--rec-seq-len", type=int, default=128)
     p.add_argument("--rec-n-fit", type=int, default=128)
     p.add_argument("--rec-n-eval", type=int, default=32)
+    # sparsity (MiniLM fine-tuned for entmax, cached; CPU fitting)
+    p.add_argument("--sp-model", default="minilm", help="sparsity: HF model with entmax swapped in")
+    p.add_argument("--sp-seq-len", type=int, default=128)
+    p.add_argument("--sp-finetune-steps", type=int, default=30)
+    p.add_argument("--sp-n-fit", type=int, default=SP_DEFAULT["n_fit"])
+    p.add_argument("--sp-n-eval", type=int, default=SP_DEFAULT["n_eval"])
+    p.add_argument("--sp-n-down", type=int, default=SP_DEFAULT["n_down"])
+    p.add_argument("--sp-epochs", type=int, default=20)
     # variables
     p.add_argument("--var-T", type=int, nargs="+", default=[64, 128, 256, 512, 1024, 2048])
     p.add_argument("--var-seeds", type=int, default=8)
@@ -191,6 +234,7 @@ def main() -> None:
         a.prefill_seq_len, a.windows, a.block_size, a.rows, a.reps = 64, 4, 16, 16, 1
         a.rec_seq_len, a.rec_n_fit, a.rec_n_eval = 32, 4, 4
         a.var_T, a.var_seeds, a.var_m_max, a.var_max_steps, a.var_n_test = [4, 8], 2, 64, 40, 64
+        a.sp_n_fit, a.sp_n_eval, a.sp_n_down, a.sp_epochs = 11, 7, 5, 2
     workloads = a.workload or (sorted(WORKLOADS) if a.quick else ["spectrum"])
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""),
            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "HF_HUB_OFFLINE": "1"}

@@ -237,3 +237,55 @@ def test_reconstruct_run_two_processes_equal_single(tmp_path):
     assert sorted(a) == sorted(b) and any(k.startswith("resid.") for k in a)
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-9, atol=1e-9)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# sparsity run
+# ------------------------------------------------------------------------------------------------------------
+
+# A tiny small-model setting whose gold graphs are sparse (sparsemax, 150 steps: gold sparsity ~0.5), so that the
+# learned predictors really train; 11 fit / 7 eval / 5 downstream windows shard unevenly over 2 ranks.
+SPARSITY = ["sparsity", "run", "--model", "small", "--objective", "clm", "--seq-len", "24", "--vocab-size", "256",
+            "--d-model", "32", "--n-heads", "2", "--n-layers", "2", "--alpha", "2", "--steps", "150", "--lr", "0.005",
+            "--batch-size", "8", "--max-windows", "64", "--n-fit", "11", "--n-eval", "7", "--n-down", "5",
+            "--epochs", "3", "--quiet"]
+
+
+def test_sparsity_run_two_processes_equal_single(tmp_path):
+    """Gold-graph capture, evaluation and downstream windows sharded, learned predictors fitted data-parallel:
+    every method's points, the downstream scores and the fitted predictors equal one process's."""
+    from attnlab.io import RunDir, read_tensors
+
+    single = subprocess.run([sys.executable, "-m", "attnlab", *SPARSITY, "--out", str(tmp_path / "single")], env=ENV,
+                            capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stdout[-2000:] + single.stderr[-4000:]
+    torchrun(["-m", "attnlab", *SPARSITY, "--out", str(tmp_path / "dist")])
+    a = RunDir(tmp_path / "single", create=False).results()["sparsity"]
+    b = RunDir(tmp_path / "dist", create=False).results()["sparsity"]
+    assert a["world_size"] == 1 and b["world_size"] == 2 and b["complete"]
+    # each rank really held its own share of the windows
+    assert [r["windows"] for r in b["ranks"]] == [{"fit": 6, "eval": 4, "down": 3}, {"fit": 5, "eval": 3, "down": 2}]
+    assert [r["windows"] for r in a["ranks"]] == [{"fit": 11, "eval": 7, "down": 5}]
+    assert a["gold"]["sparsity"] > 0.3  # sparse gold graphs: the predictors have something to learn
+    assert b["gold"]["density_per_layer"] == pytest.approx(a["gold"]["density_per_layer"], abs=1e-12)
+    assert sorted(a["methods"]) == sorted(b["methods"]) and "rank" in a["methods"] and "clustering" in a["methods"]
+    for m, res in a["methods"].items():
+        pts = b["methods"][m]["points"]
+        assert [p["knob"] for p in pts] == [p["knob"] for p in res["points"]], m
+        for p, q in zip(res["points"], pts):
+            for k in ("sparsity", "recall", "exact", "cost"):
+                assert q["mean"][k] == pytest.approx(p["mean"][k], abs=1e-5), (m, p["knob"], k)
+            assert q["windows"]["recall"]["std"] == pytest.approx(p["windows"]["recall"]["std"], abs=1e-5)
+        assert b["recall_at_0.9"][m] == pytest.approx(a["recall_at_0.9"][m], abs=1e-5), m
+    for loss_a, loss_b in zip(a["projector_loss"], b["projector_loss"]):  # the projectors trained (loss > 0) alike
+        assert loss_a[0] > 0 and loss_b == pytest.approx(loss_a, rel=1e-5)
+    da, db = a["downstream"], b["downstream"]
+    assert db["full_entmax"]["loss"] == pytest.approx(da["full_entmax"]["loss"], abs=1e-5)
+    for m, rows in da["methods"].items():
+        for r, s in zip(rows, db["methods"][m]):
+            assert (s["knob"], s["loss"]) == (r["knob"], pytest.approx(r["loss"], abs=1e-5)), m
+    ta, _ = read_tensors(tmp_path / "single" / "predictors.safetensors")
+    tb, _ = read_tensors(tmp_path / "dist" / "predictors.safetensors")
+    assert sorted(ta) == sorted(tb) and any(k.startswith("rank.") for k in ta)
+    for k in ta:
+        torch.testing.assert_close(tb[k], ta[k], rtol=1e-5, atol=1e-6, msg=k)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import atexit
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence, TypeVar
 
 import torch
@@ -203,3 +203,65 @@ def require_work_per_rank(n: int, info: DistInfo, flag: str) -> None:
         from .errors import ConfigError
 
         raise ConfigError(f"{flag} {n}: fewer than the {info.world_size} torchrun processes; give each at least one")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Data-parallel fitting over round-robin sharded windows (sparsity predictors; identities in a single process)
+# ------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WindowShard:
+    """This rank's round-robin share of ``n`` windows: local window i is global window ``rank + i * world``.
+
+    Data-parallel fitting with it gives every rank the same state: minibatches are drawn as global window indices
+    (the same permutation everywhere), sums are all-reduced in float64, per-window samples are drawn from
+    :func:`window_generator` and gathered in global window order. ``WindowShard.single(n)`` is the single-process
+    case, where every helper is the identity."""
+
+    n: int
+    info: DistInfo = field(default_factory=DistInfo)
+
+    @staticmethod
+    def single(n: int) -> "WindowShard":
+        """All ``n`` windows in this process."""
+        return WindowShard(n, DistInfo())
+
+    @property
+    def indices(self) -> list[int]:
+        """Global indices of this rank's windows, in local order."""
+        return shard_indices(self.n, self.info)
+
+    @property
+    def n_local(self) -> int:
+        """Number of windows this rank holds."""
+        return len(self.indices)
+
+    def local(self, global_idx: Sequence[int]) -> list[int]:
+        """Local positions of those of ``global_idx`` (in that order) that this rank holds."""
+        w, r = self.info.world_size, self.info.rank
+        return [int(g) // w for g in global_idx if int(g) % w == r]
+
+    def sum_(self, tensors: Sequence[torch.Tensor]) -> None:
+        """All-reduce (sum) in place across ranks (float64 on the wire; the identity in a single process)."""
+        all_reduce_sum_(tensors, self.info)
+
+    def gather(self, per_window: Sequence[T]) -> list[T]:
+        """One item per local window -> every window's item, in global window order, on every rank."""
+        if len(per_window) != self.n_local:
+            raise ValueError(f"gather: {len(per_window)} items for {self.n_local} local windows")
+        return gather_ordered(per_window, self.n, self.info, to_all=True)  # type: ignore[return-value]
+
+
+def window_generator(seed: int, *keys: int) -> torch.Generator:
+    """A CPU generator seeded from (seed, keys...), e.g. (seed, epoch, global window): draws that do not depend on
+    how windows are sharded or batched."""
+    import hashlib
+
+    h = hashlib.blake2b(repr((int(seed), *(int(k) for k in keys))).encode(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(h, "little") >> 1)
+
+
+def per_window_cap(total: int, n_windows: int) -> int:
+    """Samples per window when a pool of at most ``total`` is drawn evenly from ``n_windows`` windows (>= 1)."""
+    return max(1, int(total) // max(int(n_windows), 1))

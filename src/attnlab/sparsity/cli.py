@@ -68,6 +68,10 @@ def _run(settings: dict, out: str, resume: bool, quiet: bool, all_methods: bool 
 
             run_settings["methods"] = list(METHODS)
         info = sparsity(out, train=cfg, seed=cfg.seed, resume=resume, quiet=quiet, **run_settings)
+        from ..distributed import is_main_process
+
+        if not is_main_process():  # torchrun: rank 0 prints and writes the report
+            return
         _print_summary(info)
         write_report(out)
     except AttnlabError as e:

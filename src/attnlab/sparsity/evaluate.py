@@ -18,9 +18,11 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from ..distributed import WindowShard, window_generator
 from ..sources import as_source
 from .graphs import gold_graph
-from .metrics import average_layers, graph_metrics, merge_batches, pareto_front, recall_at_sparsity
+from .metrics import (METRICS, HeadMetrics, average_layers, graph_metrics, merge_batches, pareto_front,
+                      recall_at_sparsity)
 from .predictors import BasePredictor, Projector, make_predictor
 
 
@@ -44,6 +46,17 @@ class LayerData:
         """Share of valid pairs in the gold graph (1 - gold sparsity)."""
         v = torch.ones_like(self.gold) if self.valid is None else self.valid.expand_as(self.gold)
         return float(self.gold.sum() / v.sum())
+
+
+def gold_density(data: list[LayerData], shard: Optional[WindowShard] = None) -> list[float]:
+    """Per layer, the share of valid pairs in the gold graph over every rank's windows (float64 sums)."""
+    sums = torch.zeros(len(data), 2, dtype=torch.float64)
+    for l, d in enumerate(data):
+        v = torch.ones_like(d.gold) if d.valid is None else d.valid.expand_as(d.gold)
+        sums[l] = torch.tensor([float(d.gold.sum()), float(v.sum())], dtype=torch.float64)
+    if shard is not None:
+        shard.sum_([sums])
+    return (sums[:, 0] / sums[:, 1]).tolist()
 
 
 def capture_layers(model, ids: torch.Tensor, batch_size: int = 16, alpha: float | Sequence = 1.5,
@@ -115,26 +128,55 @@ def _predict_metrics(pred: BasePredictor, data: LayerData, chunk: int = 64):
 
 def fit_layers(method: str, fit: list[LayerData], rank: int = 4, epochs: int = 20, seed: int = 0,
                projectors: Optional[list[Projector]] = None, force_window: int = -1, force_cls: bool = False,
-               **kw) -> list[BasePredictor]:
-    """One fitted predictor per layer (learned methods reuse ``projectors[l]`` if given, training it once)."""
+               shard: Optional[WindowShard] = None, **kw) -> list[BasePredictor]:
+    """One fitted predictor per layer (learned methods reuse ``projectors[l]`` if given, training it once).
+
+    ``shard``: ``fit`` holds this rank's windows of a torchrun run; learned predictors fit data-parallel over every
+    rank's windows and each rank gets the same predictors."""
     preds = []
     for l, d in enumerate(fit):
         p = make_predictor(method, rank=rank, epochs=epochs, seed=seed + l,
                            projector=None if projectors is None else projectors[l], **kw)
         p.force_window, p.force_cls = int(force_window), bool(force_cls)
-        preds.append(p.fit(d.q, d.k, d.gold, d.valid))
+        preds.append(p.fit(d.q, d.k, d.gold, d.valid, shard=shard))
     return preds
 
 
+def _share_centroids(fitted: list[BasePredictor], knobs: list, shard: WindowShard) -> None:
+    """k-means predictors: compute the centroids of every (layer, knob) once over all ranks (round-robin) and
+    give each rank all of them; k-means runs on the gathered fit sample, identical on every rank, so this only
+    splits work that every rank would otherwise repeat."""
+    from ..distributed import gather_ordered, shard as shard_items
+    from .predictors.clustering import KMeansPredictor
+
+    if not all(isinstance(p, KMeansPredictor) for p in fitted):
+        return
+    jobs = [(l, int(v)) for l in range(len(fitted)) for v in knobs]
+    mine = [fitted[l].with_knob(v).centroids() for l, v in shard_items(jobs, shard.info)]
+    for (l, v), c in zip(jobs, gather_ordered(mine, len(jobs), shard.info, to_all=True)):
+        fitted[l]._centroids[v] = c
+
+
 def sweep_method(method: str, fitted: list[BasePredictor], data: list[LayerData],
-                 knobs: Optional[list] = None, target: float = 0.9) -> dict:
-    """Evaluate fitted per-layer predictors at every knob value; returns points, Pareto front and recall@target."""
+                 knobs: Optional[list] = None, target: float = 0.9, shard: Optional[WindowShard] = None) -> dict:
+    """Evaluate fitted per-layer predictors at every knob value; returns points, Pareto front and recall@target.
+
+    ``shard``: ``data`` holds this rank's evaluation windows of a torchrun run; per-window metrics are gathered in
+    window order (one gather per method) and every rank returns the numbers of all windows."""
     n = data[0].n
     knobs = knobs if knobs is not None else fitted[0].grid(n)
     points = []
     t0 = time.time()
-    for v in knobs:
-        per_layer = [_predict_metrics(p.with_knob(v), d) for p, d in zip(fitted, data)]
+    if shard is not None and shard.info.enabled:
+        _share_centroids(fitted, knobs, shard)
+    local = [[_predict_metrics(p.with_knob(v), d) for p, d in zip(fitted, data)] for v in knobs]
+    if shard is not None and shard.info.enabled:
+        # (K, L, B_local, M, H) -> every window's (K, L, M, H), in window order
+        x = torch.stack([torch.stack([torch.stack([h.per_seq[m] for m in METRICS], 1) for h in row]) for row in local])
+        full = torch.stack(shard.gather(list(x.permute(2, 0, 1, 3, 4).contiguous())))
+        local = [[HeadMetrics.from_per_seq({m: full[:, i, l, j] for j, m in enumerate(METRICS)})
+                  for l in range(len(data))] for i in range(len(knobs))]
+    for v, per_layer in zip(knobs, local):
         agg = average_layers(per_layer)
         points.append({"knob": v, **agg})
     sr = [(p["mean"]["sparsity"], p["mean"]["recall"]) for p in points]
@@ -167,19 +209,35 @@ class _GoldOracle:
 
 
 def lm_eval(model, ids: torch.Tensor, objective: str, seed: int = 0, batch_size: int = 32,
-            mask_prob: float = 0.15) -> dict:
-    """Mean loss and token accuracy on compact ids (fixed MLM masks from ``seed``, so runs are paired)."""
-    from .vocab import lm_loss
+            mask_prob: float = 0.15, shard: Optional[WindowShard] = None) -> dict:
+    """Loss and token accuracy over every predicted token of compact ids (MLM masks fixed per window from
+    (``seed``, window index), so runs are paired and the numbers do not depend on batching or sharding).
 
-    g = torch.Generator().manual_seed(seed)
-    tot_l, tot_a, n = 0.0, 0.0, 0
+    ``shard``: ``ids`` are this rank's windows of a torchrun run; the token sums are all-reduced."""
+    from .vocab import mlm_batch
+
+    shard = shard or WindowShard.single(len(ids))
+    dev = next(model.parameters()).device
+    sums = torch.zeros(3, dtype=torch.float64)  # cross-entropy, correct, predicted tokens
     with torch.no_grad():
-        for chunk in ids.split(batch_size):
-            loss, acc = lm_loss(model, chunk, objective, g, mask_prob)
-            tot_l += float(loss) * len(chunk)
-            tot_a += float(acc) * len(chunk)
-            n += len(chunk)
-    return {"loss": tot_l / n, "acc": tot_a / n}
+        for s0 in range(0, len(ids), batch_size):
+            chunk = ids[s0:s0 + batch_size]
+            if objective == "mlm":
+                pairs = [mlm_batch(chunk[i:i + 1], model.cfg.vocab_size, mask_prob,
+                                   window_generator(seed, shard.indices[s0 + i])) for i in range(len(chunk))]
+                inp, labels = torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
+            else:
+                inp, labels = chunk[:, :-1], chunk[:, 1:]
+            logits = model(inp.to(dev)).logits.float()
+            labels = labels.to(dev)
+            sel = labels != -100
+            ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100,
+                                 reduction="none").double().sum()
+            sums += torch.tensor([float(ce), float((logits.argmax(-1)[sel] == labels[sel]).sum()), float(sel.sum())],
+                                 dtype=torch.float64)
+    shard.sum_([sums])
+    n = float(sums[2])
+    return {"loss": float(sums[0]) / n if n else float("nan"), "acc": float(sums[1]) / n if n else float("nan")}
 
 
 def operating_points(result: dict, targets: Sequence[float]) -> list[tuple[float, Any, float, float]]:
@@ -198,12 +256,12 @@ def operating_points(result: dict, targets: Sequence[float]) -> list[tuple[float
 class LMTask:
     """Downstream score of a model with an LM head: loss and token accuracy, and their change."""
 
-    def __init__(self, model, ids: torch.Tensor, objective: str, seed: int = 0):
-        self.model, self.ids, self.objective, self.seed = model, ids, objective, seed
+    def __init__(self, model, ids: torch.Tensor, objective: str, seed: int = 0, shard: Optional[WindowShard] = None):
+        self.model, self.ids, self.objective, self.seed, self.shard = model, ids, objective, seed, shard
 
     def measure(self) -> dict:
-        """Loss and accuracy under the current attention."""
-        return lm_eval(self.model, self.ids, self.objective, self.seed)
+        """Loss and accuracy under the current attention (over every rank's windows)."""
+        return lm_eval(self.model, self.ids, self.objective, self.seed, shard=self.shard)
 
     def header(self, base: dict, under: Callable[[dict], dict], alphas: Sequence) -> dict:
         """Full entmax and, as a sanity check, attention restricted to the exact gold graphs."""
@@ -217,11 +275,12 @@ class LMTask:
 class HiddenTask:
     """Downstream score of an encoder without a head: final hidden states against full entmax."""
 
-    def __init__(self, hf, ids: torch.Tensor, batch_size: int = 8):
+    def __init__(self, hf, ids: torch.Tensor, batch_size: int = 8, shard: Optional[WindowShard] = None):
         self.hf, self.ids, self.batch_size = hf, ids, batch_size
+        self.shard = shard or WindowShard.single(len(ids))
 
     def measure(self) -> torch.Tensor:
-        """Final hidden states under the current attention."""
+        """Final hidden states of this rank's windows under the current attention."""
         from .entmax_hf import hf_hidden
 
         return torch.cat([hf_hidden(self.hf, c) for c in self.ids.split(self.batch_size)]).float()
@@ -231,10 +290,12 @@ class HiddenTask:
         return {"full_entmax": {"rel_error": 0.0, "cosine": 1.0}}
 
     def row(self, h: torch.Tensor, ref: torch.Tensor) -> dict:
-        """Relative error and mean token cosine against the reference."""
-        rel = float((h - ref).norm() / ref.norm())
-        cos = float(F.cosine_similarity(h.flatten(0, 1), ref.flatten(0, 1), dim=-1).mean())
-        return {"rel_error": rel, "cosine": cos}
+        """Relative error and mean token cosine against the reference (over every rank's windows)."""
+        cos = F.cosine_similarity(h.flatten(0, 1), ref.flatten(0, 1), dim=-1).double()
+        sums = torch.tensor([float((h - ref).double().pow(2).sum()), float(ref.double().pow(2).sum()),
+                             float(cos.sum()), float(cos.numel())], dtype=torch.float64)
+        self.shard.sum_([sums])
+        return {"rel_error": float(sums[0].sqrt() / sums[1].sqrt()), "cosine": float(sums[2] / sums[3])}
 
 
 def downstream(model, task, alpha: float | Sequence, fitted: dict[str, list], results: dict[str, dict],

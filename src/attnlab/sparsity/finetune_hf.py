@@ -186,8 +186,9 @@ def probe_loss(hf, probe: MLMProbe, windows: torch.Tensor, handler, cfg: HFFinet
 
 
 def entmax_finetuned(hf, train_windows: torch.Tensor, eval_windows: torch.Tensor, cfg: HFFinetuneConfig,
-                     probe_windows: Optional[torch.Tensor] = None, quiet: bool = False) -> dict:
-    """Fine-tune ``hf`` for entmax in place (or load the cached result) and measure MLM probe losses.
+                     probe_windows: Optional[torch.Tensor] = None, quiet: bool = False, probes: bool = True) -> dict:
+    """Fine-tune ``hf`` for entmax in place (or load the cached result) and measure MLM probe losses
+    (``probes=False``: skip them, as torchrun ranks other than 0 do after rank 0 fine-tuned and cached).
 
     Returns a JSON-friendly record: cache file and whether it was reused, distillation history, and MLM probe
     loss / accuracy of the softmax original, the entmax swap before and after fine-tuning on ``eval_windows``.
@@ -200,7 +201,9 @@ def entmax_finetuned(hf, train_windows: torch.Tensor, eval_windows: torch.Tensor
     probe_windows = train_windows if probe_windows is None else probe_windows
     rec: dict = {"config": asdict(cfg), "key": key, "cache_file": str(path), "steps": cfg.steps}
     mlm: dict = {}
-    if len(eval_windows):
+    if not probes:
+        mlm["skipped"] = "MLM probes not run (probes=False)"
+    elif len(eval_windows):
         probe = fit_probe(hf, probe_windows, cfg)
         mlm["softmax_original"] = probe_loss(hf, probe, eval_windows, None, cfg)
         mlm["entmax_no_finetune"] = probe_loss(hf, probe, eval_windows, entmax_handler(cfg.alpha), cfg)

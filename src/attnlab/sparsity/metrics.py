@@ -47,6 +47,16 @@ class HeadMetrics:
     n_sequences: int = 0
     seq_recall: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.float64))
     seq_sparsity: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.float64))
+    #: per (sequence, head) values (B, H) of each metric (NaN where undefined), in window order: what
+    #: :func:`merge_batches` merges exactly, however the windows were split into batches or ranks
+    per_seq: Optional[dict[str, torch.Tensor]] = None
+
+    @classmethod
+    def from_per_seq(cls, per_seq: dict[str, torch.Tensor]) -> "HeadMetrics":
+        """Metrics of the sequences (B, H) per metric: per head the nanmean over sequences."""
+        per_seq = {m: per_seq[m].double().cpu() for m in METRICS}
+        return cls(*(_nanmean0(per_seq[m]) for m in METRICS), int(per_seq["recall"].shape[0]),
+                   per_seq["recall"].nanmean(dim=1), per_seq["sparsity"].nanmean(dim=1), per_seq)
 
     def mean(self) -> dict[str, float]:
         """Mean over heads of each metric."""
@@ -99,9 +109,8 @@ def graph_metrics(pred: torch.Tensor, gold: torch.Tensor, valid: Optional[torch.
     n = v.any(dim=-1).sum(dim=-1).double()  # unpadded length per (B, H)
     ops = n_pred if compute_ops is None else _per_bh(compute_ops, bh, gold.device)
     comp = torch.where(n > 0, 1.0 - ops / (n * n).clamp(min=1), nan)
-    return HeadMetrics(_nanmean0(sparsity).cpu(), _nanmean0(recall).cpu(), _nanmean0(exact).cpu(),
-                       _nanmean0(cost).cpu(), _nanmean0(comp).cpu(), int(gold.shape[0]),
-                       recall.nanmean(dim=1).cpu(), sparsity.nanmean(dim=1).cpu())
+    return HeadMetrics.from_per_seq({"sparsity": sparsity, "recall": recall, "exact": exact, "cost": cost,
+                                     "comp_sparsity": comp})
 
 
 def spread(x: torch.Tensor) -> dict[str, float]:
@@ -131,7 +140,10 @@ def average_layers(per_layer: Sequence[HeadMetrics]) -> dict:
 
 
 def merge_batches(parts: Sequence[HeadMetrics]) -> HeadMetrics:
-    """Combine metrics of several batches, weighting each by its number of sequences."""
+    """Combine metrics of several batches (in window order): the per-head nanmean over all their sequences, exactly
+    as one batch would give (parts without ``per_seq``: each batch's means weighted by its number of sequences)."""
+    if all(p.per_seq is not None for p in parts):
+        return HeadMetrics.from_per_seq({m: torch.cat([p.per_seq[m] for p in parts]) for m in METRICS})
     w = torch.tensor([p.n_sequences for p in parts], dtype=torch.float64)
     out = {}
     for m in METRICS:

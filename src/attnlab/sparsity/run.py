@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -30,8 +30,12 @@ log = logging.getLogger(__name__)
 
 
 def _warn(info: dict, quiet: bool, msg: str) -> None:
-    """Log a warning (the CLI shows warnings on stderr even with --quiet) and keep it in the results."""
-    log.warning(msg)
+    """Log a warning (the CLI shows warnings on stderr even with --quiet; rank 0 only under torchrun) and keep it in
+    the results."""
+    from ..distributed import is_main_process
+
+    if is_main_process():
+        log.warning(msg)
     info.setdefault("warnings", []).append(msg)
 # Focused default: the learned predictors, two fixed patterns and the oracle bound; methods=METHODS (`--all`,
 # every predictor registered with tag 'default') adds distance-thr, lsh, routing, longformer and strided.
@@ -85,7 +89,7 @@ class EntmaxModel:
     eval_ids: torch.Tensor
     down_ids: torch.Tensor
     info: dict
-    task: Callable[[torch.Tensor], Any]
+    task: Callable[..., Any]  # (ids, shard) -> downstream task
 
 
 #: How to get an entmax model for ``--model``: 'small' trains / loads ours; any other name is an HF model.
@@ -126,11 +130,12 @@ def _small_model(run, name, train, checkpoint, resume, quiet, tokenizer, n_fit, 
             "setting_id": "small|" + fingerprint({"model": net.cfg.to_dict(), "train": asdict(tcfg)},
                                                  ignore=("checkpoint_every", "device")), **notes}
     return EntmaxModel(SmallSource(net), alphas, vmap(fitw), vmap(held[:n_eval]), vmap(held[n_eval:]), info,
-                       lambda ids: LMTask(net, ids, tcfg.objective, seed))
+                       lambda ids, shard=None: LMTask(net, ids, tcfg.objective, seed, shard))
 
 
 @ENTMAX_MODELS.register("hf", help="an HF model (name or folder, e.g. minilm) with softmax swapped for entmax")
-def _hf_model(run, name, train, quiet, n_fit, n_eval, n_down, hf_seq_len, hf_finetune_steps, seed, **_) -> EntmaxModel:
+def _hf_model(run, name, train, quiet, n_fit, n_eval, n_down, hf_seq_len, hf_finetune_steps, seed, main=True,
+              **_) -> EntmaxModel:
     from ..capture.corpus import token_windows
     from ..sources.hf import load_model
     from .evaluate import HiddenTask
@@ -148,7 +153,8 @@ def _hf_model(run, name, train, quiet, n_fit, n_eval, n_down, hf_seq_len, hf_fin
     _check_split(fitw[:n_fit], held, n_fit, n_eval, n_down, notes)
     ft_windows = fitw[n_fit:] if len(fitw) > n_fit else fitw[:n_fit]
     mlm_eval = held[n_eval:][:32] if len(held) > n_eval else held[:32]
-    rec = entmax_finetuned(net, ft_windows, mlm_eval, ft, probe_windows=fitw[:n_fit][:64], quiet=quiet)
+    # under torchrun rank 0 fine-tunes (and caches); the others load the cached weights and skip the MLM probes
+    rec = entmax_finetuned(net, ft_windows, mlm_eval, ft, probe_windows=fitw[:n_fit][:64], quiet=quiet, probes=main)
     source = (f"{name} with entmax-{alpha:g} attention, fine-tuned {hf_finetune_steps} self-distillation steps"
               + (" (cached weights)" if rec.get("cached") else "")) if hf_finetune_steps > 0 else \
         f"{name} with entmax-{alpha:g} swapped in, NOT fine-tuned (--hf-finetune-steps 0)"
@@ -162,7 +168,7 @@ def _hf_model(run, name, train, quiet, n_fit, n_eval, n_down, hf_seq_len, hf_fin
     info = {"kind": "hf", **net.describe(), "gold_graphs_from": source, "finetune": rec, "warnings": warnings,
             "setting_id": f"{name}|entmax-{alpha:g}|finetune:{rec['key'] if hf_finetune_steps > 0 else 'none'}"}
     return EntmaxModel(net, [alpha] * net.n_layers, fitw[:n_fit], held[:n_eval], held[n_eval:], info,
-                       lambda ids: HiddenTask(net, ids))
+                       lambda ids, shard=None: HiddenTask(net, ids, shard=shard))
 
 
 def sparsity(
@@ -187,9 +193,22 @@ def sparsity(
     a finished section with the same config is
     returned as is, a cached checkpoint is reused and an interrupted training continues from its partial
     checkpoint (``entmax_model.partial.safetensors``, every ``train.checkpoint_every`` steps).
+
+    Under torchrun (``python -m torch.distributed.run --nproc-per-node K -m attnlab sparsity run ...``; gloo, also
+    with ``--device cuda``, where each rank's model runs on its own GPU) rank 0 prepares the model (training / fine-tuning, cached) while the others wait and
+    then load it; every rank captures its round-robin share of the fit, evaluation and downstream windows, learned
+    predictors fit data-parallel (global minibatches, all-reduced gradients and statistics, per-window seeded
+    sampling), per-window metrics are gathered in window order and downstream sums all-reduced, so every rank holds
+    the numbers of one process (to float tolerance); rank 0 alone writes the run directory. ``sharded_seconds``
+    times that sharded part (capture + fit + sweep + downstream); ``ranks`` lists each rank's windows and times.
     """
-    from .evaluate import capture_layers, downstream, fit_layers, sweep_method
+    from ..distributed import (WindowShard, barrier, device_for, gather_lists, init_distributed, require_work_per_rank,
+                               shard_indices)
+    from .evaluate import capture_layers, downstream, fit_layers, gold_density as gold_density_of, sweep_method
     from .predictors import PREDICTORS, Projector
+
+    def shard_of(ids: torch.Tensor, d) -> torch.Tensor:  # this rank's windows (round-robin)
+        return ids[shard_indices(len(ids), d)]
 
     train = train or EntmaxTrainConfig()
     methods = list(methods or DEFAULT_METHODS)  # --all: every PREDICTORS.names("default")
@@ -208,18 +227,31 @@ def sparsity(
               "hf_seq_len": hf_seq_len, "hf_finetune_steps": hf_finetune_steps, "loss": loss,
               "force_window": force_window, "force_cls": force_cls, "predictor_path": predictor_path,
               "authors_defaults": authors_defaults, "score_rank": score_rank}
+    # gloo even with --device cuda: every collective of this workload moves CPU tensors (gradients, float64 sums,
+    # pickled samples and metrics); the model itself runs on this rank's device (device_for)
+    dist = init_distributed("cpu")
+    quiet = quiet or not dist.is_main  # rank 0 logs progress
     prev = run.section(SECTION)
     if resume and prev and prev.get("config") == config and prev.get("complete"):
         _log(quiet, f"{run.path}: section '{SECTION}' already complete (resume); delete it or pass --no-resume to redo")
         return prev
-    run.write_config(SECTION, config)
+    barrier(dist)  # every rank has read the section before rank 0 writes anything
+    if dist.is_main:
+        run.write_config(SECTION, config)
     seed_everything(seed)
     t_start = time.time()
     info: dict = {"config": config, "complete": False}
 
-    em = _entmax_model(model)(run=run, name=model, train=train, checkpoint=checkpoint, resume=resume, quiet=quiet,
-                              tokenizer=tokenizer, n_fit=n_fit, n_eval=n_eval, n_down=n_down, hf_seq_len=hf_seq_len,
-                              hf_finetune_steps=hf_finetune_steps, seed=seed)
+    # rank 0 trains / fine-tunes (cached); the others wait, then load the cached model (no second training)
+    local_train = replace(train, device=device_for(dist, train.device))
+    prep = dict(run=run, name=model, train=local_train, checkpoint=checkpoint, quiet=quiet, tokenizer=tokenizer,
+                n_fit=n_fit, n_eval=n_eval, n_down=n_down, hf_seq_len=hf_seq_len, hf_finetune_steps=hf_finetune_steps,
+                seed=seed)
+    if dist.is_main:
+        em = _entmax_model(model)(resume=resume, **prep)
+    barrier(dist)
+    if not dist.is_main:
+        em = _entmax_model(model)(resume=True, main=False, **prep)
     net, alpha, fit_ids, eval_ids, down_ids = em.source, em.alphas, em.fit_ids, em.eval_ids, em.down_ids
     setting_id = em.info.pop("setting_id")
     for w in em.info.pop("warnings", []):
@@ -235,12 +267,27 @@ def sparsity(
     if len(fit_ids) < n_fit:
         _warn(info, quiet, f"only {len(fit_ids)} fit windows available (--n-fit {n_fit} asked)")
 
-    _log(quiet, f"capturing q/k and gold entmax graphs ({len(fit_ids)} fit, {len(eval_ids)} eval windows)")
+    require_work_per_rank(len(fit_ids), dist, "--n-fit")
+    require_work_per_rank(len(eval_ids), dist, "--n-eval")
+    do_down = n_down > 0 and len(down_ids) > 0
+    if do_down:
+        require_work_per_rank(len(down_ids), dist, "--n-down")
+    fit_shard, ev_shard = WindowShard(len(fit_ids), dist), WindowShard(len(eval_ids), dist)
+    down_shard = WindowShard(len(down_ids), dist)
+    mine = {"rank": dist.rank, "windows": {"fit": fit_shard.n_local, "eval": ev_shard.n_local,
+                                           "down": down_shard.n_local if do_down else 0}}
+    if dist.enabled:
+        _logger.info(f"rank {dist.rank}/{dist.world_size}: {mine['windows']['fit']} fit, {mine['windows']['eval']} eval, "
+                     f"{mine['windows']['down']} downstream windows")
+    barrier(dist)
+    t_work = time.perf_counter()  # the sharded part starts: capture, fit, sweep, downstream
+    _log(quiet, f"capturing q/k and gold entmax graphs ({len(fit_ids)} fit, {len(eval_ids)} eval windows"
+                f"{f' over {dist.world_size} processes' if dist.enabled else ''})")
     t0 = time.time()
-    fit = capture_layers(net, fit_ids, alpha=alpha)
-    ev = capture_layers(net, eval_ids, alpha=alpha)
-    info["capture_seconds"] = time.time() - t0
-    gold_density = [d.density() for d in ev]
+    fit = capture_layers(net, shard_of(fit_ids, dist), alpha=alpha)
+    ev = capture_layers(net, shard_of(eval_ids, dist), alpha=alpha)
+    info["capture_seconds"] = mine["capture_seconds"] = time.time() - t0
+    gold_density = gold_density_of(ev, ev_shard)
     info["gold"] = {"density_per_layer": gold_density, "sparsity": 1.0 - sum(gold_density) / len(gold_density),
                     "seq_len": ev[0].n, "n_layers": len(ev), "n_heads": ev[0].q.shape[1], "d_head": ev[0].q.shape[-1]}
     _log(quiet, f"gold graph sparsity {info['gold']['sparsity']:.3f} (per layer {[round(1 - d, 3) for d in gold_density]})")
@@ -263,10 +310,10 @@ def sparsity(
                 p.force_window, p.force_cls = int(force_window), bool(force_cls)
         else:
             fitted[m] = fit_layers(m, fit, rank=rank, epochs=epochs, seed=seed, projectors=projectors,
-                                   force_window=force_window, force_cls=force_cls,
+                                   force_window=force_window, force_cls=force_cls, shard=fit_shard,
                                    **({"score_rank": score_rank} if m in PREDICTORS.names("trained") else {}))
         fit_seconds[m] = time.time() - t0
-        results[m] = sweep_method(m, fitted[m], ev, target=TARGET)
+        results[m] = sweep_method(m, fitted[m], ev, target=TARGET, shard=ev_shard)
         results[m]["fit_seconds"] = fit_seconds[m]
         r = results[m][f"recall_at_{TARGET:g}"]
         _log(quiet, f"  {m:14s} recall@{TARGET:g} = {'n/a' if r is None else f'{r:.3f}'}  "
@@ -275,15 +322,19 @@ def sparsity(
     info["methods"] = results
     info["recall_at_0.9"] = {m: results[m][f"recall_at_{TARGET:g}"] for m in methods}
     info["comparison"] = compare_methods(results, TARGET)
-    if not predictor_path:
+    mine["fit_seconds"] = sum(fit_seconds.values())
+    mine["sweep_seconds"] = sum(r["seconds"] for r in results.values())
+    if not predictor_path and dist.is_main:
         from .predictors.persist import save_predictors
 
         info["predictors"] = save_predictors(run.file(PREDICTORS_FILE), fitted, setting).name
     info["setting"] = setting
 
-    if n_down > 0 and len(down_ids):  # (an empty downstream split was reported by _check_split)
+    t0 = time.time()
+    if do_down:  # (an empty downstream split was reported by _check_split)
         _log(quiet, f"downstream: attention restricted to predicted graphs ({len(down_ids)} windows)")
-        info["downstream"] = downstream(net, em.task(down_ids), alpha, fitted, results, targets)
+        info["downstream"] = downstream(net, em.task(shard_of(down_ids, dist), down_shard), alpha, fitted, results,
+                                        targets)
     elif n_down > 0:
         reason = (f"downstream evaluation NOT run: no held-out windows left after the {len(eval_ids)} evaluation "
                   f"windows (--n-down {n_down} asked); use a larger corpus or lower --n-eval")
@@ -291,7 +342,13 @@ def sparsity(
         info["downstream"] = {"skipped": reason}
     else:
         info["downstream"] = {"skipped": "downstream evaluation not requested (--n-down 0)"}
-
+    info["downstream_seconds"] = mine["downstream_seconds"] = time.time() - t0
+    info["sharded_seconds"] = mine["sharded_seconds"] = time.perf_counter() - t_work
+    info["world_size"] = dist.world_size
+    info["ranks"] = gather_lists([mine], dist, to_all=True)
+    if not dist.is_main:  # rank 0 writes the run directory
+        barrier(dist)
+        return info
     _write_artifacts(run, info, results, ev)
     from ..report.views import save_sparsity_views
 
@@ -299,6 +356,7 @@ def sparsity(
     info["wall_s"] = time.time() - t_start
     info["complete"] = True
     run.write_section(SECTION, info)
+    barrier(dist)  # the others return once the section is written
     return info
 
 

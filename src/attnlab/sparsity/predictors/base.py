@@ -60,8 +60,12 @@ class BasePredictor:
         self.fitted = False
 
     # -- protocol -------------------------------------------------------------------------------
-    def fit(self, q: Tensor, k: Tensor, gold: Tensor, valid: Optional[Tensor] = None) -> "BasePredictor":
-        """Learn from one layer's q, k (B, H, N, dh) and gold graph; returns self. Default: nothing to learn."""
+    def fit(self, q: Tensor, k: Tensor, gold: Tensor, valid: Optional[Tensor] = None,
+            shard: Any = None) -> "BasePredictor":
+        """Learn from one layer's q, k (B, H, N, dh) and gold graph; returns self. Default: nothing to learn.
+
+        ``shard`` (:class:`attnlab.distributed.WindowShard`): the windows are this rank's share of a torchrun run;
+        learned predictors then fit data-parallel and every rank ends with the same state (None: all windows)."""
         check_qk(q, k)
         self.d_head = q.shape[-1]
         self.fitted = True

@@ -45,7 +45,7 @@ class WindowPredictor(BasePredictor):
 
 class BigBirdPredictor(BasePredictor):
     """BigBird-style (token level): window + ``n_global`` first tokens (both ways) + ``n_random`` random keys
-    per query (seeded, fixed per call). Knob: ``window``."""
+    per query (seeded per head and query, the same for every sequence). Knob: ``window``."""
 
     name = "bigbird"
     knob = "window"
@@ -66,10 +66,10 @@ class BigBirdPredictor(BasePredictor):
         g = band(nq, nk, int(self.window), q.device).expand(B, H, -1, -1).clone()
         g[..., : self.n_global, :] = True
         g[..., :, : self.n_global] = True
-        if self.n_random:
+        if self.n_random:  # one seeded draw per (head, query), the same for every window (batch- and shard-invariant)
             gen = torch.Generator().manual_seed(self.seed)
-            r = torch.randint(nk, (B, H, nq, self.n_random), generator=gen).to(q.device)
-            g.scatter_(-1, r, True)
+            r = torch.randint(nk, (H, nq, self.n_random), generator=gen).to(q.device)
+            g.scatter_(-1, r.expand(B, -1, -1, -1), True)
         return g
 
     def grid(self, n: int) -> list:
@@ -142,10 +142,10 @@ class RoutingPredictor(KMeansPredictor):
     def _embed(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
         return F.normalize(q.float(), dim=-1), F.normalize(k.float(), dim=-1)
 
-    def fit(self, q, k, gold, valid=None):
+    def fit(self, q, k, gold, valid=None, shard=None):
         """Keep a sample of normalised q and k per head for k-means (fitted lazily per n_clusters)."""
         super().fit(q, k, gold, valid)
-        self._keep_points(q, k)
+        self._keep_points(q, k, shard)
         return self
 
     def cost(self, n: int, pairs=None) -> float:

@@ -12,8 +12,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ...distributed import WindowShard
 from ...errors import ConfigError
 from .base import BasePredictor
+from .dataparallel import POINTS, pooled_sample, shard_of
 from .distance import Projector
 
 
@@ -77,14 +79,14 @@ class KMeansPredictor(BasePredictor):
         if self.top not in (1, 2):
             raise ConfigError(f"--top must be 1 or 2 (got {self.top})")
 
-    def _keep_points(self, q: Tensor, k: Tensor) -> None:
-        """Keep at most ``max_points`` embedded fit vectors per head (seeded sample) and reset the centroids."""
+    def _keep_points(self, q: Tensor, k: Tensor, shard: Optional[WindowShard] = None) -> None:
+        """Keep at most ``max_points`` embedded fit vectors per head (drawn evenly from every window of the shard,
+        seeded per window, gathered in window order) and reset the centroids."""
+        shard = shard_of(shard, q.shape[0])
         with torch.no_grad():
             eq, ek = self._embed(q.cpu(), k.cpu())
-            pts = torch.cat([eq, ek], dim=2).transpose(0, 1).reshape(q.shape[1], -1, eq.shape[-1])  # (H, M, d)
-            if pts.shape[1] > self.max_points:
-                g = torch.Generator().manual_seed(self.seed)
-                pts = pts[:, torch.randperm(pts.shape[1], generator=g)[: self.max_points]]
+            per_window = list(torch.cat([eq, ek], dim=2))  # (H, 2N, d) each
+            pts = pooled_sample(shard, per_window, self.max_points, self.seed, POINTS, dim=1)  # (H, M, d)
         self._points, self._centroids = pts, {}
 
     def centroids(self) -> Tensor:
@@ -126,12 +128,12 @@ class ClusteringPredictor(KMeansPredictor):
     def _embed(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
         return self.projector.project(q, k)
 
-    def fit(self, q, k, gold, valid=None):
+    def fit(self, q, k, gold, valid=None, shard: Optional[WindowShard] = None):
         """Train the projections (unless shared and fitted) and keep a sample of projected points for k-means."""
         super().fit(q, k, gold, valid)
         if self.projector.wq is None:
-            self.projector.fit(q, k, gold, valid)
-        self._keep_points(q, k)
+            self.projector.fit(q, k, gold, valid, shard=shard)
+        self._keep_points(q, k, shard)
         return self
 
     def cost(self, n: int, pairs=None) -> float:

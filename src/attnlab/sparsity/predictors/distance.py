@@ -15,14 +15,16 @@ fitted pair distances, so ``quantile`` ~ predicted density) or each query's k ne
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
 
+from ...distributed import WindowShard, window_generator
 from ...errors import ConfigError
 from ..graphs import check_qk, full_valid
 from .base import BasePredictor, int_grid, select_cost, topk_graph
+from .dataparallel import CALIB, PAIRS, fit_minibatches, head_std, pooled_sample, shard_of
 
 
 class Projector:
@@ -62,59 +64,65 @@ class Projector:
         """Learned tensors (for safetensors)."""
         return {"wq": self.wq, "wk": self.wk, "bq": self.bq, "bk": self.bk, "scale": self.scale}
 
-    def fit(self, q: Tensor, k: Tensor, gold: Tensor, valid: Optional[Tensor] = None) -> "Projector":
-        """Train the projections on one layer's q, k (B, H, N, dh) and gold graph with the margin loss."""
+    def fit(self, q: Tensor, k: Tensor, gold: Tensor, valid: Optional[Tensor] = None,
+            shard: Optional[WindowShard] = None) -> "Projector":
+        """Train the projections on one layer's q, k (B, H, N, dh) and gold graph with the margin loss.
+
+        ``shard``: the windows are this rank's share of a torchrun run; training is data-parallel over every rank's
+        windows (see :mod:`.dataparallel`) and every rank ends with the same projections. Training runs in float64;
+        the learned tensors are stored as float32."""
         check_qk(q, k)
         B, H, N, dh = q.shape
+        shard = shard_of(shard, B)
         g = torch.Generator().manual_seed(self.seed)
         q, k = q.detach().float().cpu(), k.detach().float().cpu()
         gold = gold.bool().cpu()
         v = full_valid(None if valid is None else valid.cpu(), tuple(gold.shape))
-        self.scale = torch.cat([q, k], dim=2).transpose(0, 1).reshape(H, -1).std(dim=1).clamp(min=1e-6).view(H, 1, 1)
-        init = lambda: torch.randn(H, dh, self.rank, generator=g) / math.sqrt(dh)  # noqa: E731
+        scale = head_std(shard, torch.cat([q, k], dim=2)).clamp(min=1e-6).view(H, 1, 1)
+        init = lambda: (torch.randn(H, dh, self.rank, generator=g) / math.sqrt(dh)).double()  # noqa: E731
         wq = init().requires_grad_()
         wk = wq if self.shared else init().requires_grad_()
-        bq = torch.zeros(H, 1, self.rank, requires_grad=True)
-        bk = bq if self.shared else torch.zeros(H, 1, self.rank, requires_grad=True)
+        bq = torch.zeros(H, 1, self.rank, dtype=torch.float64, requires_grad=True)
+        bk = bq if self.shared else torch.zeros(H, 1, self.rank, dtype=torch.float64, requires_grad=True)
         params = [wq, bq] if self.shared else [wq, wk, bq, bk]
         opt = torch.optim.Adam(params, lr=self.lr)
-        qs, ks = q / self.scale, k / self.scale
-        self.history = []
-        for _ in range(self.epochs):
-            perm = torch.randperm(B, generator=g)
-            total, count = 0.0, 0
-            for idx in perm.split(self.batch_size):
-                pq, pk = qs[idx] @ wq + bq, ks[idx] @ wk + bk
-                d = torch.cdist(pq, pk).pow(2)  # (b, H, N, N)
-                pos, neg = sample_pairs(gold[idx], v[idx], g)
-                used = pos.any(-1)
-                if not bool(used.any()):
-                    continue
-                if self.loss == "sum":
-                    row = torch.relu(self.margin + (d * pos).sum(-1) - (d * neg).sum(-1))
-                    loss = row[used].mean()
-                else:  # pair the i-th sampled positive with the i-th sampled negative (index order)
-                    m = int(pos.sum(-1).max())
-                    ip, ineg = pos.argsort(dim=-1, descending=True, stable=True)[..., :m], \
-                        neg.argsort(dim=-1, descending=True, stable=True)[..., :m]
-                    ok = torch.arange(m) < pos.sum(-1, keepdim=True)
-                    hinge = torch.relu(self.margin + d.gather(-1, ip) - d.gather(-1, ineg))
-                    loss = hinge[ok].mean()
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                total, count = total + float(loss.detach()) * int(used.sum()), count + int(used.sum())
-            self.history.append(total / max(count, 1))
-        self.wq, self.bq = wq.detach(), bq.detach()
-        self.wk, self.bk = wk.detach(), bk.detach()
+        qs, ks = q.double() / scale, k.double() / scale
+
+        def batch_loss(idx: list[int], glob: list[int], epoch: int):
+            pq, pk = qs[idx] @ wq + bq, ks[idx] @ wk + bk
+            d = torch.cdist(pq, pk).pow(2)  # (b, H, N, N)
+            pos, neg = sample_pairs(gold[idx], v[idx], [window_generator(self.seed, PAIRS, epoch, w) for w in glob])
+            used = pos.any(-1)
+            if not bool(used.any()):
+                return None, 0
+            if self.loss == "sum":
+                row = torch.relu(self.margin + (d * pos).sum(-1) - (d * neg).sum(-1))
+                return row[used].sum(), int(used.sum())
+            # pair the i-th sampled positive with the i-th sampled negative (index order)
+            m = int(pos.sum(-1).max())
+            ip, ineg = pos.argsort(dim=-1, descending=True, stable=True)[..., :m], \
+                neg.argsort(dim=-1, descending=True, stable=True)[..., :m]
+            ok = torch.arange(m) < pos.sum(-1, keepdim=True)
+            hinge = torch.relu(self.margin + d.gather(-1, ip) - d.gather(-1, ineg))
+            return hinge[ok].sum(), int(ok.sum())
+
+        self.history = fit_minibatches(params, opt, shard, self.epochs, self.batch_size, g, batch_loss)
+        self.scale = scale.float()
+        self.wq, self.bq = wq.detach().float(), bq.detach().float()
+        self.wk, self.bk = wk.detach().float(), bk.detach().float()
         return self
 
 
-def sample_pairs(gold: Tensor, valid: Tensor, g: torch.Generator) -> tuple[Tensor, Tensor]:
-    """Per query, m = min(#gold, #non-gold valid) random gold keys and m random non-gold valid keys (masks)."""
+def sample_pairs(gold: Tensor, valid: Tensor, g: torch.Generator | Sequence[torch.Generator]) -> tuple[Tensor, Tensor]:
+    """Per query, m = min(#gold, #non-gold valid) random gold keys and m random non-gold valid keys (masks).
+
+    ``g``: one generator, or one per window (batch row) so that a window's draw does not depend on its batch."""
     posm, negm = gold & valid, valid & ~gold
     m = torch.minimum(posm.sum(-1, keepdim=True), negm.sum(-1, keepdim=True))
-    u = torch.rand(gold.shape, generator=g)
+    if isinstance(g, torch.Generator):
+        u = torch.rand(gold.shape, generator=g)
+    else:
+        u = torch.stack([torch.rand(gold.shape[1:], generator=gi) for gi in g])
 
     def pick(mask: Tensor) -> Tensor:
         key = torch.where(mask, u, torch.full_like(u, 2.0))
@@ -138,6 +146,7 @@ class DistancePredictor(BasePredictor):
         self.name = f"distance-{'thr' if mode == 'threshold' else 'knn'}"
         self.projector = projector or Projector(rank, shared, epochs, lr, margin, seed=seed)
         self._dists: Optional[Tensor] = None  # (H, S) sorted sample of fitted valid-pair distances
+        self._thresholds: dict = {}  # (sample, quantile) -> per-head thresholds
         self._check()
 
     def _check(self) -> None:
@@ -148,25 +157,22 @@ class DistancePredictor(BasePredictor):
         if self.mode == "knn" and self.k < 0:
             raise ConfigError(f"--k must be >= 0 (got {self.k})")
 
-    def fit(self, q, k, gold, valid=None):
-        """Train the projections (unless the projector is already fitted) and calibrate thresholds."""
+    def fit(self, q, k, gold, valid=None, shard: Optional[WindowShard] = None):
+        """Train the projections (unless the projector is already fitted) and calibrate thresholds on a sample of
+        fitted valid-pair distances (at most ``calib_samples`` per head, drawn evenly from every window)."""
         super().fit(q, k, gold, valid)
+        shard = shard_of(shard, q.shape[0])
         if self.projector.wq is None:
-            self.projector.fit(q, k, gold, valid)
+            self.projector.fit(q, k, gold, valid, shard=shard)
         with torch.no_grad():
             pq, pk = self.projector.project(q.cpu(), k.cpu())
             d = torch.cdist(pq, pk)  # (B, H, N, N)
             v = full_valid(None if valid is None else valid.cpu(), tuple(d.shape))
-            H = d.shape[1]
-            per_head = []
-            g = torch.Generator().manual_seed(self.projector.seed)
-            for h in range(H):
-                x = d[:, h][v[:, h]]
-                if x.numel() > self.calib_samples:
-                    x = x[torch.randperm(x.numel(), generator=g)[: self.calib_samples]]
-                per_head.append(x.sort().values)
-            size = min(x.numel() for x in per_head)
-            self._dists = torch.stack([x[torch.linspace(0, x.numel() - 1, size).long()] for x in per_head])
+            # the valid mask is shared by heads: one (H, M_b) block of valid-pair distances per window
+            per_window = [d[b][:, v[b, 0]] for b in range(d.shape[0])]
+            pool = pooled_sample(shard, per_window, self.calib_samples, self.projector.seed, CALIB)
+            self._dists = pool.sort(dim=1).values
+            self._thresholds.clear()
         return self
 
     def thresholds(self) -> Tensor:
@@ -174,7 +180,10 @@ class DistancePredictor(BasePredictor):
         self._require_fit()
         if self.quantile >= 1.0:
             return torch.full((self._dists.shape[0],), float("inf"))
-        return torch.quantile(self._dists, self.quantile, dim=1)
+        key = (self._dists.data_ptr(), tuple(self._dists.shape), float(self.quantile))
+        if key not in self._thresholds:  # shared by the with_knob copies: one quantile per knob in a sweep
+            self._thresholds[key] = torch.quantile(self._dists, self.quantile, dim=1)
+        return self._thresholds[key]
 
     def distances(self, q: Tensor, k: Tensor) -> Tensor:
         """Projected distances (B, H, Nq, Nk)."""

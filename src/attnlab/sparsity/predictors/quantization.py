@@ -26,8 +26,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ...distributed import WindowShard
 from ...errors import ConfigError
 from .base import BasePredictor
+from .dataparallel import KEYS, pooled_sample, shard_of
 from .distance import Projector
 
 
@@ -52,18 +54,17 @@ class QuantizationPredictor(BasePredictor):
         if int(self.n_buckets) < 1:
             raise ConfigError(f"--n-buckets must be >= 1 (got {self.n_buckets})")
 
-    def fit(self, q, k, gold, valid=None):
-        """Train the projections (unless the shared projector is already fitted)."""
+    def fit(self, q, k, gold, valid=None, shard: Optional[WindowShard] = None):
+        """Train the projections (unless the shared projector is already fitted) and keep a sorted sample of the
+        fit keys' projections (at most ``max_points`` per head and coordinate, drawn evenly from every window)."""
         super().fit(q, k, gold, valid)
+        shard = shard_of(shard, q.shape[0])
         if self.projector.wq is None:
-            self.projector.fit(q, k, gold, valid)
+            self.projector.fit(q, k, gold, valid, shard=shard)
         with torch.no_grad():
             _, pk = self.projector.project(q.cpu(), k.cpu())  # (B, H, N, r)
-            pts = pk.transpose(0, 1).reshape(pk.shape[1], -1, pk.shape[-1]).transpose(1, 2)  # (H, r, B*N)
-            if pts.shape[-1] > self.max_points:
-                g = torch.Generator().manual_seed(self.projector.seed)
-                pts = pts[..., torch.randperm(pts.shape[-1], generator=g)[: self.max_points]]
-            self._keys = pts.sort(dim=-1).values
+            per_window = [x.transpose(1, 2) for x in pk]  # (H, r, N) each
+            self._keys = pooled_sample(shard, per_window, self.max_points, self.projector.seed, KEYS).sort(dim=-1).values
         return self
 
     def boundaries(self) -> Tensor:

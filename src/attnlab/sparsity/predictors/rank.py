@@ -29,9 +29,11 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ...distributed import WindowShard
 from ...errors import ConfigError
 from ..graphs import check_qk, full_valid
 from .base import BasePredictor, select_cost
+from .dataparallel import CALIB, fit_minibatches, global_sum, head_std, pooled_sample, shard_of
 
 
 class RankPredictor(BasePredictor):
@@ -54,6 +56,7 @@ class RankPredictor(BasePredictor):
         self.gold_density: Optional[Tensor] = None  # (H,) on the fit data
         self._gaps: Optional[Tensor] = None  # (H, S) sorted sample of fitted gaps to the row max
         self.history: list[float] = []
+        self._thresholds: dict = {}  # (gaps, density, per-head) -> thresholds, shared by with_knob copies
         self._check()
 
     def _check(self) -> None:
@@ -83,64 +86,60 @@ class RankPredictor(BasePredictor):
         return torch.where(v, m - s, torch.full_like(s, float("inf")))
 
     # -- fitting ---------------------------------------------------------------------------------------------
-    def fit(self, q: Tensor, k: Tensor, gold: Tensor, valid: Optional[Tensor] = None) -> "RankPredictor":
-        """Train W_q, W_k, u with the ranking loss on one layer's q, k (B, H, N, dh) and gold graph; calibrate gaps."""
+    def fit(self, q: Tensor, k: Tensor, gold: Tensor, valid: Optional[Tensor] = None,
+            shard: Optional[WindowShard] = None) -> "RankPredictor":
+        """Train W_q, W_k, u with the ranking loss on one layer's q, k (B, H, N, dh) and gold graph; calibrate gaps.
+
+        ``shard``: data-parallel over every rank's windows (see :mod:`.dataparallel`); training runs in float64,
+        the learned tensors are stored as float32."""
         super().fit(q, k, gold, valid)
         check_qk(q, k)
         B, H, N, dh = q.shape
+        shard = shard_of(shard, B)
         r = min(self.rank, dh)
         g = torch.Generator().manual_seed(self.seed)
         q, k, gold = q.detach().float().cpu(), k.detach().float().cpu(), gold.bool().cpu()
         v = full_valid(None if valid is None else valid.cpu(), tuple(gold.shape))
-        self.scale = torch.cat([q, k], dim=2).transpose(0, 1).reshape(H, -1, dh).std(dim=(1, 2)).clamp(min=1e-6).view(H, 1, 1)
-        qs, ks = q / self.scale, k / self.scale
+        scale = head_std(shard, torch.cat([q, k], dim=2)).clamp(min=1e-6).view(H, 1, 1)
+        qs, ks = q.double() / scale, k.double() / scale
         x = torch.cat([qs, ks], dim=2).transpose(0, 1).reshape(H, -1, dh)
-        cov = x.transpose(1, 2) @ x / x.shape[1]
-        evecs = torch.linalg.eigh(cov).eigenvectors[..., -r:]  # (H, dh, r), top-r
+        xtx, count = global_sum(shard, x.transpose(1, 2) @ x, torch.tensor(float(x.shape[1])))
+        evecs = torch.linalg.eigh(xtx / count).eigenvectors[..., -r:]  # (H, dh, r), top-r
         # scale so that s' starts at the true score's size (q.k / sqrt(dh) in standardised units times scale^2)
-        init = evecs * (self.scale.view(H, 1, 1) ** 2 / math.sqrt(dh)) ** 0.5
+        init = evecs * (scale.view(H, 1, 1) ** 2 / math.sqrt(dh)) ** 0.5
         wq, wk = init.clone().requires_grad_(), init.clone().requires_grad_()
-        u = torch.zeros(H, dh, requires_grad=True)
+        u = torch.zeros(H, dh, dtype=torch.float64, requires_grad=True)
         opt = torch.optim.Adam([wq, wk, u], lr=self.lr)
         g_pos = gold & v
-        self.history = []
-        for _ in range(self.epochs):
-            total, count = 0.0, 0
-            for idx in torch.randperm(B, generator=g).split(self.batch_size):
-                s = (qs[idx] @ wq) @ (ks[idx] @ wk).transpose(-1, -2) + (ks[idx] * u.unsqueeze(1)).sum(-1).unsqueeze(-2)
-                pos, vv = g_pos[idx], v[idx]
-                neg = vv & ~pos
-                lse_neg = s.masked_fill(~neg, float("-inf")).logsumexp(-1, keepdim=True)  # (b, H, N, 1)
-                # -log(e^s / (e^s + sum_neg)) = softplus(lse_neg - s); rows without negatives contribute 0
-                per = torch.nn.functional.softplus(lse_neg - s)
-                per = torch.where(torch.isfinite(lse_neg) & pos, per, torch.zeros_like(per))
-                npos = pos.sum(-1)
-                rows = npos > 0
-                if not bool(rows.any()):
-                    continue
-                loss = (per.sum(-1)[rows] / npos[rows]).mean()
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                total, count = total + float(loss.detach()) * int(rows.sum()), count + int(rows.sum())
-            self.history.append(total / max(count, 1))
-        self.wq, self.wk, self.u = wq.detach(), wk.detach(), u.detach()
+
+        def batch_loss(idx: list[int], glob: list[int], epoch: int):
+            s = (qs[idx] @ wq) @ (ks[idx] @ wk).transpose(-1, -2) + (ks[idx] * u.unsqueeze(1)).sum(-1).unsqueeze(-2)
+            pos, vv = g_pos[idx], v[idx]
+            neg = vv & ~pos
+            lse_neg = s.masked_fill(~neg, float("-inf")).logsumexp(-1, keepdim=True)  # (b, H, N, 1)
+            # -log(e^s / (e^s + sum_neg)) = softplus(lse_neg - s); rows without negatives contribute 0
+            per = torch.nn.functional.softplus(lse_neg - s)
+            per = torch.where(torch.isfinite(lse_neg) & pos, per, torch.zeros_like(per))
+            npos = pos.sum(-1)
+            rows = npos > 0
+            if not bool(rows.any()):
+                return None, 0
+            return (per.sum(-1)[rows] / npos[rows]).sum(), int(rows.sum())
+
+        self.history = fit_minibatches([wq, wk, u], opt, shard, self.epochs, self.batch_size, g, batch_loss)
+        self._thresholds.clear()
+        self.scale = scale.float()
+        self.wq, self.wk, self.u = wq.detach().float(), wk.detach().float(), u.detach().float()
         with torch.no_grad():
-            self.gold_density = (g_pos.sum(dim=(0, 2, 3)).double() / v.sum(dim=(0, 2, 3)).clamp(min=1)).float()
-            per_head = []
+            n_pos, n_valid = global_sum(shard, g_pos.sum(dim=(0, 2, 3)), v.sum(dim=(0, 2, 3)))
+            self.gold_density = (n_pos / n_valid.clamp(min=1)).float()
+            per_window = []
             for s0 in range(0, B, self.batch_size):
                 sl = slice(s0, s0 + self.batch_size)
                 gap = self._gap(self.scores(q[sl], k[sl]), v[sl])
-                per_head.append(gap.transpose(0, 1).reshape(H, -1))
-            gaps = torch.cat(per_head, dim=1)
-            keep = []
-            for h in range(H):
-                x = gaps[h][torch.isfinite(gaps[h])]
-                if x.numel() > self.calib_samples:
-                    x = x[torch.randperm(x.numel(), generator=g)[: self.calib_samples]]
-                keep.append(x.sort().values)
-            size = min(x.numel() for x in keep)
-            self._gaps = torch.stack([x[torch.linspace(0, x.numel() - 1, size).long()] for x in keep])
+                # the valid mask is shared by heads: one (H, M_b) block of finite gaps per window
+                per_window += [x[:, vb[0]] for x, vb in zip(gap, v[sl])]
+            self._gaps = pooled_sample(shard, per_window, self.calib_samples, self.seed, CALIB).sort(dim=1).values
         return self
 
     # -- budgets and prediction --------------------------------------------------------------------------------
@@ -162,12 +161,17 @@ class RankPredictor(BasePredictor):
         return out
 
     def thresholds(self) -> Tensor:
-        """Per-head gap thresholds (H,) meeting ``head_density`` on the fit data."""
-        dens = self.head_density()
-        out = torch.empty_like(dens)
-        for h in range(len(dens)):
-            out[h] = float("inf") if dens[h] >= 1.0 else torch.quantile(self._gaps[h], float(dens[h]))
-        return out
+        """Per-head gap thresholds (H,) meeting ``head_density`` on the fit data (cached per budget; the cache is
+        shared by the ``with_knob`` copies, so a sweep computes each knob's quantiles once)."""
+        self._require_fit()
+        key = (self._gaps.data_ptr(), tuple(self._gaps.shape), float(self.density), bool(self.per_head_budget))
+        if key not in self._thresholds:
+            dens = self.head_density()
+            out = torch.empty_like(dens)
+            for h in range(len(dens)):
+                out[h] = float("inf") if dens[h] >= 1.0 else torch.quantile(self._gaps[h], float(dens[h]))
+            self._thresholds[key] = out
+        return self._thresholds[key]
 
     def _predict(self, q, k, valid):
         self._require_fit()
