@@ -132,7 +132,8 @@ class MLMProbe(torch.nn.Module):
         d = embeddings.shape[1]
         self.dense = torch.nn.Linear(d, d)
         self.norm = torch.nn.LayerNorm(d)
-        self.register_buffer("emb", embeddings.detach().clone())
+        # on the CPU in float32, where _masked_hidden puts the hidden states (the model may sit on a GPU)
+        self.register_buffer("emb", embeddings.detach().float().cpu().clone())
         self.bias = torch.nn.Parameter(torch.zeros(embeddings.shape[0]))
         with torch.no_grad():
             self.dense.weight.copy_(torch.eye(d))
