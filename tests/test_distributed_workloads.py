@@ -289,3 +289,20 @@ def test_sparsity_run_two_processes_equal_single(tmp_path):
     assert sorted(ta) == sorted(tb) and any(k.startswith("rank.") for k in ta)
     for k in ta:
         torch.testing.assert_close(tb[k], ta[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_global_batches_cover_every_window_and_balance_ranks():
+    """Data-parallel fitting: each epoch's batches hold every window once, do not depend on the number of ranks,
+    and give 1, 2 or 4 round-robin ranks equal shares of every full batch (no rank waits at the all-reduce)."""
+    from attnlab.sparsity.predictors.dataparallel import global_batches
+
+    for n, bs in [(32, 16), (40, 8), (37, 12)]:
+        batches = global_batches(n, bs, torch.Generator().manual_seed(3))
+        assert sorted(i for b in batches for i in b) == list(range(n))
+        assert batches == global_batches(n, bs, torch.Generator().manual_seed(3))
+        assert batches != global_batches(n, bs, torch.Generator().manual_seed(4))
+        if n % 4 == 0 and bs % 4 == 0:
+            for world in (2, 4):
+                for b in batches:
+                    shares = [sum(1 for i in b if i % world == r) for r in range(world)]
+                    assert len(set(shares)) == 1, (n, bs, world, shares)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from typing import NoReturn, Optional, Sequence
 
 import typer
@@ -132,8 +133,14 @@ def harden(cmd):
             _check_values(params, kwargs)
             if lock_out and kwargs.get("out") is not None:
                 with lock_output(kwargs["out"], "--out", kind):
-                    return orig(*args, **kwargs)
-            return orig(*args, **kwargs)
+                    out = orig(*args, **kwargs)
+            else:
+                out = orig(*args, **kwargs)
+            if "torch.distributed" in sys.modules:  # (commands that never load torch skip the import)
+                from .distributed import finish
+
+                finish()  # torchrun: every rank ends together (no-op in a single process)
+            return out
         except AttnlabError as e:
             fail(e)
         except KeyboardInterrupt:

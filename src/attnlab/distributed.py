@@ -57,6 +57,18 @@ def init_distributed(device: str = "cpu") -> DistInfo:
     return info
 
 
+def finish() -> None:
+    """Successful end of a command under torchrun: wait for every rank, then tear the group down. A rank that
+    finished early (its shard done, rank 0 still writing) would otherwise tear its gloo connections down under a
+    peer that still holds them, which can abort the process. A failing rank never gets here: torchrun stops the
+    others."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def _destroy_process_group() -> None:
     import torch.distributed as dist
 

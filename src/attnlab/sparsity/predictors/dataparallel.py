@@ -2,10 +2,11 @@
 
 Every rank holds the windows of a :class:`~attnlab.distributed.WindowShard` and ends with the same predictor state:
 
-* minibatches are global: the same permutation of global window indices on every rank (one generator seeded
-  alike); each rank computes the loss SUM over its own windows of the batch, the gradient sums and row counts are
-  all-reduced (float64) and divided by the global count before ``opt.step()`` (a rank without a window in the
-  batch contributes zeros); training runs in float64 so that the merge order changes nothing visible;
+* minibatches are global: the same shuffled units of consecutive global windows on every rank (one generator
+  seeded alike; :data:`UNIT` balances the ranks' shares of every batch); each rank computes the loss SUM over its
+  own windows of the batch, the gradient sums and row counts are all-reduced (float64) and divided by the global
+  count before ``opt.step()`` (a rank without a window in the batch contributes zeros); training runs in float64
+  so that the merge order changes nothing visible;
 * random draws that touch data (pair sampling, subsampled pools) come from generators seeded per
   (seed, purpose, epoch, global window), so they do not depend on the sharding;
 * global statistics (standard deviations, covariances, densities) are float64 sums all-reduced;
@@ -70,6 +71,20 @@ def pooled_sample(shard: WindowShard, per_window: Sequence[Tensor], total: int, 
     return torch.cat(shard.gather(picked), dim=dim)
 
 
+#: Windows ``UNIT*j .. UNIT*j + UNIT-1`` always share a minibatch (units are shuffled every epoch). With round-robin
+#: ownership every rank of a 1-, 2- or 4-process run then holds the same share of each batch, so no rank waits for
+#: another at the per-step all-reduce; the batches do not depend on the number of processes.
+UNIT = 4
+
+
+def global_batches(n: int, batch_size: int, g: torch.Generator, unit: int = UNIT) -> list[list[int]]:
+    """One epoch's minibatches of global window indices: shuffled units of ``unit`` consecutive windows, cut into
+    batches of ``batch_size`` (the same on every rank and for any number of ranks)."""
+    units = torch.randperm(-(-n // unit), generator=g).tolist()
+    order = [i for u in units for i in range(u * unit, min((u + 1) * unit, n))]
+    return [order[s:s + batch_size] for s in range(0, n, batch_size)]
+
+
 def fit_minibatches(params: Sequence[Tensor], opt: torch.optim.Optimizer, shard: WindowShard, epochs: int,
                     batch_size: int, g: torch.Generator,
                     batch_loss: Callable[[list[int], list[int], int], tuple[Optional[Tensor], int]]) -> list[float]:
@@ -83,8 +98,8 @@ def fit_minibatches(params: Sequence[Tensor], opt: torch.optim.Optimizer, shard:
     history = []
     for epoch in range(epochs):
         total, count = 0.0, 0.0
-        for idx in torch.randperm(shard.n, generator=g).split(batch_size):
-            glob = [int(i) for i in idx if int(i) % world == rank]
+        for idx in global_batches(shard.n, batch_size, g):
+            glob = [i for i in idx if i % world == rank]
             local = [i // world for i in glob]
             for p in params:
                 p.grad = None
