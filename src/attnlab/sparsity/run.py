@@ -195,8 +195,8 @@ def sparsity(
     checkpoint (``entmax_model.partial.safetensors``, every ``train.checkpoint_every`` steps).
 
     Under torchrun (``python -m torch.distributed.run --nproc-per-node K -m attnlab sparsity run ...``; gloo, also
-    with ``--device cuda``, where each rank's model runs on its own GPU) rank 0 prepares the model (training / fine-tuning, cached) while the others wait and
-    then load it; every rank captures its round-robin share of the fit, evaluation and downstream windows, learned
+    with ``--device cuda``, where each rank's model runs on its own GPU) rank 0 prepares the model (training /
+    fine-tuning, cached) while the others wait and then load it; every rank captures its round-robin share of the fit, evaluation and downstream windows, learned
     predictors fit data-parallel (global minibatches, all-reduced gradients and statistics, per-window seeded
     sampling), per-window metrics are gathered in window order and downstream sums all-reduced, so every rank holds
     the numbers of one process (to float tolerance); rank 0 alone writes the run directory. ``sharded_seconds``
