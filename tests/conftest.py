@@ -43,6 +43,22 @@ def tiny_hf(arch: str, seed: int = 0):
     return HFModel(model, None, arch, 2, n_heads, head_dim, 64, True)
 
 
+def save_tiny_bert(path, n_layers: int = 2, masked_lm: bool = True) -> str:
+    """A tiny random BERT (hidden 32, 2 heads, 64 positions) with MiniLM's tokenizer, saved as an HF folder at
+    ``path`` for commands that take ``--model``; returns the folder."""
+    from transformers import AutoTokenizer, BertConfig, BertForMaskedLM, BertModel
+
+    from attnlab.sources.hf import resolve_model_path
+
+    tok = AutoTokenizer.from_pretrained(resolve_model_path("minilm"))
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=n_layers, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=64)
+    (BertForMaskedLM if masked_lm else BertModel)(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
 @pytest.fixture(scope="session")
 def spectrum_run(tmp_path_factory, minilm):
     """A tiny finished spectrum run of MiniLM (layers 1 and 3, heads 0-2, 4 windows of 32 tokens) with its views."""

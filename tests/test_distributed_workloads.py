@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from attnlab.distributed import DistInfo, gather_ordered, shard, shard_indices, unshard
+from conftest import save_tiny_bert
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
@@ -190,28 +191,13 @@ reconstruct(sys.argv[1], model=sys.argv[2], progress=False, **json.loads(sys.arg
 '''
 
 
-def _tiny_bert(tmp_path: Path) -> str:
-    from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
-
-    from attnlab.sources.hf import resolve_model_path
-
-    tok = AutoTokenizer.from_pretrained(resolve_model_path("minilm"))
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=64)
-    path = tmp_path / "tinybert"
-    BertForMaskedLM(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
-
-
 def test_reconstruct_run_two_processes_equal_single(tmp_path):
     """Fit sums (with the proxy+gaussian residual pass) all-reduced, held-out evaluation and frontier chunks
     sharded: the table, frontier and fit equal one process's; 5 fit and 5 held-out windows (uneven shards)."""
     from attnlab.io import RunDir, read_tensors
     from attnlab.reconstruct.run import reconstruct
 
-    model = _tiny_bert(tmp_path)
+    model = save_tiny_bert(tmp_path / "tinybert")
     kw = dict(seq_len=32, n_fit=5, n_eval=5, budgets=[0.25], estimators=["gaussian", "proxy+gaussian", "none"],
               selections=["random", "adaptive"], position=True, pooled_baseline=False, dropin=True, extra_ranks=[],
               frontier=True, families=["proxy-only", "gaussian-qr"], frontier_ranks=[2], frontier_budgets=[1 / 4],

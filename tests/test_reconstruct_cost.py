@@ -9,6 +9,7 @@ import torch
 
 from attnlab.errors import ConfigError
 from attnlab.reconstruct.cost import ITEMS, check_compute, cost_breakdown
+from conftest import save_tiny_bert
 
 
 def test_issue_example_minilm_proxy_gaussian_adaptive():
@@ -113,28 +114,13 @@ def test_compute_out_of_range(bad):
         check_compute(bad)
 
 
-def _tiny_bert(tmp_path):
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    from attnlab.capture.hf import resolve_model_path
-
-    tok = AutoTokenizer.from_pretrained(resolve_model_path("minilm"))
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=64)
-    path = tmp_path / "tinybert"
-    BertModel(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
-
-
 def test_run_compute_selects_best_within_budget_and_bad_inputs(tmp_path):
     from typer.testing import CliRunner
 
     from attnlab.reconstruct.cli import app
     from attnlab.reconstruct.run import reconstruct
 
-    model = _tiny_bert(tmp_path)
+    model = save_tiny_bert(tmp_path / "tinybert", n_layers=1, masked_lm=False)
     kw = dict(seq_len=32, n_fit=4, n_eval=4, families=["proxy-only", "topb-proxy", "gaussian-qr"], budgets=[], estimators=["gaussian", "none", "proxy"],
               selections=["random", "adaptive"], position=False, pooled_baseline=False, dropin=False, extra_ranks=[],
               frontier_ranks=[2, 4], frontier_budgets=[1 / 8, 1 / 2], chunks=2, batch_size=2)
