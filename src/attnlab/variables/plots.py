@@ -7,7 +7,6 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
-from ..io import atomic_path
 
 COMPLEXITY_PNG = "variables_mstar.png"
 PROBE_PNG = "variables_probe.png"
@@ -15,13 +14,17 @@ NORM_PNG = "variables_norm_sweep.png"
 
 
 def _plt():
-    """matplotlib.pyplot with the headless Agg backend."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """matplotlib.pyplot with the headless Agg backend (imported when a plot is drawn, not with this module)."""
+    from ..report.plotting import plt
 
     return plt
+
+
+def save_figure(fig, path: str | Path) -> Path:
+    """The shared atomic PNG write (:func:`attnlab.report.plotting.save_figure`), imported lazily."""
+    from ..report.plotting import save_figure as save
+
+    return save(fig, path)
 
 
 def _curve(ax, results: Sequence[Mapping[str, Any]], fits: Optional[Mapping[str, Any]], color: str, name: str) -> None:
@@ -69,11 +72,7 @@ def plot_complexity(section: Mapping[str, Any], path: str | Path) -> Path:
     ax.legend(uniq.values(), uniq.keys(), fontsize=7)
     ax.set_title("Sample complexity vs context length (dots: seeds)")
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_norm_sweep(sweep: Mapping[str, Any], path: str | Path) -> Path:
@@ -104,12 +103,7 @@ def plot_norm_sweep(sweep: Mapping[str, Any], path: str | Path) -> Path:
     uniq = dict(zip(labels, handles))
     ax.legend(uniq.values(), uniq.keys(), fontsize=8)
     fig.tight_layout()
-    try:
-        with atomic_path(path, suffix=".png") as tmp:  # a killed run never leaves a half-written PNG
-            fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    finally:
-        plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path)  # atomic: a killed run never leaves a half-written PNG
 
 
 def plot_probe(probe: Mapping[str, Any], path: str | Path) -> Path:
@@ -129,9 +123,4 @@ def plot_probe(probe: Mapping[str, Any], path: str | Path) -> Path:
     ax.set_title(f"Readout attention at T = {probe['T']} (each seed at its m*)")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside the axes: covers no bar
     fig.tight_layout()
-    try:
-        with atomic_path(path, suffix=".png") as tmp:  # a killed run never leaves a half-written PNG
-            fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    finally:
-        plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path)  # atomic: a killed run never leaves a half-written PNG
