@@ -10,6 +10,7 @@ from __future__ import annotations
 import atexit
 import os
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Optional, Sequence, TypeVar
 
 import torch
@@ -239,9 +240,9 @@ class WindowShard:
         """All ``n`` windows in this process."""
         return WindowShard(n, DistInfo())
 
-    @property
+    @cached_property
     def indices(self) -> list[int]:
-        """Global indices of this rank's windows, in local order."""
+        """Global indices of this rank's windows, in local order (computed once: callers index it in loops)."""
         return shard_indices(self.n, self.info)
 
     @property
@@ -249,10 +250,11 @@ class WindowShard:
         """Number of windows this rank holds."""
         return len(self.indices)
 
-    def local(self, global_idx: Sequence[int]) -> list[int]:
-        """Local positions of those of ``global_idx`` (in that order) that this rank holds."""
+    def mine(self, global_idx: Sequence[int]) -> tuple[list[int], list[int]]:
+        """(local positions, global indices) of those of ``global_idx`` (in that order) that this rank holds."""
         w, r = self.info.world_size, self.info.rank
-        return [int(g) // w for g in global_idx if int(g) % w == r]
+        glob = [int(g) for g in global_idx if int(g) % w == r]
+        return [g // w for g in glob], glob
 
     def sum_(self, tensors: Sequence[torch.Tensor]) -> None:
         """All-reduce (sum) in place across ranks (float64 on the wire; the identity in a single process)."""

@@ -94,13 +94,11 @@ def fit_minibatches(params: Sequence[Tensor], opt: torch.optim.Optimizer, shard:
     indices) and returns (loss SUM over its rows, number of rows) or (None, 0). The step uses the gradient of the
     global sum divided by the global row count (the mean over every rank's rows); batches without a row anywhere
     are skipped on every rank."""
-    world, rank = shard.info.world_size, shard.info.rank
     history = []
     for epoch in range(epochs):
         total, count = 0.0, 0.0
         for idx in global_batches(shard.n, batch_size, g):
-            glob = [i for i in idx if i % world == rank]
-            local = [i // world for i in glob]
+            local, glob = shard.mine(idx)
             for p in params:
                 p.grad = None
             loss, rows = batch_loss(local, glob, epoch) if local else (None, 0)
