@@ -170,9 +170,9 @@ def test_trial_store_resume_reads_rank_files(tmp_path):
 
     path = tmp_path / "variables_trials.json"
     TrialStore(path, {"a": 1}).put(4, 8, 0, {"accuracy": 1.0})
-    r1 = TrialStore(path, {"a": 1}, save_to=TrialStore(path).rank_file(1))
+    r1 = TrialStore(path, {"a": 1}, save_to=TrialStore.rank_file(path, 1))
     r1.put(8, 16, 0, {"accuracy": 0.5})
-    assert not r1.rank_file(1) == path and r1.rank_file(1).exists()
+    assert TrialStore.rank_file(path, 1) != path and TrialStore.rank_file(path, 1).exists()
     back = TrialStore(path, {"a": 1}, resume=True)
     assert back.get(4, 8, 0)["accuracy"] == 1.0 and back.get(8, 16, 0)["accuracy"] == 0.5
     assert TrialStore(path, {"a": 1}, resume=False).trials == {}

@@ -88,9 +88,11 @@ class TrialStore:
         """Per-rank trial files left next to ``path`` by a T-sharded torchrun run (merged and removed at its end)."""
         return sorted(self.path.parent.glob(f"{self.path.stem}.rank*.json"))
 
-    def rank_file(self, rank: int) -> Path:
-        """Where rank ``rank`` saves its trials while ranks search different T's."""
-        return self.path.with_name(f"{self.path.stem}.rank{rank}.json")
+    @staticmethod
+    def rank_file(path: Union[str, Path], rank: int) -> Path:
+        """Where rank ``rank`` saves its trials (next to ``path``) while ranks search different T's."""
+        path = Path(path)
+        return path.with_name(f"{path.stem}.rank{rank}.json")
 
     def _load(self, f: Path) -> None:
         data = read_json(f)

@@ -199,15 +199,19 @@ def run_sweep(
         cts = [T for T in cfg.Ts if cfg.contrast_max_T is None or T <= cfg.contrast_max_T]
         plan.append((cfg.contrast, section["contrast"]["results"], contrast_learner, CONTRAST_TRIALS_FILE,
                      cfg.fingerprint("mlp"), cts))
-    modes = []
-    for name, results, lrn, fname, fp, Ts in plan:
-        search = _search_sharded_T if info.world_size > 1 and len(Ts) >= info.world_size else _search_each_T
-        modes.append(search.__name__.strip("_"))
-        search(cfg, run.file(fname), fp, resume, name, results, lrn, Ts, section, t0, info, log, write)
-    section["sharding"] = modes if info.enabled else None
+    def budget_spent() -> bool:  # this rank's clock
+        return cfg.budget_s is not None and time.perf_counter() - t0 > cfg.budget_s
 
     def over_budget() -> bool:  # rank 0's clock decides, so every rank takes the same branch
-        return broadcast_object(cfg.budget_s is not None and time.perf_counter() - t0 > cfg.budget_s, info)
+        return broadcast_object(budget_spent(), info)
+
+    modes = []
+    for name, results, lrn, fname, fp, Ts in plan:
+        sharded = info.world_size > 1 and len(Ts) >= info.world_size
+        search, spent = (_search_sharded_T, budget_spent) if sharded else (_search_each_T, over_budget)
+        modes.append(search.__name__.strip("_"))
+        search(cfg, run.file(fname), fp, resume, name, results, lrn, Ts, section, t0, spent, info, log, write)
+    section["sharding"] = modes if info.enabled else None
 
     if cfg.norm_sweep and not over_budget():
         _norm_sweep(cfg, run, section, dev, resume, log, info)
@@ -222,14 +226,14 @@ def run_sweep(
 
 def _search_each_T(cfg: SweepConfig, path: Path, fp: dict[str, Any], resume: bool, name: str,
                    results: list[dict[str, Any]], learner: Learner, Ts: list[int], section: dict[str, Any],
-                   t0: float, info: DistInfo, log: Callable[[str], None], write: Callable[[], None]) -> None:
+                   t0: float, spent: Callable[[], bool], info: DistInfo, log: Callable[[str], None],
+                   write: Callable[[], None]) -> None:
     """One T after another; under torchrun each round's (m, seed) trials are sharded over the ranks (used when
     there are fewer T's than ranks). Rank 0 saves the merged trials after every round."""
     store = TrialStore(path, fp, resume=resume, write=info.is_main)
     lrn = distributed_learner(learner, info)
     for T in Ts:
-        # rank 0's clock decides, so every rank skips the same T
-        if broadcast_object(cfg.budget_s is not None and time.perf_counter() - t0 > cfg.budget_s, info):
+        if spent():  # rank 0's clock decides (broadcast), so every rank skips the same T
             section["skipped_T"].append({"learner": name, "T": T})
             continue
         t1 = time.perf_counter()
@@ -252,18 +256,19 @@ def zigzag(n: int, world: int) -> list[list[int]]:
 
 def _search_sharded_T(cfg: SweepConfig, path: Path, fp: dict[str, Any], resume: bool, name: str,
                       results: list[dict[str, Any]], learner: Learner, Ts: list[int], section: dict[str, Any],
-                      t0: float, info: DistInfo, log: Callable[[str], None], write: Callable[[], None]) -> None:
+                      t0: float, spent: Callable[[], bool], info: DistInfo, log: Callable[[str], None],
+                   write: Callable[[], None]) -> None:
     """Under torchrun with at least one T per rank: each rank runs the whole m* search of its own T's (snake order)
     on its GPU, with no collective until the end, saving its trials to its own file after every round; rank 0 then
     merges every rank's trials into ``path`` (T order) and removes the rank files. A resume reads ``path`` and any
     rank files left by an interrupted run. The trials are the ones a single process runs (same rounds, seeds)."""
     from ..distributed import gather_lists
 
-    store = TrialStore(path, fp, resume=resume, write=True, save_to=TrialStore(path).rank_file(info.rank))
+    store = TrialStore(path, fp, resume=resume, write=True, save_to=TrialStore.rank_file(path, info.rank))
     mine: list[tuple[int, Optional[dict[str, Any]]]] = []
     for i in zigzag(len(Ts), info.world_size)[info.rank]:
         T = Ts[i]
-        if cfg.budget_s is not None and time.perf_counter() - t0 > cfg.budget_s:  # this rank's own clock
+        if spent():  # this rank's own clock (no collective until the end)
             mine.append((i, None))
             continue
         t1 = time.perf_counter()
