@@ -214,10 +214,9 @@ def lm_eval(model, ids: torch.Tensor, objective: str, seed: int = 0, batch_size:
     (``seed``, window index), so runs are paired and the numbers do not depend on batching or sharding).
 
     ``shard``: ``ids`` are this rank's windows of a torchrun run; the token sums are all-reduced."""
-    from .vocab import mlm_batch
+    from .vocab import lm_token_stats, mlm_batch
 
     shard = shard or WindowShard.single(len(ids))
-    dev = next(model.parameters()).device
     sums = torch.zeros(3, dtype=torch.float64)  # cross-entropy, correct, predicted tokens
     with torch.no_grad():
         for s0 in range(0, len(ids), batch_size):
@@ -228,13 +227,7 @@ def lm_eval(model, ids: torch.Tensor, objective: str, seed: int = 0, batch_size:
                 inp, labels = torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
             else:
                 inp, labels = chunk[:, :-1], chunk[:, 1:]
-            logits = model(inp.to(dev)).logits.float()
-            labels = labels.to(dev)
-            sel = labels != -100
-            ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100,
-                                 reduction="none").double().sum()
-            sums += torch.tensor([float(ce), float((logits.argmax(-1)[sel] == labels[sel]).sum()), float(sel.sum())],
-                                 dtype=torch.float64)
+            sums += torch.tensor([float(x) for x in lm_token_stats(model, inp, labels)], dtype=torch.float64)
     shard.sum_([sums])
     n = float(sums[2])
     return {"loss": float(sums[0]) / n if n else float("nan"), "acc": float(sums[1]) / n if n else float("nan")}

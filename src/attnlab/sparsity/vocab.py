@@ -74,6 +74,19 @@ def mlm_batch(ids: torch.Tensor, vocab: int, p: float, g: torch.Generator) -> tu
     return inp, labels
 
 
+def lm_token_stats(model: SmallTransformer, inp: torch.Tensor, labels: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Summed cross-entropy (differentiable), correct predictions and number of predicted tokens of one batch
+    (labels -100 where nothing is predicted)."""
+    dev = next(model.parameters()).device
+    logits = model(inp.to(dev)).logits
+    labels = labels.to(dev)
+    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100,
+                         reduction="sum")
+    sel = labels != -100
+    return ce, (logits.argmax(-1)[sel] == labels[sel]).sum(), sel.sum()
+
+
 def lm_loss(model: SmallTransformer, ids: torch.Tensor, objective: str, g: torch.Generator,
             mask_prob: float = 0.15) -> tuple[torch.Tensor, torch.Tensor]:
     """Loss and token accuracy (on predicted positions) of one batch of compact ids."""
@@ -81,10 +94,6 @@ def lm_loss(model: SmallTransformer, ids: torch.Tensor, objective: str, g: torch
         inp, labels = mlm_batch(ids, model.cfg.vocab_size, mask_prob, g)
     else:
         inp, labels = ids[:, :-1], ids[:, 1:]
-    dev = next(model.parameters()).device
-    logits = model(inp.to(dev)).logits
-    labels = labels.to(dev)
-    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
-    sel = labels != -100
-    acc = (logits.argmax(-1)[sel] == labels[sel]).float().mean() if bool(sel.any()) else torch.tensor(float("nan"))
-    return loss, acc
+    ce, correct, n = lm_token_stats(model, inp, labels)
+    acc = correct.float() / n if bool(n > 0) else torch.tensor(float("nan"))
+    return ce / n, acc
