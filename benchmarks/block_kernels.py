@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
 
-from attnlab.sparsity.blockmask import BlockPattern, block_graph_to_kv  # noqa: E402
+from attnlab.blocksparse.blockmask import BlockPattern, block_graph_to_kv  # noqa: E402
 from attnlab.timing import time_ms  # noqa: E402
 
 #: kernel_options candidates (name -> options); None = FlexAttention's own default choice
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         from torch.nn.attention import SDPBackend, sdpa_kernel
         from torch.nn.functional import scaled_dot_product_attention as sdpa
 
-        from attnlab.sparsity.flex import compiled_flex_attention
+        from attnlab.blocksparse.flex import compiled_flex_attention
 
         flex = compiled_flex_attention()
     for n in ns:

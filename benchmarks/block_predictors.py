@@ -7,7 +7,7 @@ of ``attnlab lm train``), captured through transformers' ``AttentionInterface`` 
 ``attnlab.lm.data``). When the model folder does not exist (or with ``--quick``) a randomly initialised Llama
 of the reference shape (tiny with ``--quick``) stands in: its rows are labelled ``untrained``.
 
-Per length N, layer, target p and predictor (``attnlab.sparsity.blocks.BLOCK_PREDICTORS``; calibrated per
+Per length N, layer, target p and predictor (``attnlab.blocksparse.predictors.BLOCK_PREDICTORS``; calibrated per
 head unless the name ends in ``@published``, which uses the paper's own knob): measured recall on 512
 held-out rows (odd positions; calibration uses even ones) per head -- min and mean -- and density (kept /
 causal tiles); exact recall over ALL rows (from the exact tile mass; not for permuted patterns); the
@@ -39,12 +39,12 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
 
-from attnlab.sparsity.blockmask import BlockPattern  # noqa: E402
-from attnlab.sparsity.blocks import BLOCK_PREDICTORS, head_recall, make_block_predictor, tile_density  # noqa: E402
-from attnlab.sparsity.blocks.core import (  # noqa: E402
+from attnlab.blocksparse.blockmask import BlockPattern  # noqa: E402
+from attnlab.blocksparse.predictors import BLOCK_PREDICTORS, head_recall, make_block_predictor, tile_density  # noqa: E402
+from attnlab.blocksparse.predictors.core import (  # noqa: E402
     calibrate_knob, exact_block_mass, graph_pattern, keep_graph, mass_thresholds)
 from attnlab.timing import time_ms as time_each  # noqa: E402
-from attnlab.sparsity.flex import masked_rows_reference, relative_error, run_pattern, tuned_kernel_options  # noqa: E402
+from attnlab.blocksparse.flex import masked_rows_reference, relative_error, run_pattern, tuned_kernel_options  # noqa: E402
 
 DEFAULT_MODEL = ".carry/lm"
 PREDICTORS = ["oracle", "oracle-global", "minference", "xattention", "flexprefill", "pooled", "cluster",

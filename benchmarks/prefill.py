@@ -1,7 +1,7 @@
 """Sparse prefill on the trained reference model: recall, density vs the oracle, speed vs cuDNN / FLASH, loss.
 
 For every sequence length N, recall target p and block predictor (every name the block-predictor registry
-offers, plus the oracle), ``attnlab.sparsity.prefill.run_prefill`` runs the trained byte-level Llama's real
+offers, plus the oracle), ``attnlab.blocksparse.prefill.run_prefill`` runs the trained byte-level Llama's real
 forward on held-out stdlib text with every attention layer replaced by predicted block-sparse FlexAttention
 (dense cuDNN SDPA for heads above the kernel's measured break-even density) and reports:
 
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from attnlab.io import write_json
     from attnlab.lm.train import PRESETS, load_or_train
-    from attnlab.sparsity.prefill import (PrefillConfig, heldout_windows, load_causal_model, predictor_names,
+    from attnlab.blocksparse.prefill import (PrefillConfig, heldout_windows, load_causal_model, predictor_names,
                                           run_prefill)
 
     t_start = time.perf_counter()

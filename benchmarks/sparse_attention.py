@@ -41,9 +41,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from attnlab.io import write_json  # noqa: E402
 from attnlab.timing import time_ms  # noqa: E402
-from attnlab.sparsity.block_predictors import ClusterBlockPredictor, PooledBlockPredictor  # noqa: E402
-from attnlab.sparsity.blockmask import BlockPattern, KVBlocks  # noqa: E402
-from attnlab.sparsity.flex import (  # noqa: E402
+from attnlab.blocksparse.block_predictors import ClusterBlockPredictor, PooledBlockPredictor  # noqa: E402
+from attnlab.blocksparse.blockmask import BlockPattern, KVBlocks  # noqa: E402
+from attnlab.blocksparse.flex import (  # noqa: E402
     dense_attention_sdpa,
     mass_recall,
     masked_rows_reference,

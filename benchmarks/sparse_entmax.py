@@ -93,7 +93,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", default=str(ROOT / "results" / "sparse_entmax.json"))
     args = ap.parse_args(argv)
 
-    from attnlab.sparsity.sparse_entmax import block_mask_from_graph, dense_entmax_attention, sparse_entmax_attention
+    from attnlab.blocksparse.sparse_entmax import block_mask_from_graph, dense_entmax_attention, sparse_entmax_attention
 
     cuda = torch.cuda.is_available() and not args.quick
     dev = torch.device("cuda" if cuda else "cpu")

@@ -1,4 +1,4 @@
-"""Block predictors for prefill (attnlab.sparsity.blocks): exactness against float64 dense references, oracle
+"""Block predictors for prefill (attnlab.blocksparse.predictors): exactness against float64 dense references, oracle
 optimality, calibration on a real model's held-out rows, FULL/PARTIAL tile lists, GPU kernel agreement."""
 
 from __future__ import annotations
@@ -9,15 +9,15 @@ import pytest
 import torch
 
 from attnlab.errors import ConfigError, ShapeError
-from attnlab.sparsity.blocks import BLOCK_PREDICTORS, exact_block_mass, head_recall, make_block_predictor
-from attnlab.sparsity.blocks.core import (
+from attnlab.blocksparse.predictors import BLOCK_PREDICTORS, exact_block_mass, head_recall, make_block_predictor
+from attnlab.blocksparse.predictors.core import (
     calibrate_knob,
     keep_graph,
     mass_thresholds,
     row_block_mass,
     sample_rows,
 )
-from attnlab.sparsity.flex import relative_error, run_pattern
+from attnlab.blocksparse.flex import relative_error, run_pattern
 
 CAUSAL_ONLY = {"minference", "flexprefill"}
 SMALL = {"minference": {"vertical_size": 40, "slash_size": 100, "sink_tokens": 4, "local_offsets": 8},
@@ -104,7 +104,7 @@ def test_predictor_pattern_and_recall_against_dense_reference(name, causal):
 def test_xattention_antidiagonal_scores_match_direct_float64(causal):
     """The fused (chunked) antidiagonal estimate equals the direct regrouped product: key group k[i::S] with
     query group q[S-1-i::S], scores / (sqrt(D) S), softmax per regrouped row, summed per tile."""
-    from attnlab.sparsity.blocks.xattention import antidiagonal_block_mass
+    from attnlab.blocksparse.predictors.xattention import antidiagonal_block_mass
 
     q, k = _qk(10, H=3, Hk=3, N=512)
     S, bs = 8, 64
@@ -236,7 +236,7 @@ def test_published_knobs_without_calibration():
 def test_usable_through_sparse_attention_protocol():
     """A registered block predictor is a BlockPredictor (predict_blocks at its ``p``): sparse_attention runs it
     and its output equals the float64 masked reference of its pattern."""
-    from attnlab.sparsity.flex import masked_attention_reference, sparse_attention
+    from attnlab.blocksparse.flex import masked_attention_reference, sparse_attention
 
     q, k = _qk(9, H=2, Hk=2)
     v = torch.randn_like(q)

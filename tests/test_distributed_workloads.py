@@ -82,7 +82,7 @@ def test_helpers_under_torchrun_gloo(tmp_path):
 
 def test_prefill_two_processes_equal_single(tiny_lm, tmp_path):
     """3 windows over 2 ranks (uneven shards): per-window losses and per-head statistics equal one process's."""
-    from attnlab.sparsity.prefill import PrefillConfig, run_prefill
+    from attnlab.blocksparse.prefill import PrefillConfig, run_prefill
 
     cfg = PrefillConfig(model=tiny_lm, seq_len=64, predictor="oracle", recall=0.8, block_size=16, windows=3, rows=16,
                         reps=1, device="cpu")

@@ -6,14 +6,14 @@ import pytest
 import torch
 
 from attnlab.errors import ConfigError, ShapeError
-from attnlab.sparsity.block_predictors import (
+from attnlab.blocksparse.block_predictors import (
     AssignBlockPredictor,
     ClusterBlockPredictor,
     PooledBlockPredictor,
     budget_blocks,
     lowrank_projections,
 )
-from attnlab.sparsity.blockmask import (
+from attnlab.blocksparse.blockmask import (
     BlockPattern,
     block_graph_to_blockmask,
     block_graph_to_kv,
@@ -28,7 +28,7 @@ from attnlab.sparsity.blockmask import (
     topk_to_kv,
     unpermute_tokens,
 )
-from attnlab.sparsity.flex import (
+from attnlab.blocksparse.flex import (
     dense_attention_sdpa,
     masked_attention_reference,
     masked_rows_reference,

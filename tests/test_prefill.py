@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from attnlab.errors import ConfigError, ModelError
-from attnlab.sparsity.flex import masked_attention_reference
-from attnlab.sparsity.prefill import (
+from attnlab.blocksparse.flex import masked_attention_reference
+from attnlab.blocksparse.prefill import (
     NOTICE_CPU,
     PrefillConfig,
     PrefillHandler,

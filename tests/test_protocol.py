@@ -65,7 +65,7 @@ def test_registered_toy_predictor_runs_in_pareto_evaluation(toy):
 
 def test_registered_toy_predictor_runs_in_sparse_attention(toy):
     from attnlab.sparsity import sparse_attention
-    from attnlab.sparsity.flex import masked_attention_reference
+    from attnlab.blocksparse.flex import masked_attention_reference
     from attnlab.sparsity.predictors import make_predictor
 
     pred = make_predictor(toy, stride=4)

@@ -126,7 +126,7 @@ def test_sparse_entmax_matches_float64_entmax_bisect():
     pytest.importorskip("torch.nn.attention.flex_attention")
     from entmax import entmax_bisect
 
-    from attnlab.sparsity.sparse_entmax import block_mask_from_graph, sparse_entmax_attention, token_to_block_graph
+    from attnlab.blocksparse.sparse_entmax import block_mask_from_graph, sparse_entmax_attention, token_to_block_graph
 
     g = torch.Generator().manual_seed(0)
     B, H, N, d, blk = 1, 1, 64, 12, 16

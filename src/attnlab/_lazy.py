@@ -59,3 +59,11 @@ def lazy_package(package: str, exports: Mapping[str, str], call: Optional[str] =
     module_doc = module.__dict__.get("__doc__")
     module.__class__ = _LazyPackage
     module.__all__ = sorted(exports)
+
+
+def moved_module(old: str, new: str) -> None:
+    """Make the deprecated module path ``old`` an alias of module ``new`` (same object: patches reach both)."""
+    import warnings
+
+    warnings.warn(f"{old} moved to {new}; import it from there", DeprecationWarning, stacklevel=3)
+    sys.modules[old] = importlib.import_module(new)

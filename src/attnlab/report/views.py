@@ -43,8 +43,8 @@ def save_views(run: RunDir, model: Any, window: Any, layers: Sequence[int], head
     import torch
 
     from ..capture.dump import capture_scores
-    from ..sparsity.block_predictors import PooledBlockPredictor
-    from ..sparsity.flex import resolve_pattern
+    from ..blocksparse.block_predictors import PooledBlockPredictor
+    from ..blocksparse.flex import resolve_pattern
 
     window = window.reshape(1, -1)
     n = int(window.shape[1])

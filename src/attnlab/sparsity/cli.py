@@ -199,7 +199,7 @@ def _prefill(settings: dict, out: Optional[str]) -> None:
         typer.echo(f"wrote {out}")
 
 
-config_command(app, "prefill", "attnlab.sparsity.prefill:PrefillConfig", _prefill,
+config_command(app, "prefill", "attnlab.blocksparse.prefill:PrefillConfig", _prefill,
                help_extra={"model": "Causal HF model folder or cached hub id (e.g. a folder from 'attnlab lm train')",
                            "seq_len": "Tokens per held-out window (padded inside attention to a multiple of "
                                       "--block-size)",

@@ -1,7 +1,7 @@
 """Our block predictors in the common interface: ``pooled`` and ``cluster``.
 
 ``pooled``: mean-pooled q and k over sub-blocks of ``pool`` tokens, the log-sum-exp of each tile's pooled
-scores estimates its log mass (:class:`~attnlab.sparsity.block_predictors.PooledBlockPredictor`); softmax
+scores estimates its log mass (:class:`~attnlab.blocksparse.block_predictors.PooledBlockPredictor`); softmax
 over a query block's tiles gives the estimated mass; tiles are kept per query block, largest first, until
 the estimate reaches the knob ``tau`` (diagonal and first key block always kept).
 ``cluster``: spherical k-means on q and k with shared centroids; tokens sorted by cluster, same-cluster tiles
@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from attnlab.sparsity.block_predictors import ClusterBlockPredictor, PooledBlockPredictor
-from attnlab.sparsity.blockmask import BlockPattern, cluster_block_graph, cluster_pattern, permute_tokens
+from attnlab.blocksparse.block_predictors import ClusterBlockPredictor, PooledBlockPredictor
+from attnlab.blocksparse.blockmask import BlockPattern, cluster_block_graph, cluster_pattern, permute_tokens
 
 from . import BLOCK_PREDICTORS
 from .core import ScoredBlockMethod, mass_thresholds

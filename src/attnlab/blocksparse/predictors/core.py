@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from attnlab.errors import ConfigError, ShapeError
-from attnlab.sparsity.blockmask import BlockPattern, block_graph_to_kv
+from attnlab.blocksparse.blockmask import BlockPattern, block_graph_to_kv
 
 __all__ = [
     "BlockPrediction",
