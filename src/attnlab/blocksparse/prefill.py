@@ -59,8 +59,23 @@ class PrefillConfig:
     fallback: bool = True
     device: str = "auto"
     seed: int = 0
+    calibration: str = "online"
+    knobs: Optional[str] = None
+    fit_windows: int = 2
+    check_rows: int = 64
+    head_policy: str = "layer"
+    kernel: str = "default"
 
     def __post_init__(self) -> None:
+        if self.calibration not in ("online", "offline"):
+            raise ConfigError(f"--calibration must be 'online' or 'offline', got {self.calibration!r}")
+        if self.head_policy not in ("layer", "head"):
+            raise ConfigError(f"--head-policy must be 'layer' or 'head', got {self.head_policy!r}")
+        if self.kernel not in ("default", "tuned"):
+            raise ConfigError(f"--kernel must be 'default' or 'tuned', got {self.kernel!r}")
+        if self.fit_windows < 1 or self.check_rows < 2:
+            raise ConfigError(f"--fit-windows must be >= 1 and --check-rows >= 2, got {self.fit_windows}, "
+                              f"{self.check_rows}")
         if self.seq_len < 2:
             raise ConfigError(f"--seq-len must be >= 2, got {self.seq_len}")
         if not 0.0 < self.recall <= 1.0:
@@ -233,22 +248,32 @@ class LayerRecord:
     recall: list[float] = field(default_factory=list)
     out_error: list[float] = field(default_factory=list)
     prediction_macs: float = 0.0
+    predictor_info: dict = field(default_factory=dict)
 
 
 class PrefillHandler:
     """AttentionInterface handler: mode 'flash' | 'cudnn' (dense SDPA) or 'sparse' (predicted block-sparse,
-    dense fallback per head above ``breakeven``). Times each call with CUDA events (CPU: perf_counter)."""
+    dense fallback above ``breakeven``). Times each call with CUDA events (CPU: perf_counter).
+
+    ``head_policy``: 'layer' (default) runs a layer dense when its heads' mean predicted density is above the
+    break-even (kernel time grows about linearly with density, so this is the cheaper side), else every head
+    sparse; 'head' splits each layer into sparse and dense heads (gathers q/k/v per subset, and each subset
+    size compiles its own kernel). ``kernel_options``: FlexAttention's (None: its own choice)."""
 
     def __init__(self, mode: str, predict: Optional[PredictFn] = None, recall: float = 0.95, block_size: int = 128,
-                 breakeven: Optional[float] = None, measure: bool = False, rows: int = 256, seed: int = 0):
+                 breakeven: Optional[float] = None, measure: bool = False, rows: int = 256, seed: int = 0,
+                 head_policy: str = "layer", kernel_options: Optional[dict] = None):
         if mode not in ("flash", "cudnn", "sparse", "auto"):
             raise ConfigError(f"unknown prefill mode {mode!r}")
+        if head_policy not in ("layer", "head"):
+            raise ConfigError(f"unknown head policy {head_policy!r}")
         self.mode, self.predict, self.p, self.bs = mode, predict, recall, block_size
         self.breakeven, self.measure, self.rows, self.seed = breakeven, measure, rows, seed
+        self.head_policy, self.kernel_options = head_policy, kernel_options
         self.records: list[LayerRecord] = []
         self.dense_layers: set[int] = set()  # layers where prediction + sparse kernel measured slower than dense
         self._events: list[tuple[int, Any, Any]] = []
-        self._pred_events: list[tuple[Any, Any]] = []
+        self._pred_events: list[tuple[int, Any, Any]] = []
         self._cpu_s = self._cpu_pred_s = 0.0
 
     def reset(self) -> None:
@@ -259,8 +284,16 @@ class PrefillHandler:
         """Time of prediction + per-head decision within the last forward's attention time (synchronises)."""
         if self._pred_events:
             torch.cuda.synchronize()
-            return sum(a.elapsed_time(b) for a, b in self._pred_events)
+            return sum(a.elapsed_time(b) for _, a, b in self._pred_events)
         return self._cpu_pred_s * 1e3
+
+    def layer_prediction_ms(self) -> dict[int, float]:
+        """Prediction time per layer of the last forward (CUDA only; synchronises)."""
+        torch.cuda.synchronize()
+        out: dict[int, float] = {}
+        for layer, a, b in self._pred_events:
+            out[layer] = out.get(layer, 0.0) + a.elapsed_time(b)
+        return out
 
     def attention_ms(self) -> float:
         """Total attention time of the last forward (synchronises)."""
@@ -293,7 +326,7 @@ class PrefillHandler:
         if call.layer in self.dense_layers:
             out, pattern, dense_heads, dens, macs = dense_sdpa(q, k, v, call.scaling), None, None, None, 0.0
         else:
-            out, pattern, dense_heads, dens, macs = self._attend(q, k, v, call.scaling)
+            out, pattern, dense_heads, dens, macs = self._attend(q, k, v, call.scaling, call.layer)
         if cuda:
             b.record()
             self._events.append((call.layer, a, b))
@@ -303,7 +336,7 @@ class PrefillHandler:
             self._record(call.layer, q, k, v, call.scaling, out, pattern, dense_heads, dens, macs)
         return out
 
-    def _attend(self, q: Tensor, k: Tensor, v: Tensor, scale: float):
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, scale: float, layer: int = 0):
         if self.mode != "sparse":
             return dense_sdpa(q, k, v, scale, self.mode), None, None, None, 0.0
         B, H, N, D = q.shape
@@ -314,28 +347,36 @@ class PrefillHandler:
             a.record()
         else:
             t0 = time.perf_counter()
-        pattern, macs = self.predict(qp, kp, self.p, self.bs, scale)
+        if getattr(self.predict, "wants_layer", False):
+            pattern, macs = self.predict(qp, kp, self.p, self.bs, scale, layer=layer)
+        else:
+            pattern, macs = self.predict(qp, kp, self.p, self.bs, scale)
         dens = head_density(pattern)
         if self.breakeven is None:
             dense_heads = torch.zeros(H, dtype=torch.bool)
         else:
-            dense_heads = (dens > self.breakeven).cpu()  # one small host sync per layer
+            dc = dens.cpu()  # one small host sync per layer
+            if self.head_policy == "layer":
+                dense_heads = torch.full((H,), bool(dc.mean() > self.breakeven))
+            else:
+                dense_heads = dc > self.breakeven
         if q.is_cuda:
             b = torch.cuda.Event(enable_timing=True)
             b.record()
-            self._pred_events.append((a, b))
+            self._pred_events.append((layer, a, b))
         else:
             self._cpu_pred_s += time.perf_counter() - t0
         nd = int(dense_heads.sum())
         if nd == H:
             out = dense_sdpa(q, k, v, scale)
         elif nd == 0:
-            out = run_pattern(qp, kp, vp, pattern, "auto", scale)[:, :, :N]
+            out = run_pattern(qp, kp, vp, pattern, "auto", scale, kernel_options=self.kernel_options)[:, :, :N]
         else:
             sp = (~dense_heads).nonzero().flatten().to(q.device)
             dn = dense_heads.nonzero().flatten().to(q.device)
             out = torch.empty_like(q)
-            out[:, sp] = run_pattern(qp[:, sp], kp[:, sp], vp[:, sp], sub_pattern(pattern, sp), "auto", scale)[:, :, :N]
+            out[:, sp] = run_pattern(qp[:, sp], kp[:, sp], vp[:, sp], sub_pattern(pattern, sp), "auto", scale,
+                                     kernel_options=self.kernel_options)[:, :, :N]
             out[:, dn] = dense_sdpa(q[:, dn], k[:, dn], v[:, dn], scale)
         return out, pattern, dense_heads, dens, macs
 
@@ -360,8 +401,10 @@ class PrefillHandler:
             dens_l, fb = dens.tolist(), dense_heads.tolist()
         diff = (out[:, :, rows].to(dt) - ref).transpose(0, 1).reshape(H, -1)
         err = diff.norm(dim=-1) / ref.transpose(0, 1).reshape(H, -1).norm(dim=-1).clamp_min(1e-30)
+        info = dict(getattr(self.predict, "last_info", None) or {}) if pattern is not None else {}
         self.records.append(LayerRecord(layer, [float(x) for x in dens_l], [bool(x) for x in fb],
-                                        [float(x) for x in rec.tolist()], [float(x) for x in err.tolist()], macs))
+                                        [float(x) for x in rec.tolist()], [float(x) for x in err.tolist()], macs,
+                                        info))
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -497,21 +540,34 @@ def run_prefill(cfg: PrefillConfig, log: Optional[Callable[[str], None]] = None,
         be = broadcast_object(be, info)
         log(f"kernel break-even density at N={n_pad}, head_dim={hf.head_dim}: {be['breakeven']:.3f} of causal tiles")
     threshold = None if be is None else be["breakeven"]
-    sparse = PrefillHandler("sparse", predict, cfg.recall, cfg.block_size, threshold, measure=False, rows=cfg.rows,
-                            seed=cfg.seed)
-    measure = PrefillHandler("sparse", predict, cfg.recall, cfg.block_size, threshold, measure=True, rows=cfg.rows,
-                             seed=cfg.seed)
+    calib = None
+    if cfg.calibration == "offline" and _is_calibrated(cfg.predictor):
+        from .calibration import offline_predictor
+
+        predict, calib = offline_predictor(hf, cfg.predictor, cfg.recall, cfg.seq_len, cfg.block_size, cfg.knobs,
+                                           cfg.fit_windows, check_rows=cfg.check_rows, log=log, save=info.is_main)
+    kopts = None
+    if cfg.kernel == "tuned":
+        from .flex import tuned_kernel_options
+
+        kopts = tuned_kernel_options(hf.head_dim)
+
+    def handler(mode: str, **kw: Any) -> PrefillHandler:
+        return PrefillHandler(mode, predict, cfg.recall, cfg.block_size, threshold, rows=cfg.rows, seed=cfg.seed,
+                              head_policy=cfg.head_policy, kernel_options=kopts, **kw)
+
+    sparse = handler("sparse")
+    measure = handler("sparse", measure=True)
     dense = {m: PrefillHandler(m) for m in (("flash", "cudnn") if cuda else ("auto",))}
     guard = cuda and cfg.fallback
     # 'unguarded': every layer predicted and run sparse; 'sparse' (as executed): layers whose measured
     # prediction + sparse attention time was not below dense cuDNN on the first window run dense (no prediction)
-    modes = [*dense.items(), *([("unguarded", PrefillHandler("sparse", predict, cfg.recall, cfg.block_size,
-                                                             threshold, seed=cfg.seed))] if guard else []),
-             ("sparse", sparse)]
+    modes = [*dense.items(), *([("unguarded", handler("sparse"))] if guard else []), ("sparse", sparse)]
     per_window = []
     timings: dict[str, dict[str, list[float]]] = {m: {"attention_ms": [], "forward_ms": [], "prediction_ms": [],
                                                       "kernel_ms": []} for m, _ in modes}
     layer_times: dict[str, dict[int, list[float]]] = {m: {} for m, _ in modes}
+    layer_pred: dict[str, dict[int, list[float]]] = {m: {} for m, _ in modes}
     dense_layers: list[int] = []
     mine = shard_indices(ids.shape[0], info)
     t_warm = time.perf_counter()
@@ -548,6 +604,8 @@ def run_prefill(cfg: PrefillConfig, log: Optional[Callable[[str], None]] = None,
                 if cuda:
                     for i, ms in h.layer_ms().items():
                         layer_times[name].setdefault(i, []).append(ms)
+                    for i, ms in h.layer_prediction_ms().items():
+                        layer_pred[name].setdefault(i, []).append(ms)
                 del logits
         ref_name = "cudnn" if cuda else "auto"
         per_window.append({
@@ -559,10 +617,11 @@ def run_prefill(cfg: PrefillConfig, log: Optional[Callable[[str], None]] = None,
     own_s = time.perf_counter() - t_loop  # this rank's windows, before waiting for the others
     if info.enabled:  # every rank gets the merged records and timing samples (window order; ranks in order)
         per_window = gather_ordered(per_window, ids.shape[0], info, to_all=True)
-        parts = gather_lists([(timings, layer_times)], info, to_all=True)
-        timings = {m: {k: [x for t, _ in parts for x in t[m][k]] for k in d} for m, d in timings.items()}
-        layer_times = {m: {i: [x for _, lt in parts for x in lt[m].get(i, [])]
-                           for i in sorted({i for _, lt in parts for i in lt[m]})} for m in layer_times}
+        parts = gather_lists([(timings, layer_times, layer_pred)], info, to_all=True)
+        timings = {m: {k: [x for t, _, _ in parts for x in t[m][k]] for k in d} for m, d in timings.items()}
+        layer_times, layer_pred = ({m: {i: [x for pt in parts for x in pt[j][m].get(i, [])]
+                                        for i in sorted({i for pt in parts for i in pt[j][m]})} for m in lt}
+                                   for j, lt in ((1, layer_times), (2, layer_pred)))
     res = _summary(cfg, hf, per_window, timings, be, notices, str(device), n_pad)
     res["summary"]["dense_layers"] = dense_layers
     res["world_size"] = info.world_size
@@ -573,7 +632,49 @@ def run_prefill(cfg: PrefillConfig, log: Optional[Callable[[str], None]] = None,
     res["ranks"] = gather_lists([{"rank": info.rank, "windows": len(mine), "warmup_s": round(warmup_s, 3),
                                   "own_windows_s": round(own_s, 3)}], info, to_all=True)
     res["layer_ms"] = {m: {str(i): statistics.median(v) for i, v in d.items()} for m, d in layer_times.items()}
+    res["layer_prediction_ms"] = {m: {str(i): statistics.median(v) for i, v in d.items()}
+                                  for m, d in layer_pred.items() if d}
+    res["layers"] = layer_paths(res, dense_layers, threshold)
+    res["calibration"] = {"mode": cfg.calibration if calib is not None else "online", **(calib or {}),
+                          "recalibrations": list(getattr(predict, "recalibrations", []))}
+    res["kernel_options"] = kopts
     return res
+
+
+def _is_calibrated(name: str) -> bool:
+    """Whether registry predictor ``name`` calibrates a knob (the oracle and 'full' do not)."""
+    reg = _registry()
+    return name in reg and bool(getattr(reg.get(name), "calibrate", False))
+
+
+def layer_paths(res: dict, dense_layers: list[int], breakeven: Optional[float]) -> list[dict]:
+    """Per layer: which path ran as executed (sparse / dense) and why, with its times (medians, ms): attention
+    (prediction included) and prediction of the every-layer-sparse run, and cuDNN's."""
+    ph = res["per_head"]
+    lm, lp = res.get("layer_ms", {}), res.get("layer_prediction_ms", {})
+    out = []
+    for i, dens in enumerate(ph["density"]):
+        mean_d = statistics.fmean(dens)
+        fb = ph["dense_fallback"][i]
+        if i in dense_layers:
+            path, why = "dense", "guard: prediction + sparse attention measured not faster than cuDNN"
+        elif all(fb):
+            path, why = "dense", f"predicted density {mean_d:.3f} above the kernel break-even {breakeven:.3f}"
+        elif any(fb):
+            path, why = "mixed", f"{sum(fb)} heads above the kernel break-even {breakeven:.3f}"
+        else:
+            path, why = "sparse", "predicted density below the kernel break-even" if breakeven is not None else \
+                "no break-even (CPU / fallback off)"
+        row = {"layer": i, "path": path, "why": why, "density": mean_d, "recall_min_head": min(ph["recall"][i])}
+        key = "unguarded" if "unguarded" in lm else "sparse"
+        for name, src in (("attention_ms", lm.get(key, {})), ("prediction_ms", lp.get(key, {})),
+                          ("cudnn_ms", lm.get("cudnn", {}))):
+            if str(i) in src:
+                row[name] = src[str(i)]
+        if "attention_ms" in row and "prediction_ms" in row:
+            row["kernel_ms"] = row["attention_ms"] - row["prediction_ms"]
+        out.append(row)
+    return out
 
 
 def _summary(cfg: PrefillConfig, hf: Any, per_window: list[dict], timings: dict, be: Optional[dict],

@@ -30,14 +30,16 @@ config_command(app, "train", "attnlab.lm.train:LMConfig", _train,
                            "steps": "Maximum optimizer steps", "max_seconds": "Training time budget; the LR schedule "
                            "follows it", "batch_size": "Windows per step", "d_model": "Model width",
                            "n_layers": "Layers", "n_heads": "Query heads",
-                           "n_kv_heads": "Key/value heads (grouped-query attention)", "lr": "Peak AdamW learning rate",
+                           "n_kv_heads": "Key/value heads (grouped-query attention)",
+                           "head_dim": "Per-head dimension (None: d_model / n_heads)", "lr": "Peak AdamW learning rate",
                            "corpus": "Folder of .py files (None: this Python's stdlib)",
                            "max_bytes": "Read at most this many corpus bytes",
                            "device": "auto (cuda if available) | cpu | cuda", "seed": "Seed for init and data order"},
                extra=[out_option("runs/lm/stdlib-byte-llama", "HF model folder to write (also the cache: a folder "
                                  "trained with the same settings is reused)"),
                       option("preset", str, "gpu", "--preset", help="gpu (6x512, 16k context, <= 5 min on one GPU) | "
-                             "tiny (seconds on CPU); its values are the defaults of every other option."),
+                             "gpu-8b-attn (8 layers, 32 q / 8 kv heads of 128: an 8B model's attention) | tiny | "
+                             "tiny-8b-attn (seconds on CPU); its values are the defaults of every other option."),
                       option("force", bool, False, "--force", help="Retrain even if --out holds a model with the "
                              "same settings."),
                       quiet_option()])

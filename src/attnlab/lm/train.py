@@ -33,6 +33,7 @@ class LMConfig:
     n_heads: int = 8
     n_kv_heads: int = 2
     d_ff: int = 1536
+    head_dim: Optional[int] = None
     rope_theta: float = 500_000.0
     max_positions: int = 131072
     batch_size: int = 8
@@ -54,8 +55,11 @@ class LMConfig:
                      "eval_windows"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.d_model % self.n_heads:
-            raise ConfigError(f"--d-model {self.d_model} must be a multiple of --n-heads {self.n_heads}")
+        if self.head_dim is None and self.d_model % self.n_heads:
+            raise ConfigError(f"--d-model {self.d_model} must be a multiple of --n-heads {self.n_heads} "
+                              "(or give --head-dim)")
+        if self.head_dim is not None and (self.head_dim < 2 or self.head_dim % 2):
+            raise ConfigError(f"--head-dim must be an even number >= 2 (RoPE rotates pairs), got {self.head_dim}")
         if self.n_heads % self.n_kv_heads:
             raise ConfigError(f"--n-heads {self.n_heads} must be a multiple of --n-kv-heads {self.n_kv_heads}")
         if max(self.seq_len, self.long_seq_len) > self.max_positions:
@@ -70,12 +74,22 @@ class LMConfig:
         d = asdict(self)
         for k in ("device", "eval_every"):  # neither changes the weights
             d.pop(k)
+        if d["head_dim"] is None:  # keys of models trained before the field existed stay valid
+            d.pop("head_dim")
         return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
-#: Named configurations: 'gpu' = the reference model (one GPU, <= 5 min); 'tiny' = seconds on CPU (tests).
+#: Named configurations: 'gpu' = the reference model (one GPU, <= 5 min); 'tiny' = seconds on CPU (tests);
+#: 'gpu-8b-attn' = an 8B model's attention geometry (Llama-3-8B: 32 query heads, 8 KV heads, head dim 128) in 8
+#: layers of width 1024 (154M parameters; ~89k tok/s at 16k on an H200), so per-layer attention time at N equals
+#: an 8B model's; 'tiny-8b-attn' = its CPU twin with the same 4:1 grouping (tests).
 PRESETS: dict[str, LMConfig] = {
     "gpu": LMConfig(),
+    "gpu-8b-attn": LMConfig(d_model=1024, n_layers=8, n_heads=32, n_kv_heads=8, head_dim=128, d_ff=2816,
+                            batch_size=2, lr=1.5e-3, max_seconds=200.0),
+    "tiny-8b-attn": LMConfig(seq_len=128, long_seq_len=256, d_model=64, n_layers=2, n_heads=8, n_kv_heads=2,
+                             head_dim=16, d_ff=128, batch_size=4, lr=3e-3, warmup_steps=3, steps=12,
+                             max_seconds=60.0, eval_windows=2, max_positions=4096, max_bytes=1_000_000),
     "tiny": LMConfig(seq_len=128, long_seq_len=256, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128,
                      batch_size=4, lr=3e-3, warmup_steps=3, steps=12, max_seconds=60.0, eval_windows=2,
                      max_positions=4096, max_bytes=1_000_000),
@@ -116,6 +130,7 @@ def build_model(cfg: LMConfig):
     hf_cfg = LlamaConfig(
         vocab_size=VOCAB, hidden_size=cfg.d_model, intermediate_size=cfg.d_ff, num_hidden_layers=cfg.n_layers,
         num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads, max_position_embeddings=cfg.max_positions,
+        head_dim=cfg.head_dim or cfg.d_model // cfg.n_heads,
         rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta}, tie_word_embeddings=False,
         bos_token_id=None, eos_token_id=EOS_ID, pad_token_id=0, use_cache=False)
     hf_cfg._attn_implementation = "sdpa"
