@@ -231,6 +231,9 @@ def demo(
 
 from .reconstruct.cli import app as _reconstruct_app  # noqa: E402  (light: heavy imports live inside commands)
 from .sparsity.cli import app as _sparsity_app  # noqa: E402
+from .blocksparse.cli import register as _register_blocksparse  # noqa: E402
+
+_register_blocksparse(_sparsity_app)  # `attnlab sparsity prefill` (block-sparse execution; sparsity/ never imports it)
 from .variables.cli import app as _variables_app  # noqa: E402
 from .lm.cli import app as _lm_app  # noqa: E402
 

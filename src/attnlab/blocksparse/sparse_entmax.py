@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError, ShapeError
+from .blockmask import token_to_block_graph as _token_to_block_graph
 from .flex import compiled_flex_attention
 
 def _flex(device: torch.device):
@@ -39,12 +40,9 @@ def _flex(device: torch.device):
 
 
 def token_to_block_graph(graph: Tensor, block: int) -> Tensor:
-    """Token graph (B, H, N, N) -> block graph (B, H, ceil(N/b), ceil(N/b)): a block is kept if any pair is."""
-    B, H, N, M = graph.shape
-    nq, nk = -(-N // block), -(-M // block)
-    g = torch.zeros(B, H, nq * block, nk * block, dtype=torch.bool, device=graph.device)
-    g[..., :N, :M] = graph
-    return g.view(B, H, nq, block, nk, block).any(dim=(3, 5))
+    """Token graph (B, H, N, N) -> block graph (B, H, ceil(N/b), ceil(N/b)): a block is kept if any pair is
+    (:func:`attnlab.blocksparse.blockmask.token_to_block_graph` with padding)."""
+    return _token_to_block_graph(graph.bool(), block, pad=True)
 
 
 def block_mask_from_graph(block_graph: Tensor, block: int, seq_len: Optional[int] = None) -> Any:

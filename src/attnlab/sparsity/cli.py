@@ -177,38 +177,3 @@ def _print_summary(info: dict, all_points: bool = False) -> None:
         con.print(t3)
     for w in info.get("warnings", []):
         con.print(f"warning: {w}")
-
-
-def _prefill(settings: dict, out: Optional[str]) -> None:
-    """Real forward of a causal model with every attention layer replaced by predicted block-sparse attention:
-    per-head density, measured recall and output error; loss change and speed vs SDPA flash / cuDNN."""
-    from ..errors import AttnlabError
-    from ..io import write_json
-    from ..distributed import is_main_process
-    from .prefill import PrefillConfig, format_summary, run_prefill
-
-    try:
-        res = run_prefill(PrefillConfig(**settings), log=typer.echo)
-    except AttnlabError as e:
-        fail(e)
-    if not is_main_process():  # torchrun: rank 0 prints and writes
-        return
-    typer.echo(format_summary(res))
-    if out:
-        write_json(out, res)
-        typer.echo(f"wrote {out}")
-
-
-config_command(app, "prefill", "attnlab.blocksparse.prefill:PrefillConfig", _prefill,
-               help_extra={"model": "Causal HF model folder or cached hub id (e.g. a folder from 'attnlab lm train')",
-                           "seq_len": "Tokens per held-out window (padded inside attention to a multiple of "
-                                      "--block-size)",
-                           "predictor": "Block predictor name (the block-predictor registry, plus 'oracle' and 'full')",
-                           "recall": "Mass-recall target p per head", "block_size": "Tile size of the block pattern",
-                           "windows": "Held-out windows (spread across windows is reported)",
-                           "rows": "Sampled query rows per layer for exact recall and output error",
-                           "reps": "Timed forwards per window and mode",
-                           "fallback": "Run heads above the kernel's measured break-even density dense",
-                           "device": "auto (cuda if available) | cpu | cuda", "seed": "Seed of the window choice"},
-               extra=[option("out", Optional[str], None, "--out", help="Write the full result (per layer/head) as "
-                                                                       "JSON here.")])

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from attnlab.errors import ConfigError
 
-from . import BLOCK_PREDICTORS
+from .registry import BLOCK_PREDICTORS
 from .core import ScoredBlockMethod
 
 def last_query_probs(q: Tensor, k: Tensor, last_q: int, scale: float) -> Tensor:
