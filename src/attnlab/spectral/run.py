@@ -19,8 +19,8 @@ from ..io import RunDir, checkpoint_written, read_tensors, write_tensors
 from ..validate import check_fields
 from .analysis import summarise
 from .collector import SpectrumCollector
+from .files import TENSORS  # noqa: F401  (re-exported)
 
-TENSORS = "spectrum.safetensors"
 
 
 @dataclass
