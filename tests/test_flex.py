@@ -104,7 +104,7 @@ def test_empty_rows_give_zero():
     assert torch.all(out[:, :, :16] == 0) and torch.isfinite(out).all()
 
 
-def test_token_graph_predictor_and_issue4_adapters():
+def test_token_graph_predictor_and_bucket_adapters():
     q, k, v = _qkv(5, N=64)
     tok = torch.rand(1, 2, 64, 64, generator=torch.Generator().manual_seed(5)) < 0.02
     pat = sparse_attention(q, k, v, predictor=tok, block_size=16, return_pattern=True)[1]

@@ -28,6 +28,12 @@ from typing import Any, Callable, NamedTuple
 import torch
 from torch import Tensor
 
+from attnlab.blocksparse.permute import (  # noqa: F401  (re-exported)
+    cluster_permutation,
+    inverse_permutation,
+    permute_tokens,
+    unpermute_tokens,
+)
 from attnlab.errors import ConfigError, ShapeError
 
 __all__ = [
@@ -251,28 +257,7 @@ def blockmask_matches(block_mask: Any, block_graph: Tensor) -> bool:
     return bool(torch.equal(dense, block_graph.bool().expand_as(dense)))
 
 
-# ----------------------------------------------------------------------------------------------------
-# Clustering / bucketing: tokens sorted by cluster id so that predicted pairs become dense blocks.
-# ----------------------------------------------------------------------------------------------------
-
-
-def cluster_permutation(ids: Tensor) -> tuple[Tensor, Tensor]:
-    """Cluster ids (B, H, N) ints -> (perm, inv): ``perm`` sorts tokens by id (stable, so original order
-    within a cluster), ``inv`` undoes it (``x_sorted[..., inv, :] == x``)."""
-    perm = torch.argsort(ids, dim=-1, stable=True)
-    return perm, inverse_permutation(perm)
-
-
-def permute_tokens(x: Tensor, perm: Tensor) -> Tensor:
-    """Gather tokens: x (B, H, N, D), perm (B, H, N) -> x[b, h, perm[b, h, i]]."""
-    return torch.gather(x, 2, perm.unsqueeze(-1).expand(*perm.shape, x.shape[-1]))
-
-
-def unpermute_tokens(x_sorted: Tensor, perm: Tensor) -> Tensor:
-    """Inverse of :func:`permute_tokens` (scatter back to the original positions)."""
-    out = torch.empty_like(x_sorted)
-    out.scatter_(2, perm.unsqueeze(-1).expand(*perm.shape, x_sorted.shape[-1]), x_sorted)
-    return out
+# Clustering / bucketing: tokens sorted by cluster id (permute.py) so that predicted pairs become dense blocks.
 
 
 def _block_range(sorted_vals: Tensor, block_size: int) -> tuple[Tensor, Tensor]:
@@ -372,13 +357,6 @@ class BlockPattern:
         if self.causal:
             allowed = allowed & (torch.arange(n, device=dev).view(1, 1, 1, n) <= rows.view(1, 1, -1, 1))
         return allowed
-
-
-def inverse_permutation(perm: Tensor) -> Tensor:
-    """perm (..., N) -> inv with inv[perm[i]] = i."""
-    inv = torch.empty_like(perm)
-    inv.scatter_(-1, perm, torch.arange(perm.shape[-1], device=perm.device).expand_as(perm))
-    return inv
 
 
 def pattern_from_block_graph(block_graph: Tensor, block_size: int, causal: bool = False) -> BlockPattern:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from attnlab.blocksparse.blockmask import BlockPattern, block_graph_to_kv
+from attnlab.blocksparse.blockmask import BlockPattern, block_graph_to_kv, causal_block_graph
 
 from .core import BlockPrediction, check_inputs
 from .registry import BLOCK_PREDICTORS
@@ -27,9 +27,7 @@ class FullBlocks:
         check_inputs(q, k, block_size)
         B, H, N, _ = q.shape
         nq, nk = N // block_size, k.shape[2] // block_size
-        g = torch.ones(nq, nk, dtype=torch.bool, device=q.device)
-        if causal:
-            g = g.tril_()
+        g = causal_block_graph(nq, nk, q.device) if causal else torch.ones(nq, nk, dtype=torch.bool, device=q.device)
         return BlockPrediction(BlockPattern(block_graph_to_kv(g.expand(B, H, nq, nk), causal), block_size, causal), 0.0)
 
     def predict_blocks(self, q: Tensor, k: Tensor, block_size: int = 128, causal: bool = False,

@@ -79,10 +79,6 @@ class MInferenceBlocks(ScoredBlockMethod):
     sink_tokens: int = 30
     local_offsets: int = 100
 
-    def knob_range(self, n: int) -> tuple[float, float]:
-        """Scale 0 .. enough for every column and diagonal."""
-        return 0.0, n / min(self.vertical_size, self.slash_size)
-
     def default_knob(self, p: float, n: int) -> float:
         """The published sizes (p is not used by the uncalibrated method)."""
         return 1.0
