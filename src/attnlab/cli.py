@@ -191,9 +191,20 @@ def views(
 
 
 @app.command()
-def report(run_dir: Path = typer.Argument(..., help="Run directory to render.")) -> None:
-    """Render every section of a run directory into one self-contained report.html."""
+def report(run_dir: Path = typer.Argument(..., help="Run directory to render."),
+           speed: Optional[list[Path]] = typer.Argument(
+               None, help="GPU speed results to add first: JSON of benchmarks/prefill.py, benchmarks/sparse_entmax.py "
+                          "or `attnlab sparsity prefill --out FILE.json`.")) -> None:
+    """Render every section of a run directory into one self-contained report.html.
+
+    Example: attnlab report runs/demo results/prefill.json
+    """
     from .report.html import render_report
+
+    if speed:
+        from .report.speed import import_speed
+
+        import_speed(run_dir, list(speed))
 
     typer.echo(f"report: {render_report(run_dir, strict=True).resolve()}")
 

@@ -21,7 +21,8 @@ SECTION = "demo"
 
 #: What the default demo took when last measured (shown by ``attnlab demo --help``; re-measure with
 #: ``benchmarks/defaults_time.py --only demo``).
-MEASURED = "measured 6.5 min on 2 CPU cores shared with other jobs (load about 4), first run (entmax fine-tuning not cached)"
+MEASURED = ("measured 3 min 22 s wall (231 CPU-s) on 2 CPU cores at load about 1, first run (entmax "
+            "fine-tuning not yet cached, 81 s of it)")
 
 _log = logging.getLogger(__name__)
 

@@ -29,7 +29,14 @@ def rank_vs_length(out: str | Path, lengths: Sequence[int], n_sequences: int, mo
         halves = ((res.get("noise_floor") or {}).get("k90_halves") or {}).get("pooled")
         points.append({"seq_len": n, "n_windows": res["n_sequences"],
                        **{k: res["pooled"][k] for k in ("k90", "k95", "k99")}, "k90_halves": halves})
-    sec = {"model": model, "n_sequences": n_sequences, "points": points, "settings": dict(settings)}
+    main = run.section("spectrum") or {}  # the run's own spectrum is the sweep's point at its length
+    if main.get("seq_len") and main["seq_len"] not in {p["seq_len"] for p in points} and \
+            main.get("n_sequences") == n_sequences:
+        points.append({"seq_len": main["seq_len"], "n_windows": main["n_sequences"],
+                       **{k: main["pooled"][k] for k in ("k90", "k95", "k99")},
+                       "k90_halves": ((main.get("noise_floor") or {}).get("k90_halves") or {}).get("pooled")})
+    sec = {"model": model, "n_sequences": n_sequences, "points": sorted(points, key=lambda p: p["seq_len"]),
+           "settings": dict(settings)}
     run.write_section(SECTION, sec)
     return sec
 
