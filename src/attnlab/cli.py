@@ -191,9 +191,20 @@ def views(
 
 
 @app.command()
-def report(run_dir: Path = typer.Argument(..., help="Run directory to render.")) -> None:
-    """Render every section of a run directory into one self-contained report.html."""
+def report(run_dir: Path = typer.Argument(..., help="Run directory to render."),
+           speed: Optional[list[Path]] = typer.Argument(
+               None, help="GPU speed results to add first: JSON of benchmarks/prefill.py, benchmarks/sparse_entmax.py "
+                          "or `attnlab sparsity prefill --out FILE.json`.")) -> None:
+    """Render every section of a run directory into one self-contained report.html.
+
+    Example: attnlab report runs/demo results/prefill.json
+    """
     from .report.html import render_report
+
+    if speed:
+        from .report.speed import import_speed
+
+        import_speed(run_dir, list(speed))
 
     typer.echo(f"report: {render_report(run_dir, strict=True).resolve()}")
 
@@ -207,17 +218,20 @@ def _render(run_dir: Path) -> None:
 @app.command()
 def demo(
     out: Path = typer.Option(Path("runs/demo"), "--out", help="Run directory."),
-    n_sequences: int = typer.Option(128, "--n-sequences", help="Windows of stdlib docstrings for the spectrum."),
+    n_sequences: int = typer.Option(64, "--n-sequences", help="Windows of stdlib docstrings for the spectrum."),
     seq_len: int = typer.Option(128, "--seq-len", help="Tokens per window."),
     pillars: str = typer.Option("spectrum,reconstruct,sparsity,variables", "--pillars",
                                 help="Comma-separated subset of spectrum,reconstruct,sparsity,variables."),
-    quick: bool = typer.Option(False, "--quick", help="Smallest settings of every pillar: a smoke test, not a measurement (about 65 CPU-seconds)."),
+    quick: bool = typer.Option(False, "--quick", help="Smallest settings of every pillar: a smoke test of every "
+                                                      "report view, not a measurement."),
 ) -> None:
-    """Every pillar on the packaged MiniLM and stdlib docstrings (spectrum first), then report.html.
+    """Every pillar on the packaged MiniLM and stdlib docstrings, then report.html and one bottom line per pillar.
 
-    Example: attnlab demo --out runs/demo          (a few minutes on two CPU cores)
+    Example: attnlab demo --out runs/demo
+
+    Time: see attnlab.demo.MEASURED (printed below); re-measure with benchmarks/defaults_time.py --only demo.
     """
-    from .demo import PILLARS, run_demo
+    from .demo import PILLARS, bottom_lines, run_demo
     from .errors import ConfigError
 
     chosen = tuple(p.strip() for p in pillars.split(",") if p.strip())
@@ -227,6 +241,18 @@ def demo(
     path = run_demo(out, n_sequences=16 if quick else n_sequences, seq_len=64 if quick else seq_len, quick=quick,
                     pillars=chosen)
     typer.echo(f"report: {path.resolve()}")
+    for line in bottom_lines(out):
+        typer.echo(f"- {line}")
+
+
+def _demo_help() -> None:
+    """Put the measured time into `attnlab demo --help` (the docstring cannot hold a computed value)."""
+    from .demo import MEASURED
+
+    demo.__doc__ = (demo.__doc__ or "").replace("see attnlab.demo.MEASURED (printed below)", MEASURED)
+
+
+_demo_help()
 
 
 from .reconstruct.cli import app as _reconstruct_app  # noqa: E402  (light: heavy imports live inside commands)

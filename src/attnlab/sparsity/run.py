@@ -233,7 +233,7 @@ def sparsity(
     quiet = quiet or not dist.is_main  # rank 0 logs progress
     prev = run.section(SECTION)
     if resume and prev and prev.get("config") == config and prev.get("complete"):
-        _log(quiet, f"{run.path}: section '{SECTION}' already complete (resume); delete it or pass --no-resume to redo")
+        _log(quiet, f"{run.path}: section '{SECTION}' already complete with these settings; kept (resume)")
         return prev
     barrier(dist)  # every rank has read the section before rank 0 writes anything
     if dist.is_main:
