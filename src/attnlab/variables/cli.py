@@ -37,17 +37,17 @@ Monitor = Annotated[str, typer.Option(help="Early stopping on: val | test | trai
 Device = Annotated[str, typer.Option(help="cpu | cuda | cuda:N | auto.")]
 
 
-def parse_ints(values: List[str], extra: List[str], flag: str = "--T") -> list[int]:
-    """Parse repeated / comma-separated / trailing integer values of a list option."""
+def parse_ints(values: List[str], extra: List[str], flag: str = "--T", kind: type = int) -> list:
+    """Parse repeated / comma-separated / trailing integer (or ``kind``) values of a list option."""
     from ..errors import ConfigError
 
     out = []
     for v in [*values, *extra]:
         for part in str(v).replace(",", " ").split():
             try:
-                out.append(int(part))
+                out.append(kind(part))
             except ValueError:
-                raise ConfigError(f"{flag}: {part!r} is not an integer") from None
+                raise ConfigError(f"{flag}: {part!r} is not {'an integer' if kind is int else 'a number'}") from None
     return out
 
 
@@ -108,7 +108,12 @@ def sweep(
     batch_size: BatchSize = 64,
     max_steps: Optional[int] = typer.Option(None, help="Optimiser steps at most per run (default 1500 bounded, "
                                                        "2000 transformer)."),
-    restarts: int = typer.Option(1, help="Bounded/MLP: initialisations per (m, seed); lowest training loss wins."),
+    restarts: int = typer.Option(2, help="Bounded/MLP: re-initialisations of a trial that does not fit its training "
+                                         "set (0 = one attempt); every attempt gets --max-steps."),
+    lr_grid: List[str] = typer.Option([], "--lr-grid", help="Bounded/MLP: attempt k trains at the k-th rate (cyclic), "
+                                                            "e.g. --lr-grid 0.01,0.003; default: --lr only."),
+    fit_acc: float = typer.Option(1.0, help="A trial fits when its accuracy on all m training examples is >= this; "
+                                            "m* counts only fitting trials."),
     weight_decay: WeightDecay = 0.01,
     norm_mode: NormMode = "none",
     emb_bound: EmbBound = 1.0,
@@ -145,9 +150,10 @@ def sweep(
                     raise ConfigError(f"--norm-sweep: {part!r} is not a number") from None
         if any(not b > 0 for b in sweep_bounds):
             raise ConfigError(f"--norm-sweep bounds must be > 0 (got {sweep_bounds})")
+        grid = [float(v) for v in parse_ints(lr_grid, [], "--lr-grid", float)]
         given = {k: v for k, v in (("d_model", d_model), ("n_heads", n_heads), ("lr", lr), ("max_steps", max_steps))
                  if v is not None}
-        bounded = EnsembleConfig(kind="bounded", batch_size=batch_size, restarts=restarts, n_test=n_test,
+        bounded = EnsembleConfig(kind="bounded", batch_size=batch_size, restarts=restarts, n_test=n_test, lr_grid=grid,
                                  bounds=Bounds(emb=emb_bound, qk=qk_bound, v=v_bound, out=out_bound), **given)
         mlp = EnsembleConfig(kind="mlp", lr=0.05, batch_size=batch_size, restarts=restarts, n_test=n_test,
                              **{k: v for k, v in given.items() if k == "max_steps"})
@@ -158,7 +164,8 @@ def sweep(
         search = SearchConfig(threshold=threshold, m_min=m_min, m_max=m_max, rtol=rtol, points=points)
         cfg = SweepConfig(task=task, s=s, Ts=Ts, seeds=seeds, seed=seed, balanced=balanced, noise=noise, model=model,
                           bounded=bounded, train=train, contrast=contrast, mlp=mlp, contrast_max_T=contrast_max_t,
-                          search=search, norm_sweep=sweep_bounds, norm_T=norm_t, probe=probe, budget_s=budget_s)
+                          search=search, norm_sweep=sweep_bounds, norm_T=norm_t, probe=probe, budget_s=budget_s,
+                          fit_acc=fit_acc)
         section = run_sweep(cfg, out, device=device, resume=resume, log=typer.echo)
         if section.get("skipped_T"):
             typer.secho(f"warning: --budget-s {budget_s:g} ran out; skipped T = {section['skipped_T']}", err=True)
