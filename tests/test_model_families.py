@@ -27,6 +27,9 @@ REF_ATTR = {"self": "attentions", "encoder": "encoder_attentions", "decoder-self
 #: families whose eager output_attentions is not the model's own attention (see sources/falcon.py): checked
 #: through the output only
 NO_EAGER_REFERENCE = {"falcon"}
+#: decoders, detected by the probe from the mask (not from ``architectures``: these are bare *Model classes)
+CAUSAL = {"gpt2", "gpt_neox", "opt", "llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text", "gemma3",
+          "falcon"}
 
 
 def _need(model_type: str) -> None:
@@ -84,6 +87,7 @@ def test_capture_matches_model(model_type):
         x = _inputs(hf)
         scores = _capture(hf, x)
         assert sorted(scores) == list(range(hf.n_layers)) and hf.n_layers >= 1
+        assert hf.causal == (model_type in CAUSAL or part == "decoder-self")
         finite = torch.cat([s[torch.isfinite(s)].flatten() for s in scores.values()])
         assert 4 < finite.abs().max() < 200, "scores too flat (or too sharp) to tell softmax differences"
         base = _main(run_forward(hf, x))
@@ -148,3 +152,108 @@ def test_falcon_alibi_is_in_the_scores():
 
     with attention_hooks(hf, no_bias):
         assert (_main(run_forward(hf, x)) - base).abs().max() > 1e-3
+
+
+def _minilm_tokenizer():
+    from transformers import AutoTokenizer
+
+    from attnlab.sources.loading import resolve_model_path
+
+    return AutoTokenizer.from_pretrained(resolve_model_path("minilm"))
+
+
+def _save(tmp_path, model_type, tokenizer=True, **kw):
+    path = tmp_path / model_type
+    build(model_type, **kw).save_pretrained(path)
+    if tokenizer:
+        _minilm_tokenizer().save_pretrained(path)
+    return str(path)
+
+
+def test_refused_family_cli_one_line_exit_2(tmp_path, capsys):
+    _need("bloom")
+    from attnlab.cli import invoke
+
+    path = _save(tmp_path, "bloom")
+    capsys.readouterr()
+    code = invoke(["capture", "--model", path, "--out", str(tmp_path / "run"), "--seq-len", "16", "--n-sequences", "2"])
+    err = capsys.readouterr().err.strip()
+    lines = [ln for ln in err.splitlines() if "shards" not in ln]  # transformers' own progress bars aside
+    assert code == 2 and "BLOOM" in err and "AttentionInterface" in err and len(lines) == 1
+    assert "Traceback" not in err
+
+
+def test_no_tokenizer_no_image_processor_says_which_input(tmp_path):
+    from attnlab.sources.loading import load_model
+
+    path = _save(tmp_path, "bert", tokenizer=False)
+    with pytest.raises(ModelError, match="expects token ids") as e:
+        load_model(path)
+    assert "\n" not in str(e.value)
+
+
+def test_loader_gemma2_eager_and_t5_parts(tmp_path):
+    """Gemma2 refuses SDPA: the loader picks eager; T5 from disk reads each part, labelled, and refuses a bad one."""
+    from attnlab.errors import ConfigError
+    from attnlab.sources.loading import load_model
+
+    _need("gemma2")
+    g = load_model(_save(tmp_path, "gemma2"))
+    assert g.model.config._attn_implementation == "eager" and g.causal and g.sliding_window == 4
+    _need("t5")
+    path = _save(tmp_path, "t5")
+    enc, dec, cross = (load_model(f"{path}#{p}") if p else load_model(path) for p in (None, "decoder-self", "cross"))
+    assert (enc.part, enc.causal, dec.causal, cross.causal) == ("encoder", False, True, False)
+    assert cross.describe()["attention"] == "cross-attention" and enc.n_layers == dec.n_layers == cross.n_layers == 2
+    with pytest.raises(ConfigError, match="unknown part"):
+        load_model(f"{path}#decoder")
+
+
+def test_multimodal_gemma3_sizes_from_text_config(tmp_path):
+    from attnlab.sources.loading import load_model
+
+    _need("gemma3")
+    hf = load_model(_save(tmp_path, "gemma3"))
+    assert (hf.n_layers, hf.n_heads, hf.head_dim, hf.causal) == (2, 4, 8, True)
+
+
+def test_dropin_loads_the_checkpoint_head(tmp_path):
+    """reconstruct's drop-in loads head='auto': a masked-LM / causal-LM checkpoint keeps its head, so the LM loss
+    is measured (it was "lm": null with AutoModel)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from attnlab.reconstruct.approx import _lm_kind
+    from conftest import save_tiny_bert
+    from attnlab.sources.loading import load_model
+
+    bert = load_model(save_tiny_bert(tmp_path / "bert"), head="auto")
+    assert type(bert.model).__name__ == "BertForMaskedLM" and _lm_kind(bert) == "masked-lm"
+    tok = _minilm_tokenizer()
+    GPT2LMHeadModel(GPT2Config(vocab_size=tok.vocab_size, n_embd=32, n_layer=1, n_head=2, n_positions=64)).save_pretrained(
+        tmp_path / "gpt2")
+    tok.save_pretrained(tmp_path / "gpt2")
+    gpt = load_model(str(tmp_path / "gpt2"), head="auto")
+    assert type(gpt.model).__name__ == "GPT2LMHeadModel" and _lm_kind(gpt) == "causal-lm"
+    assert load_model(str(tmp_path / "gpt2")).model.__class__.__name__ == "GPT2Model"  # capture: no head needed
+
+
+@pytest.mark.parametrize("model_type", ["t5", "gemma2", "falcon"])
+def test_spectrum_runs_on_new_families(model_type, tmp_path):
+    _need(model_type)
+    from attnlab.spectral.run import spectrum
+
+    hf = wrap_model(build(model_type), None, model_type)
+    w = torch.randint(3, 100, (4, 16), generator=torch.Generator().manual_seed(0))
+    res = spectrum(tmp_path / "run", model=hf, windows=w, seq_len=16, n_sequences=4, batch_size=2, sketch_size=4,
+                   progress=False)
+    assert res["model"]["family"] == model_type and res["n_sequences"] == 4
+
+
+def test_synthetic_images_seeded_and_varied():
+    from attnlab.sources.images import ImageInputs, synthetic_images
+
+    a, b = synthetic_images(6, 32, seed=3), synthetic_images(6, 32, seed=3)
+    assert a.shape == (6, 32, 32, 3) and (a == b).all() and not (a == synthetic_images(6, 32, seed=4)).all()
+    assert len({x.tobytes() for x in a}) == 6
+    px = ImageInputs(32).synthetic(2)
+    assert px.shape == (2, 3, 32, 32) and -1.0 <= float(px.min()) and float(px.max()) <= 1.0

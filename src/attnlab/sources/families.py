@@ -3,7 +3,7 @@
 One :class:`Family` per ``config.model_type``. ``inputs`` says what the model is fed ('text' token ids or 'image'
 pixel values), ``route`` how its attention is intercepted ('interface': transformers' ``AttentionInterface``; a
 module name under ``attnlab.sources``: a one-file adapter; 'refused': not readable, ``reason`` says why). The
-status columns are what ``tests/test_model_families.py`` checks; the README table is :func:`markdown_table`
+capture column is what ``tests/test_model_families.py`` checks on a tiny model of each family; the README table is :func:`markdown_table`
 (a test keeps the two equal). A model type not listed here is tried through the interface and refused with one
 line if no layer routes through it.
 """
@@ -40,7 +40,10 @@ class Family:
 
 
 _ENC = "no (bidirectional encoder)"
-_VISION = "no (image encoder: no token loss)"
+_VISION = "no (image encoder: no token windows)"
+_SW = "up to the window only (refused beyond: window tiling open)"
+_UNTESTED = "untested"
+_PIX = "not yet (pixel path in `sources.images`; command wiring open)"
 
 
 def _f(*args, **kw) -> Family:
@@ -57,23 +60,23 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in [
     _f("gpt_neox", "GPT-NeoX", prefill=YES),
     _f("opt", "OPT", prefill=YES),
     _f("llama", "Llama", prefill=YES, notes="rotary, GQA"),
-    _f("mistral", "Mistral", prefill="yes (sliding window intersected)", notes="sliding window in the mask"),
-    _f("qwen2", "Qwen2", prefill="yes (sliding window intersected)"),
+    _f("mistral", "Mistral", prefill=_SW, notes="sliding window in the mask"),
+    _f("qwen2", "Qwen2", prefill=_SW, notes="sliding layers in the mask"),
     _f("qwen3", "Qwen3", prefill=YES),
     _f("phi3", "Phi-3", prefill=YES),
-    _f("gemma2", "Gemma2", prefill="no (softcapped scores)", notes="eager fallback; softcap and sliding window in scores"),
-    _f("gemma3_text", "Gemma3 (text)", prefill="no (softcapped scores)", notes="mixed sliding/full layers"),
-    _f("gemma3", "Gemma3 (multimodal, text tower)", prefill="no (softcapped scores)",
+    _f("gemma2", "Gemma2", reconstruct=_UNTESTED, prefill="no (softcapped scores)", notes="eager fallback; softcap and sliding window in scores"),
+    _f("gemma3_text", "Gemma3 (text)", reconstruct=_UNTESTED, prefill="no (softcapped scores)", notes="mixed sliding/full layers"),
+    _f("gemma3", "Gemma3 (multimodal, text tower)", reconstruct=_UNTESTED, prefill="no (softcapped scores)",
        notes="sizes from config.get_text_config(); text inputs only"),
-    _f("bart", "BART", prefill="no (encoder-decoder)",
+    _f("bart", "BART", reconstruct=_UNTESTED, prefill="no (encoder-decoder)",
        notes="parts: encoder (default), decoder-self, cross; `--model DIR#part`"),
-    _f("t5", "T5", prefill="no (encoder-decoder)",
+    _f("t5", "T5", reconstruct=_UNTESTED, prefill="no (encoder-decoder)",
        notes="relative position bias in scores; parts: encoder (default), decoder-self, cross"),
-    _f("falcon", "Falcon", route="falcon", prefill="no (own attention code)",
+    _f("falcon", "Falcon", route="falcon", reconstruct=_UNTESTED, prefill="no (own attention code)",
        notes="one-file adapter `sources/falcon.py`; rotary or ALiBi"),
-    _f("vit", "ViT", inputs="image", reconstruct=_VISION, prefill=_ENC, notes="synthetic image set"),
-    _f("clip_vision_model", "CLIP vision", inputs="image", reconstruct=_VISION, prefill=_ENC),
-    _f("siglip_vision_model", "SigLIP vision", inputs="image", reconstruct=_VISION, prefill=_ENC),
+    _f("vit", "ViT", inputs="image", spectrum=_PIX, reconstruct=_VISION, prefill=_ENC, notes="synthetic image set"),
+    _f("clip_vision_model", "CLIP vision", inputs="image", spectrum=_PIX, reconstruct=_VISION, prefill=_ENC),
+    _f("siglip_vision_model", "SigLIP vision", inputs="image", spectrum=_PIX, reconstruct=_VISION, prefill=_ENC),
     _f("bloom", "BLOOM", route="refused", capture=NO, spectrum=NO, reconstruct=NO,
        reason="BloomAttention computes ALiBi attention in its own code, not through transformers' AttentionInterface; "
               "an adapter like sources/falcon.py would be needed"),

@@ -207,7 +207,8 @@ def probe_inputs(hf: HFModel) -> dict[str, torch.Tensor]:
     device = next(hf.model.parameters()).device
     if hf.inputs == "image":
         return {"pixel_values": hf.processor.blank(1).to(device)}
-    tok = getattr(hf.tokenizer, "cls_token_id", None) or 1
+    tc = hf.model.config.get_text_config() if hasattr(hf.model.config, "get_text_config") else hf.model.config
+    tok = min(getattr(hf.tokenizer, "cls_token_id", None) or 1, int(getattr(tc, "vocab_size", 2) or 2) - 1)
     kw = {"input_ids": torch.full((1, _PROBE_ENC), tok, device=device)}
     if getattr(hf.model.config, "is_encoder_decoder", False):
         kw["decoder_input_ids"] = torch.full((1, _PROBE_DEC), tok, device=device)

@@ -23,6 +23,8 @@ from .hf import DEFAULT_MODEL, HFModel, probe
 
 log = logging.getLogger("attnlab.sources")
 HEADS = ("masked-lm", "causal-lm")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
+                   "spiece.model", "sentencepiece.bpe.model")
 
 
 def resolve_model_path(name: str) -> str:
@@ -86,12 +88,15 @@ def _inputs(path: str, name: str, config, fam) -> tuple[str, Any, Any]:
         from .images import ImageInputs
 
         return "image", None, ImageInputs.for_model(path, config)
+    what = fam.name if fam is not None else getattr(config, "model_type", "this model")
+    hint = (f"--model {name}: {what} expects token ids, but {{}} and it is not an image model (no image processor "
+            "either); save the tokenizer into the folder (tokenizer.save_pretrained)")
+    if Path(path).is_dir() and not any((Path(path) / f).exists() for f in TOKENIZER_FILES):
+        raise ModelError(hint.format("the folder has no tokenizer files"))
     try:
         return "text", AutoTokenizer.from_pretrained(path), None
     except Exception as e:
-        what = fam.name if fam is not None else getattr(config, "model_type", "this model")
-        raise ModelError(f"--model {name}: {what} expects token ids, but no tokenizer loads from it ({_short(e)}) and "
-                         "it is not an image model; save the tokenizer into the folder (tokenizer.save_pretrained)") from e
+        raise ModelError(hint.format(f"no tokenizer loads from it ({_short(e)})")) from e
 
 
 def load_model(name: str = DEFAULT_MODEL, device: str = "cpu", dtype: torch.dtype = torch.float32,
