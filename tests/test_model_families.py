@@ -257,3 +257,22 @@ def test_synthetic_images_seeded_and_varied():
     assert len({x.tobytes() for x in a}) == 6
     px = ImageInputs(32).synthetic(2)
     assert px.shape == (2, 3, 32, 32) and -1.0 <= float(px.min()) and float(px.max()) <= 1.0
+
+
+def test_vit_spectrum_cli_on_synthetic_images(tmp_path, capsys):
+    """`attnlab spectrum --model <vit-dir>` (no image processor saved: plain normalisation) runs on the synthetic
+    image set, at the ViT's own token count (16 patches + CLS), and capture stores the pixel values it used."""
+    _need("vit")
+    from attnlab.capture.dump import capture
+    from attnlab.cli import invoke
+
+    path = _save(tmp_path, "vit", tokenizer=False)
+    code = invoke(["spectrum", "--model", path, "--out", str(tmp_path / "run"), "--n-sequences", "4",
+                   "--batch-size", "2"])
+    assert code == 0, capsys.readouterr().err
+    import json
+
+    res = json.loads((tmp_path / "run" / "results.json").read_text())["spectrum"]
+    assert res["config"]["seq_len"] == 17 and res["model"]["inputs"] == "image" and res["n_sequences"] == 4
+    meta = capture(tmp_path / "cap", model=path, n_sequences=2, progress=False)
+    assert meta["seq_len"] == 17

@@ -43,7 +43,7 @@ _ENC = "no (bidirectional encoder)"
 _VISION = "no (image encoder: no token windows)"
 _SW = "up to the window only (refused beyond: window tiling open)"
 _UNTESTED = "untested"
-_PIX = "not yet (pixel path in `sources.images`; command wiring open)"
+_PIX = "yes (synthetic image set)"
 
 
 def _f(*args, **kw) -> Family:
