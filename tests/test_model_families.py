@@ -276,3 +276,17 @@ def test_vit_spectrum_cli_on_synthetic_images(tmp_path, capsys):
     assert res["config"]["seq_len"] == 17 and res["model"]["inputs"] == "image" and res["n_sequences"] == 4
     meta = capture(tmp_path / "cap", model=path, n_sequences=2, progress=False)
     assert meta["seq_len"] == 17
+
+
+def test_prefill_causality_from_the_probe(tmp_path):
+    """BART routes through the interface: its causal-LM decoder loads for prefill (it was refused as 'computes
+    attention in its own code'); BLOOM is refused naming the family; a bare LlamaModel checkpoint is causal."""
+    from attnlab.blocksparse.prefill import load_causal_model
+
+    _need("bart")
+    hf = load_causal_model(_save(tmp_path, "bart"), torch.device("cpu"), torch.float32)
+    assert hf.causal and hf.part == "self" and type(hf.model).__name__ == "BartForCausalLM"
+    with pytest.raises(ModelError, match="BLOOM"):
+        load_causal_model(_save(tmp_path, "bloom"), torch.device("cpu"), torch.float32)
+    llama = load_causal_model(_save(tmp_path, "llama"), torch.device("cpu"), torch.float32)
+    assert llama.causal

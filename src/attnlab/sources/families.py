@@ -111,3 +111,20 @@ def markdown_table() -> str:
         lines.append(f"| {f.name} | `{f.model_type}` | {f.inputs} | {cap} | {f.spectrum} | {f.reconstruct} | "
                      f"{f.prefill} | {f.notes} |")
     return "\n".join(lines)
+
+
+def refuse_for_prefill(name: str, path: str) -> None:
+    """ModelError (one line) for a family prefill cannot run: refused ones, and adapter families (prefill is
+    validated on AttentionInterface families only). Unknown or unreadable configs pass (the loader says why)."""
+    try:
+        from transformers import AutoConfig
+
+        fam = family_of(AutoConfig.from_pretrained(path))
+    except Exception:
+        return
+    check_supported_config = fam is not None and fam.refused
+    if check_supported_config:
+        raise ModelError(f"--model {name}: {fam.name} ({fam.model_type}) cannot be captured: {fam.reason}")
+    if fam is not None and fam.route != "interface":
+        raise ModelError(f"--model {name}: prefill is not validated on {fam.name}, whose attention attnlab reads "
+                         f"through an adapter (sources/{fam.route}.py), not transformers' AttentionInterface")

@@ -160,8 +160,16 @@ def _is_causal(mask: Optional[torch.Tensor], module) -> bool:
     return bool(n > 1 and not v[0, 1:].any() and v.diagonal().all())
 
 
+def is_encoder_decoder(model: torch.nn.Module) -> bool:
+    """An encoder-decoder *as loaded* (BartForCausalLM is the decoder alone although its config says otherwise)."""
+    import inspect
+
+    return bool(getattr(model.config, "is_encoder_decoder", False)) and (
+        "decoder_input_ids" in inspect.signature(model.forward).parameters)
+
+
 def _role(hf: HFModel, nq: int, nk: int) -> str:
-    if not getattr(hf.model.config, "is_encoder_decoder", False):
+    if not is_encoder_decoder(hf.model):
         return "self"
     if nq != nk:
         return "cross"
@@ -210,7 +218,7 @@ def probe_inputs(hf: HFModel) -> dict[str, torch.Tensor]:
     tc = hf.model.config.get_text_config() if hasattr(hf.model.config, "get_text_config") else hf.model.config
     tok = min(getattr(hf.tokenizer, "cls_token_id", None) or 1, int(getattr(tc, "vocab_size", 2) or 2) - 1)
     kw = {"input_ids": torch.full((1, _PROBE_ENC), tok, device=device)}
-    if getattr(hf.model.config, "is_encoder_decoder", False):
+    if is_encoder_decoder(hf.model):
         kw["decoder_input_ids"] = torch.full((1, _PROBE_DEC), tok, device=device)
     return {**kw, **hf.forward_kw}
 
@@ -272,7 +280,7 @@ def model_inputs(hf: HFModel, x: torch.Tensor, attention_mask: Optional[torch.Te
         return {"pixel_values": x.to(device, next(hf.model.parameters()).dtype)}
     kw: dict[str, Any] = {"input_ids": x.to(device),
                           "attention_mask": None if attention_mask is None else attention_mask.to(device)}
-    if getattr(hf.model.config, "is_encoder_decoder", False) and hf.part != "encoder":
+    if is_encoder_decoder(hf.model) and hf.part != "encoder":
         kw["decoder_input_ids"] = kw["input_ids"]
         kw["decoder_attention_mask"] = kw["attention_mask"]
     return {**kw, **hf.forward_kw}

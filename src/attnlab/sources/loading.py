@@ -19,7 +19,7 @@ import torch
 
 from ..errors import ConfigError, ModelError
 from .families import PARTS, check_supported, family_of
-from .hf import DEFAULT_MODEL, HFModel, probe
+from .hf import DEFAULT_MODEL, HFModel, is_encoder_decoder, probe
 
 log = logging.getLogger("attnlab.sources")
 HEADS = ("masked-lm", "causal-lm")
@@ -146,7 +146,7 @@ def wrap_model(model: torch.nn.Module, tokenizer: Any = None, name: str = "model
     one, then a probing forward for layers, heads, head size and causality of the chosen part."""
     config = model.config
     fam = check_supported(config, name)
-    enc_dec = bool(getattr(config, "is_encoder_decoder", False))
+    enc_dec = is_encoder_decoder(model)
     if part is not None and not enc_dec:
         raise ConfigError(f"--model {name}: '#{part}' selects a part of an encoder-decoder; "
                           f"{type(model).__name__} has one kind of attention")
