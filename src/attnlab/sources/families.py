@@ -119,12 +119,10 @@ def refuse_for_prefill(name: str, path: str) -> None:
     try:
         from transformers import AutoConfig
 
-        fam = family_of(AutoConfig.from_pretrained(path))
+        config = AutoConfig.from_pretrained(path)
     except Exception:
         return
-    check_supported_config = fam is not None and fam.refused
-    if check_supported_config:
-        raise ModelError(f"--model {name}: {fam.name} ({fam.model_type}) cannot be captured: {fam.reason}")
+    fam = check_supported(config, name)
     if fam is not None and fam.route != "interface":
         raise ModelError(f"--model {name}: prefill is not validated on {fam.name}, whose attention attnlab reads "
                          f"through an adapter (sources/{fam.route}.py), not transformers' AttentionInterface")
