@@ -166,7 +166,7 @@ def reconstruct(out: str | Path, model: str = "minilm", progress: bool = True, *
     info = init_distributed(cfg.device)
     run = RunDir(out)
     t0 = time.perf_counter()
-    hf = load_checked(cfg.model, cfg.seq_len, device=device_for(info, cfg.device))
+    hf = load_checked(cfg.model, cfg.seq_len, head="auto", device=device_for(info, cfg.device))  # the task head if saved
     # held-out windows first: a corpus too small to evaluate on fails before the fit, not after it
     windows = windows_for(hf.tokenizer, cfg.seq_len, cfg.n_eval, "heldout", cfg.corpus, cfg.seed + 1, flag="--n-eval",
                           minimum=MIN_EVAL_WINDOWS)

@@ -20,15 +20,9 @@ def load_causal_model(name: str, device: torch.device, dtype: torch.dtype) -> An
     """Load a causal HF LM and check that its attention routes through AttentionInterface."""
     from ...sources.hf import attention_modules, load_model, resolve_model_path
 
-    try:  # refuse architectures with their own attention code before loading (they cannot be replaced)
-        from transformers import AutoConfig, AutoModelForCausalLM
+    from ...sources.families import refuse_for_prefill
 
-        cls = AutoModelForCausalLM._model_mapping[type(AutoConfig.from_pretrained(resolve_model_path(name)))]
-    except Exception:  # unknown/unloadable config: load_model below gives the precise error
-        cls = None
-    if cls is not None and not getattr(cls, "_supports_attention_backend", True):
-        raise ModelError(f"--model {name}: {cls.__name__} computes attention in its own code, not through "
-                         "transformers' AttentionInterface, so prefill cannot replace its attention layers")
+    refuse_for_prefill(name, resolve_model_path(name))  # families read by an adapter or not at all: one line
     hf = load_model(name, device=str(device), dtype=dtype, head="causal-lm")
     if not hf.causal:
         raise ConfigError(f"--model {name}: not a causal language model (prefill needs causal self-attention; "
