@@ -38,12 +38,18 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError, ShapeError
-from .blockmask import block_graph_to_kv, token_to_block_graph  # noqa: F401  (token_to_block_graph re-exported)
+from .blockmask import block_graph_to_kv
+from .blockmask import token_to_block_graph as _token_to_block_graph
 from .entmax_dense import check_entmax_inputs, dense_entmax_attention  # noqa: F401  (re-exported)
 from .flex import compiled_flex_attention
 
 __all__ = ["sparse_entmax_attention", "entmax_threshold", "block_mask_from_graph", "EntmaxSolve",
            "dense_entmax_attention", "token_to_block_graph"]
+
+
+def token_to_block_graph(graph: Tensor, block: int) -> Tensor:
+    """(B, H, N, N) bool token graph -> (B, H, ceil(N/block), ceil(N/block)) block graph (last blocks padded)."""
+    return _token_to_block_graph(graph, block, pad=True)
 
 #: Temperature of the start pass: lse(BETA s)/BETA overestimates the row max by at most log(M)/BETA.
 BETA = 1000.0

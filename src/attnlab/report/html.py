@@ -33,7 +33,7 @@ SECTIONS = [
     ("sparsity", "attnlab.sparsity.report:render_section", "Sparsity prediction (Sparsefinder)"),
     ("variables", "attnlab.variables.report:render_section", "Variable creation"),
     ("rank_vs_length", "attnlab.report.lengths:render_section", "Rank needed vs length"),
-    ("speed", "attnlab.report.speed:render_section", "Speed (imported GPU results)"),
+    ("speed", "attnlab.report.speed_view:render_section", "Speed (imported GPU results)"),
 ]
 
 # Tables with more rows than this start collapsed.
