@@ -151,3 +151,19 @@ def test_corrupt_results_file_is_reported(tmp_path):
     (run / "results.json").write_text('{"spectrum": {"trunc')
     res = _cli("report", str(run))
     assert res.returncode == 2 and "corrupt" in res.stderr
+
+
+def test_cli_config_does_not_import_cli():
+    """cli.py imports cli_config; the other way round would be an import circle (parse_int_list lives in cli_utils)."""
+    import ast
+    from pathlib import Path
+
+    import attnlab.cli_config as cc
+
+    tree = ast.parse(Path(cc.__file__).read_text())
+    mods = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert "cli" not in mods and "attnlab.cli" not in mods
+    from attnlab.cli import parse_int_list as a
+    from attnlab.cli_utils import parse_int_list as b
+
+    assert a is b  # the old import path keeps working

@@ -14,6 +14,7 @@ from typing import Any, Optional
 import typer
 
 from .cli_config import config_command, option, out_option, quiet_option, resume_option
+from .cli_utils import parse_int_list  # noqa: F401  (re-exported: attnlab.cli.parse_int_list)
 
 app = typer.Typer(
     name="attnlab", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -55,39 +56,6 @@ LayersOpt = typer.Option(None, "--layers", help="Layers to analyse, e.g. '0,2-4'
 HeadsOpt = typer.Option(None, "--heads", help="Heads to analyse, e.g. '0-3,7'. [default: all]")
 DeviceOpt = typer.Option(None, "--device", help="cpu, cuda or cuda:N. [default: cpu]")
 SeedOpt = typer.Option(None, "--seed", help="Random seed (same seed, same numbers). [default: 0]")
-
-
-def parse_int_list(text: Optional[str | list], flag: str) -> Optional[list[int]]:
-    """Parse '0,2-4' (or a TOML list) into [0, 2, 3, 4]."""
-    from .errors import ConfigError
-    from .validate import MAX_RANGE
-
-    if text is None:
-        return None
-    if isinstance(text, list):
-        return [int(x) for x in text]
-    out: list[int] = []
-    try:
-        for part in str(text).split(","):
-            part = part.strip()
-            if not part:
-                continue
-            if "-" in part[1:]:
-                a, b = part.split("-", 1)
-                if int(b) < int(a):
-                    raise ConfigError(f"{flag} {text!r}: range {part!r} is reversed; write it as '{b}-{a}'")
-                if int(b) - int(a) >= MAX_RANGE:
-                    raise ConfigError(f"{flag} {text!r}: range {part!r} has more than {MAX_RANGE} values")
-                out.extend(range(int(a), int(b) + 1))
-            else:
-                out.append(int(part))
-    except ConfigError:
-        raise
-    except ValueError as e:
-        raise ConfigError(f"{flag} {text!r}: expected integers like '0,2-4'") from e
-    if not out:
-        raise ConfigError(f"{flag} is empty; leave it out for all")
-    return out
 
 
 def _capture(settings: dict[str, Any], out: str, quiet: bool) -> None:

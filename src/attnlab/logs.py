@@ -53,7 +53,3 @@ def setup_cli_logging(level: str = "INFO") -> None:
         h.setFormatter(_PrefixFormatter("%(message)s"))
         root.addHandler(h)
 
-
-def info_or_silent(progress: bool, logger: logging.Logger):
-    """A one-argument message function: ``logger.info`` when ``progress``, else debug (hidden by default)."""
-    return logger.info if progress else logger.debug

@@ -25,24 +25,20 @@ def _train(settings: dict, out: str, resume: bool, quiet: bool) -> None:
     """Train a small entmax transformer on the corpus and save a checkpoint."""
     from pathlib import Path
 
-    from ..errors import AttnlabError, ResultsError
+    from ..errors import ResultsError
+    from .train_entmax import EntmaxTrainConfig, load_small, partial_path, train_and_save
 
-    try:
-        from .train_entmax import EntmaxTrainConfig, load_small, partial_path, train_and_save
-
-        cfg = EntmaxTrainConfig(**settings)
-        if resume and Path(out).is_file() and not partial_path(out).exists():
-            _, _, done, _ = load_small(out)
-            skip = ("checkpoint_every",)
-            if {k: v for k, v in vars(done).items() if k not in skip} != {k: v for k, v in vars(cfg).items() if k not in skip}:
-                raise ResultsError(f"{out}: a finished model trained with other settings exists; re-run with its "
-                                   f"settings, another --out, or without --resume to overwrite it")
-            typer.echo(f"{out}: already trained with these settings (resume); nothing to do")
-            return
-        _, _, hist = train_and_save(cfg, out, resume=resume, quiet=quiet)
-        typer.echo(f"saved {out} (final loss {hist['loss'][-1]:.3f}, {hist['seconds']:.0f}s)")
-    except AttnlabError as e:
-        fail(e)
+    cfg = EntmaxTrainConfig(**settings)
+    if resume and Path(out).is_file() and not partial_path(out).exists():
+        _, _, done, _ = load_small(out)
+        skip = ("checkpoint_every",)
+        if {k: v for k, v in vars(done).items() if k not in skip} != {k: v for k, v in vars(cfg).items() if k not in skip}:
+            raise ResultsError(f"{out}: a finished model trained with other settings exists; re-run with its "
+                               f"settings, another --out, or without --resume to overwrite it")
+        typer.echo(f"{out}: already trained with these settings (resume); nothing to do")
+        return
+    _, _, hist = train_and_save(cfg, out, resume=resume, quiet=quiet)
+    typer.echo(f"saved {out} (final loss {hist['loss'][-1]:.3f}, {hist['seconds']:.0f}s)")
 
 
 config_command(app, "train", TRAIN, _train, help_extra=TRAIN_HELP,
@@ -55,27 +51,22 @@ config_command(app, "train", TRAIN, _train, help_extra=TRAIN_HELP,
 
 def _run(settings: dict, out: str, resume: bool, quiet: bool, all_methods: bool = False) -> None:
     """Train/load an entmax model, fit every predictor, sweep operating points, downstream eval, plots."""
-    from ..errors import AttnlabError
+    from .run import sparsity
+    from .train_entmax import EntmaxTrainConfig
 
-    try:
-        from .run import sparsity
-        from .train_entmax import EntmaxTrainConfig
+    cfg = EntmaxTrainConfig(**settings[TRAIN])
+    run_settings = dict(settings[RUN])
+    if all_methods:
+        from .predictors import METHODS
 
-        cfg = EntmaxTrainConfig(**settings[TRAIN])
-        run_settings = dict(settings[RUN])
-        if all_methods:
-            from .predictors import METHODS
+        run_settings["methods"] = list(METHODS)
+    info = sparsity(out, train=cfg, seed=cfg.seed, resume=resume, quiet=quiet, **run_settings)
+    from ..distributed import is_main_process
 
-            run_settings["methods"] = list(METHODS)
-        info = sparsity(out, train=cfg, seed=cfg.seed, resume=resume, quiet=quiet, **run_settings)
-        from ..distributed import is_main_process
-
-        if not is_main_process():  # torchrun: rank 0 prints and writes the report
-            return
-        _print_summary(info)
-        write_report(out)
-    except AttnlabError as e:
-        fail(e)
+    if not is_main_process():  # torchrun: rank 0 prints and writes the report
+        return
+    _print_summary(info)
+    write_report(out)
 
 
 config_command(app, "run", [TRAIN, RUN], _run, skip=("out", "train", "resume", "quiet"),
@@ -117,18 +108,15 @@ config_command(app, "run", [TRAIN, RUN], _run, skip=("out", "train", "resume", "
 def table(out: str = typer.Option("runs/sparsity", help="Run directory with a 'sparsity' section."),
           all_points: bool = typer.Option(False, help="Print every operating point, not only the Pareto front.")):
     """Print the Pareto table of a finished run."""
-    from ..errors import AttnlabError, ResultsError
+    from ..errors import ResultsError
 
-    try:
-        from ..io import RunDir
-        from .run import SECTION
+    from ..io import RunDir
+    from .run import SECTION
 
-        info = RunDir(out, create=False).section(SECTION)
-        if not info:
-            raise ResultsError(f"{out}: no '{SECTION}' section; run `attnlab sparsity run --out {out}` first")
-        _print_summary(info, all_points)
-    except AttnlabError as e:
-        fail(e)
+    info = RunDir(out, create=False).section(SECTION)
+    if not info:
+        raise ResultsError(f"{out}: no '{SECTION}' section; run `attnlab sparsity run --out {out}` first")
+    _print_summary(info, all_points)
 
 
 def _print_summary(info: dict, all_points: bool = False) -> None:
