@@ -14,10 +14,10 @@ from typing import Any, Optional
 import typer
 
 from .cli_config import config_command, option, out_option, quiet_option, resume_option
-from .cli_utils import parse_int_list  # noqa: F401  (re-exported: attnlab.cli.parse_int_list)
+from .cli_utils import HardenedGroup, parse_int_list  # noqa: F401  (re-exported: attnlab.cli.parse_int_list)
 
 app = typer.Typer(
-    name="attnlab", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    cls=HardenedGroup, name="attnlab", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
     # Plain help text: Rich markup would swallow "[default: ...]" and "[spectrum]" as style tags.
     rich_markup_mode=None,
     help="Measure, predict and exploit the structure of self-attention in transformer models.\n\n"

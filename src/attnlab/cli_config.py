@@ -192,7 +192,9 @@ def config_command(app: typer.Typer, name: str, target: str | Sequence[str], run
     command.__annotations__ = annotations
     command.__doc__ = doc or run.__doc__
     command.__name__ = name.replace("-", "_")
-    return app.command(name)(command)
+    from .cli_utils import HardenedCommand
+
+    return app.command(name, cls=HardenedCommand)(command)
 
 
 def option(name: str, annotation: Any, default: Any, *decls: str, **kw: Any) -> inspect.Parameter:

@@ -7,6 +7,7 @@ import sys
 from typing import NoReturn, Optional, Sequence
 
 import typer
+from typer.core import TyperCommand, TyperGroup
 
 
 def fail(e: Exception) -> NoReturn:
@@ -190,3 +191,20 @@ def harden(cmd):
     run._attnlab_hardened = True
     cmd.callback = run
     return cmd
+
+
+class HardenedGroup(TyperGroup):
+    """The click group of every attnlab Typer app: hardens its command tree (see :func:`harden`) before running, so
+    the app behaves the same from ``attnlab ...``, ``CliRunner().invoke(app, ...)`` and a pillar's own sub-app."""
+
+    def main(self, *args, **kwargs):
+        harden(self)
+        return super().main(*args, **kwargs)
+
+
+class HardenedCommand(TyperCommand):
+    """:class:`HardenedGroup` for a command run on its own (a one-command app collapses into its command)."""
+
+    def main(self, *args, **kwargs):
+        harden(self)
+        return super().main(*args, **kwargs)

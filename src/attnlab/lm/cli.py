@@ -5,8 +5,10 @@ from __future__ import annotations
 import typer
 
 from ..cli_config import config_command, option, out_option, quiet_option
+from ..cli_utils import HardenedGroup
 
-app = typer.Typer(help="Reference trained long-context LM (byte-level Llama on the Python stdlib source).",
+app = typer.Typer(cls=HardenedGroup,
+                  help="Reference trained long-context LM (byte-level Llama on the Python stdlib source).",
                   no_args_is_help=True)
 
 

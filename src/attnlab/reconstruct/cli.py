@@ -7,9 +7,10 @@ from typing import Optional
 import typer
 
 from ..cli_config import config_command, option, out_option, quiet_option
-from ..cli_utils import write_report
+from ..cli_utils import HardenedGroup, write_report
 
-app = typer.Typer(help="Reconstruct attention scores from a subset of computed pairs (eigen-analysis paper).",
+app = typer.Typer(cls=HardenedGroup,
+                  help="Reconstruct attention scores from a subset of computed pairs (eigen-analysis paper).",
                   no_args_is_help=True)
 
 

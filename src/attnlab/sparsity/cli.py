@@ -7,9 +7,10 @@ from typing import Optional
 import typer
 
 from ..cli_config import config_command, option, out_option, quiet_option
-from ..cli_utils import fail, write_report
+from ..cli_utils import HardenedGroup, fail, write_report
 
-app = typer.Typer(help="Sparsefinder: entmax gold graphs, learned sparsity predictors, Pareto evaluation.",
+app = typer.Typer(cls=HardenedGroup,
+                  help="Sparsefinder: entmax gold graphs, learned sparsity predictors, Pareto evaluation.",
                   no_args_is_help=True)
 
 

@@ -7,9 +7,10 @@ from typing import Annotated, List, Optional
 
 import typer
 
-from ..cli_utils import write_report
+from ..cli_utils import HardenedGroup, write_report
 
-app = typer.Typer(help="Variable creation (Edelman et al.): sparse Boolean tasks, m*(T) sweeps, law fits.",
+app = typer.Typer(cls=HardenedGroup,
+                  help="Variable creation (Edelman et al.): sparse Boolean tasks, m*(T) sweeps, law fits.",
                   no_args_is_help=True)
 
 T_HELP = ("Context lengths T. Give them as --T 16 32 64, --T 16,32,64 or --T 16 --T 32 "
