@@ -128,7 +128,7 @@ class _FitHandler:
         self.recall: dict[int, list[float]] = {}
 
     def __call__(self, call: Any) -> Tensor:
-        from .prefill import _pad, dense_sdpa
+        from .prefill.handler import _pad, dense_sdpa
 
         q, k, v = call.query, call.key, call.value
         n = -(-q.shape[2] // self.bs) * self.bs
