@@ -90,7 +90,13 @@ def format_summary(res: dict) -> str:
         lines.append(f"layers run dense (prediction + sparse attention measured slower than cuDNN): {s['dense_layers']}; "
                      f"loss delta as executed {s['loss_delta_executed']:+.4f}")
     li = res["per_head"]
+    paths = {row["layer"]: row for row in res.get("layers", [])}
     for layer, (d, r) in enumerate(zip(li["density"], li["recall"])):
         lines.append(f"  layer {layer}: density " + " ".join(f"{x:.2f}" for x in d) + " | recall "
                      + " ".join(f"{x:.3f}" for x in r))
+        row = paths.get(layer)
+        if row:
+            ms = ", ".join(f"{k.replace('_ms', '')} {row[k]:.2f} ms" for k in ("prediction_ms", "kernel_ms", "cudnn_ms")
+                           if k in row)
+            lines.append(f"    ran {row['path']} ({row['why']})" + (f"; {ms}" if ms else ""))
     return "\n".join(lines)
