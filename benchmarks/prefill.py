@@ -160,7 +160,7 @@ def _table(rows: list[dict]) -> str:
         for k, t in r["targets"].items():
             if not t["met"]:
                 why = "/".join(t.get("why", [])) or "-"
-                misses.append(f"{k}({why})" if k not in ("recall", "loss") else k)
+                misses.append(f"{k}({why})" if "why" in t else k)
         paths = ",".join(f"{k}{v}" for k, v in r["paths"].items())
         lines.append(" ".join([
             r["model"][:12].ljust(12), f(r["N"], "d", 6), r["predictor"][:11].ljust(11),
@@ -205,6 +205,18 @@ def _kernel_options(args: Any, remaining: float, out_dir: str) -> Optional[dict]
         return json.load(fh)
 
 
+def _estimate(est: dict, label: str, n: int, prev_n: Optional[int], oracle: bool) -> float:
+    """Seconds a run will take: the longest of its kind at this N so far, else 3.5x the previous N's (attention
+    grows ~4x per doubling, the rest ~2x), else half the oracle's at this N (no exact block mass), else 20 s."""
+    if (label, n, oracle) in est:
+        return est[(label, n, oracle)]
+    if prev_n is not None and (label, prev_n, oracle) in est:
+        return 3.5 * est[(label, prev_n, oracle)]
+    if not oracle and (label, n, True) in est:
+        return 0.5 * est[(label, n, True)]
+    return 20.0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", default="gpu-8b-attn,gpu", help="LM presets (headline first) or model folders")
@@ -218,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kernel", default="tuned", choices=["default", "tuned"])
     ap.add_argument("--windows", type=int, default=2)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--oracle-reps", type=int, default=1, help="timed forwards per mode for the oracle (its exact "
+                                                                "block mass costs ~1 s per layer at 64k)")
     ap.add_argument("--rows", type=int, default=256)
     ap.add_argument("--fit-windows", type=int, default=2)
     ap.add_argument("--block-size", type=int, default=128)
@@ -262,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         out["wall_s"] = time.perf_counter() - t_start
         write_json(args.out, out)
 
-    est: dict[tuple[str, int], float] = {}  # seconds of the last run per (model, N)
+    est: dict[tuple[str, int, bool], float] = {}  # longest run so far per (model, N, oracle?)
     for spec in [m for m in args.models.split(",") if m]:
         if os.path.isdir(spec):
             path, tinfo, label = spec, None, os.path.basename(spec.rstrip("/"))
@@ -283,8 +297,7 @@ def main(argv: list[str] | None = None) -> int:
             ids = heldout_windows(hf, n, args.windows)
             oracle = None
             for name in names:
-                guess = est.get((label, n)) or (3.5 * est[(label, prev_n)] if prev_n and (label, prev_n) in est
-                                                else 20.0)
+                guess = _estimate(est, label, n, prev_n, name == "oracle")
                 if name == "xattention":
                     guess *= 2.0  # its reference scoring is the slowest predictor
                 if guess > left():
@@ -292,8 +305,9 @@ def main(argv: list[str] | None = None) -> int:
                                            "why": f"time budget (estimated {guess:.0f}s, {left():.0f}s left)"})
                     print(f"SKIP {label} N={n} {name}: estimated {guess:.0f}s, {left():.0f}s left", flush=True)
                     continue
+                reps = args.oracle_reps if name == "oracle" else args.reps
                 cfg = PrefillConfig(model=path, seq_len=n, predictor=name, recall=args.recall, block_size=block,
-                                    windows=args.windows, rows=args.rows, reps=args.reps, device=str(device),
+                                    windows=args.windows, rows=args.rows, reps=reps, device=str(device),
                                     calibration=args.calibration, fit_windows=args.fit_windows, kernel=args.kernel)
                 t0 = time.perf_counter()
                 try:
@@ -310,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
                     save()
                     continue
                 wall = time.perf_counter() - t0
-                est[(label, n)] = wall
+                est[(label, n, name == "oracle")] = max(wall, est.get((label, n, name == "oracle"), 0.0))
                 row = _row(res, label, oracle)
                 row["wall_s"] = wall
                 if name == "oracle":

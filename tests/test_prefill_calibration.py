@@ -251,3 +251,28 @@ def test_offline_prefill_on_cuda(tiny_8b_lm, tmp_path):
     recs = res["windows"][0]["layers"]
     assert all(r["predictor_info"]["path"] == "graph" for r in recs)
     assert res["layers"][0]["prediction_ms"] > 0 and res["summary"]["recall_min_head"] > 0.5
+
+
+def test_knobs_of_other_weights_are_refitted(tiny_8b_lm, tmp_path):
+    """A model retrained into the same folder must not reuse knobs fitted on the old weights."""
+    import json
+    import shutil
+
+    from attnlab.blocksparse.calibration import model_fingerprint
+
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_8b_lm, folder)
+    (folder / KNOBS_FILE).unlink(missing_ok=True)
+    hf = _load(str(folder))
+    fp = model_fingerprint(folder)
+    _, rec = offline_predictor(hf, "pooled", 0.9, 128, 16, fit_count=1, check_rows=16)
+    assert rec["fitted_now"] and not rec["refit_stale"] and rec["model"] == fp
+    _, rec = offline_predictor(hf, "pooled", 0.9, 128, 16, fit_count=1, check_rows=16)
+    assert not rec["fitted_now"]
+    meta = json.loads((folder / "attnlab_lm.json").read_text())
+    meta["train_loss"] = 1.25  # as after a retraining into the same folder
+    (folder / "attnlab_lm.json").write_text(json.dumps(meta))
+    assert model_fingerprint(folder) != fp
+    _, rec = offline_predictor(hf, "pooled", 0.9, 128, 16, fit_count=1, check_rows=16)
+    assert rec["fitted_now"] and rec["refit_stale"] and rec["model"] == model_fingerprint(folder)
+    assert model_fingerprint(tmp_path / "nowhere") is None

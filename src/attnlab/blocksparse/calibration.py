@@ -8,7 +8,8 @@ calibrated block predictor (``minference``, ``flexprefill``, ``xattention``, ``p
    safety margin: ``ScoredBlockMethod._calibrate``); a head's knob is the largest over the fit windows. The
    forward itself runs dense attention, so every layer sees exact inputs.
 2. **store** (:class:`KnobStore`): one JSON file in the model folder (``attnlab_knobs.json``), entries keyed by
-   predictor, its options, target p, block size and N bucket (the next power of two), knobs (layers x heads).
+   predictor, its options, target p, block size and N bucket (the next power of two), knobs (layers x heads),
+   and the id of the weights they were fitted on (:func:`model_fingerprint`; other weights: refit).
 3. **run** (:class:`OfflinePredictor`): the stored knob per layer and head gives the pattern with no
    calibration rows; recall is *checked* on ``check_rows`` held-out rows (odd positions) against exact
    attention, and a head is recalibrated (exact calibration on this input; its knob only grows) only when
@@ -19,6 +20,7 @@ calibrated block predictor (``minference``, ``flexprefill``, ``xattention``, ``p
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
@@ -36,8 +38,8 @@ from .predictors import make_block_predictor
 from .predictors.core import expand_kv_heads, keep_graph, pattern_row_recall, row_block_mass, row_token_probs, \
     sample_rows
 
-__all__ = ["KNOBS_FILE", "KnobStore", "knob_key", "n_bucket", "fit_knobs", "fit_windows", "OfflinePredictor",
-           "offline_predictor"]
+__all__ = ["KNOBS_FILE", "KnobStore", "knob_key", "model_fingerprint", "n_bucket", "fit_knobs", "fit_windows",
+           "OfflinePredictor", "offline_predictor"]
 
 KNOBS_FILE = "attnlab_knobs.json"
 FORMAT = "attnlab-knobs/1"
@@ -48,6 +50,26 @@ def n_bucket(n: int) -> int:
     if n < 1:
         raise ConfigError(f"sequence length must be >= 1, got {n}")
     return 1 << (n - 1).bit_length()
+
+
+def model_fingerprint(path: str | Path) -> Optional[str]:
+    """A short id of the weights in model folder ``path``: its training record (``attnlab_lm.json``: settings
+    key, losses, steps, time) or else ``config.json``, plus the names and sizes of the weight files. A model
+    retrained into the same folder gets a new id, so knobs fitted on the old weights are not reused (a copied
+    folder keeps its id). None when ``path`` is no folder (a hub id)."""
+    path = Path(path)
+    if not path.is_dir():
+        return None
+    h = hashlib.sha1()
+    for name in ("attnlab_lm.json", "config.json"):
+        f = path / name
+        if f.exists():
+            h.update(f.read_bytes())
+            break
+    for f in sorted(path.iterdir()):
+        if f.suffix in (".safetensors", ".bin", ".pt") or f.name.endswith(".index.json"):
+            h.update(f"{f.name}:{f.stat().st_size};".encode())
+    return h.hexdigest()[:16]
 
 
 def knob_key(predictor: str, p: float, n: int, block_size: int, options: Optional[dict] = None) -> str:
@@ -282,12 +304,18 @@ def offline_predictor(hf: Any, predictor: str, p: float, seq_len: int, block_siz
     ks = KnobStore.load(path)
     n_pad = -(-seq_len // block_size) * block_size
     key = knob_key(predictor, p, n_pad, block_size, options)
+    fp = model_fingerprint(hf.name)
     knobs = ks.get(key)
+    stale = knobs is not None and fp is not None and ks.entries[key].get("model") not in (None, fp)
+    if stale:
+        (log or (lambda s: None))(f"stored {key} knobs were fitted on other weights (model id "
+                                  f"{ks.entries[key].get('model')} != {fp}): refitting")
+        knobs = None
     fitted = knobs is None
     if fitted:
         ids = fit_windows(hf, seq_len, fit_count)
         knobs, info = fit_knobs(hf, predictor, p, ids, block_size, options, log)
-        ks.put(key, knobs, **info)
+        ks.put(key, knobs, model=fp, **info)
         if save and ks.path is not None and ks.path.parent.is_dir():
             ks.save()
     entry = {k: v for k, v in ks.entries[key].items() if k != "knob"}
@@ -298,4 +326,4 @@ def offline_predictor(hf: Any, predictor: str, p: float, seq_len: int, block_siz
     kv = getattr(cfg, "num_key_value_heads", None) or hf.n_heads
     pred = OfflinePredictor(predictor, p, knobs, block_size, options, hf.n_heads // kv, check_rows, check_z, fast,
                             use_graph)
-    return pred, {"key": key, "store": str(ks.path), "fitted_now": fitted, **entry}
+    return pred, {"key": key, "store": str(ks.path), "fitted_now": fitted, "refit_stale": stale, **entry}
