@@ -330,7 +330,12 @@ def main(argv: list[str] | None = None) -> int:
                 if name == "oracle":
                     oracle = row
                 out["rows"].append(row)
-                res.pop("windows", None)  # per-window layer records are in per_head (means); keep the file small
+                # how each layer's prediction ran (vertical-slash: 'graph' / 'eager (why)'; others 'reference'),
+                # counted over windows and layers; then drop the per-window layer records (means are in per_head)
+                kinds = [rec.get("predictor_info", {}).get("path", "online") for w in res.get("windows", [])
+                         for rec in w["layers"]]
+                row["prediction_path"] = {k: kinds.count(k) for k in sorted(set(kinds))}
+                res.pop("windows", None)
                 res["model_label"] = label
                 out["runs"].append(res)
                 print(_table([row]).splitlines()[-1] + f"  ({wall:.0f}s)", flush=True)
