@@ -35,6 +35,7 @@ from torch import Tensor
 
 from attnlab.errors import ConfigError, ShapeError
 from attnlab.blocksparse.blockmask import BlockPattern, KVBlocks, cluster_pattern, permute_tokens, topk_to_kv
+from attnlab.blocksparse.contracts import check_int, check_qk, check_scale
 
 __all__ = [
     "BlockPredictor",
@@ -69,8 +70,14 @@ def budget_blocks(budget: float | int, nk: int) -> int:
 
 
 def _check_qk(q: Tensor, k: Tensor) -> None:
-    if q.dim() != 4 or k.dim() != 4 or q.shape[:2] != k.shape[:2] or q.shape[-1] != k.shape[-1]:
-        raise ShapeError(f"q and k must be (B, H, N, D) with equal B, H, D; got {tuple(q.shape)}, {tuple(k.shape)}")
+    check_qk(q, k)
+
+
+def _check_call(q: Tensor, k: Tensor, block_size: Any, scale: Any) -> None:
+    """The shared contract of every ``predict_blocks``: q, k, a positive int block_size, a finite scale."""
+    check_qk(q, k)
+    check_int(block_size, "block_size")
+    check_scale(scale)
 
 
 def _sample_rows(n: int, m: int, seed: int, device: torch.device) -> Tensor:
@@ -115,7 +122,10 @@ def _pool(x: Tensor, pool: int) -> Tensor:
 class PooledBlockPredictor:
     """Pooled low-dimensional q.k scores per tile -> top tiles per query block (see module docstring).
 
-    budget: max tiles per query block (fraction of key blocks, or int count). mass: if set, keep the fewest
+    budget: tiles per query block (fraction of key blocks, or int count). The diagonal (and ``local_blocks``
+    band) and ``sink_blocks`` tiles are always kept and count towards the budget; when the budget is smaller
+    than them (e.g. the default 0.1 at N <= 1024 with 128-token tiles) a row computes just those forced tiles,
+    so every token always sees its own block and the sinks. mass: if set, keep the fewest
     tiles reaching this estimated mass (capped by budget). proj: 'none' | 'random' | 'lowrank'. rank: target
     dims for 'random'/'lowrank'. pool: sub-block size (divides block_size). reduce: 'max' | 'mean' | 'lse'
     (ranking); the mass estimate always uses lse. sink_blocks: first key blocks always kept. local_blocks:
@@ -144,8 +154,13 @@ class PooledBlockPredictor:
             raise ConfigError(f"reduce must be 'max', 'mean' or 'lse', got {self.reduce!r}")
         if self.mass is not None and not 0.0 < self.mass <= 1.0:
             raise ConfigError(f"mass must be in (0, 1], got {self.mass}")
-        if self.pool < 1:
-            raise ConfigError(f"pool must be >= 1, got {self.pool}")
+        check_int(self.pool, "pool")
+        check_int(self.rank, "rank")
+        check_int(self.fit_rows, "fit_rows")
+        check_int(self.head_chunk, "head_chunk")
+        check_int(self.sink_blocks, "sink_blocks", lo=0)
+        check_int(self.local_blocks, "local_blocks", lo=-1)
+        budget_blocks(self.budget, 1 << 30)  # type and range now, not at the first call
 
     # -- projections ---------------------------------------------------------------------------------
     def fit(self, q: Tensor, k: Tensor) -> "PooledBlockPredictor":
@@ -242,17 +257,22 @@ class PooledBlockPredictor:
     def select(self, scores: Tensor, causal: bool = False, mass_scores: Tensor | None = None) -> KVBlocks:
         """Tile scores (B, H, nq, nk) -> kept tiles (top budget, or mass threshold capped by budget)."""
         B, H, nq, nk = scores.shape
-        kmax = budget_blocks(self.budget, nk)
+        kb = budget_blocks(self.budget, nk)
         forced = self._forced(nq, nk, scores.device)
-        k: int | Tensor = kmax
+        live = forced if not causal else forced & torch.ones_like(forced).tril_()
+        nforced = live.sum(-1, dtype=torch.int32).view(1, 1, nq)  # forced tiles that can be computed
+        # forced tiles are always kept: a row computes max(budget, forced) tiles (no host sync: the bound is
+        # known from the band and sink widths)
+        kmax = min(nk, max(kb, 2 * max(self.local_blocks, 0) + 1 + self.sink_blocks))
         if self.mass is not None:
             ms = scores if mass_scores is None else mass_scores
             p = torch.softmax(ms, dim=-1)
             ps = torch.sort(p, dim=-1, descending=True).values
             before = torch.cumsum(ps, dim=-1) - ps  # mass of the tiles ranked above
             cnt = (before < self.mass).sum(-1, dtype=torch.int32)
-            nforced = forced.sum(-1, dtype=torch.int32).view(1, 1, nq)
-            k = (cnt + nforced).clamp(1, kmax)
+            k = torch.maximum((cnt + nforced).clamp(1, kb), nforced)
+        else:
+            k = torch.clamp(nforced, min=kb).expand(B, H, nq)
         return topk_to_kv(scores, k, causal=causal, force=forced, kmax=kmax)
 
     def predict_kv(self, q: Tensor, k: Tensor, block_size: int = 128, causal: bool = False,
@@ -267,6 +287,7 @@ class PooledBlockPredictor:
         """q, k (B, H, N, D) -> :class:`BlockPattern` in the original token order. With ``compile`` (CUDA
         only) the scoring + selection run as one ``torch.compile``d graph (fewer launches); if compiling
         fails, ``compile`` is switched off with a warning and the eager path is used."""
+        _check_call(q, k, block_size, scale)
         if self.compile and q.is_cuda and not (self.proj == "lowrank" and self.pq is None):
             try:
                 kv = _compiled_predict_kv()(self, q, k, block_size, causal, scale)
@@ -324,8 +345,9 @@ class ClusterBlockPredictor:
     def __post_init__(self) -> None:
         if self.method not in ("kmeans", "lsh"):
             raise ConfigError(f"method must be 'kmeans' or 'lsh', got {self.method!r}")
-        if self.n_clusters < 1:
-            raise ConfigError(f"n_clusters must be >= 1, got {self.n_clusters}")
+        check_int(self.n_clusters, "n_clusters")
+        check_int(self.iters, "iters", lo=0)
+        check_int(self.fit_rows, "fit_rows", lo=2)
 
     def fit(self, q: Tensor, k: Tensor) -> "ClusterBlockPredictor":
         """Fit centroids (H, C, D) (kmeans) or hyperplanes (H, D, bits) (lsh) from q, k."""
@@ -372,6 +394,7 @@ class ClusterBlockPredictor:
     def predict_blocks(self, q: Tensor, k: Tensor, block_size: int = 128, causal: bool = False,
                        scale: float | None = None) -> BlockPattern:
         """q, k -> permuted :class:`BlockPattern`."""
+        _check_call(q, k, block_size, scale)
         q_ids, k_ids = self.assign(q, k)
         return _pattern_from_ids(q, k, q_ids[..., 0], k_ids[..., 0], block_size, causal, self.inner, scale)
 
@@ -408,6 +431,7 @@ class AssignBlockPredictor:
     def predict_blocks(self, q: Tensor, k: Tensor, block_size: int = 128, causal: bool = False,
                        scale: float | None = None) -> BlockPattern:
         """q, k -> permuted :class:`BlockPattern` from the wrapped predictor's bucket ids."""
+        _check_call(q, k, block_size, scale)
         q_ids, k_ids = self.predictor.assign(q, k)
         if q_ids.dim() == 3:
             q_ids, k_ids = q_ids.unsqueeze(-1), k_ids.unsqueeze(-1)

@@ -26,7 +26,8 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from ..errors import ConfigError, ShapeError
+from ..errors import ShapeError
+from .contracts import check_alpha, check_block_mask, check_int, check_qkv, check_scale, keep_mask
 from .flex import compiled_flex_attention
 
 def _flex(device: torch.device):
@@ -53,9 +54,11 @@ def block_mask_from_graph(block_graph: Tensor, block: int, seq_len: Optional[int
     ``seq_len`` not a multiple of ``block``: the tail of the last block is masked with a mask_mod."""
     from torch.nn.attention.flex_attention import BlockMask
 
-    if block_graph.dim() != 4:
-        raise ShapeError(f"block graph must be (B, H, nq, nk); got {tuple(block_graph.shape)}")
-    bg = block_graph.bool()
+    bg = keep_mask(block_graph, "block_graph")
+    check_int(block, "block")
+    check_int(seq_len, "seq_len", optional=True)
+    if seq_len is not None and not (bg.shape[-1] - 1) * block < seq_len <= bg.shape[-1] * block:
+        raise ShapeError(f"seq_len {seq_len} does not fit {bg.shape[-1]} key blocks of {block} tokens")
     counts = bg.sum(-1).to(torch.int32)
     # kept key blocks first (stable: ascending block index), padded with any index
     order = torch.argsort((~bg).to(torch.int8), dim=-1, stable=True).to(torch.int32)
@@ -69,12 +72,12 @@ def block_mask_from_graph(block_graph: Tensor, block: int, seq_len: Optional[int
     return BlockMask.from_kv_blocks(counts, order, BLOCK_SIZE=block, mask_mod=mask_mod)
 
 
-def _check(q: Tensor, k: Tensor, v: Tensor, alpha: float) -> None:
-    if q.dim() != 4 or k.shape != v.shape[:-1] + (k.shape[-1],) or q.shape[:2] != k.shape[:2]:
-        raise ShapeError(f"q, k, v must be (B, H, N, d) with matching batch/heads; got {tuple(q.shape)}, "
-                         f"{tuple(k.shape)}, {tuple(v.shape)}")
-    if not alpha > 1.0:
-        raise ConfigError(f"alpha must be > 1 for entmax (got {alpha})")
+def _check(q: Tensor, k: Tensor, v: Tensor, alpha: float, scale: Any, n_iter: Any) -> None:
+    """The shared contract of the entmax entry points (see ``contracts.py``)."""
+    check_qkv(q, k, v)
+    check_alpha(alpha)
+    check_scale(scale)
+    check_int(n_iter, "n_iter")
 
 
 def _tau_mod(tau: Tensor, a1: float):
@@ -92,6 +95,8 @@ def entmax_threshold(q: Tensor, k: Tensor, v: Tensor, block_mask: Any, alpha: fl
 
     Bracket: |z_ij| <= U_i = (alpha-1) scale |q_i| max_j |k_j| and tau lies in [max_j z_ij - 1, max_j z_ij], so
     tau is in [-U_i - 1, U_i]; ``n_iter`` halvings of that bracket follow, each one block-sparse pass."""
+    _check(q, k, v, alpha, scale, n_iter)
+    check_block_mask(block_mask, q, k)
     a1 = alpha - 1.0
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     flex = _flex(q.device)
@@ -115,7 +120,8 @@ def sparse_entmax_attention(q: Tensor, k: Tensor, v: Tensor, block_mask: Any, al
 
     Every pass (bisection and output) is the same FlexAttention call with the same score_mod, so the compiled
     kernel is built once per shape."""
-    _check(q, k, v, alpha)
+    _check(q, k, v, alpha, scale, n_iter)
+    check_block_mask(block_mask, q, k)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     tau = entmax_threshold(q, k, v, block_mask, alpha, scale, n_iter)
     out = _flex(q.device)(q, k, v, score_mod=_tau_mod(tau, alpha - 1.0), block_mask=block_mask, scale=scale)
@@ -128,6 +134,8 @@ def dense_entmax_attention(q: Tensor, k: Tensor, v: Tensor, alpha: float = 1.5, 
     ``chunk`` rows bound the memory (the n x n scores are materialised chunk by chunk)."""
     from entmax import entmax_bisect
 
+    _check(q, k, v, alpha, scale, n_iter)
+    check_int(chunk, "chunk", optional=True)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     dt = torch.float64 if q.dtype == torch.float64 else torch.float32
     out = torch.empty(q.shape[:-1] + (v.shape[-1],), dtype=v.dtype, device=q.device)
