@@ -281,6 +281,12 @@ def default_map(path: str) -> dict[str, Any]:
         out = {}
         for key, value in table.items():
             name = key.replace("-", "_")
+            if name in out:
+                raise ConfigError(f"--config {path}: [{where.rstrip('.')}] sets {name!r} twice (as "
+                                  f"{name.replace('_', '-')!r} and {name!r}); keep one")
+            if isinstance(value, bool) and name in params and not getattr(params[name], "is_flag", False):
+                raise ConfigError(f"--config {path}: [{where.rstrip('.')}] {key} = {str(value).lower()}: expected "
+                                  "a value of the option's type, not true/false")
             if name not in params:
                 raise ConfigError(f"--config {path}: [{where.rstrip('.')}] has no option {key!r} "
                                   f"(known: {', '.join(sorted(params))})")

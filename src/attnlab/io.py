@@ -199,6 +199,13 @@ def lock_output(path: str | os.PathLike, flag: str = "--out", kind: str = "dir")
     """
     import fcntl
 
+    target = Path(os.fspath(path)) if kind == "dir" else Path(os.fspath(path)).parent
+    fresh = None  # the topmost folder this call creates (removed again if the command fails with nothing in it)
+    if str(os.fspath(path)).strip():
+        for d in [target, *target.absolute().parents]:
+            if d.exists():
+                break
+            fresh = d
     p = check_out(path, flag, kind)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and int(os.environ.get("RANK", "0")) != 0:
         yield p  # under torchrun rank 0 holds the lock for the whole job (the other ranks do not write)
@@ -226,12 +233,33 @@ def lock_output(path: str | os.PathLike, flag: str = "--out", kind: str = "dir")
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()}\n".encode())
     _HELD[key] = [fd, 1]
+    failed = True
     try:
         yield p
+        failed = False
     finally:
+        if failed and fresh is not None:
+            _remove_if_only_lock(target, lock, fresh)
         del _HELD[key]
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
+
+
+def _remove_if_only_lock(folder: Path, lock: Path, top: Path) -> None:
+    """A refused or failed command that created ``folder`` (and its parents up to ``top``) leaves nothing behind
+    when only its lock is there."""
+    try:
+        if {e.name for e in os.scandir(folder)} <= {lock.name}:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(lock)
+            d = folder.absolute()
+            while True:
+                d.rmdir()  # OSError when not empty: stop
+                if d == top.absolute():
+                    break
+                d = d.parent
+    except OSError:
+        pass
 
 
 def checkpoint_written() -> None:

@@ -119,15 +119,56 @@ RULES: dict[str, Callable[[Any, str], Any]] = {
 }
 
 
+# List option name -> validator of each item (list options are also checked for finite numbers and repeats).
+LIST_RULES: dict[str, Callable[[Any, str], Any]] = {
+    "frontier_budgets": between(0, 1, lo_open=True),
+    "budgets": positive,
+    "targets": between(0, 1, lo_open=True, hi_open=True),
+    "seeds": seed,
+    **{name: _NON_NEG for name in ("layers", "heads")},
+    **{name: _POS_INT for name in ("frontier_ranks", "ranks", "T", "t_values")},
+}
+
+
+def check_list(name: str, values: Any, flag: Optional[str] = None) -> Any:
+    """Every item of list option ``name``: a finite number if numeric, no item twice (a repeated seed or layer
+    would be counted twice), and the item rule of :data:`LIST_RULES` (e.g. budgets in (0, 1])."""
+    flag = flag or flag_of(name)
+    rule = LIST_RULES.get(name)
+    seen: set = set()
+    for v in values:
+        if isinstance(v, bool) and rule is not None:
+            raise ConfigError(f"{flag} {v!r}: expected a number, not true/false")
+        if isinstance(v, str) and v.strip().lower() in ("nan", "inf", "+inf", "-inf", "infinity", "-infinity"):
+            raise ConfigError(f"{flag} {v}: must be a finite number")
+        if isinstance(v, (int, float)):
+            finite(v, flag)
+            if rule is not None:
+                rule(v, flag)
+        key = v if not isinstance(v, float) or not v.is_integer() else int(v)
+        if isinstance(key, (int, float, str)) and key in seen:
+            raise ConfigError(f"{flag} lists {v} twice; give each value once")
+        if isinstance(key, (int, float, str)):
+            seen.add(key)
+    return values
+
+
 def check_option(name: str, value: Any, flag: Optional[str] = None) -> Any:
-    """Apply the rule for option ``name`` (if any) to ``value``; floats must always be finite."""
-    if value is None or isinstance(value, bool):
+    """Apply the rule for option ``name`` (if any) to ``value``; floats must always be finite; a bool where a
+    number is expected (TOML ``n_sequences = true``) is refused; lists go through :func:`check_list`."""
+    if value is None:
         return value
     flag = flag or flag_of(name)
+    if isinstance(value, (list, tuple)):
+        return check_list(name, value, flag)
+    rule = RULES.get(name)
+    if isinstance(value, bool):
+        if rule is not None and name != "device":
+            raise ConfigError(f"{flag} {str(value).lower()}: expected a number, not true/false")
+        return value
     if isinstance(value, float):
         finite(value, flag)
-    rule = RULES.get(name)
-    if rule is not None and not isinstance(value, (list, tuple)):
+    if rule is not None:
         rule(value, flag)
     return value
 
