@@ -207,6 +207,8 @@ def lock_output(path: str | os.PathLike, flag: str = "--out", kind: str = "dir")
                 break
             fresh = d
     p = check_out(path, flag, kind)
+    if kind == "file":
+        check_foreign_file(p, flag)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and int(os.environ.get("RANK", "0")) != 0:
         yield p  # under torchrun rank 0 holds the lock for the whole job (the other ranks do not write)
         return
@@ -260,6 +262,41 @@ def _remove_if_only_lock(folder: Path, lock: Path, top: Path) -> None:
                 d = d.parent
     except OSError:
         pass
+
+
+OUTPUT_MARK = "attnlab_output"  # top-level key of a JSON file an attnlab command wrote as its --out file
+RUN_FILES = (RESULTS, CONFIG, TIMINGS)
+
+
+def check_foreign_file(path: Path, flag: str = "--out") -> None:
+    """Refuse, before any work, to replace an existing file that attnlab did not write as a command's output:
+    a run directory's results/config/timings, a safetensors file without attnlab metadata, a JSON file without
+    the ``attnlab_output`` mark, or anything else."""
+    if not path.exists():
+        return
+    why = None
+    if path.name in RUN_FILES or (path.parent / CONFIG).is_file() and path.suffix == ".json":
+        why = "it belongs to a run directory"
+    elif path.suffix == ".safetensors":
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as fh:
+                if "attnlab" not in (fh.metadata() or {}):
+                    why = "it is a safetensors file attnlab did not write"
+        except Exception:
+            why = "it is not a readable safetensors file"
+    elif path.suffix == ".json":
+        try:
+            if OUTPUT_MARK not in json.loads(path.read_text()):
+                why = "it is a JSON file attnlab did not write"
+        except (ValueError, UnicodeDecodeError, TypeError):
+            why = "it is not an attnlab JSON output"
+    else:
+        why = "attnlab did not write it"
+    if why:
+        raise ResultsError(f"{flag} {path}: exists and {why}; refusing to overwrite it -- choose another {flag} or "
+                           "move the file away")
 
 
 def checkpoint_written() -> None:

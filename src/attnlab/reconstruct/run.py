@@ -19,7 +19,7 @@ from ..io import RunDir, write_tensors
 from ..seeding import seed_everything
 from .estimators import ALL_ESTIMATORS
 from .evaluate import Combo, evaluate, make_methods
-from .fit import FIT_FILE, ReconstructionFit, fit_corpus, fit_from_spectrum, load_checked, windows_for
+from .fit import FIT_FILE, ReconstructionFit, check_no_leak, fit_corpus, fit_from_spectrum, load_checked, windows_for
 from .cost import method_cost
 from .frontier import best_at, candidates, evaluate_points, format_frontier, frontier_curves, require_affordable
 from .selection import STRATEGIES, budget_count
@@ -123,6 +123,7 @@ def get_fit(cfg: ReconstructConfig, hf) -> ReconstructionFit:
     if cfg.spectrum:
         fit = fit_from_spectrum(cfg.spectrum)
         fit.check(cfg.model, cfg.seq_len, cfg.spectrum)
+        check_no_leak(fit, cfg.corpus)
         return fit
     return fit_corpus(hf, cfg.n_fit, cfg.seq_len, cfg.layers, cfg.heads, cfg.batch_size, cfg.corpus, cfg.seed,
                       residual_proxies=residual_proxies(cfg))
