@@ -68,8 +68,8 @@ def resolve_model_path(name: str) -> str:
 
 #: Files one of which a local folder needs for a real tokenizer (without them transformers may build an empty
 #: one that maps every word to [UNK]).
-TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model", "spiece.model",
-                   "sentencepiece.bpe.model", "tiktoken.model")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
+                   "spiece.model", "sentencepiece.bpe.model", "tiktoken.model")
 
 
 def load_tokenizer(name: str, flag: str = "--model"):
