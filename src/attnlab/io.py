@@ -275,7 +275,7 @@ def check_foreign_file(path: Path, flag: str = "--out") -> None:
     if not path.exists():
         return
     why = None
-    if path.name in RUN_FILES or (path.parent / CONFIG).is_file() and path.suffix == ".json":
+    if path.name in RUN_FILES:
         why = "it belongs to a run directory"
     elif path.suffix == ".safetensors":
         try:
