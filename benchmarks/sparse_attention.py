@@ -41,7 +41,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from attnlab.io import write_json  # noqa: E402
 from attnlab.timing import time_ms  # noqa: E402
-from attnlab.blocksparse.block_predictors import ClusterBlockPredictor, PooledBlockPredictor  # noqa: E402
+from attnlab.blocksparse.predictors.cluster import ClusterBlockPredictor  # noqa: E402
+from attnlab.blocksparse.predictors.pooled import PooledBudgetPredictor  # noqa: E402
 from attnlab.blocksparse.blockmask import BlockPattern, KVBlocks  # noqa: E402
 from attnlab.blocksparse.flex import (  # noqa: E402
     dense_attention_sdpa,
@@ -144,14 +145,14 @@ def predictors(quick: bool) -> dict[str, Callable[[], Any]]:
     """The configurations benchmarked (fresh instances: nothing is fitted on other data)."""
     cap = 0.25
     return {
-        "pooled_b10": lambda: PooledBlockPredictor(budget=0.10, pool=32),
-        "pooled_b10c": lambda: PooledBlockPredictor(budget=0.10, pool=32, compile=True),
-        "pooled_m95c": lambda: PooledBlockPredictor(budget=cap, mass=0.95, pool=32, compile=True),
-        "pooled_m98c": lambda: PooledBlockPredictor(budget=cap, mass=0.98, pool=32, compile=True),
-        "pooled_m95": lambda: PooledBlockPredictor(budget=cap, mass=0.95, pool=32),
-        "pooled_m98": lambda: PooledBlockPredictor(budget=cap, mass=0.98, pool=32),
+        "pooled_b10": lambda: PooledBudgetPredictor(budget=0.10, pool=32),
+        "pooled_b10c": lambda: PooledBudgetPredictor(budget=0.10, pool=32, compile=True),
+        "pooled_m95c": lambda: PooledBudgetPredictor(budget=cap, mass=0.95, pool=32, compile=True),
+        "pooled_m98c": lambda: PooledBudgetPredictor(budget=cap, mass=0.98, pool=32, compile=True),
+        "pooled_m95": lambda: PooledBudgetPredictor(budget=cap, mass=0.95, pool=32),
+        "pooled_m98": lambda: PooledBudgetPredictor(budget=cap, mass=0.98, pool=32),
         "cluster16": lambda: ClusterBlockPredictor(
-            n_clusters=16, iters=4, inner=PooledBlockPredictor(budget=0.05, pool=32, sink_blocks=0)),
+            n_clusters=16, iters=4, inner=PooledBudgetPredictor(budget=0.05, pool=32, sink_blocks=0)),
     }
 
 
@@ -241,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
             configs: list[tuple[str, Callable[[], Any], dict | None]] = [(name, f, None) for name, f in preds.items()]
             if n in extra_ns and not causal and case == "structured":
                 configs.append(("full_density", lambda: None, None))
-                configs.append(("pooled_b10_k128", preds.get("pooled_b10", lambda: PooledBlockPredictor()),
+                configs.append(("pooled_b10_k128", preds.get("pooled_b10", lambda: PooledBudgetPredictor()),
                                 {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2}))
             for name, make, kopts in configs:
                 if time.time() - t_start > args.time_limit:
@@ -262,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
                     out = run_pattern(q, k, v, pat, block_mask=bm, kernel_options=kopts)
                     if device.type == "cuda":
                         torch.cuda.synchronize()
-                        bm = pat.block_mask()  # rebuilt: run_pattern may have switched COMPUTE_Q_BLOCKS
+                        bm = pat.block_mask()
                     first_call_s = time.perf_counter() - t0
                     t_pred = time_fn(lambda: (predict().block_mask() if device.type == "cuda" else predict()),
                                      device, args.reps, 1)

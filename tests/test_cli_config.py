@@ -25,7 +25,7 @@ def _params(*path: str) -> dict[str, click.Parameter]:
     (("reconstruct", "train"), "attnlab.reconstruct.train:TrainConfig", ()),
     (("sparsity", "train"), "attnlab.sparsity.train_entmax:EntmaxTrainConfig", ()),
     (("sparsity", "run"), "attnlab.sparsity.train_entmax:EntmaxTrainConfig", ()),
-    (("sparsity", "prefill"), "attnlab.blocksparse.prefill:PrefillConfig", ()),
+    (("sparsity", "prefill"), "attnlab.blocksparse.prefill.config:PrefillConfig", ()),
     (("lm", "train"), "attnlab.lm.train:LMConfig", ()),
 ])
 def test_every_config_field_is_an_option(path, cls, skip):

@@ -6,13 +6,9 @@ import pytest
 import torch
 
 from attnlab.errors import ConfigError, ShapeError
-from attnlab.blocksparse.block_predictors import (
-    AssignBlockPredictor,
-    ClusterBlockPredictor,
-    PooledBlockPredictor,
-    budget_blocks,
-    lowrank_projections,
-)
+from attnlab.blocksparse.adapter import AssignBlockPredictor
+from attnlab.blocksparse.predictors.cluster import ClusterBlockPredictor
+from attnlab.blocksparse.predictors.pooled import PooledBudgetPredictor, budget_blocks, lowrank_projections
 from attnlab.blocksparse.blockmask import (
     BlockPattern,
     block_graph_to_blockmask,
@@ -108,7 +104,7 @@ def test_empty_rows_give_zero():
     assert torch.all(out[:, :, :16] == 0) and torch.isfinite(out).all()
 
 
-def test_token_graph_predictor_and_issue4_adapters():
+def test_token_graph_predictor_and_bucket_adapters():
     q, k, v = _qkv(5, N=64)
     tok = torch.rand(1, 2, 64, 64, generator=torch.Generator().manual_seed(5)) < 0.02
     pat = sparse_attention(q, k, v, predictor=tok, block_size=16, return_pattern=True)[1]
@@ -222,9 +218,9 @@ def test_cluster_pattern_covers_same_cluster_pairs(causal):
 @pytest.mark.parametrize(
     "pred",
     [
-        PooledBlockPredictor(budget=1.0, pool=8),
-        PooledBlockPredictor(budget=1.0, mass=1.0, proj="random", rank=4, pool=4, reduce="lse"),
-        PooledBlockPredictor(budget=1.0, proj="lowrank", rank=4, reduce="mean"),
+        PooledBudgetPredictor(budget=1.0, pool=8),
+        PooledBudgetPredictor(budget=1.0, mass=1.0, proj="random", rank=4, pool=4, reduce="lse"),
+        PooledBudgetPredictor(budget=1.0, proj="lowrank", rank=4, reduce="mean"),
         ClusterBlockPredictor(n_clusters=1),
     ],
 )
@@ -240,7 +236,7 @@ def test_full_budget_full_recall(pred, causal):
 
 def test_budget_and_forced_blocks():
     q, k, _ = _qkv(11, N=256, dtype=torch.float32)
-    pred = PooledBlockPredictor(budget=0.25, pool=16, sink_blocks=1)
+    pred = PooledBudgetPredictor(budget=0.25, pool=16, sink_blocks=1)
     g = pred.predict_blocks(q, k, 32).block_graph()  # nb = 8, budget 2 per row
     assert bool((g.sum(-1) == 2).all())
     assert bool(g[..., 0].all()) and bool(torch.diagonal(g, dim1=-2, dim2=-1).all())
@@ -248,7 +244,7 @@ def test_budget_and_forced_blocks():
     with pytest.raises(ConfigError):
         budget_blocks(1.5, 8)
     with pytest.raises(ConfigError):
-        PooledBlockPredictor(proj="pca")
+        PooledBudgetPredictor(proj="pca")
 
 
 def test_pooled_predictor_finds_planted_blocks():
@@ -259,7 +255,7 @@ def test_pooled_predictor_finds_planted_blocks():
     pi = torch.randperm(nb, generator=gen)
     q = (dirs.repeat_interleave(bs, 0) + 0.1 * torch.randn(nb * bs, D, generator=gen)).view(1, 1, -1, D)
     k = (dirs[pi].repeat_interleave(bs, 0) + 0.1 * torch.randn(nb * bs, D, generator=gen)).view(1, 1, -1, D)
-    pred = PooledBlockPredictor(budget=1, pool=8, sink_blocks=0, local_blocks=-1, seed=0)
+    pred = PooledBudgetPredictor(budget=1, pool=8, sink_blocks=0, local_blocks=-1, seed=0)
     g = pred.predict_blocks(q, k, bs).block_graph()[0, 0]
     for j in range(nb):
         assert bool(g[pi[j], j])
@@ -279,7 +275,7 @@ def test_predictors_are_seeded():
     q, k, _ = _qkv(14, N=128, dtype=torch.float32)
     for make in (lambda: ClusterBlockPredictor(n_clusters=4, seed=3),
                  lambda: ClusterBlockPredictor(n_clusters=4, method="lsh", seed=3),
-                 lambda: PooledBlockPredictor(budget=0.5, proj="random", rank=4, seed=3)):
+                 lambda: PooledBudgetPredictor(budget=0.5, proj="random", rank=4, seed=3)):
         a, b = make().predict_blocks(q, k, 16), make().predict_blocks(q, k, 16)
         assert torch.equal(a.block_graph(), b.block_graph())
     ad = AssignBlockPredictor(ClusterBlockPredictor(n_clusters=4, seed=3))
@@ -313,8 +309,8 @@ def gpu_device(request):
 @pytest.mark.parametrize("kind", ["pooled", "cluster"])
 def test_flex_matches_dense_path(gpu_device, causal, kind):
     q, k, v = _qkv(16, B=1, H=4, N=1024, D=64, dtype=torch.bfloat16, device=gpu_device)
-    pred = (PooledBlockPredictor(budget=0.25) if kind == "pooled"
-            else ClusterBlockPredictor(n_clusters=8, inner=PooledBlockPredictor(budget=0.1)))
+    pred = (PooledBudgetPredictor(budget=0.25) if kind == "pooled"
+            else ClusterBlockPredictor(n_clusters=8, inner=PooledBudgetPredictor(budget=0.1)))
     pat = pred.predict_blocks(q, k, 128, causal)
     out = run_pattern(q, k, v, pat, backend="flex")
     ref = run_pattern(q.double(), k.double(), v.double(), pat, backend="dense")

@@ -182,7 +182,7 @@ def test_killed_variables_sweep_resumes_without_redoing_trials(tmp_path, sig, va
 
 @pytest.fixture(scope="module")
 def tok():
-    from attnlab.sources.hf import load_tokenizer
+    from attnlab.sources.loading import load_tokenizer
 
     return load_tokenizer("minilm")
 
@@ -231,7 +231,7 @@ def test_model_folder_without_tokenizer_files_is_refused(tmp_path):
     from transformers import BertConfig, BertModel
 
     from attnlab.errors import ModelError
-    from attnlab.sources.hf import load_model, load_tokenizer
+    from attnlab.sources.loading import load_model, load_tokenizer
 
     BertModel(BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                          intermediate_size=16, max_position_embeddings=32)).save_pretrained(tmp_path / "m")

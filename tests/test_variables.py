@@ -450,3 +450,63 @@ def test_bounded_probe_shapes():
     p = bounded_probe(model, chosen[0], mem[0].task, n=64)
     assert len(p["mass"]) == 1 and len(p["mass"][0]) == 1 and 0 <= p["mass"][0][0] <= 1
     assert p["mass"][0][0] > 2 / 17  # learned: more than uniform attention on the relevant positions
+
+
+# ---------------------------------------------------------------- optimisation vs generalisation (issue 30)
+
+
+def test_search_ignores_trials_that_do_not_fit_and_reports_fit_rate():
+    """m=64 does not fit for seed 0 and m=128..255 do not fit for seed 1: those trials neither succeed nor fail."""
+
+    def learn(T, pairs):
+        out = []
+        for m, sd in pairs:
+            fit = not ((sd == 0 and m == 64) or (sd == 1 and 128 <= m < 256))
+            # an unfit trial reports a success that must not count (and a plain failure elsewhere below 100)
+            out.append({"accuracy": 1.0 if (m >= 100 or not fit) else 0.5, "fit": fit, "attempts": 3 if not fit else 1})
+        return out
+
+    learn.batched = True
+    res = sample_complexity(learn, 32, [0, 1], SearchConfig(m_min=8, m_max=4096, rtol=0.0))
+    assert res.per_seed == {0: 100, 1: 100}  # without the exclusion seed 0 would stop at 64
+    seed1 = [r for r in res.trials if r["seed"] == 1]
+    assert len({r["m"] for r in seed1}) == len(seed1)  # an unfit size is never retried
+    rates = {f["m"]: f for f in res.fit}
+    assert rates[64] == {"m": 64, "n": 2, "fit": 1, "rate": 0.5}
+    assert 0 < res.fit_rate < 1 and "did not fit" in res.flag
+    assert res.restarts["restarted"] == sum(not r["fit"] for r in res.trials) and res.restarts["max_restarts"] == 2
+
+
+def test_interior_skips_tried_sizes():
+    from attnlab.variables.complexity import _interior
+
+    assert _interior(10, 14, 4, frozenset({12})) == [11, 13]
+    pts = _interior(100, 200, 3, frozenset({119, 141, 168}))
+    assert len(pts) == 3 and not set(pts) & {119, 141, 168} and all(100 < p < 200 for p in pts)
+
+
+def test_ensemble_restarts_unfit_trials_and_records_train_fit():
+    from attnlab.variables.ensemble import Bounds, EnsembleConfig, train_ensemble
+
+    mem = _members(8, 2, [64], seeds=(0, 1))
+    starved = EnsembleConfig(kind="bounded", max_steps=2, eval_every=1, n_test=64, bounds=Bounds(), restarts=2,
+                             lr_grid=[1e-3, 3e-3])
+    recs = train_ensemble(mem, starved)
+    for r in recs:  # two steps cannot fit 64 examples: every restart was used, the best-loss attempt kept
+        assert r["fit"] is False and r["attempts"] == 3 and r["restarts"] in (0, 1, 2)
+        assert r["lr"] == [1e-3, 3e-3, 1e-3][r["restarts"]] and 0 < r["train_loss"] < 1 and r["train_acc"] < 1
+    ok = EnsembleConfig(kind="bounded", max_steps=300, eval_every=25, n_test=64, bounds=Bounds(), restarts=2)
+    recs, model, chosen = train_ensemble(mem, ok, return_model=True)
+    assert all(r["fit"] and r["attempts"] == 1 and r["train_acc"] == 1.0 for r in recs), recs
+    # the returned model holds the kept weights: its train accuracy is the recorded one
+    from attnlab.variables.ensemble import _evaluate, _stack_data
+
+    tx, ty, _, _, mt = _stack_data(mem, 64, torch.device("cpu"))
+    acc, loss = _evaluate(model, tx, ty, mt, torch.tensor([64, 64]), 256)
+    assert acc.tolist() == [1.0, 1.0] and loss.tolist() == pytest.approx([r["train_loss"] for r in recs], rel=1e-4, abs=1e-6)
+    with pytest.raises(ConfigError, match="--fit-acc"):
+        EnsembleConfig(fit_acc=0)
+    with pytest.raises(ConfigError, match="--lr-grid"):
+        EnsembleConfig(lr_grid=[0.01, -1])
+    with pytest.raises(ConfigError, match="--restarts"):
+        EnsembleConfig(restarts=-1)

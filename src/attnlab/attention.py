@@ -26,7 +26,7 @@ class AttentionCall:
     key: torch.Tensor  # (B, H, Nk, dh), rotary applied, repeated for grouped-query attention
     value: torch.Tensor  # (B, H, Nk, dh)
     valid: Optional[torch.Tensor]  # bool (B, 1, Nq, Nk): True where the model lets the query see the key
-    bias: Optional[torch.Tensor]  # additive finite mask part where valid (e.g. ALiBi), or None
+    bias: Optional[torch.Tensor]  # additive finite part, (B, 1 or H, Nq, Nk): mask, ALiBi, T5 position bias; or None
     scaling: float
     softcap: Optional[float] = None
 
@@ -38,7 +38,7 @@ class AttentionCall:
         if self.softcap:
             s = torch.tanh(s / self.softcap) * self.softcap
         if self.bias is not None:
-            s = s + self.bias.float()
+            s = s + (self.bias if self.bias.shape[1] == 1 else self.bias[:, hs]).float()
         if self.valid is not None:
             s = s.masked_fill(~self.valid, float("-inf"))
         return s

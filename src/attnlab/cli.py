@@ -14,9 +14,10 @@ from typing import Any, Optional
 import typer
 
 from .cli_config import config_command, option, out_option, quiet_option, resume_option
+from .cli_utils import HardenedGroup, parse_int_list  # noqa: F401  (re-exported: attnlab.cli.parse_int_list)
 
 app = typer.Typer(
-    name="attnlab", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    cls=HardenedGroup, name="attnlab", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
     # Plain help text: Rich markup would swallow "[default: ...]" and "[spectrum]" as style tags.
     rich_markup_mode=None,
     help="Measure, predict and exploit the structure of self-attention in transformer models.\n\n"
@@ -55,39 +56,6 @@ LayersOpt = typer.Option(None, "--layers", help="Layers to analyse, e.g. '0,2-4'
 HeadsOpt = typer.Option(None, "--heads", help="Heads to analyse, e.g. '0-3,7'. [default: all]")
 DeviceOpt = typer.Option(None, "--device", help="cpu, cuda or cuda:N. [default: cpu]")
 SeedOpt = typer.Option(None, "--seed", help="Random seed (same seed, same numbers). [default: 0]")
-
-
-def parse_int_list(text: Optional[str | list], flag: str) -> Optional[list[int]]:
-    """Parse '0,2-4' (or a TOML list) into [0, 2, 3, 4]."""
-    from .errors import ConfigError
-    from .validate import MAX_RANGE
-
-    if text is None:
-        return None
-    if isinstance(text, list):
-        return [int(x) for x in text]
-    out: list[int] = []
-    try:
-        for part in str(text).split(","):
-            part = part.strip()
-            if not part:
-                continue
-            if "-" in part[1:]:
-                a, b = part.split("-", 1)
-                if int(b) < int(a):
-                    raise ConfigError(f"{flag} {text!r}: range {part!r} is reversed; write it as '{b}-{a}'")
-                if int(b) - int(a) >= MAX_RANGE:
-                    raise ConfigError(f"{flag} {text!r}: range {part!r} has more than {MAX_RANGE} values")
-                out.extend(range(int(a), int(b) + 1))
-            else:
-                out.append(int(part))
-    except ConfigError:
-        raise
-    except ValueError as e:
-        raise ConfigError(f"{flag} {text!r}: expected integers like '0,2-4'") from e
-    if not out:
-        raise ConfigError(f"{flag} is empty; leave it out for all")
-    return out
 
 
 def _capture(settings: dict[str, Any], out: str, quiet: bool) -> None:
@@ -191,9 +159,20 @@ def views(
 
 
 @app.command()
-def report(run_dir: Path = typer.Argument(..., help="Run directory to render.")) -> None:
-    """Render every section of a run directory into one self-contained report.html."""
+def report(run_dir: Path = typer.Argument(..., help="Run directory to render."),
+           speed: Optional[list[Path]] = typer.Argument(
+               None, help="GPU speed results to add first: JSON of benchmarks/prefill.py, benchmarks/sparse_entmax.py "
+                          "or `attnlab sparsity prefill --out FILE.json`.")) -> None:
+    """Render every section of a run directory into one self-contained report.html.
+
+    Example: attnlab report runs/demo results/prefill.json
+    """
     from .report.html import render_report
+
+    if speed:
+        from .report.speed import import_speed
+
+        import_speed(run_dir, list(speed))
 
     typer.echo(f"report: {render_report(run_dir, strict=True).resolve()}")
 
@@ -207,17 +186,20 @@ def _render(run_dir: Path) -> None:
 @app.command()
 def demo(
     out: Path = typer.Option(Path("runs/demo"), "--out", help="Run directory."),
-    n_sequences: int = typer.Option(128, "--n-sequences", help="Windows of stdlib docstrings for the spectrum."),
+    n_sequences: int = typer.Option(64, "--n-sequences", help="Windows of stdlib docstrings for the spectrum."),
     seq_len: int = typer.Option(128, "--seq-len", help="Tokens per window."),
     pillars: str = typer.Option("spectrum,reconstruct,sparsity,variables", "--pillars",
                                 help="Comma-separated subset of spectrum,reconstruct,sparsity,variables."),
-    quick: bool = typer.Option(False, "--quick", help="Smallest settings of every pillar: a smoke test, not a measurement (about 65 CPU-seconds)."),
+    quick: bool = typer.Option(False, "--quick", help="Smallest settings of every pillar: a smoke test of every "
+                                                      "report view, not a measurement."),
 ) -> None:
-    """Every pillar on the packaged MiniLM and stdlib docstrings (spectrum first), then report.html.
+    """Every pillar on the packaged MiniLM and stdlib docstrings, then report.html and one bottom line per pillar.
 
-    Example: attnlab demo --out runs/demo          (a few minutes on two CPU cores)
+    Example: attnlab demo --out runs/demo
+
+    Time: see attnlab.demo.MEASURED (printed below); re-measure with benchmarks/defaults_time.py --only demo.
     """
-    from .demo import PILLARS, run_demo
+    from .demo import PILLARS, bottom_lines, run_demo
     from .errors import ConfigError
 
     chosen = tuple(p.strip() for p in pillars.split(",") if p.strip())
@@ -227,10 +209,25 @@ def demo(
     path = run_demo(out, n_sequences=16 if quick else n_sequences, seq_len=64 if quick else seq_len, quick=quick,
                     pillars=chosen)
     typer.echo(f"report: {path.resolve()}")
+    for line in bottom_lines(out):
+        typer.echo(f"- {line}")
+
+
+def _demo_help() -> None:
+    """Put the measured time into `attnlab demo --help` (the docstring cannot hold a computed value)."""
+    from .demo import MEASURED
+
+    demo.__doc__ = (demo.__doc__ or "").replace("see attnlab.demo.MEASURED (printed below)", MEASURED)
+
+
+_demo_help()
 
 
 from .reconstruct.cli import app as _reconstruct_app  # noqa: E402  (light: heavy imports live inside commands)
 from .sparsity.cli import app as _sparsity_app  # noqa: E402
+from .blocksparse.cli import register as _register_blocksparse  # noqa: E402
+
+_register_blocksparse(_sparsity_app)  # `attnlab sparsity prefill` (block-sparse execution; sparsity/ never imports it)
 from .variables.cli import app as _variables_app  # noqa: E402
 from .lm.cli import app as _lm_app  # noqa: E402
 

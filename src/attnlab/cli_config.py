@@ -126,14 +126,12 @@ def parse_value(f: ConfigField, value: Any) -> Any:
 
             raise ConfigError(f"{f.flag} {value!r} is not a number (a fraction like 0.25 or a count like 32)")
         return v
-    from .cli_utils import split_words
+    from .cli_utils import parse_int_list, split_words
 
     items = split_words([str(x) for x in value] if isinstance(value, (list, tuple)) else [value]) or []
     from .validate import check_list
 
     if f.kind == "ints":
-        from .cli import parse_int_list
-
         return check_list(f.name, parse_int_list(",".join(items), f.flag), f.flag)
     return check_list(f.name, [_number(x) for x in items], f.flag)
 
@@ -196,7 +194,9 @@ def config_command(app: typer.Typer, name: str, target: str | Sequence[str], run
     command.__annotations__ = annotations
     command.__doc__ = doc or run.__doc__
     command.__name__ = name.replace("-", "_")
-    return app.command(name)(command)
+    from .cli_utils import HardenedCommand
+
+    return app.command(name, cls=HardenedCommand)(command)
 
 
 def option(name: str, annotation: Any, default: Any, *decls: str, **kw: Any) -> inspect.Parameter:

@@ -7,6 +7,7 @@ import sys
 from typing import NoReturn, Optional, Sequence
 
 import typer
+from typer.core import TyperCommand, TyperGroup
 
 
 def fail(e: Exception) -> NoReturn:
@@ -20,6 +21,39 @@ def split_words(values: Optional[Sequence[str]]) -> Optional[list[str]]:
     if not values:
         return None
     return [p for v in values for p in str(v).replace(",", " ").split()]
+
+
+def parse_int_list(text: Optional[str | list], flag: str) -> Optional[list[int]]:
+    """Parse '0,2-4' (or a TOML list) into [0, 2, 3, 4]."""
+    from .errors import ConfigError
+    from .validate import MAX_RANGE
+
+    if text is None:
+        return None
+    if isinstance(text, list):
+        return [int(x) for x in text]
+    out: list[int] = []
+    try:
+        for part in str(text).split(","):
+            part = part.strip()
+            if not part:
+                continue
+            if "-" in part[1:]:
+                a, b = part.split("-", 1)
+                if int(b) < int(a):
+                    raise ConfigError(f"{flag} {text!r}: range {part!r} is reversed; write it as '{b}-{a}'")
+                if int(b) - int(a) >= MAX_RANGE:
+                    raise ConfigError(f"{flag} {text!r}: range {part!r} has more than {MAX_RANGE} values")
+                out.extend(range(int(a), int(b) + 1))
+            else:
+                out.append(int(part))
+    except ConfigError:
+        raise
+    except ValueError as e:
+        raise ConfigError(f"{flag} {text!r}: expected integers like '0,2-4'") from e
+    if not out:
+        raise ConfigError(f"{flag} is empty; leave it out for all")
+    return out
 
 
 def write_report(out) -> None:
@@ -157,3 +191,20 @@ def harden(cmd):
     run._attnlab_hardened = True
     cmd.callback = run
     return cmd
+
+
+class HardenedGroup(TyperGroup):
+    """The click group of every attnlab Typer app: hardens its command tree (see :func:`harden`) before running, so
+    the app behaves the same from ``attnlab ...``, ``CliRunner().invoke(app, ...)`` and a pillar's own sub-app."""
+
+    def main(self, *args, **kwargs):
+        harden(self)
+        return super().main(*args, **kwargs)
+
+
+class HardenedCommand(TyperCommand):
+    """:class:`HardenedGroup` for a command run on its own (a one-command app collapses into its command)."""
+
+    def main(self, *args, **kwargs):
+        harden(self)
+        return super().main(*args, **kwargs)

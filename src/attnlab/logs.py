@@ -35,6 +35,14 @@ class _ConsoleHandler(logging.StreamHandler):
         super().emit(record)
 
 
+class _PrefixFormatter(logging.Formatter):
+    """Plain messages; warnings and errors start with 'warning: ' / 'error: ' (what the README promises)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        msg = super().format(record)
+        return f"{record.levelname.lower()}: {msg}" if record.levelno >= logging.WARNING else msg
+
+
 def setup_cli_logging(level: str = "INFO") -> None:
     """Show attnlab's log records as plain lines (idempotent; ``level`` may change between calls)."""
     root = logging.getLogger("attnlab")
@@ -42,10 +50,6 @@ def setup_cli_logging(level: str = "INFO") -> None:
     if not any(getattr(h, "name", None) == _CLI_HANDLER_NAME for h in root.handlers):
         h = _ConsoleHandler()
         h.name = _CLI_HANDLER_NAME
-        h.setFormatter(logging.Formatter("%(message)s"))
+        h.setFormatter(_PrefixFormatter("%(message)s"))
         root.addHandler(h)
 
-
-def info_or_silent(progress: bool, logger: logging.Logger):
-    """A one-argument message function: ``logger.info`` when ``progress``, else debug (hidden by default)."""
-    return logger.info if progress else logger.debug

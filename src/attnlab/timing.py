@@ -32,3 +32,36 @@ def time_ms(fn: Callable[[], Any], device: torch.device | str, reps: int, warmup
             fn()
             times.append((time.perf_counter() - t) * 1e3)
     return times
+
+
+class Phases:
+    """Wall time of the named phases of a run, for its results (``*_seconds`` keys land in timings.json).
+
+    >>> ph = Phases()
+    >>> with ph("fit"):
+    ...     pass
+    >>> sorted(ph.as_dict())
+    ['fit_seconds']
+    """
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    def __call__(self, name: str) -> "_Phase":
+        return _Phase(self, name)
+
+    def as_dict(self) -> dict[str, float]:
+        """``{name}_seconds`` -> seconds (rounded to ms), in the order the phases ran."""
+        return {f"{k}_seconds": round(v, 3) for k, v in self.seconds.items()}
+
+
+class _Phase:
+    def __init__(self, owner: Phases, name: str) -> None:
+        self.owner, self.name = owner, name
+
+    def __enter__(self) -> "_Phase":
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.owner.seconds[self.name] = self.owner.seconds.get(self.name, 0.0) + time.perf_counter() - self.t0

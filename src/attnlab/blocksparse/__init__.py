@@ -10,13 +10,15 @@ from __future__ import annotations
 from .._lazy import lazy_package
 
 _EXPORTS = {
-    "sparse_attention": "flex", "dense_attention_sdpa": "flex", "mass_recall": "flex", "run_pattern": "flex",
+    "sparse_attention": "flex", "dense_attention_sdpa": "flex", "mass_recall": "recall", "run_pattern": "flex",
     "resolve_pattern": "flex",
     "BlockPattern": "blockmask", "block_graph_to_blockmask": "blockmask", "token_to_block_graph": "blockmask",
     "BLOCK_PREDICTORS": "predictors", "make_block_predictor": "predictors", "BlockPrediction": "predictors",
-    "PooledBlockPredictor": "block_predictors", "ClusterBlockPredictor": "block_predictors",
-    "AssignBlockPredictor": "block_predictors",
-    "TokenGraphBlocks": "adapter", "as_block_predictor": "adapter",
+    "PooledBudgetPredictor": "predictors.pooled", "PooledMassPredictor": "predictors.pooled",
+    "PooledBlockPredictor": "block_predictors", "ClusterBlockPredictor": "predictors.cluster",
+    "ClusterBlocks": "predictors.cluster", "BlockPredictor": "predictors.core",
+    "AssignBlockPredictor": "adapter", "TokenGraphBlocks": "adapter", "as_block_predictor": "adapter",
+    "sample_rows": "recall", "head_recall": "recall", "pattern_row_recall": "recall",
     "sparse_entmax_attention": "sparse_entmax", "dense_entmax_attention": "sparse_entmax",
     "block_mask_from_graph": "sparse_entmax",
     "PrefillConfig": "prefill", "run_prefill": "prefill",

@@ -13,11 +13,34 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from attnlab.blocksparse.block_predictors import AssignBlockPredictor, BlockPredictor
 from attnlab.blocksparse.blockmask import BlockPattern
+from attnlab.blocksparse.predictors.cluster import pattern_from_ids
+from attnlab.blocksparse.predictors.core import BlockPredictor
+from attnlab.blocksparse.predictors.pooled import PooledBudgetPredictor, check_call
 from attnlab.errors import ConfigError
 
-__all__ = ["TokenGraphBlocks", "as_block_predictor"]
+__all__ = ["AssignBlockPredictor", "TokenGraphBlocks", "as_block_predictor"]
+
+
+@dataclasses.dataclass
+class AssignBlockPredictor:
+    """Adapter: any predictor with ``assign(q, k) -> (q_ids, k_ids)`` of shape (B, H, N, n_hash) (token-level
+    bucket/cluster predictors) -> permuted block pattern. Uses hash round ``round`` (a single permutation
+    per call; several rounds would need several attention calls merged by log-sum-exp)."""
+
+    predictor: Any
+    round: int = 0
+    inner: PooledBudgetPredictor | None = None
+
+    def predict_blocks(self, q: Tensor, k: Tensor, block_size: int = 128, causal: bool = False,
+                       scale: float | None = None) -> BlockPattern:
+        """q, k -> permuted :class:`BlockPattern` from the wrapped predictor's bucket ids."""
+        check_call(q, k, block_size, scale)
+        q_ids, k_ids = self.predictor.assign(q, k)
+        if q_ids.dim() == 3:
+            q_ids, k_ids = q_ids.unsqueeze(-1), k_ids.unsqueeze(-1)
+        return pattern_from_ids(q, k, q_ids[..., self.round].long(), k_ids[..., self.round].long(),
+                                 block_size, causal, self.inner, scale)
 
 
 @dataclasses.dataclass
@@ -29,11 +52,12 @@ class TokenGraphBlocks:
     def predict_blocks(self, q: Tensor, k: Tensor, block_size: int = 128, causal: bool = False,
                        scale: float | None = None) -> BlockPattern:
         """q, k -> :class:`BlockPattern` of the tiles that hold a predicted pair."""
-        from attnlab.blocksparse.flex import resolve_pattern
+        from attnlab.blocksparse.blockmask import pattern_from_block_graph, token_to_block_graph
 
         valid = torch.ones(q.shape[0], q.shape[2], dtype=torch.bool, device=q.device)
-        g = self.predictor.predict(q, k, valid)
-        return resolve_pattern(q, k, g.bool(), block_size, None, causal, scale)
+        g = self.predictor.predict(q, k, valid).bool()
+        g = token_to_block_graph(g, block_size).expand(q.shape[0], q.shape[1], -1, -1)
+        return pattern_from_block_graph(g, block_size, causal)
 
 
 def as_block_predictor(predictor: Any, budget: float | int | None = None) -> BlockPredictor:

@@ -28,6 +28,12 @@ from typing import Any, Callable, NamedTuple
 import torch
 from torch import Tensor
 
+from attnlab.blocksparse.permute import (  # noqa: F401  (re-exported)
+    cluster_permutation,
+    inverse_permutation,
+    permute_tokens,
+    unpermute_tokens,
+)
 from attnlab.errors import ConfigError, ShapeError
 
 __all__ = [
@@ -70,10 +76,16 @@ def _check_len(n: int, block_size: int) -> int:
     return n // block_size
 
 
-def token_to_block_graph(mask: Tensor, block_size: int, min_density: float = 0.0) -> Tensor:
+def token_to_block_graph(mask: Tensor, block_size: int, min_density: float = 0.0, pad: bool = False) -> Tensor:
     """Bool (..., N, M) token graph -> (..., N/bs, M/bs) block graph: a block is kept if the fraction of its
-    pairs in the token graph exceeds ``min_density`` (0 = any pair)."""
+    pairs in the token graph exceeds ``min_density`` (0 = any pair). N and M must be multiples of
+    ``block_size`` unless ``pad`` (then the last blocks are padded with absent pairs: ceil(N/bs) blocks)."""
     *lead, n, m = mask.shape
+    if pad and (n % block_size or m % block_size):
+        nq, nk = -(-n // max(1, block_size)), -(-m // max(1, block_size))
+        full = torch.zeros(*lead, nq * block_size, nk * block_size, dtype=mask.dtype, device=mask.device)
+        full[..., :n, :m] = mask
+        mask, n, m = full, nq * block_size, nk * block_size
     nq, nk = _check_len(n, block_size), _check_len(m, block_size)
     counts = mask.reshape(*lead, nq, block_size, nk, block_size).sum(dim=(-3, -1), dtype=torch.int32)
     if min_density <= 0.0:
@@ -208,22 +220,15 @@ except ImportError:  # pragma: no cover
     _FROM_KV_PARAMS = set()
 
 
-#: Whether ``kv_to_blockmask`` builds the q-side (backward) block lists by default. Forward-only inference
-#: does not need them; ``flex.run_pattern`` switches this on if a torch build's kernel turns out to want them.
-COMPUTE_Q_BLOCKS = {"default": False}
-
-
 def kv_to_blockmask(
     kv: KVBlocks,
     block_size: int,
     mask_mod: Callable[..., Tensor] | None = None,
-    compute_q_blocks: bool | None = None,
+    compute_q_blocks: bool = False,
 ) -> Any:
     """:class:`KVBlocks` -> ``BlockMask`` via ``BlockMask.from_kv_blocks`` (no mask evaluation). The q-side
-    lists are only needed for backward, so they are skipped unless ``compute_q_blocks`` (default:
-    ``COMPUTE_Q_BLOCKS['default']``)."""
-    if compute_q_blocks is None:
-        compute_q_blocks = COMPUTE_Q_BLOCKS["default"]
+    lists are only needed for backward, so they are skipped unless ``compute_q_blocks`` (torch builds whose
+    ``from_kv_blocks`` has no such switch always build them)."""
     if _BlockMask is None:  # pragma: no cover
         raise ConfigError("this torch has no FlexAttention (needs torch >= 2.5); use backend='dense'")
     kwargs: dict[str, Any] = {"BLOCK_SIZE": block_size, "mask_mod": mask_mod}
@@ -252,28 +257,7 @@ def blockmask_matches(block_mask: Any, block_graph: Tensor) -> bool:
     return bool(torch.equal(dense, block_graph.bool().expand_as(dense)))
 
 
-# ----------------------------------------------------------------------------------------------------
-# Clustering / bucketing: tokens sorted by cluster id so that predicted pairs become dense blocks.
-# ----------------------------------------------------------------------------------------------------
-
-
-def cluster_permutation(ids: Tensor) -> tuple[Tensor, Tensor]:
-    """Cluster ids (B, H, N) ints -> (perm, inv): ``perm`` sorts tokens by id (stable, so original order
-    within a cluster), ``inv`` undoes it (``x_sorted[..., inv, :] == x``)."""
-    perm = torch.argsort(ids, dim=-1, stable=True)
-    return perm, inverse_permutation(perm)
-
-
-def permute_tokens(x: Tensor, perm: Tensor) -> Tensor:
-    """Gather tokens: x (B, H, N, D), perm (B, H, N) -> x[b, h, perm[b, h, i]]."""
-    return torch.gather(x, 2, perm.unsqueeze(-1).expand(*perm.shape, x.shape[-1]))
-
-
-def unpermute_tokens(x_sorted: Tensor, perm: Tensor) -> Tensor:
-    """Inverse of :func:`permute_tokens` (scatter back to the original positions)."""
-    out = torch.empty_like(x_sorted)
-    out.scatter_(2, perm.unsqueeze(-1).expand(*perm.shape, x_sorted.shape[-1]), x_sorted)
-    return out
+# Clustering / bucketing: tokens sorted by cluster id (permute.py) so that predicted pairs become dense blocks.
 
 
 def _block_range(sorted_vals: Tensor, block_size: int) -> tuple[Tensor, Tensor]:
@@ -334,9 +318,9 @@ class BlockPattern:
 
         return perm_causal
 
-    def block_mask(self) -> Any:
-        """FlexAttention ``BlockMask`` (``from_kv_blocks``; cheap)."""
-        return kv_to_blockmask(self.kv, self.block_size, self.mask_mod())
+    def block_mask(self, compute_q_blocks: bool = False) -> Any:
+        """FlexAttention ``BlockMask`` (``from_kv_blocks``; cheap); q-side lists (backward) if asked."""
+        return kv_to_blockmask(self.kv, self.block_size, self.mask_mod(), compute_q_blocks)
 
     def token_mask(self) -> Tensor:
         """Bool (B, H, N, N) allowed pairs in the ORIGINAL token order (dense path, tests; O(N^2) memory)."""
@@ -373,13 +357,6 @@ class BlockPattern:
         if self.causal:
             allowed = allowed & (torch.arange(n, device=dev).view(1, 1, 1, n) <= rows.view(1, 1, -1, 1))
         return allowed
-
-
-def inverse_permutation(perm: Tensor) -> Tensor:
-    """perm (..., N) -> inv with inv[perm[i]] = i."""
-    inv = torch.empty_like(perm)
-    inv.scatter_(-1, perm, torch.arange(perm.shape[-1], device=perm.device).expand_as(perm))
-    return inv
 
 
 def pattern_from_block_graph(block_graph: Tensor, block_size: int, causal: bool = False) -> BlockPattern:

@@ -23,22 +23,20 @@ import torch
 from torch import Tensor
 
 from attnlab.errors import ConfigError, ShapeError
-from attnlab.blocksparse.block_predictors import (
-    AssignBlockPredictor,
-    BlockPredictor,
-    ClusterBlockPredictor,
-    PooledBlockPredictor,
-)
+from attnlab.blocksparse.adapter import AssignBlockPredictor, as_block_predictor
 from attnlab.blocksparse.contracts import check_int, check_qk, check_qkv, check_scale, keep_mask
 from attnlab.blocksparse.blockmask import (
-    COMPUTE_Q_BLOCKS,
     BlockPattern,
-    kv_to_blockmask,
     permute_tokens,
     pattern_from_block_graph,
     token_to_block_graph,
     unpermute_tokens,
 )
+from attnlab.blocksparse.compiled import compiled
+from attnlab.blocksparse.predictors.cluster import ClusterBlockPredictor
+from attnlab.blocksparse.predictors.core import BlockPredictor
+from attnlab.blocksparse.predictors.pooled import PooledBudgetPredictor
+from attnlab.blocksparse.recall import mass_recall
 
 __all__ = [
     "sparse_attention",
@@ -53,21 +51,11 @@ __all__ = [
     "mass_recall",
     "masked_rows_reference",
     "relative_error",
-    "block_predictors",
     "BlockPredictor",
-    "PooledBlockPredictor",
+    "PooledBudgetPredictor",
     "ClusterBlockPredictor",
     "AssignBlockPredictor",
 ]
-
-#: The block-level predictors, by name (see ``block_predictors.py`` for what each does).
-block_predictors: dict[str, type] = {
-    "pooled": PooledBlockPredictor,
-    "cluster": ClusterBlockPredictor,
-    "assign": AssignBlockPredictor,
-}
-
-_COMPILED: dict[str, Any] = {}
 
 #: FlexAttention ``kernel_options`` per head dim, from ``benchmarks/block_kernels.py`` on an H100 (torch 2.11,
 #: causal bf16, 128-token tiles, 16k-32k): for head dim 64 the built-in choice was best or within noise of the
@@ -97,17 +85,15 @@ def flex_available(device: torch.device | str) -> bool:
 
 def compiled_flex_attention() -> Any:
     """``torch.compile(flex_attention, dynamic=False)``, created once per process."""
-    if "flex" not in _COMPILED:
-        import torch._dynamo
+    import torch._dynamo
 
-        from torch.nn.attention.flex_attention import flex_attention
+    from torch.nn.attention.flex_attention import flex_attention
 
-        cfg = torch._dynamo.config
-        for name in ("cache_size_limit", "recompile_limit"):
-            if hasattr(cfg, name):
-                setattr(cfg, name, max(getattr(cfg, name), 64))
-        _COMPILED["flex"] = torch.compile(flex_attention, dynamic=False)
-    return _COMPILED["flex"]
+    cfg = torch._dynamo.config
+    for name in ("cache_size_limit", "recompile_limit"):  # one compiled graph per shape
+        if hasattr(cfg, name):
+            setattr(cfg, name, max(getattr(cfg, name), 64))
+    return compiled("flex", flex_attention, dynamic=False)
 
 
 def dense_attention_sdpa(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, scale: float | None = None,
@@ -139,14 +125,15 @@ def resolve_pattern(q: Tensor, k: Tensor, predictor: Any = None, block_size: int
                     scale: float | None = None) -> BlockPattern:
     """Turn any supported ``predictor`` into a :class:`BlockPattern`:
 
-    * ``None`` -> ``PooledBlockPredictor(budget=budget or 0.1)``;
+    * ``None`` -> ``PooledBudgetPredictor(budget=budget or 0.1)``;
     * a :class:`BlockPattern` (used as is);
     * a bool tensor, (B, H, N/bs, M/bs) block graph or (B, H, N, M) token graph (any pair -> tile; B and H
       may be 1); a float tensor is read as an SDPA-style additive mask: 0 keep, -inf drop (other values,
       i.e. a bias, are refused: the pattern cannot carry them);
     * an object with ``predict_blocks`` (``budget`` replaces its ``budget`` field when given);
-    * an issue-4 predictor with ``assign(q, k)`` (bucket ids -> permutation);
-    * an issue-4 predictor with only ``predict(q, k, valid)`` -> token graph (O(N^2): small N only)."""
+    * a token-level predictor with ``assign(q, k)`` (bucket ids -> permutation);
+    * a token-level predictor with only ``predict(q, k, valid)`` -> token graph (O(N^2): small N only)
+    (the last three through :func:`attnlab.blocksparse.adapter.as_block_predictor`)."""
     check_qk(q, k)
     check_int(block_size, "block_size")
     check_scale(scale)
@@ -154,7 +141,7 @@ def resolve_pattern(q: Tensor, k: Tensor, predictor: Any = None, block_size: int
     if n % block_size or m % block_size:
         raise ShapeError(f"sequence lengths {n}, {m} must be multiples of block_size {block_size}; pad first")
     if predictor is None:
-        predictor = PooledBlockPredictor(budget=0.1 if budget is None else budget)
+        predictor = PooledBudgetPredictor(budget=0.1 if budget is None else budget)
         budget = None
     if isinstance(predictor, BlockPattern):
         if predictor.block_size != block_size or predictor.causal != causal:
@@ -162,8 +149,6 @@ def resolve_pattern(q: Tensor, k: Tensor, predictor: Any = None, block_size: int
         return predictor
     if isinstance(predictor, Tensor):
         return _pattern_from_mask(q, predictor, n, m, block_size, causal)
-    from attnlab.blocksparse.adapter import as_block_predictor
-
     return as_block_predictor(predictor, budget).predict_blocks(q, k, block_size, causal, scale)
 
 
@@ -186,27 +171,23 @@ def run_pattern(q: Tensor, k: Tensor, v: Tensor, pattern: BlockPattern, backend:
                 scale: float | None = None, block_mask: Any = None,
                 kernel_options: dict[str, Any] | None = None) -> Tensor:
     """Attention restricted to ``pattern``. backend: 'auto' (flex on CUDA, else dense) | 'flex' | 'dense'.
-    ``block_mask`` may pass a prebuilt ``pattern.block_mask()``."""
+    ``block_mask`` may pass a prebuilt ``pattern.block_mask()``. When autograd will differentiate through the
+    call (an input requires grad), the mask carries the q-side block lists the backward kernel reads."""
     if backend not in ("auto", "flex", "dense"):
         raise ConfigError(f"backend must be 'auto', 'flex' or 'dense', got {backend!r}")
     use_flex = backend == "flex" or (backend == "auto" and flex_available(q.device))
     if not use_flex:
         return masked_attention_reference(q, k, v, pattern.token_mask(), scale)
-    bm = pattern.block_mask() if block_mask is None else block_mask
+    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    bm = pattern.block_mask(grad) if block_mask is None else block_mask
+    if grad and bm.q_indices is None:
+        bm = pattern.block_mask(True)
     flex = compiled_flex_attention()
     if pattern.permuted:
         q = permute_tokens(q, pattern.q_perm)
         k = permute_tokens(k, pattern.k_perm)
         v = permute_tokens(v, pattern.k_perm)
-    try:
-        out = flex(q, k, v, block_mask=bm, scale=scale, kernel_options=kernel_options)
-    except Exception:
-        if getattr(bm, "q_indices", 0) is not None:
-            raise
-        # this torch's kernel wants the q-side block lists: build them from now on
-        COMPUTE_Q_BLOCKS["default"] = True
-        bm = kv_to_blockmask(pattern.kv, pattern.block_size, pattern.mask_mod(), compute_q_blocks=True)
-        out = flex(q, k, v, block_mask=bm, scale=scale, kernel_options=kernel_options)
+    out = flex(q, k, v, block_mask=bm, scale=scale, kernel_options=kernel_options)
     return unpermute_tokens(out, pattern.q_perm) if pattern.permuted else out
 
 
@@ -216,7 +197,7 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, predictor: Any = None, blo
                      kernel_options: dict[str, Any] | None = None) -> Tensor | tuple[Tensor, BlockPattern, dict]:
     """Predicted block-sparse attention. q, k, v (B, H, N, D); N a multiple of ``block_size``.
 
-    ``predictor``: None (a :class:`PooledBlockPredictor`), a BlockPattern, a bool block/token mask, or a
+    ``predictor``: None (a :class:`PooledBudgetPredictor`), a BlockPattern, a bool block/token mask, or a
     predictor object (see :func:`resolve_pattern`). ``budget``: how many key blocks each query block may
     compute: a fraction of the key blocks in (0, 1] (e.g. 0.1 = at most 10% of tiles per block row) or an int
     count of blocks; None keeps the predictor's own (0.1 for the default predictor). It replaces the
@@ -235,43 +216,8 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, predictor: Any = None, blo
 
 
 # ----------------------------------------------------------------------------------------------------
-# Quality metrics (cheap: a subsample of query rows)
+# References (mass_recall, re-exported here, lives in recall.py)
 # ----------------------------------------------------------------------------------------------------
-
-
-def mass_recall(q: Tensor, k: Tensor, pattern: BlockPattern, rows: int = 256, topk: int = 64,
-                scale: float | None = None, seed: int = 0) -> dict[str, float]:
-    """Recall of the pattern against exact dense attention on ``rows`` sampled query rows (same rows for
-    every head): ``mass`` = mean softmax mass inside the kept pairs; ``mass_min_head`` = worst head;
-    ``topk`` = fraction of each row's ``topk`` largest-logit keys that are kept."""
-    check_qk(q, k)
-    check_int(rows, "rows")
-    check_int(topk, "topk")
-    check_scale(scale)
-    if not isinstance(pattern, BlockPattern):
-        raise ConfigError(f"pattern must be a BlockPattern (e.g. from sparse_attention(..., return_pattern=True)), "
-                          f"got {type(pattern).__name__}")
-    B, H, N, D = q.shape
-    scale = D ** -0.5 if scale is None else scale
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.randperm(N, generator=g)[: min(rows, N)].sort().values
-    idx = idx.to(q.device)
-    s = torch.matmul(q[:, :, idx].float(), k.float().transpose(-1, -2)) * scale  # (B, H, R, N)
-    if pattern.causal:
-        s = s.masked_fill(torch.arange(N, device=q.device).view(1, 1, 1, N) > idx.view(1, 1, -1, 1), float("-inf"))
-    p = torch.softmax(s, dim=-1)
-    allowed = pattern.allowed_rows(idx)
-    mass = (p * allowed).sum(-1)  # (B, H, R)
-    kk = min(topk, N)
-    top = torch.topk(s, kk, dim=-1).indices
-    valid = torch.isfinite(torch.gather(s, -1, top))
-    hit = torch.gather(allowed, -1, top) & valid
-    top_rec = hit.sum(-1).float() / valid.sum(-1).clamp_min(1).float()
-    return {
-        "mass": float(mass.mean()),
-        "mass_min_head": float(mass.mean(dim=(0, 2)).min()),
-        "topk": float(top_rec.mean()),
-    }
 
 
 def masked_rows_reference(q: Tensor, k: Tensor, v: Tensor, pattern: BlockPattern, rows: Tensor,
@@ -303,3 +249,18 @@ def relative_error(out: Tensor, ref: Tensor) -> float:
     """||out - ref|| / ||ref|| in float64."""
     out, ref = out.double(), ref.double()
     return float(torch.linalg.vector_norm(out - ref) / torch.linalg.vector_norm(ref).clamp_min(1e-300))
+
+
+def __getattr__(name: str) -> Any:
+    """Deprecated names: ``block_predictors`` (an unused name -> class dict; use the registry
+    ``attnlab.blocksparse.predictors.BLOCK_PREDICTORS``) and ``PooledBlockPredictor``."""
+    import warnings
+
+    if name == "block_predictors":
+        warnings.warn("attnlab.blocksparse.flex.block_predictors is deprecated: use "
+                      "attnlab.blocksparse.predictors.BLOCK_PREDICTORS", DeprecationWarning, stacklevel=2)
+        return {"pooled": PooledBudgetPredictor, "cluster": ClusterBlockPredictor, "assign": AssignBlockPredictor}
+    if name == "PooledBlockPredictor":
+        warnings.warn("PooledBlockPredictor is now PooledBudgetPredictor", DeprecationWarning, stacklevel=2)
+        return PooledBudgetPredictor
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

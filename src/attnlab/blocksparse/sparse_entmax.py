@@ -1,34 +1,70 @@
-"""Predicted alpha-entmax attention executed block-sparsely with FlexAttention (no N x N matrix).
+"""Predicted alpha-entmax attention executed block-sparsely with FlexAttention (no N x N matrix), causal or not,
+with grouped-query attention.
 
-alpha-entmax of scores s over a row is p_j = relu(z_j - tau)^(1/(alpha-1)) with z = (alpha-1) s and the
-threshold tau chosen so that sum_j p_j = 1. Given a *predicted* graph as a FlexAttention block mask:
+alpha-entmax of scores s over a row is p_j = relu(z_j - tau)^r with z = (alpha-1) s, r = 1/(alpha-1) and the
+threshold tau chosen so that f(tau) = sum_j relu(z_j - tau)^r = 1. Only the pairs of a *predicted* block mask
+are ever scored. Every pass is the same FlexAttention call whose score_mod is
+``where(x > 0, w * log x, -inf) + beta * s`` with x = z - tau_row and (w, beta) read from a tensor, so its
+log-sum-exp is log sum_j relu(z_j - tau)^w (+ beta s): one compiled kernel per shape serves all passes.
 
-1. bracket: tau lies in [max_j z_j - 1, max_j z_j] (the entmax threshold is within 1 of the row max), and
-   |z_j| <= (alpha-1) scale |q| max|k| bounds the max without scoring anything;
-2. bisection on tau per row (as ``entmax_bisect`` does), each step one block-sparse pass with
-   score_mod = log(relu(z - tau)) / (alpha - 1): its log-sum-exp is log sum_j p_j(tau), and the sign of it
-   says whether tau is too low (> 0) or too high (< 0) -- only the predicted pairs are ever scored;
-3. the output is one more pass with the final tau: FlexAttention's softmax of that score_mod is
-   p_j / sum_j p_j, i.e. exactly alpha-entmax restricted to the predicted pairs (the normalisation removes the
-   remaining bisection error in the sum). When the predicted graph contains the true support, this equals
-   dense alpha-entmax.
+Solver (a few passes instead of 30 bisection steps):
 
-All passes are the same FlexAttention call (same score_mod reading a per-row tau buffer updated in place), so
-one compiled kernel per shape serves them all. On CUDA the passes use ``torch.compile(flex_attention)``; on CPU flex_attention runs eagerly (slow,
-exact: for tests in float64).
+1. start: one pass with (w, beta) = (0, BETA) gives lse/BETA in [m, m + log(M)/BETA] (m = row max of s over the
+   predicted pairs), hence the bracket tau in [a1 (m - log M / BETA) - 1, a1 m_hat - M^-(alpha-1)], a1 = alpha-1
+   (f(a1 m - 1) >= 1, and f <= M (m a1 - tau)^r);
+2. Newton on psi(tau) = f(tau)^(1/r) - 1: psi is convex and decreasing (an r-norm of relu(z - tau)), so a
+   Newton step from either side lands left of the root and the iterates then rise monotonically; it is exact
+   when the support scores are equal. f comes from a pass with w = r, f' = -r sum relu^(r-1) from a pass
+   with w = r - 1 (for alpha = 2, the support count). Steps leaving the bracket (kept from the signs of
+   log f) fall back to bisection;
+3. stop when |log f(tau)| <= ``tol`` on every row (or after ``n_iter`` Newton steps, with a warning). The
+   pass with w = r that checks convergence is also the output: FlexAttention's softmax of that score_mod is
+   p_j / sum_j p_j, i.e. alpha-entmax restricted to the predicted pairs (the normalisation removes the residual
+   of the sum). When the predicted graph contains the true support, this equals dense alpha-entmax.
+
+Passes = 1 + (Newton steps) * 2 + 1, reported in :class:`EntmaxSolve`. On CUDA the passes use the shared
+``torch.compile(flex_attention)``; on CPU flex_attention runs eagerly (slow, exact: tests in float64).
+Causal masks (:func:`block_mask_from_graph` with ``causal=True``) keep the lower-triangular block graph, force
+the diagonal tiles and apply a causal ``mask_mod`` inside them.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+import warnings
+from typing import Any, NamedTuple, Optional
 
 import torch
 from torch import Tensor
 
-from ..errors import ShapeError
-from .contracts import check_alpha, check_block_mask, check_int, check_qkv, check_scale, keep_mask
+from ..errors import ConfigError, ShapeError
+from .blockmask import block_graph_to_kv
+from .blockmask import token_to_block_graph as _token_to_block_graph
+from .entmax_dense import check_entmax_inputs, dense_entmax_attention  # noqa: F401  (re-exported)
 from .flex import compiled_flex_attention
+
+__all__ = ["sparse_entmax_attention", "entmax_threshold", "block_mask_from_graph", "EntmaxSolve",
+           "dense_entmax_attention", "token_to_block_graph"]
+
+
+def token_to_block_graph(graph: Tensor, block: int) -> Tensor:
+    """(B, H, N, N) bool token graph -> (B, H, ceil(N/block), ceil(N/block)) block graph (last blocks padded)."""
+    return _token_to_block_graph(graph, block, pad=True)
+
+#: Temperature of the start pass: lse(BETA s)/BETA overestimates the row max by at most log(M)/BETA.
+BETA = 1000.0
+
+
+class EntmaxSolve(NamedTuple):
+    """Result of the threshold solve: output (B, H, N, dv), tau (B, H, N), FlexAttention passes, Newton steps,
+    and the largest |log f(tau)| over the non-empty rows (the tolerance actually reached)."""
+
+    out: Tensor
+    tau: Tensor
+    passes: int
+    steps: int
+    residual: float
+
 
 def _flex(device: torch.device):
     """flex_attention: compiled on CUDA (one shared compiled instance, see ``flex.compiled_flex_attention``), eager elsewhere."""
@@ -39,110 +75,126 @@ def _flex(device: torch.device):
     return compiled_flex_attention()
 
 
-def token_to_block_graph(graph: Tensor, block: int) -> Tensor:
-    """Token graph (B, H, N, N) -> block graph (B, H, ceil(N/b), ceil(N/b)): a block is kept if any pair is."""
-    B, H, N, M = graph.shape
-    nq, nk = -(-N // block), -(-M // block)
-    g = torch.zeros(B, H, nq * block, nk * block, dtype=torch.bool, device=graph.device)
-    g[..., :N, :M] = graph
-    return g.view(B, H, nq, block, nk, block).any(dim=(3, 5))
+def _graph_mod(bg: Tensor, block: int, causal: bool, n: int):
+    """mask_mod of the partial tiles: the block graph itself (so that eager FlexAttention, which evaluates the
+    mask_mod on every pair, honours the block pattern too), and causality or the sequence tail."""
+    B0, H0 = bg.shape[:2]
+
+    def mask_mod(b, h, q_idx, kv_idx):  # noqa: ANN001
+        keep = bg[b % B0, h % H0, q_idx // block, kv_idx // block]
+        return keep & (q_idx >= kv_idx) if causal else keep & (kv_idx < n)
+
+    return mask_mod
 
 
-def block_mask_from_graph(block_graph: Tensor, block: int, seq_len: Optional[int] = None) -> Any:
+def block_mask_from_graph(block_graph: Tensor, block: int, seq_len: Optional[int] = None,
+                          causal: bool = False) -> Any:
     """Block graph (B, H, nq, nk) -> FlexAttention ``BlockMask`` (via ``from_kv_blocks``; no mask evaluation).
 
-    ``seq_len`` not a multiple of ``block``: the tail of the last block is masked with a mask_mod."""
+    ``causal``: blocks above the diagonal are dropped, the diagonal tiles are always kept (every query sees
+    itself) and get a causal ``mask_mod``; the rest are full tiles. ``seq_len`` not a multiple of ``block``:
+    the tail of the last block is masked (causal: implied by the causal mask)."""
     from torch.nn.attention.flex_attention import BlockMask
 
-    bg = keep_mask(block_graph, "block_graph")
-    check_int(block, "block")
-    check_int(seq_len, "seq_len", optional=True)
-    if seq_len is not None and not (bg.shape[-1] - 1) * block < seq_len <= bg.shape[-1] * block:
-        raise ShapeError(f"seq_len {seq_len} does not fit {bg.shape[-1]} key blocks of {block} tokens")
+    if block_graph.dim() != 4:
+        raise ShapeError(f"block graph must be (B, H, nq, nk); got {tuple(block_graph.shape)}")
+    if isinstance(block, bool) or not isinstance(block, int) or block < 1:
+        raise ConfigError(f"block must be a positive int (got {block!r})")
+    nq, nk = block_graph.shape[-2:]
+    n = nq * block if seq_len is None else int(seq_len)
+    if not (nq - 1) * block < n <= nq * block:
+        raise ShapeError(f"seq_len {n} does not fit {nq} blocks of {block}")
+    bg = block_graph.bool()
+    if causal:
+        if nq != nk:
+            raise ShapeError(f"causal block masks need nq == nk (got {nq} and {nk})")
+        bg = bg | torch.eye(nq, dtype=torch.bool, device=bg.device)
+        kv = block_graph_to_kv(bg, causal=True)
+        return BlockMask.from_kv_blocks(kv.kv_num_blocks, kv.kv_indices, kv.full_kv_num_blocks,
+                                        kv.full_kv_indices, BLOCK_SIZE=block,
+                                        mask_mod=_graph_mod(bg, block, True, n), seq_lengths=(n, n))
     counts = bg.sum(-1).to(torch.int32)
-    # kept key blocks first (stable: ascending block index), padded with any index
-    order = torch.argsort((~bg).to(torch.int8), dim=-1, stable=True).to(torch.int32)
-    mask_mod = None
-    if seq_len is not None and seq_len % block:
-        n = seq_len
-
-        def mask_mod(b, h, q_idx, kv_idx):  # noqa: ANN001
-            return kv_idx < n
-
-    return BlockMask.from_kv_blocks(counts, order, BLOCK_SIZE=block, mask_mod=mask_mod)
+    order = torch.argsort((~bg).to(torch.int8), dim=-1, stable=True).to(torch.int32)  # kept blocks first
+    mask_mod = _graph_mod(bg, block, False, n) if n % block else None
+    kv_len = n if nq == nk else nk * block
+    return BlockMask.from_kv_blocks(counts, order, BLOCK_SIZE=block, mask_mod=mask_mod, seq_lengths=(n, kv_len))
 
 
-def _check(q: Tensor, k: Tensor, v: Tensor, alpha: float, scale: Any, n_iter: Any) -> None:
-    """The shared contract of the entmax entry points (see ``contracts.py``)."""
-    check_qkv(q, k, v)
-    check_alpha(alpha)
-    check_scale(scale)
-    check_int(n_iter, "n_iter")
+def _entmax_mod(tau: Tensor, knobs: Tensor, a1: float):
+    """score_mod ``where(x > 0, w log x, -inf) + beta s`` with x = a1 s - tau_row and (w, beta) = knobs."""
+
+    def entmax_mod(score, b, h, q_idx, kv_idx):  # noqa: ANN001
+        x = score * a1 - tau[b, h, q_idx]
+        return torch.where(x > 0, torch.log(x) * knobs[0], -float("inf")) + knobs[1] * score
+
+    return entmax_mod
 
 
-def _tau_mod(tau: Tensor, a1: float):
-    """score_mod log(relu((alpha-1) s - tau_row)) / (alpha-1); its exp is the unnormalised entmax weight."""
-
-    def tau_mod(score, b, h, q_idx, kv_idx):  # noqa: ANN001
-        return torch.log(torch.relu(score * a1 - tau[b, h, q_idx])) / a1
-
-    return tau_mod
+def _check_solver(n_iter: int, tol: float) -> None:
+    if isinstance(n_iter, bool) or not isinstance(n_iter, int) or n_iter < 1:
+        raise ConfigError(f"n_iter must be a positive int (maximum Newton steps; got {n_iter!r})")
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0.0 < float(tol) < 1.0:
+        raise ConfigError(f"tol must be in (0, 1) (tolerance on |log sum_j p_j|; got {tol!r})")
 
 
 def entmax_threshold(q: Tensor, k: Tensor, v: Tensor, block_mask: Any, alpha: float = 1.5,
-                     scale: Optional[float] = None, n_iter: int = 30) -> Tensor:
-    """Per-row entmax threshold tau (B, H, N) over the pairs of ``block_mask`` only, by bisection (see module).
-
-    Bracket: |z_ij| <= U_i = (alpha-1) scale |q_i| max_j |k_j| and tau lies in [max_j z_ij - 1, max_j z_ij], so
-    tau is in [-U_i - 1, U_i]; ``n_iter`` halvings of that bracket follow, each one block-sparse pass."""
-    _check(q, k, v, alpha, scale, n_iter)
-    check_block_mask(block_mask, q, k)
-    a1 = alpha - 1.0
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    flex = _flex(q.device)
+                     scale: Optional[float] = None, n_iter: int = 12, tol: float = 1e-3) -> EntmaxSolve:
+    """Threshold tau per row (B, H, N) over the pairs of ``block_mask`` and the entmax output, by safeguarded
+    Newton (see the module docstring); ``tol`` bounds |log sum_j relu(z_j - tau)^r| on every row."""
+    G = check_entmax_inputs(q, k, v, alpha)
+    _check_solver(n_iter, tol)
+    a1, r = alpha - 1.0, 1.0 / (alpha - 1.0)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     dt = torch.float64 if q.dtype == torch.float64 else torch.float32
-    U = a1 * scale * q.to(dt).norm(dim=-1) * k.to(dt).norm(dim=-1).amax(dim=-1, keepdim=True)  # (B, H, N)
-    lo, hi = -U - 1.0, U.clone()
-    tau = ((lo + hi) / 2).contiguous()
-    mod = _tau_mod(tau, a1)
-    for _ in range(n_iter):
-        _, lse = flex(q, k, v, score_mod=mod, block_mask=block_mask, scale=scale, return_lse=True)
-        too_low = lse.to(dt) >= 0  # sum_j p_j(tau) >= 1: tau must rise
-        lo = torch.where(too_low, tau, lo)
-        hi = torch.where(too_low, hi, tau)
-        tau.copy_((lo + hi) / 2)  # in place: the score_mod keeps reading the same buffer
-    return tau
+    M = k.shape[2]
+    flex = _flex(q.device)
+    tau = torch.full(q.shape[:3], -1e30, dtype=dt, device=q.device)
+    knobs = torch.tensor([0.0, BETA], dtype=dt, device=q.device)
+    mod = _entmax_mod(tau, knobs, a1)
+
+    def run():
+        return flex(q, k, v, score_mod=mod, block_mask=block_mask, scale=scale, enable_gqa=G > 1, return_lse=True)
+
+    _, lse = run()
+    m_hat = lse.to(dt) / BETA
+    empty = ~torch.isfinite(m_hat)  # rows without any predicted key
+    m_hat = m_hat.masked_fill(empty, 0.0)
+    lo = a1 * (m_hat - math.log(M) / BETA) - 1.0
+    hi = a1 * m_hat - M ** -a1
+    tau.copy_(lo)
+    passes, steps = 1, 0
+    while True:
+        knobs.copy_(torch.tensor([r, 0.0], dtype=dt))
+        out, lse = run()
+        passes += 1
+        res = lse.to(dt)
+        done = empty | (res.abs() <= tol)
+        if steps == n_iter or bool(done.all()):
+            break
+        knobs.copy_(torch.tensor([r - 1.0, 0.0], dtype=dt))
+        _, lse_d = run()  # log sum relu^(r-1) = log(-f'/r)
+        passes += 1
+        steps += 1
+        lo = torch.where(res > 0, tau, lo)
+        hi = torch.where(res < 0, tau, hi)
+        f = res.exp()
+        new = tau + (f - f.pow(1.0 - 1.0 / r)) * torch.exp(-lse_d.to(dt))  # Newton on f^(1/r) - 1
+        new = torch.where(torch.isfinite(new) & (new >= lo) & (new <= hi), new, (lo + hi) / 2)
+        tau.copy_(torch.where(done, tau, new))  # in place: the score_mod keeps reading the same buffer
+    resid = float(res.abs().masked_fill(empty, 0.0).max()) if res.numel() else 0.0
+    if resid > tol:
+        warnings.warn(f"sparse entmax: |log sum p| = {resid:.2e} > tol {tol:g} after n_iter={n_iter} Newton steps; "
+                      "raise n_iter", RuntimeWarning, stacklevel=3)
+    out = out.masked_fill(empty.unsqueeze(-1), 0.0)
+    return EntmaxSolve(out, tau, passes, steps, resid)
 
 
 def sparse_entmax_attention(q: Tensor, k: Tensor, v: Tensor, block_mask: Any, alpha: float = 1.5,
-                            scale: Optional[float] = None, n_iter: int = 30) -> tuple[Tensor, Tensor]:
-    """alpha-entmax attention restricted to ``block_mask`` (B, H, N, d): (output, tau per row).
-
-    Every pass (bisection and output) is the same FlexAttention call with the same score_mod, so the compiled
-    kernel is built once per shape."""
-    _check(q, k, v, alpha, scale, n_iter)
-    check_block_mask(block_mask, q, k)
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    tau = entmax_threshold(q, k, v, block_mask, alpha, scale, n_iter)
-    out = _flex(q.device)(q, k, v, score_mod=_tau_mod(tau, alpha - 1.0), block_mask=block_mask, scale=scale)
-    return out, tau
-
-
-def dense_entmax_attention(q: Tensor, k: Tensor, v: Tensor, alpha: float = 1.5, scale: Optional[float] = None,
-                           n_iter: int = 50, chunk: Optional[int] = None) -> Tensor:
-    """Reference: dense scores, ``entmax_bisect`` (torch bisection, float32 at least), times v; query chunks of
-    ``chunk`` rows bound the memory (the n x n scores are materialised chunk by chunk)."""
-    from entmax import entmax_bisect
-
-    _check(q, k, v, alpha, scale, n_iter)
-    check_int(chunk, "chunk", optional=True)
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    dt = torch.float64 if q.dtype == torch.float64 else torch.float32
-    out = torch.empty(q.shape[:-1] + (v.shape[-1],), dtype=v.dtype, device=q.device)
-    step = q.shape[2] if chunk is None else chunk
-    for s in range(0, q.shape[2], step):
-        sc = (q[:, :, s:s + step].to(dt) @ k.to(dt).transpose(-1, -2)) * scale
-        p = entmax_bisect(sc, alpha=alpha, dim=-1, n_iter=n_iter)
-        out[:, :, s:s + step] = (p @ v.to(dt)).to(v.dtype)
-        del sc, p
-    return out
+                            scale: Optional[float] = None, n_iter: int = 12, tol: float = 1e-3,
+                            return_info: bool = False) -> tuple[Tensor, Tensor] | EntmaxSolve:
+    """alpha-entmax attention restricted to ``block_mask``: q (B, H, N, d), k, v (B, Hkv, N, d) with Hkv
+    dividing H (grouped-query attention). Returns (output, tau per row), or the whole :class:`EntmaxSolve`
+    (pass count, residual) with ``return_info``. Causal attention is a causal ``block_mask``
+    (``block_mask_from_graph(..., causal=True)``)."""
+    res = entmax_threshold(q, k, v, block_mask, alpha, scale, n_iter, tol)
+    return res if return_info else (res.out, res.tau)

@@ -10,7 +10,6 @@ import torch
 from ..errors import ConfigError
 from ..io import RunDir, write_tensors
 from ..attention import AttentionCall, check_heads, check_layers
-from .corpus import select_windows
 from ..sources import as_source
 from .run import Model, resolve_model, stream_attention
 
@@ -29,7 +28,7 @@ def capture_scores(model: Model, windows: torch.Tensor, layers: Optional[list[in
     src = as_source(model)
     layers = check_layers(layers, src.n_layers)
     heads = check_heads(heads, src.n_heads)
-    M, N = windows.shape
+    M, N = windows.shape[0], int(getattr(src, "fixed_len", None) or windows.shape[1])
     need = M * len(layers) * len(heads) * N * N * 4
     if need > max_bytes:
         raise ConfigError(f"capturing {M} sequences x {len(layers)} layers x {len(heads)} heads x {N}^2 scores needs "
@@ -46,7 +45,7 @@ def capture_scores(model: Model, windows: torch.Tensor, layers: Optional[list[in
 
     stream_attention(src, windows, sink, layers, batch_size, desc="capture", show_progress=progress)
     out = {k: torch.cat(v) for k, v in parts.items()}
-    out["input_ids"] = windows.clone()
+    out["pixel_values" if windows.is_floating_point() else "input_ids"] = windows.clone()
     return out
 
 
@@ -58,9 +57,12 @@ def capture(out: str | Path, model: str | Model = "minilm", corpus: Optional[str
     if n_sequences < 1:
         raise ConfigError(f"--n-sequences must be >= 1 (got {n_sequences})")
     m = resolve_model(model, device, seq_len)
-    if m.tokenizer is None:
+    from ..sources.inputs import input_windows, is_image
+
+    if m.tokenizer is None and not is_image(m):
         raise ConfigError("capture() needs a model with a tokenizer; for our own model use capture_scores(model, windows)")
-    windows = select_windows(m.tokenizer, seq_len, corpus, n_sequences, split, seed, text_field)
+    seq_len = int(getattr(m, "fixed_len", None) or seq_len)
+    windows = input_windows(m, seq_len, corpus, n_sequences, split, seed, text_field)
     tensors = capture_scores(m, windows, layers, heads, batch_size, with_qk, progress=progress)
     run = RunDir(out)
     meta = {"model": m.describe(), "seq_len": seq_len, "layers": check_layers(layers, m.n_layers),

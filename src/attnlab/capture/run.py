@@ -66,6 +66,6 @@ def stream_attention(
 def resolve_model(model: Model, device: str, seq_len: int) -> AttentionSource:
     """The model's attention source (loaded by name if needed), checking the sequence length fits it."""
     src = as_source(model, device)
-    if seq_len > src.max_len:
+    if seq_len > src.max_len and not getattr(src, "fixed_len", None):  # a fixed length (vision) replaces seq_len
         raise ConfigError(f"--seq-len {seq_len} exceeds the model's maximum of {src.max_len} positions")
     return src

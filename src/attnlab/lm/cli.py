@@ -5,22 +5,19 @@ from __future__ import annotations
 import typer
 
 from ..cli_config import config_command, option, out_option, quiet_option
-from ..cli_utils import fail
+from ..cli_utils import HardenedGroup
 
-app = typer.Typer(help="Reference trained long-context LM (byte-level Llama on the Python stdlib source).",
+app = typer.Typer(cls=HardenedGroup,
+                  help="Reference trained long-context LM (byte-level Llama on the Python stdlib source).",
                   no_args_is_help=True)
 
 
 def _train(settings: dict, out: str, preset: str, force: bool, quiet: bool) -> None:
     """Train (or load from the --out cache) the byte-level Llama; print train and held-out loss."""
-    from ..errors import AttnlabError
     from .train import config_from, load_or_train
 
-    try:
-        cfg = config_from(preset, **settings)
-        res = load_or_train(cfg, out, force=force, log=None if quiet else typer.echo)
-    except AttnlabError as e:
-        fail(e)
+    cfg = config_from(preset, **settings)
+    res = load_or_train(cfg, out, force=force, log=None if quiet else typer.echo)
     typer.echo(f"model: {res.path} ({'cached' if res.cached else 'trained'}, {res.steps} steps, "
                f"{res.seconds:.0f}s); train loss {res.train_loss:.4f}, held-out loss {res.heldout_loss:.4f} nats/byte")
 

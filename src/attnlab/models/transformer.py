@@ -155,16 +155,6 @@ class SmallTransformer(nn.Module):
         elif isinstance(m, nn.Embedding):
             nn.init.normal_(m.weight, std=0.02)
 
-    def set_override(self, override, layers: Optional[list[int]] = None) -> None:
-        """Deprecated: route ``layers`` (all if None) through ``override(q, k, v, allowed, layer) -> (out, probs)``;
-        None restores the built-in attention. Use ``attnlab.sources.small.SmallSource(model).hooks(handler)``."""
-        from ..attention import check_layers
-
-        handler = None if override is None else (
-            lambda call: override(call.query, call.key, call.value, call.valid, call.layer)[0])
-        for layer in check_layers(list(range(self.cfg.n_layers)) if layers is None else layers, self.cfg.n_layers):
-            self.blocks[layer].attn.handler = handler
-
     def allowed_mask(self, attention_mask: Optional[torch.Tensor], N: int, device) -> Optional[torch.Tensor]:
         """Boolean (B or 1, 1, N, N) mask from key padding (B, N) and causality; None if all allowed."""
         allowed = None

@@ -7,25 +7,22 @@ from typing import Optional
 import typer
 
 from ..cli_config import config_command, option, out_option, quiet_option
-from ..cli_utils import fail, write_report
+from ..cli_utils import HardenedGroup, write_report
 
-app = typer.Typer(help="Reconstruct attention scores from a subset of computed pairs (eigen-analysis paper).",
+app = typer.Typer(cls=HardenedGroup,
+                  help="Reconstruct attention scores from a subset of computed pairs (eigen-analysis paper).",
                   no_args_is_help=True)
 
 
 def _run(settings: dict, out: str, quiet: bool, all_methods: bool = False) -> None:
     """Fit on the fit split, evaluate every estimator x selection on held-out text, sweep budgets, drop-in."""
-    from ..errors import AttnlabError
     from .estimators import ALL_ESTIMATORS
     from .run import format_table, reconstruct
     from .selection import STRATEGIES
 
     if all_methods:
         settings = {**settings, "estimators": list(ALL_ESTIMATORS), "selections": list(STRATEGIES)}
-    try:
-        res = reconstruct(out, progress=not quiet, **settings)
-    except AttnlabError as e:
-        fail(e)
+    res = reconstruct(out, progress=not quiet, **settings)
     from ..distributed import is_main_process
 
     if not is_main_process():  # torchrun: rank 0 reports
@@ -62,26 +59,18 @@ def fit(
     seed: int = typer.Option(0, help="Seed of the window choice."),
 ) -> None:
     """Fit and save the statistics only (reuse with `run --fit-path`)."""
-    from ..errors import AttnlabError
     from .fit import fit_corpus
 
-    try:
-        f = fit_corpus(model, n_fit, seq_len, corpus=corpus, batch_size=batch_size, seed=seed)
-        f.save(out)
-    except AttnlabError as e:
-        fail(e)
+    f = fit_corpus(model, n_fit, seq_len, corpus=corpus, batch_size=batch_size, seed=seed)
+    f.save(out)
     typer.echo(f"saved {out}")
 
 
 def _train(settings: dict, out: str, quiet: bool) -> None:
     """Train our small transformer (char LM) with reconstructed attention vs full attention; saves the curve."""
-    from ..errors import AttnlabError
     from .run import train as run_train
 
-    try:
-        res = run_train(out, progress=not quiet, **settings)
-    except AttnlabError as e:
-        fail(e)
+    res = run_train(out, progress=not quiet, **settings)
     from .train import format_summary
 
     typer.echo(format_summary(res["summary"]))

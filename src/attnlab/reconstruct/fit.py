@@ -345,7 +345,7 @@ def fit_corpus(model: str | HFModel = "minilm", n_sequences: int = 256, seq_len:
 
 def fit_from_spectrum(run_dir: str | Path) -> ReconstructionFit:
     """Row statistics from a finished ``attnlab spectrum`` run (no per-position sums, no query/key moments)."""
-    from ..spectral.run import TENSORS
+    from ..spectral.files import TENSORS
 
     run = RunDir(run_dir, create=False)
     tensors, meta = read_tensors(run.file(TENSORS))

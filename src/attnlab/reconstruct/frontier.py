@@ -87,7 +87,7 @@ def _summ(xs: list[float]) -> dict[str, float]:
 
 def evaluate_points(model, windows: torch.Tensor, points: list[tuple[str, Method, dict[str, Any]]],
                     chunks: int = 4, batch_size: int = 8, layers: Optional[list[int]] = None,
-                    heads: Optional[list[int]] = None) -> dict[str, Any]:
+                    heads: Optional[list[int]] = None, progress: bool = False) -> dict[str, Any]:
     """Evaluate every point on ``chunks`` disjoint groups of held-out windows; TV means with spread across groups."""
     if not points:
         return {}
@@ -96,7 +96,7 @@ def evaluate_points(model, windows: torch.Tensor, points: list[tuple[str, Method
     per_chunk = []
     methods = [m for _, m, _ in points]
     for i in range(0, len(windows), size):
-        per_chunk.append(evaluate(model, windows[i:i + size], methods, layers, heads, batch_size))
+        per_chunk.append(evaluate(model, windows[i:i + size], methods, layers, heads, batch_size, progress=progress))
     out = {}
     for fam, m, c in points:
         lab = m.label

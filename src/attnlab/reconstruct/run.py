@@ -23,6 +23,7 @@ from .fit import FIT_FILE, ReconstructionFit, check_no_leak, fit_corpus, fit_fro
 from .cost import method_cost
 from .frontier import best_at, candidates, evaluate_points, format_frontier, frontier_curves, require_affordable
 from .selection import STRATEGIES, budget_count
+from ..timing import Phases
 
 _log = logging.getLogger(__name__)
 
@@ -116,7 +117,7 @@ def best_label(table: dict[str, Any], exclude_oracle: bool = True) -> str:
     return min(cands, key=lambda k: max(v["tv"] for v in cands[k]["per_layer"].values()))
 
 
-def get_fit(cfg: ReconstructConfig, hf) -> ReconstructionFit:
+def get_fit(cfg: ReconstructConfig, hf, progress: bool = False) -> ReconstructionFit:
     """Load, derive from a spectrum run, or fit the statistics (fit split only)."""
     if cfg.fit_path:
         return ReconstructionFit.load(cfg.fit_path, model=cfg.model, seq_len=cfg.seq_len)
@@ -126,7 +127,14 @@ def get_fit(cfg: ReconstructConfig, hf) -> ReconstructionFit:
         check_no_leak(fit, cfg.corpus)
         return fit
     return fit_corpus(hf, cfg.n_fit, cfg.seq_len, cfg.layers, cfg.heads, cfg.batch_size, cfg.corpus, cfg.seed,
-                      residual_proxies=residual_proxies(cfg))
+                      progress=progress, residual_proxies=residual_proxies(cfg))
+
+
+def fit_message(cfg: ReconstructConfig, fit: ReconstructionFit, seconds: float) -> str:
+    """What the fit step did: loaded (--fit-path), taken from a spectrum run, or fitted, and how long it took."""
+    what = (f"loaded fitted statistics from {cfg.fit_path}" if cfg.fit_path else
+            f"took row statistics from spectrum run {cfg.spectrum}" if cfg.spectrum else "fitted statistics")
+    return f"{what} ({fit.meta.get('source')}, {fit.meta.get('n_sequences')} windows) in {seconds:.1f} s"
 
 
 def residual_proxies(cfg: ReconstructConfig) -> list[tuple[str, int, int]]:
@@ -159,18 +167,20 @@ def reconstruct(out: str | Path, model: str = "minilm", progress: bool = True, *
     info = init_distributed(cfg.device)
     run = RunDir(out)
     t0 = time.perf_counter()
-    hf = load_checked(cfg.model, cfg.seq_len, device=device_for(info, cfg.device))
+    hf = load_checked(cfg.model, cfg.seq_len, head="auto", device=device_for(info, cfg.device))  # the task head if saved
     # held-out windows first: a corpus too small to evaluate on fails before the fit, not after it
     windows = windows_for(hf.tokenizer, cfg.seq_len, cfg.n_eval, "heldout", cfg.corpus, cfg.seed + 1, flag="--n-eval",
                           minimum=MIN_EVAL_WINDOWS)
     t_work = time.perf_counter()
-    fit = get_fit(cfg, hf)
+    phases = Phases()
+    show = progress and info.is_main
+    with phases("fit"):
+        fit = get_fit(cfg, hf, progress=show)
     fit.meta["model"] = cfg.model
     if info.is_main:
         fit.save(run.file(FIT_FILE))
-    say = _log.info if progress and info.is_main else _log.debug
-    say(f"fitted statistics ({fit.meta.get('source')}, {fit.meta.get('n_sequences')} windows) in "
-        f"{time.perf_counter() - t0:.1f} s")
+    say = _log.info if show else _log.debug
+    say(fit_message(cfg, fit, phases.seconds["fit"]))
     kw = dict(k=cfg.k, ridge=cfg.ridge, jitter=cfg.jitter, proxy=cfg.proxy, proxy_rank=cfg.proxy_rank, seed=cfg.seed)
     combos = combos_for(cfg)
     methods = make_methods(fit, combos, cfg.budget, **kw)
@@ -183,7 +193,8 @@ def reconstruct(out: str | Path, model: str = "minilm", progress: bool = True, *
     fr_kw = dict(fractions=cfg.frontier_budgets, ranks=cfg.frontier_ranks)
     if cfg.compute is not None:  # fail before evaluating anything when nothing fits the compute budget
         require_affordable(fit, cfg.compute, cfg.families, **fr_kw)
-    table = evaluate(hf, windows, methods, cfg.layers, cfg.heads, cfg.batch_size, cfg.topk)
+    with phases("evaluate"):
+        table = evaluate(hf, windows, methods, cfg.layers, cfg.heads, cfg.batch_size, cfg.topk, progress=show)
     for m in methods:
         table[m.label]["cost"] = method_cost(m, hf.head_dim)
     best = best_label(table)
@@ -201,7 +212,9 @@ def reconstruct(out: str | Path, model: str = "minilm", progress: bool = True, *
     elif cfg.frontier or cfg.compute is not None:
         cap = 1.0 if cfg.compute is None else cfg.compute
         pts, skipped = candidates(fit, cfg.families, max_compute=cap, proxy=cfg.proxy, seed=cfg.seed, **fr_kw)
-        front = evaluate_points(hf, windows, pts, cfg.chunks, cfg.batch_size, cfg.layers, cfg.heads)
+        with phases("frontier"):
+            front = evaluate_points(hf, windows, pts, cfg.chunks, cfg.batch_size, cfg.layers, cfg.heads,
+                                    progress=show)
         res["frontier_points"], res["frontier"] = front, frontier_curves(front)
         res["frontier_skipped"] = skipped
         res["best_at_compute"] = {str(c): best_at(front, c) for c in ((0.25, 0.5) if cfg.compute is None else (cfg.compute,))}
@@ -240,7 +253,8 @@ def reconstruct(out: str | Path, model: str = "minilm", progress: bool = True, *
                 if m0.combo.estimator == "basis" and cfg.k is not None:
                     kk["k"] = min(cfg.k, budget_count(bud, cfg.seq_len))
                 ms = make_methods(fit, [m0.combo], bud, **kk)
-                r = evaluate(hf, windows, ms, cfg.layers, cfg.heads, cfg.batch_size, cfg.topk)
+                with phases("sweep"):
+                    r = evaluate(hf, windows, ms, cfg.layers, cfg.heads, cfg.batch_size, cfg.topk, progress=show)
                 res["sweep"][lab][str(bud)] = {**_strip(r[lab]), "cost": method_cost(ms[0], hf.head_dim)}
         say(f"budget sweep over {cfg.budgets} for {list(res['sweep'])}")
     res["world_size"] = info.world_size
@@ -255,11 +269,13 @@ def reconstruct(out: str | Path, model: str = "minilm", progress: bool = True, *
         for lab in dict.fromkeys(sweep_labels):
             m0 = by_label[lab]
             m = make_methods(fit, [m0.combo], cfg.budget, **{**kw, "proxy_rank": m0.proxy_rank})[0]
-            d = output_effect(hf, windows, m, cfg.layers, cfg.batch_size, seed=cfg.seed)
+            with phases("dropin"):
+                d = output_effect(hf, windows, m, cfg.layers, cfg.batch_size, seed=cfg.seed)
             res["dropin"].append({**d, "compute": method_cost(m, hf.head_dim)["compute"]})
         say("drop-in: " + "; ".join(f"{d['method']}: hidden cos {d['hidden_cosine']:.4f}, sentence cos "
                                      f"{d['sentence_cosine']:.4f}" for d in res["dropin"]))
     res["seconds"] = round(time.perf_counter() - t0, 2)
+    res["phases"] = phases.as_dict()  # *_seconds: kept in timings.json
     write_tensors(run.file(TENSORS), tensors, {"model": cfg.model, "seq_len": cfg.seq_len, "layers": L, "heads": H})
     run.write_config(SECTION, asdict(cfg))
     prev = run.section(SECTION) or {}

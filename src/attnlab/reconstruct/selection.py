@@ -44,14 +44,6 @@ def budget_count(budget: float | int, n: int, flag: str = "--budget", seq_flag: 
     return b
 
 
-def parse_budget(text: str) -> float | int:
-    """'0.25' -> 0.25 (fraction), '32' -> 32 (count), '1.0' -> 1.0 (all pairs)."""
-    try:
-        return int(text) if text.strip().lstrip("+").isdigit() else float(text)
-    except ValueError:
-        raise ConfigError(f"--budget {text!r} is not a number (fraction like 0.25 or count like 32)") from None
-
-
 def _check(n: int, b: int) -> None:
     if not 1 <= b <= n:
         raise ConfigError(f"--budget {b} must be in [1, {n}] for {n} keys per row")

@@ -32,6 +32,8 @@ SECTIONS = [
     ("reconstruct", "attnlab.reconstruct.report:render_section", "Reconstruction from partial computation"),
     ("sparsity", "attnlab.sparsity.report:render_section", "Sparsity prediction (Sparsefinder)"),
     ("variables", "attnlab.variables.report:render_section", "Variable creation"),
+    ("rank_vs_length", "attnlab.report.lengths:render_section", "Rank needed vs length"),
+    ("speed", "attnlab.report.speed_view:render_section", "Speed (imported GPU results)"),
 ]
 
 # Tables with more rows than this start collapsed.

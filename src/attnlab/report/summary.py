@@ -15,12 +15,24 @@ def _f(x: Optional[float], nd: int = 3) -> str:
     return "n/a" if x is None else f"{x:.{nd}g}" if abs(x) >= 10 ** nd else f"{x:.{nd}f}"
 
 
+def _x(c: Optional[float]) -> str:
+    """A total compute in units of dense QK^T: '3.06x' (two decimals, three below 0.1)."""
+    return "n/a" if c is None else f"{c:.3f}x" if c < 0.1 else f"{c:.2f}x"
+
+
 def _spread(xs: Sequence[float]) -> tuple[float, float, float, float]:
     """(mean, sd, min, max) of the finite values."""
     v = [float(x) for x in xs if x is not None and x == x]
     if not v:
         return (float("nan"),) * 4
     return statistics.fmean(v), statistics.stdev(v) if len(v) > 1 else 0.0, min(v), max(v)
+
+
+def _halves(ci: Optional[Sequence[int]]) -> str:
+    """' (k90 of each half of the windows: a, b)' when both halves were measured, else ''."""
+    if not ci or len(ci) != 2 or None in ci:
+        return ""
+    return f" (each half of the windows: {ci[0]} and {ci[1]}; k90 grows with the number of windows)"
 
 
 def _spectrum(res: dict[str, Any]) -> str:
@@ -30,16 +42,32 @@ def _spectrum(res: dict[str, Any]) -> str:
     med = statistics.median(ks) if ks else None
     lay = [res["per_layer"][str(l)]["k90"] for l in res["layers"]]
     line = (f"<b>Spectrum</b> ({html.escape(str(res.get('model', {}).get('name')))}, {res['n_sequences']} windows of "
-            f"{n} tokens): {p['k90']} of {n} eigenvectors explain 90% of score-row variance (all heads pooled); "
+            f"{n} tokens): {p['k90']} of {n} eigenvectors explain 90% of score-row variance (all heads pooled)"
+            f"{_halves(((res.get('noise_floor') or {}).get('k90_halves') or {}).get('pooled'))}; "
             f"per head k90 median {med:g}, range {min(ks)}&ndash;{max(ks)} over {len(ks)} heads; per layer "
             f"{min(lay)}&ndash;{max(lay)}.")
-    ci = p.get("k90_ci")
-    if ci:
-        line += f" Pooled k90 interval across windows: [{ci[0]}, {ci[1]}]."
     frac = p["k90"] / n
     line += (" Rows are <i>not</i> low-rank at this length (k90 above half of N)." if frac > 0.5 else
              f" Rows are low-rank: {100 * frac:.0f}% of N suffices.")
     return line
+
+
+def _rank_vs_length(res: dict[str, Any]) -> str:
+    pts = sorted(res.get("points", []), key=lambda r: r["seq_len"])
+    if not pts:
+        return "<b>Rank vs length</b>: no lengths measured."
+    body = ", ".join(f"N = {r['seq_len']}: {r['k90']} ({100 * r['k90'] / r['seq_len']:.0f}%)"
+                     + (f" [halves {r['k90_halves'][0]}, {r['k90_halves'][1]}]" if r.get("k90_halves") else "")
+                     for r in pts)
+    line = f"<b>Rank needed vs length</b> (pooled k90, {res.get('n_sequences')} windows each): {body}"
+    if len(pts) >= 2:
+        a, b = pts[0], pts[-1]
+        fa, fb = a["k90"] / a["seq_len"], b["k90"] / b["seq_len"]
+        grow = (b["k90"] / max(a["k90"], 1)) / (b["seq_len"] / a["seq_len"])
+        verdict = ("grows about in proportion to N: the rows do not get relatively lower-rank with length"
+                   if fb >= 0.8 * fa else "grows more slowly than N: longer rows are relatively lower-rank")
+        line += f"; from N = {a['seq_len']} to {b['seq_len']} the rank {verdict} (x{grow:.2f} of proportional)"
+    return line + "."
 
 
 def _compare(res: dict[str, Any]) -> str:
@@ -57,54 +85,96 @@ def _compare(res: dict[str, Any]) -> str:
     return line + "."
 
 
-def _reconstruct(res: dict[str, Any]) -> str:
-    table = res.get("table") or {}
-    if not table:
-        return "<b>Reconstruction</b>: training comparison only (see section)."
+def methods_by_cost(res: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """Every evaluated method (table and frontier; oracle selections excluded): total compute and worst-layer TV."""
+    pool = {k: {"compute": v["cost"]["compute"], "tv": max(x["tv"] for x in v["per_layer"].values())}
+            for k, v in (res.get("table") or {}).items() if v.get("selection") != "oracle" and "cost" in v}
+    pool.update({k: {"compute": v["compute"], "tv": v["worst_layer_tv_pooled"]}
+                 for k, v in (res.get("frontier_points") or {}).items()})
+    return pool
+
+
+def _best_layers(res: dict[str, Any]) -> list[float]:
     best = res["best"]
-    per_layer = [v["tv"] for v in table[best]["per_layer"].values()]
-    m, sd, lo, hi = _spread(per_layer)
+    if best in (res.get("table") or {}):
+        return [v["tv"] for v in res["table"][best]["per_layer"].values()]
+    return list(res["frontier_points"][best]["per_layer_tv"].values())
+
+
+def _reconstruct(res: dict[str, Any]) -> str:
+    if not res.get("table") and not res.get("frontier_points"):
+        return "<b>Reconstruction</b>: training comparison only (see section)."
+    best, target = res["best"], res.get("target_tv", 0.05)
+    per_layer = _best_layers(res)
+    m, sd, _, hi = _spread(per_layer)
     worst = res.get("best_worst_layer_tv", hi)
-    target = res.get("target_tv", 0.05)
-    met = "meets" if worst < target else "does <b>not</b> meet"
-    line = (f"<b>Reconstruction</b>: from {res['budget_pairs']} exact pairs per row ({100 * res['budget_fraction']:.0f}% of "
-            f"keys), the best of {len(table)} methods, <b>{html.escape(best)}</b>, reaches softmax TV {_f(m)} &plusmn; "
-            f"{_f(sd)} (sd across {len(per_layer)} layers; worst layer {_f(worst)}) on {res.get('n_eval')} held-out "
-            f"windows, which {met} the target TV &lt; {target:g}.")
+    comp = res.get("best_compute")
+    pool = methods_by_cost(res)
+    chosen = html.escape(str(res.get("best_chosen_at") or f"pair budget {res.get('budget_pairs')}"))
+    line = (f"<b>Reconstruction</b>: the best of {len(pool)} methods at {chosen}, <b>{html.escape(best)}</b>, costs "
+            f"<b>{_x(comp)} dense</b> total compute and reaches worst-layer softmax TV <b>{_f(worst)}</b> (mean "
+            f"{_f(m)} &plusmn; {_f(sd)}, sd across {len(per_layer)} layers) on {res.get('n_eval')} held-out windows")
+    if comp is not None and comp >= 1.0:
+        line += " &mdash; more than computing attention densely, so it saves nothing"
+    line += ". "
+    ok = {k: v for k, v in pool.items() if v["tv"] < target}
+    cheap = {k: v for k, v in ok.items() if v["compute"] < 1.0}
+    if cheap:
+        k = min(cheap, key=lambda k: cheap[k]["compute"])
+        line += (f"Beats dense at the target TV &lt; {target:g}: <b>{html.escape(k)}</b> at {_x(cheap[k]['compute'])} "
+                 f"dense (TV {_f(cheap[k]['tv'])}).")
+    elif ok:
+        k = min(ok, key=lambda k: ok[k]["compute"])
+        line += (f"<b>Nothing beats dense</b> at the target TV &lt; {target:g}: the cheapest method that meets it, "
+                 f"{html.escape(k)}, costs {_x(ok[k]['compute'])} dense.")
+    else:
+        k = min(pool, key=lambda k: pool[k]["tv"])
+        line += (f"<b>No method meets</b> the target TV &lt; {target:g} (lowest worst-layer TV {_f(pool[k]['tv'])}, "
+                 f"{html.escape(k)} at {_x(pool[k]['compute'])} dense).")
     for d in res.get("dropin") or []:
         if d.get("method") == best:
             line += f" As drop-in attention: sentence-embedding cosine {_f(d['sentence_cosine'], 4)}."
     return line
 
 
+def _recall_ci(res: dict[str, Any], method: str) -> str:
+    """' &plusmn; h (95% CI over n windows)' from the method's per-window recall at the operating point."""
+    w = ((res.get("methods", {}).get(method) or {}).get("windows_at_0.9") or {}).get("recall") or {}
+    if (w.get("n") or 0) < 2 or w.get("ci95") is None:
+        return ""
+    return f" &plusmn; {_f(w['ci95'])} (95% CI over {w['n']} windows)"
+
+
 def _sparsity(res: dict[str, Any]) -> str:
     r9 = {k: v for k, v in (res.get("recall_at_0.9") or {}).items() if v is not None}
     gold = res.get("gold", {})
-    line = f"<b>Sparsity</b>: gold entmax graphs are {_f(gold.get('sparsity'))} sparse"
+    src = (res.get("model") or {}).get("gold_graphs_from")
+    line = (f"<b>Sparsity</b>: gold entmax graphs{f' ({html.escape(str(src))})' if src else ''} are "
+            f"{_f(gold.get('sparsity'))} sparse")
+    if gold.get("sparsity") is not None and gold["sparsity"] < 0.9:
+        line += (" &mdash; <b>below the 0.9 operating point</b>, so even the oracle cannot keep every gold edge there "
+                 "and recall at 0.9 says little")
     if not r9:
         return line + "; no method reached sparsity 0.9 on its Pareto front."
     bounds = {k: v for k, v in r9.items() if k.startswith("oracle")}
     preds = {k: v for k, v in r9.items() if k not in bounds} or r9
     best = max(preds, key=preds.get)
-    line += (f"; at sparsity 0.9 the highest-recall predictor, <b>{html.escape(best)}</b>, recalls {_f(r9[best])} of gold edges")
-    op = (res.get("operating_points_0.9") or {}).get(best)
-    pts = res.get("methods", {}).get(best, {}).get("points", [])
-    pt = next((p for p in pts if op and p["knob"] == op["knob"]), None)
-    if pt and pt.get("grid", {}).get("recall"):
-        flat = [x for row in pt["grid"]["recall"] for x in row]
-        _, sd, lo, hi = _spread(flat)
-        line += (f" (at its nearest operating point, sparsity {_f(op['sparsity'])}: per-head recall sd {_f(sd)}, "
-                 f"range {_f(lo)}&ndash;{_f(hi)} over {len(flat)} heads)")
+    line += (f"; at sparsity 0.9 the highest-recall predictor, <b>{html.escape(best)}</b>, recalls "
+             f"<b>{_f(r9[best])}</b>{_recall_ci(res, best)} of gold edges")
+    if bounds:
+        line += "; the oracle bound: " + ", ".join(f"{html.escape(k)} <b>{_f(v)}</b>{_recall_ci(res, k)}"
+                                                 for k, v in bounds.items())
     others = sorted(((v, k) for k, v in preds.items() if k != best), reverse=True)[:2]
     if others:
         line += "; next: " + ", ".join(f"{html.escape(k)} {_f(v)}" for v, k in others)
-        if pt and pt.get("grid", {}).get("recall"):
-            se = sd / len(flat) ** 0.5  # heads as samples: a rough standard error of the mean recall
-            if r9[best] - others[0][0] < 2 * se:
-                line += (f" &mdash; within 2 standard errors of the best ({_f(2 * se)}), so <b>no clear winner</b> "
-                         "at this sample size")
-    if bounds:
-        line += "; oracle bound: " + ", ".join(f"{html.escape(k)} {_f(v)}" for k, v in bounds.items())
+        w = ((res.get("methods", {}).get(best) or {}).get("windows_at_0.9") or {}).get("recall") or {}
+        if (w.get("n") or 0) >= 2 and w.get("ci95") is not None and r9[best] - others[0][0] < w["ci95"]:
+            line += " &mdash; within the best's 95% interval: <b>inconclusive</b> at this sample size"
+    mlm = ((res.get("model") or {}).get("finetune") or {}).get("mlm") or {}
+    if "entmax_finetuned" in mlm and "entmax_no_finetune" in mlm:
+        a, b = mlm["entmax_no_finetune"]["loss"], mlm["entmax_finetuned"]["loss"]
+        line += f"; MLM probe loss: swapped {_f(a)}, fine-tuned {_f(b)}" + (
+            " (<b>fine-tuning made it worse</b>)" if b > a else "")
     line += f"; {len(res.get('methods', {}))} methods on {res.get('config', {}).get('n_eval')} held-out windows."
     return line
 
@@ -117,7 +187,8 @@ def _variables(res: dict[str, Any]) -> str:
         return line + "no context length reached the accuracy threshold."
     def one(r: dict) -> str:
         ci = r.get("ci")
-        return f"{r['m_star']} at T={r['T']}" + (f" (95% CI {ci[0]:g}&ndash;{ci[1]:g})" if ci and None not in ci else "")
+        shown = ci and None not in ci and (cfg.get("seeds") or 1) > 1 and ci[0] != ci[1]
+        return f"{r['m_star']} at T={r['T']}" + (f" (95% CI {ci[0]:g}&ndash;{ci[1]:g})" if shown else "")
 
     line += "m*(T) = " + ", ".join(one(r) for r in done)
     if not res.get("fits") and res.get("fit_error"):
@@ -135,13 +206,20 @@ def _variables(res: dict[str, Any]) -> str:
     return line + "."
 
 
+def _speed(res: Optional[dict[str, Any]]) -> str:
+    from .speed import speed_line
+
+    return speed_line(res)
+
+
 PILLARS: list[tuple[str, Callable[[dict[str, Any]], str]]] = [
-    ("spectrum", _spectrum), ("compare", _compare), ("reconstruct", _reconstruct), ("sparsity", _sparsity),
-    ("variables", _variables)]
+    ("spectrum", _spectrum), ("rank_vs_length", _rank_vs_length), ("compare", _compare),
+    ("reconstruct", _reconstruct), ("sparsity", _sparsity), ("variables", _variables)]
 
 
 def summary_lines(results: dict[str, Any]) -> list[str]:
-    """One HTML line per pillar present in ``results``."""
+    """One HTML line per pillar present in ``results``, then the bottom line on speed (a labelled CPU note when
+    no GPU result was imported) wherever reconstruction or sparsity results are present."""
     out = []
     for key, fn in PILLARS:
         if results.get(key):
@@ -149,7 +227,16 @@ def summary_lines(results: dict[str, Any]) -> list[str]:
                 out.append(fn(results[key]))
             except (KeyError, TypeError, ValueError, ZeroDivisionError) as e:
                 out.append(f"<b>{key}</b>: summary unavailable ({html.escape(repr(e))}); see its section.")
+    if results.get("speed") or results.get("reconstruct") or results.get("sparsity"):
+        out.append(_speed(results.get("speed")))
     return out
+
+
+def plain(line: str) -> str:
+    """A summary line as plain text for the terminal (tags dropped, entities decoded)."""
+    import re
+
+    return html.unescape(re.sub(r"<[^>]+>", "", line))
 
 
 def summary_html(results: dict[str, Any]) -> str:

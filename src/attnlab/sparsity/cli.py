@@ -7,9 +7,10 @@ from typing import Optional
 import typer
 
 from ..cli_config import config_command, option, out_option, quiet_option
-from ..cli_utils import fail, write_report
+from ..cli_utils import HardenedGroup, fail, write_report
 
-app = typer.Typer(help="Sparsefinder: entmax gold graphs, learned sparsity predictors, Pareto evaluation.",
+app = typer.Typer(cls=HardenedGroup,
+                  help="Sparsefinder: entmax gold graphs, learned sparsity predictors, Pareto evaluation.",
                   no_args_is_help=True)
 
 
@@ -25,24 +26,20 @@ def _train(settings: dict, out: str, resume: bool, quiet: bool) -> None:
     """Train a small entmax transformer on the corpus and save a checkpoint."""
     from pathlib import Path
 
-    from ..errors import AttnlabError, ResultsError
+    from ..errors import ResultsError
+    from .train_entmax import EntmaxTrainConfig, load_small, partial_path, train_and_save
 
-    try:
-        from .train_entmax import EntmaxTrainConfig, load_small, partial_path, train_and_save
-
-        cfg = EntmaxTrainConfig(**settings)
-        if resume and Path(out).is_file() and not partial_path(out).exists():
-            _, _, done, _ = load_small(out)
-            skip = ("checkpoint_every",)
-            if {k: v for k, v in vars(done).items() if k not in skip} != {k: v for k, v in vars(cfg).items() if k not in skip}:
-                raise ResultsError(f"{out}: a finished model trained with other settings exists; re-run with its "
-                                   f"settings, another --out, or without --resume to overwrite it")
-            typer.echo(f"{out}: already trained with these settings (resume); nothing to do")
-            return
-        _, _, hist = train_and_save(cfg, out, resume=resume, quiet=quiet)
-        typer.echo(f"saved {out} (final loss {hist['loss'][-1]:.3f}, {hist['seconds']:.0f}s)")
-    except AttnlabError as e:
-        fail(e)
+    cfg = EntmaxTrainConfig(**settings)
+    if resume and Path(out).is_file() and not partial_path(out).exists():
+        _, _, done, _ = load_small(out)
+        skip = ("checkpoint_every",)
+        if {k: v for k, v in vars(done).items() if k not in skip} != {k: v for k, v in vars(cfg).items() if k not in skip}:
+            raise ResultsError(f"{out}: a finished model trained with other settings exists; re-run with its "
+                               f"settings, another --out, or without --resume to overwrite it")
+        typer.echo(f"{out}: already trained with these settings (resume); nothing to do")
+        return
+    _, _, hist = train_and_save(cfg, out, resume=resume, quiet=quiet)
+    typer.echo(f"saved {out} (final loss {hist['loss'][-1]:.3f}, {hist['seconds']:.0f}s)")
 
 
 config_command(app, "train", TRAIN, _train, help_extra=TRAIN_HELP,
@@ -55,27 +52,22 @@ config_command(app, "train", TRAIN, _train, help_extra=TRAIN_HELP,
 
 def _run(settings: dict, out: str, resume: bool, quiet: bool, all_methods: bool = False) -> None:
     """Train/load an entmax model, fit every predictor, sweep operating points, downstream eval, plots."""
-    from ..errors import AttnlabError
+    from .run import sparsity
+    from .train_entmax import EntmaxTrainConfig
 
-    try:
-        from .run import sparsity
-        from .train_entmax import EntmaxTrainConfig
+    cfg = EntmaxTrainConfig(**settings[TRAIN])
+    run_settings = dict(settings[RUN])
+    if all_methods:
+        from .predictors import METHODS
 
-        cfg = EntmaxTrainConfig(**settings[TRAIN])
-        run_settings = dict(settings[RUN])
-        if all_methods:
-            from .predictors import METHODS
+        run_settings["methods"] = list(METHODS)
+    info = sparsity(out, train=cfg, seed=cfg.seed, resume=resume, quiet=quiet, **run_settings)
+    from ..distributed import is_main_process
 
-            run_settings["methods"] = list(METHODS)
-        info = sparsity(out, train=cfg, seed=cfg.seed, resume=resume, quiet=quiet, **run_settings)
-        from ..distributed import is_main_process
-
-        if not is_main_process():  # torchrun: rank 0 prints and writes the report
-            return
-        _print_summary(info)
-        write_report(out)
-    except AttnlabError as e:
-        fail(e)
+    if not is_main_process():  # torchrun: rank 0 prints and writes the report
+        return
+    _print_summary(info)
+    write_report(out)
 
 
 config_command(app, "run", [TRAIN, RUN], _run, skip=("out", "train", "resume", "quiet"),
@@ -117,18 +109,15 @@ config_command(app, "run", [TRAIN, RUN], _run, skip=("out", "train", "resume", "
 def table(out: str = typer.Option("runs/sparsity", help="Run directory with a 'sparsity' section."),
           all_points: bool = typer.Option(False, help="Print every operating point, not only the Pareto front.")):
     """Print the Pareto table of a finished run."""
-    from ..errors import AttnlabError, ResultsError
+    from ..errors import ResultsError
 
-    try:
-        from ..io import RunDir
-        from .run import SECTION
+    from ..io import RunDir
+    from .run import SECTION
 
-        info = RunDir(out, create=False).section(SECTION)
-        if not info:
-            raise ResultsError(f"{out}: no '{SECTION}' section; run `attnlab sparsity run --out {out}` first")
-        _print_summary(info, all_points)
-    except AttnlabError as e:
-        fail(e)
+    info = RunDir(out, create=False).section(SECTION)
+    if not info:
+        raise ResultsError(f"{out}: no '{SECTION}' section; run `attnlab sparsity run --out {out}` first")
+    _print_summary(info, all_points)
 
 
 def _print_summary(info: dict, all_points: bool = False) -> None:
@@ -177,38 +166,3 @@ def _print_summary(info: dict, all_points: bool = False) -> None:
         con.print(t3)
     for w in info.get("warnings", []):
         con.print(f"warning: {w}")
-
-
-def _prefill(settings: dict, out: Optional[str]) -> None:
-    """Real forward of a causal model with every attention layer replaced by predicted block-sparse attention:
-    per-head density, measured recall and output error; loss change and speed vs SDPA flash / cuDNN."""
-    from ..errors import AttnlabError
-    from ..io import OUTPUT_MARK, write_json
-    from ..distributed import is_main_process
-    from .prefill import PrefillConfig, format_summary, run_prefill
-
-    try:
-        res = run_prefill(PrefillConfig(**settings), log=typer.echo)
-    except AttnlabError as e:
-        fail(e)
-    if not is_main_process():  # torchrun: rank 0 prints and writes
-        return
-    typer.echo(format_summary(res))
-    if out:
-        write_json(out, {OUTPUT_MARK: "sparsity prefill", **res})  # the mark lets a re-run replace it
-        typer.echo(f"wrote {out}")
-
-
-config_command(app, "prefill", "attnlab.blocksparse.prefill:PrefillConfig", _prefill,
-               help_extra={"model": "Causal HF model folder or cached hub id (e.g. a folder from 'attnlab lm train')",
-                           "seq_len": "Tokens per held-out window (padded inside attention to a multiple of "
-                                      "--block-size)",
-                           "predictor": "Block predictor name (the block-predictor registry, plus 'oracle' and 'full')",
-                           "recall": "Mass-recall target p per head", "block_size": "Tile size of the block pattern",
-                           "windows": "Held-out windows (spread across windows is reported)",
-                           "rows": "Sampled query rows per layer for exact recall and output error",
-                           "reps": "Timed forwards per window and mode",
-                           "fallback": "Run heads above the kernel's measured break-even density dense",
-                           "device": "auto (cuda if available) | cpu | cuda", "seed": "Seed of the window choice"},
-               extra=[option("out", Optional[str], None, "--out", help="Write the full result (per layer/head) as "
-                                                                       "JSON here.")])

@@ -62,10 +62,6 @@ class HeadMetrics:
         """Mean over heads of each metric."""
         return {m: float(getattr(self, m).nanmean()) for m in METRICS}
 
-    def as_dict(self) -> dict[str, list[float]]:
-        """Plain lists per metric."""
-        return {m: getattr(self, m).tolist() for m in METRICS}
-
 
 def _nanmean0(x: torch.Tensor) -> torch.Tensor:
     """nanmean over dim 0 (sequences)."""

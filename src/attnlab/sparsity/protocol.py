@@ -1,11 +1,11 @@
 """The token-level sparsity predictor registry (Sparsefinder).
 
-A sparsity predictor is registered by name in :data:`PREDICTORS` (tags: ``default`` = run by
-``attnlab sparsity run`` unless ``--methods`` says otherwise, ``learned`` = fits projections and takes
-``rank``/``epochs``/``projector``). Token-level predictors give an (N, N) graph through ``predict``.
+A sparsity predictor is registered by name in :data:`PREDICTORS` (tags: ``all`` = in the full set that
+``attnlab sparsity run --all`` evaluates (without ``--methods`` or ``--all`` a run evaluates the focused
+``DEFAULT_METHODS``), ``learned`` = fits projections and takes ``rank``/``epochs``/``projector``). Token-level predictors give an (N, N) graph through ``predict``.
 Adding a predictor is one file plus one registration::
 
-    @PREDICTORS.register("my-method", help="what it does", tags=("default",))
+    @PREDICTORS.register("my-method", help="what it does", tags=("all",))
     class MyPredictor(BasePredictor): ...
 
 Block execution of any predictor (``as_block_predictor``) lives in :mod:`attnlab.blocksparse.adapter`;

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import html
+
 from html import escape
 
 from functools import partial
@@ -50,7 +52,9 @@ def render_section(run: RunDir) -> str:
                  + _table(["method", "knob", "sparsity", "recall", "exact", "cost", "comp. sparsity", "Pareto",
                            "Pareto (cost)"], rows, group_col=0))
     down = sec.get("downstream")
-    if down:
+    if down and "skipped" in down:
+        parts.append(f"<p class='note'>Downstream: {html.escape(str(down['skipped']))}.</p>")
+    elif down:
         base = down.get("full_entmax", {})
         if "loss" in base:
             parts.append(f"<h3>Downstream (attention restricted to predicted graphs)</h3><p>Full entmax: loss "

@@ -38,7 +38,7 @@ def _warn(info: dict, quiet: bool, msg: str) -> None:
         log.warning(msg)
     info.setdefault("warnings", []).append(msg)
 # Focused default: the learned predictors, two fixed patterns and the oracle bound; methods=METHODS (`--all`,
-# every predictor registered with tag 'default') adds distance-thr, lsh, routing, longformer and strided.
+# every predictor registered with tag 'all') adds distance-thr, lsh, routing, longformer and strided.
 DEFAULT_METHODS = ("distance-knn", "quantization", "clustering", "rank", "window", "bigbird", "oracle-topk")
 
 
@@ -211,7 +211,7 @@ def sparsity(
         return ids[shard_indices(len(ids), d)]
 
     train = train or EntmaxTrainConfig()
-    methods = list(methods or DEFAULT_METHODS)  # --all: every PREDICTORS.names("default")
+    methods = list(methods or DEFAULT_METHODS)  # --all: every PREDICTORS.names("all")
     for m in methods:
         PREDICTORS.get(m)  # an unknown name is a ConfigError listing the registered ones
     if authors_defaults:
@@ -233,7 +233,7 @@ def sparsity(
     quiet = quiet or not dist.is_main  # rank 0 logs progress
     prev = run.section(SECTION)
     if resume and prev and prev.get("config") == config and prev.get("complete"):
-        _log(quiet, f"{run.path}: section '{SECTION}' already complete (resume); delete it or pass --no-resume to redo")
+        _log(quiet, f"{run.path}: section '{SECTION}' already complete with these settings; kept (resume)")
         return prev
     barrier(dist)  # every rank has read the section before rank 0 writes anything
     if dist.is_main:

@@ -54,7 +54,7 @@ class VocabMap:
 
 def tokenizer_of(name: str = "minilm"):
     """The tokenizer of a model folder / alias, without loading the weights (ModelError naming --tokenizer)."""
-    from ..sources.hf import load_tokenizer
+    from ..sources.loading import load_tokenizer
 
     return load_tokenizer(name, "--tokenizer")
 

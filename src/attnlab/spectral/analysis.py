@@ -100,17 +100,24 @@ def noise_floor(col: SpectrumCollector, k: int) -> dict[str, Any] | None:
     Two runs on the same corpus can't agree better than this; `compare` quotes it as its noise floor.
     None when the collector kept no split (long windows) or a half has too few rows.
     """
-    diag = []
+    diag, k90_layers, every = [], {}, []
     for l in col.layers:
         halves = [col.half_split(l, h) for h in col.heads]
         if any(x is None for x in halves):
             return None
-        bases = []
+        every += halves
+        bases, k90s = [], []
         for side in (0, 1):
-            _, vecs = eigh_desc(pooled_within([x[side] for x in halves]))
+            evals, vecs = eigh_desc(pooled_within([x[side] for x in halves]))
             bases.append(vecs[:, :k])
+            k90s.append(ranks_for(explained_variance(evals))["k90"])
         diag.append(float(overlap_matrix([bases[0]], [bases[1]])[0, 0]))
-    return {"diagonal": diag, "layers": list(col.layers), "k": k, "split": "even vs odd batches of windows"}
+        k90_layers[str(l)] = k90s
+    # k90 of each half: the spread of k90 across windows (each half has half the rows, and k90 grows with them)
+    pooled = [ranks_for(explained_variance(eigh_desc(pooled_within([x[side] for x in every]))[0]))["k90"]
+              for side in (0, 1)]
+    return {"diagonal": diag, "layers": list(col.layers), "k": k, "split": "even vs odd batches of windows",
+            "k90_halves": {"pooled": pooled, "per_layer": k90_layers}}
 
 
 def full_exact_spectra(col: SpectrumCollector, tensors: dict[str, torch.Tensor]) -> tuple[dict, dict]:

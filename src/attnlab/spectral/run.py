@@ -19,8 +19,8 @@ from ..io import RunDir, checkpoint_written, read_tensors, write_tensors
 from ..validate import check_fields
 from .analysis import summarise
 from .collector import SpectrumCollector
+from .files import TENSORS  # noqa: F401  (re-exported)
 
-TENSORS = "spectrum.safetensors"
 
 
 @dataclass
@@ -72,14 +72,20 @@ def spectrum(out: str | Path, model: str | Model = "minilm", windows: Optional[t
     device = device_for(info, cfg.device)
     run = RunDir(out)
     m = resolve_model(model, device, cfg.seq_len)
+    from ..sources.inputs import fixed_seq_len, input_windows, is_image
+
+    if fixed_seq_len(m, cfg.seq_len) != cfg.seq_len:  # vision encoders: every image is patches + CLS tokens
+        import dataclasses
+        import logging
+
+        logging.getLogger("attnlab.spectral").warning("%s sees %d tokens per image: --seq-len %d replaced by %d", m.name,
+                                                      m.fixed_len, cfg.seq_len, m.fixed_len)
+        cfg = dataclasses.replace(cfg, seq_len=m.fixed_len)
     layers = check_layers(cfg.layers, m.n_layers)
     heads = check_heads(cfg.heads, m.n_heads)
     if windows is None:
-        if m.tokenizer is None:
-            raise ConfigError(f"{m.name} has no tokenizer: pass windows=(M, seq_len) token ids")
-        windows = select_windows(m.tokenizer, cfg.seq_len, cfg.corpus, cfg.n_sequences, cfg.split, cfg.seed,
-                                 cfg.text_field)
-    elif windows.dim() != 2 or windows.shape[1] != cfg.seq_len:
+        windows = input_windows(m, cfg.seq_len, cfg.corpus, cfg.n_sequences, cfg.split, cfg.seed, cfg.text_field)
+    elif not is_image(m) and (windows.dim() != 2 or windows.shape[1] != cfg.seq_len):
         raise ConfigError(f"windows must be (M, seq_len={cfg.seq_len}), got {tuple(windows.shape)}")
     mine = windows[info.rank::info.world_size]
     # Exact whole matrices keep every matrix (float32, M N^2 per head): only when the run is small and on one process.
@@ -131,7 +137,8 @@ def spectrum(out: str | Path, model: str | Model = "minilm", windows: Optional[t
         plot_spectrum(run, results)
         from ..report.views import save_views
 
-        save_views(run, m, windows[0], layers, heads)
+        if not is_image(m):  # the views show tokens; images have none
+            save_views(run, m, windows[0], layers, heads)
     barrier(info)
     if ckpt.exists():
         ckpt.unlink()
@@ -142,7 +149,8 @@ def windows_digest(windows: torch.Tensor) -> str:
     """A short hash of the token windows (so that a resume refuses a changed corpus)."""
     import hashlib
 
-    return hashlib.sha256(windows.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()[:16]
+    data = windows.float() if windows.is_floating_point() else windows.to(torch.int64)  # pixels keep their values
+    return hashlib.sha256(data.contiguous().numpy().tobytes()).hexdigest()[:16]
 
 
 def load_bases(run_dir: str | Path) -> tuple[dict[int, torch.Tensor], dict[str, Any]]:

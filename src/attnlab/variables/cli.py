@@ -7,9 +7,10 @@ from typing import Annotated, List, Optional
 
 import typer
 
-from ..cli_utils import fail, write_report
+from ..cli_utils import HardenedGroup, write_report
 
-app = typer.Typer(help="Variable creation (Edelman et al.): sparse Boolean tasks, m*(T) sweeps, law fits.",
+app = typer.Typer(cls=HardenedGroup,
+                  help="Variable creation (Edelman et al.): sparse Boolean tasks, m*(T) sweeps, law fits.",
                   no_args_is_help=True)
 
 T_HELP = ("Context lengths T. Give them as --T 16 32 64, --T 16,32,64 or --T 16 --T 32 "
@@ -37,17 +38,17 @@ Monitor = Annotated[str, typer.Option(help="Early stopping on: val | test | trai
 Device = Annotated[str, typer.Option(help="cpu | cuda | cuda:N | auto.")]
 
 
-def parse_ints(values: List[str], extra: List[str], flag: str = "--T") -> list[int]:
-    """Parse repeated / comma-separated / trailing integer values of a list option."""
+def parse_ints(values: List[str], extra: List[str], flag: str = "--T", kind: type = int) -> list:
+    """Parse repeated / comma-separated / trailing integer (or ``kind``) values of a list option."""
     from ..errors import ConfigError
 
     out = []
     for v in [*values, *extra]:
         for part in str(v).replace(",", " ").split():
             try:
-                out.append(int(part))
+                out.append(kind(part))
             except ValueError:
-                raise ConfigError(f"{flag}: {part!r} is not an integer") from None
+                raise ConfigError(f"{flag}: {part!r} is not {'an integer' if kind is int else 'a number'}") from None
     return out
 
 
@@ -108,7 +109,12 @@ def sweep(
     batch_size: BatchSize = 64,
     max_steps: Optional[int] = typer.Option(None, help="Optimiser steps at most per run (default 1500 bounded, "
                                                        "2000 transformer)."),
-    restarts: int = typer.Option(1, help="Bounded/MLP: initialisations per (m, seed); lowest training loss wins."),
+    restarts: int = typer.Option(2, help="Bounded/MLP: re-initialisations of a trial that does not fit its training "
+                                         "set (0 = one attempt); every attempt gets --max-steps."),
+    lr_grid: List[str] = typer.Option([], "--lr-grid", help="Bounded/MLP: attempt k trains at the k-th rate (cyclic), "
+                                                            "e.g. --lr-grid 0.01,0.003; default: --lr only."),
+    fit_acc: float = typer.Option(1.0, help="A trial fits when its accuracy on all m training examples is >= this; "
+                                            "m* counts only fitting trials."),
     weight_decay: WeightDecay = 0.01,
     norm_mode: NormMode = "none",
     emb_bound: EmbBound = 1.0,
@@ -129,44 +135,43 @@ def sweep(
     device: Device = "cpu",
 ) -> None:
     """Find m*(T) per seed (median, bootstrap CI) for the model and a contrast learner; fit log vs power laws."""
-    from ..errors import AttnlabError, ConfigError
+    from ..errors import ConfigError
     from .complexity import SearchConfig
     from .ensemble import Bounds, EnsembleConfig
     from .experiment import SweepConfig, run_sweep
 
-    try:
-        Ts = parse_ints(T, ctx.args)
-        sweep_bounds = []
-        for v in norm_sweep:
-            for part in str(v).replace(",", " ").split():
-                try:
-                    sweep_bounds.append(float(part))
-                except ValueError:
-                    raise ConfigError(f"--norm-sweep: {part!r} is not a number") from None
-        if any(not b > 0 for b in sweep_bounds):
-            raise ConfigError(f"--norm-sweep bounds must be > 0 (got {sweep_bounds})")
-        given = {k: v for k, v in (("d_model", d_model), ("n_heads", n_heads), ("lr", lr), ("max_steps", max_steps))
-                 if v is not None}
-        bounded = EnsembleConfig(kind="bounded", batch_size=batch_size, restarts=restarts, n_test=n_test,
-                                 bounds=Bounds(emb=emb_bound, qk=qk_bound, v=v_bound, out=out_bound), **given)
-        mlp = EnsembleConfig(kind="mlp", lr=0.05, batch_size=batch_size, restarts=restarts, n_test=n_test,
-                             **{k: v for k, v in given.items() if k == "max_steps"})
-        train = _configs(given.get("d_model", 64), given.get("n_heads", 2), n_layers, attention, given.get("lr", 1e-3),
-                         batch_size, given.get("max_steps", 2000), weight_decay, norm_mode,
-                         qk_bound if norm_mode == "constrain" else None, v_bound if norm_mode == "constrain" else None,
-                         out_bound if norm_mode == "constrain" else None, penalty, n_test, monitor)
-        search = SearchConfig(threshold=threshold, m_min=m_min, m_max=m_max, rtol=rtol, points=points)
-        cfg = SweepConfig(task=task, s=s, Ts=Ts, seeds=seeds, seed=seed, balanced=balanced, noise=noise, model=model,
-                          bounded=bounded, train=train, contrast=contrast, mlp=mlp, contrast_max_T=contrast_max_t,
-                          search=search, norm_sweep=sweep_bounds, norm_T=norm_t, probe=probe, budget_s=budget_s)
-        section = run_sweep(cfg, out, device=device, resume=resume, log=typer.echo)
-        if section.get("skipped_T"):
-            typer.secho(f"warning: --budget-s {budget_s:g} ran out; skipped T = {section['skipped_T']}", err=True)
-        if not section["results"] and section.get("skipped_T"):
-            raise ConfigError(f"--budget-s {budget_s:g}: no context length was run (it ran out before the first T); "
-                              "raise --budget-s or leave it out")
-    except AttnlabError as e:
-        fail(e)
+    Ts = parse_ints(T, ctx.args)
+    sweep_bounds = []
+    for v in norm_sweep:
+        for part in str(v).replace(",", " ").split():
+            try:
+                sweep_bounds.append(float(part))
+            except ValueError:
+                raise ConfigError(f"--norm-sweep: {part!r} is not a number") from None
+    if any(not b > 0 for b in sweep_bounds):
+        raise ConfigError(f"--norm-sweep bounds must be > 0 (got {sweep_bounds})")
+    grid = [float(v) for v in parse_ints(lr_grid, [], "--lr-grid", float)]
+    given = {k: v for k, v in (("d_model", d_model), ("n_heads", n_heads), ("lr", lr), ("max_steps", max_steps))
+             if v is not None}
+    bounded = EnsembleConfig(kind="bounded", batch_size=batch_size, restarts=restarts, n_test=n_test, lr_grid=grid,
+                             bounds=Bounds(emb=emb_bound, qk=qk_bound, v=v_bound, out=out_bound), **given)
+    mlp = EnsembleConfig(kind="mlp", lr=0.05, batch_size=batch_size, restarts=restarts, n_test=n_test,
+                         **{k: v for k, v in given.items() if k == "max_steps"})
+    train = _configs(given.get("d_model", 64), given.get("n_heads", 2), n_layers, attention, given.get("lr", 1e-3),
+                     batch_size, given.get("max_steps", 2000), weight_decay, norm_mode,
+                     qk_bound if norm_mode == "constrain" else None, v_bound if norm_mode == "constrain" else None,
+                     out_bound if norm_mode == "constrain" else None, penalty, n_test, monitor)
+    search = SearchConfig(threshold=threshold, m_min=m_min, m_max=m_max, rtol=rtol, points=points)
+    cfg = SweepConfig(task=task, s=s, Ts=Ts, seeds=seeds, seed=seed, balanced=balanced, noise=noise, model=model,
+                      bounded=bounded, train=train, contrast=contrast, mlp=mlp, contrast_max_T=contrast_max_t,
+                      search=search, norm_sweep=sweep_bounds, norm_T=norm_t, probe=probe, budget_s=budget_s,
+                      fit_acc=fit_acc)
+    section = run_sweep(cfg, out, device=device, resume=resume, log=typer.echo)
+    if section.get("skipped_T"):
+        typer.secho(f"warning: --budget-s {budget_s:g} ran out; skipped T = {section['skipped_T']}", err=True)
+    if not section["results"] and section.get("skipped_T"):
+        raise ConfigError(f"--budget-s {budget_s:g}: no context length was run (it ran out before the first T); "
+                          "raise --budget-s or leave it out")
     from ..distributed import is_main_process
 
     if not is_main_process():  # torchrun: rank 0 reports
@@ -204,19 +209,15 @@ def train(
     device: Device = "cpu",
 ) -> None:
     """Train one model on m examples; print accuracies, norms and the readout-attention probe as JSON."""
-    from ..errors import AttnlabError
     from .probe import attention_probe
     from .tasks import make_task
     from .train import train_model
 
-    try:
-        t = make_task(task, T, s, seed, balanced, noise)
-        cfg = _configs(d_model, n_heads, n_layers, attention, lr, batch_size, max_steps, weight_decay,
-                       norm_mode, qk_bound, v_bound, out_bound, penalty, n_test, monitor)
-        _check_memory(T, cfg)
-        r = train_model(t, m, cfg, device=device, seed=seed)
-    except AttnlabError as e:
-        fail(e)
+    t = make_task(task, T, s, seed, balanced, noise)
+    cfg = _configs(d_model, n_heads, n_layers, attention, lr, batch_size, max_steps, weight_decay,
+                   norm_mode, qk_bound, v_bound, out_bound, penalty, n_test, monitor)
+    _check_memory(T, cfg)
+    r = train_model(t, m, cfg, device=device, seed=seed)
     d = r.to_dict()
     d.pop("history")
     d["relevant_tokens"] = list(t.relevant_tokens)

@@ -1,7 +1,10 @@
 """Sample complexity m*(T): the smallest train size whose test accuracy reaches a threshold.
 
 Per seed, m*_s is the smallest tried m from which every larger tried m reaches ``threshold`` test
-accuracy. It is found in rounds: doubling blocks (``m_min``, 2 m_min, ... ``doubling`` sizes at a time, up
+accuracy *among the trials that fit their training set* (the learner's record says ``fit``: train accuracy
+on all m examples at least the fit criterion; a trial that does not fit is an optimisation failure, which
+says nothing about generalisation, so it neither succeeds nor fails and its m is not tried again; the fit rate
+per m is reported beside m*). It is found in rounds: doubling blocks (``m_min``, 2 m_min, ... ``doubling`` sizes at a time, up
 to ``m_max``) until a seed succeeds, then ``points`` geometrically spaced sizes inside each seed's bracket
 (last failure, first success) per round until ``hi - lo <= rtol * hi`` (or the bracket is two adjacent
 integers). All seeds' trials of a round go to the learner at once, so a vectorised learner trains them
@@ -154,6 +157,9 @@ class ComplexityResult:
     m_max: int = 0
     n_learned: int = 0  # seeds that reached the threshold
     flag: Optional[str] = None  # seeds disagree wildly / some seeds never learned
+    fit: list[dict[str, Any]] = field(default_factory=list)  # per m: trials, how many fit their training set, rate
+    fit_rate: float = 1.0  # share of this T's trials that fit their training set
+    restarts: dict[str, Any] = field(default_factory=dict)  # how many trials needed re-initialisations
     trials: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -172,13 +178,21 @@ def _bracket(tested: Mapping[int, bool]) -> tuple[int, Optional[int]]:
     return lo, hi
 
 
-def _interior(lo: int, hi: int, k: int) -> list[int]:
-    """Up to k integers strictly inside (lo, hi), geometrically spaced (all of them if few)."""
-    if hi - lo - 1 <= k:
-        return list(range(lo + 1, hi))
-    pts = {int(round(lo * (hi / lo) ** (j / (k + 1)))) for j in range(1, k + 1)}
-    pts = sorted(p for p in pts if lo < p < hi)
-    return pts or [(lo + hi) // 2]
+def _interior(lo: int, hi: int, k: int, skip: frozenset[int] = frozenset()) -> list[int]:
+    """Up to k untried integers strictly inside (lo, hi), geometrically spaced (all of them if few); ``skip``:
+    sizes already tried (a trial that did not fit its training set is not tried again)."""
+    free = hi - lo - 1 - sum(1 for m in skip if lo < m < hi)
+    if free <= k:
+        return [m for m in range(lo + 1, hi) if m not in skip]
+    out: set[int] = set()
+    for j in range(1, k + 1):
+        p = int(round(lo * (hi / lo) ** (j / (k + 1))))
+        for d in range(hi - lo):  # nearest untried size to the geometric point
+            hit = next((q for q in (p - d, p + d) if lo < q < hi and q not in skip and q not in out), None)
+            if hit is not None:
+                out.add(hit)
+                break
+    return sorted(out)
 
 
 def distributed_learner(learner: Learner, info: Any) -> Learner:
@@ -241,26 +255,29 @@ def sample_complexity(
     seeds = list(seeds)
     if not seeds:
         raise ConfigError("--seeds must be >= 1")
-    tested: dict[int, dict[int, bool]] = {s: {} for s in seeds}
+    tested: dict[int, dict[int, bool]] = {s: {} for s in seeds}  # fitted trials only: m -> reached threshold
+    tried: dict[int, set[int]] = {s: set() for s in seeds}  # every m run (fitted or not)
     trials: list[dict[str, Any]] = []
     while True:
         pairs: list[tuple[int, int]] = []
         for s in seeds:
             lo, hi = _bracket(tested[s])
             if hi is None:
-                top = max(tested[s], default=0)
+                top = max(tried[s], default=0)
                 if top >= cfg.m_max:
                     continue
-                start = cfg.m_min if not tested[s] else 2 * top
+                start = cfg.m_min if not tried[s] else 2 * top
                 block = sorted({min(start * 2**j, cfg.m_max) for j in range(cfg.doubling)})
                 pairs += [(m, s) for m in block]
             elif lo > 0 and hi - lo > max(1.0, cfg.rtol * hi):
-                pairs += [(m, s) for m in _interior(lo, hi, cfg.points)]
+                pairs += [(m, s) for m in _interior(lo, hi, cfg.points, frozenset(tried[s]))]
         if not pairs:
             break
         for rec in _run_round(learner, T, pairs, store):
             trials.append(rec)
-            tested[rec["seed"]][rec["m"]] = rec["accuracy"] >= cfg.threshold
+            tried[rec["seed"]].add(rec["m"])
+            if rec.get("fit", True):  # a trial that did not fit its training set says nothing about generalisation
+                tested[rec["seed"]][rec["m"]] = rec["accuracy"] >= cfg.threshold
     per_seed, lowers = {}, []
     for s in seeds:
         lo, hi = _bracket(tested[s])
@@ -275,8 +292,27 @@ def sample_complexity(
         flag = f"seeds disagree: per-seed m* from {min(got)} to {max(got)} (> {cfg.disagree:g}x)"
     if med is not None and float(med).is_integer():
         med = int(med)
+    fit, rate, restarts = fit_summary(trials)
+    if rate < 1 and flag is None:
+        flag = f"{sum(not r.get('fit', True) for r in trials)} of {len(trials)} trials did not fit their training set"
     return ComplexityResult(T=T, m_star=med, ci=ci, lower=int(np.median(lowers)), per_seed=per_seed,
-                            m_max=cfg.m_max, n_learned=len(got), flag=flag, trials=trials)
+                            m_max=cfg.m_max, n_learned=len(got), flag=flag, fit=fit, fit_rate=rate,
+                            restarts=restarts, trials=trials)
+
+
+def fit_summary(trials: Sequence[Mapping[str, Any]]) -> tuple[list[dict[str, Any]], float, dict[str, Any]]:
+    """Per m: trials, how many fit their training set and the rate; the overall fit rate; restart counts
+    (trials that needed at least one re-initialisation, the most any needed) when the learner reports them."""
+    by_m: dict[int, list[bool]] = {}
+    for r in trials:
+        by_m.setdefault(int(r["m"]), []).append(bool(r.get("fit", True)))
+    fit = [{"m": m, "n": len(v), "fit": sum(v), "rate": round(sum(v) / len(v), 4)} for m, v in sorted(by_m.items())]
+    n = len(trials)
+    rate = round(sum(f["fit"] for f in fit) / n, 4) if n else 1.0
+    att = [int(r["attempts"]) for r in trials if "attempts" in r]
+    restarts = ({"trials": len(att), "restarted": sum(a > 1 for a in att), "max_restarts": max(att) - 1,
+                 "rate": round(sum(a > 1 for a in att) / len(att), 4)} if att else {})
+    return fit, rate, restarts
 
 
 def sweep(

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
 import numpy as np
@@ -190,7 +190,9 @@ class EnsembleConfig:
     ``n_monitor`` of) its own training examples, keeps the weights of lowest training loss, stops after
     ``patience`` evaluations without a relative improvement of 1e-3 once the loss has fallen below 0.9 x
     its first value (a run still on the initial plateau trains on), or at train accuracy 1 and loss below
-    ``stop_loss``; and among ``restarts`` initialisations the one of lowest training loss is
+    ``stop_loss``. A trial *fits* when its accuracy on all m training examples is >= ``fit_acc``; one that does
+    not is retrained from a new initialisation (at the next ``lr_grid`` rate) up to ``restarts`` times, every
+    attempt with the same ``max_steps`` budget; the first fitting attempt (else the lowest training loss) is
     kept. The test set (``n_test`` fresh examples) is only used to measure.
     """
 
@@ -205,7 +207,9 @@ class EnsembleConfig:
     eval_every: int = 50
     patience: int = 10
     stop_loss: float = 0.01  # stop early once train accuracy is 1 and train loss is below this
-    restarts: int = 1  # initialisations per (m, seed); the lowest training loss wins
+    restarts: int = 2  # re-initialisations of a trial that does not fit its training set (0 = one attempt)
+    lr_grid: list[float] = field(default_factory=list)  # attempt k trains at lr_grid[k % len] (empty: always lr); picked on train data
+    fit_acc: float = 1.0  # a trial fits its training set when its accuracy on all m training examples >= this
     n_monitor: int = 2048  # training examples the monitor evaluates
     n_test: int = 1000
     bounds: Optional[Bounds] = None  # bounded kind only; None = unconstrained
@@ -219,9 +223,16 @@ class EnsembleConfig:
         for flag, v in (("--d-model", self.d_model), ("--n-heads", self.n_heads), ("--width", self.width),
                         ("--lr", self.lr), ("--batch-size", self.batch_size), ("--max-steps", self.max_steps),
                         ("--eval-every", self.eval_every), ("--patience", self.patience),
-                        ("--restarts", self.restarts), ("--n-test", self.n_test), ("--n-monitor", self.n_monitor)):
+                        ("--n-test", self.n_test), ("--n-monitor", self.n_monitor)):
             if not v > 0:
                 raise ConfigError(f"{flag} must be > 0 (got {v})")
+        if self.restarts < 0:
+            raise ConfigError(f"--restarts must be >= 0 (got {self.restarts})")
+        self.lr_grid = [float(v) for v in self.lr_grid]
+        if any(not (math.isfinite(v) and v > 0) for v in self.lr_grid):
+            raise ConfigError(f"--lr-grid values must be finite and > 0 (got {list(self.lr_grid)})")
+        if not 0 < self.fit_acc <= 1:
+            raise ConfigError(f"--fit-acc must be in (0, 1] (got {self.fit_acc})")
 
 
 def _stack_data(members: Sequence[Member], n_test: int, device: torch.device):
@@ -262,10 +273,13 @@ def _evaluate(model, x: torch.Tensor, y: torch.Tensor, member_task: torch.Tensor
 
 def train_ensemble(members: Sequence[Member], cfg: EnsembleConfig, device: str | torch.device = "cpu",
                    return_model: bool = False):
-    """Train every member (x ``restarts``); one record per member with its test accuracy and norms.
+    """Train every member; one record per member with its test accuracy, full-train accuracy/loss, fit and norms.
 
-    With ``return_model`` the trained ensemble is returned too: (records, model, chosen), where
-    ``chosen[i]`` is the ensemble index of member i's kept restart.
+    Attempt k (k = 0 .. ``restarts``) trains the members that have not yet fitted their training set (train
+    accuracy on all m examples >= ``fit_acc``) from a fresh initialisation at learning rate ``lr_grid[k % len]``
+    (or ``lr``); each attempt has the same budget (``max_steps``). A member keeps its first fitting attempt, else
+    the attempt of lowest training loss. The choice uses training data only. With ``return_model`` the
+    returned (records, model, chosen) holds each member's kept weights: ``chosen[i]`` is member i's index.
     """
     if not members:
         raise ConfigError("train_ensemble needs at least one member")
@@ -273,23 +287,59 @@ def train_ensemble(members: Sequence[Member], cfg: EnsembleConfig, device: str |
         raise ConfigError("all members of an ensemble must share T")
     dev = torch.device(device)
     t0 = time.perf_counter()
-    R = cfg.restarts
-    runs = [Member(mb.task, mb.m, mb.seed + r * 1_000_003) for mb in members for r in range(R)]
+    data = _stack_data(members, cfg.n_test, dev)
+    lrs = list(cfg.lr_grid) or [cfg.lr]
+    recs: list[Optional[dict[str, Any]]] = [None] * len(members)
+    kept: dict[int, dict[str, torch.Tensor]] = {}
+    pending = list(range(len(members)))
+    for k in range(cfg.restarts + 1):
+        runs = [Member(members[i].task, members[i].m, members[i].seed + k * 1_000_003) for i in pending]
+        rows = data[4][pending]
+        out, model = _attempt(runs, rows, lrs[k % len(lrs)], cfg, dev, data)
+        for pos, i in enumerate(pending):
+            rec = {**out[pos], "restarts": k, "attempts": k + 1, "lr": lrs[k % len(lrs)]}
+            old = recs[i]
+            if old is None or rec["fit"] or rec["train_loss"] < old["train_loss"]:
+                recs[i] = rec
+                if return_model:
+                    kept[i] = {n: p[pos].detach().clone() for n, p in model.named_parameters()}
+            else:
+                recs[i] = {**old, "attempts": k + 1}
+        pending = [i for i in pending if not recs[i]["fit"]]
+        if not pending:
+            break
+    secs = round((time.perf_counter() - t0) / len(members), 4)
+    done = [{**r, "seconds": secs} for r in recs]  # type: ignore[dict-item]
+    if not return_model:
+        return done
+    model = _new_model(list(members), cfg).to(dev)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p.copy_(torch.stack([kept[i][n] for i in range(len(members))]))
+    return done, model, list(range(len(members)))
+
+
+def _new_model(runs: Sequence[Member], cfg: EnsembleConfig) -> torch.nn.Module:
+    """A fresh ensemble of the configured kind, one member per run (its init from the run's seed)."""
+    return BoundedHeads(runs, cfg.d_model, cfg.n_heads) if cfg.kind == "bounded" else MLPEnsemble(runs, cfg.width)
+
+
+def _attempt(runs: Sequence[Member], mt: torch.Tensor, lr: float, cfg: EnsembleConfig, dev: torch.device, data
+             ) -> tuple[list[dict[str, Any]], torch.nn.Module]:
+    """One training attempt of every run (early stopping on its own training loss); records and the model
+    holding each run's weights of lowest monitored training loss."""
+    tx, ty, sx, sy, _ = data
     E = len(runs)
+    model = _new_model(runs, cfg).to(dev)
     if cfg.kind == "bounded":
-        model = BoundedHeads(runs, cfg.d_model, cfg.n_heads).to(dev)
-        opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+        opt: torch.optim.Optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     else:
-        model = MLPEnsemble(runs, cfg.width).to(dev)
-        opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
+        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=cfg.momentum)
     bounds = cfg.bounds if cfg.kind == "bounded" else None
     if bounds is not None:
         model.project(bounds)
-    data_members = [Member(mb.task, mb.m, mb.seed) for mb in members for _ in range(R)]
-    tx, ty, sx, sy, mt = _stack_data(data_members, cfg.n_test, dev)
     ms = torch.tensor([mb.m for mb in runs], device=dev)
     n_mon = ms.clamp(max=cfg.n_monitor)
-    n_test = torch.full_like(ms, cfg.n_test)
     bs = cfg.batch_size
     # batch indices from each run's own generator: u in [0, 1) scaled to its train size
     u = torch.stack([torch.rand(cfg.max_steps, bs, generator=_gen(mb.seed, mb.m, 3)) for mb in runs], 1)
@@ -314,6 +364,7 @@ def train_ensemble(members: Sequence[Member], cfg: EnsembleConfig, device: str |
             model.project(bounds)
         if step % cfg.eval_every == 0 or step == cfg.max_steps:
             acc, tl = _evaluate(model, tx, ty, mt, n_mon, cfg.eval_chunk)
+            tl = torch.nan_to_num(tl, nan=math.inf)  # a diverged run never beats its earlier weights
             if first is None:
                 first = tl.clone()
             better = (tl < best * (1 - 1e-3)) & ~done
@@ -327,22 +378,21 @@ def train_ensemble(members: Sequence[Member], cfg: EnsembleConfig, device: str |
             with torch.no_grad():
                 for k, p in model.named_parameters():
                     snap[k] = torch.where(better.view(-1, *[1] * (p.dim() - 1)), p.detach(), snap[k])
-            done |= (stale >= cfg.patience) | ((best_acc >= 1.0) & (best < cfg.stop_loss))
-            if bool(done.all()) or not math.isfinite(float(loss.detach())):
+            done |= (stale >= cfg.patience) | ((best_acc >= 1.0) & (best < cfg.stop_loss)) | ~torch.isfinite(tl)
+            if bool(done.all()):
                 break
     with torch.no_grad():
         for k, p in model.named_parameters():
             p.copy_(snap[k])
-    test, _ = _evaluate(model, sx, sy, mt, n_test, cfg.eval_chunk)
+    train_acc, train_loss = _evaluate(model, tx, ty, mt, ms, cfg.eval_chunk)  # every training example
+    test, _ = _evaluate(model, sx, sy, mt, torch.full_like(ms, cfg.n_test), cfg.eval_chunk)
     norms = {k: v.tolist() for k, v in model.norms().items()}
-    secs = (time.perf_counter() - t0) / len(members)
-    best_l = best.view(len(members), R)
-    chosen = (best_l.argmin(1) + torch.arange(len(members), device=dev) * R).tolist()
-    recs = [{"accuracy": round(float(test[e]), 6), "train_acc": round(float(best_acc[e]), 6),
-             "train_loss": round(float(best[e]), 6), "steps": step, "best_step": int(best_step[e]),
-             "restart": e % R, "seconds": round(secs, 4), **{f"norm_{k}": round(v[e], 6) for k, v in norms.items()}}
-            for e in chosen]
-    return (recs, model, chosen) if return_model else recs
+    tl_full = torch.nan_to_num(train_loss, nan=math.inf).tolist()
+    recs = [{"accuracy": round(float(test[e]), 6), "train_acc": round(float(train_acc[e]), 6),
+             "train_loss": round(tl_full[e], 6), "fit": bool(train_acc[e] >= cfg.fit_acc),
+             "monitor_loss": round(float(best[e]), 6), "steps": step, "best_step": int(best_step[e]),
+             **{f"norm_{k}": round(v[e], 6) for k, v in norms.items()}} for e in range(E)]
+    return recs, model
 
 
 @torch.no_grad()

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
@@ -66,6 +66,7 @@ class SweepConfig:
     probe: bool = True  # probe attention at the largest T reached
     budget_s: Optional[float] = None  # start no new T after this many seconds
     max_members: int = 96  # largest ensemble trained at once (memory)
+    fit_acc: Optional[float] = None  # fit criterion of every learner (train acc on all m examples); None: each config's own
 
     def __post_init__(self) -> None:
         if isinstance(self.train, dict):
@@ -79,6 +80,11 @@ class SweepConfig:
             self.mlp = EnsembleConfig(**{"kind": "mlp", "lr": 0.05, **self.mlp})
         if isinstance(self.search, dict):
             self.search = SearchConfig(**self.search)
+        if self.fit_acc is not None:  # one fit criterion for every learner
+            if not 0 < self.fit_acc <= 1:
+                raise ConfigError(f"--fit-acc must be in (0, 1] (got {self.fit_acc})")
+            self.bounded = replace(self.bounded, fit_acc=self.fit_acc)
+            self.mlp = replace(self.mlp, fit_acc=self.fit_acc)
         if self.model not in MODELS:
             raise ConfigError(f"--model must be one of {', '.join(MODELS)} (got {self.model!r})")
         if self.contrast not in CONTRASTS:
@@ -117,7 +123,7 @@ def ensemble_learner(cfg: SweepConfig, ens: EnsembleConfig, device: str) -> Lear
 
     def learn(T: int, pairs: list[tuple[int, int]]) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
-        chunk = max(1, cfg.max_members // ens.restarts)
+        chunk = max(1, cfg.max_members)
         for i in range(0, len(pairs), chunk):
             part = pairs[i:i + chunk]
             members = [Member(make_task(cfg.task, T, cfg.s, sd, cfg.balanced, cfg.noise), m, sd) for m, sd in part]
@@ -136,7 +142,8 @@ def make_learner(cfg: SweepConfig, device: str = "cpu") -> Learner:
     def learn(T: int, m: int, seed: int) -> dict[str, Any]:
         task = make_task(cfg.task, T, cfg.s, seed, cfg.balanced, cfg.noise)
         r = train_model(task, m, cfg.train, device=device, seed=seed)
-        return {"accuracy": r.test_acc, "train_acc": r.train_acc, "val_acc": r.val_acc, "steps": r.steps,
+        return {"accuracy": r.test_acc, "train_acc": r.train_acc, "fit": r.train_acc >= cfg.bounded.fit_acc,
+                "val_acc": r.val_acc, "steps": r.steps,
                 "best_step": r.best_step, "seconds": round(r.seconds, 3), "norm_qk": r.norms["qk_max"],
                 "norm_v": max(r.norms["v"]), "norm_out": r.norms["out"]}
 
@@ -157,7 +164,9 @@ def _summary(res, t1: float) -> dict[str, Any]:
 def _log_result(log: Callable[[str], None], name: str, d: dict[str, Any]) -> None:
     """One progress line per T."""
     ci = d["ci"]
+    rs = d.get("restarts") or {}
     log(f"{name:>11} T={d['T']:5d}  m*={d['m_star']}  CI [{ci[0]}, {ci[1]}]  per-seed={list(d['per_seed'].values())}"
+        f"  fit {d.get('fit_rate', 1):.2f}" + (f", restarted {rs['restarted']}/{rs['trials']}" if rs else "") +
         f"{'  FLAG: ' + d['flag'] if d.get('flag') else ''}  {d['seconds']:.1f}s")
 
 

@@ -17,14 +17,23 @@ def _ci(ci: Any) -> str:
     return f"[{_fmt(ci[0]) if ci[0] is not None else '-inf'}, {_fmt(ci[1]) if ci[1] is not None else 'inf'}]"
 
 
+def _fit_cell(r: Mapping[str, Any]) -> str:
+    """Fit rate of a T's trials, the sizes m where some trial did not fit (fit/tried), and the restarts."""
+    bad = [f"m={f['m']}: {f['fit']}/{f['n']}" for f in r.get("fit", []) if f["fit"] < f["n"]]
+    rs = r.get("restarts") or {}
+    txt = f"{_fmt(r.get('fit_rate', 1.0))}" + (f" (not all fit at {', '.join(bad)})" if bad else " (all fit)")
+    return txt + (f"; restarted {rs['restarted']}/{rs['trials']}, at most {rs['max_restarts']}" if rs else "")
+
+
 def _results_table(results: list[Mapping[str, Any]]) -> str:
-    """m*(T) rows: median, CI, per seed, flags, trials, the largest norms reached."""
+    """m*(T) rows: median, CI, per seed, fit rate and restarts, flags, trials, the largest norms reached."""
     rows = [[r["T"], r["m_star"] if r["m_star"] is not None else f"not learned up to m = {r.get('m_max')}",
              _ci(r.get("ci")), ", ".join(f"{k}: {_fmt(v)}" for k, v in r.get("per_seed", {}).items()),
-             r.get("flag") or "", r.get("n_trials"),
+             _fit_cell(r), r.get("flag") or "", r.get("n_trials"),
              ", ".join(f"{k} {v:.3g}" for k, v in r.get("norms_max", {}).items()), r.get("seconds")]
             for r in results]
-    return _table(["T", "m* (median over seeds)", "95% CI", "per seed m*", "flag", "trials",
+    return _table(["T", "m* (median over seeds, fitting trials only)", "95% CI", "per seed m*",
+                   "fit rate (train acc >= fit criterion)", "flag", "trials",
                    "largest norm over trials", "seconds"], rows)
 
 
@@ -55,7 +64,11 @@ def render_section(run: RunDir) -> str:
     parts = [
         f"<p>Task <b>{_fmt(cfg.get('task'))}</b>, s = {_fmt(cfg.get('s'))}, {_fmt(cfg.get('seeds'))} seeds; "
         f"m*_s per seed = smallest train size from which every larger tried size reaches "
-        f"{_fmt(search.get('threshold'))} test accuracy; m*(T) = median over seeds with a bootstrap 95% CI. "
+        f"{_fmt(search.get('threshold'))} test accuracy, counting only trials that fit their training set "
+        f"(accuracy on all m training examples &ge; {_fmt((cfg.get('bounded') or {}).get('fit_acc', 1.0))}; a trial "
+        f"that does not is re-initialised up to {_fmt((cfg.get('bounded') or {}).get('restarts'))} times, each "
+        f"attempt with the same step budget, learning rates {_fmt((cfg.get('bounded') or {}).get('lr_grid') or [(cfg.get('bounded') or {}).get('lr')])} "
+        f"chosen on training data only); m*(T) = median over seeds with a bootstrap 95% CI. "
         f"Device {_fmt(sec.get('device'))}, wall {_fmt(sec.get('wall_s'))} s.</p>",
     ]
     if model == "bounded":

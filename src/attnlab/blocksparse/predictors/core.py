@@ -8,9 +8,8 @@ the method's published knob (``calibrate=False``) or searches a per-head knob so
 ``calib_rows`` sampled query rows reaches ``p`` plus a safety margin (``calibrate=True``, the default). The
 exact scores of those rows are part of the prediction and their multiply-adds are in ``cost``.
 
-Recall of a pattern for query row ``i`` = softmax mass (exact, over all keys the causal model allows) on the
-keys the pattern keeps for ``i``; a head's recall is the mean over sampled rows. Calibration rows are even
-positions and held-out rows odd positions (:func:`sample_rows`), so the two never overlap.
+Recall and row sampling live in :mod:`attnlab.blocksparse.recall` (re-exported here): calibration rows
+are even positions and held-out rows odd positions, so the two never overlap.
 """
 
 from __future__ import annotations
@@ -18,15 +17,28 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
 
-from attnlab.errors import ConfigError, ShapeError
+from attnlab.errors import ConfigError
 from attnlab.blocksparse.blockmask import BlockPattern, block_graph_to_kv
+from attnlab.blocksparse.recall import (  # noqa: F401  (re-exported: the predictors' shared machinery)
+    _block_mass,
+    check_inputs,
+    exact_block_mass,
+    expand_kv_heads,
+    head_recall,
+    pattern_row_recall,
+    row_block_mass,
+    row_token_probs,
+    sample_rows,
+    tile_density,
+)
 
 __all__ = [
+    "BlockPredictor",
     "BlockPrediction",
     "ScoredBlockMethod",
     "sample_rows",
@@ -47,6 +59,15 @@ __all__ = [
 ]
 
 
+@runtime_checkable
+class BlockPredictor(Protocol):
+    """The interface ``sparse_attention`` runs: anything that turns (q, k) into a block pattern."""
+
+    def predict_blocks(self, q: Tensor, k: Tensor, block_size: int = 128, causal: bool = False) -> BlockPattern:
+        """q, k (B, H, N, D) -> :class:`BlockPattern`."""
+        ...
+
+
 @dataclass
 class BlockPrediction:
     """What a block predictor returns: the pattern (kv lists with FULL and PARTIAL tiles apart), the
@@ -61,117 +82,6 @@ class BlockPrediction:
     def density(self) -> float:
         """Kept tiles / tiles dense attention computes (causal: nq(nq+1)/2 per head)."""
         return tile_density(self.pattern)
-
-
-def check_inputs(q: Tensor, k: Tensor, block_size: int) -> None:
-    """q (B, H, N, D), k (B, Hk, M, D) with Hk | H and N, M multiples of ``block_size``."""
-    if q.dim() != 4 or k.dim() != 4 or q.shape[0] != k.shape[0] or q.shape[-1] != k.shape[-1]:
-        raise ShapeError(f"q and k must be (B, H, N, D) with equal B and D; got {tuple(q.shape)}, {tuple(k.shape)}")
-    if q.shape[1] % k.shape[1]:
-        raise ShapeError(f"query heads {q.shape[1]} must be a multiple of key heads {k.shape[1]}")
-    if block_size <= 0 or q.shape[2] % block_size or k.shape[2] % block_size:
-        raise ShapeError(f"sequence lengths {q.shape[2]}, {k.shape[2]} must be multiples of block_size "
-                         f"{block_size}; pad first")
-
-
-def expand_kv_heads(k: Tensor, n_heads: int) -> Tensor:
-    """Grouped-query attention: repeat each key head for its ``n_heads // Hk`` query heads (no copy if equal)."""
-    if k.shape[1] == n_heads:
-        return k
-    return k.repeat_interleave(n_heads // k.shape[1], dim=1)
-
-
-def sample_rows(n: int, m: int, seed: int, parity: int, device: torch.device | str = "cpu") -> Tensor:
-    """``m`` query rows of parity ``parity`` (0: calibration, 1: held-out), stratified over [0, n): one
-    uniform draw in each of ``m`` equal strata (fewer if n is small). Sorted int64."""
-    cand = torch.arange(parity, n, 2)
-    if m >= cand.numel():
-        return cand.to(device)
-    g = torch.Generator().manual_seed(seed)
-    pick = ((torch.arange(m, dtype=torch.float64) + torch.rand(m, generator=g, dtype=torch.float64))
-            * (cand.numel() / m)).long().clamp_max(cand.numel() - 1)
-    return cand[pick.unique()].to(device)
-
-
-def _scores_rows(q: Tensor, k: Tensor, rows: Tensor, causal: bool, scale: float) -> Tensor:
-    dt = torch.float64 if q.dtype == torch.float64 else torch.float32
-    s = torch.matmul(q[:, :, rows].to(dt), k.to(dt).transpose(-1, -2)) * scale
-    if causal:
-        m = k.shape[2]
-        fut = torch.arange(m, device=q.device).view(1, 1, 1, m) > rows.view(1, 1, -1, 1)
-        s = s.masked_fill(fut, float("-inf"))
-    return s
-
-
-def row_token_probs(q: Tensor, k: Tensor, rows: Tensor, causal: bool = True, scale: float | None = None) -> Tensor:
-    """Exact softmax probabilities (B, H, R, M) of query ``rows`` over all keys (float32; float64 inputs stay
-    float64). ``k`` may have fewer heads (GQA)."""
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    return torch.softmax(_scores_rows(q, expand_kv_heads(k, q.shape[1]), rows, causal, scale), dim=-1)
-
-
-def _block_mass_eager(q: Tensor, k: Tensor, rows: Tensor, block_size: int, causal: bool, scale: float) -> Tensor:
-    """Exact per-key-block softmax mass (B, h, R, nk) of ``rows``: float32 (float64 inputs: float64) scores,
-    max-shifted exponentials summed per block, normalised."""
-    dt = torch.float64 if q.dtype == torch.float64 else torch.float32
-    s = torch.matmul(q[:, :, rows].to(dt), k.to(dt).transpose(-1, -2)) * scale
-    m = k.shape[2]
-    if causal:
-        s = s.masked_fill(torch.arange(m, device=q.device).view(1, 1, 1, m) > rows.view(1, 1, -1, 1), float("-inf"))
-    e = torch.exp(s - s.amax(-1, keepdim=True))
-    b = e.view(*e.shape[:-1], m // block_size, block_size).sum(-1)
-    return b / b.sum(-1, keepdim=True)
-
-
-#: On CUDA the block-mass kernel is ``torch.compile``d (mask, max, exp and block sums fused: the R x N score
-#: matrix is read twice instead of written and read ~6 times); switched off on the first compile failure.
-COMPILE_BLOCK_MASS = {"on": True}
-_COMPILED: dict[str, Any] = {}
-
-
-def _block_mass(q: Tensor, k: Tensor, rows: Tensor, block_size: int, causal: bool, scale: float) -> Tensor:
-    if q.is_cuda and COMPILE_BLOCK_MASS["on"]:
-        try:
-            if "mass" not in _COMPILED:
-                _COMPILED["mass"] = torch.compile(_block_mass_eager, dynamic=False)
-            return _COMPILED["mass"](q, k, rows, block_size, causal, scale)
-        except Exception as e:  # pragma: no cover - depends on the torch build
-            import warnings
-
-            warnings.warn(f"compiled block mass failed ({type(e).__name__}: {e}); using eager")
-            COMPILE_BLOCK_MASS["on"] = False
-    return _block_mass_eager(q, k, rows, block_size, causal, scale)
-
-
-def row_block_mass(q: Tensor, k: Tensor, rows: Tensor, block_size: int, causal: bool = True,
-                   scale: float | None = None, head_chunk: int = 4) -> Tensor:
-    """Exact softmax mass (B, H, R, nk) of query ``rows`` per key block (head chunks bound memory)."""
-    k = expand_kv_heads(k, q.shape[1])
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    H = q.shape[1]
-    out = [_block_mass(q[:, h0:h0 + head_chunk], k[:, h0:h0 + head_chunk], rows, block_size, causal, scale)
-           for h0 in range(0, H, head_chunk)]
-    return torch.cat(out, dim=1)
-
-
-@torch.no_grad()
-def exact_block_mass(q: Tensor, k: Tensor, block_size: int, causal: bool = True, scale: float | None = None,
-                     row_chunk: int = 2048) -> Tensor:
-    """Exact tile mass (B, H, nq, nk): for each query block, the mean over its rows of each key block's softmax
-    mass (rows of the result sum to 1). Costs one full q.k^T (the oracle's price), computed in row chunks."""
-    check_inputs(q, k, block_size)
-    k = expand_kv_heads(k, q.shape[1])
-    B, H, N, D = q.shape
-    nk = k.shape[2] // block_size
-    row_chunk = max(block_size, row_chunk // block_size * block_size)
-    dt = torch.float64 if q.dtype == torch.float64 else torch.float32
-    out = torch.empty(B, H, N // block_size, nk, dtype=dt, device=q.device)
-    for r0 in range(0, N, row_chunk):
-        rows = torch.arange(r0, min(N, r0 + row_chunk), device=q.device)
-        bm = row_block_mass(q, k, rows, block_size, causal, scale)  # (B, H, R, nk)
-        out[:, :, r0 // block_size: (r0 + rows.numel()) // block_size] = bm.view(
-            B, H, -1, block_size, nk).mean(dim=3)
-    return out
 
 
 def _forced(nq: int, nk: int, causal: bool, sink_blocks: int, device: torch.device) -> Tensor:
@@ -267,46 +177,6 @@ def graph_pattern(graph: Tensor, block_size: int, causal: bool) -> BlockPattern:
     """Bool block graph -> :class:`BlockPattern` (causal: diagonal tiles PARTIAL with the causal mask_mod,
     strictly-lower tiles FULL, future tiles dropped; non-causal: every kept tile FULL)."""
     return BlockPattern(block_graph_to_kv(graph, causal), block_size, causal)
-
-
-def pattern_row_recall(pattern: BlockPattern, rows: Tensor, row_mass: Tensor | None = None,
-                       row_probs: Tensor | None = None) -> Tensor:
-    """Recall (B, H, R) of ``pattern`` for query ``rows``: with ``row_mass`` (B, H, R, nk) exact block mass
-    (unpermuted patterns), or ``row_probs`` (B, H, R, M) exact token probabilities (any pattern)."""
-    if not pattern.permuted and row_mass is not None:
-        g = pattern.block_graph()
-        qb = (rows // pattern.block_size).to(g.device)
-        return (g[:, :, qb].to(row_mass.dtype) * row_mass).sum(-1)
-    if row_probs is None:
-        raise ConfigError("a permuted pattern needs row_probs (token probabilities) to measure recall")
-    return (pattern.allowed_rows(rows).to(row_probs.dtype) * row_probs).sum(-1)
-
-
-@torch.no_grad()
-def head_recall(q: Tensor, k: Tensor, pattern: BlockPattern, rows: int = 512, seed: int = 1,
-                scale: float | None = None, parity: int = 1) -> dict[str, Any]:
-    """Measured recall of ``pattern`` on held-out rows (odd positions by default; calibration uses even):
-    per head (H,) mean over batch and rows, its min and mean, and the rows used."""
-    N = q.shape[2]
-    idx = sample_rows(N, rows, seed, parity, q.device)
-    if pattern.permuted:
-        rec = pattern_row_recall(pattern, idx, row_probs=row_token_probs(q, k, idx, pattern.causal, scale))
-    else:
-        rec = pattern_row_recall(pattern, idx, row_mass=row_block_mass(q, k, idx, pattern.block_size,
-                                                                       pattern.causal, scale))
-    per_head = rec.float().mean(dim=(0, 2))
-    return {"per_head": per_head, "min": float(per_head.min()), "mean": float(per_head.mean()),
-            "rows": int(idx.numel())}
-
-
-def tile_density(pattern: BlockPattern) -> float:
-    """Kept tiles / tiles that dense attention computes (causal: nq(nq+1)/2 per head and batch row)."""
-    kv = pattern.kv
-    kept = float(kv.kv_num_blocks.sum() + kv.full_kv_num_blocks.sum())
-    B, H, nq = kv.kv_num_blocks.shape
-    nk = kv.kv_indices.shape[-1]
-    per = nq * (nq + 1) / 2 if pattern.causal else nq * nk
-    return kept / (B * H * per)
 
 
 class _Clock:

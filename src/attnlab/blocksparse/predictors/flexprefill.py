@@ -24,7 +24,7 @@ from torch import Tensor
 
 from attnlab.errors import ConfigError
 
-from . import BLOCK_PREDICTORS
+from .registry import BLOCK_PREDICTORS
 from .core import ScoredBlockMethod, mass_thresholds
 from .minference import _rank, last_query_probs, vertical_slash_scores
 

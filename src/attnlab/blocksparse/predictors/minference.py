@@ -21,7 +21,7 @@ from torch import Tensor
 
 from attnlab.errors import ConfigError
 
-from . import BLOCK_PREDICTORS
+from .registry import BLOCK_PREDICTORS
 from .core import ScoredBlockMethod
 
 def last_query_probs(q: Tensor, k: Tensor, last_q: int, scale: float) -> Tensor:
@@ -78,10 +78,6 @@ class MInferenceBlocks(ScoredBlockMethod):
     slash_size: int = 6096
     sink_tokens: int = 30
     local_offsets: int = 100
-
-    def knob_range(self, n: int) -> tuple[float, float]:
-        """Scale 0 .. enough for every column and diagonal."""
-        return 0.0, n / min(self.vertical_size, self.slash_size)
 
     def default_knob(self, p: float, n: int) -> float:
         """The published sizes (p is not used by the uncalibrated method)."""

@@ -15,7 +15,7 @@ from typing import Any
 
 from torch import Tensor
 
-from . import BLOCK_PREDICTORS
+from .registry import BLOCK_PREDICTORS
 from .core import ScoredBlockMethod, exact_block_mass, mass_thresholds
 
 

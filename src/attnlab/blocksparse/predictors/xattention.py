@@ -20,7 +20,7 @@ from torch import Tensor
 
 from attnlab.errors import ConfigError
 
-from . import BLOCK_PREDICTORS
+from .registry import BLOCK_PREDICTORS
 from .core import ScoredBlockMethod, _block_mass, mass_thresholds
 
 

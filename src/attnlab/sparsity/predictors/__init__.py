@@ -19,34 +19,35 @@ __all__ = [
     "StridedPredictor", "RankPredictor", "trained_methods",
 ]
 
-# Registrations, in the order runs list them (``default``: run unless --methods says otherwise; ``learned``:
-# takes rank / epochs / projector, and shares one trained projector per layer in a run).
-_LEARNED = ("default", "learned")
+# Registrations, in the order runs list them (``all``: in the full set ``attnlab sparsity run --all``
+# evaluates, :data:`METHODS`; the run's own default set is ``sparsity.run.DEFAULT_METHODS``; ``learned``: takes
+# rank / epochs / projector, and shares one trained projector per layer in a run).
+_LEARNED = ("all", "learned")
 PREDICTORS.add("distance-thr", partial(DistancePredictor, mode="threshold"), "learned projection, distance threshold", _LEARNED)
 PREDICTORS.add("distance-knn", partial(DistancePredictor, mode="knn"), "learned projection, k nearest keys", _LEARNED)
 PREDICTORS.add("quantization", QuantizationPredictor, "learned projection, same-bucket pairs", _LEARNED)
 PREDICTORS.add("clustering", ClusteringPredictor, "learned projection, k-means, same-cluster pairs", _LEARNED)
-PREDICTORS.add("window", WindowPredictor, "local band |i - j| <= w", ("default",))
-PREDICTORS.add("bigbird", BigBirdPredictor, "window + global + random keys", ("default",))
-PREDICTORS.add("lsh", LSHPredictor, "Reformer angular LSH buckets", ("default",))
-PREDICTORS.add("routing", RoutingPredictor, "Routing Transformer k-means on q/k", ("default",))
-PREDICTORS.add("oracle-topk", OracleTopK, "exact top-k keys per query (upper bound)", ("default",))
+PREDICTORS.add("window", WindowPredictor, "local band |i - j| <= w", ("all",))
+PREDICTORS.add("bigbird", BigBirdPredictor, "window + global + random keys", ("all",))
+PREDICTORS.add("lsh", LSHPredictor, "Reformer angular LSH buckets", ("all",))
+PREDICTORS.add("routing", RoutingPredictor, "Routing Transformer k-means on q/k", ("all",))
+PREDICTORS.add("oracle-topk", OracleTopK, "exact top-k keys per query (upper bound)", ("all",))
 PREDICTORS.add("clustering-top2", partial(ClusteringPredictor, top=2), "clustering, two nearest centroids",
                ("learned",))
 PREDICTORS.add("quantization-fixed", partial(QuantizationPredictor, mode="fixed"),
                "quantization, per-sequence equal-size buckets (the authors' --same-size)", ("learned",))
 PREDICTORS.add("quantization-dynamic", partial(QuantizationPredictor, mode="dynamic"),
                "quantization, tanh equal-width buckets (the authors' default)", ("learned",))
-PREDICTORS.add("longformer", LongformerPredictor, "window + global first/last tokens", ("default",))
-PREDICTORS.add("strided", StridedPredictor, "OpenAI Sparse Transformer, strided pattern", ("default",))
+PREDICTORS.add("longformer", LongformerPredictor, "window + global first/last tokens", ("all",))
+PREDICTORS.add("strided", StridedPredictor, "OpenAI Sparse Transformer, strided pattern", ("all",))
 PREDICTORS.add("strided-fixed", partial(StridedPredictor, mode="fixed"), "OpenAI Sparse Transformer, fixed pattern")
 # ``trained``: fitted on the gold graph with their own scorer (take rank / epochs, not the shared projector)
 PREDICTORS.add("rank", partial(RankPredictor, mode="gap"), "low-rank scorer, ranking loss over all keys, gap to "
-               "row max, per-head budgets", ("default", "trained"))
+               "row max, per-head budgets", ("all", "trained"))
 PREDICTORS.add("rank-knn", partial(RankPredictor, mode="knn"), "rank scorer with top-k per query", ("trained",))
 
-#: The methods a run evaluates by default (registered with tag ``default``, at import).
-METHODS = tuple(PREDICTORS.names("default"))
+#: The methods ``attnlab sparsity run --all`` evaluates (registered with tag ``all``, at import).
+METHODS = tuple(PREDICTORS.names("all"))
 
 
 def make_predictor(method: str, rank: int = 4, epochs: int = 20, seed: int = 0, projector: "Projector | None" = None,

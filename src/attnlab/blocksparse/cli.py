@@ -1,0 +1,46 @@
+"""CLI wiring of block-sparse execution: ``attnlab sparsity prefill`` (registered onto the sparsity command group
+by the top-level CLI, so that :mod:`attnlab.sparsity` never imports this package)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+
+from ..cli_config import config_command, option
+
+__all__ = ["register"]
+
+
+def _prefill(settings: dict, out: Optional[str]) -> None:
+    """Real forward of a causal model with every attention layer replaced by predicted block-sparse attention:
+    per-head density, measured recall and output error; loss change and speed vs SDPA flash / cuDNN."""
+    from ..io import OUTPUT_MARK, write_json
+    from ..distributed import is_main_process
+    from .prefill import PrefillConfig, format_summary, run_prefill
+
+    res = run_prefill(PrefillConfig(**settings), log=typer.echo)
+    if not is_main_process():  # torchrun: rank 0 prints and writes
+        return
+    typer.echo(format_summary(res))
+    if out:
+        write_json(out, {OUTPUT_MARK: "sparsity prefill", **res})  # the mark lets a re-run replace it
+        typer.echo(f"wrote {out}")
+
+
+def register(app: typer.Typer) -> None:
+    """Add the ``prefill`` command to ``app`` (the ``attnlab sparsity`` group)."""
+    config_command(app, "prefill", "attnlab.blocksparse.prefill.config:PrefillConfig", _prefill,
+                   help_extra={"model": "Causal HF model folder or cached hub id (e.g. a folder from 'attnlab lm train')",
+                               "seq_len": "Tokens per held-out window (padded inside attention to a multiple of "
+                                          "--block-size)",
+                               "predictor": "Block predictor name from the block-predictor registry (e.g. pooled, oracle, "
+                                            "minference; 'full' keeps every tile)",
+                               "recall": "Mass-recall target p per head", "block_size": "Tile size of the block pattern",
+                               "windows": "Held-out windows (spread across windows is reported)",
+                               "rows": "Sampled query rows per layer for exact recall and output error",
+                               "reps": "Timed forwards per window and mode",
+                               "fallback": "Run heads above the kernel's measured break-even density dense",
+                               "device": "auto (cuda if available) | cpu | cuda", "seed": "Seed of the window choice"},
+                   extra=[option("out", Optional[str], None, "--out", help="Write the full result (per layer/head) as "
+                                                                           "JSON here.")])
