@@ -10,7 +10,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from attnlab.blocksparse.block_predictors import ClusterBlockPredictor, PooledBlockPredictor
+from attnlab.blocksparse.predictors.cluster import ClusterBlockPredictor
+from attnlab.blocksparse.predictors.pooled import PooledBudgetPredictor as PooledBlockPredictor
 from attnlab.blocksparse.flex import mass_recall, masked_attention_reference, sparse_attention
 from attnlab.blocksparse.sparse_entmax import (
     block_mask_from_graph,
