@@ -136,7 +136,8 @@ def read_json(path: str | os.PathLike) -> Any:
     try:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ResultsError(f"{path}: corrupt or truncated JSON ({e}); delete it or re-run without --resume") from e
+        raise ResultsError(f"{path}: corrupt or truncated JSON ({e}); delete it (it cannot be read) or choose "
+                          "another --out") from e
 
 
 def write_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any] | None = None) -> Path:
@@ -170,12 +171,25 @@ _HELD: dict[str, list] = {}  # real path of a lock file -> [fd, depth] (re-entra
 _CHECKPOINTS = 0
 
 
+def check_name_lengths(p: Path, flag: str = "--out") -> None:
+    """Refuse a path with a component longer than the file system allows (else ENAMETOOLONG later)."""
+    try:
+        limit = os.pathconf(next((a for a in [p, *p.parents] if a.exists()), Path(".")), "PC_NAME_MAX")
+    except (OSError, ValueError):
+        limit = 255
+    for part in p.parts:
+        if len(os.fsencode(part)) > limit:
+            raise ConfigError(f"{flag} {str(p)[:60]}...: the name {part[:24]}... is {len(os.fsencode(part))} bytes long, "
+                              f"over the file system's {limit}; choose a shorter {flag}")
+
+
 def check_out(path: str | os.PathLike | None, flag: str = "--out", kind: str = "dir") -> Path:
     """Check (and create) an output location before any work: not empty, right kind, writable. Returns it."""
     raw = "" if path is None else os.fspath(path)
     if not str(raw).strip():
         raise ConfigError(f"{flag} is empty; give a {'run directory' if kind == 'dir' else 'file path'}")
     p = Path(raw)
+    check_name_lengths(p, flag)
     if kind == "dir" and p.exists() and not p.is_dir():
         raise ConfigError(f"{flag} {p}: exists and is not a directory; give a run directory")
     if kind == "file" and p.is_dir():
@@ -324,6 +338,16 @@ class RunDir:
             self.path = Path(path)
         if not self.path.is_dir():
             raise ResultsError(f"{self.path}: run directory does not exist")
+        if create:  # a damaged run file fails now, before any work, not after it (the work would be lost)
+            for name in (CONFIG, RESULTS, TIMINGS):
+                data = self._read(name)
+                if not isinstance(data, dict):
+                    raise ResultsError(f"{self.file(name)}: not an attnlab run file (a JSON object is expected); "
+                                       "delete it or choose another --out")
+
+    def config(self) -> dict[str, Any]:
+        """config.json: the settings of each command that wrote into this run (empty if none)."""
+        return self._read(CONFIG)
 
     def file(self, name: str) -> Path:
         """Path of a file inside the run directory."""

@@ -94,14 +94,18 @@ def seed(value: Any, flag: str = "--seed") -> Any:
 
 
 _POS_INT = at_least(1)
+#: Largest training/test set the variables experiments accept (10^7 examples of T bits: gigabytes already).
+MAX_EXAMPLES = 10_000_000
+_EXAMPLES = between(1, MAX_EXAMPLES)
 _NON_NEG = non_negative
 # Option name -> validator, applied by the CLI to every command's options of that name (None = not given).
 RULES: dict[str, Callable[[Any, str], Any]] = {
     **{name: _POS_INT for name in (
         "batch_size", "n_sequences", "n_fit", "n_eval", "rank", "epochs", "d_model", "n_heads", "n_layers",
-        "vocab_size", "max_windows", "proxy_rank", "refresh", "seeds", "m", "m_min", "m_max", "n_test", "max_steps",
+        "vocab_size", "max_windows", "proxy_rank", "refresh", "seeds", "max_steps",
         "hf_seq_len", "head_chunk", "basis_k", "k", "s")},
     "seq_len": at_least(2, " (a window needs at least 2 tokens)"),
+    **{name: _EXAMPLES for name in ("m", "m_min", "m_max", "n_test")},
     **{name: _NON_NEG for name in ("n_down", "hf_finetune_steps", "steps", "sketch_size", "ridge", "jitter",
                                    "weight_decay", "penalty", "budget_s")},
     "force_window": at_least(-1),
@@ -199,10 +203,60 @@ def attention_bytes(batch: int, heads: int, n: int, layers: int = 1, factor: flo
     return float(batch) * heads * n * n * 4 * layers * factor
 
 
-def check_fields(obj: Any, skip: tuple[str, ...] = ("device",)) -> None:
-    """Apply :data:`RULES` to every field of a config dataclass that has a rule (library calls get the CLI's checks)."""
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether ``value`` has the annotated type (int, float, str, bool, Optional/Union, list/tuple of those)."""
+    import typing
+
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any or hint is None or isinstance(hint, (str, typing.TypeVar)):
+        return True if hint is not None else value is None
+    if hint is type(None):
+        return value is None
+    if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
+        return any(_fits(value, a) for a in args)
+    if origin is typing.Literal:
+        return value in args
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            return False
+        inner = [a for a in args if a is not Ellipsis]
+        return not inner or all(_fits(v, inner[0]) for v in value)
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    return True  # other types (tensors, models, ...) are checked where they are used
+
+
+def _type_name(hint: Any) -> str:
+    if isinstance(hint, type):
+        return hint.__name__
+    return str(hint).replace("typing.", "").replace("NoneType", "None")
+
+
+def check_fields(obj: Any, skip: tuple[str, ...] = ()) -> None:
+    """Apply :data:`RULES` to every field of a config dataclass that has a rule, after checking each value against
+    its annotated type (library calls get the CLI's checks: ``seq_len=16.5`` or ``layers='0-2'`` are refused)."""
+    import typing
     from dataclasses import fields
 
+    try:
+        hints = typing.get_type_hints(type(obj))
+    except Exception:  # an annotation that does not resolve: skip the type check
+        hints = {}
     for f in fields(obj):
-        if f.name not in skip:
-            check_option(f.name, getattr(obj, f.name))
+        if f.name in skip:
+            continue
+        value = getattr(obj, f.name)
+        hint = hints.get(f.name, Any)
+        if isinstance(value, float) and hint is int and value.is_integer():
+            value = int(value)  # TOML/JSON 16.0 for an int option
+            object.__setattr__(obj, f.name, value)
+        if not _fits(value, hint):
+            raise ConfigError(f"{flag_of(f.name)} {value!r}: expected {_type_name(hint)}, got {type(value).__name__}"
+                              + (" (give a list of ints, e.g. [0, 1, 2])" if "list" in _type_name(hint) else ""))
+        check_option(f.name, value)

@@ -137,6 +137,18 @@ def fit_message(cfg: ReconstructConfig, fit: ReconstructionFit, seconds: float) 
     return f"{what} ({fit.meta.get('source')}, {fit.meta.get('n_sequences')} windows) in {seconds:.1f} s"
 
 
+def check_ranks(cfg: ReconstructConfig, d_head: int) -> None:
+    """Every proxy rank flag within [1, d_head] before any work (the fit takes minutes at full size)."""
+    if not d_head:
+        return
+    for flag, ranks in (("--proxy-rank", [cfg.proxy_rank]), ("--extra-ranks", cfg.extra_ranks),
+                        ("--frontier-ranks", cfg.frontier_ranks if cfg.frontier or cfg.compute is not None else [])):
+        bad = [r for r in ranks or [] if not 1 <= int(r) <= d_head]
+        if bad:
+            raise ConfigError(f"{flag} {','.join(map(str, bad))}: a proxy rank must be in [1, d_head={d_head}] "
+                              f"for --model {cfg.model}")
+
+
 def residual_proxies(cfg: ReconstructConfig) -> list[tuple[str, int, int]]:
     """The proxies (kind, rank, seed) whose residual statistics proxy+gaussian needs (none if not evaluated)."""
     ranks = [cfg.proxy_rank, *cfg.extra_ranks] if "proxy+gaussian" in cfg.estimators else []
@@ -171,6 +183,7 @@ def reconstruct(out: str | Path, model: str = "minilm", progress: bool = True, *
     # held-out windows first: a corpus too small to evaluate on fails before the fit, not after it
     windows = windows_for(hf.tokenizer, cfg.seq_len, cfg.n_eval, "heldout", cfg.corpus, cfg.seed + 1, flag="--n-eval",
                           minimum=MIN_EVAL_WINDOWS)
+    check_ranks(cfg, hf.head_dim)
     t_work = time.perf_counter()
     phases = Phases()
     show = progress and info.is_main
