@@ -190,3 +190,11 @@ def test_spectrum_keeps_views_of_your_text(tmp_path, minilm):
     spectrum(run, model=minilm, seq_len=16, corpus=_corpus(tmp_path), n_sequences=2, batch_size=1, layers=[0],
              heads=[0], sketch_size=0, progress=False)
     assert before == "your text" == read_tensors(run / "views.safetensors")[1]["source"]
+
+
+def test_topk_at_row_length_is_refused():
+    from attnlab.reconstruct.run import ReconstructConfig
+
+    with pytest.raises(ConfigError, match="--topk 16"):
+        ReconstructConfig(seq_len=16, topk=16).validate()
+    ReconstructConfig(seq_len=16, topk=5).validate()

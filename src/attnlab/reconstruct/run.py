@@ -82,6 +82,9 @@ class ReconstructConfig:
         for n in ("seq_len", "n_fit", "n_eval", "batch_size", "topk", "proxy_rank", "chunks"):
             if getattr(self, n) < 1:
                 raise ConfigError(f"--{n.replace('_', '-')} must be >= 1 (got {getattr(self, n)})")
+        if self.topk >= self.seq_len:
+            raise ConfigError(f"--topk {self.topk} must be below --seq-len {self.seq_len} (the top-k of a whole row "
+                              "always agrees: the metric would read 1.0)")
         b = budget_count(self.budget, self.seq_len)
         for x in self.budgets:
             budget_count(x, self.seq_len, flag="--budgets")
@@ -184,6 +187,9 @@ def reconstruct(out: str | Path, model: str = "minilm", progress: bool = True, *
     windows = windows_for(hf.tokenizer, cfg.seq_len, cfg.n_eval, "heldout", cfg.corpus, cfg.seed + 1, flag="--n-eval",
                           minimum=MIN_EVAL_WINDOWS)
     check_ranks(cfg, hf.head_dim)
+    from ..distributed import require_work_per_rank
+
+    require_work_per_rank(len(windows), info, "--n-eval")
     t_work = time.perf_counter()
     phases = Phases()
     show = progress and info.is_main

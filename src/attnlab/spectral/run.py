@@ -91,6 +91,9 @@ def spectrum(out: str | Path, model: str | Model = "minilm", windows: Optional[t
         raise ConfigError(f"windows must hold integer token ids, got dtype {windows.dtype} (use windows.long())")
     elif not is_image(m) and (windows.dim() != 2 or windows.shape[1] != cfg.seq_len):
         raise ConfigError(f"windows must be (M, seq_len={cfg.seq_len}), got {tuple(windows.shape)}")
+    from ..distributed import require_work_per_rank
+
+    require_work_per_rank(len(windows), info, "--n-sequences")
     mine = windows[info.rank::info.world_size]
     # Exact whole matrices keep every matrix (float32, M N^2 per head): only when the run is small and on one process.
     exact = bool(cfg.sketch_size) and info.world_size == 1 and len(windows) <= cfg.full_exact
