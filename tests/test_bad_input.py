@@ -183,3 +183,58 @@ def test_library_configs_reject_non_finite_values():
         EntmaxTrainConfig(alpha=float("inf"))
     with pytest.raises(ConfigError, match="--seq-len"):
         SpectrumConfig(seq_len=1).validate()
+
+
+# ---- issue 26: options that changed the experiment silently, divergence, refused runs leave nothing --------
+
+SILENT = [
+    (["reconstruct", "train", "--seeds", "0,0", "--out", "{out}"], "--seeds"),
+    (["sparsity", "run", "--targets", "2,nan,-1", "--out", "{out}"], "--targets"),
+    (["sparsity", "run", "--targets", "0.5,nan", "--out", "{out}"], "--targets"),
+    (["reconstruct", "run", "--frontier-budgets", "0", "--out", "{out}"], "--frontier-budgets"),
+    (["reconstruct", "run", "--frontier-budgets", "-1", "--out", "{out}"], "--frontier-budgets"),
+    (["reconstruct", "run", "--frontier-budgets", "5", "--out", "{out}"], "--frontier-budgets"),
+    (["reconstruct", "run", "--frontier-budgets", "0.25,nan", "--out", "{out}"], "--frontier-budgets"),
+]
+
+
+@pytest.mark.parametrize("args,flag", SILENT)
+def test_list_options_are_checked_and_refusal_leaves_no_directory(args, flag, tmp_path, capsys):
+    out = tmp_path / "new" / "run"
+    code, _, err = _run([a.replace("{out}", str(out)) for a in args], capsys)
+    assert code == 2 and flag in err and "Traceback" not in err, err
+    assert not (tmp_path / "new").exists(), "a refused command left a directory (with its lock) behind"
+
+
+@pytest.mark.parametrize("toml,word", [("n_sequences = true\n", "true/false"),
+                                       ("seq-len = 16\nseq_len = 32\n", "twice")])
+def test_toml_bools_for_numbers_and_double_keys_are_refused(toml, word, tmp_path, capsys):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("[spectrum]\n" + toml)
+    code, _, err = _run(["--config", cfg, "spectrum", "--out", tmp_path / "run"], capsys)
+    assert code == 2 and word in err, err
+
+
+def test_library_list_checks():
+    from attnlab.errors import ConfigError
+    from attnlab.validate import check_option
+
+    with pytest.raises(ConfigError, match="--seeds lists 0 twice"):
+        check_option("seeds", [0, 0])
+    with pytest.raises(ConfigError, match="--n-sequences"):
+        check_option("n_sequences", True)
+    assert check_option("seeds", [0, 1]) == [0, 1]
+
+
+def test_reconstruct_train_divergence_is_an_error_naming_lr(tmp_path, capsys):
+    code, _, err = _run(["reconstruct", "train", "--lr", "1e6", "--steps", "3", "--out", tmp_path / "run"], capsys)
+    assert code != 0 and "--lr" in err and "diverged" in err, err
+    assert not (tmp_path / "run" / "results.json").exists()
+
+
+def test_lm_train_divergence_saves_no_model(tmp_path, capsys):
+    out = tmp_path / "lm"
+    code, _, err = _run(["lm", "train", "--preset", "tiny", "--lr", "1e6", "--steps", "3", "--max-bytes", "200000",
+                         "--seq-len", "64", "--long-frac", "0", "--device", "cpu", "--out", out], capsys)
+    assert code != 0 and "--lr" in err and "diverged" in err, err
+    assert not (out / "model.safetensors").exists()

@@ -60,3 +60,15 @@ def test_torchrun_two_nodes_c10d_rendezvous_equal_single(tmp_path):
     for n, (_, err) in zip(nodes, outs):
         assert n.returncode == 0, err[-3000:]
     _assert_same_statistics(tmp_path / "single", tmp_path / "dist")
+
+
+def test_torchrun_fewer_windows_than_ranks_is_one_clear_error(tmp_path):
+    """One window, two ranks: rank 1 would have nothing and stall the all-reduce; both ranks refuse up front."""
+    cmd = ["spectrum", "--n-sequences", "1", "--seq-len", "16", "--layers", "0", "--heads", "0", "--sketch-size", "0",
+           "--no-report"]
+    dist = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                           "--master-port", str(_free_port()), "-m", "attnlab", *cmd, "--out", str(tmp_path / "d")],
+                          env=ENV, capture_output=True, text=True, timeout=300)
+    assert dist.returncode != 0
+    assert "--n-sequences 1: fewer than the 2 torchrun processes" in dist.stdout + dist.stderr
+    assert "/attnlab/" not in "".join(line for line in (dist.stdout + dist.stderr).splitlines() if "File " in line)

@@ -176,3 +176,115 @@ def test_killed_variables_sweep_resumes_without_redoing_trials(tmp_path, sig, va
     after = read_json(trials)["trials"]
     assert done_before <= set(after)
     assert set(after) == set(read_json(variables_ref / "variables_trials.json")["trials"])
+
+
+# ---- corpora that read wrong, hangs (issue 26) --------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tok():
+    from attnlab.sources.loading import load_tokenizer
+
+    return load_tokenizer("minilm")
+
+
+_PARAS = [" ".join(f"word{i}_{j}" for j in range(12)) for i in range(12)]
+
+
+@pytest.mark.parametrize("nl", ["\r\n", "\r"])
+def test_crlf_and_cr_text_split_like_lf(tmp_path, nl):
+    from attnlab.capture.corpus import iter_documents
+
+    (tmp_path / "lf.txt").write_bytes("\n\n".join(_PARAS).encode())
+    (tmp_path / "other.txt").write_bytes((nl * 2).join(p.replace(" ", nl if p is _PARAS[0] else " ")
+                                                        for p in _PARAS).encode())
+    lf = list(iter_documents(tmp_path / "lf.txt"))
+    other = list(iter_documents(tmp_path / "other.txt"))
+    assert len(lf) == len(other) == len(_PARAS)
+    assert other[1:] == lf[1:]
+
+
+def test_jsonl_with_only_empty_texts_is_an_error(tmp_path, tok):
+    from attnlab.capture.corpus import token_windows
+    from attnlab.errors import CorpusError
+
+    p = tmp_path / "c.jsonl"
+    p.write_text("\n".join(json.dumps({"text": t}) for t in ["", "  ", "\n"] * 50))
+    for split in ("all", "fit"):
+        with pytest.raises(CorpusError, match="empty|window"):
+            token_windows(tok, 16, p, split=split)
+
+
+def test_stdlib_corpus_with_a_stdlib_folder_is_ambiguous(tmp_path, monkeypatch):
+    from attnlab.capture.corpus import iter_documents
+    from attnlab.errors import CorpusError
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "stdlib").mkdir()
+    (tmp_path / "stdlib" / "a.txt").write_text("\n\n".join(_PARAS))
+    with pytest.raises(CorpusError, match="ambiguous.*--corpus ./stdlib"):
+        next(iter_documents("stdlib"))
+    assert len(list(iter_documents("./stdlib"))) == len(_PARAS)
+    assert next(iter_documents(None))  # no --corpus: the docstrings
+
+
+def test_model_folder_without_tokenizer_files_is_refused(tmp_path):
+    from transformers import BertConfig, BertModel
+
+    from attnlab.errors import ModelError
+    from attnlab.sources.loading import load_model, load_tokenizer
+
+    BertModel(BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=16, max_position_embeddings=32)).save_pretrained(tmp_path / "m")
+    for call in (lambda: load_model(str(tmp_path / "m")), lambda: load_tokenizer(str(tmp_path / "m"), "--tokenizer")):
+        with pytest.raises(ModelError, match="no tokenizer files"):
+            call()
+
+
+def test_bad_minilm_dir_is_named(monkeypatch, tmp_path):
+    from attnlab.errors import ModelError
+    from attnlab.sources.hf import resolve_model_path
+
+    monkeypatch.setenv("ATTNLAB_MINILM_DIR", str(tmp_path / "missing"))
+    with pytest.raises(ModelError, match="ATTNLAB_MINILM_DIR"):
+        resolve_model_path("minilm")
+
+
+def test_one_long_line_tokenises_in_linear_time(tmp_path, tok):
+    """CPU time of 8x the text stays well under 8^2 x (the old window cutting copied the rest of the buffer
+    for every window: quadratic). Minimum of a few repeats; process time, so a loaded machine does not matter."""
+    import time
+
+    from attnlab.capture.corpus import token_windows
+
+    words = "alpha beta gamma delta epsilon zeta eta theta "
+    sizes = {}
+    for kb in (100, 800):
+        p = tmp_path / f"c{kb}.txt"
+        p.write_text(words * (kb * 1024 // len(words)))
+        best = float("inf")
+        for _ in range(3):
+            t = time.process_time()
+            w = token_windows(tok, 8, p)
+            best = min(best, time.process_time() - t)
+        sizes[kb] = (best, len(w))
+    assert sizes[800][1] > 7 * sizes[100][1]
+    ratio = sizes[800][0] / max(sizes[100][0], 1e-3)
+    assert ratio < 24, f"8x the text took {ratio:.1f}x the time"
+
+
+def test_views_on_a_prime_token_count_uses_real_tiles(tmp_path, minilm):
+    from attnlab.io import read_tensors
+    from attnlab.report.views import attention_views
+
+    meta = attention_views(tmp_path, " ".join(["hello"] * 249), minilm, layers=[0], heads=[0])
+    assert meta["seq_len"] == 251 and meta["block_size"] >= 4
+    blocks = read_tensors(tmp_path / "views.safetensors")[0]["blocks.0"]
+    assert blocks.shape[-1] <= 9
+
+
+def test_views_max_tokens_must_be_positive(tmp_path, minilm):
+    from attnlab.errors import ConfigError
+    from attnlab.report.views import attention_views
+
+    with pytest.raises(ConfigError, match="--max-tokens"):
+        attention_views(tmp_path, "The cat sat on the mat.", minilm, layers=[0], heads=[0], max_tokens=-3)

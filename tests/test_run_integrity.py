@@ -344,3 +344,43 @@ def test_unwritable_out_is_one_clear_error(tmp_path, monkeypatch):
         check_out(tmp_path / "run")
     with pytest.raises(ResultsError, match="not writable"):
         check_out(tmp_path / "model.safetensors", kind="file")
+
+
+# ---- issue 26: file outputs never replace foreign files; spectrum statistics must not leak held-out data ----
+
+def _invoke(args):
+    from attnlab.cli import invoke
+
+    return invoke([str(a) for a in args])
+
+
+@pytest.mark.parametrize("name,content", [("results.json", '{"a": 1}\n'), ("notes.txt", "mine\n"),
+                                          ("other.safetensors", "not attnlab\n")])
+def test_file_out_refuses_foreign_files(tmp_path, capsys, name, content):
+    (tmp_path / "config.json").write_text("{}\n")
+    target = tmp_path / name
+    target.write_text(content)
+    assert _invoke(["sparsity", "train", "--out", target]) != 0
+    assert "refusing to overwrite" in capsys.readouterr().err
+    assert target.read_text() == content
+
+
+def test_file_out_may_replace_its_own_output(tmp_path):
+    from attnlab.io import OUTPUT_MARK, check_foreign_file, write_json, write_tensors
+
+    write_tensors(tmp_path / "m.safetensors", {"x": torch.zeros(1)}, {"k": 1})
+    write_json(tmp_path / "p.json", {OUTPUT_MARK: "sparsity prefill"})
+    check_foreign_file(tmp_path / "m.safetensors")
+    check_foreign_file(tmp_path / "p.json")
+
+
+def test_spectrum_fitted_on_heldout_split_is_refused(tmp_path, capsys):
+    spec = tmp_path / "spec"
+    assert _invoke(["spectrum", "--n-sequences", "4", "--seq-len", "16", "--layers", "0", "--heads", "0",
+                    "--sketch-size", "0", "--no-report", "--split", "heldout", "--out", spec]) == 0
+    capsys.readouterr()
+    code = _invoke(["reconstruct", "run", "--spectrum", spec, "--seq-len", "16", "--layers", "0", "--heads", "0",
+                    "--no-position", "--out", tmp_path / "rec"])
+    err = capsys.readouterr().err
+    assert code == 2 and "leak" in err and "--split fit" in err, err
+    assert not (tmp_path / "rec").exists()

@@ -186,8 +186,11 @@ def _render(run_dir: Path) -> None:
 @app.command()
 def demo(
     out: Path = typer.Option(Path("runs/demo"), "--out", help="Run directory."),
-    n_sequences: int = typer.Option(64, "--n-sequences", help="Windows of stdlib docstrings for the spectrum."),
-    seq_len: int = typer.Option(128, "--seq-len", help="Tokens per window."),
+    n_sequences: Optional[int] = typer.Option(None, "--n-sequences", show_default=False,
+                                              help="Windows of stdlib docstrings for the spectrum [default: 64; "
+                                                   "16 with --quick]."),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", show_default=False,
+                                          help="Tokens per window [default: 128; 64 with --quick]."),
     pillars: str = typer.Option("spectrum,reconstruct,sparsity,variables", "--pillars",
                                 help="Comma-separated subset of spectrum,reconstruct,sparsity,variables."),
     quick: bool = typer.Option(False, "--quick", help="Smallest settings of every pillar: a smoke test of every "
@@ -206,8 +209,10 @@ def demo(
     unknown = set(chosen) - set(PILLARS)
     if unknown or not chosen:
         raise ConfigError(f"--pillars: unknown or empty {sorted(unknown)}; choose from {', '.join(PILLARS)}")
-    path = run_demo(out, n_sequences=16 if quick else n_sequences, seq_len=64 if quick else seq_len, quick=quick,
-                    pillars=chosen)
+    # --quick sets the sizes it needs only where the flag was not given (an explicit size always wins)
+    n_sequences = n_sequences if n_sequences is not None else 16 if quick else 64
+    seq_len = seq_len if seq_len is not None else 64 if quick else 128
+    path = run_demo(out, n_sequences=n_sequences, seq_len=seq_len, quick=quick, pillars=chosen)
     typer.echo(f"report: {path.resolve()}")
     for line in bottom_lines(out):
         typer.echo(f"- {line}")
@@ -278,6 +283,12 @@ def default_map(path: str) -> dict[str, Any]:
         out = {}
         for key, value in table.items():
             name = key.replace("-", "_")
+            if name in out:
+                raise ConfigError(f"--config {path}: [{where.rstrip('.')}] sets {name!r} twice (as "
+                                  f"{name.replace('_', '-')!r} and {name!r}); keep one")
+            if isinstance(value, bool) and name in params and not getattr(params[name], "is_flag", False):
+                raise ConfigError(f"--config {path}: [{where.rstrip('.')}] {key} = {str(value).lower()}: expected "
+                                  "a value of the option's type, not true/false")
             if name not in params:
                 raise ConfigError(f"--config {path}: [{where.rstrip('.')}] has no option {key!r} "
                                   f"(known: {', '.join(sorted(params))})")

@@ -129,9 +129,11 @@ def parse_value(f: ConfigField, value: Any) -> Any:
     from .cli_utils import parse_int_list, split_words
 
     items = split_words([str(x) for x in value] if isinstance(value, (list, tuple)) else [value]) or []
+    from .validate import check_list
+
     if f.kind == "ints":
-        return parse_int_list(",".join(items), f.flag)
-    return [_number(x) for x in items]
+        return check_list(f.name, parse_int_list(",".join(items), f.flag), f.flag)
+    return check_list(f.name, [_number(x) for x in items], f.flag)
 
 
 def _number(x: Any) -> Any:

@@ -136,7 +136,8 @@ def read_json(path: str | os.PathLike) -> Any:
     try:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ResultsError(f"{path}: corrupt or truncated JSON ({e}); delete it or re-run without --resume") from e
+        raise ResultsError(f"{path}: corrupt or truncated JSON ({e}); delete it (it cannot be read) or choose "
+                          "another --out") from e
 
 
 def write_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any] | None = None) -> Path:
@@ -170,12 +171,25 @@ _HELD: dict[str, list] = {}  # real path of a lock file -> [fd, depth] (re-entra
 _CHECKPOINTS = 0
 
 
+def check_name_lengths(p: Path, flag: str = "--out") -> None:
+    """Refuse a path with a component longer than the file system allows (else ENAMETOOLONG later)."""
+    try:
+        limit = os.pathconf(next((a for a in [p, *p.parents] if a.exists()), Path(".")), "PC_NAME_MAX")
+    except (OSError, ValueError):
+        limit = 255
+    for part in p.parts:
+        if len(os.fsencode(part)) > limit:
+            raise ConfigError(f"{flag} {str(p)[:60]}...: the name {part[:24]}... is {len(os.fsencode(part))} bytes long, "
+                              f"over the file system's {limit}; choose a shorter {flag}")
+
+
 def check_out(path: str | os.PathLike | None, flag: str = "--out", kind: str = "dir") -> Path:
     """Check (and create) an output location before any work: not empty, right kind, writable. Returns it."""
     raw = "" if path is None else os.fspath(path)
     if not str(raw).strip():
         raise ConfigError(f"{flag} is empty; give a {'run directory' if kind == 'dir' else 'file path'}")
     p = Path(raw)
+    check_name_lengths(p, flag)
     if kind == "dir" and p.exists() and not p.is_dir():
         raise ConfigError(f"{flag} {p}: exists and is not a directory; give a run directory")
     if kind == "file" and p.is_dir():
@@ -199,7 +213,16 @@ def lock_output(path: str | os.PathLike, flag: str = "--out", kind: str = "dir")
     """
     import fcntl
 
+    target = Path(os.fspath(path)) if kind == "dir" else Path(os.fspath(path)).parent
+    fresh = None  # the topmost folder this call creates (removed again if the command fails with nothing in it)
+    if str(os.fspath(path)).strip():
+        for d in [target, *target.absolute().parents]:
+            if d.exists():
+                break
+            fresh = d
     p = check_out(path, flag, kind)
+    if kind == "file":
+        check_foreign_file(p, flag)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and int(os.environ.get("RANK", "0")) != 0:
         yield p  # under torchrun rank 0 holds the lock for the whole job (the other ranks do not write)
         return
@@ -226,12 +249,68 @@ def lock_output(path: str | os.PathLike, flag: str = "--out", kind: str = "dir")
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()}\n".encode())
     _HELD[key] = [fd, 1]
+    failed = True
     try:
         yield p
+        failed = False
     finally:
+        if failed and fresh is not None:
+            _remove_if_only_lock(target, lock, fresh)
         del _HELD[key]
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
+
+
+def _remove_if_only_lock(folder: Path, lock: Path, top: Path) -> None:
+    """A refused or failed command that created ``folder`` (and its parents up to ``top``) leaves nothing behind
+    when only its lock is there."""
+    try:
+        if {e.name for e in os.scandir(folder)} <= {lock.name}:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(lock)
+            d = folder.absolute()
+            while True:
+                d.rmdir()  # OSError when not empty: stop
+                if d == top.absolute():
+                    break
+                d = d.parent
+    except OSError:
+        pass
+
+
+OUTPUT_MARK = "attnlab_output"  # top-level key of a JSON file an attnlab command wrote as its --out file
+RUN_FILES = (RESULTS, CONFIG, TIMINGS)
+
+
+def check_foreign_file(path: Path, flag: str = "--out") -> None:
+    """Refuse, before any work, to replace an existing file that attnlab did not write as a command's output:
+    a run directory's results/config/timings, a safetensors file without attnlab metadata, a JSON file without
+    the ``attnlab_output`` mark, or anything else."""
+    if not path.exists():
+        return
+    why = None
+    if path.name in RUN_FILES:
+        why = "it belongs to a run directory"
+    elif path.suffix == ".safetensors":
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as fh:
+                if "attnlab" not in (fh.metadata() or {}):
+                    why = "it is a safetensors file attnlab did not write"
+        except Exception:
+            why = "it is not a readable safetensors file"
+    elif path.suffix == ".json":
+        try:
+            if OUTPUT_MARK not in json.loads(path.read_text()):
+                why = "it is a JSON file attnlab did not write"
+        except (ValueError, UnicodeDecodeError, TypeError):
+            why = "it is not an attnlab JSON output"
+    else:
+        why = "attnlab did not write it"
+    if why:
+        raise ResultsError(f"{flag} {path}: exists and {why}; refusing to overwrite it -- choose another {flag} or "
+                           "move the file away")
 
 
 def checkpoint_written() -> None:
@@ -259,6 +338,16 @@ class RunDir:
             self.path = Path(path)
         if not self.path.is_dir():
             raise ResultsError(f"{self.path}: run directory does not exist")
+        if create:  # a damaged run file fails now, before any work, not after it (the work would be lost)
+            for name in (CONFIG, RESULTS, TIMINGS):
+                data = self._read(name)
+                if not isinstance(data, dict):
+                    raise ResultsError(f"{self.file(name)}: not an attnlab run file (a JSON object is expected); "
+                                       "delete it or choose another --out")
+
+    def config(self) -> dict[str, Any]:
+        """config.json: the settings of each command that wrote into this run (empty if none)."""
+        return self._read(CONFIG)
 
     def file(self, name: str) -> Path:
         """Path of a file inside the run directory."""

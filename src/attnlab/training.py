@@ -16,7 +16,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
-from .errors import ResultsError
+from .errors import NumericalError, ResultsError
 from .io import read_tensors, write_tensors
 
 CHECKPOINT_KIND = "attnlab entmax partial training"  # the first trainer's file kind, kept for old files
@@ -50,6 +50,21 @@ def optimizer_step(loss: torch.Tensor, model: torch.nn.Module, opt: torch.optim.
         sched.step()
 
 
+def check_diverged(model: torch.nn.Module, step: int, loss: Any = None, lr: Optional[float] = None) -> None:
+    """NumericalError naming --lr when ``loss`` (a number or tensor) or any parameter of ``model`` is NaN/inf:
+    a diverged model is never evaluated, saved or cached."""
+    lv = None if loss is None else float(loss.detach() if isinstance(loss, torch.Tensor) else loss)
+    bad = lv is not None and not math.isfinite(lv)
+    if not bad:
+        bad = any(not bool(torch.isfinite(p).all()) for p in model.parameters())
+        what = "the weights became NaN/inf"
+    else:
+        what = f"loss {lv}"
+    if bad:
+        now = "" if lr is None else f" (now {lr:g})"
+        raise NumericalError(f"training diverged at step {step} ({what}); lower --lr{now}")
+
+
 def train_steps(model: torch.nn.Module, opt: torch.optim.Optimizer, steps: int,
                 step_loss: Callable[[int], torch.Tensor], *, start: int = 0,
                 sched: Optional[torch.optim.lr_scheduler.LRScheduler] = None, clip: Optional[float] = None,
@@ -59,12 +74,16 @@ def train_steps(model: torch.nn.Module, opt: torch.optim.Optimizer, steps: int,
     The model is in training mode throughout; returns the number of steps done."""
     model.train()
     step = start
+    lr = opt.param_groups[0].get("initial_lr", opt.param_groups[0]["lr"]) if opt.param_groups else None
     while step < steps:
         loss = step_loss(step)
+        if not bool(torch.isfinite(loss.detach()).all()):
+            check_diverged(model, step, loss, lr)
         optimizer_step(loss, model, opt, sched, clip)
         step += 1
         if after_step is not None and after_step(step, loss):
             break
+    check_diverged(model, step, lr=lr)  # the last update can break the weights after a finite loss
     return step
 
 

@@ -94,14 +94,18 @@ def seed(value: Any, flag: str = "--seed") -> Any:
 
 
 _POS_INT = at_least(1)
+#: Largest training/test set the variables experiments accept (10^7 examples of T bits: gigabytes already).
+MAX_EXAMPLES = 10_000_000
+_EXAMPLES = between(1, MAX_EXAMPLES)
 _NON_NEG = non_negative
 # Option name -> validator, applied by the CLI to every command's options of that name (None = not given).
 RULES: dict[str, Callable[[Any, str], Any]] = {
     **{name: _POS_INT for name in (
         "batch_size", "n_sequences", "n_fit", "n_eval", "rank", "epochs", "d_model", "n_heads", "n_layers",
-        "vocab_size", "max_windows", "proxy_rank", "refresh", "seeds", "m", "m_min", "m_max", "n_test", "max_steps",
+        "vocab_size", "max_windows", "proxy_rank", "refresh", "seeds", "max_steps",
         "hf_seq_len", "head_chunk", "basis_k", "k", "s")},
     "seq_len": at_least(2, " (a window needs at least 2 tokens)"),
+    **{name: _EXAMPLES for name in ("m", "m_min", "m_max", "n_test")},
     **{name: _NON_NEG for name in ("n_down", "hf_finetune_steps", "steps", "sketch_size", "ridge", "jitter",
                                    "weight_decay", "penalty", "budget_s")},
     "force_window": at_least(-1),
@@ -119,15 +123,56 @@ RULES: dict[str, Callable[[Any, str], Any]] = {
 }
 
 
+# List option name -> validator of each item (list options are also checked for finite numbers and repeats).
+LIST_RULES: dict[str, Callable[[Any, str], Any]] = {
+    "frontier_budgets": between(0, 1, lo_open=True),
+    "budgets": positive,
+    "targets": between(0, 1, lo_open=True, hi_open=True),
+    "seeds": seed,
+    **{name: _NON_NEG for name in ("layers", "heads")},
+    **{name: _POS_INT for name in ("frontier_ranks", "ranks", "T", "t_values")},
+}
+
+
+def check_list(name: str, values: Any, flag: Optional[str] = None) -> Any:
+    """Every item of list option ``name``: a finite number if numeric, no item twice (a repeated seed or layer
+    would be counted twice), and the item rule of :data:`LIST_RULES` (e.g. budgets in (0, 1])."""
+    flag = flag or flag_of(name)
+    rule = LIST_RULES.get(name)
+    seen: set = set()
+    for v in values:
+        if isinstance(v, bool) and rule is not None:
+            raise ConfigError(f"{flag} {v!r}: expected a number, not true/false")
+        if isinstance(v, str) and v.strip().lower() in ("nan", "inf", "+inf", "-inf", "infinity", "-infinity"):
+            raise ConfigError(f"{flag} {v}: must be a finite number")
+        if isinstance(v, (int, float)):
+            finite(v, flag)
+            if rule is not None:
+                rule(v, flag)
+        key = v if not isinstance(v, float) or not v.is_integer() else int(v)
+        if isinstance(key, (int, float, str)) and key in seen:
+            raise ConfigError(f"{flag} lists {v} twice; give each value once")
+        if isinstance(key, (int, float, str)):
+            seen.add(key)
+    return values
+
+
 def check_option(name: str, value: Any, flag: Optional[str] = None) -> Any:
-    """Apply the rule for option ``name`` (if any) to ``value``; floats must always be finite."""
-    if value is None or isinstance(value, bool):
+    """Apply the rule for option ``name`` (if any) to ``value``; floats must always be finite; a bool where a
+    number is expected (TOML ``n_sequences = true``) is refused; lists go through :func:`check_list`."""
+    if value is None:
         return value
     flag = flag or flag_of(name)
+    if isinstance(value, (list, tuple)):
+        return check_list(name, value, flag)
+    rule = RULES.get(name)
+    if isinstance(value, bool):
+        if rule is not None and name != "device":
+            raise ConfigError(f"{flag} {str(value).lower()}: expected a number, not true/false")
+        return value
     if isinstance(value, float):
         finite(value, flag)
-    rule = RULES.get(name)
-    if rule is not None and not isinstance(value, (list, tuple)):
+    if rule is not None:
         rule(value, flag)
     return value
 
@@ -158,10 +203,60 @@ def attention_bytes(batch: int, heads: int, n: int, layers: int = 1, factor: flo
     return float(batch) * heads * n * n * 4 * layers * factor
 
 
-def check_fields(obj: Any, skip: tuple[str, ...] = ("device",)) -> None:
-    """Apply :data:`RULES` to every field of a config dataclass that has a rule (library calls get the CLI's checks)."""
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether ``value`` has the annotated type (int, float, str, bool, Optional/Union, list/tuple of those)."""
+    import typing
+
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any or hint is None or isinstance(hint, (str, typing.TypeVar)):
+        return True if hint is not None else value is None
+    if hint is type(None):
+        return value is None
+    if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
+        return any(_fits(value, a) for a in args)
+    if origin is typing.Literal:
+        return value in args
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            return False
+        inner = [a for a in args if a is not Ellipsis]
+        return not inner or all(_fits(v, inner[0]) for v in value)
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    return True  # other types (tensors, models, ...) are checked where they are used
+
+
+def _type_name(hint: Any) -> str:
+    if isinstance(hint, type):
+        return hint.__name__
+    return str(hint).replace("typing.", "").replace("NoneType", "None")
+
+
+def check_fields(obj: Any, skip: tuple[str, ...] = ()) -> None:
+    """Apply :data:`RULES` to every field of a config dataclass that has a rule, after checking each value against
+    its annotated type (library calls get the CLI's checks: ``seq_len=16.5`` or ``layers='0-2'`` are refused)."""
+    import typing
     from dataclasses import fields
 
+    try:
+        hints = typing.get_type_hints(type(obj))
+    except Exception:  # an annotation that does not resolve: skip the type check
+        hints = {}
     for f in fields(obj):
-        if f.name not in skip:
-            check_option(f.name, getattr(obj, f.name))
+        if f.name in skip:
+            continue
+        value = getattr(obj, f.name)
+        hint = hints.get(f.name, Any)
+        if isinstance(value, float) and hint is int and value.is_integer():
+            value = int(value)  # TOML/JSON 16.0 for an int option
+            object.__setattr__(obj, f.name, value)
+        if not _fits(value, hint):
+            raise ConfigError(f"{flag_of(f.name)} {value!r}: expected {_type_name(hint)}, got {type(value).__name__}"
+                              + (" (give a list of ints, e.g. [0, 1, 2])" if "list" in _type_name(hint) else ""))
+        check_option(f.name, value)

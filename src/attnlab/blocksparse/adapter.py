@@ -16,7 +16,7 @@ from torch import Tensor
 from attnlab.blocksparse.blockmask import BlockPattern
 from attnlab.blocksparse.predictors.cluster import pattern_from_ids
 from attnlab.blocksparse.predictors.core import BlockPredictor
-from attnlab.blocksparse.predictors.pooled import PooledBudgetPredictor
+from attnlab.blocksparse.predictors.pooled import PooledBudgetPredictor, check_call
 from attnlab.errors import ConfigError
 
 __all__ = ["AssignBlockPredictor", "TokenGraphBlocks", "as_block_predictor"]
@@ -35,6 +35,7 @@ class AssignBlockPredictor:
     def predict_blocks(self, q: Tensor, k: Tensor, block_size: int = 128, causal: bool = False,
                        scale: float | None = None) -> BlockPattern:
         """q, k -> permuted :class:`BlockPattern` from the wrapped predictor's bucket ids."""
+        check_call(q, k, block_size, scale)
         q_ids, k_ids = self.predictor.assign(q, k)
         if q_ids.dim() == 3:
             q_ids, k_ids = q_ids.unsqueeze(-1), k_ids.unsqueeze(-1)

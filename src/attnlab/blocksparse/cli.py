@@ -8,7 +8,6 @@ from typing import Optional
 import typer
 
 from ..cli_config import config_command, option
-from ..cli_utils import fail
 
 __all__ = ["register"]
 
@@ -16,20 +15,16 @@ __all__ = ["register"]
 def _prefill(settings: dict, out: Optional[str]) -> None:
     """Real forward of a causal model with every attention layer replaced by predicted block-sparse attention:
     per-head density, measured recall and output error; loss change and speed vs SDPA flash / cuDNN."""
-    from ..errors import AttnlabError
-    from ..io import write_json
+    from ..io import OUTPUT_MARK, write_json
     from ..distributed import is_main_process
     from .prefill import PrefillConfig, format_summary, run_prefill
 
-    try:
-        res = run_prefill(PrefillConfig(**settings), log=typer.echo)
-    except AttnlabError as e:
-        fail(e)
+    res = run_prefill(PrefillConfig(**settings), log=typer.echo)
     if not is_main_process():  # torchrun: rank 0 prints and writes
         return
     typer.echo(format_summary(res))
     if out:
-        write_json(out, res)
+        write_json(out, {OUTPUT_MARK: "sparsity prefill", **res})  # the mark lets a re-run replace it
         typer.echo(f"wrote {out}")
 
 

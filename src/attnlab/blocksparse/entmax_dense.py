@@ -33,6 +33,13 @@ def check_entmax_inputs(q: Tensor, k: Tensor, v: Tensor, alpha: float) -> int:
     query-group size H / Hkv (1 = no GQA)."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ShapeError(f"q, k, v must be (B, H, N, d); got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    from .contracts import FLOAT_DTYPES
+
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.dtype not in FLOAT_DTYPES:
+            raise ShapeError(f"{name} has dtype {x.dtype}; attention needs float16, bfloat16, float32 or float64")
+        if x.dtype != q.dtype or x.device != q.device:
+            raise ShapeError(f"{name} must have q's dtype and device ({q.dtype}, {q.device}), got {x.dtype}, {x.device}")
     if k.shape[:3] != v.shape[:3] or q.shape[0] != k.shape[0] or q.shape[-1] != k.shape[-1]:
         raise ShapeError(f"k and v must be (B, Hkv, M, d) with q's batch and head dim; got q {tuple(q.shape)}, "
                          f"k {tuple(k.shape)}, v {tuple(v.shape)}")

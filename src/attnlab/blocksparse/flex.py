@@ -24,6 +24,7 @@ from torch import Tensor
 
 from attnlab.errors import ConfigError, ShapeError
 from attnlab.blocksparse.adapter import AssignBlockPredictor, as_block_predictor
+from attnlab.blocksparse.contracts import check_int, check_qk, check_qkv, check_scale, keep_mask
 from attnlab.blocksparse.blockmask import (
     BlockPattern,
     permute_tokens,
@@ -126,11 +127,16 @@ def resolve_pattern(q: Tensor, k: Tensor, predictor: Any = None, block_size: int
 
     * ``None`` -> ``PooledBudgetPredictor(budget=budget or 0.1)``;
     * a :class:`BlockPattern` (used as is);
-    * a bool tensor, (B, H, N/bs, M/bs) block graph or (B, H, N, M) token graph (any pair -> tile);
+    * a bool tensor, (B, H, N/bs, M/bs) block graph or (B, H, N, M) token graph (any pair -> tile; B and H
+      may be 1); a float tensor is read as an SDPA-style additive mask: 0 keep, -inf drop (other values,
+      i.e. a bias, are refused: the pattern cannot carry them);
     * an object with ``predict_blocks`` (``budget`` replaces its ``budget`` field when given);
     * a token-level predictor with ``assign(q, k)`` (bucket ids -> permutation);
     * a token-level predictor with only ``predict(q, k, valid)`` -> token graph (O(N^2): small N only)
     (the last three through :func:`attnlab.blocksparse.adapter.as_block_predictor`)."""
+    check_qk(q, k)
+    check_int(block_size, "block_size")
+    check_scale(scale)
     n, m = q.shape[2], k.shape[2]
     if n % block_size or m % block_size:
         raise ShapeError(f"sequence lengths {n}, {m} must be multiples of block_size {block_size}; pad first")
@@ -142,16 +148,23 @@ def resolve_pattern(q: Tensor, k: Tensor, predictor: Any = None, block_size: int
             raise ConfigError("the given BlockPattern has another block_size or causal flag than the call")
         return predictor
     if isinstance(predictor, Tensor):
-        g = predictor.bool()
-        if g.dim() != 4:
-            raise ShapeError(f"a mask must be (B, H, nq, nk) or (B, H, N, M), got {tuple(g.shape)}")
-        if g.shape[-2:] == (n, m) and (n, m) != (n // block_size, m // block_size):
-            g = token_to_block_graph(g, block_size)
-        elif g.shape[-2:] != (n // block_size, m // block_size):
-            raise ShapeError(f"mask shape {tuple(g.shape)} fits neither N={n} nor N/bs={n // block_size}")
-        g = g.expand(q.shape[0], q.shape[1], -1, -1)
-        return pattern_from_block_graph(g, block_size, causal)
+        return _pattern_from_mask(q, predictor, n, m, block_size, causal)
     return as_block_predictor(predictor, budget).predict_blocks(q, k, block_size, causal, scale)
+
+
+def _pattern_from_mask(q: Tensor, mask: Tensor, n: int, m: int, block_size: int, causal: bool) -> BlockPattern:
+    g = keep_mask(mask, "predictor")
+    if g.device != q.device:
+        raise ShapeError(f"predictor mask is on {g.device}, q on {q.device}")
+    if g.shape[-2:] == (n, m) and (n, m) != (n // block_size, m // block_size):
+        g = token_to_block_graph(g, block_size)
+    elif g.shape[-2:] != (n // block_size, m // block_size):
+        raise ShapeError(f"mask shape {tuple(g.shape)} fits neither N={n} nor N/bs={n // block_size}")
+    B, H = q.shape[:2]
+    if g.shape[0] not in (1, B) or g.shape[1] not in (1, H):
+        raise ShapeError(f"predictor mask has batch {g.shape[0]}, heads {g.shape[1]}; q has batch {B}, heads {H} "
+                         "(use 1 or the same number of each)")
+    return pattern_from_block_graph(g.expand(B, H, -1, -1), block_size, causal)
 
 
 def run_pattern(q: Tensor, k: Tensor, v: Tensor, pattern: BlockPattern, backend: str = "auto",
@@ -192,8 +205,7 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, predictor: Any = None, blo
     The budget caps work, it does not guarantee recall: check ``mass_recall`` on your data.
     Returns the output (B, H, N, D), or ``(out, pattern, stats)`` with ``return_pattern`` (stats: density =
     fraction of tiles computed, permuted, backend)."""
-    if q.dim() != 4 or k.shape != v.shape[:-1] + (k.shape[-1],) or q.shape[:2] != k.shape[:2]:
-        raise ShapeError(f"q, k, v must be (B, H, N, D); got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    check_qkv(q, k, v)
     pattern = resolve_pattern(q, k, predictor, block_size, budget, causal, scale)
     out = run_pattern(q, k, v, pattern, backend, scale, kernel_options=kernel_options)
     if not return_pattern:
@@ -220,11 +232,17 @@ def masked_rows_reference(q: Tensor, k: Tensor, v: Tensor, pattern: BlockPattern
 
 
 def masked_attention_reference_from_scores(s: Tensor, mask: Tensor, v: Tensor) -> Tensor:
-    """softmax(s masked) @ v with empty rows -> 0."""
+    """softmax(s masked) @ v with empty rows -> 0. A non-finite value row of a masked-out key does not reach
+    the rows that do not see it (0 * NaN would spread it to every row); a kept one does."""
     s = s.masked_fill(~mask, float("-inf"))
     empty = ~mask.any(dim=-1, keepdim=True)
     p = torch.softmax(s.masked_fill(empty, 0.0), dim=-1).masked_fill(empty | ~mask, 0.0)
-    return torch.matmul(p, v)
+    bad = ~torch.isfinite(v).all(dim=-1)  # (..., M)
+    if not bad.any():
+        return torch.matmul(p, v)
+    out = torch.matmul(p, v.masked_fill(bad.unsqueeze(-1), 0.0))
+    seen = (mask & bad.unsqueeze(-2)).any(dim=-1, keepdim=True)  # a row that sees a non-finite value
+    return out.masked_fill(seen, float("nan"))
 
 
 def relative_error(out: Tensor, ref: Tensor) -> float:

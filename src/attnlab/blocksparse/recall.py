@@ -173,6 +173,15 @@ def mass_recall(q: Tensor, k: Tensor, pattern: BlockPattern, rows: int = 256, to
     """Recall of the pattern against exact dense attention on ``rows`` uniformly sampled query rows (same rows
     for every head; float32 scores): ``mass`` = mean softmax mass inside the kept pairs; ``mass_min_head`` =
     worst head; ``topk`` = fraction of each row's ``topk`` largest-logit keys that are kept."""
+    from attnlab.blocksparse.contracts import check_int, check_qk, check_scale
+
+    check_qk(q, k)
+    check_int(rows, "rows")
+    check_int(topk, "topk")
+    check_scale(scale)
+    if not isinstance(pattern, BlockPattern):
+        raise ConfigError(f"pattern must be a BlockPattern (e.g. from sparse_attention(..., return_pattern=True)), "
+                          f"got {type(pattern).__name__}")
     N, D = q.shape[2], q.shape[3]
     scale = D ** -0.5 if scale is None else scale
     idx = sample_rows(N, rows, seed, None, q.device)

@@ -96,8 +96,9 @@ def block_mask_from_graph(block_graph: Tensor, block: int, seq_len: Optional[int
     the tail of the last block is masked (causal: implied by the causal mask)."""
     from torch.nn.attention.flex_attention import BlockMask
 
-    if block_graph.dim() != 4:
-        raise ShapeError(f"block graph must be (B, H, nq, nk); got {tuple(block_graph.shape)}")
+    from .contracts import keep_mask
+
+    block_graph = keep_mask(block_graph, "block_graph")
     if isinstance(block, bool) or not isinstance(block, int) or block < 1:
         raise ConfigError(f"block must be a positive int (got {block!r})")
     nq, nk = block_graph.shape[-2:]
@@ -143,6 +144,10 @@ def entmax_threshold(q: Tensor, k: Tensor, v: Tensor, block_mask: Any, alpha: fl
     Newton (see the module docstring); ``tol`` bounds |log sum_j relu(z_j - tau)^r| on every row."""
     G = check_entmax_inputs(q, k, v, alpha)
     _check_solver(n_iter, tol)
+    from .contracts import check_block_mask, check_scale
+
+    check_block_mask(block_mask, q, k)
+    check_scale(scale)
     a1, r = alpha - 1.0, 1.0 / (alpha - 1.0)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     dt = torch.float64 if q.dtype == torch.float64 else torch.float32

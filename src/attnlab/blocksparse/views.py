@@ -18,13 +18,19 @@ class PredictedBlocks:
 
     def __call__(self, q: Tensor, k: Tensor, block_size: int, budget: float) -> Tensor:
         """The kept-tile graph of batch row 0."""
-        pred = PooledBudgetPredictor(budget=budget, pool=max(1, block_size // 4))
+        pred = PooledBudgetPredictor(budget=budget, pool=_pool(block_size))
         return resolve_pattern(q, k, pred, block_size=block_size).block_graph()[0]
 
     def describe(self, block_size: int, budget: float) -> str:
         """What the overlay shows (saved in the views' metadata)."""
         # the class's former name, kept so that saved views metadata stays byte-identical
-        return f"PooledBlockPredictor(budget={budget}, pool={max(1, block_size // 4)}) (sparse_attention's default kind)"
+        return f"PooledBlockPredictor(budget={budget}, pool={_pool(block_size)}) (sparse_attention's default kind)"
 
 
 PREDICTED_BLOCKS = PredictedBlocks()
+
+
+def _pool(block_size: int) -> int:
+    """Sub-block size for the overlay: a quarter tile when it divides the tile, else 1 token."""
+    p = max(1, block_size // 4)
+    return p if block_size % p == 0 else 1

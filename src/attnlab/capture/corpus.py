@@ -1,7 +1,10 @@
 """Text corpora: files, directories, JSON lines, or the default (Python stdlib docstrings), cut into
 fixed-length token windows with a deterministic fit / held-out split.
 
-A *document* is a blank-line separated paragraph of a text file, one JSON-lines record, or one docstring.
+A *document* is a blank-line separated paragraph of a text file (line ends LF, CRLF or CR alike), one non-empty
+JSON-lines record, or one docstring. ``--corpus stdlib`` (or no --corpus) means the Python stdlib docstrings; when
+a file or folder named ``stdlib`` also exists in the working directory, an explicit ``stdlib`` is refused as
+ambiguous (give ``./stdlib`` for the folder, or leave --corpus out for the docstrings).
 Split rule: when the corpus has at least ``MIN_SPLIT_DOCS`` documents on each side of a stable hash of their
 text (20% held out), fit and held-out windows come from different documents. A smaller corpus is split by
 windows instead: all documents are cut into windows in order and the last 20% of the windows (at least one)
@@ -61,9 +64,10 @@ def _read_text_file(path: Path) -> str:
     if b"\x00" in data[:8192]:
         raise CorpusError(f"--corpus {path}: looks like a binary file (NUL bytes); give a UTF-8 text file")
     try:
-        return data.decode("utf-8")
+        text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise CorpusError(f"--corpus {path}: not valid UTF-8 text ({e})") from e
+    return text.replace("\r\n", "\n").replace("\r", "\n")  # CRLF / CR files split like LF ones
 
 
 def _read_jsonl(path: Path, text_field: str) -> Iterator[str]:
@@ -74,10 +78,10 @@ def _read_jsonl(path: Path, text_field: str) -> Iterator[str]:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
             raise CorpusError(f"--corpus {path}:{lineno}: invalid JSON line ({e})") from e
-        if isinstance(obj, str):
-            yield obj
-        elif isinstance(obj, dict) and isinstance(obj.get(text_field), str):
-            yield obj[text_field]
+        if isinstance(obj, str) or (isinstance(obj, dict) and isinstance(obj.get(text_field), str)):
+            text = obj if isinstance(obj, str) else obj[text_field]
+            if text.strip():  # an empty record is not a document (it would give windows of separators)
+                yield text
         else:
             keys = ", ".join(repr(k) for k in obj) if isinstance(obj, dict) else type(obj).__name__
             raise CorpusError(f"--corpus {path}:{lineno}: no string field {text_field!r} (this record has {keys}); "
@@ -112,7 +116,7 @@ def corpus_files(path: Path) -> list[Path]:
 
 def iter_documents(source: Optional[str | Path] = None, text_field: str = "text") -> Iterator[str]:
     """Yield documents from ``source``: None/'stdlib', a text file, a .jsonl file or a directory of them."""
-    if source is None or str(source) == DEFAULT_CORPUS:
+    if is_stdlib(source):
         yield from stdlib_docstrings()
         return
     path = Path(source)
@@ -134,6 +138,21 @@ def iter_documents(source: Optional[str | Path] = None, text_field: str = "text"
             yield from (p for p in text.split("\n\n") if p.strip())
 
 
+def is_stdlib(source: Optional[str | Path]) -> bool:
+    """True for the built-in stdlib-docstring corpus (None or the string 'stdlib'); CorpusError when 'stdlib'
+    also names an existing path (the two readings would give different experiments)."""
+    if source is None:
+        return True
+    if isinstance(source, Path) or str(source) != DEFAULT_CORPUS:
+        return False
+    if os.path.lexists(DEFAULT_CORPUS):
+        here = Path(DEFAULT_CORPUS).resolve()
+        raise CorpusError(f"--corpus stdlib is ambiguous: it names the built-in corpus of Python stdlib docstrings and "
+                          f"the existing path {here}; give --corpus ./stdlib for that path, or leave --corpus out for "
+                          f"the docstrings")
+    return True
+
+
 def is_heldout(doc: str, heldout_fraction: float) -> bool:
     """Deterministic document-level split: a stable hash of the text picks the held-out share."""
     h = int.from_bytes(hashlib.blake2b(doc.encode(), digest_size=8).digest(), "little")
@@ -153,7 +172,7 @@ def special_tokens(tokenizer) -> tuple[list[int], list[int]]:
 def split_rule(source: Optional[str | Path] = None, heldout_fraction: float = HELDOUT_FRACTION,
                text_field: str = "text") -> str:
     """'documents' when each side of the hash split has >= MIN_SPLIT_DOCS documents, else 'windows'."""
-    if source is None or str(source) == DEFAULT_CORPUS:
+    if is_stdlib(source):
         return "documents"
     n = [0, 0]
     for doc in iter_documents(source, text_field):
@@ -174,12 +193,17 @@ def _cut(tokenizer, docs, seq_len: int, max_windows: Optional[int]) -> tuple[lis
     windows: list[list[int]] = []
     buf: list[int] = []
     for doc in docs:
-        buf.extend(tokenizer(doc, add_special_tokens=False, verbose=False)["input_ids"] + sep)
-        while len(buf) >= body:
-            windows.append(prefix + buf[:body] + suffix)
-            buf = buf[body:]
+        ids = tokenizer(doc, add_special_tokens=False, verbose=False)["input_ids"]
+        if not ids:
+            continue
+        buf.extend(ids + sep)
+        start = 0  # cut by offset, then drop the used head once: linear in the document length
+        while len(buf) - start >= body:
+            windows.append(prefix + buf[start:start + body] + suffix)
+            start += body
             if max_windows is not None and len(windows) >= max_windows:
-                return windows, len(buf)
+                return windows, len(buf) - start
+        del buf[:start]
     return windows, len(buf)
 
 

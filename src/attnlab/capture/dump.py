@@ -25,6 +25,12 @@ def capture_scores(model: Model, windows: torch.Tensor, layers: Optional[list[in
     Raises ConfigError if the result would exceed ``max_bytes`` (use fewer --n-sequences, layers or heads,
     or the streaming ``spectrum`` command instead).
     """
+    from ..validate import check_option
+
+    check_option("batch_size", batch_size, "batch_size")
+    if not isinstance(windows, torch.Tensor) or windows.dim() != 2:
+        raise ConfigError(f"windows must be a (M, seq_len) tensor of token ids, got "
+                          f"{tuple(windows.shape) if isinstance(windows, torch.Tensor) else type(windows).__name__}")
     src = as_source(model)
     layers = check_layers(layers, src.n_layers)
     heads = check_heads(heads, src.n_heads)

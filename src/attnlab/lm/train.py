@@ -15,6 +15,7 @@ import torch
 
 from ..errors import ConfigError, ResultsError
 from ..io import write_json
+from ..training import check_diverged
 from .data import EOS_ID, VOCAB, load_corpus, windows
 
 META = "attnlab_lm.json"
@@ -211,7 +212,7 @@ def train_lm(cfg: LMConfig, out: str | Path, log: Optional[Callable[[str], None]
         if step == 1 or step % 25 == 0:
             lv = float(loss.detach())
             if not math.isfinite(lv):
-                raise ResultsError(f"training diverged at step {step} (loss {lv}); lower --lr")
+                check_diverged(model, step, lv, cfg.lr)
             el = time.perf_counter() - t0
             history.append({"step": step, "loss": lv, "lr": lr, "elapsed_s": round(el, 2)})
             history[-1]["seq_len"] = n
@@ -220,6 +221,7 @@ def train_lm(cfg: LMConfig, out: str | Path, log: Optional[Callable[[str], None]
             log(f"step {step}: loss {lv:.4f} (len {n}) lr {lr:.2e} {tokens / max(el, 1e-9):,.0f} tok/s")
     if device.type == "cuda":
         torch.cuda.synchronize()
+    check_diverged(model, step, lr=cfg.lr)  # never evaluate, save or cache a NaN model
     seconds = time.perf_counter() - t0
     eg = torch.Generator().manual_seed(cfg.seed + 1)
     train_loss = evaluate(model, windows(corpus.train, cfg.seq_len, cfg.eval_windows, eg), device)
@@ -231,6 +233,7 @@ def train_lm(cfg: LMConfig, out: str | Path, log: Optional[Callable[[str], None]
             "long_train_loss": evaluate(model, windows(corpus.train, cfg.long_seq_len, nl, eg), device),
             "long_heldout_loss": evaluate(model, windows(corpus.heldout, cfg.long_seq_len, nl, contiguous=True), device),
             "long_eval_windows": nl}
+    check_diverged(model, step, train_loss + held_loss, cfg.lr)  # NaN/inf if either is
     log(f"done: {step} steps in {seconds:.0f}s; at {cfg.seq_len}: train loss {train_loss:.4f}, held-out loss "
         f"{held_loss:.4f} (nats/byte); at {cfg.long_seq_len}: {long_eval}")
     meta = {"key": cfg.key(), "config": asdict(cfg), "device": str(device), "n_params": n_params, "steps": step,

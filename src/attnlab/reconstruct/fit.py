@@ -369,5 +369,18 @@ def fit_from_spectrum(run_dir: str | Path) -> ReconstructionFit:
         heads.add(h)
     if not out:
         raise ResultsError(f"{run.file(TENSORS)}: no per-head row statistics (is this a spectrum run?)")
+    conf = sec.get("config") or {}
     return ReconstructionFit(out, {"model": meta.get("model"), "seq_len": int(meta["seq_len"]), "layers": sorted(layers),
-                                   "heads": sorted(heads), "d_head": None, "source": f"spectrum:{run.path}"})
+                                   "heads": sorted(heads), "d_head": None, "source": f"spectrum:{run.path}",
+                                   "split": conf.get("split"), "corpus": conf.get("corpus")})
+
+
+def check_no_leak(fit: ReconstructionFit, corpus: Optional[str], flag: str = "--spectrum") -> None:
+    """Refuse statistics fitted on windows that the evaluation holds out: a spectrum run on split 'heldout' or
+    'all' of the corpus being evaluated (or of unknown split) would score the method on its own training data."""
+    split = fit.meta.get("split")
+    same = (fit.meta.get("corpus") or None) == (corpus or None)
+    if same and split != "fit":
+        raise ConfigError(f"{flag} {fit.meta.get('source', '')[9:]}: its statistics were fitted on split "
+                          f"{split or 'unknown'!r} of the corpus this run evaluates on its held-out split (a data "
+                          f"leak); re-run attnlab spectrum with --split fit")

@@ -19,7 +19,7 @@ from ..io import RunDir, write_tensors
 from ..seeding import seed_everything
 from .estimators import ALL_ESTIMATORS
 from .evaluate import Combo, evaluate, make_methods
-from .fit import FIT_FILE, ReconstructionFit, fit_corpus, fit_from_spectrum, load_checked, windows_for
+from .fit import FIT_FILE, ReconstructionFit, check_no_leak, fit_corpus, fit_from_spectrum, load_checked, windows_for
 from .cost import method_cost
 from .frontier import best_at, candidates, evaluate_points, format_frontier, frontier_curves, require_affordable
 from .selection import STRATEGIES, budget_count
@@ -82,6 +82,9 @@ class ReconstructConfig:
         for n in ("seq_len", "n_fit", "n_eval", "batch_size", "topk", "proxy_rank", "chunks"):
             if getattr(self, n) < 1:
                 raise ConfigError(f"--{n.replace('_', '-')} must be >= 1 (got {getattr(self, n)})")
+        if self.topk >= self.seq_len:
+            raise ConfigError(f"--topk {self.topk} must be below --seq-len {self.seq_len} (the top-k of a whole row "
+                              "always agrees: the metric would read 1.0)")
         b = budget_count(self.budget, self.seq_len)
         for x in self.budgets:
             budget_count(x, self.seq_len, flag="--budgets")
@@ -124,6 +127,7 @@ def get_fit(cfg: ReconstructConfig, hf, progress: bool = False) -> Reconstructio
     if cfg.spectrum:
         fit = fit_from_spectrum(cfg.spectrum)
         fit.check(cfg.model, cfg.seq_len, cfg.spectrum)
+        check_no_leak(fit, cfg.corpus)
         return fit
     return fit_corpus(hf, cfg.n_fit, cfg.seq_len, cfg.layers, cfg.heads, cfg.batch_size, cfg.corpus, cfg.seed,
                       progress=progress, residual_proxies=residual_proxies(cfg))
@@ -134,6 +138,18 @@ def fit_message(cfg: ReconstructConfig, fit: ReconstructionFit, seconds: float) 
     what = (f"loaded fitted statistics from {cfg.fit_path}" if cfg.fit_path else
             f"took row statistics from spectrum run {cfg.spectrum}" if cfg.spectrum else "fitted statistics")
     return f"{what} ({fit.meta.get('source')}, {fit.meta.get('n_sequences')} windows) in {seconds:.1f} s"
+
+
+def check_ranks(cfg: ReconstructConfig, d_head: int) -> None:
+    """Every proxy rank flag within [1, d_head] before any work (the fit takes minutes at full size)."""
+    if not d_head:
+        return
+    for flag, ranks in (("--proxy-rank", [cfg.proxy_rank]), ("--extra-ranks", cfg.extra_ranks),
+                        ("--frontier-ranks", cfg.frontier_ranks if cfg.frontier or cfg.compute is not None else [])):
+        bad = [r for r in ranks or [] if not 1 <= int(r) <= d_head]
+        if bad:
+            raise ConfigError(f"{flag} {','.join(map(str, bad))}: a proxy rank must be in [1, d_head={d_head}] "
+                              f"for --model {cfg.model}")
 
 
 def residual_proxies(cfg: ReconstructConfig) -> list[tuple[str, int, int]]:
@@ -170,6 +186,10 @@ def reconstruct(out: str | Path, model: str = "minilm", progress: bool = True, *
     # held-out windows first: a corpus too small to evaluate on fails before the fit, not after it
     windows = windows_for(hf.tokenizer, cfg.seq_len, cfg.n_eval, "heldout", cfg.corpus, cfg.seed + 1, flag="--n-eval",
                           minimum=MIN_EVAL_WINDOWS)
+    check_ranks(cfg, hf.head_dim)
+    from ..distributed import require_work_per_rank
+
+    require_work_per_rank(len(windows), info, "--n-eval")
     t_work = time.perf_counter()
     phases = Phases()
     show = progress and info.is_main

@@ -13,12 +13,13 @@ import importlib
 import json
 import logging
 import mimetypes
+import os
 import platform
 import re
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from ..errors import ResultsError
+from ..errors import ConfigError, ResultsError
 from ..io import RunDir, _atomic_write_bytes
 
 log = logging.getLogger(__name__)
@@ -203,6 +204,8 @@ def render_report(run_dir: str | Path, strict: bool = False) -> Path:
     """
     from .summary import summary_html
 
+    if not isinstance(run_dir, (str, os.PathLike)):
+        raise ConfigError(f"run_dir must be a run directory path (str or Path), got {type(run_dir).__name__}")
     run = RunDir(run_dir, create=False)
     results = run.results()
     _table_ids["n"] = 0

@@ -48,9 +48,14 @@ def save_views(run: RunDir, model: Any, window: Any, layers: Sequence[int], head
     n = int(window.shape[1])
     heads = list(heads)[:MAX_HEADS]
     cap = capture_scores(model, window, list(layers), heads, batch_size=1, with_qk=True)
-    bs = block_size or max(4, n // 8)
-    while n % bs:
-        bs -= 1
+    from ..validate import at_least
+
+    at_least(1)(max_tokens, "--max-tokens")
+    # about 8 tiles per axis; a length that is no multiple of the tile (a prime, say) is zero-padded up to one
+    # instead of shrinking the tile to 1 token (N^2 tiles: minutes at a few hundred tokens)
+    bs = block_size or max(4, -(-n // 8))
+    nb = -(-n // bs)
+    pad = nb * bs - n
     show = min(n, max_tokens)
     tensors: dict[str, torch.Tensor] = {}
     overlay = _overlay("blocks")
@@ -58,13 +63,14 @@ def save_views(run: RunDir, model: Any, window: Any, layers: Sequence[int], head
         s = cap[f"scores.{l}"][0].double()  # (H, N, N), -inf where masked
         p = torch.softmax(s, dim=-1).nan_to_num(0.0)
         tensors[f"attn.{l}"] = p[:, :show, :show].float()
-        tensors[f"blocks.{l}"] = overlay(cap[f"query.{l}"], cap[f"key.{l}"], bs, budget).to(torch.uint8)
-        nb = n // bs
-        tensors[f"block_mass.{l}"] = p.reshape(len(heads), nb, bs, nb, bs).sum((2, 4)).float() / n
+        q, k = (torch.nn.functional.pad(cap[f"{w}.{l}"], (0, 0, 0, pad)) for w in ("query", "key"))
+        tensors[f"blocks.{l}"] = overlay(q, k, bs, budget).to(torch.uint8)
+        pp = torch.nn.functional.pad(p, (0, pad, 0, pad))
+        tensors[f"block_mass.{l}"] = pp.reshape(len(heads), nb, bs, nb, bs).sum((2, 4)).float() / n
     ids = [int(i) for i in window[0]]
     meta = {"tokens": _tokens(model, ids), "layers": list(layers), "heads": heads, "seq_len": n, "shown": show,
             "source": source,
-            "block_size": bs, "budget": budget,
+            "block_size": bs, "budget": budget, "padded_tokens": pad,
             "predictor": overlay.describe(bs, budget)}
     write_tensors(run.file(VIEWS), tensors, meta)
 

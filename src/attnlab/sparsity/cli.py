@@ -117,6 +117,10 @@ def table(out: str = typer.Option("runs/sparsity", help="Run directory with a 's
     info = RunDir(out, create=False).section(SECTION)
     if not info:
         raise ResultsError(f"{out}: no '{SECTION}' section; run `attnlab sparsity run --out {out}` first")
+    missing = [k for k in ("gold", "methods") if not isinstance(info.get(k), dict)]
+    if missing or not isinstance(info["gold"].get("sparsity"), (int, float)):
+        raise ResultsError(f"{out}: the '{SECTION}' section of results.json is damaged (missing "
+                           f"{', '.join(missing) or 'gold.sparsity'}); re-run `attnlab sparsity run --out {out}`")
     _print_summary(info, all_points)
 
 

@@ -60,6 +60,21 @@ def cache_dir() -> Path:
     return Path(os.environ.get("ATTNLAB_CACHE") or Path.home() / ".cache" / "attnlab")
 
 
+def check_cache_dir() -> Path:
+    """The cache folder, created and writable now: a broken ``$ATTNLAB_CACHE`` fails before the fine-tuning
+    (minutes) instead of after it, when its weights would be lost."""
+    d = cache_dir()
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"ATTNLAB_CACHE={d}: cannot create the cache folder ({e.strerror}); point ATTNLAB_CACHE at a "
+                          "writable folder or unset it") from e
+    if not os.access(d, os.W_OK | os.X_OK):
+        raise ConfigError(f"ATTNLAB_CACHE={d}: the cache folder is not writable; point ATTNLAB_CACHE at a writable "
+                          "folder or unset it")
+    return d
+
+
 def _weights_id(hf) -> str:
     """Identity of the pretrained weights: hash of the parameters (cheap enough for small encoders)."""
     h = hashlib.sha256()

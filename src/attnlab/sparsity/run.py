@@ -139,8 +139,10 @@ def _hf_model(run, name, train, quiet, n_fit, n_eval, n_down, hf_seq_len, hf_fin
     from ..capture.corpus import token_windows
     from ..sources.hf import load_model
     from .evaluate import HiddenTask
-    from .finetune_hf import HFFinetuneConfig, entmax_finetuned
+    from .finetune_hf import HFFinetuneConfig, check_cache_dir, entmax_finetuned
 
+    if hf_finetune_steps > 0:
+        check_cache_dir()
     net = load_model(name, device=train.device)
     if hf_seq_len > net.max_len:
         raise ConfigError(f"--hf-seq-len {hf_seq_len} exceeds {name}'s maximum of {net.max_len} positions")

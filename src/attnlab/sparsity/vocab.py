@@ -53,12 +53,10 @@ class VocabMap:
 
 
 def tokenizer_of(name: str = "minilm"):
-    """The tokenizer of a model folder / alias, without loading the weights."""
-    from transformers import AutoTokenizer
+    """The tokenizer of a model folder / alias, without loading the weights (ModelError naming --tokenizer)."""
+    from ..sources.loading import load_tokenizer
 
-    from ..sources.hf import resolve_model_path
-
-    return AutoTokenizer.from_pretrained(resolve_model_path(name))
+    return load_tokenizer(name, "--tokenizer")
 
 
 def mlm_batch(ids: torch.Tensor, vocab: int, p: float, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:

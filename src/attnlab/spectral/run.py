@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -76,7 +77,6 @@ def spectrum(out: str | Path, model: str | Model = "minilm", windows: Optional[t
 
     if fixed_seq_len(m, cfg.seq_len) != cfg.seq_len:  # vision encoders: every image is patches + CLS tokens
         import dataclasses
-        import logging
 
         logging.getLogger("attnlab.spectral").warning("%s sees %d tokens per image: --seq-len %d replaced by %d", m.name,
                                                       m.fixed_len, cfg.seq_len, m.fixed_len)
@@ -85,8 +85,15 @@ def spectrum(out: str | Path, model: str | Model = "minilm", windows: Optional[t
     heads = check_heads(cfg.heads, m.n_heads)
     if windows is None:
         windows = input_windows(m, cfg.seq_len, cfg.corpus, cfg.n_sequences, cfg.split, cfg.seed, cfg.text_field)
+    elif not isinstance(windows, torch.Tensor):
+        raise ConfigError(f"windows must be a (M, seq_len) tensor of token ids, got {type(windows).__name__}")
+    elif not is_image(m) and (windows.is_floating_point() or windows.is_complex()):
+        raise ConfigError(f"windows must hold integer token ids, got dtype {windows.dtype} (use windows.long())")
     elif not is_image(m) and (windows.dim() != 2 or windows.shape[1] != cfg.seq_len):
         raise ConfigError(f"windows must be (M, seq_len={cfg.seq_len}), got {tuple(windows.shape)}")
+    from ..distributed import require_work_per_rank
+
+    require_work_per_rank(len(windows), info, "--n-sequences")
     mine = windows[info.rank::info.world_size]
     # Exact whole matrices keep every matrix (float32, M N^2 per head): only when the run is small and on one process.
     exact = bool(cfg.sketch_size) and info.world_size == 1 and len(windows) <= cfg.full_exact
@@ -97,10 +104,10 @@ def spectrum(out: str | Path, model: str | Model = "minilm", windows: Optional[t
     ckpt = run.file(f"spectrum.ckpt.rank{info.rank}.safetensors")
     start = 0
     done = run.section("spectrum") if resume and not ckpt.exists() and run.file(TENSORS).exists() else None
-    if done is not None and read_tensors(run.file(TENSORS))[1].get("fingerprint") == fp:
+    # both files must carry this run's fingerprint: after a failed write the tensors can be new and the
+    # results section old (or the reverse), and resume must not return another run's numbers
+    if done is not None and done.get("fingerprint") == fp and read_tensors(run.file(TENSORS))[1].get("fingerprint") == fp:
         if progress and info.is_main:
-            import logging
-
             logging.getLogger("attnlab.spectral").warning("%s: spectrum already complete with these settings (resume); "
                                                           "nothing to do", run.path)
         return done
@@ -127,7 +134,7 @@ def spectrum(out: str | Path, model: str | Model = "minilm", windows: Optional[t
     results.update({
         "config": conf, "model": m.describe(),
         "n_sequences": int(len(windows)), "world_size": info.world_size, "seconds": round(elapsed, 3),
-        "batches": n_batches})
+        "batches": n_batches, "fingerprint": fp})
     if info.is_main:
         write_tensors(run.file(TENSORS), tensors, {"fingerprint": fp, "seq_len": cfg.seq_len, "model": cfg.model})
         run.write_config("spectrum", conf)
@@ -137,7 +144,12 @@ def spectrum(out: str | Path, model: str | Model = "minilm", windows: Optional[t
         plot_spectrum(run, results)
         from ..report.views import save_views
 
-        if not is_image(m):  # the views show tokens; images have none
+        if is_image(m):  # the views show tokens; images have none
+            pass
+        elif "views" in run.config():  # views of the user's own text (attnlab views) are not replaced
+            logging.getLogger("attnlab.spectral").info("%s holds views of your own text; kept (the spectrum's window "
+                                                       "is not drawn)", run.path)
+        else:
             save_views(run, m, windows[0], layers, heads)
     barrier(info)
     if ckpt.exists():

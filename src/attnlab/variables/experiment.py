@@ -101,7 +101,7 @@ class SweepConfig:
             raise ConfigError("--norm-sweep needs --model bounded")
         self.Ts = sorted(set(int(t) for t in self.Ts))
         if self.norm_T is not None:
-            make_task(self.task, self.norm_T, self.s, 0)
+            make_task(self.task, self.norm_T, self.s, 0, flag="--norm-T")
         if self.max_members < 1:
             raise ConfigError(f"--max-members must be >= 1 (got {self.max_members})")
 

@@ -143,17 +143,18 @@ class SparseBooleanTask:
         return Split(tx, ty, sx, sy, vx, vy)
 
 
-def make_task(name: str, T: int, s: int, seed: int = 0, balanced: bool = True, noise: float = 0.0) -> SparseBooleanTask:
+def make_task(name: str, T: int, s: int, seed: int = 0, balanced: bool = True, noise: float = 0.0,
+              flag: str = "--T") -> SparseBooleanTask:
     """Build a task; the hidden positions (and the random function's truth table) come from ``seed``."""
     name = name.lower()
     if name not in TASKS:
         raise ConfigError(f"--task must be one of {', '.join(TASKS)} (got {name!r})")
     if T < 1:
-        raise ConfigError(f"--T must be >= 1 (got {T})")
+        raise ConfigError(f"{flag} must be >= 1 (got {T})")
     if s < 1:
         raise ConfigError(f"--s must be >= 1 (got {s})")
     if s > T:
-        raise ConfigError(f"--s ({s}) must be <= --T ({T})")
+        raise ConfigError(f"--s ({s}) must be <= {flag} ({T})")
     if s > MAX_S:
         raise ConfigError(f"--s ({s}) must be <= {MAX_S} (truth tables have 2**s rows)")
     if name == "majority" and s % 2 == 0:

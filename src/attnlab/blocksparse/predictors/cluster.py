@@ -20,12 +20,13 @@ import torch
 from torch import Tensor
 
 from attnlab.errors import ConfigError
+from attnlab.blocksparse import contracts
 from attnlab.blocksparse.blockmask import (BlockPattern, cluster_block_graph, cluster_pattern, cluster_permutation,
                                            permute_tokens)
 from attnlab.blocksparse.recall import sample_rows
 
 from .core import ScoredBlockMethod, mass_thresholds
-from .pooled import PooledBudgetPredictor, check_qk, pooled_lse
+from .pooled import PooledBudgetPredictor, check_call, check_qk, pooled_lse
 from .registry import BLOCK_PREDICTORS
 
 __all__ = ["ClusterBlockPredictor", "ClusterBlocks", "pattern_from_ids"]
@@ -49,8 +50,9 @@ class ClusterBlockPredictor:
     def __post_init__(self) -> None:
         if self.method not in ("kmeans", "lsh"):
             raise ConfigError(f"method must be 'kmeans' or 'lsh', got {self.method!r}")
-        if self.n_clusters < 1:
-            raise ConfigError(f"n_clusters must be >= 1, got {self.n_clusters}")
+        contracts.check_int(self.n_clusters, "n_clusters")
+        contracts.check_int(self.iters, "iters", lo=0)
+        contracts.check_int(self.fit_rows, "fit_rows", lo=2)
 
     def fit(self, q: Tensor, k: Tensor) -> "ClusterBlockPredictor":
         """Fit centroids (H, C, D) (kmeans) or hyperplanes (H, D, bits) (lsh) from q, k."""
@@ -97,6 +99,7 @@ class ClusterBlockPredictor:
     def predict_blocks(self, q: Tensor, k: Tensor, block_size: int = 128, causal: bool = False,
                        scale: float | None = None) -> BlockPattern:
         """q, k -> permuted :class:`BlockPattern`."""
+        check_call(q, k, block_size, scale)
         q_ids, k_ids = self.assign(q, k)
         return pattern_from_ids(q, k, q_ids[..., 0], k_ids[..., 0], block_size, causal, self.inner, scale)
 

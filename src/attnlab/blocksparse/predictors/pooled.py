@@ -28,6 +28,7 @@ from torch import Tensor
 
 from attnlab.errors import ConfigError, ShapeError
 from attnlab.blocksparse.blockmask import BlockPattern, KVBlocks, topk_to_kv
+from attnlab.blocksparse import contracts
 from attnlab.blocksparse.compiled import call_compiled
 from attnlab.blocksparse.recall import sample_rows
 
@@ -57,9 +58,15 @@ def budget_blocks(budget: float | int, nk: int) -> int:
 
 
 def check_qk(q: Tensor, k: Tensor) -> None:
-    """q and k (B, H, N, D) with equal B, H, D (else ShapeError)."""
-    if q.dim() != 4 or k.dim() != 4 or q.shape[:2] != k.shape[:2] or q.shape[-1] != k.shape[-1]:
-        raise ShapeError(f"q and k must be (B, H, N, D) with equal B, H, D; got {tuple(q.shape)}, {tuple(k.shape)}")
+    """q and k float (B, H, N, D) with equal B, H, D, dtype and device (else ShapeError naming the argument)."""
+    contracts.check_qk(q, k)
+
+
+def check_call(q: Tensor, k: Tensor, block_size: Any, scale: Any) -> None:
+    """The shared contract of every ``predict_blocks``: q, k, a positive int block_size, a finite scale."""
+    contracts.check_qk(q, k)
+    contracts.check_int(block_size, "block_size")
+    contracts.check_scale(scale)
 
 
 def lowrank_projections(q: Tensor, k: Tensor, rank: int, rows: int = 2048, seed: int = 0,
@@ -97,7 +104,10 @@ def _pool(x: Tensor, pool: int) -> Tensor:
 class PooledBudgetPredictor:
     """Pooled low-dimensional q.k scores per tile -> top tiles per query block (see module docstring).
 
-    budget: max tiles per query block (fraction of key blocks, or int count). mass: if set, keep the fewest
+    budget: tiles per query block (fraction of key blocks, or int count). The diagonal (and ``local_blocks``
+    band) and ``sink_blocks`` tiles are always kept and count towards the budget; when the budget is smaller
+    than them (e.g. the default 0.1 at N <= 1024 with 128-token tiles) a row computes just those forced tiles,
+    so every token always sees its own block and the sinks. mass: if set, keep the fewest
     tiles reaching this estimated mass (capped by budget). proj: 'none' | 'random' | 'lowrank'. rank: target
     dims for 'random'/'lowrank'. pool: sub-block size (divides block_size). reduce: 'max' | 'mean' | 'lse'
     (ranking); the mass estimate always uses lse. sink_blocks: first key blocks always kept. local_blocks:
@@ -126,8 +136,11 @@ class PooledBudgetPredictor:
             raise ConfigError(f"reduce must be 'max', 'mean' or 'lse', got {self.reduce!r}")
         if self.mass is not None and not 0.0 < self.mass <= 1.0:
             raise ConfigError(f"mass must be in (0, 1], got {self.mass}")
-        if self.pool < 1:
-            raise ConfigError(f"pool must be >= 1, got {self.pool}")
+        for name in ("pool", "rank", "fit_rows", "head_chunk"):
+            contracts.check_int(getattr(self, name), name)
+        contracts.check_int(self.sink_blocks, "sink_blocks", lo=0)
+        contracts.check_int(self.local_blocks, "local_blocks", lo=-1)
+        budget_blocks(self.budget, 1 << 30)  # type and range now, not at the first call
 
     # -- projections ---------------------------------------------------------------------------------
     def fit(self, q: Tensor, k: Tensor) -> "PooledBudgetPredictor":
@@ -224,17 +237,22 @@ class PooledBudgetPredictor:
     def select(self, scores: Tensor, causal: bool = False, mass_scores: Tensor | None = None) -> KVBlocks:
         """Tile scores (B, H, nq, nk) -> kept tiles (top budget, or mass threshold capped by budget)."""
         B, H, nq, nk = scores.shape
-        kmax = budget_blocks(self.budget, nk)
+        kb = budget_blocks(self.budget, nk)
         forced = self._forced(nq, nk, scores.device)
-        k: int | Tensor = kmax
+        live = forced if not causal else forced & torch.ones_like(forced).tril_()
+        nforced = live.sum(-1, dtype=torch.int32).view(1, 1, nq)  # forced tiles that can be computed
+        # forced tiles are always kept: a row computes max(budget, forced) tiles (no host sync: the bound is
+        # known from the band and sink widths)
+        kmax = min(nk, max(kb, 2 * max(self.local_blocks, 0) + 1 + self.sink_blocks))
         if self.mass is not None:
             ms = scores if mass_scores is None else mass_scores
             p = torch.softmax(ms, dim=-1)
             ps = torch.sort(p, dim=-1, descending=True).values
             before = torch.cumsum(ps, dim=-1) - ps  # mass of the tiles ranked above
             cnt = (before < self.mass).sum(-1, dtype=torch.int32)
-            nforced = forced.sum(-1, dtype=torch.int32).view(1, 1, nq)
-            k = (cnt + nforced).clamp(1, kmax)
+            k = torch.maximum((cnt + nforced).clamp(1, kb), nforced)
+        else:
+            k = torch.clamp(nforced, min=kb).expand(B, H, nq)
         return topk_to_kv(scores, k, causal=causal, force=forced, kmax=kmax)
 
     def predict_kv(self, q: Tensor, k: Tensor, block_size: int = 128, causal: bool = False,
@@ -249,6 +267,7 @@ class PooledBudgetPredictor:
         """q, k (B, H, N, D) -> :class:`BlockPattern` in the original token order. With ``compile`` (CUDA
         only) the scoring + selection run as one ``torch.compile``d graph (fewer launches); if compiling
         fails, the compiled path is switched off with a warning and the eager path is used."""
+        check_call(q, k, block_size, scale)
         if self.compile and q.is_cuda and not (self.proj == "lowrank" and self.pq is None):
             kv = call_compiled("predict_kv", _predict_kv_fn, self, q, k, block_size, causal, scale)
             return BlockPattern(kv, block_size, causal)
