@@ -236,7 +236,8 @@ def test_fast_graph_path_matches_reference_on_cuda():
     assert (res.recall - rec.mean(dim=(0, 2))).abs().max() < 5e-3
     res2 = plan.run(q, k, knob * 0.5)  # a new knob through the same graph: fewer tiles
     assert kv_to_block_graph(res2.kv).sum() <= gf.sum()
-    assert isinstance(BlockPattern(res.kv, bs, True).block_mask(), object)
+    bm = BlockPattern(res.kv, bs, True).block_mask()  # the graphed lists build a FlexAttention mask of this length
+    assert tuple(bm.seq_lengths) == (N, N) and bm.kv_num_blocks.shape[1] == H
 
 
 @pytest.mark.gpu

@@ -5,26 +5,32 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 
-from ..config import fingerprint
-from ..errors import ConfigError, ResultsError
+from ..errors import ConfigError
 from ..io import RunDir, write_tensors
-from ..registry import Registry
 from ..seeding import seed_everything
-from .metrics import pareto_front
+from .entmax_models import (  # noqa: F401  (re-exported: their home was this module)
+    CHECKPOINT,
+    ENTMAX_MODELS,
+    EntmaxModel,
+    _check_split,
+    _entmax_model,
+    _log,
+    prepare_small,
+    stale_settings,
+)
+from .pareto import TARGET, compare_methods, pareto_table  # noqa: F401  (re-exported)
 from .train_entmax import EntmaxTrainConfig
 
 _logger = logging.getLogger(__name__)
 
 SECTION = "sparsity"
-CHECKPOINT = "entmax_model.safetensors"
 PREDICTORS_FILE = "predictors.safetensors"
-TARGET = 0.9
 MIN_EVAL = 16  # fewer held-out windows than this: error bars across windows are not meaningful
 log = logging.getLogger(__name__)
 
@@ -40,137 +46,6 @@ def _warn(info: dict, quiet: bool, msg: str) -> None:
 # Focused default: the learned predictors, two fixed patterns and the oracle bound; methods=METHODS (`--all`,
 # every predictor registered with tag 'all') adds distance-thr, lsh, routing, longformer and strided.
 DEFAULT_METHODS = ("distance-knn", "quantization", "clustering", "rank", "window", "bigbird", "oracle-topk")
-
-
-def _log(quiet: bool, msg: str) -> None:
-    if not quiet:
-        _logger.info(msg)
-
-
-def stale_settings(trained: EntmaxTrainConfig, asked: EntmaxTrainConfig) -> list[str]:
-    """Flags whose value differs between a trained model's config and the one asked for (cadence/device ignored)."""
-    a, b = asdict(trained), asdict(asked)
-    return [f"--{k.replace('_', '-')} {a.get(k)} vs {b[k]}" for k in b
-            if k not in ("checkpoint_every", "device") and a.get(k) != b[k]]
-
-
-def prepare_small(run: RunDir, train: EntmaxTrainConfig, checkpoint: Optional[str], resume: bool, quiet: bool,
-                  tokenizer: str = "minilm"):
-    """Load the checkpoint (given, or cached in the run dir when resuming) or train and save one."""
-    from .train_entmax import load_small, tokenizer_of, train_and_save
-
-    path = Path(checkpoint) if checkpoint else run.file(CHECKPOINT)
-    if checkpoint and not path.exists():
-        raise ConfigError(f"--checkpoint {path}: no such file")
-    if path.exists() and (checkpoint or resume):
-        _log(quiet, f"loading entmax model from {path}")
-        model, vmap, tcfg, meta = load_small(path, train.device)
-        if not checkpoint:  # a cached model must have been trained with the settings asked for now
-            diff = stale_settings(tcfg, train)
-            if diff:
-                raise ResultsError(f"{path}: the cached model was trained with other settings ({', '.join(diff)}); "
-                                   f"use another --out, --no-resume to retrain, or the original settings")
-        return model, vmap, tcfg, meta.get("history", {}), str(path)
-    _log(quiet, f"training entmax model ({train.objective}, {train.n_layers}x{train.n_heads}, d={train.d_model}, "
-                f"N={train.seq_len}, {train.steps} steps on {train.device})")
-    # resumable: a partial checkpoint next to ``path`` is continued with ``resume`` and removed when done
-    model, vmap, hist = train_and_save(train, path, tokenizer=tokenizer_of(tokenizer), resume=resume, quiet=quiet)
-    return model, vmap, train, hist, str(path)
-
-
-@dataclass
-class EntmaxModel:
-    """A model with entmax attention ready for the evaluation: its source, per-layer alphas, the fit /
-    evaluation / downstream windows, a JSON description, and its downstream task (ids -> task)."""
-
-    source: Any
-    alphas: list
-    fit_ids: torch.Tensor
-    eval_ids: torch.Tensor
-    down_ids: torch.Tensor
-    info: dict
-    task: Callable[..., Any]  # (ids, shard) -> downstream task
-
-
-#: How to get an entmax model for ``--model``: 'small' trains / loads ours; any other name is an HF model.
-ENTMAX_MODELS: Registry[Callable[..., EntmaxModel]] = Registry("entmax model", "--model")
-
-
-def _entmax_model(name: str) -> Callable[..., EntmaxModel]:
-    return ENTMAX_MODELS.get(name if name in ENTMAX_MODELS else "hf")
-
-
-@ENTMAX_MODELS.register("small", help="our small entmax transformer, trained (or loaded from --checkpoint)")
-def _small_model(run, name, train, checkpoint, resume, quiet, tokenizer, n_fit, n_eval, n_down, seed, **_) -> EntmaxModel:
-    from ..capture.corpus import token_windows
-    from ..sources.small import SmallSource
-    from .evaluate import LMTask
-    from .train_entmax import tokenizer_of
-
-    tok = tokenizer_of(tokenizer)
-    notes: dict = {}
-
-    def windows(cfg: EntmaxTrainConfig):
-        held = token_windows(tok, cfg.seq_len, cfg.corpus, max_windows=n_eval + n_down, split="heldout")
-        fitw = token_windows(tok, cfg.seq_len, cfg.corpus, max_windows=n_fit, split="fit")
-        _check_split(fitw, held, n_fit, n_eval, n_down, notes)
-        return held, fitw
-
-    if not checkpoint:  # a too-small corpus fails before minutes of training, not after
-        held, fitw = windows(train)
-    net, vmap, tcfg, hist, ckpt = prepare_small(run, train, checkpoint, resume, quiet, tokenizer)
-    if checkpoint:
-        held, fitw = windows(tcfg)
-    alphas = [b.attn.alpha() for b in net.blocks]
-    alphas = [a.detach().cpu() if isinstance(a, torch.Tensor) else a for a in alphas]
-    info = {"kind": "small", "checkpoint": ckpt, "config": net.cfg.to_dict(), "objective": tcfg.objective,
-            "train_history": hist,
-            "gold_graphs_from": f"our {'causal decoder' if tcfg.objective == 'clm' else 'MLM encoder'} trained with "
-                                f"entmax-{tcfg.alpha:g} attention ({tcfg.steps} steps)",
-            "setting_id": "small|" + fingerprint({"model": net.cfg.to_dict(), "train": asdict(tcfg)},
-                                                 ignore=("checkpoint_every", "device")), **notes}
-    return EntmaxModel(SmallSource(net), alphas, vmap(fitw), vmap(held[:n_eval]), vmap(held[n_eval:]), info,
-                       lambda ids, shard=None: LMTask(net, ids, tcfg.objective, seed, shard))
-
-
-@ENTMAX_MODELS.register("hf", help="an HF model (name or folder, e.g. minilm) with softmax swapped for entmax")
-def _hf_model(run, name, train, quiet, n_fit, n_eval, n_down, hf_seq_len, hf_finetune_steps, seed, main=True,
-              **_) -> EntmaxModel:
-    from ..capture.corpus import token_windows
-    from ..sources.hf import load_model
-    from .evaluate import HiddenTask
-    from .finetune_hf import HFFinetuneConfig, check_cache_dir, entmax_finetuned
-
-    if hf_finetune_steps > 0:
-        check_cache_dir()
-    net = load_model(name, device=train.device)
-    if hf_seq_len > net.max_len:
-        raise ConfigError(f"--hf-seq-len {hf_seq_len} exceeds {name}'s maximum of {net.max_len} positions")
-    alpha = train.alpha
-    ft = HFFinetuneConfig(steps=hf_finetune_steps, alpha=alpha, seed=seed)
-    n_ft = min(8 * hf_finetune_steps, 512) if hf_finetune_steps > 0 else 0
-    fitw = token_windows(net.tokenizer, hf_seq_len, train.corpus, split="fit", max_windows=n_fit + n_ft)
-    held = token_windows(net.tokenizer, hf_seq_len, train.corpus, max_windows=n_eval + n_down, split="heldout")
-    notes: dict = {}
-    _check_split(fitw[:n_fit], held, n_fit, n_eval, n_down, notes)
-    ft_windows = fitw[n_fit:] if len(fitw) > n_fit else fitw[:n_fit]
-    mlm_eval = held[n_eval:][:32] if len(held) > n_eval else held[:32]
-    # under torchrun rank 0 fine-tunes (and caches); the others load the cached weights and skip the MLM probes
-    rec = entmax_finetuned(net, ft_windows, mlm_eval, ft, probe_windows=fitw[:n_fit][:64], quiet=quiet, probes=main)
-    source = (f"{name} with entmax-{alpha:g} attention, fine-tuned {hf_finetune_steps} self-distillation steps"
-              + (" (cached weights)" if rec.get("cached") else "")) if hf_finetune_steps > 0 else \
-        f"{name} with entmax-{alpha:g} swapped in, NOT fine-tuned (--hf-finetune-steps 0)"
-    warnings = ["gold graphs come from a model never trained with entmax (--hf-finetune-steps 0)"] \
-        if hf_finetune_steps == 0 else []
-    mlm = rec.get("mlm", {})
-    if "entmax_finetuned" in mlm:
-        _log(quiet, "MLM probe loss (held-out): softmax original {:.3f}, entmax swap {:.3f}, entmax fine-tuned "
-                    "{:.3f}".format(mlm["softmax_original"]["loss"], mlm["entmax_no_finetune"]["loss"],
-                                    mlm["entmax_finetuned"]["loss"]))
-    info = {"kind": "hf", **net.describe(), "gold_graphs_from": source, "finetune": rec, "warnings": warnings,
-            "setting_id": f"{name}|entmax-{alpha:g}|finetune:{rec['key'] if hf_finetune_steps > 0 else 'none'}"}
-    return EntmaxModel(net, [alpha] * net.n_layers, fitw[:n_fit], held[:n_eval], held[n_eval:], info,
-                       lambda ids, shard=None: HiddenTask(net, ids, shard=shard))
 
 
 def sparsity(
@@ -362,21 +237,6 @@ def sparsity(
     return info
 
 
-def _check_split(fitw: torch.Tensor, held: torch.Tensor, n_fit: int, n_eval: int, n_down: int, info: dict) -> None:
-    """Warn about fewer windows than asked, refuse too few evaluation windows, report a skipped downstream step."""
-    from ..capture.corpus import MIN_EVAL_WINDOWS, check_windows, log
-
-    check_windows(fitw, n_fit, "--n-fit", "fit")
-    check_windows(held[:n_eval], n_eval, "--n-eval", "heldout", minimum=MIN_EVAL_WINDOWS)
-    down = len(held) - min(n_eval, len(held))
-    if n_down > 0 and down == 0:
-        info["downstream_skipped"] = (f"no held-out windows left after --n-eval {n_eval} (the split has {len(held)}); "
-                                      "lower --n-eval or give more text")
-        log.warning("downstream evaluation skipped: %s", info["downstream_skipped"])
-    elif n_down > 0:
-        check_windows(held[n_eval:], n_down, "--n-down", "heldout")
-
-
 def _write_artifacts(run: RunDir, info: dict, results: dict, ev) -> None:
     """Per-head grids at the operating point closest to sparsity 0.9 (safetensors) and plots."""
     from .evaluate import closest_knob
@@ -400,79 +260,3 @@ def _write_artifacts(run: RunDir, info: dict, results: dict, ev) -> None:
     info["operating_points_0.9"] = op
     info["plots"] = plots
     info["tensors"] = "sparsity_heads.safetensors"
-
-
-def pareto_table(info: dict) -> list[dict]:
-    """Flat rows (method, knob, sparsity, recall, exact, cost, comp_sparsity, front, front_cost) of a finished section.
-
-    ``front``: the point is on the Pareto front of (sparsity, recall) over *all* methods' points (oracle excluded);
-    ``front_cost``: on the front of (cost lower, recall higher) over all methods."""
-    rows = []
-    for m, res in info["methods"].items():
-        for p in res["points"]:
-            rows.append({"method": m, "knob": f"{res['knob']}={p['knob']}",
-                         **{k: p["mean"].get(k, float("nan")) for k in ("sparsity", "recall", "exact", "cost",
-                                                                       "comp_sparsity")}})
-    cand = [i for i, r in enumerate(rows) if r["method"] != "oracle-topk"]
-    front = set(cand[j] for j in pareto_front([(rows[i]["sparsity"], rows[i]["recall"]) for i in cand]))
-    front_c = set(cand[j] for j in pareto_front([(-rows[i]["cost"], rows[i]["recall"]) for i in cand]))
-    for i, r in enumerate(rows):
-        r["front"], r["front_cost"] = i in front, i in front_c
-    return rows
-
-
-def _curve(points: list[tuple[float, float]]):
-    """Recall as a function of sparsity along the Pareto front (linear interpolation; None beyond the sparsest)."""
-    front = [points[i] for i in pareto_front(points)]
-
-    def f(s: float) -> Optional[float]:
-        if not front or s > front[-1][0] + 1e-12:
-            return None
-        if s <= front[0][0]:
-            return front[0][1]
-        for (s0, r0), (s1, r1) in zip(front, front[1:]):
-            if s0 <= s <= s1:
-                return r0 if s1 == s0 else r0 + (s - s0) / (s1 - s0) * (r1 - r0)
-        return None
-
-    return f
-
-
-def compare_methods(results: dict, target: float = TARGET) -> dict:
-    """Per layer: does the best learned predictor's front lie above every baseline's front points, and how far
-    is it from the oracle at ``target`` sparsity?
-
-    For each layer and baseline point (s, r) with s <= the learned method's sparsest point, the margin is
-    learned recall at s (interpolated on its per-layer front) minus r; ``beats_all`` = every margin >= 0."""
-    from .predictors import trained_methods
-
-    learned = [m for m in results if m in trained_methods()]
-    baselines = [m for m in results if m not in learned and m != "oracle-topk"]
-    if not learned:
-        return {}
-    best = max(learned, key=lambda m: results[m].get(f"recall_at_{target:g}") or -1.0)
-    L = len(results[best]["points"][0]["per_layer"]["recall"])
-    layers = []
-    for l in range(L):
-        pts = lambda m: [(p["per_layer"]["sparsity"][l], p["per_layer"]["recall"][l]) for p in results[m]["points"]]  # noqa: E731
-        f = _curve(pts(best))
-        worst, where, n_cmp = float("inf"), None, 0
-        for b in baselines:
-            for s, r in (pts(b)[i] for i in pareto_front(pts(b))):
-                v = f(s)
-                if v is None or s <= 0.0:
-                    continue
-                n_cmp += 1
-                if v - r < worst:
-                    worst, where = v - r, {"baseline": b, "sparsity": s, "baseline_recall": r, "learned_recall": v}
-        rec = {"layer": l, "min_margin": None if n_cmp == 0 else worst, "worst": where, "n_compared": n_cmp,
-               "beats_all": n_cmp > 0 and worst >= 0.0,
-               "learned_recall_at_target": results[best][f"recall_at_{target:g}_per_layer"][l]}
-        if "oracle-topk" in results:
-            o = results["oracle-topk"][f"recall_at_{target:g}_per_layer"][l]
-            rec["oracle_recall_at_target"] = o
-            lr = rec["learned_recall_at_target"]
-            rec["gap_to_oracle"] = None if o is None or lr is None else o - lr
-        layers.append(rec)
-    return {"best_learned": best, "baselines": baselines, "per_layer": layers,
-            "beats_all_layers": all(x["beats_all"] for x in layers)}
