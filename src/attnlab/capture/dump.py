@@ -28,8 +28,8 @@ def capture_scores(model: Model, windows: torch.Tensor, layers: Optional[list[in
     from ..validate import check_option
 
     check_option("batch_size", batch_size, "batch_size")
-    if not isinstance(windows, torch.Tensor) or windows.dim() != 2:
-        raise ConfigError(f"windows must be a (M, seq_len) tensor of token ids, got "
+    if not isinstance(windows, torch.Tensor) or windows.dim() < 2:
+        raise ConfigError("windows must be a (M, seq_len) tensor of token ids (or (M, C, H, W) images), got "
                           f"{tuple(windows.shape) if isinstance(windows, torch.Tensor) else type(windows).__name__}")
     src = as_source(model)
     layers = check_layers(layers, src.n_layers)
