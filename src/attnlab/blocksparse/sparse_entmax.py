@@ -44,6 +44,7 @@ from .entmax_dense import check_entmax_inputs, dense_entmax_attention  # noqa: F
 from .flex import compiled_flex_attention
 
 __all__ = ["sparse_entmax_attention", "entmax_threshold", "block_mask_from_graph", "EntmaxSolve",
+           "SPARSE_ENTMAX_BACKENDS", "resolve_sparse_backend", "triton_supports",
            "dense_entmax_attention", "token_to_block_graph"]
 
 
@@ -84,6 +85,7 @@ def _graph_mod(bg: Tensor, block: int, causal: bool, n: int):
         keep = bg[b % B0, h % H0, q_idx // block, kv_idx // block]
         return keep & (q_idx >= kv_idx) if causal else keep & (kv_idx < n)
 
+    mask_mod.attnlab_causal = causal  # type: ignore[attr-defined]  (read by the triton backend)
     return mask_mod
 
 
@@ -137,12 +139,10 @@ def _check_solver(n_iter: int, tol: float) -> None:
         raise ConfigError(f"tol must be in (0, 1) (tolerance on |log sum_j p_j|; got {tol!r})")
 
 
-def entmax_threshold(q: Tensor, k: Tensor, v: Tensor, block_mask: Any, alpha: float = 1.5,
-                     scale: Optional[float] = None, n_iter: int = 12, tol: float = 1e-3) -> EntmaxSolve:
-    """Threshold tau per row (B, H, N) over the pairs of ``block_mask`` and the entmax output, by safeguarded
-    Newton (see the module docstring); ``tol`` bounds |log sum_j relu(z_j - tau)^r| on every row."""
-    G = check_entmax_inputs(q, k, v, alpha)
-    _check_solver(n_iter, tol)
+def _flex_threshold(q: Tensor, k: Tensor, v: Tensor, block_mask: Any, alpha: float, scale: Optional[float],
+                    n_iter: int, tol: float) -> EntmaxSolve:
+    """The FlexAttention backend: one FlexAttention call per pass (module docstring); the reference path."""
+    G = q.shape[1] // k.shape[1]
     a1, r = alpha - 1.0, 1.0 / (alpha - 1.0)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     dt = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -182,19 +182,93 @@ def entmax_threshold(q: Tensor, k: Tensor, v: Tensor, block_mask: Any, alpha: fl
         new = torch.where(torch.isfinite(new) & (new >= lo) & (new <= hi), new, (lo + hi) / 2)
         tau.copy_(torch.where(done, tau, new))  # in place: the score_mod keeps reading the same buffer
     resid = float(res.abs().masked_fill(empty, 0.0).max()) if res.numel() else 0.0
-    if resid > tol:
-        warnings.warn(f"sparse entmax: |log sum p| = {resid:.2e} > tol {tol:g} after n_iter={n_iter} Newton steps; "
-                      "raise n_iter", RuntimeWarning, stacklevel=3)
     out = out.masked_fill(empty.unsqueeze(-1), 0.0)
     return EntmaxSolve(out, tau, passes, steps, resid)
 
 
+def _mask_causal(block_mask: Any) -> Optional[bool]:
+    """Whether a ``BlockMask`` from :func:`block_mask_from_graph` is causal (None: a mask_mod we cannot fuse)."""
+    from torch.nn.attention.flex_attention import noop_mask
+
+    mod = block_mask.mask_mod
+    if mod is noop_mask or mod is None:
+        return False
+    return getattr(mod, "attnlab_causal", None)
+
+
+def triton_supports(q: Tensor, block_mask: Any) -> bool:
+    """True when the fused Triton kernel can run this call: CUDA (or TRITON_INTERPRET=1), triton importable,
+    a mask from :func:`block_mask_from_graph` (its mask_mod is the block graph + causal/tail, nothing else),
+    square blocks that are a multiple of 16, and no BlockMask ``q_indices`` indirection beyond the kv lists."""
+    import os
+
+    if q.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return False
+    try:
+        import triton  # noqa: F401
+    except Exception:
+        return False
+    qb, kb = block_mask.BLOCK_SIZE
+    return _mask_causal(block_mask) is not None and qb == kb and qb % 16 == 0
+
+
+def _triton_threshold(q: Tensor, k: Tensor, v: Tensor, block_mask: Any, alpha: float, scale: Optional[float],
+                      n_iter: int, tol: float) -> EntmaxSolve:
+    """The fused Triton backend (``kernels/entmax_triton.py``): one launch, passes over the kept tiles only."""
+    if not triton_supports(q, block_mask):
+        raise ConfigError("backend='triton' needs CUDA (or TRITON_INTERPRET=1), the triton package and a block "
+                          "mask from block_mask_from_graph with a block size that is a multiple of 16")
+    from .kernels.entmax_triton import entmax_block_sparse_fwd
+
+    causal = bool(_mask_causal(block_mask))
+    bm = block_mask
+    full = bm.full_kv_num_blocks is not None
+    res = entmax_block_sparse_fwd(q, k, v, bm.kv_num_blocks, bm.kv_indices, bm.BLOCK_SIZE[0], alpha, scale,
+                                  causal, n_iter, tol, bm.full_kv_num_blocks if full else None,
+                                  bm.full_kv_indices if full else None)
+    stats = torch.stack([res.log_f.abs().max().float(), res.iters.max().float()]).tolist() if res.tau.numel() \
+        else [0.0, 0.0]
+    steps = int(stats[1])
+    return EntmaxSolve(res.out, res.tau, steps + 2, steps, float(stats[0]))
+
+
+#: Sparse entmax backends, by name: ``flex`` (FlexAttention passes, any device, the reference) and ``triton``
+#: (one fused kernel; CUDA). ``backend='auto'`` picks triton when :func:`triton_supports` says so.
+SPARSE_ENTMAX_BACKENDS = {"flex": _flex_threshold, "triton": _triton_threshold}
+
+
+def resolve_sparse_backend(q: Tensor, block_mask: Any, backend: str = "auto") -> str:
+    """'auto' -> 'triton' on CUDA with triton and a fusable mask, else 'flex'; a named backend is kept."""
+    if backend not in ("auto", *SPARSE_ENTMAX_BACKENDS):
+        raise ConfigError(f"backend must be auto or one of {sorted(SPARSE_ENTMAX_BACKENDS)} (got {backend!r})")
+    if backend != "auto":
+        return backend
+    return "triton" if q.device.type == "cuda" and triton_supports(q, block_mask) else "flex"
+
+
+def entmax_threshold(q: Tensor, k: Tensor, v: Tensor, block_mask: Any, alpha: float = 1.5,
+                     scale: Optional[float] = None, n_iter: int = 12, tol: float = 1e-3,
+                     backend: str = "auto") -> EntmaxSolve:
+    """Threshold tau per row (B, H, N) over the pairs of ``block_mask`` and the entmax output, by safeguarded
+    Newton (see the module docstring); ``tol`` bounds |log sum_j relu(z_j - tau)^r| on every row. ``backend``:
+    a key of :data:`SPARSE_ENTMAX_BACKENDS` or 'auto'."""
+    check_entmax_inputs(q, k, v, alpha)
+    _check_solver(n_iter, tol)
+    name = resolve_sparse_backend(q, block_mask, backend)
+    res = SPARSE_ENTMAX_BACKENDS[name](q, k, v, block_mask, float(alpha), scale, n_iter, tol)
+    if res.residual > tol:
+        warnings.warn(f"sparse entmax: |log sum p| = {res.residual:.2e} > tol {tol:g} after n_iter={n_iter} Newton "
+                      "steps; raise n_iter", RuntimeWarning, stacklevel=3)
+    return res
+
+
 def sparse_entmax_attention(q: Tensor, k: Tensor, v: Tensor, block_mask: Any, alpha: float = 1.5,
                             scale: Optional[float] = None, n_iter: int = 12, tol: float = 1e-3,
-                            return_info: bool = False) -> tuple[Tensor, Tensor] | EntmaxSolve:
+                            return_info: bool = False, backend: str = "auto") -> tuple[Tensor, Tensor] | EntmaxSolve:
     """alpha-entmax attention restricted to ``block_mask``: q (B, H, N, d), k, v (B, Hkv, N, d) with Hkv
     dividing H (grouped-query attention). Returns (output, tau per row), or the whole :class:`EntmaxSolve`
     (pass count, residual) with ``return_info``. Causal attention is a causal ``block_mask``
-    (``block_mask_from_graph(..., causal=True)``)."""
-    res = entmax_threshold(q, k, v, block_mask, alpha, scale, n_iter, tol)
+    (``block_mask_from_graph(..., causal=True)``). ``backend``: 'flex', 'triton' (fused kernel, CUDA) or 'auto'
+    (triton on CUDA when it can run the mask, else flex)."""
+    res = entmax_threshold(q, k, v, block_mask, alpha, scale, n_iter, tol, backend)
     return res if return_info else (res.out, res.tau)
