@@ -141,7 +141,7 @@ def test_triton_bad_input_names_the_argument():
 
 
 @pytest.mark.gpu
-def test_gpu_triton_bf16_causal_gqa_matches_float64_and_flex():
+def test_gpu_triton_bf16_causal_gqa_matches_float64():
     if not CUDA:
         pytest.skip("needs CUDA")
     torch.manual_seed(0)
@@ -156,7 +156,6 @@ def test_gpu_triton_bf16_causal_gqa_matches_float64_and_flex():
         eff = (g | torch.eye(nb, dtype=torch.bool, device="cuda")) if causal else g
         ref = _reference(q.cpu(), k.cpu(), v.cpu(), 1.5, causal, _pairs(eff.cpu(), blk, N))
         err = float((res.out.double().cpu() - ref).norm() / ref.norm())
-        flex = sparse_entmax_attention(q, k, v, bm, alpha=1.5, backend="flex")[0]
-        ferr = float((flex.double().cpu() - ref).norm() / ref.norm())
-        assert err < 1e-2 and err < 2 * ferr + 1e-3, (causal, err, ferr)
+        assert err < 1e-2, (causal, err)  # bf16 operands: 1e-3 .. 1e-2
         assert res.passes <= 10, res.passes
+        print(f"gpu triton causal={causal}: rel err {err:.2e} vs float64, {res.passes} passes")
