@@ -123,7 +123,7 @@ def test_triton_default_tolerance_few_passes_and_float64_tau_agrees_with_flex():
     bm = block_mask_from_graph(torch.ones(1, 2, nb, nb, dtype=torch.bool), 32, causal=True)
     ref = _reference(q, k, v, 1.5, causal=True)
     res = sparse_entmax_attention(q, k, v, bm, alpha=1.5, return_info=True, backend="triton")
-    assert res.residual <= 1e-3 and res.passes <= 8
+    assert res.residual <= 1e-3 and res.passes <= 6  # alpha 1.5: exact steps on the support, ~4 passes
     assert float((res.out - ref).norm() / ref.norm()) < 2e-3
     tight = sparse_entmax_attention(q, k, v, bm, alpha=1.5, tol=1e-12, n_iter=40, backend="triton")[1]
     flex = sparse_entmax_attention(q, k, v, bm, alpha=1.5, tol=1e-12, n_iter=40, backend="flex")[1]

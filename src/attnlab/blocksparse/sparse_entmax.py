@@ -24,6 +24,12 @@ Solver (a few passes instead of 30 bisection steps):
 
 Passes = 1 + (Newton steps) * 2 + 1, reported in :class:`EntmaxSolve`. On CUDA the passes use the shared
 ``torch.compile(flex_attention)``; on CPU flex_attention runs eagerly (slow, exact: tests in float64).
+
+Backends (:data:`SPARSE_ENTMAX_BACKENDS`): ``flex`` is the above, the reference and the CPU path; ``triton``
+(``kernels/entmax_triton.py``) fuses all passes into one kernel that recomputes QK^T of the kept tiles only,
+with f and f' from one pass and, for alpha = 1.5 and 2, the exact step on the current support (passes =
+1 + steps + 1, typically 4). ``backend='auto'`` takes triton on CUDA when triton imports and the mask comes
+from :func:`block_mask_from_graph` (block a multiple of 16), else flex.
 Causal masks (:func:`block_mask_from_graph` with ``causal=True``) keep the lower-triangular block graph, force
 the diagonal tiles and apply a causal ``mask_mod`` inside them.
 """
