@@ -114,20 +114,25 @@ def one_case(N, causal, args, dev, dtype, cuda, block, H, reps):
     nb = N // block
     keep = max(1, round(args.keep * nb))
 
+    from attnlab.blocksparse.sparse_entmax import block_csr_from_graph, resolve_sparse_backend
+
+    use_csr = args.mask == "csr" and resolve_sparse_backend(q, block_csr_from_graph(
+        torch.ones(1, 1, 1, 1, dtype=torch.bool, device=dev), block), args.backend) == "triton"
+    build = block_csr_from_graph if use_csr else block_mask_from_graph
+
     def predict_and_mask():
-        return block_mask_from_graph(predict_blocks(q, k, block, keep), block, causal=causal)
+        return build(predict_blocks(q, k, block, keep), block, causal=causal)
 
     def sparse():
         return sparse_entmax_attention(q, k, v, predict_and_mask(), args.alpha, n_iter=args.n_iter, tol=args.tol,
                                        return_info=True, backend=args.backend)
 
-    from attnlab.blocksparse.sparse_entmax import resolve_sparse_backend
-
     t0 = time.time()
     info = sparse()  # compile + warm-up
     compile_s = time.time() - t0
     row = {"n": N, "causal": causal, "heads": H, "kv_heads": k.shape[1], "d": args.dim, "block": block,
-           "backend": resolve_sparse_backend(q, predict_and_mask(), args.backend), "passes": info.passes, "newton_steps": info.steps, "residual": info.residual, "compile_s": compile_s}
+           "backend": resolve_sparse_backend(q, predict_and_mask(), args.backend), "mask": "csr" if use_csr else
+           "blockmask", "passes": info.passes, "newton_steps": info.steps, "residual": info.residual, "compile_s": compile_s}
     row["sparse_ms"] = timed(sparse, reps, cuda)
     row["mask_ms"] = timed(predict_and_mask, reps, cuda)
     bg = predict_blocks(q, k, block, keep)
@@ -139,7 +144,7 @@ def one_case(N, causal, args, dev, dtype, cuda, block, H, reps):
     row["kept_pairs"] = pairs
     row["model_gflop"] = pairs * (2 * args.dim * info.passes + 2 * args.dim) / 1e9
     row["attn_ms"] = row["sparse_ms"] - row["mask_ms"]
-    row["attn_tflops"] = row["model_gflop"] / max(row["attn_ms"], 1e-9) / 1e3
+    row["attn_tflops"] = row["model_gflop"] / max(row["attn_ms"], 1e-9)  # GFLOP / ms = TFLOP/s
     g = torch.Generator(device="cpu").manual_seed(1)
     idx = torch.randperm(N, generator=g)[: args.sample_rows].sort().values.to(dev)
     ref, p = sampled_reference(q, k, v, idx, args.alpha, causal)
@@ -218,6 +223,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--dense-max", type=int, default=16384, help="longest N for dense entmax_bisect")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--backend", default="auto", help="sparse entmax backend: auto, triton or flex")
+    ap.add_argument("--mask", default="csr", choices=("csr", "blockmask"),
+                    help="triton backend: the graph as a BlockCSR (a few ops) or a FlexAttention BlockMask (~300)")
     ap.add_argument("--sweep-n", type=int, default=0, help="CUDA: first time tile configs of the fused kernel at N")
     ap.add_argument("--sample-rows", type=int, default=256)
     ap.add_argument("--out", default=str(ROOT / "results" / "sparse_entmax.json"))

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from attnlab.errors import ConfigError
+from attnlab.errors import ConfigError, ShapeError
 
 CUDA = torch.cuda.is_available()
 if not CUDA:  # before triton loads: Triton's interpreter (numpy) runs the kernel on CPU tensors
@@ -19,6 +19,7 @@ pytest.importorskip("triton")
 pytest.importorskip("torch.nn.attention.flex_attention")
 
 from attnlab.blocksparse.sparse_entmax import (  # noqa: E402
+    block_csr_from_graph,
     block_mask_from_graph,
     resolve_sparse_backend,
     sparse_entmax_attention,
@@ -115,6 +116,28 @@ def test_triton_sparse_graph_one_tile_rows_tail_and_empty_rows(causal):
         assert torch.isinf(res.tau[0, 1, 64:96]).all()
     flex = sparse_entmax_attention(q, k, v, bm, alpha=1.5, tol=1e-6, n_iter=30, backend="flex")[0]
     assert (res.out - flex).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_block_csr_matches_blockmask_on_both_backends(causal):
+    """The cheap BlockCSR form gives the triton kernel the same tiles as the FlexAttention BlockMask, and the flex
+    backend accepts it too (converted); float64 against entmax restricted to the graph."""
+    N, blk, H = 80, 16, 2
+    q, k, v = _qkv(H, 2, N, 16, 21 + causal, spread=1.5)
+    nb = -(-N // blk)
+    bg = torch.rand(1, H, nb, nb, generator=torch.Generator().manual_seed(5)) < 0.4
+    csr = block_csr_from_graph(bg, blk, N, causal=causal)
+    eff = bg | torch.eye(nb, dtype=torch.bool) if causal else bg
+    assert torch.equal(csr.kv_num, (eff.tril() if causal else eff).sum(-1).int())
+    ref = _reference(q, k, v, 1.5, causal, _pairs(eff, blk, N))
+    a = sparse_entmax_attention(q, k, v, csr, tol=1e-12, n_iter=40, backend="triton")[0]
+    b = sparse_entmax_attention(q, k, v, block_mask_from_graph(bg, blk, N, causal=causal), tol=1e-12, n_iter=40,
+                                backend="triton")[0]
+    c = sparse_entmax_attention(q, k, v, csr, tol=1e-12, n_iter=40, backend="flex")[0]
+    for out in (a, b, c):
+        assert torch.allclose(out, ref, atol=1e-9, rtol=0)
+    with pytest.raises(ShapeError, match="nq == nk"):
+        block_csr_from_graph(torch.ones(1, 1, 2, 3, dtype=torch.bool), 16, causal=True)
 
 
 def test_triton_default_tolerance_few_passes_and_float64_tau_agrees_with_flex():

@@ -50,7 +50,7 @@ from .entmax_dense import check_entmax_inputs, dense_entmax_attention  # noqa: F
 from .flex import compiled_flex_attention
 
 __all__ = ["sparse_entmax_attention", "entmax_threshold", "block_mask_from_graph", "EntmaxSolve",
-           "SPARSE_ENTMAX_BACKENDS", "resolve_sparse_backend", "triton_supports",
+           "SPARSE_ENTMAX_BACKENDS", "resolve_sparse_backend", "triton_supports", "BlockCSR", "block_csr_from_graph",
            "dense_entmax_attention", "token_to_block_graph"]
 
 
@@ -95,6 +95,48 @@ def _graph_mod(bg: Tensor, block: int, causal: bool, n: int):
     return mask_mod
 
 
+def _check_graph(block_graph: Tensor, block: int, seq_len: Optional[int], causal: bool) -> int:
+    """Validate a (B, H, nq, nk) block graph for ``block`` and ``seq_len``; returns the sequence length."""
+    if block_graph.dim() != 4:
+        raise ShapeError(f"block graph must be (B, H, nq, nk); got {tuple(block_graph.shape)}")
+    if isinstance(block, bool) or not isinstance(block, int) or block < 1:
+        raise ConfigError(f"block must be a positive int (got {block!r})")
+    nq, nk = block_graph.shape[-2:]
+    n = nq * block if seq_len is None else int(seq_len)
+    if not (nq - 1) * block < n <= nq * block:
+        raise ShapeError(f"seq_len {n} does not fit {nq} blocks of {block}")
+    if causal and nq != nk:
+        raise ShapeError(f"causal block masks need nq == nk (got {nq} and {nk})")
+    return n
+
+
+class BlockCSR(NamedTuple):
+    """A block graph as the fused kernel reads it: per query block the number and the indices (ascending,
+    left-aligned) of its kept kv blocks, as FlexAttention's ``kv_num_blocks``/``kv_indices``. Built from the
+    graph with a handful of tensor ops (a FlexAttention ``BlockMask`` takes ~300); the flex backend turns it
+    into a ``BlockMask`` with :func:`block_mask_from_graph` (``graph`` is kept for that)."""
+
+    kv_num: Tensor  # (B, H, nq) int32
+    kv_idx: Tensor  # (B, H, nq, nk) int32
+    block: int
+    seq_len: int
+    causal: bool
+    graph: Tensor  # (B, H, nq, nk) bool, as given
+
+
+def block_csr_from_graph(block_graph: Tensor, block: int, seq_len: Optional[int] = None,
+                         causal: bool = False) -> BlockCSR:
+    """Block graph (B, H, nq, nk) -> :class:`BlockCSR`. ``causal``: blocks above the diagonal are dropped and
+    the diagonal tiles kept (the kernel masks inside them), as in :func:`block_mask_from_graph`."""
+    n = _check_graph(block_graph, block, seq_len, causal)
+    g = block_graph.bool()
+    if causal:
+        g = (g | torch.eye(g.shape[-1], dtype=torch.bool, device=g.device)).tril()
+    kv_num = g.sum(-1, dtype=torch.int32)
+    kv_idx = torch.argsort(g.to(torch.int8), dim=-1, descending=True, stable=True).to(torch.int32)
+    return BlockCSR(kv_num, kv_idx, block, n, bool(causal), block_graph)
+
+
 def block_mask_from_graph(block_graph: Tensor, block: int, seq_len: Optional[int] = None,
                           causal: bool = False) -> Any:
     """Block graph (B, H, nq, nk) -> FlexAttention ``BlockMask`` (via ``from_kv_blocks``; no mask evaluation).
@@ -104,18 +146,10 @@ def block_mask_from_graph(block_graph: Tensor, block: int, seq_len: Optional[int
     the tail of the last block is masked (causal: implied by the causal mask)."""
     from torch.nn.attention.flex_attention import BlockMask
 
-    if block_graph.dim() != 4:
-        raise ShapeError(f"block graph must be (B, H, nq, nk); got {tuple(block_graph.shape)}")
-    if isinstance(block, bool) or not isinstance(block, int) or block < 1:
-        raise ConfigError(f"block must be a positive int (got {block!r})")
+    n = _check_graph(block_graph, block, seq_len, causal)
     nq, nk = block_graph.shape[-2:]
-    n = nq * block if seq_len is None else int(seq_len)
-    if not (nq - 1) * block < n <= nq * block:
-        raise ShapeError(f"seq_len {n} does not fit {nq} blocks of {block}")
     bg = block_graph.bool()
     if causal:
-        if nq != nk:
-            raise ShapeError(f"causal block masks need nq == nk (got {nq} and {nk})")
         bg = bg | torch.eye(nq, dtype=torch.bool, device=bg.device)
         kv = block_graph_to_kv(bg, causal=True)
         return BlockMask.from_kv_blocks(kv.kv_num_blocks, kv.kv_indices, kv.full_kv_num_blocks,
@@ -123,7 +157,8 @@ def block_mask_from_graph(block_graph: Tensor, block: int, seq_len: Optional[int
                                         mask_mod=_graph_mod(bg, block, True, n), seq_lengths=(n, n))
     counts = bg.sum(-1).to(torch.int32)
     order = torch.argsort((~bg).to(torch.int8), dim=-1, stable=True).to(torch.int32)  # kept blocks first
-    mask_mod = _graph_mod(bg, block, False, n) if n % block else None
+    # eager FlexAttention (CPU) evaluates mask_mod on every pair and ignores the block lists: it needs the graph
+    mask_mod = _graph_mod(bg, block, False, n) if n % block or bg.device.type != "cuda" else None
     kv_len = n if nq == nk else nk * block
     return BlockMask.from_kv_blocks(counts, order, BLOCK_SIZE=block, mask_mod=mask_mod, seq_lengths=(n, kv_len))
 
@@ -148,6 +183,8 @@ def _check_solver(n_iter: int, tol: float) -> None:
 def _flex_threshold(q: Tensor, k: Tensor, v: Tensor, block_mask: Any, alpha: float, scale: Optional[float],
                     n_iter: int, tol: float) -> EntmaxSolve:
     """The FlexAttention backend: one FlexAttention call per pass (module docstring); the reference path."""
+    if isinstance(block_mask, BlockCSR):
+        block_mask = block_mask_from_graph(block_mask.graph, block_mask.block, block_mask.seq_len, block_mask.causal)
     G = q.shape[1] // k.shape[1]
     a1, r = alpha - 1.0, 1.0 / (alpha - 1.0)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
@@ -196,6 +233,8 @@ def _mask_causal(block_mask: Any) -> Optional[bool]:
     """Whether a ``BlockMask`` from :func:`block_mask_from_graph` is causal (None: a mask_mod we cannot fuse)."""
     from torch.nn.attention.flex_attention import noop_mask
 
+    if isinstance(block_mask, BlockCSR):
+        return block_mask.causal
     mod = block_mask.mask_mod
     if mod is noop_mask or mod is None:
         return False
@@ -204,8 +243,8 @@ def _mask_causal(block_mask: Any) -> Optional[bool]:
 
 def triton_supports(q: Tensor, block_mask: Any) -> bool:
     """True when the fused Triton kernel can run this call: CUDA (or TRITON_INTERPRET=1), triton importable,
-    a mask from :func:`block_mask_from_graph` (its mask_mod is the block graph + causal/tail, nothing else),
-    square blocks that are a multiple of 16, and no BlockMask ``q_indices`` indirection beyond the kv lists."""
+    a :class:`BlockCSR` or a mask from :func:`block_mask_from_graph` (its mask_mod is the block graph +
+    causal/tail, nothing else), square blocks that are a multiple of 16."""
     import os
 
     if q.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -214,7 +253,7 @@ def triton_supports(q: Tensor, block_mask: Any) -> bool:
         import triton  # noqa: F401
     except Exception:
         return False
-    qb, kb = block_mask.BLOCK_SIZE
+    qb, kb = (block_mask.block,) * 2 if isinstance(block_mask, BlockCSR) else block_mask.BLOCK_SIZE
     return _mask_causal(block_mask) is not None and qb == kb and qb % 16 == 0
 
 
@@ -228,10 +267,13 @@ def _triton_threshold(q: Tensor, k: Tensor, v: Tensor, block_mask: Any, alpha: f
 
     causal = bool(_mask_causal(block_mask))
     bm = block_mask
-    full = bm.full_kv_num_blocks is not None
-    res = entmax_block_sparse_fwd(q, k, v, bm.kv_num_blocks, bm.kv_indices, bm.BLOCK_SIZE[0], alpha, scale,
-                                  causal, n_iter, tol, bm.full_kv_num_blocks if full else None,
-                                  bm.full_kv_indices if full else None)
+    if isinstance(bm, BlockCSR):
+        res = entmax_block_sparse_fwd(q, k, v, bm.kv_num, bm.kv_idx, bm.block, alpha, scale, causal, n_iter, tol)
+    else:
+        full = bm.full_kv_num_blocks is not None
+        res = entmax_block_sparse_fwd(q, k, v, bm.kv_num_blocks, bm.kv_indices, bm.BLOCK_SIZE[0], alpha, scale,
+                                      causal, n_iter, tol, bm.full_kv_num_blocks if full else None,
+                                      bm.full_kv_indices if full else None)
     stats = torch.stack([res.log_f.abs().max().float(), res.iters.max().float()]).tolist() if res.tau.numel() \
         else [0.0, 0.0]
     steps = int(stats[1])
@@ -274,7 +316,8 @@ def sparse_entmax_attention(q: Tensor, k: Tensor, v: Tensor, block_mask: Any, al
     """alpha-entmax attention restricted to ``block_mask``: q (B, H, N, d), k, v (B, Hkv, N, d) with Hkv
     dividing H (grouped-query attention). Returns (output, tau per row), or the whole :class:`EntmaxSolve`
     (pass count, residual) with ``return_info``. Causal attention is a causal ``block_mask``
-    (``block_mask_from_graph(..., causal=True)``). ``backend``: 'flex', 'triton' (fused kernel, CUDA) or 'auto'
+    (``block_mask_from_graph(..., causal=True)``). ``block_mask`` may also be a :class:`BlockCSR`
+    (:func:`block_csr_from_graph`: the cheap form for the triton backend). ``backend``: 'flex', 'triton' (fused kernel, CUDA) or 'auto'
     (triton on CUDA when it can run the mask, else flex)."""
     res = entmax_threshold(q, k, v, block_mask, alpha, scale, n_iter, tol, backend)
     return res if return_info else (res.out, res.tau)

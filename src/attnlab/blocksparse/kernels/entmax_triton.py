@@ -306,13 +306,13 @@ def _pow2_divisor(n: int, cap: int) -> int:
 
 def kernel_config(block: int, d: int, dtype: torch.dtype, on_gpu: bool) -> dict:
     """Tile sizes for graph block ``block``: BLOCK_M, BLOCK_N powers of two dividing it (>= 16, tl.dot), warps."""
-    big = 128 if dtype in (torch.bfloat16, torch.float16) else 64
-    bm = _pow2_divisor(block, big if on_gpu else 32)
+    bm = _pow2_divisor(block, 64 if on_gpu else 32)
     bn = _pow2_divisor(block, 64 if on_gpu else 32)
     if bm < 16 or bn < 16:
         raise ConfigError(f"the triton entmax backend needs a block size that is a multiple of 16 (got {block})")
-    warps = 8 if (bm >= 128 and on_gpu) else 4
-    return {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": warps, "num_stages": 2 if on_gpu else 1}
+    # H200, N = 16k causal, d = 64, bf16 (benchmarks/NOTES-sparse-entmax.md): 64x64/4 warps 0.554 ms,
+    # 128x64/8 warps 0.621, 128x64/4 warps/3 stages 0.786, 128x128/8 warps 0.806
+    return {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": 4, "num_stages": 2 if on_gpu else 1}
 
 
 def _strides3(t: Tensor) -> tuple[int, int, int]:
