@@ -246,7 +246,7 @@ def _entmax_fwd(Q, K, V, OUT, TAU, LOGF, ITERS,
             f, s1, n0, xin, xout = _stats_list(f, s1, n0, xin, xout, t, r, q, K, k_base, sk_n, ib, nb, rows, N, M,
                                                c, QB, BLOCK_N, D, D_P, CAUSAL, False, KIND, IEEE, ACC_DT)
         ok = empty | (tl.abs(tl.log(tl.where(f > 0, f, 1e-30))) <= tol)
-        exact = ok & False
+        exact = ok & False  # set by the alpha 1.5 / 2 steps below
         lo = tl.where(f > 1.0, t, lo)
         hi = tl.where(f < 1.0, t, hi)
         if KIND == 1:
