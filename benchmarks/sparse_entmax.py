@@ -1,4 +1,5 @@
-"""Predicted alpha-entmax attention executed block-sparsely (FlexAttention + safeguarded Newton on tau), causal
+"""Predicted alpha-entmax attention executed block-sparsely (fused Triton kernel on CUDA, ``--backend flex`` for the
+FlexAttention passes; safeguarded Newton on tau), causal
 and non-causal, against AdaSplash (AdaSplash-2 causal, v1 non-causal), softmax SDPA and dense ``entmax_bisect``
 (where it fits), all in the same run, from 4k to 64k tokens.
 
@@ -13,7 +14,8 @@ support and output error are measured on a sample of rows against dense float32 
     python benchmarks/sparse_entmax.py              # CUDA: 4k ... 64k, causal and non-causal
 
 AdaSplash (``pip install 'attnlab[gpu]'``) is timed in the same run on the same inputs; its error is measured
-like ours. The threshold solver's pass count (FlexAttention calls, prediction excluded) is printed per case.
+like ours, against float64 dense entmax on sampled rows. The threshold solver's pass count (passes over the kept
+tiles, prediction excluded) is printed per case, with the model FLOP rate of the attention part.
 """
 
 from __future__ import annotations
@@ -78,20 +80,27 @@ def timed(fn, reps: int, cuda: bool) -> float:
 
 
 def sampled_reference(q, k, v, idx, alpha, causal):
-    """float32 dense entmax (``entmax_bisect``, 60 steps) on query rows ``idx``: (output, probabilities)."""
+    """float64 dense entmax (``entmax_bisect``, 80 steps) on query rows ``idx`` of the (bf16) inputs upcast:
+    (output, probabilities)."""
     from entmax import entmax_bisect
 
     G = q.shape[1] // k.shape[1]
-    kk, vv = k.repeat_interleave(G, 1).float(), v.repeat_interleave(G, 1).float()
-    sc = (q[:, :, idx].float() @ kk.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    kk, vv = k.repeat_interleave(G, 1).double(), v.repeat_interleave(G, 1).double()
+    sc = (q[:, :, idx].double() @ kk.transpose(-1, -2)) * q.shape[-1] ** -0.5
     if causal:
         sc = sc.masked_fill(torch.arange(k.shape[2], device=q.device)[None, :] > idx[:, None], float("-inf"))
-    p = entmax_bisect(sc, alpha=alpha, dim=-1, n_iter=60)
+    p = entmax_bisect(sc, alpha=alpha, dim=-1, n_iter=80)
     return p @ vv, p
 
 
 def rel_err(out, idx, ref) -> float:
-    return float((out[:, :, idx].float() - ref).norm() / ref.norm())
+    return float((out[:, :, idx].double() - ref).norm() / ref.norm())
+
+
+def kept_pairs(bg, block: int, causal: bool) -> float:
+    """Pairs the sparse kernel scores (all heads): kept tiles x block^2, the causal diagonal tiles counted whole
+    (the kernel computes them whole and masks)."""
+    return float(bg.sum()) * block * block
 
 
 def one_case(N, causal, args, dev, dtype, cuda, block, H, reps):
@@ -105,24 +114,37 @@ def one_case(N, causal, args, dev, dtype, cuda, block, H, reps):
     nb = N // block
     keep = max(1, round(args.keep * nb))
 
+    from attnlab.blocksparse.sparse_entmax import block_csr_from_graph, resolve_sparse_backend
+
+    use_csr = args.mask == "csr" and resolve_sparse_backend(q, block_csr_from_graph(
+        torch.ones(1, 1, 1, 1, dtype=torch.bool, device=dev), block), args.backend) == "triton"
+    build = block_csr_from_graph if use_csr else block_mask_from_graph
+
     def predict_and_mask():
-        return block_mask_from_graph(predict_blocks(q, k, block, keep), block, causal=causal)
+        return build(predict_blocks(q, k, block, keep), block, causal=causal)
 
     def sparse():
         return sparse_entmax_attention(q, k, v, predict_and_mask(), args.alpha, n_iter=args.n_iter, tol=args.tol,
-                                       return_info=True)
+                                       return_info=True, backend=args.backend)
 
     t0 = time.time()
     info = sparse()  # compile + warm-up
     compile_s = time.time() - t0
     row = {"n": N, "causal": causal, "heads": H, "kv_heads": k.shape[1], "d": args.dim, "block": block,
-           "passes": info.passes, "newton_steps": info.steps, "residual": info.residual, "compile_s": compile_s}
+           "backend": resolve_sparse_backend(q, predict_and_mask(), args.backend), "mask": "csr" if use_csr else
+           "blockmask", "passes": info.passes, "newton_steps": info.steps, "residual": info.residual, "compile_s": compile_s}
     row["sparse_ms"] = timed(sparse, reps, cuda)
     row["mask_ms"] = timed(predict_and_mask, reps, cuda)
     bg = predict_blocks(q, k, block, keep)
     if causal:
         bg = (bg | torch.eye(nb, dtype=torch.bool, device=dev)).tril()
     row["block_density"] = float(bg.float().mean())
+    # work model of the fused kernel: QK^T on the kept tiles in every pass (2 d flops a pair), p @ V once
+    pairs = kept_pairs(bg, block, causal)
+    row["kept_pairs"] = pairs
+    row["model_gflop"] = pairs * (2 * args.dim * info.passes + 2 * args.dim) / 1e9
+    row["attn_ms"] = row["sparse_ms"] - row["mask_ms"]
+    row["attn_tflops"] = row["model_gflop"] / max(row["attn_ms"], 1e-9)  # GFLOP / ms = TFLOP/s
     g = torch.Generator(device="cpu").manual_seed(1)
     idx = torch.randperm(N, generator=g)[: args.sample_rows].sort().values.to(dev)
     ref, p = sampled_reference(q, k, v, idx, args.alpha, causal)
@@ -149,11 +171,38 @@ def one_case(N, causal, args, dev, dtype, cuda, block, H, reps):
     return row
 
 
+def sweep_configs(N, causal, args, dev, dtype, block, H, reps) -> list[dict]:
+    """Tile configs of the fused kernel at one length (attention only, same mask): which tiling the default
+    should be."""
+    from attnlab.blocksparse.kernels.entmax_triton import entmax_block_sparse_fwd
+    from attnlab.blocksparse.sparse_entmax import block_mask_from_graph
+
+    q, k, v = synthetic_qkv(1, H, N, args.dim, dev, dtype)
+    bm = block_mask_from_graph(predict_blocks(q, k, block, max(1, round(args.keep * (N // block)))), block,
+                               causal=causal)
+    full = bm.full_kv_num_blocks is not None
+    out = []
+    for bm_, bn, w, st in [(128, 64, 8, 2), (128, 64, 4, 3), (64, 64, 4, 2), (128, 128, 8, 2)]:
+        cfg = {"BLOCK_M": bm_, "BLOCK_N": bn, "num_warps": w, "num_stages": st}
+        fn = lambda: entmax_block_sparse_fwd(q, k, v, bm.kv_num_blocks, bm.kv_indices, block, args.alpha,  # noqa: E731
+                                             causal=causal, n_iter=args.n_iter, tol=args.tol,
+                                             full_num=bm.full_kv_num_blocks if full else None,
+                                             full_idx=bm.full_kv_indices if full else None, config=cfg)
+        try:
+            ms = timed(fn, reps, True)
+        except Exception as e:  # a config the compiler rejects (shared memory)
+            out.append({**cfg, "error": repr(e)[:200]})
+            continue
+        out.append({**cfg, "n": N, "causal": causal, "ms": ms})
+        print(f"sweep n={N} causal={causal} {cfg}: {ms:.3f} ms", flush=True)
+    return out
+
+
 def fmt(r) -> str:
     ada = f"{r['adasplash_ms']:8.2f} ms ({r['adasplash']}, err {r['rel_error_adasplash']:.1e})" if "adasplash_ms" in r else "   -"
     dense = f"{r['dense_entmax_ms']:8.1f}" if "dense_entmax_ms" in r else "   -"
-    return (f"n={r['n']:6d} {'causal' if r['causal'] else 'full  '} ours {r['sparse_ms']:7.2f} ms (mask {r['mask_ms']:.2f}, "
-            f"{r['passes']} passes, err {r['rel_error_ours']:.1e}, recall {r['recall_gold_support']:.4f}, tiles "
+    return (f"n={r['n']:6d} {'causal' if r['causal'] else 'full  '} ours[{r['backend']}] {r['sparse_ms']:7.2f} ms "
+            f"(mask {r['mask_ms']:.2f}, {r['attn_tflops']:.0f} TFLOP/s model, {r['passes']} passes, err {r['rel_error_ours']:.1e}, recall {r['recall_gold_support']:.4f}, tiles "
             f"{r['block_density']:.3f}) | AdaSplash {ada} | SDPA {r['sdpa_softmax_ms']:.2f} ms | entmax_bisect {dense}")
 
 
@@ -173,6 +222,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--dense-iter", type=int, default=50, help="entmax_bisect steps of the dense baseline (its default)")
     ap.add_argument("--dense-max", type=int, default=16384, help="longest N for dense entmax_bisect")
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--backend", default="auto", help="sparse entmax backend: auto, triton or flex")
+    ap.add_argument("--mask", default="csr", choices=("csr", "blockmask"),
+                    help="triton backend: the graph as a BlockCSR (a few ops) or a FlexAttention BlockMask (~300)")
+    ap.add_argument("--sweep-n", type=int, default=0, help="CUDA: first time tile configs of the fused kernel at N")
     ap.add_argument("--sample-rows", type=int, default=256)
     ap.add_argument("--out", default=str(ROOT / "results" / "sparse_entmax.json"))
     args = ap.parse_args(argv)
@@ -192,15 +245,16 @@ def main(argv=None) -> dict:
           f"block={block} alpha={args.alpha} dtype={dtype} tol={args.tol}; SYNTHETIC structured inputs", flush=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    for N in lengths:
-        for mode in args.modes.split(","):
+    sweep = sweep_configs(args.sweep_n, True, args, dev, dtype, block, H, reps) if cuda and args.sweep_n else []
+    for mode in args.modes.split(","):  # all lengths of one mode first (a time-out keeps whole modes)
+        for N in lengths:
             row = one_case(N, mode == "causal", args, dev, dtype, cuda, block, H, reps)
             rows.append(row)
             print(fmt(row), flush=True)
-            out.write_text(json.dumps({"rows": rows, "partial": True}, indent=1))  # survives a time-out
+            out.write_text(json.dumps({"rows": rows, "sweep": sweep, "partial": True}, indent=1))  # survives a time-out
             if cuda:
                 torch.cuda.empty_cache()
-    res = {"rows": rows, "device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
+    res = {"rows": rows, "sweep": sweep, "device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
            "host": platform.node(), "args": vars(args), "inputs": "synthetic structured"}
     out.write_text(json.dumps(res, indent=1))
     return res
