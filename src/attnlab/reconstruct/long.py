@@ -19,7 +19,7 @@ and compute is the causal total: the sum over rows of :func:`attnlab.reconstruct
 
 Method families evaluated here (no N x N statistics): ``proxy-only`` (rank-r bilinear proxy, shifted to the exact
 row mean), ``topb-none`` (exact top-b_i by the proxy, sparse softmax), ``topb-proxy`` (exact top-b_i, proxy
-elsewhere, exact row mean kept), ``local-none`` (first token + the b_i - 1 nearest past keys) and the reference
+elsewhere, exact row mean kept), ``local-none`` (first token + the b_i - 1 nearest past keys), ``local-proxy`` (that, proxy elsewhere) and the reference
 ``oracle-none`` (top-b_i by the true scores; needs every score). The paper's Gaussian and basis estimators are
 costed at their smallest useful point (:data:`COSTED_ONLY`) and evaluated only when that fits the compute cap.
 """
@@ -59,6 +59,7 @@ FAMILIES: dict[str, LongFamily] = {f.name: f for f in (
     LongFamily("topb-none", "adaptive", "none", True, "none", "adaptive"),
     LongFamily("topb-proxy", "adaptive", "proxy", True, "proxy", "adaptive"),
     LongFamily("local-none", "local", "none", False, "none", "local"),
+    LongFamily("local-proxy", "local", "proxy", True, "proxy", "local"),
     LongFamily("oracle-none", "oracle", "none", False, "none", "oracle"),
 )}
 #: Families of the corpus path that need N x N statistics: costed on causal rows, not evaluated here.
@@ -416,7 +417,7 @@ class LongConfig:
     chunk_rows: int = 256  # query rows per evaluation chunk (c)
     key_chunk: int = 4096  # keys per spectrum tile (kc)
     fractions: tuple = (1 / 64, 1 / 32, 1 / 16, 1 / 8, 3 / 16, 1 / 4)
-    ranks: tuple = (2, 4, 8)
+    ranks: tuple = (1, 2, 4, 8)
     families: tuple = tuple(FAMILIES)
     max_compute: float = 0.6  # points costing more (causal total) are listed, not evaluated (oracle always runs)
     target_compute: float = 0.30
