@@ -332,7 +332,9 @@ def evaluate_head(q: torch.Tensor, k: torch.Tensor, rows: list[torch.Tensor], sc
             ps = None
             if fam.uses_rank:
                 if pt.rank not in by_rank:
-                    by_rank[pt.rank] = proxies[pt.rank].scores(q[:, r], k, scaling).to(s.dtype).masked_fill(
+                    px = proxies[pt.rank]  # proxy scores in the working dtype (float64 in CPU checks)
+                    wq, wk = px.wq.to(q.device, s.dtype), px.wk.to(q.device, s.dtype)
+                    by_rank[pt.rank] = (((q[:, r] @ wq) @ (k @ wk).transpose(-1, -2)) * scaling).masked_fill(
                         ~valid, float("-inf"))
                 ps = by_rank[pt.rank]
             if fam.selection == "none":
