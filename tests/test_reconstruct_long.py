@@ -45,7 +45,8 @@ def cap(lm):
 
 
 POINTS = [Point("topb-none", 0.25, 2), Point("topb-proxy", 0.125, 2), Point("local-none", 0.25),
-          Point("local-proxy", 0.25, 2), Point("proxy-only", 0.0, 2), Point("oracle-none", 0.25)]
+          Point("local-proxy", 0.25, 2), Point("proxy-only", 0.0, 2), Point("oracle-none", 0.25),
+          Point("hybrid-none", 0.25, 2), Point("hybrid-proxy", 0.1875, 2)]
 
 
 def _dense_reference(q, k, scaling, pt: Point, proxy) -> np.ndarray:
@@ -67,6 +68,11 @@ def _dense_reference(q, k, scaling, pt: Point, proxy) -> np.ndarray:
                 sel = set(np.argsort(-s, kind="stable")[:b].tolist())
             elif fam.selection == "local":
                 sel = {0} | {j for j in range(n_i) if j > i - b + 1}
+            elif fam.selection == "hybrid":
+                bl = b - b // 2
+                loc = {0} | {j for j in range(n_i) if j > i - bl + 1}
+                rest = [j for j in np.argsort(-ps, kind="stable").tolist() if j not in loc]
+                sel = loc | set(rest[:b - bl])
             else:
                 sel = set()
             m = np.array([j in sel for j in range(n_i)])

@@ -19,7 +19,8 @@ and compute is the causal total: the sum over rows of :func:`attnlab.reconstruct
 
 Method families evaluated here (no N x N statistics): ``proxy-only`` (rank-r bilinear proxy, shifted to the exact
 row mean), ``topb-none`` (exact top-b_i by the proxy, sparse softmax), ``topb-proxy`` (exact top-b_i, proxy
-elsewhere, exact row mean kept), ``local-none`` (first token + the b_i - 1 nearest past keys), ``local-proxy`` (that, proxy elsewhere) and the reference
+elsewhere, exact row mean kept), ``local-none`` (first token + the b_i - 1 nearest past keys), ``local-proxy`` (that, proxy elsewhere), ``hybrid-none`` / ``hybrid-proxy`` (half the pairs local as above, the
+other half the proxy's top keys; the union is costed as b_i pairs) and the reference
 ``oracle-none`` (top-b_i by the true scores; needs every score). The paper's Gaussian and basis estimators are
 costed at their smallest useful point (:data:`COSTED_ONLY`) and evaluated only when that fits the compute cap.
 """
@@ -60,6 +61,8 @@ FAMILIES: dict[str, LongFamily] = {f.name: f for f in (
     LongFamily("topb-proxy", "adaptive", "proxy", True, "proxy", "adaptive"),
     LongFamily("local-none", "local", "none", False, "none", "local"),
     LongFamily("local-proxy", "local", "proxy", True, "proxy", "local"),
+    LongFamily("hybrid-none", "hybrid", "none", True, "none", "adaptive"),
+    LongFamily("hybrid-proxy", "hybrid", "proxy", True, "proxy", "adaptive"),
     LongFamily("oracle-none", "oracle", "none", False, "none", "oracle"),
 )}
 #: Families of the corpus path that need N x N statistics: costed on causal rows, not evaluated here.
@@ -257,6 +260,11 @@ def _ranks_of(order_by: torch.Tensor) -> torch.Tensor:
     return ranks
 
 
+def _local(keys: torch.Tensor, rows: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(c, N): the first key plus the b - 1 nearest past keys of every row (b (c, 1) pairs per row)."""
+    return (keys.unsqueeze(0) == 0) | (keys.unsqueeze(0) > rows.unsqueeze(1) - b + 1)
+
+
 def _tv(p: torch.Tensor, est: torch.Tensor) -> torch.Tensor:
     q = torch.nan_to_num(torch.softmax(est, -1), nan=0.0)
     return 0.5 * (p - q).abs().sum(-1)  # (B, c)
@@ -325,6 +333,7 @@ def evaluate_head(q: torch.Tensor, k: torch.Tensor, rows: list[torch.Tensor], sc
         p = torch.softmax(s, -1)
         by_rank: dict[int, torch.Tensor] = {}
         order: dict[int, torch.Tensor] = {}
+        sorted_idx: dict[int, torch.Tensor] = {}
         ranks_true = None
         for pt in points:
             fam = FAMILIES[pt.family]
@@ -347,8 +356,19 @@ def evaluate_head(q: torch.Tensor, k: torch.Tensor, rows: list[torch.Tensor], sc
                 if ranks_true is None:
                     ranks_true = _ranks_of(s)
                 sel = ranks_true < b
-            else:  # local: first key plus the b - 1 nearest past keys
-                sel = ((keys.unsqueeze(0) == 0) | (keys.unsqueeze(0) > r.unsqueeze(1) - b + 1)).expand_as(s)
+            elif fam.selection == "local":
+                sel = _local(keys, r, b).expand_as(s)
+            else:  # hybrid: ceil(b/2) local keys, then the proxy's top floor(b/2) of the other keys
+                if pt.rank not in sorted_idx:
+                    sorted_idx[pt.rank] = torch.sort(ps, dim=-1, descending=True, stable=True).indices
+                idx = sorted_idx[pt.rank]
+                bl = b - b // 2
+                loc = _local(keys, r, bl).expand_as(s)
+                loc_sorted = torch.gather(loc, -1, idx)
+                before = torch.cumsum(loc_sorted, -1) - loc_sorted.long()  # local keys ranked above each position
+                pos = torch.arange(n, device=s.device)
+                pick = ~loc_sorted & (pos - before < (b - bl))
+                sel = loc | torch.zeros_like(loc).scatter(-1, idx, pick)
             sel = sel & valid
             if fam.fill == "none":
                 est = s.masked_fill(~sel, float("-inf"))
@@ -356,7 +376,7 @@ def evaluate_head(q: torch.Tensor, k: torch.Tensor, rows: list[torch.Tensor], sc
                 est = _proxy_fill(s, torch.where(valid, ps, torch.zeros_like(ps)), sel, valid, rmean, n_i)
             sums[pt.label] += _tv(p, est).double().sum(-1)
             del sel, est
-        del s, p, by_rank, order, ranks_true
+        del s, p, by_rank, order, sorted_idx, ranks_true
     return {lab: v.cpu() / len(rows_all) for lab, v in sums.items()}
 
 
