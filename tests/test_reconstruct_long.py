@@ -241,3 +241,14 @@ def test_gpu_float32_matches_cpu_float64(cap):
                       POINTS, {2: proxy}, chunk=16)
     for lab in a:
         torch.testing.assert_close(b[lab].double(), a[lab], rtol=0, atol=1e-4)
+
+
+def test_cli_long_bad_input_names_the_flag(tiny_lm):
+    from typer.testing import CliRunner
+
+    from attnlab.cli import app
+
+    r = CliRunner().invoke(app, ["reconstruct", "long", "--model", tiny_lm, "--lengths", "1", "--out", "/tmp/x_rl"])
+    assert r.exit_code == 2 and "--lengths" in r.output, r.output
+    r = CliRunner().invoke(app, ["reconstruct", "long", "--model", tiny_lm, "--n-eval", "1", "--out", "/tmp/x_rl"])
+    assert r.exit_code == 2 and "--n-eval" in r.output, r.output

@@ -582,3 +582,49 @@ def format_length(res: dict[str, Any]) -> str:
         f"meets {res['target']['tv']}: {res.get('meets_target')}"))
     lines.append("  costed only: " + "; ".join(f"{k} >= {v['compute']:.2f}" for k, v in res["costed_only"].items()))
     return "\n".join(lines)
+
+
+SECTION = "reconstruct_long"
+
+
+def long_windows(hf, model: str, n: int, n_fit: int, n_eval: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fit windows (training documents) and held-out windows (held-out documents) of length ``n``: the byte corpus
+    of `attnlab lm train` for its models, else the corpus splits of :func:`attnlab.reconstruct.fit.windows_for`."""
+    from ..lm.train import read_meta
+
+    if read_meta(model) is not None:
+        from ..lm.data import load_corpus, windows
+
+        meta = read_meta(model) or {}
+        corpus = load_corpus((meta.get("config") or {}).get("corpus"), 0.05, None, min_heldout_tokens=2 * n)
+        return (windows(corpus.train, n, n_fit, torch.Generator().manual_seed(seed + n)),
+                windows(corpus.heldout, n, n_eval, contiguous=True))
+    from .fit import windows_for
+
+    return (windows_for(hf.tokenizer, n, n_fit, "fit", None, seed),
+            windows_for(hf.tokenizer, n, n_eval, "heldout", None, seed + 1, flag="--n-eval", minimum=2))
+
+
+def run_long(out, model: str, lengths: list[int], log: Callable[[str], None] = lambda s: None,
+             **settings: Any) -> dict[str, Any]:
+    """`attnlab reconstruct long`: :func:`study_length` at every length; writes section 'reconstruct_long'."""
+    from ..io import RunDir
+    from ..sources.hf import load_model
+
+    cfg = LongConfig(**settings)
+    cfg.validate()
+    if not lengths or any(int(n) < 2 for n in lengths):
+        raise ConfigError(f"--lengths must be a list of lengths >= 2 (got {lengths})")
+    hf = load_model(model, device=cfg.device)
+    if max(lengths) > hf.max_len:
+        raise ConfigError(f"--lengths {max(lengths)} exceeds the model's maximum of {hf.max_len} positions")
+    res: dict[str, Any] = {"model": model, "config": {k: (list(v) if isinstance(v, tuple) else v)
+                                                      for k, v in cfg.__dict__.items()}, "lengths": {}}
+    for n in lengths:
+        fit_w, ev_w = long_windows(hf, model, int(n), cfg.n_fit, cfg.n_eval, cfg.seed)
+        r = study_length(hf, fit_w, ev_w, cfg, log=log)
+        res["lengths"][str(n)] = r
+        log(format_length(r))
+    run = RunDir(out)
+    run.write_section(SECTION, res)
+    return res
