@@ -59,6 +59,9 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--max-compute", type=float, default=0.6)
+    ap.add_argument("--fractions", type=float, nargs="+", default=None, help="pair fractions (default: LongConfig's)")
+    ap.add_argument("--ranks", type=int, nargs="+", default=None, help="proxy ranks (default: LongConfig's)")
+    ap.add_argument("--families", nargs="+", default=None, help="method families (default: all)")
     ap.add_argument("--out", default="results/reconstruct_long.json", help="JSON output")
     a = ap.parse_args()
     if a.quick:
@@ -96,6 +99,8 @@ def main() -> None:
         ev_w = windows(corpus.heldout, n, a.n_eval, contiguous=True)
         cfg = LongConfig(n_fit=a.n_fit, n_eval=a.n_eval, eval_rows=a.eval_rows, spectrum_rows=a.spectrum_rows,
                          chunk_rows=a.chunk_rows, device=a.device, dtype=a.dtype, max_compute=a.max_compute)
+        grid = {k: tuple(v) for k, v in (("fractions", a.fractions), ("ranks", a.ranks), ("families", a.families)) if v}
+        cfg = dataclasses.replace(cfg, **grid)
         if a.quick:
             cfg = dataclasses.replace(cfg, fractions=(1 / 8, 1 / 4), ranks=(2,))
         res = study_length(hf, fit_w, ev_w, cfg, log=log)

@@ -223,7 +223,7 @@ def test_study_length_end_to_end_and_errors(lm, minilm):
     res = study_length(lm, w[:2], w[2:], cfg)
     assert res["seq_len"] == 32 and set(res["spectrum"]) == {f"{l}.{h}" for l in (0, 1) for h in range(4)}
     assert res["frontier"] and all(v["worst_layer_tv"]["n"] == 2 for v in res["frontier"].values())
-    assert res["memory"]["eval_formula_bytes"] == 8 * 2 * 8 * 32 * 8
+    assert res["memory"]["eval_formula_bytes"] == (13 + 5 * 1) * 2 * 8 * 32 * 8
     with pytest.raises(ConfigError, match="--n-eval"):
         study_length(lm, w[:2], w[2:3], LongConfig(n_eval=1))
     with pytest.raises((ConfigError, ModelError), match="causal"):

@@ -6,9 +6,13 @@ of a window at once. That is what stops ``attnlab reconstruct run`` beyond a few
 never forms an N x N array. Per (layer, head) it holds, besides q and k of the captured windows (``2 B N d`` floats):
 
 - **evaluation**: one chunk of ``c`` held-out query rows of ``B`` windows against all N keys at a time; peak
-  ``B c N`` elements per tensor, about ``EVAL_BUFFERS * B * c * N * itemsize`` bytes (:func:`eval_peak_bytes`);
+  ``B c N`` elements per tensor and ``(EVAL_BASE + EVAL_PER_RANK * n_ranks) * B * c * N * itemsize`` bytes in all
+  (:func:`eval_peak_bytes`; proxy scores, their ranks and sort indices are kept per proxy rank within a chunk;
+  int64 indices count as two float32 buffers). On an H200 at N = 2k/8k/32k, B = 4, c = 256, 4 ranks, float32 the
+  measured peak was 0.262 / 1.10 / 4.41 GB against 0.277 / 1.11 / 4.43 GB from the formula;
 - **row spectrum**: ``R`` rows sampled from the fit windows, accumulated as their R x R Gram matrix one tile of
-  ``R`` rows x ``kc`` keys at a time: ``(R^2 + SPEC_BUFFERS * R * kc) * itemsize`` bytes (:func:`spectrum_peak_bytes`).
+  ``R`` rows x ``kc`` keys at a time: ``(3 R^2 + SPEC_BUFFERS * R * kc + W N d) * itemsize`` bytes (the Gram, its
+  scaled copy and the eigensolver's workspace; the tiles; the fit windows' prefix key means) (:func:`spectrum_peak_bytes`; measured 0.13 / 0.18 / 0.19 GB at 2k/8k/32k, R = 2048).
   Eigenvalues of the row covariance (N x N) equal those of the centred Gram (R x R), so k90/k95/k99 are exact
   for the sampled rows (at most R - 1 nonzero; a level reached only at k >= R / 2 is flagged ``saturated``).
 
@@ -38,8 +42,9 @@ from ..errors import ConfigError, ModelError
 from .cost import cost_breakdown
 from .selection import Proxy, make_proxy
 
-EVAL_BUFFERS = 8  # live (B, c, N) tensors of one chunk at the peak of the evaluation (scores, proxy, probs, masks)
-SPEC_BUFFERS = 3  # live (R, kc) tensors of one spectrum tile (scores, centred tile, mask)
+EVAL_BASE = 13  # (B, c, N) float-sized buffers of one chunk besides the proxy's (scores, probs, masks, estimates, sorts)
+EVAL_PER_RANK = 5  # per proxy rank: its scores (1), key ranks (int64: 2), sort indices (int64: 2)
+SPEC_BUFFERS = 5  # (R, kc) tiles of the spectrum live at once (scores, mask, centred tiles, concatenation, centring)
 LEVELS = (0.9, 0.95, 0.99)
 
 
@@ -70,14 +75,14 @@ COSTED_ONLY = {"gaussian-qr": ("gaussian", "qr"), "gaussian-random": ("gaussian"
                "basis-leverage": ("basis", "leverage"), "topb-proxy+gaussian": ("proxy+gaussian", "adaptive")}
 
 
-def eval_peak_bytes(batch: int, chunk: int, n: int, itemsize: int = 4) -> int:
-    """Bytes of the evaluation's chunk buffers per head: EVAL_BUFFERS * B * c * N * itemsize (plus q, k)."""
-    return EVAL_BUFFERS * batch * chunk * n * itemsize
+def eval_peak_bytes(batch: int, chunk: int, n: int, itemsize: int = 4, n_ranks: int = 4) -> int:
+    """Peak bytes of the evaluation per head: (EVAL_BASE + EVAL_PER_RANK * n_ranks) * B * c * N * itemsize."""
+    return (EVAL_BASE + EVAL_PER_RANK * n_ranks) * batch * chunk * n * itemsize
 
 
-def spectrum_peak_bytes(rows: int, key_chunk: int, itemsize: int = 4) -> int:
-    """Bytes of the spectrum's accumulators per head: (R^2 + SPEC_BUFFERS * R * kc) * itemsize."""
-    return (rows * rows + SPEC_BUFFERS * rows * key_chunk) * itemsize
+def spectrum_peak_bytes(rows: int, key_chunk: int, itemsize: int = 4, windows: int = 0, n: int = 0, d: int = 0) -> int:
+    """Peak bytes of the spectrum per head: (3 R^2 + SPEC_BUFFERS * R * kc + W N d) * itemsize."""
+    return (3 * rows * rows + SPEC_BUFFERS * rows * key_chunk + windows * n * d) * itemsize
 
 
 def row_budgets(frac: float, n_rows: torch.Tensor) -> torch.Tensor:
@@ -531,10 +536,10 @@ def study_length(hf, fit_windows: torch.Tensor, eval_windows: torch.Tensor, cfg:
         "spectrum": spectra, "spectrum_per_layer": per_layer_k, "frontier": front, "skipped": skipped,
         "costed_only": costed_only(n, d, spectra, cfg.fractions, cfg.ranks),
         "best_at_target": best, "target": {"tv": cfg.target_tv, "compute": cfg.target_compute},
-        "memory": {"eval_formula": f"{EVAL_BUFFERS} * B * c * N * {item} bytes per head",
-                   "eval_formula_bytes": eval_peak_bytes(B, c, n, item),
-                   "spectrum_formula": f"(R^2 + {SPEC_BUFFERS} * R * kc) * {item} bytes per head",
-                   "spectrum_formula_bytes": spectrum_peak_bytes(R, min(cfg.key_chunk, n), item),
+        "memory": {"eval_formula": f"({EVAL_BASE} + {EVAL_PER_RANK} * n_ranks) * B * c * N * {item} bytes per head",
+                   "eval_formula_bytes": eval_peak_bytes(B, c, n, item, len(ranks)),
+                   "spectrum_formula": f"(3 R^2 + {SPEC_BUFFERS} * R * kc + W N d) * {item} bytes per head",
+                   "spectrum_formula_bytes": spectrum_peak_bytes(R, min(cfg.key_chunk, n), item, len(fit_windows), n, d),
                    "dense_scores_per_head_bytes": B * n * n * item,
                    "corpus_path_statistics_per_head_bytes": 2 * 8 * n * n,
                    "measured_eval_peak_bytes": peak_eval if cuda else None,
