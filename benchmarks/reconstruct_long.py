@@ -69,7 +69,7 @@ def main() -> None:
         a.train_seq_len, a.chunk_rows, a.device, a.dtype = 64, 32, "cpu", "float64"
     from attnlab.lm.data import load_corpus, windows
     from attnlab.lm.train import config_from, train_lm
-    from attnlab.reconstruct.long import LongConfig, format_length, study_length
+    from attnlab.reconstruct.long_run import LongConfig, format_length, study_length
     from attnlab.sources.hf import load_model
 
     log = lambda s: print(s, flush=True)  # noqa: E731

@@ -14,7 +14,6 @@ from torch.utils._pytree import tree_leaves
 from attnlab.errors import ConfigError, ModelError
 from attnlab.reconstruct.long import (
     FAMILIES,
-    LongConfig,
     Point,
     capture_qk,
     causal_cost,
@@ -24,8 +23,8 @@ from attnlab.reconstruct.long import (
     row_budgets,
     sample_rows,
     spectrum_summary,
-    study_length,
 )
+from attnlab.reconstruct.long_run import LongConfig, study_length
 
 N = 48
 

@@ -81,7 +81,7 @@ def long_cmd(
 ) -> None:
     """Long-context reconstruction on a causal LM, one chunk of rows at a time: row spectrum and compute frontier."""
     from ..cli_utils import parse_int_list
-    from .long import run_long
+    from .long_run import run_long
 
     run_long(out, model, parse_int_list(lengths, "--lengths"), log=(lambda s: None) if quiet else typer.echo,
              n_fit=n_fit, n_eval=n_eval, eval_rows=eval_rows, spectrum_rows=spectrum_rows, chunk_rows=chunk_rows,
