@@ -11,6 +11,8 @@ on a corpus. Public API:
   :func:`candidates`, :func:`evaluate_points`, :func:`best_at` (worst-layer TV vs total compute per method family)
 - drop-in: :func:`approximate`, :class:`ApproxAttention`, :func:`output_effect`
 - runs: :func:`reconstruct`, :func:`train` (training comparison), :func:`render_section`
+- long context (causal LMs, one chunk of rows at a time, no N x N array): :mod:`.long` (chunked machinery), :mod:`.long_run`
+  (:func:`study_length`, :func:`run_long`; `attnlab reconstruct long`)
 
 Names are imported lazily (PEP 562) so that ``attnlab reconstruct --help`` does not import torch;
 ``attnlab.reconstruct(out, ...)`` runs :func:`attnlab.reconstruct.run.reconstruct`.
@@ -51,6 +53,8 @@ _EXPORTS = {
     "topk_agreement": "metrics",
     "total_variation": "metrics",
     "render_section": "report",
+    "study_length": "long_run",
+    "run_long": "long_run",
     "ReconstructConfig": "run",
     "reconstruct": "run",
     "train": "run",

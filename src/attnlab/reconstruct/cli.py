@@ -66,6 +66,29 @@ def fit(
     typer.echo(f"saved {out}")
 
 
+@app.command("long")
+def long_cmd(
+    model: str = typer.Option(..., help="A causal LM: local folder (e.g. runs/lm/gpu) or cached hub id."),
+    lengths: str = typer.Option("2048,8192,32768", help="Window lengths (comma list)."),
+    out: str = typer.Option("runs/reconstruct_long", help="Run directory (results.json section 'reconstruct_long')."),
+    n_fit: int = typer.Option(2, help="Fit windows (proxy moments, spectrum rows)."),
+    n_eval: int = typer.Option(4, help="Held-out windows (the spread is across them; >= 2)."),
+    eval_rows: int = typer.Option(1024, help="Held-out query rows per window."),
+    spectrum_rows: int = typer.Option(2048, help="Fit rows sampled for the row spectrum."),
+    chunk_rows: int = typer.Option(256, help="Query rows per chunk (memory: 8 * n_eval * chunk * N floats per head)."),
+    device: str = typer.Option("cpu", help="cpu, cuda or cuda:N."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress output."),
+) -> None:
+    """Long-context reconstruction on a causal LM, one chunk of rows at a time: row spectrum and compute frontier."""
+    from ..cli_utils import parse_int_list
+    from .long_run import run_long
+
+    run_long(out, model, parse_int_list(lengths, "--lengths"), log=(lambda s: None) if quiet else typer.echo,
+             n_fit=n_fit, n_eval=n_eval, eval_rows=eval_rows, spectrum_rows=spectrum_rows, chunk_rows=chunk_rows,
+             device=device)
+    typer.echo(f"results in {out}")
+
+
 def _train(settings: dict, out: str, quiet: bool) -> None:
     """Train our small transformer (char LM) with reconstructed attention vs full attention; saves the curve."""
     from .run import train as run_train

@@ -33,15 +33,40 @@ KIND = "attnlab.reconstruct.fit"
 
 class FitCollector:
     """Sink for ``stream_attention``: accumulates row sums per query position, row outer products and
-    query / within-sequence-centred key second moments for every chosen (layer, head)."""
+    query / within-sequence-centred key second moments for every chosen (layer, head).
 
-    def __init__(self, layers: list[int], heads: list[int], seq_len: int, d_head: Optional[int] = None):
+    Scores are formed ``chunk_rows`` query rows at a time: besides the statistics themselves (``sx`` per query
+    position and ``sxx``, ``2 * 8 N^2`` bytes per head, the paper's sufficient statistics) the collector holds one
+    chunk, ``B * h * chunk_rows * N`` float64 values (h = chosen heads), never ``B * h * N^2``."""
+
+    def __init__(self, layers: list[int], heads: list[int], seq_len: int, d_head: Optional[int] = None,
+                 chunk_rows: int = 512):
+        if chunk_rows < 1:
+            raise ConfigError(f"chunk_rows must be >= 1 (got {chunk_rows})")
         self.layers, self.heads, self.seq_len, self.d_head = list(layers), list(heads), seq_len, d_head
+        self.chunk_rows = chunk_rows
         self.t: dict[str, torch.Tensor] = {}
 
     def _acc(self, name: str, value: torch.Tensor) -> None:
         v = value.detach().to("cpu", torch.float64)
         self.t[name] = v.clone() if name not in self.t else self.t[name] + v
+
+    @staticmethod
+    def chunk_scores(call: AttentionCall, hs: torch.Tensor, a: int, b: int) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Scores (B, h, b - a, N) of query rows a..b-1, computed as ``call.scores`` (float32; float64 for a float64
+        model) and returned in float64, with their valid mask."""
+        dt = torch.float64 if call.query.dtype == torch.float64 else torch.float32
+        q, k = call.query[:, hs, a:b].to(dt), call.key[:, hs].to(dt)
+        s = (q @ k.transpose(-1, -2)) * call.scaling
+        if call.softcap:
+            s = torch.tanh(s / call.softcap) * call.softcap
+        if call.bias is not None:
+            bias = call.bias if call.bias.shape[1] == 1 else call.bias[:, hs]
+            s = s + bias[:, :, a:b].to(dt)
+        valid = None if call.valid is None else call.valid[:, :, a:b]
+        if valid is not None:
+            s = s.masked_fill(~valid, float("-inf"))
+        return s.double(), valid
 
     def __call__(self, call: AttentionCall) -> None:
         if call.layer not in self.layers:
@@ -52,17 +77,29 @@ class FitCollector:
             raise ShapeError(f"attention is {nq}x{n} but the fit was set up for --seq-len {self.seq_len}")
         self.d_head = dh
         hs = torch.tensor(self.heads, device=call.query.device)
-        s = call.scores(hs).double()  # (B, h, N, N)
+        nh = len(self.heads)
+        sx = torch.zeros(nh, nq, n, dtype=torch.float64, device=call.query.device)  # per query position
+        sxx = torch.zeros(nh, n, n, dtype=torch.float64, device=call.query.device)
+        cnt = torch.zeros(nh, nq, dtype=torch.float64, device=call.query.device)
+        for a in range(0, nq, self.chunk_rows):
+            b = min(nq, a + self.chunk_rows)
+            s, valid = self.chunk_scores(call, hs, a, b)  # (B, h, c, N)
+            x = row_centre(s, valid)
+            row_ok = torch.ones(B, 1, b - a, dtype=torch.bool, device=s.device) if valid is None else valid.any(-1)
+            x = x * row_ok.unsqueeze(-1).expand(B, nh, b - a, 1)  # rows without a key contribute 0
+            cnt[:, a:b] = row_ok.expand(B, nh, b - a).double().sum(0)
+            sx[:, a:b] = x.sum(0)
+            sxx += torch.einsum("bhin,bhim->hnm", x, x)
+            del s, x
         valid = call.valid
-        x = row_centre(s, valid)
-        row_ok = torch.ones(B, 1, nq, dtype=torch.bool, device=s.device) if valid is None else valid.any(-1)
-        x = x * row_ok.unsqueeze(-1).expand(B, len(self.heads), nq, 1)  # rows without a key contribute 0
-        cnt = row_ok.expand(B, len(self.heads), nq).double().sum(0)  # (h, N)
-        sx = x.sum(0)  # (h, N, N) per query position
-        sxx = torch.einsum("bhin,bhim->hnm", x, x)
         q = call.query[:, hs].double()
         k = call.key[:, hs].double()
-        kvalid = torch.ones(B, 1, n, dtype=torch.bool, device=k.device) if valid is None else valid.any(-2)  # (B,1,N)
+        if valid is None:
+            kvalid = torch.ones(B, 1, n, dtype=torch.bool, device=k.device)
+        else:  # keys some query may see, without an (B, N, N) intermediate beyond the mask itself
+            kvalid = torch.zeros(B, 1, n, dtype=torch.bool, device=k.device)
+            for a in range(0, nq, self.chunk_rows):
+                kvalid |= valid[:, :, a:a + self.chunk_rows].any(-2)
         kv = kvalid.unsqueeze(-1).double()
         kmean = (k * kv).sum(2, keepdim=True) / kv.sum(2, keepdim=True).clamp_min(1)
         kc = (k - kmean) * kv
@@ -291,7 +328,8 @@ def windows_for(tokenizer, seq_len: int, n: int, split: str, corpus: Optional[st
 
 def fit_from_windows(model: HFModel | Any, windows: torch.Tensor, layers: Optional[list[int]] = None,
                      heads: Optional[list[int]] = None, batch_size: int = 8, model_name: Optional[str] = None,
-                     progress: bool = False, residual_proxies: Sequence[ProxySpec] = ()) -> ReconstructionFit:
+                     progress: bool = False, residual_proxies: Sequence[ProxySpec] = (),
+                     chunk_rows: int = 512) -> ReconstructionFit:
     """Fit statistics from token windows (M, seq_len) through any model ``stream_attention`` supports;
     ``residual_proxies`` ((kind, rank, seed) each): also fit the residual statistics of those proxies (a second
     pass over the same windows, since the proxies come from the first pass's query/key moments)."""
@@ -305,7 +343,7 @@ def fit_from_windows(model: HFModel | Any, windows: torch.Tensor, layers: Option
     info = current_info()  # under torchrun: this rank's windows, float64 sums all-reduced
     require_work_per_rank(int(windows.shape[0]), info, "--n-fit")
     mine = windows[info.rank::info.world_size]
-    col = FitCollector(layers, heads, windows.shape[1])
+    col = FitCollector(layers, heads, windows.shape[1], chunk_rows=chunk_rows)
     t0 = time.perf_counter()
     stream_attention(model, mine, col, layers, batch_size, desc="reconstruct fit", show_progress=progress)
     all_reduce_sum_([col.t[k] for k in sorted(col.t)], info)
