@@ -12,6 +12,7 @@ from attnlab.errors import ConfigError, ShapeError
 from attnlab.blocksparse.remainder import (
     REMAINDERS,
     GaussianRemainder,
+    HybridRemainder,
     PooledRemainder,
     add_remainder,
     dropped_tiles,
@@ -149,6 +150,49 @@ def test_gaussian_full_rank_equals_rank_d_and_value_correction_matters():
     assert _rel(full, ref) < 0.5 * _rel(no_corr, ref)
 
 
+def test_hybrid_is_exact_with_every_key_exact_or_identical_rest():
+    q, k, v = _rand(N=64, seed=21, sk=2.0)
+    keep = _keep(1, 4, 64, 16, 0.2)
+    out, lse = masked_out_lse(q, k, v, keep, 16)
+    ref, _ = _dense(q, k, v)
+    assert _rel(out, ref) > 0.1
+    for sel in ("probe", "norm"):  # every key of a tile exact: the remainder is exact
+        got = add_remainder(q, k, v, keep, 16, out, lse, HybridRemainder(m=16, select=sel))
+        torch.testing.assert_close(got, ref, rtol=1e-11, atol=1e-11)
+    # identical keys per tile except 2 large-norm outliers: norm selection takes the outliers, pooled the rest
+    g = torch.Generator().manual_seed(22)
+    base = torch.randn(1, 2, 4, 1, 8, generator=g, dtype=F64).expand(1, 2, 4, 16, 8).clone()
+    base[:, :, :, [3, 11]] = 4.0 * torch.randn(1, 2, 4, 2, 8, generator=g, dtype=F64)
+    k2 = base.reshape(1, 2, 64, 8)
+    out2, lse2 = masked_out_lse(q, k2, v, keep, 16)
+    ref2, _ = _dense(q, k2, v)
+    got = add_remainder(q, k2, v, keep, 16, out2, lse2, HybridRemainder(m=2, select="norm"))
+    torch.testing.assert_close(got, ref2, rtol=1e-11, atol=1e-11)
+    assert _rel(add_remainder(q, k2, v, keep, 16, out2, lse2, "pooled"), ref2) > 1e-3  # pooled alone is not
+
+
+def test_rem_tail_equals_gaussian_below_freezing_and_is_closer_above():
+    q, k, v = _paired_keys(0.1)
+    keep = _keep(1, 4, 64, 16, 0.0, seed=2)
+    out, lse = masked_out_lse(q, k, v, keep, 16)
+    torch.testing.assert_close(add_remainder(q, k, v, keep, 16, out, lse, "gaussian-rem"),
+                               add_remainder(q, k, v, keep, 16, out, lse, "gaussian"), rtol=1e-12, atol=1e-12)
+    # one query, one dropped tile of 64 iid keys with score spread ~6 (sigma_c = sqrt(2 log 64) ~ 2.9)
+    g = torch.Generator().manual_seed(23)
+    k = torch.randn(1, 1, 128, 4, generator=g, dtype=F64) * 6.0
+    q = torch.zeros(1, 1, 128, 4, dtype=F64)
+    q[..., 0] = 2.0  # a = q / sqrt(4) = e_0: scores = k[..., 0]
+    keep = torch.eye(2, dtype=torch.bool).view(1, 1, 2, 2)
+    L_true, _ = _exact_dropped(q, k, k, keep, 64)
+    errs = {}
+    for tail in ("gaussian", "rem"):
+        L, _ = estimate_remainder(q, k, k, keep, 64, GaussianRemainder(tail=tail, clamp=False))
+        errs[tail] = float((L - L_true)[0, 0, 64:].mean())
+    # both overestimate (the asymptotic sigma_c = sqrt(2 log c) exceeds the expected max of 64 normals, ~2.4 sigma),
+    # the frozen tail by less than half as much
+    assert 0 < errs["rem"] < 0.5 * errs["gaussian"], errs
+
+
 def _naive(q, k, v, keep, bs, out, lse, est):
     """Row-by-row, tile-by-tile evaluation of the merge formula (pooled / gaussian, full covariance, no clamp)."""
     B, H, N, d = q.shape
@@ -238,6 +282,9 @@ def test_cost_counts_dropped_pairs():
     assert remainder_cost(torch.ones_like(keep), 16, 58, 8, "gaussian")["macs"] == 0.0
     g, gr = remainder_cost(keep, 16, 58, 8, "gaussian"), remainder_cost(keep, 16, 58, 8, "gaussian-r4")
     assert g["pair_macs"] > gr["pair_macs"] > c["pair_macs"]
+    h = remainder_cost(keep, 16, 58, 8, HybridRemainder(m=4, probe=8), n_kv_heads=1)
+    assert h["pair_macs"] == pytest.approx((10 + 16 + 10) * (16 + 4 * 16))
+    assert h["stats_macs"] == pytest.approx(4 * (16 * 16 + 16) + 2 * 8 * 58 * 9)  # tiles + probe scores (g=2)
 
 
 def test_flex_lse_is_natural_log():

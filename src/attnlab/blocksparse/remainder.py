@@ -24,6 +24,14 @@ Estimators (:data:`REMAINDERS`; ``a = scale * q``, tile of ``c`` keys, mean key 
   by certified bounds: ``L <= log c + a.mu + |a| rho_k`` (``rho_k = max_j |k_j - mu|``) and
   ``|V - vbar| <= rho_v`` (the tilted mean lies in the convex hull of the tile's values).
   ``gaussian-r4``: ``Sigma`` replaced by its top-4 eigenpairs per tile and ``C`` by ``C U U^T`` on that basis.
+* ``gaussian-rem`` (``-r4``): the Gaussian estimate with the random-energy-model tail. A tile holds c keys, not a
+  distribution: once the score spread ``sigma = sqrt(a^T Sigma a)`` passes ``sigma_c = sqrt(2 log c)`` the sum
+  is dominated by its largest terms (Derrida's freezing transition), so ``L = a.mu + sigma sigma_c`` there
+  (continuous at sigma_c) and the tilt of the value correction is scaled by ``sigma_c / sigma``.
+* ``hybrid4`` / ``hybrid8`` / ``hybrid4-rem``: 4 (8) keys of every dropped tile computed exactly for every query,
+  the rest estimated (pooled, or gaussian-rem-r4). The exact keys are chosen once per key head and tile by
+  their summed softmax mass over the last 64 queries (every query head of the group), as MInference scores its
+  vertical lines; their scoring is counted in the cost.
 
 :func:`remainder_bounds` gives the certified interval of each row's dropped log mass (Jensen below, the radius
 bound above). :func:`remainder_cost` counts the multiply-adds as a fraction of dense causal attention (QK^T and
@@ -52,6 +60,7 @@ __all__ = [
     "NoRemainder",
     "PooledRemainder",
     "GaussianRemainder",
+    "HybridRemainder",
     "add_remainder",
     "estimate_remainder",
     "merge_remainder",
@@ -68,19 +77,24 @@ _CHUNK_ELEMS = 1 << 24  # bound on the (rows x sub-tiles x d) intermediates of o
 
 
 # -- tile statistics ------------------------------------------------------------------------------------------
-def _tile_stats(k: Tensor, v: Tensor, size: int, second: bool, dt: torch.dtype, span: int) -> dict[str, Tensor]:
-    """Per (sub-)tile of ``size`` keys: count, mean key/value, radii; with ``second`` the key covariance and the
-    value-key cross covariance (population, divided by the count). k, v: (B, Hkv, N, d), zero-padded to a
-    multiple of ``span`` (the tile size): sub-tiles past N have count 0."""
+def _tile_stats(k: Tensor, v: Tensor, size: int, second: bool, dt: torch.dtype, span: int,
+                weight: Optional[Tensor] = None) -> dict[str, Tensor]:
+    """Per (sub-)tile of ``size`` keys: count (B, Hkv, nt), mean key/value, radii; with ``second`` the key
+    covariance and the value-key cross covariance (population, divided by the count). k, v: (B, Hkv, N, d),
+    zero-padded to a multiple of ``span`` (the tile size): sub-tiles past N have count 0. ``weight`` (B, Hkv, N)
+    in {0, 1} leaves keys out (the exactly computed keys of :class:`HybridRemainder`)."""
     B, Hk, N, d = k.shape
     dv = v.shape[-1]
     nt = -(-N // span) * (span // size)
     pad = nt * size - N
     kk = torch.nn.functional.pad(k.to(dt), (0, 0, 0, pad)).view(B, Hk, nt, size, d)
     vv = torch.nn.functional.pad(v.to(dt), (0, 0, 0, pad)).view(B, Hk, nt, size, dv)
-    valid = (torch.arange(nt * size, device=k.device) < N).to(dt).view(nt, size, 1)
-    cnt = valid.sum(1).view(nt)  # (nt,)
-    c = cnt.clamp_min(1).view(1, 1, nt, 1)
+    valid = (torch.arange(nt * size, device=k.device) < N).to(dt).view(1, 1, nt, size, 1)
+    if weight is not None:
+        valid = valid * torch.nn.functional.pad(weight.to(dt), (0, pad)).view(B, Hk, nt, size, 1)
+    valid = valid.expand(B, Hk, nt, size, 1)
+    cnt = valid.sum(3).squeeze(-1)  # (B, Hk, nt)
+    c = cnt.clamp_min(1).unsqueeze(-1)
     mu = (kk * valid).sum(3) / c
     vbar = (vv * valid).sum(3) / c
     dk = (kk - mu.unsqueeze(3)) * valid
@@ -92,6 +106,11 @@ def _tile_stats(k: Tensor, v: Tensor, size: int, second: bool, dt: torch.dtype, 
     return st
 
 
+def _bc(x: Tensor) -> Tensor:
+    """(B, Hk, nt, ...) tile statistic -> broadcastable against (B, Hk, g, n, nt, ...)."""
+    return x.unsqueeze(2).unsqueeze(2)
+
+
 class RemainderEstimator:
     """Base: per-(sub)tile statistics once per key head, then per query chunk the log masses (B, Hk, g, n, nt)
     and the weighted values (B, Hk, g, n, dv). ``sub`` sub-tiles per tile carry their own statistics."""
@@ -99,9 +118,10 @@ class RemainderEstimator:
     sub: int = 1
     second_order: bool = False
 
-    def stats(self, k: Tensor, v: Tensor, block: int, dt: torch.dtype) -> dict[str, Tensor]:
-        """Statistics of every sub-tile (block // sub keys)."""
-        return _tile_stats(k, v, block // self.sub, self.second_order, dt, block)
+    def stats(self, k: Tensor, v: Tensor, block: int, dt: torch.dtype, q: Optional[Tensor] = None,
+              scale: float = 1.0, weight: Optional[Tensor] = None) -> dict[str, Tensor]:
+        """Statistics of every sub-tile (block // sub keys); ``q`` (B, Hk, g, N, d) for estimators that probe."""
+        return _tile_stats(k, v, block // self.sub, self.second_order, dt, block, weight)
 
     def log_mass(self, a: Tensor, st: dict[str, Tensor]) -> tuple[Tensor, Any]:
         """(log mass (B, Hk, g, n, nt), state for :meth:`values`) of scaled queries ``a`` (B, Hk, g, n, d)."""
@@ -119,6 +139,10 @@ class RemainderEstimator:
         """Multiply-adds of one sub-tile's statistics (per key head)."""
         raise NotImplementedError
 
+    def seq_macs(self, n: int, d: int, group: int) -> float:
+        """Multiply-adds per key head and sequence outside the tiles (probing), ``group`` query heads per key head."""
+        return 0.0
+
     def describe(self) -> str:
         """One line for tables."""
         return type(self).__name__
@@ -134,8 +158,8 @@ class NoRemainder(RemainderEstimator):
 
 def _pooled_mass(a: Tensor, st: dict[str, Tensor]) -> Tensor:
     s = torch.einsum("bkgnd,bktd->bkgnt", a, st["mu"])
-    logc = torch.where(st["count"] > 0, st["count"].clamp_min(1).log(), torch.full_like(st["count"], -math.inf))
-    return s + logc
+    c = _bc(st["count"])
+    return s + torch.where(c > 0, c.clamp_min(1).log(), torch.full_like(c, -math.inf))
 
 
 @dataclass(frozen=True)
@@ -170,10 +194,16 @@ class GaussianRemainder(RemainderEstimator):
     rank: Optional[int] = None
     clamp: bool = True
     value_correction: bool = True
+    tail: str = "gaussian"
     second_order: bool = True
 
-    def stats(self, k: Tensor, v: Tensor, block: int, dt: torch.dtype) -> dict[str, Tensor]:
-        st = super().stats(k, v, block, dt)
+    def __post_init__(self) -> None:
+        if self.tail not in ("gaussian", "rem"):
+            raise ConfigError(f"tail must be 'gaussian' or 'rem', got {self.tail!r}")
+
+    def stats(self, k: Tensor, v: Tensor, block: int, dt: torch.dtype, q: Optional[Tensor] = None,
+              scale: float = 1.0, weight: Optional[Tensor] = None) -> dict[str, Tensor]:
+        st = super().stats(k, v, block, dt, q, scale, weight)
         d = k.shape[-1]
         r = d if self.rank is None else min(self.rank, d)
         lam, U = torch.linalg.eigh(st["cov_k"])  # ascending
@@ -185,9 +215,16 @@ class GaussianRemainder(RemainderEstimator):
     def log_mass(self, a: Tensor, st: dict[str, Tensor]) -> tuple[Tensor, Any]:
         L0 = _pooled_mass(a, st)
         z = torch.einsum("bkgnd,bktdr->bkgntr", a, st["U"])  # a in each tile's eigenbasis
-        quad = 0.5 * (z * z * st["lam"].unsqueeze(2).unsqueeze(2)).sum(-1)
+        var = (z * z * _bc(st["lam"])).sum(-1)  # score variance a^T Sigma a in the tile
+        quad = 0.5 * var
+        if self.tail == "rem":  # random-energy-model freezing: past sigma_c = sqrt(2 log c) the max dominates
+            sig = var.clamp_min(0).sqrt()
+            sig_c = (2 * _bc(st["count"]).clamp_min(1).log()).sqrt()
+            frozen = sig > sig_c
+            quad = torch.where(frozen, sig * sig_c - sig_c ** 2 / 2, quad)  # log c + that = sigma sigma_c
+            z = z * torch.where(frozen, sig_c / sig.clamp_min(1e-300), torch.ones_like(sig)).unsqueeze(-1)
         if self.clamp:
-            quad = torch.minimum(quad, a.norm(dim=-1, keepdim=True) * st["rho_k"].unsqueeze(2).unsqueeze(2))
+            quad = torch.minimum(quad, a.norm(dim=-1, keepdim=True) * _bc(st["rho_k"]))
         return L0 + quad, z
 
     def values(self, w: Tensor, a: Tensor, st: dict[str, Tensor], state: Any) -> Tensor:
@@ -197,7 +234,7 @@ class GaussianRemainder(RemainderEstimator):
         corr = torch.einsum("bkgntr,bktdr->bkgntd", state, st["P"])  # C a per tile
         if self.clamp:
             nrm = corr.norm(dim=-1)
-            cap = st["rho_v"].unsqueeze(2).unsqueeze(2)
+            cap = _bc(st["rho_v"])
             corr = corr * torch.where(nrm > cap, cap / nrm.clamp_min(1e-300), torch.ones_like(nrm)).unsqueeze(-1)
         return base + (w.unsqueeze(-1) * corr).sum(-2)
 
@@ -214,7 +251,81 @@ class GaussianRemainder(RemainderEstimator):
     def describe(self) -> str:
         r = "full covariance" if self.rank is None else f"rank-{self.rank} covariance"
         return f"gaussian ({r}{', value correction' if self.value_correction else ''}" \
-               f"{', clamped' if self.clamp else ''})"
+               f"{', REM-frozen tail' if self.tail == 'rem' else ''}{', clamped' if self.clamp else ''})"
+
+
+@dataclass(frozen=True)
+class HybridRemainder(RemainderEstimator):
+    """``m`` exact keys per dropped tile + the ``rest`` estimator over the tile's other keys. The exact keys are
+    chosen once per key head and tile (shared by every query): by their summed softmax mass over ``probe`` probe
+    queries (the sequence's last queries, every query head of the group; ``select='probe'``, as MInference
+    scores its vertical lines) or by key norm (``'norm'``, free)."""
+
+    m: int = 4
+    probe: int = 64
+    select: str = "probe"
+    rest: RemainderEstimator = PooledRemainder()
+
+    def __post_init__(self) -> None:
+        if self.select not in ("probe", "norm"):
+            raise ConfigError(f"select must be 'probe' or 'norm', got {self.select!r}")
+        if self.rest.sub != 1 or self.m < 1:
+            raise ConfigError("hybrid remainder: the rest estimator must use whole tiles and m >= 1")
+
+    def _columns(self, k: Tensor, a: Optional[Tensor]) -> Tensor:
+        """Importance of every key (B, Hk, N)."""
+        if self.select == "norm" or a is None:
+            return k.norm(dim=-1)
+        N = k.shape[2]
+        P = min(self.probe, N)
+        s = torch.einsum("bkgpd,bknd->bkgpn", a[:, :, :, N - P:], k.to(a.dtype))
+        pos = torch.arange(N - P, N, device=k.device).view(-1, 1)
+        s = s.masked_fill(torch.arange(N, device=k.device).view(1, -1) > pos, -math.inf)
+        return torch.softmax(s, -1).sum((2, 3))
+
+    def stats(self, k: Tensor, v: Tensor, block: int, dt: torch.dtype, q: Optional[Tensor] = None,
+              scale: float = 1.0, weight: Optional[Tensor] = None) -> dict[str, Tensor]:
+        B, Hk, N, d = k.shape
+        nt = -(-N // block)
+        m = min(self.m, block)
+        col = torch.nn.functional.pad(self._columns(k, q).to(dt), (0, nt * block - N), value=-math.inf)
+        top = col.view(B, Hk, nt, block).topk(m, dim=-1)
+        idx = top.indices + (torch.arange(nt, device=k.device) * block).view(1, 1, nt, 1)
+        ok = (idx < N) & torch.isfinite(top.values)
+        idx = idx.clamp_max(N - 1)
+        flat = idx.reshape(B, Hk, nt * m)
+        kE = torch.gather(k.to(dt), 2, flat.unsqueeze(-1).expand(-1, -1, -1, d)).view(B, Hk, nt, m, d)
+        vE = torch.gather(v.to(dt), 2, flat.unsqueeze(-1).expand(-1, -1, -1, v.shape[-1])).view(B, Hk, nt, m, -1)
+        w = torch.ones(B, Hk, N, dtype=dt, device=k.device)
+        w.scatter_(2, flat, (~ok).to(dt).reshape(B, Hk, nt * m))  # exact keys leave the rest's statistics
+        st = self.rest.stats(k, v, block, dt, q, scale, w if weight is None else w * weight)
+        st.update({"kE": kE, "vE": vE, "okE": ok})
+        return st
+
+    def log_mass(self, a: Tensor, st: dict[str, Tensor]) -> tuple[Tensor, Any]:
+        L_rest, rest_state = self.rest.log_mass(a, st)
+        sE = torch.einsum("bkgnd,bktmd->bkgntm", a, st["kE"]).masked_fill(~_bc(st["okE"]), -math.inf)
+        L = torch.logaddexp(L_rest, torch.logsumexp(sE, -1))
+        return L, (rest_state, L_rest, sE, L)
+
+    def values(self, w: Tensor, a: Tensor, st: dict[str, Tensor], state: Any) -> Tensor:
+        rest_state, L_rest, sE, L = state
+        Ls = torch.where(w > 0, L, torch.zeros_like(L))
+        w_rest = torch.where(w > 0, w * torch.exp(L_rest - Ls), torch.zeros_like(w))
+        wE = torch.where((w > 0).unsqueeze(-1), w.unsqueeze(-1) * torch.exp(sE - Ls.unsqueeze(-1)), torch.zeros_like(sE))
+        return self.rest.values(w_rest, a, st, rest_state) + torch.einsum("bkgntm,bktmd->bkgnd", wE, st["vE"])
+
+    def pair_macs(self, d: int, dv: int) -> float:
+        return self.rest.pair_macs(d, dv) + self.m * (d + dv)
+
+    def tile_macs(self, size: int, d: int, dv: int) -> float:
+        return self.rest.tile_macs(size, d, dv) + size  # + the top-m selection
+
+    def seq_macs(self, n: int, d: int, group: int) -> float:
+        return float(group * min(self.probe, n) * n * (d + 1)) if self.select == "probe" else float(n * d)
+
+    def describe(self) -> str:
+        return f"hybrid ({self.m} exact keys per tile by {self.select}; rest: {self.rest.describe()})"
 
 
 REMAINDERS.add("none", NoRemainder(), help="sparse only: the dropped tiles' mass is thrown away")
@@ -223,6 +334,13 @@ REMAINDERS.add("pooled-sub4", PooledRemainder(sub=4), help="pooled on 4 sub-tile
 REMAINDERS.add("gaussian", GaussianRemainder(), help="per dropped tile: log-normal mass with the full key "
                "covariance, value corrected by the key-value cross covariance (bounds-clamped)")
 REMAINDERS.add("gaussian-r4", GaussianRemainder(rank=4), help="gaussian with the top-4 covariance eigenpairs per tile")
+REMAINDERS.add("gaussian-rem", GaussianRemainder(tail="rem"), help="gaussian with the random-energy-model tail: "
+               "past score spread sqrt(2 log c) the tile's log mass is sigma*sqrt(2 log c) and the tilt is capped")
+REMAINDERS.add("gaussian-rem-r4", GaussianRemainder(rank=4, tail="rem"), help="gaussian-rem, top-4 eigenpairs")
+REMAINDERS.add("hybrid4", HybridRemainder(m=4), help="4 exact keys per dropped tile (probe-selected) + pooled rest")
+REMAINDERS.add("hybrid8", HybridRemainder(m=8), help="8 exact keys per dropped tile (probe-selected) + pooled rest")
+REMAINDERS.add("hybrid4-rem", HybridRemainder(m=4, rest=GaussianRemainder(rank=4, tail="rem")),
+               help="4 exact keys per dropped tile + gaussian-rem-r4 rest")
 
 
 # -- checks --------------------------------------------------------------------------------------------------
@@ -293,9 +411,9 @@ def estimate_remainder(q: Tensor, k: Tensor, v: Tensor, keep: Tensor, block: int
     if block % est.sub:
         raise ConfigError(f"block {block} must be a multiple of the method's {est.sub} sub-tiles")
     scale = d ** -0.5 if scale is None else float(scale)
-    st = est.stats(k, v, block, dt)
-    nts = st["count"].numel()  # sub-tiles
     a_all = (q.to(dt) * scale).view(B, Hk, g, N, d)
+    st = est.stats(k, v, block, dt, a_all, 1.0)
+    nts = st["mu"].shape[2]  # sub-tiles
     drop = drop.expand(B, H, nt, nt)
     per_tile = max(1, B * H * block * nts * max(d, dv, 1))
     tiles_per_chunk = max(1, _CHUNK_ELEMS // per_tile)
@@ -367,7 +485,7 @@ def remainder_bounds(q: Tensor, k: Tensor, keep: Tensor, block: int, *, scale: O
     sc = d ** -0.5 if scale is None else float(scale)
     st = _tile_stats(k, k, block, False, dt, block)
     a = (q.to(dt) * sc).view(B, k.shape[1], g, N, d)
-    L = _pooled_mass(a, st) + a.norm(dim=-1, keepdim=True) * st["rho_k"].unsqueeze(2).unsqueeze(2)
+    L = _pooled_mass(a, st) + a.norm(dim=-1, keepdim=True) * _bc(st["rho_k"])
     m = dropped_tiles(keep).expand(B, H, nt, nt).repeat_interleave(block, dim=2)[:, :, :N]
     hi = torch.logsumexp(L.masked_fill(~m.view(B, k.shape[1], g, N, nt), -math.inf), dim=-1).view(B, H, N)
     return lo, hi
@@ -394,7 +512,7 @@ def remainder_cost(keep: Tensor, block: int, n: int, d: int, method: Union[str, 
     drop_per_qtile = dropped_tiles(keep).sum(-1).to(torch.float64)  # (Bk, H, nq)
     pairs = float((drop_per_qtile * rows.to(torch.float64)).sum()) * est.sub  # (query, dropped sub-tile)
     size = block // est.sub
-    stats = Bk * hk * (-(-n // size)) * est.tile_macs(size, d, dv) if pairs > 0 else 0.0
+    stats = Bk * hk * ((-(-n // size)) * est.tile_macs(size, d, dv) + est.seq_macs(n, d, H // hk)) if pairs > 0 else 0.0
     macs = pairs * est.pair_macs(d, dv) + stats
     return {"macs": macs, "pair_macs": pairs * est.pair_macs(d, dv), "stats_macs": float(stats),
             "dense_macs": dense, "fraction": macs / dense}
