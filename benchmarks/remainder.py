@@ -58,12 +58,14 @@ def verdict(a: dict, b: dict) -> str:
     return "inconclusive"
 
 
-def train_model(path: str, seq_len: int, seconds: float) -> None:
-    """The tiny preset at a longer context, trained on CPU (a few minutes)."""
+def train_model(path: str, seq_len: int, seconds: float, preset: str = "tiny") -> None:
+    """A preset trained briefly at context seq_len / 2, then seq_len (tiny: CPU, a few minutes; gpu: one GPU)."""
     from attnlab.lm.train import config_from, load_or_train
 
-    cfg = config_from("tiny", seq_len=seq_len // 2, long_seq_len=seq_len, long_frac=0.3, steps=1500,
-                      max_seconds=seconds, batch_size=4, eval_every=0, eval_windows=4, device="auto")
+    extra = {"batch_size": 4} if preset == "tiny" else {}
+    cfg = config_from(preset, seq_len=seq_len // 2, long_seq_len=seq_len, long_frac=0.3, steps=1500,
+                      max_seconds=seconds, eval_every=0, eval_windows=2 if preset != "tiny" else 4, device="auto",
+                      **extra)
     load_or_train(cfg, path, log=print)
 
 
@@ -141,7 +143,7 @@ def run(args: argparse.Namespace) -> dict:
     if not os.path.exists(args.model):
         if not args.train:
             raise SystemExit(f"--model {args.model} does not exist (pass --train to train one)")
-        train_model(args.model, args.seq_len, args.train_seconds)
+        train_model(args.model, args.seq_len, args.train_seconds, args.train_preset)
     hf = load_model(args.model, device=dev, dtype=dt, head="causal-lm")
     n_kv = hf.model.config.num_key_value_heads
     ids = heldout_windows(hf, args.seq_len, args.windows).to(dev)
@@ -179,9 +181,17 @@ def run(args: argparse.Namespace) -> dict:
                                          for x in per_w])
                 rows.append(row)
                 print(_line(row), flush=True)
+                if args.out:  # partial results survive a time limit
+                    _write(args.out, {"partial": True, "seq_len": args.seq_len, "rows": rows})
     return {"model": hf.describe(), "device": dev, "dtype": str(dt), "seq_len": args.seq_len, "block": args.block,
             "windows": args.windows, "dense_loss": spread(dense_loss), "torch": torch.__version__,
             "rows": rows, "targets": targets(rows)}
+
+
+def _write(path: str, obj: dict) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1)
 
 
 def _fmt(s: dict, f: str = ".4f") -> str:
@@ -238,6 +248,7 @@ def main() -> None:
     ap.add_argument("--model", default="runs/lm-rem-2k")
     ap.add_argument("--train", action="store_true", help="train the model first if --model does not exist")
     ap.add_argument("--train-seconds", type=float, default=300.0)
+    ap.add_argument("--train-preset", default="tiny", help="tiny (CPU) | gpu (the reference model, shorter)")
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--block", type=int, default=64)
     ap.add_argument("--windows", type=int, default=6)
@@ -255,9 +266,7 @@ def main() -> None:
         print(f"{t['predictor']:>10} {t['method']:>12}: compute {t['compute']:.3f} (sparse-only "
               f"{t['compute_sparse_only']:.3f}) error ratio {_fmt(t['error_ratio'], '.3f')} loss ratio "
               f"{_fmt(t['loss_ratio'], '.3f')} halves: error {t['halves_error']}, loss {t['halves_loss']}{hp}")
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(res, f, indent=1)
+    _write(args.out, res)
     print(f"wrote {args.out}")
 
 
