@@ -61,6 +61,7 @@ __all__ = [
     "PooledRemainder",
     "GaussianRemainder",
     "HybridRemainder",
+    "CalibratedRemainder",
     "add_remainder",
     "estimate_remainder",
     "merge_remainder",
@@ -142,6 +143,11 @@ class RemainderEstimator:
     def seq_macs(self, n: int, d: int, group: int) -> float:
         """Multiply-adds per key head and sequence outside the tiles (probing), ``group`` query heads per key head."""
         return 0.0
+
+    def fit(self, a: Tensor, k: Tensor, keep: Tensor, block: int, st: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Fit per-sequence parameters from scaled queries ``a`` (B, Hk, g, N, d) and ``keep`` (B, H, nq, nk)
+        (default: nothing)."""
+        return st
 
     def describe(self) -> str:
         """One line for tables."""
@@ -328,6 +334,71 @@ class HybridRemainder(RemainderEstimator):
         return f"hybrid ({self.m} exact keys per tile by {self.select}; rest: {self.rest.describe()})"
 
 
+@dataclass(frozen=True)
+class CalibratedRemainder(RemainderEstimator):
+    """``base`` with a per-head log-mass offset beta fitted on ``rows`` exact query rows of the sequence (evenly
+    spaced among the rows that drop tiles): beta = log sum_i e^{L_i - lse_i} - log sum_i e^{Lhat_i - lse_i} makes
+    the estimated dropped mass, relative to each row's kept mass, match the exact one on those rows. Corrects
+    the systematic bias of the tile estimates (Jensen's underestimate for pooled, the Gaussian's overestimate);
+    the exact rows cost ``rows * N * (d + 1)`` per query head."""
+
+    base: RemainderEstimator = PooledRemainder()
+    rows: int = 64
+
+    @property
+    def sub(self) -> int:  # type: ignore[override]
+        return self.base.sub
+
+    def stats(self, k: Tensor, v: Tensor, block: int, dt: torch.dtype, q: Optional[Tensor] = None,
+              scale: float = 1.0, weight: Optional[Tensor] = None) -> dict[str, Tensor]:
+        return self.base.stats(k, v, block, dt, q, scale, weight)
+
+    def fit(self, a: Tensor, k: Tensor, keep: Tensor, block: int, st: dict[str, Tensor]) -> dict[str, Tensor]:
+        st = self.base.fit(a, k, keep, block, st)
+        B, Hk, g, N, d = a.shape
+        nt = keep.shape[-1]
+        if N <= block:
+            return {**st, "beta": torch.zeros(B, Hk, g, 1, 1, dtype=a.dtype, device=a.device)}
+        rows = torch.linspace(block, N - 1, min(self.rows, N - block), device=a.device).round().long().unique()
+        ar = a[:, :, :, rows]
+        tiles = rows // block
+        s = torch.einsum("bkgrd,bknd->bkgrn", ar, k.to(a.dtype))
+        col_tile = torch.arange(N, device=a.device) // block
+        kb = keep.expand(B, -1, -1, -1).reshape(B, Hk, g, nt, nt)[:, :, :, tiles]  # (B, Hk, g, R, nt)
+        kept_tok = torch.gather(kb, -1, col_tile.view(1, 1, 1, 1, N).expand(B, Hk, g, rows.numel(), N))
+        causal = torch.arange(N, device=a.device).view(1, -1) <= rows.view(-1, 1)
+        lse = torch.logsumexp(s.masked_fill(~(kept_tok & causal), -math.inf), -1)
+        drop_tok = ~kept_tok & (col_tile.view(1, -1) < tiles.view(-1, 1))
+        L_true = torch.logsumexp(s.masked_fill(~drop_tok, -math.inf), -1)
+        dt_ = dropped_tiles(keep).expand(B, -1, -1, -1).reshape(B, Hk, g, nt, nt)[:, :, :, tiles]
+        L, _ = self.base.log_mass(ar, st)
+        L_hat = torch.logsumexp(L.masked_fill(~dt_.repeat_interleave(self.sub, -1), -math.inf), -1)
+        ok = torch.isfinite(L_true) & torch.isfinite(L_hat)
+        num = torch.logsumexp((L_true - lse).masked_fill(~ok, -math.inf), -1)
+        den = torch.logsumexp((L_hat - lse).masked_fill(~ok, -math.inf), -1)
+        beta = torch.where(ok.any(-1), num - den, torch.zeros_like(num))
+        return {**st, "beta": beta.view(B, Hk, g, 1, 1)}
+
+    def log_mass(self, a: Tensor, st: dict[str, Tensor]) -> tuple[Tensor, Any]:
+        L, state = self.base.log_mass(a, st)
+        return L + st["beta"], state
+
+    def values(self, w: Tensor, a: Tensor, st: dict[str, Tensor], state: Any) -> Tensor:
+        return self.base.values(w, a, st, state)
+
+    def pair_macs(self, d: int, dv: int) -> float:
+        return self.base.pair_macs(d, dv)
+
+    def tile_macs(self, size: int, d: int, dv: int) -> float:
+        return self.base.tile_macs(size, d, dv)
+
+    def seq_macs(self, n: int, d: int, group: int) -> float:
+        return self.base.seq_macs(n, d, group) + float(group * self.rows * n * (d + 1))
+
+    def describe(self) -> str:
+        return f"{self.base.describe()}, log-mass calibrated on {self.rows} exact rows"
+
+
 REMAINDERS.add("none", NoRemainder(), help="sparse only: the dropped tiles' mass is thrown away")
 REMAINDERS.add("pooled", PooledRemainder(), help="per dropped tile: mean key score, tile mean value")
 REMAINDERS.add("pooled-sub4", PooledRemainder(sub=4), help="pooled on 4 sub-tiles per dropped tile")
@@ -339,6 +410,9 @@ REMAINDERS.add("gaussian-rem", GaussianRemainder(tail="rem"), help="gaussian wit
 REMAINDERS.add("gaussian-rem-r4", GaussianRemainder(rank=4, tail="rem"), help="gaussian-rem, top-4 eigenpairs")
 REMAINDERS.add("hybrid4", HybridRemainder(m=4), help="4 exact keys per dropped tile (probe-selected) + pooled rest")
 REMAINDERS.add("hybrid8", HybridRemainder(m=8), help="8 exact keys per dropped tile (probe-selected) + pooled rest")
+REMAINDERS.add("pooled-cal", CalibratedRemainder(PooledRemainder()), help="pooled, log mass calibrated on 64 exact rows")
+REMAINDERS.add("gaussian-cal", CalibratedRemainder(GaussianRemainder()), help="gaussian, log mass calibrated on 64 exact rows")
+REMAINDERS.add("hybrid8-cal", CalibratedRemainder(HybridRemainder(m=8)), help="hybrid8, log mass calibrated on 64 exact rows")
 REMAINDERS.add("hybrid4-rem", HybridRemainder(m=4, rest=GaussianRemainder(rank=4, tail="rem")),
                help="4 exact keys per dropped tile + gaussian-rem-r4 rest")
 
@@ -412,7 +486,7 @@ def estimate_remainder(q: Tensor, k: Tensor, v: Tensor, keep: Tensor, block: int
         raise ConfigError(f"block {block} must be a multiple of the method's {est.sub} sub-tiles")
     scale = d ** -0.5 if scale is None else float(scale)
     a_all = (q.to(dt) * scale).view(B, Hk, g, N, d)
-    st = est.stats(k, v, block, dt, a_all, 1.0)
+    st = est.fit(a_all, k.to(dt), keep, block, est.stats(k, v, block, dt, a_all, 1.0))
     nts = st["mu"].shape[2]  # sub-tiles
     drop = drop.expand(B, H, nt, nt)
     per_tile = max(1, B * H * block * nts * max(d, dv, 1))
