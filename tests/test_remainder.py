@@ -11,6 +11,7 @@ import torch
 from attnlab.errors import ConfigError, ShapeError
 from attnlab.blocksparse.remainder import (
     REMAINDERS,
+    CalibratedRemainder,
     GaussianRemainder,
     HybridRemainder,
     PooledRemainder,
@@ -118,6 +119,25 @@ def _paired_keys(eps: float, seed: int = 5, N: int = 64, bs: int = 16, d: int = 
     v = (k.view(1, 2, nt, bs, d) @ A + off).reshape(1, 2, N, d)
     q = torch.randn(1, 4, N, d, generator=g, dtype=F64) * 1.5
     return q, k, v
+
+
+class _Biased(PooledRemainder):
+    """Pooled with a constant log-mass error (for the calibration test)."""
+
+    def log_mass(self, a, st):
+        L, s = super().log_mass(a, st)
+        return L + 1.5, s
+
+
+def test_calibration_removes_a_constant_log_mass_bias():
+    q, k, v = _rand(N=64, seed=4, sk=3.0)
+    k = k.view(1, 2, 8, 8, 8)[:, :, :, :1].expand(1, 2, 8, 8, 8).reshape(1, 2, 64, 8).contiguous()
+    keep = _keep(1, 4, 64, 8, 0.2)
+    out, lse = masked_out_lse(q, k, v, keep, 8)
+    ref, _ = _dense(q, k, v)
+    assert _rel(add_remainder(q, k, v, keep, 8, out, lse, _Biased()), ref) > 0.05
+    got = add_remainder(q, k, v, keep, 8, out, lse, CalibratedRemainder(_Biased(), rows=16))
+    torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-10)
 
 
 def test_gaussian_is_second_order_exact_pooled_first():
