@@ -400,3 +400,21 @@ def test_bad_input_names_the_argument():
     # estimate_remainder shares the checks
     with pytest.raises(ShapeError, match="keep"):
         estimate_remainder(q, k, v, keep[..., :2], 8, "pooled")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_float32_matches_float64_cpu():
+    """Every method on CUDA float32 tensors (device placement of every intermediate) against float64 on CPU."""
+    q, k, v = _rand(B=1, H=4, Hk=2, N=200, d=16, seed=31)
+    keep = _keep(1, 4, 200, 32, 0.3)
+    out, lse = masked_out_lse(q, k, v, keep, 32)
+    dev = torch.device("cuda")
+    qc, kc, vc, keepc = q.float().to(dev), k.float().to(dev), v.float().to(dev), keep.to(dev)
+    outc, lsec = masked_out_lse(qc, kc, vc, keepc, 32, dtype=torch.float32)
+    for m in REMAINDERS.names():
+        ref = add_remainder(q, k, v, keep, 32, out, lse, m)
+        got = add_remainder(qc, kc, vc, keepc, 32, outc, lsec, m)
+        assert got.device.type == "cuda" and got.dtype == torch.float32
+        torch.testing.assert_close(got.double().cpu(), ref, rtol=2e-3, atol=2e-3)
+        assert remainder_cost(keepc, 32, 200, 16, m)["macs"] == remainder_cost(keep, 32, 200, 16, m)["macs"]

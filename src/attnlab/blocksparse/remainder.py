@@ -581,7 +581,7 @@ def remainder_cost(keep: Tensor, block: int, n: int, d: int, method: Union[str, 
     dense = float(Bk * H * nq * (nq + 1) / 2 * block * (block * d + block * dv))
     if isinstance(est, NoRemainder):
         return {"macs": 0.0, "pair_macs": 0.0, "stats_macs": 0.0, "dense_macs": dense, "fraction": 0.0}
-    rows = torch.full((nq,), float(block))
+    rows = torch.full((nq,), float(block), device=keep.device)
     rows[-1] = float(n - (nq - 1) * block)
     drop_per_qtile = dropped_tiles(keep).sum(-1).to(torch.float64)  # (Bk, H, nq)
     pairs = float((drop_per_qtile * rows.to(torch.float64)).sum()) * est.sub  # (query, dropped sub-tile)
