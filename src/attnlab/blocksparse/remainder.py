@@ -32,6 +32,11 @@ Estimators (:data:`REMAINDERS`; ``a = scale * q``, tile of ``c`` keys, mean key 
   the rest estimated (pooled, or gaussian-rem-r4). The exact keys are chosen once per key head and tile by
   their summed softmax mass over the last 64 queries (every query head of the group), as MInference scores its
   vertical lines; their scoring is counted in the cost.
+* ``pooled-cal`` / ``gaussian-cal`` / ``hybrid8-cal``: the base estimate plus a per-head log-mass offset fitted in
+  closed form on 64 exact rows (their scores counted in the cost).
+
+Measured on a trained causal LM (``benchmarks/NOTES-remainder.md``): pooled and hybrid lower the output error
+(hybrid8 by about a third), the Gaussian variants and the calibration make it worse, and none halves it.
 
 :func:`remainder_bounds` gives the certified interval of each row's dropped log mass (Jensen below, the radius
 bound above). :func:`remainder_cost` counts the multiply-adds as a fraction of dense causal attention (QK^T and
