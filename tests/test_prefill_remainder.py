@@ -45,10 +45,30 @@ def fake_remainder(monkeypatch):
 
 
 def test_remainder_validated():
-    if "probe" not in remainder_names():
-        with pytest.raises(ConfigError, match="--remainder"):
-            PrefillConfig(model="m", remainder="probe")
+    with pytest.raises(ConfigError, match="--remainder"):
+        PrefillConfig(model="m", remainder="probe")
     assert PrefillConfig(model="m").remainder == "none"
+    assert {"none", "pooled", "hybrid8"} <= set(remainder_names())  # the real registry
+
+
+def test_real_remainder_moves_sparse_output_towards_dense():
+    """The handler with the real ``pooled`` remainder: its output is closer to dense attention than sparse-only
+    (structured keys: the dropped tiles are nearly constant, where the pooled estimate is good)."""
+    g = torch.Generator().manual_seed(5)
+    n, d = 64, 8
+    centres = torch.randn(1, 2, n // 16, 1, d, generator=g, dtype=torch.float64)
+    k = (centres + 0.05 * torch.randn(1, 2, n // 16, 16, d, generator=g, dtype=torch.float64)).reshape(1, 2, n, d)
+    q = torch.randn(1, 2, n, d, generator=g, dtype=torch.float64)
+    v = torch.randn(1, 2, n, d, generator=g, dtype=torch.float64)
+    predict = predict_fn(make_block_predictor("oracle"))
+    sparse = PrefillHandler("sparse", predict, recall=0.6, block_size=16)(_Call(q, k, v))
+    fixed = PrefillHandler("sparse", predict, recall=0.6, block_size=16, remainder="pooled")(_Call(q, k, v))
+    s = (q @ k.transpose(-1, -2)) * d ** -0.5
+    s = s.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
+    dense = torch.softmax(s, -1) @ v
+    err = lambda o: float((o - dense).norm() / dense.norm())  # noqa: E731
+    assert err(sparse) > 1e-3  # tiles were dropped
+    assert err(fixed) < 0.5 * err(sparse)
 
 
 def test_remainder_names_from_module(fake_remainder):
