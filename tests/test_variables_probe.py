@@ -229,3 +229,15 @@ def test_probe_bounds_config_errors():
         SweepConfig(probe_m=0)
     with pytest.raises(ConfigError, match="--s"):
         SweepConfig(s=3, probe_T=2)
+
+
+def test_cli_probe_and_search_flags_report_bad_values(tmp_path):
+    from typer.testing import CliRunner
+
+    from attnlab.variables.cli import app
+
+    runner = CliRunner()
+    for args, flag in ((["--probe-bounds", "2,x"], "--probe-bounds"), (["--probe-bounds", "2,-1"], "--probe-bounds"),
+                       (["--probe-m", "0"], "--probe-m"), (["--doubling", "0"], "--doubling")):
+        res = runner.invoke(app, ["sweep", *args, "--out", str(tmp_path)])
+        assert res.exit_code == 2 and flag in res.output, (args, res.output)
