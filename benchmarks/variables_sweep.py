@@ -7,8 +7,9 @@ Presets (``--preset``):
   threshold function of the bits) and, on the same tasks and protocol, a ReLU MLP on the flattened bits trained
   with SGD (T <= 1024); each task starts no new T after 170 s. NOT RUN on a GPU yet: its wall time is unmeasured.
 - ``cpu``: the budgeted CPU sweep, T = 8 .. 128, 9 seeds, 800 steps, 1 restart, a coarse search (4 doubling
-  sizes, 2 refinement points, rtol 0.25); about 15 min of CPU for AND, less for OR and parity with
-  ``--contrast-max-T 64`` / ``--no-contrast``. Measured numbers: benchmarks/NOTES-variables.md.
+  sizes, 2 refinement points, rtol 0.25). Measured on 2 shared cores: AND about 8 min of CPU, OR about 2.5;
+  parity (2 heads) is optimisation-limited and took 7 min for T = 8 and 16 alone. Numbers:
+  benchmarks/NOTES-variables.md.
 - ``quick`` (= ``--quick``): CPU smoke run, AND s = 2, T = 4 .. 64, 3 seeds (the default test suite runs it).
 
 Every trial fits its training set or is retrained (restarts, same step budget) and only fitting trials count
