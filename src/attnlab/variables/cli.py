@@ -95,6 +95,7 @@ def sweep(
     m_max: int = typer.Option(65536, help="Largest train size tried; beyond it a seed is 'not learned up to m_max'."),
     rtol: float = typer.Option(0.05, help="Refinement stops when (hi - lo) <= rtol * hi per seed; 0 = exact."),
     points: int = typer.Option(4, help="Train sizes tried inside each seed's bracket per refinement round."),
+    doubling: int = typer.Option(8, help="Train sizes per doubling round (m, 2m, ...) before a seed first succeeds."),
     balanced: Balanced = True,
     noise: Noise = 0.0,
     model: ModelOpt = "bounded",
@@ -129,6 +130,10 @@ def sweep(
     n_test: NTest = 1000,
     monitor: Monitor = "val",
     probe: bool = typer.Option(True, help="Probe the readout attention at the largest T reached."),
+    probe_bounds: List[str] = typer.Option([], "--probe-bounds", help="qk bounds of the attention probe against the "
+                                                                      "norm bound (e.g. --probe-bounds 1,2,4,8,16)."),
+    probe_t: Optional[int] = typer.Option(None, "--probe-T", help="T of that probe (default: the largest reached T)."),
+    probe_m: Optional[int] = typer.Option(None, "--probe-m", help="Train size of that probe (default: 2 x m* there)."),
     budget_s: Optional[float] = typer.Option(None, help="Start no new T after this many seconds."),
     out: str = typer.Option("runs/variables", help="Run directory (results.json section 'variables', PNGs)."),
     resume: bool = typer.Option(False, help="Reuse finished (T, m, seed) trials from the run directory."),
@@ -151,6 +156,7 @@ def sweep(
     if any(not b > 0 for b in sweep_bounds):
         raise ConfigError(f"--norm-sweep bounds must be > 0 (got {sweep_bounds})")
     grid = [float(v) for v in parse_ints(lr_grid, [], "--lr-grid", float)]
+    pbounds = [float(v) for v in parse_ints(probe_bounds, [], "--probe-bounds", float)]
     given = {k: v for k, v in (("d_model", d_model), ("n_heads", n_heads), ("lr", lr), ("max_steps", max_steps))
              if v is not None}
     bounded = EnsembleConfig(kind="bounded", batch_size=batch_size, restarts=restarts, n_test=n_test, lr_grid=grid,
@@ -161,10 +167,11 @@ def sweep(
                      batch_size, given.get("max_steps", 2000), weight_decay, norm_mode,
                      qk_bound if norm_mode == "constrain" else None, v_bound if norm_mode == "constrain" else None,
                      out_bound if norm_mode == "constrain" else None, penalty, n_test, monitor)
-    search = SearchConfig(threshold=threshold, m_min=m_min, m_max=m_max, rtol=rtol, points=points)
+    search = SearchConfig(threshold=threshold, m_min=m_min, m_max=m_max, rtol=rtol, points=points, doubling=doubling)
     cfg = SweepConfig(task=task, s=s, Ts=Ts, seeds=seeds, seed=seed, balanced=balanced, noise=noise, model=model,
                       bounded=bounded, train=train, contrast=contrast, mlp=mlp, contrast_max_T=contrast_max_t,
                       search=search, norm_sweep=sweep_bounds, norm_T=norm_t, probe=probe, budget_s=budget_s,
+                      probe_bounds=pbounds, probe_T=probe_t, probe_m=probe_m,
                       fit_acc=fit_acc)
     section = run_sweep(cfg, out, device=device, resume=resume, log=typer.echo)
     if section.get("skipped_T"):

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError
+from .probe import relevant_mass
 from .tasks import CLS_ID, VOCAB_SIZE, SparseBooleanTask
 
 
@@ -91,19 +92,24 @@ class BoundedHeads(torch.nn.Module):
         return torch.softmax(logits, dim=-1)
 
     def forward(self, onehot: torch.Tensor, return_attention: bool = False):
-        """Class logits (E, B, 2) (and the readout attention)."""
+        """Class logits (E, B, 2) (and the readout attention).
+
+        Everything after the attention is linear, so W_c^h W_V^h (2 x d per head) is applied to the token and
+        position embeddings first: logits = sum_h sum_t p^h_t W_c^h W_V^h x_t, in O(H N) per example instead of
+        O(d N) (the same function as z^h = sum_t p^h_t W_V^h x_t, logits = W_c [z^1; ...; z^H])."""
         p = self.readout_attention(onehot)
-        v_pos = torch.einsum("ehkd,end->ehnk", self.wv, self.pos)  # (E, H, N, dh)
-        v_tok = torch.einsum("ehkd,evd->ehvk", self.wv, self.tok)  # (E, H, V, dh)
-        z = torch.einsum("ebhn,ehnk->ebhk", p, v_pos)
-        z = z + torch.einsum("ebhv,ehvk->ebhk", torch.einsum("ebhn,ebnv->ebhv", p, onehot), v_tok)
-        out = torch.einsum("ebf,ecf->ebc", z.flatten(2), self.wc)
+        E = self.wc.shape[0]
+        U = torch.einsum("echk,ehkd->ehcd", self.wc.view(E, 2, self.H, self.dh), self.wv)  # (E, H, 2, d)
+        u_pos = torch.einsum("ehcd,end->ehnc", U, self.pos)  # (E, H, N, 2)
+        u_tok = torch.einsum("ehcd,evd->ehvc", U, self.tok)  # (E, H, V, 2)
+        out = torch.einsum("ebhn,ehnc->ebc", p, u_pos)
+        out = out + torch.einsum("ebhv,ehvc->ebc", torch.einsum("ebhn,ebnv->ebhv", p, onehot), u_tok)
         return (out, p) if return_attention else out
 
     @staticmethod
     def encode(ids: torch.Tensor) -> torch.Tensor:
         """Token ids (E, B, N) -> float one-hot (E, B, N, V)."""
-        return F.one_hot(ids.long(), VOCAB_SIZE).float()
+        return (ids[..., None] == torch.arange(VOCAB_SIZE, device=ids.device, dtype=ids.dtype)).float()
 
     def qk_norms(self) -> torch.Tensor:
         """||W_Q^h^T W_K^h||_F per member and head, (E, H)."""
@@ -212,6 +218,7 @@ class EnsembleConfig:
     fit_acc: float = 1.0  # a trial fits its training set when its accuracy on all m training examples >= this
     n_monitor: int = 2048  # training examples the monitor evaluates
     n_test: int = 1000
+    n_probe: int = 256  # bounded: test inputs on which each trial's readout attention mass on the relevant bits is measured
     bounds: Optional[Bounds] = None  # bounded kind only; None = unconstrained
     eval_chunk: int = 256
 
@@ -226,6 +233,8 @@ class EnsembleConfig:
                         ("--n-test", self.n_test), ("--n-monitor", self.n_monitor)):
             if not v > 0:
                 raise ConfigError(f"{flag} must be > 0 (got {v})")
+        if self.n_probe < 0:
+            raise ConfigError(f"--n-probe must be >= 0 (got {self.n_probe})")
         if self.restarts < 0:
             raise ConfigError(f"--restarts must be >= 0 (got {self.restarts})")
         self.lr_grid = [float(v) for v in self.lr_grid]
@@ -387,11 +396,13 @@ def _attempt(runs: Sequence[Member], mt: torch.Tensor, lr: float, cfg: EnsembleC
     train_acc, train_loss = _evaluate(model, tx, ty, mt, ms, cfg.eval_chunk)  # every training example
     test, _ = _evaluate(model, sx, sy, mt, torch.full_like(ms, cfg.n_test), cfg.eval_chunk)
     norms = {k: v.tolist() for k, v in model.norms().items()}
+    probe = relevant_mass(model, sx, mt, runs, cfg.n_probe) if cfg.kind == "bounded" and cfg.n_probe else None
     tl_full = torch.nan_to_num(train_loss, nan=math.inf).tolist()
     recs = [{"accuracy": round(float(test[e]), 6), "train_acc": round(float(train_acc[e]), 6),
              "train_loss": round(tl_full[e], 6), "fit": bool(train_acc[e] >= cfg.fit_acc),
              "monitor_loss": round(float(best[e]), 6), "steps": step, "best_step": int(best_step[e]),
-             **{f"norm_{k}": round(v[e], 6) for k, v in norms.items()}} for e in range(E)]
+             **{f"norm_{k}": round(v[e], 6) for k, v in norms.items()},
+             **({k: round(float(v[e]), 6) for k, v in probe.items()} if probe else {})} for e in range(E)]
     return recs, model
 
 

@@ -16,6 +16,7 @@ take the same next round, rank 0 saves the merged trials once per round. The tri
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -27,6 +28,7 @@ from ..io import RunDir
 from .complexity import Learner, SearchConfig, TrialStore, distributed_learner, sample_complexity
 from .ensemble import Bounds, EnsembleConfig, Member, train_ensemble
 from .fit import MIN_POINTS
+from .probe import mass_at_mstar
 from .tasks import make_task
 from .train import TrainConfig, resolve_device, train_model
 
@@ -64,6 +66,9 @@ class SweepConfig:
     norm_sweep: list[float] = field(default_factory=list)  # qk bounds for the norm/sample trade-off
     norm_T: Optional[int] = None  # T of the trade-off sweep (default: the median --T)
     probe: bool = True  # probe attention at the largest T reached
+    probe_bounds: list[float] = field(default_factory=list)  # qk bounds of the attention probe against the norm bound
+    probe_T: Optional[int] = None  # T of that probe (default: the largest T with a reached m*)
+    probe_m: Optional[int] = None  # train size of that probe (default: twice the median m* at probe_T)
     budget_s: Optional[float] = None  # start no new T after this many seconds
     max_members: int = 96  # largest ensemble trained at once (memory)
     fit_acc: Optional[float] = None  # fit criterion of every learner (train acc on all m examples); None: each config's own
@@ -99,6 +104,15 @@ class SweepConfig:
             raise ConfigError(f"--norm-sweep bounds must be > 0 (got {self.norm_sweep})")
         if self.norm_sweep and self.model != "bounded":
             raise ConfigError("--norm-sweep needs --model bounded")
+        self.probe_bounds = [float(b) for b in self.probe_bounds]
+        if any(not (math.isfinite(b) and b > 0) for b in self.probe_bounds):
+            raise ConfigError(f"--probe-bounds must be finite and > 0 (got {self.probe_bounds})")
+        if self.probe_bounds and self.model != "bounded":
+            raise ConfigError("--probe-bounds needs --model bounded")
+        if self.probe_T is not None:
+            make_task(self.task, self.probe_T, self.s, 0)
+        if self.probe_m is not None and self.probe_m < 1:
+            raise ConfigError(f"--probe-m must be >= 1 (got {self.probe_m})")
         self.Ts = sorted(set(int(t) for t in self.Ts))
         if self.norm_T is not None:
             make_task(self.task, self.norm_T, self.s, 0, flag="--norm-T")
@@ -151,13 +165,15 @@ def make_learner(cfg: SweepConfig, device: str = "cpu") -> Learner:
 
 
 def _summary(res, t1: float) -> dict[str, Any]:
-    """JSON summary of one ComplexityResult: m*, CI, per seed, flags, and the largest norms of its trials."""
+    """JSON summary of one ComplexityResult: m*, CI, per seed, flags, the largest norms of its trials and (bounded
+    head) the readout attention mass on the relevant positions of each seed's trial at its m*_s."""
     d = res.to_dict()
     trials = d.pop("trials")
     d["n_trials"] = len(trials)
     d["seconds"] = round(time.perf_counter() - t1, 2)
     norms = sorted({k for r in trials for k in r if k.startswith("norm_")})
     d["norms_max"] = {k[5:]: max(r[k] for r in trials if k in r) for k in norms}
+    d["attn"] = mass_at_mstar(res.per_seed, trials)
     return d
 
 
@@ -224,6 +240,11 @@ def run_sweep(
 
     if cfg.norm_sweep and not over_budget():
         _norm_sweep(cfg, run, section, dev, resume, log, info)
+        write()
+    if cfg.probe_bounds and not over_budget():
+        from .bound_probe import run_probe_bounds
+
+        section["probe_bounds"] = run_probe_bounds(cfg, run, section, dev, resume, log, ensemble_learner, info)
         write()
     section["sweep_seconds"] = round(time.perf_counter() - t0, 2)  # the trials alone (what torchrun spreads)
     if info.is_main:
@@ -368,8 +389,10 @@ def _analyse(cfg: SweepConfig, run: RunDir, section: dict[str, Any], device: str
         if section["results"] or (section.get("contrast") or {}).get("results"):
             plot_complexity(section, run.file(COMPLEXITY_PNG))
             section["plots"].append(COMPLEXITY_PNG)
-        if section.get("probe"):
-            plot_probe(section["probe"], run.file(PROBE_PNG))
+        if section.get("probe") or section.get("probe_bounds"):
+            caps = {r["T"]: _cap(cfg, r["T"]) for r in section["results"]} if cfg.model == "bounded" else None
+            plot_probe(section.get("probe") or {"s": cfg.s}, run.file(PROBE_PNG), section["results"],
+                       section.get("probe_bounds"), caps)
             section["plots"].append(PROBE_PNG)
         if section.get("norm_sweep", {}).get("results"):
             plot_norm_sweep(section["norm_sweep"], run.file(NORM_PNG))
@@ -383,7 +406,9 @@ def _probe(cfg: SweepConfig, top: dict[str, Any], device: str) -> dict[str, Any]
     T = top["T"]
     pairs = [(m, int(sd)) for sd, m in top["per_seed"].items() if m is not None]
     per_seed: dict[str, Any] = {}
-    if cfg.model == "bounded":
+    if cfg.model == "bounded" and top.get("attn"):  # every trial recorded its attention: no retraining
+        per_seed = dict(top["attn"]["per_seed"])
+    elif cfg.model == "bounded":
         from .ensemble import bounded_probe
 
         members = [Member(make_task(cfg.task, T, cfg.s, sd, cfg.balanced, cfg.noise), m, sd) for m, sd in pairs]
@@ -401,7 +426,17 @@ def _probe(cfg: SweepConfig, top: dict[str, Any], device: str) -> dict[str, Any]
     mass = {sd: float(np.mean(p["mass"])) for sd, p in per_seed.items()}
     return {"T": T, "s": cfg.s, "per_seed": per_seed, "mass_per_seed": {k: round(v, 4) for k, v in mass.items()},
             "mass_median": float(np.median(list(mass.values()))) if mass else float("nan"),
-            "uniform_mass": cfg.s / (T + 1)}
+            "uniform_mass": cfg.s / (T + 1), "cap": _cap(cfg, T)}
+
+
+def _cap(cfg: SweepConfig, T: int) -> Optional[float]:
+    """The readout mass on the relevant positions the bounded head's norm bounds allow at T (None: other models)."""
+    from .probe import mass_cap
+
+    b = cfg.bounded.bounds
+    if cfg.model != "bounded" or b is None:
+        return None
+    return mass_cap(T, cfg.s, b.emb, b.qk, cfg.bounded.d_model // cfg.bounded.n_heads)
 
 
 def run_variables(out: Union[str, Path], device: str = "cpu", resume: bool = False, progress: bool = True,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
@@ -50,27 +51,50 @@ def _curve(ax, results: Sequence[Mapping[str, Any]], fits: Optional[Mapping[str,
         Ts = np.geomspace(min(r["T"] for r in done), max(r["T"] for r in done), 100)
         for law, style in (("log", "--"), ("power", ":")):
             f = fits[law]
-            label = (f"{name}: a + b log T (R2 {f['r2']:.2f})" if law == "log"
-                     else f"{name}: a + b T^c (c = {f['params']['c']:.2f})")
-            ax.plot(Ts, LAWS[law](Ts, **f["params"]), style, color=color, alpha=0.8, label=label)
+            label = (f"a + b log T (R2 {f['r2']:.2f})" if law == "log"
+                     else f"a + b T^c (c = {f['params']['c']:.2f}, CI {_interval(f.get('ci', {}).get('c'))})")
+            ax.plot(Ts, LAWS[law](Ts, **f["params"]), style, color="k" if law == "log" else "gray", alpha=0.8,
+                    label=label)
+
+
+def _interval(ci: Optional[Sequence[float]]) -> str:
+    """[lo, hi] with infinite ends written as -inf / inf."""
+    if not ci:
+        return "?"
+    vals = [float(v) for v in ci]  # JSON may hold infinite ends as strings
+    return "[" + ", ".join(("inf" if v > 0 else "-inf") if not math.isfinite(v) else f"{v:.2f}" for v in vals) + "]"
+
+
+def verdict_line(name: str, target: Mapping[str, Any]) -> str:
+    """'<name>: <verdict> (log R^2 .., c .. CI ..)' or why there is no fit."""
+    f = target.get("fits")
+    if not f:
+        return f"{name}: no fit ({target.get('fit_error') or 'no results'})"
+    return (f"{name}: {f['verdict']} (log R2 {f['log']['r2']:.2f}, c = {f['power']['params']['c']:.2f} "
+            f"CI {_interval(f['power']['ci'].get('c'))})")
 
 
 def plot_complexity(section: Mapping[str, Any], path: str | Path) -> Path:
-    """m*(T) of the model and of the contrast learner on one log-log plot, with CIs, seeds and fits."""
+    """The takeaway figure: m*(T) of the bounded head (left) and of the contrast learner (right) on log-x axes
+    (a log law is a straight line there), with per-seed points, median and CI, both fits, and the verdicts."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    _curve(ax, section.get("results", []), section.get("fits"), "tab:blue", section.get("model", "model"))
     con = section.get("contrast") or {}
+    panels = [(section, "tab:blue", section.get("model", "model"))]
     if con.get("results"):
-        _curve(ax, con["results"], con.get("fits"), "tab:red", con.get("model", "contrast"))
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log", base=2)
-    ax.set_xlabel("context length T")
-    ax.set_ylabel("train size m* reaching the threshold")
-    handles, labels = ax.get_legend_handles_labels()
-    uniq = dict(zip(labels, handles))
-    ax.legend(uniq.values(), uniq.keys(), fontsize=7)
-    ax.set_title("Sample complexity vs context length (dots: seeds)")
+        panels.append((con, "tab:red", con.get("model", "contrast")))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.3), squeeze=False)
+    cfg = section.get("config") or {}
+    for ax, (block, color, name) in zip(axes[0], panels):
+        _curve(ax, block.get("results", []), block.get("fits"), color, name)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("context length T (log scale)")
+        ax.set_ylabel("m*: train size reaching the threshold")
+        handles, labels = ax.get_legend_handles_labels()
+        uniq = dict(zip(labels, handles))
+        ax.legend(uniq.values(), uniq.keys(), fontsize=7, loc="upper left")
+        ax.set_title(verdict_line(name, block), fontsize=8)
+    fig.suptitle(f"Sample complexity vs context length: {cfg.get('task', '?')}, s = {cfg.get('s', '?')}, "
+                 f"{cfg.get('seeds', '?')} seeds (dots)", fontsize=10)
     fig.tight_layout()
     return save_figure(fig, path)
 
@@ -106,9 +130,51 @@ def plot_norm_sweep(sweep: Mapping[str, Any], path: str | Path) -> Path:
     return save_figure(fig, path)  # atomic: a killed run never leaves a half-written PNG
 
 
-def plot_probe(probe: Mapping[str, Any], path: str | Path) -> Path:
-    """Bars per seed: readout attention mass on the s relevant positions and top-s precision (mean over heads)."""
+def plot_probe(probe: Mapping[str, Any], path: str | Path, results: Sequence[Mapping[str, Any]] = (),
+               bounds: Optional[Mapping[str, Any]] = None, caps: Optional[Mapping[int, float]] = None) -> Path:
+    """Readout attention mass on the s relevant positions. With recorded per-trial masses: against T (each seed at
+    its m*; the cap of the norm bound and uniform attention beside it) and, when the probe against the bound ran,
+    against the qk bound at fixed (T, m) with its cap. Otherwise bars per seed at the largest T."""
     plt = _plt()
+    pts = [r for r in results if r.get("attn")]
+    if pts or bounds:
+        n = int(bool(pts)) + int(bool(bounds))
+        fig, axes = plt.subplots(1, n, figsize=(5.2 * n, 3.9), squeeze=False)
+        axs = list(axes[0])
+        if pts:
+            ax = axs.pop(0)
+            T = np.array([r["T"] for r in pts], dtype=float)
+            for r in pts:
+                v = list(r["attn"]["mass_per_seed"].values())
+                ax.scatter([r["T"]] * len(v), v, s=10, alpha=0.35, color="tab:blue")
+            ax.plot(T, [r["attn"]["mass_median"] for r in pts], "o-", color="tab:blue", label="median over seeds (at m*)")
+            if caps:
+                ax.plot(T, [caps.get(int(t), np.nan) for t in T], "k--", label="cap of the norm bound")
+            ax.plot(T, [probe.get("s", 1) / (t + 1) for t in T], ":", color="gray", label="uniform attention")
+            ax.axhline(0.5, color="tab:green", lw=0.8, alpha=0.6, label="0.5 (target)")
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("context length T")
+            ax.set_ylabel("readout mass on the s relevant positions")
+            ax.set_ylim(0, 1.05)
+            ax.set_title("against T (each seed at its m*)", fontsize=9)
+            ax.legend(fontsize=7)
+        if bounds:
+            ax = axs.pop(0)
+            rs = bounds["results"]
+            b = np.array([r["qk_bound"] for r in rs], dtype=float)
+            for r in rs:
+                v = list(r["mass_per_seed"].values())
+                ax.scatter([r["qk_bound"]] * len(v), v, s=10, alpha=0.35, color="tab:purple")
+            ax.plot(b, [r["mass_median"] for r in rs], "o-", color="tab:purple", label="median over seeds")
+            ax.plot(b, [r["cap"] for r in rs], "k--", label="cap of the bound")
+            ax.axhline(bounds["uniform_mass"], color="gray", ls=":", label="uniform attention")
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("bound on ||W_Q^T W_K||_F")
+            ax.set_ylim(0, 1.05)
+            ax.set_title(f"against the qk bound at T = {bounds['T']}, m = {bounds['m']}", fontsize=9)
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        return save_figure(fig, path)
     seeds = list(probe["per_seed"])
     mass = [float(np.mean(probe["per_seed"][k]["mass"])) for k in seeds]
     topk = [float(np.mean(probe["per_seed"][k]["topk_precision"])) for k in seeds]

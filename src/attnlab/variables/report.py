@@ -8,6 +8,7 @@ from typing import Any, Mapping
 from ..io import RunDir
 from ..report.html import cell as _fmt, figure, table as _table
 from .experiment import SECTION
+from .plots import verdict_line
 
 
 def _ci(ci: Any) -> str:
@@ -51,6 +52,33 @@ def _fits_html(target: Mapping[str, Any], name: str) -> str:
     return (f"<h4>{escape(name)}: law fits ({fits['n_points']} points, {how})</h4>"
             + _table(["law", "parameters (95% CI)", "R^2 (CI)", "AICc"], rows)
             + f"<p>Verdict: <b>{escape(fits['verdict'])}</b> - {escape(fits.get('reason', ''))}.</p>")
+
+
+def _mass_vs_T(sec: Mapping[str, Any]) -> str:
+    """Readout mass on the relevant positions at m* per T (recorded by every bounded trial)."""
+    rows = [[r["T"], r["m_star"], f"{r['attn']['mass_median']:.3f}",
+             f"[{r['attn']['mass_min']:.3f}, {r['attn']['mass_max']:.3f}]", _fmt(r["attn"].get("topk_median")),
+             f"{(sec.get('config', {}).get('s') or 0) / (r['T'] + 1):.4f}"]
+            for r in sec.get("results", []) if r.get("attn")]
+    if not rows:
+        return ""
+    return ("<h3>Attention on the relevant positions against T (each seed's trial at its m*)</h3>"
+            + _table(["T", "m*", "mass (median over seeds)", "range over seeds", "top-s precision", "uniform"], rows))
+
+
+def _probe_bounds_html(pb: Any) -> str:
+    """The probe against the norm bound: mass, its cap, accuracy and fit per qk bound."""
+    if not pb or not pb.get("results"):
+        return ""
+    rows = [[r["qk_bound"], f"{r['mass_median']:.3f}", f"[{r['mass_min']:.3f}, {r['mass_max']:.3f}]",
+             f"{r['cap']:.3f}", _fmt(r.get("topk_median")), f"{r['test_acc_median']:.3f}",
+             f"{r['learned']}/{r['n']}", _fmt(r["fit_rate"]), _fmt(r.get("norm_qk_median"))] for r in pb["results"]]
+    return (f"<h3>Attention probe against the norm bound (T = {pb['T']}, m = {pb['m']}, every seed)</h3>"
+            + _table(["qk bound", "mass on relevant (median)", "range over seeds", "cap of the bound",
+                      "top-s precision", "test acc (median)", "learned", "fit rate", "||W_Q^T W_K||_F reached"], rows)
+            + f"<p>The cap is s / (s + (T + 1 - s) e^(-2L)) with L = 4 emb^2 qk / sqrt(d_head) (emb bound "
+              f"{_fmt(pb.get('emb_bound'))}, d_head {pb.get('d_head')}): a tighter bound can only spread attention. "
+              f"Uniform attention gives {pb['uniform_mass']:.4f}.</p>")
 
 
 def render_section(run: RunDir) -> str:
@@ -102,15 +130,23 @@ def render_section(run: RunDir) -> str:
         parts.append(f"<h3>Attention probe (T = {probe['T']}, each seed at its m*)</h3>")
         prow = [[k, p["m"], p.get("test_acc"), _fmt(p["mass"]), _fmt(p["topk_precision"])]
                 for k, p in probe["per_seed"].items()]
-        parts.append(_table(["seed", "m", "test acc", "readout mass on relevant (per head)", "top-s precision"], prow))
+        parts.append(_table(["seed", "m", "test acc", "readout mass on relevant (mean over heads)", "top-s precision"],
+                            prow))
+        cap = f"; the norm bounds allow at most {probe['cap']:.3f}" if probe.get("cap") is not None else ""
         parts.append(f"<p>Median mass on the {probe['s']} relevant positions: <b>{probe['mass_median']:.3f}</b> "
-                     f"(uniform attention would give {probe['uniform_mass']:.4f}).</p>")
+                     f"(uniform attention would give {probe['uniform_mass']:.4f}{cap}).</p>")
+    parts.append(_mass_vs_T(sec))
+    parts.append(_probe_bounds_html(sec.get("probe_bounds")))
+    fits_caption = "; ".join(verdict_line(n, t) for n, t in ((str(model), sec), (str((con or {}).get("model")), con))
+                             if t and t.get("results"))
     captions = {
         "variables_mstar.png": "Smallest training-set size m* reaching the accuracy threshold against context length "
-                               "T (log axis): per-seed points, the median with its bootstrap 95% interval, and the "
-                               "fitted laws (legend).",
-        "variables_probe.png": "Readout attention per seed at its m*: attention mass on the s relevant positions and "
-                               "top-s precision (mean over heads); the dotted line is uniform attention.",
+                               "T (log-x axes; left the bounded head, right the contrast): per-seed points, the median "
+                               "with its bootstrap 95% interval, the log fit (dashed) and the power fit (dotted). "
+                               f"Fits and verdicts: {escape(fits_caption)}.",
+        "variables_probe.png": "Readout attention mass on the s relevant positions: against T for each seed at its "
+                               "m* (with the cap the norm bounds put on it and uniform attention), and against the "
+                               "bound on ||W_Q^T W_K||_F at fixed T and m.",
         "variables_norm_sweep.png": "Norm / sample trade-off: m* against the bound on ||W_Q^T W_K||_F.",
     }
     for png in sec.get("plots", []):
