@@ -82,11 +82,14 @@ def available(model_type: str) -> bool:
     return hasattr(transformers, cls) and hasattr(transformers, cfg)
 
 
-def build(model_type: str, seed: int = 0, impl: str = "sdpa", **overrides: Any) -> torch.nn.Module:
-    """The tiny model of ``model_type`` (eval mode), query/key weights scaled by SCALE."""
+def build(model_type: str, seed: int = 0, impl: str = "sdpa", cls: str | None = None,
+          **overrides: Any) -> torch.nn.Module:
+    """The tiny model of ``model_type`` (eval mode), query/key weights scaled by SCALE; ``cls`` another class
+    name of the family (e.g. 'MistralForCausalLM')."""
     import transformers
 
-    cls, cfg, kw = SPECS[model_type]
+    base, cfg, kw = SPECS[model_type]
+    cls = cls or base
     config = getattr(transformers, cfg)(**{**kw(), **overrides})
     torch.manual_seed(seed)
     model = getattr(transformers, cls)(config).eval()
