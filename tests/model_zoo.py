@@ -17,12 +17,12 @@ SCALE_BY_FAMILY = {"t5": 5.0, "clip_vision_model": 10.0, "siglip_vision_model": 
 
 
 def _text(**kw: Any) -> dict:
-    return dict(vocab_size=V, hidden_size=H, num_hidden_layers=L, num_attention_heads=NH, intermediate_size=FF,
-                max_position_embeddings=P, **kw)
+    return {**dict(vocab_size=V, hidden_size=H, num_hidden_layers=L, num_attention_heads=NH, intermediate_size=FF,
+                   max_position_embeddings=P), **kw}
 
 
 def _llama_like(**kw: Any) -> dict:
-    return _text(num_key_value_heads=2, **kw)
+    return _text(**{"num_key_value_heads": 2, **kw})
 
 
 def _vision(**kw: Any) -> dict:
@@ -31,7 +31,7 @@ def _vision(**kw: Any) -> dict:
 
 
 def _gemma(**kw: Any) -> dict:
-    return _llama_like(head_dim=8, sliding_window=4, **kw)
+    return _llama_like(**{"head_dim": 8, "sliding_window": 4, **kw})
 
 
 # model_type -> (transformers class name, config class name, config kwargs)

@@ -71,6 +71,21 @@ def test_windowed_full_prefill_equals_the_models_own_forward(mt):
     assert s["recall_min_head"] > 1 - 1e-9
 
 
+def test_multimodal_gemma3_text_tower_prefill_equals_its_own_forward():
+    """Gemma3ForConditionalGeneration (the 4B-27B checkpoints' form): windows read from text_config."""
+    if not model_zoo.available("gemma3"):
+        pytest.skip("gemma3: not in the installed transformers")
+    model = model_zoo.build("gemma3", cls="Gemma3ForConditionalGeneration", mm_tokens_per_image=4,
+                            text_config=model_zoo._gemma(sliding_window=W, sliding_window_pattern=2),
+                            vision_config=model_zoo._vision(num_channels=3)).double()
+    ids = _ids(3)
+    hf = _hf(model, "gemma3")
+    assert hf.causal and layer_windows(model.config, hf.n_layers) == [W, None]
+    res = run_prefill(_cfg(), hf=hf, ids=ids)
+    assert res["sliding_windows"] == [W, None]
+    assert abs(res["summary"]["loss_sparse"] - window_loss(_own(model, ids), ids)) < 1e-5
+
+
 def test_gemma2_softcap_is_applied_in_prefill():
     """Gemma2 caps scores at 20 (|s| reaches ~20 here): without the score_mod the logits differ."""
     model, ids = _model("gemma2"), _ids(1)
