@@ -293,8 +293,9 @@ def test_prefill_causality_from_the_probe(tmp_path):
 
 
 #: (family, part) pairs whose reconstruct column was 'untested': each runs attnlab.reconstruct.reconstruct
+#: (every part of an encoder-decoder ran once by hand: bart#cross and t5#decoder-self too; left out for time)
 RECONSTRUCT = [("gemma2", None), ("gemma3_text", None), ("gemma3", None), ("bart", None), ("bart", "decoder-self"),
-               ("bart", "cross"), ("t5", None), ("t5", "decoder-self"), ("t5", "cross"), ("falcon", None)]
+               ("t5", None), ("t5", "cross"), ("falcon", None)]
 
 
 @pytest.mark.parametrize("model_type,part", RECONSTRUCT, ids=[f"{t}#{p}" if p else t for t, p in RECONSTRUCT])
@@ -311,7 +312,9 @@ def test_reconstruct_runs_on_family(tmp_path, model_type, part):
     kw = dict(text_config=_gemma(vocab_size=v), vision_config=_vision(num_channels=3)) if model_type == "gemma3" \
         else dict(vocab_size=v)
     path = _save(tmp_path, model_type, **kw) + (f"#{part}" if part else "")
-    res = reconstruct(tmp_path / "run", model=path, progress=False, seq_len=16, n_fit=4, n_eval=2, budget=1.0,
+    corpus = str(Path(__file__).resolve().parents[1] / "README.md")  # small and fast to read (stdlib: ~2 s a call)
+    res = reconstruct(tmp_path / "run", model=path, progress=False, corpus=corpus, seq_len=16, n_fit=4, n_eval=2,
+                      budget=1.0,
                       budgets=[0.5], estimators=["gaussian"], selections=["adaptive", "random"], position=False,
                       pooled_baseline=False, extra_ranks=[], batch_size=4)
     assert res["model"]["family"] == model_type and res["model"]["part"] == (part or res["model"]["part"])

@@ -174,3 +174,26 @@ def test_window_disagreement_and_non_causal_masks_are_refused():
         probe(q_length=32, kv_length=32, mask_function=lambda b, hh, qi, kv: qi >= 0)
     with pytest.raises(ModelError, match="padding"):
         probe(q_length=4, kv_length=4, attention_mask=torch.tensor([[1, 1, 0, 1]]))
+
+
+def test_prefill_cli_on_a_saved_gemma2_folder(tmp_path):
+    """`attnlab sparsity prefill` loads a softcapped sliding-window Gemma2 checkpoint (eager, with its tokenizer)
+    and runs it beyond the window."""
+    from typer.testing import CliRunner
+
+    from attnlab.cli import app
+    from test_model_families import _minilm_tokenizer, _save
+
+    if not model_zoo.available("gemma2"):
+        pytest.skip("gemma2: not in the installed transformers")
+    path = _save(tmp_path, "gemma2", cls="Gemma2ForCausalLM", vocab_size=len(_minilm_tokenizer()), sliding_window=W)
+    out = tmp_path / "r.json"
+    r = CliRunner().invoke(app, ["sparsity", "prefill", "--model", path, "--seq-len", str(N), "--block-size", str(BS),
+                                 "--predictor", "oracle", "--recall", "0.9", "--windows", "1", "--reps", "1",
+                                 "--rows", "32", "--device", "cpu", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    import json
+
+    res = json.loads(out.read_text())
+    assert res["sliding_windows"] == [W, None] and "window 16" in r.output
+    assert res["summary"]["recall_mean"] >= 0.9 and abs(res["summary"]["loss_delta"]) < 0.05
