@@ -170,8 +170,14 @@ def test_window_disagreement_and_non_causal_masks_are_refused():
     probe = MaskProbe()
     probe(q_length=32, kv_length=32, mask_function=lambda b, hh, qi, kv: (kv <= qi) & (kv > qi - 8))
     assert probe.windows == {8}
-    with pytest.raises(ModelError, match="causal"):
-        probe(q_length=32, kv_length=32, mask_function=lambda b, hh, qi, kv: qi >= 0)
+    assert probe(q_length=32, kv_length=32, mask_function=lambda b, hh, qi, kv: kv <= qi) is None
+    assert probe.windows == {8, None}
+    bidir = probe(q_length=32, kv_length=32, mask_function=lambda b, hh, qi, kv: (qi - kv).abs() < 8)
+    assert bidir is not None and bool(bidir[0, 0, 0, 5]) and probe.windows == {8, None}  # built, not recorded
+    call = _Call(q, k, v, None)
+    call.valid = torch.ones(1, 1, 32, 32, dtype=torch.bool)
+    with pytest.raises(ModelError, match="explicit mask"):  # a layer that uses such a mask is refused
+        PrefillHandler("sparse", predict_fn(make_block_predictor("full")), block_size=BS)(call)
     with pytest.raises(ModelError, match="padding"):
         probe(q_length=4, kv_length=4, attention_mask=torch.tensor([[1, 1, 0, 1]]))
 
@@ -197,3 +203,21 @@ def test_prefill_cli_on_a_saved_gemma2_folder(tmp_path):
     res = json.loads(out.read_text())
     assert res["sliding_windows"] == [W, None] and "window 16" in r.output
     assert res["summary"]["recall_mean"] >= 0.9 and abs(res["summary"]["loss_delta"]) < 0.05
+
+
+PLAIN = {"gpt2": "GPT2LMHeadModel", "gpt_neox": "GPTNeoXForCausalLM", "opt": "OPTForCausalLM",
+         "llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM", "phi3": "Phi3ForCausalLM", "bart": "BartForCausalLM"}
+
+
+@pytest.mark.parametrize("mt", list(PLAIN))
+def test_plain_causal_families_through_the_mask_probe_equal_their_own_forward(mt):
+    """The mask probe replaces SDPA's mask function for every prefill model: plain causal families still match
+    (BART's causal LM also builds an unused bidirectional cross-attention mask, which is built, not refused)."""
+    if not model_zoo.available(mt):
+        pytest.skip(f"{mt}: not in the installed transformers")
+    model, ids = model_zoo.build(mt, cls=PLAIN[mt]).double(), _ids(4)
+    hf = _hf(model, mt)
+    h = PrefillHandler("sparse", predict_fn(make_block_predictor("full")), block_size=BS,
+                       windows=layer_windows(model.config, hf.n_layers))
+    torch.testing.assert_close(timed_forward(hf, h, ids)[0], _own(model, ids), atol=1e-10, rtol=0)
+    assert h.layer_windows == {0: None, 1: None} and None in h.mask_probe.windows

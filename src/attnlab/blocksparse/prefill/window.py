@@ -51,43 +51,56 @@ def _row_window(allowed: Tensor, qi: int, kv: Tensor) -> Optional[int]:
 
 
 class MaskProbe:
-    """A mask function for ``ALL_MASK_ATTENTION_FUNCTIONS`` during prefill: checks on sampled rows that the
-    model's ``mask_function`` is causal (optionally a sliding window), records the windows seen, and returns
-    None (the handler applies causality and windows itself: no N x N mask). Padding is refused."""
+    """A mask function for ``ALL_MASK_ATTENTION_FUNCTIONS`` during prefill: when the model's ``mask_function``
+    is, on sampled rows, causal (optionally a sliding window), it records the window and returns None (the
+    handler applies causality and windows itself: no N x N mask); any other mask is built as SDPA would (so a
+    layer that uses it reaches the handler with a mask and is refused). Padding is refused."""
 
     def __init__(self) -> None:
         self.windows: set[Optional[int]] = set()
 
     def __call__(self, batch_size: int = 1, q_length: int = 0, kv_length: int = 0, q_offset: int = 0,
                  kv_offset: int = 0, mask_function: Optional[Callable] = None, attention_mask: Any = None,
-                 **kw: Any) -> None:
+                 **kw: Any) -> Any:
         if attention_mask is not None and not bool(torch.as_tensor(attention_mask).bool().all()):
             raise ModelError("prefill runs unpadded windows of text: this forward passed a padding mask")
         if mask_function is None or not q_length:
             return None
-        q_length, kv_length = int(q_length), int(kv_length or q_length)
+        w = self.band_window(mask_function, int(q_length), int(kv_length or q_length), int(q_offset),
+                             int(kv_offset))
+        if w is False:  # not a causal band (e.g. a bidirectional mask built but maybe unused): the real mask, so
+            from transformers.masking_utils import sdpa_mask  # a layer that uses it is refused by the handler
+
+            kw.update(allow_is_causal_skip=False, allow_is_bidirectional_skip=False)  # never None: not causal
+            return sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
+                             kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask, **kw)
+        self.windows.add(w)
+        return None
+
+    @staticmethod
+    def band_window(mask_function: Callable, q_length: int, kv_length: int, q_offset: int = 0,
+                    kv_offset: int = 0) -> Any:
+        """On sampled rows: the window of a causal sliding-window ``mask_function`` (None: plain causal), or
+        False when it is not a causal band."""
         rows = sorted({0, 1, q_length // 2, q_length - 1} & set(range(q_length)))
-        qi = torch.tensor(rows).view(-1, 1) + int(q_offset)
-        kv = torch.arange(kv_length).view(1, -1) + int(kv_offset)
+        qi = torch.tensor(rows).view(-1, 1) + q_offset
+        kv = torch.arange(kv_length).view(1, -1) + kv_offset
         try:
             zero = torch.zeros((), dtype=torch.long)
             allowed = torch.as_tensor(mask_function(zero, zero, qi, kv)).bool().expand(len(rows), kv_length)
-        except Exception as e:
-            raise ModelError(f"prefill cannot read this model's attention mask function ({type(e).__name__}: "
-                             f"{str(e).splitlines()[0][:120]})") from e
+        except Exception:  # not index-based: cannot be read here
+            return False
         counts = []
         for r, q in enumerate(qi.flatten().tolist()):
             c = _row_window(allowed[r], q, kv.flatten())
             if c is None:
-                raise ModelError(f"prefill needs causal self-attention, optionally with a sliding window: this "
-                                 f"model's mask lets query {q} see keys {allowed[r].nonzero().flatten().tolist()[:8]}...")
+                return False
             counts.append((q, c))
         narrow = {c for q, c in counts if c < q + 1}  # rows whose window hides earlier keys
         w = next(iter(narrow), None)
         if len(narrow) > 1 or (w is not None and any(c == q + 1 and c > w for q, c in counts)):
-            raise ModelError(f"prefill: this model's mask is not one causal sliding window (rows, keys seen: {counts})")
-        self.windows.add(w)
-        return None
+            return False
+        return w
 
 
 def windowed_row_scores(q: Tensor, k: Tensor, rows: Tensor, scale: float, dtype: torch.dtype,
