@@ -221,3 +221,23 @@ def test_plain_causal_families_through_the_mask_probe_equal_their_own_forward(mt
                        windows=layer_windows(model.config, hf.n_layers))
     torch.testing.assert_close(timed_forward(hf, h, ids)[0], _own(model, ids), atol=1e-10, rtol=0)
     assert h.layer_windows == {0: None, 1: None} and None in h.mask_probe.windows
+
+
+@pytest.mark.parametrize("bs,w", [(16, 1), (16, 15), (16, 16), (16, 17), (16, 33), (32, 48), (16, 200)])
+def test_band_tiles_match_the_token_band(bs, w):
+    """Touched tiles hold some allowed pair; full tiles (run without mask_mod on the GPU) hold only allowed
+    pairs: checked against the token-level band, since the CPU exact path cannot tell full from partial."""
+    from attnlab.blocksparse.blockmask import pattern_from_block_graph, window_pattern
+
+    n = 8 * bs
+    band = _band_mask(n, w).view(n // bs, bs, n // bs, bs)
+    touched, full = band_block_graph(n // bs, bs, w)
+    assert torch.equal(touched, band.any(3).any(1)) and torch.equal(full, band.all(3).all(1))
+    p = window_pattern(pattern_from_block_graph(torch.ones(1, 1, n // bs, n // bs, dtype=torch.bool), bs, True), w)
+    assert int(p.kv.full_kv_num_blocks.sum()) == int(full.sum())
+    assert int(p.kv.kv_num_blocks.sum()) == int((touched & ~full).sum())
+    assert torch.equal(p.token_mask()[0, 0], _band_mask(n, w))
+    rows = torch.tensor([0, bs - 1, bs, n - 1])
+    assert torch.equal(p.allowed_rows(rows)[0, 0], _band_mask(n, w)[rows])
+    i = torch.arange(n)
+    assert torch.equal(p.mask_mod()(0, 0, i.view(-1, 1), i.view(1, -1)), _band_mask(n, w))  # the kernel's mask_mod
