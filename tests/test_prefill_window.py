@@ -241,3 +241,22 @@ def test_band_tiles_match_the_token_band(bs, w):
     assert torch.equal(p.allowed_rows(rows)[0, 0], _band_mask(n, w)[rows])
     i = torch.arange(n)
     assert torch.equal(p.mask_mod()(0, 0, i.view(-1, 1), i.view(1, -1)), _band_mask(n, w))  # the kernel's mask_mod
+
+
+@pytest.mark.parametrize("window,softcap", [(None, 5.0), (40, None), (40, 5.0)])
+def test_flex_attention_evaluates_our_mask_mod_and_softcap_score_mod_like_the_reference(window, softcap):
+    """FlexAttention itself (eager on CPU; it applies mask_mod and score_mod to every pair, tiles aside) on
+    the window band with the softcap score_mod equals the exact float64 path (the order scale -> cap -> mask)."""
+    flex = pytest.importorskip("torch.nn.attention.flex_attention")
+    from attnlab.blocksparse.flex import run_pattern, softcap_score_mod
+    from attnlab.blocksparse.prefill.handler import band_pattern
+
+    g = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(1, 2, 128, 16, generator=g) * s for s in (3.0, 3.0, 1.0))
+    p = band_pattern(1, 2, 128, BS, window, q.device)
+    smod = softcap_score_mod(softcap) if softcap else None
+    out = flex.flex_attention(q, k, v, score_mod=smod, block_mask=p.block_mask(), scale=0.25)
+    ref = run_pattern(q.double(), k.double(), v.double(), p, "dense", 0.25, softcap=softcap)
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=0)
+    uncapped = run_pattern(q.double(), k.double(), v.double(), p, "dense", 0.25)
+    assert softcap is None or (uncapped - ref).abs().max() > 1e-2  # the cap matters at these scores
