@@ -69,7 +69,7 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in [
     _f("gemma3_text", "Gemma3 (text)", prefill=_SW, notes="mixed sliding/full layers"),
     _f("gemma3", "Gemma3 (multimodal, text tower)", prefill=_SW,
        notes="sizes from config.get_text_config(); text inputs only"),
-    _f("bart", "BART", reconstruct=_PARTS_OK, prefill="no (encoder-decoder)",
+    _f("bart", "BART", reconstruct=_PARTS_OK, prefill="decoder only (loaded as BartForCausalLM)",
        notes="parts: encoder (default), decoder-self, cross; `--model DIR#part`"),
     _f("t5", "T5", reconstruct=_PARTS_OK, prefill="no (encoder-decoder)",
        notes="relative position bias in scores; parts: encoder (default), decoder-self, cross"),
