@@ -17,12 +17,12 @@ SCALE_BY_FAMILY = {"t5": 5.0, "clip_vision_model": 10.0, "siglip_vision_model": 
 
 
 def _text(**kw: Any) -> dict:
-    return dict(vocab_size=V, hidden_size=H, num_hidden_layers=L, num_attention_heads=NH, intermediate_size=FF,
-                max_position_embeddings=P, **kw)
+    return {**dict(vocab_size=V, hidden_size=H, num_hidden_layers=L, num_attention_heads=NH, intermediate_size=FF,
+                   max_position_embeddings=P), **kw}
 
 
 def _llama_like(**kw: Any) -> dict:
-    return _text(num_key_value_heads=2, **kw)
+    return _text(**{"num_key_value_heads": 2, **kw})
 
 
 def _vision(**kw: Any) -> dict:
@@ -31,7 +31,7 @@ def _vision(**kw: Any) -> dict:
 
 
 def _gemma(**kw: Any) -> dict:
-    return _llama_like(head_dim=8, sliding_window=4, **kw)
+    return _llama_like(**{"head_dim": 8, "sliding_window": 4, **kw})
 
 
 # model_type -> (transformers class name, config class name, config kwargs)
@@ -82,11 +82,14 @@ def available(model_type: str) -> bool:
     return hasattr(transformers, cls) and hasattr(transformers, cfg)
 
 
-def build(model_type: str, seed: int = 0, impl: str = "sdpa", **overrides: Any) -> torch.nn.Module:
-    """The tiny model of ``model_type`` (eval mode), query/key weights scaled by SCALE."""
+def build(model_type: str, seed: int = 0, impl: str = "sdpa", cls: str | None = None,
+          **overrides: Any) -> torch.nn.Module:
+    """The tiny model of ``model_type`` (eval mode), query/key weights scaled by SCALE; ``cls`` another class
+    name of the family (e.g. 'MistralForCausalLM')."""
     import transformers
 
-    cls, cfg, kw = SPECS[model_type]
+    base, cfg, kw = SPECS[model_type]
+    cls = cls or base
     config = getattr(transformers, cfg)(**{**kw(), **overrides})
     torch.manual_seed(seed)
     model = getattr(transformers, cls)(config).eval()

@@ -29,6 +29,7 @@ class AttentionCall:
     bias: Optional[torch.Tensor]  # additive finite part, (B, 1 or H, Nq, Nk): mask, ALiBi, T5 position bias; or None
     scaling: float
     softcap: Optional[float] = None
+    window: Optional[int] = None  # the sliding window the model passed (key j seen iff 0 <= i - j < window), if any
 
     def scores(self, heads: Optional[torch.Tensor | slice] = None) -> torch.Tensor:
         """Pre-softmax scores (B, h, Nq, Nk) in float32 for ``heads``; -inf where masked."""

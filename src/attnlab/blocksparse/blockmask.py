@@ -56,6 +56,8 @@ __all__ = [
     "cluster_block_graph",
     "cluster_pattern",
     "pattern_from_block_graph",
+    "band_block_graph",
+    "window_pattern",
 ]
 
 
@@ -211,6 +213,44 @@ def _causal_mask_mod(b: Any, h: Any, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
     return q_idx >= kv_idx
 
 
+def _window_mask_mod(window: int) -> Callable[..., Tensor]:
+    """Causal sliding window (transformers' ``sliding_window_overlay``): key j seen by query i iff 0 <= i-j < w."""
+
+    def windowed_causal(b: Any, h: Any, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        return (q_idx >= kv_idx) & (q_idx - kv_idx < window)
+
+    return windowed_causal
+
+
+def band_block_graph(nq: int, block_size: int, window: int,
+                     device: torch.device | str | None = None) -> tuple[Tensor, Tensor]:
+    """(touched, full), (nq, nq) bool, of a causal sliding window of ``window`` tokens: tiles holding some pair
+    with 0 <= q - kv < window, and tiles (strictly below the diagonal) where every pair is inside the window."""
+    if window < 1:
+        raise ConfigError(f"sliding window must be >= 1, got {window}")
+    i = torch.arange(nq, device=device).view(-1, 1)
+    d = i - i.view(1, -1)  # query block - key block
+    touched = (d >= 0) & ((d - 1) * block_size + 1 < window)  # nearest pair's distance below the window
+    full = (d > 0) & ((d + 1) * block_size - 1 < window)  # farthest pair's distance below the window
+    return touched, full
+
+
+def window_pattern(pattern: "BlockPattern", window: int | None) -> "BlockPattern":
+    """The causal token-order ``pattern`` intersected with a sliding window of ``window`` tokens: tiles entirely
+    outside the window are dropped; tiles crossing the window edge, and the diagonal, are partial (windowed
+    causal mask_mod), tiles entirely inside are full. ``window`` None: the pattern unchanged."""
+    if window is None:
+        return pattern
+    if not pattern.causal or pattern.permuted:
+        raise ConfigError("a sliding window applies to causal patterns in token order (not clustered ones)")
+    g = pattern.block_graph()
+    touched, full = band_block_graph(g.shape[-1], pattern.block_size, window, g.device)
+    g = g & touched
+    part_cnt, part_idx = _ordered(g & ~full)
+    full_cnt, full_idx = _ordered(g & full)
+    return BlockPattern(KVBlocks(part_cnt, part_idx, full_cnt, full_idx), pattern.block_size, True, window=window)
+
+
 try:  # FlexAttention exists from torch 2.5; without it only the dense path works
     from torch.nn.attention.flex_attention import BlockMask as _BlockMask
 
@@ -290,6 +330,7 @@ class BlockPattern:
     causal: bool = False
     q_perm: Tensor | None = None
     k_perm: Tensor | None = None
+    window: int | None = None  # causal sliding window (tokens; key j seen by query i iff i - j < window)
 
     @property
     def permuted(self) -> bool:
@@ -309,6 +350,10 @@ class BlockPattern:
         """The element-level mask applied inside partial blocks (causal only)."""
         if not self.causal:
             return None
+        if self.window is not None:
+            if self.permuted:
+                raise ConfigError("a sliding window applies to patterns in token order (not clustered ones)")
+            return _window_mask_mod(self.window)
         if not self.permuted:
             return _causal_mask_mod
         qp, kp = self.q_perm, self.k_perm
@@ -334,6 +379,8 @@ class BlockPattern:
             g = torch.gather(g, 3, inv_k.unsqueeze(-2).expand(B, H, n, n))
         if self.causal:
             g = g & torch.ones(n, n, dtype=torch.bool, device=g.device).tril_()
+        if self.window is not None:
+            g = g & torch.ones(n, n, dtype=torch.bool, device=g.device).triu_(1 - self.window)
         return g
 
     def allowed_rows(self, rows: Tensor) -> Tensor:
@@ -356,6 +403,8 @@ class BlockPattern:
         allowed = torch.gather(grow, 3, kb.unsqueeze(-2).expand(B, H, qb.shape[-1], n))
         if self.causal:
             allowed = allowed & (torch.arange(n, device=dev).view(1, 1, 1, n) <= rows.view(1, 1, -1, 1))
+        if self.window is not None:
+            allowed = allowed & (rows.view(1, 1, -1, 1) - torch.arange(n, device=dev).view(1, 1, 1, n) < self.window)
         return allowed
 
 

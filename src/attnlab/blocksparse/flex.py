@@ -41,6 +41,7 @@ from attnlab.blocksparse.recall import mass_recall
 __all__ = [
     "sparse_attention",
     "run_pattern",
+    "softcap_score_mod",
     "resolve_pattern",
     "dense_attention_sdpa",
     "masked_attention_reference",
@@ -167,16 +168,30 @@ def _pattern_from_mask(q: Tensor, mask: Tensor, n: int, m: int, block_size: int,
     return pattern_from_block_graph(g.expand(B, H, -1, -1), block_size, causal)
 
 
+def softcap_score_mod(softcap: float) -> Any:
+    """FlexAttention ``score_mod`` of Gemma-2's logit softcapping: ``cap * tanh(score / cap)`` (scaled score)."""
+
+    def capped(score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        return torch.tanh(score / softcap) * softcap
+
+    return capped
+
+
 def run_pattern(q: Tensor, k: Tensor, v: Tensor, pattern: BlockPattern, backend: str = "auto",
                 scale: float | None = None, block_mask: Any = None,
-                kernel_options: dict[str, Any] | None = None) -> Tensor:
+                kernel_options: dict[str, Any] | None = None, softcap: float | None = None) -> Tensor:
     """Attention restricted to ``pattern``. backend: 'auto' (flex on CUDA, else dense) | 'flex' | 'dense'.
     ``block_mask`` may pass a prebuilt ``pattern.block_mask()``. When autograd will differentiate through the
-    call (an input requires grad), the mask carries the q-side block lists the backward kernel reads."""
+    call (an input requires grad), the mask carries the q-side block lists the backward kernel reads.
+    ``softcap``: scores become ``softcap * tanh(score / softcap)`` before masking (a FlexAttention score_mod)."""
     if backend not in ("auto", "flex", "dense"):
         raise ConfigError(f"backend must be 'auto', 'flex' or 'dense', got {backend!r}")
     use_flex = backend == "flex" or (backend == "auto" and flex_available(q.device))
     if not use_flex:
+        if softcap:
+            sc = q.shape[-1] ** -0.5 if scale is None else scale
+            s = torch.tanh(torch.matmul(q, k.transpose(-1, -2)) * sc / softcap) * softcap
+            return masked_attention_reference_from_scores(s, pattern.token_mask(), v)
         return masked_attention_reference(q, k, v, pattern.token_mask(), scale)
     grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     bm = pattern.block_mask(grad) if block_mask is None else block_mask
@@ -187,7 +202,8 @@ def run_pattern(q: Tensor, k: Tensor, v: Tensor, pattern: BlockPattern, backend:
         q = permute_tokens(q, pattern.q_perm)
         k = permute_tokens(k, pattern.k_perm)
         v = permute_tokens(v, pattern.k_perm)
-    out = flex(q, k, v, block_mask=bm, scale=scale, kernel_options=kernel_options)
+    smod = softcap_score_mod(softcap) if softcap else None
+    out = flex(q, k, v, score_mod=smod, block_mask=bm, scale=scale, kernel_options=kernel_options)
     return unpermute_tokens(out, pattern.q_perm) if pattern.permuted else out
 
 

@@ -41,8 +41,9 @@ class Family:
 
 _ENC = "no (bidirectional encoder)"
 _VISION = "no (image encoder: no token windows)"
-_SW = "up to the window only (refused beyond: window tiling open)"
-_UNTESTED = "untested"
+_SW = "yes (sliding window: only the window's tiles run)"
+_SW_CAP = "yes (sliding window; softcap as a FlexAttention score_mod)"
+_PARTS_OK = "yes (encoder, decoder-self, cross)"
 _PIX = "yes (synthetic image set)"
 
 
@@ -64,15 +65,15 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in [
     _f("qwen2", "Qwen2", prefill=_SW, notes="sliding layers in the mask"),
     _f("qwen3", "Qwen3", prefill=YES),
     _f("phi3", "Phi-3", prefill=YES),
-    _f("gemma2", "Gemma2", reconstruct=_UNTESTED, prefill="no (softcapped scores)", notes="eager fallback; softcap and sliding window in scores"),
-    _f("gemma3_text", "Gemma3 (text)", reconstruct=_UNTESTED, prefill="no (softcapped scores)", notes="mixed sliding/full layers"),
-    _f("gemma3", "Gemma3 (multimodal, text tower)", reconstruct=_UNTESTED, prefill="no (softcapped scores)",
+    _f("gemma2", "Gemma2", prefill=_SW_CAP, notes="eager fallback; softcap and sliding window in scores"),
+    _f("gemma3_text", "Gemma3 (text)", prefill=_SW, notes="mixed sliding/full layers"),
+    _f("gemma3", "Gemma3 (multimodal, text tower)", prefill=_SW,
        notes="sizes from config.get_text_config(); text inputs only"),
-    _f("bart", "BART", reconstruct=_UNTESTED, prefill="no (encoder-decoder)",
+    _f("bart", "BART", reconstruct=_PARTS_OK, prefill="decoder only (loaded as BartForCausalLM)",
        notes="parts: encoder (default), decoder-self, cross; `--model DIR#part`"),
-    _f("t5", "T5", reconstruct=_UNTESTED, prefill="no (encoder-decoder)",
+    _f("t5", "T5", reconstruct=_PARTS_OK, prefill="no (encoder-decoder)",
        notes="relative position bias in scores; parts: encoder (default), decoder-self, cross"),
-    _f("falcon", "Falcon", route="falcon", reconstruct=_UNTESTED, prefill="no (own attention code)",
+    _f("falcon", "Falcon", route="falcon", prefill="no (own attention code)",
        notes="one-file adapter `sources/falcon.py`; rotary or ALiBi"),
     _f("vit", "ViT", inputs="image", spectrum=_PIX, reconstruct=_VISION, prefill=_ENC, notes="synthetic image set"),
     _f("clip_vision_model", "CLIP vision", inputs="image", spectrum=_PIX, reconstruct=_VISION, prefill=_ENC),

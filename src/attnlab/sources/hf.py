@@ -92,16 +92,18 @@ def _split_mask(mask: Optional[torch.Tensor]) -> tuple[Optional[torch.Tensor], O
 
 def make_call(layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: Optional[torch.Tensor],
               scaling: Optional[float], softcap: Optional[float] = None,
-              extra_bias: Optional[torch.Tensor] = None) -> AttentionCall:
+              extra_bias: Optional[torch.Tensor] = None, window: Optional[int] = None) -> AttentionCall:
     """An :class:`AttentionCall` from one attention call's tensors; ``extra_bias`` (e.g. T5's position bias,
-    (1|B, H, Nq, Nk)) is added to the scores alongside the mask's finite part."""
+    (1|B, H, Nq, Nk)) is added to the scores alongside the mask's finite part; ``window``: the sliding window
+    the model passed to its attention function (``sliding_window``, as FlashAttention reads it)."""
     n_heads = query.shape[1]
     valid, bias = _split_mask(mask)
     if extra_bias is not None:
         extra = extra_bias[..., : query.shape[2], : key.shape[2]]
         bias = extra if bias is None else bias + extra
     return AttentionCall(layer, query, _repeat_kv(key, n_heads), _repeat_kv(value, n_heads), valid, bias,
-                         float(scaling if scaling is not None else query.shape[-1] ** -0.5), softcap)
+                         float(scaling if scaling is not None else query.shape[-1] ** -0.5), softcap,
+                         None if window is None else int(window))
 
 
 def _own_implementation(module) -> Callable:
@@ -126,7 +128,7 @@ def _dispatch(module, query, key, value, attention_mask, scaling=None, dropout=0
             handler((module, query, key, attention_mask))  # type: ignore[arg-type]
         else:
             call = make_call(layer, query, key, value, attention_mask, scaling, kwargs.get("softcap"),
-                             kwargs.get("position_bias"))
+                             kwargs.get("position_bias"), kwargs.get("sliding_window"))
             out = handler(call)
             if out is not None:
                 return out.transpose(1, 2).contiguous(), None  # HF expects (B, N, H, dh)

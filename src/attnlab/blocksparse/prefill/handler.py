@@ -12,9 +12,10 @@ import torch
 from torch import Tensor
 
 from ...errors import ConfigError, ModelError
-from ..blockmask import BlockPattern, KVBlocks
+from ..blockmask import BlockPattern, KVBlocks, band_block_graph, pattern_from_block_graph, window_pattern
 from ..flex import run_pattern
-from ..recall import pattern_row_recall, row_scores, sample_rows
+from ..recall import pattern_row_recall, sample_rows
+from .window import effective_window, windowed_oracle, windowed_row_scores
 
 __all__ = ["PredictFn", "predict_fn", "LayerRecord", "PrefillHandler", "dense_sdpa", "head_density", "sparse_with_lse",
            "sub_pattern"]
@@ -24,12 +25,20 @@ PredictFn = Callable[[Tensor, Tensor, float, int, float], tuple[BlockPattern, fl
 
 
 def predict_fn(method: Any) -> PredictFn:
-    """The handler's prediction function of a block predictor (``method.predict``, causal)."""
+    """The handler's prediction function of a block predictor (``method.predict``, causal). On a layer with a
+    sliding window or softcapped scores the oracle takes its exact mass from that attention
+    (:func:`~attnlab.blocksparse.prefill.window.windowed_oracle`); other predictors estimate from q and k as
+    usual and the handler intersects their pattern with the window."""
+    from ..predictors.oracle import OracleBlocks
 
-    def fn(q: Tensor, k: Tensor, p: float, bs: int, scale: float) -> tuple[BlockPattern, float]:
+    def fn(q: Tensor, k: Tensor, p: float, bs: int, scale: float, window: Optional[int] = None,
+           softcap: Optional[float] = None) -> tuple[BlockPattern, float]:
+        if isinstance(method, OracleBlocks) and (window is not None or softcap):
+            return windowed_oracle(method, q, k, p, bs, scale, window, softcap)
         pred = method.predict(q, k, causal=True, block_size=bs, p=p, scale=scale)
         return pred.pattern, float(pred.cost)
 
+    fn.wants_window = True  # type: ignore[attr-defined]
     return fn
 
 
@@ -49,18 +58,30 @@ def dense_sdpa(q: Tensor, k: Tensor, v: Tensor, scale: float, backend: str = "cu
 
 
 def head_density(pattern: BlockPattern) -> Tensor:
-    """Kept tiles per head / causal tiles nq(nq+1)/2, averaged over the batch: (H,) float32."""
+    """Kept tiles per head / the tiles dense attention computes (causal nq(nq+1)/2; with a sliding window the
+    tiles the window touches), averaged over the batch: (H,) float32."""
     kv = pattern.kv
     kept = (kv.kv_num_blocks.float() + kv.full_kv_num_blocks.float()).sum(-1).mean(0)
     nq = kv.kv_num_blocks.shape[-1]
+    if pattern.window is not None:
+        return kept / float(band_block_graph(nq, pattern.block_size, pattern.window)[0].sum())
     return kept / (nq * (nq + 1) / 2 if pattern.causal else nq * kv.kv_indices.shape[-1])
+
+
+def band_pattern(B: int, H: int, n: int, block_size: int, window: Optional[int],
+                 device: torch.device) -> BlockPattern:
+    """Every causal tile of length ``n`` (padded), intersected with the sliding window (None: plain causal)."""
+    nq = n // block_size
+    g = torch.ones(B, H, nq, nq, dtype=torch.bool, device=device)
+    return window_pattern(pattern_from_block_graph(g, block_size, True), window)
 
 
 def sub_pattern(pattern: BlockPattern, heads: Tensor) -> BlockPattern:
     """The pattern restricted to ``heads`` (index tensor over H)."""
     kv = KVBlocks(*(t.index_select(1, heads) for t in pattern.kv))
     perm = (lambda x: None if x is None else x.index_select(1, heads))
-    return BlockPattern(kv, pattern.block_size, pattern.causal, perm(pattern.q_perm), perm(pattern.k_perm))
+    return BlockPattern(kv, pattern.block_size, pattern.causal, perm(pattern.q_perm), perm(pattern.k_perm),
+                        pattern.window)
 
 
 def _pad(x: Tensor, n: int) -> Tensor:
@@ -93,7 +114,8 @@ class PrefillHandler:
 
     def __init__(self, mode: str, predict: Optional[PredictFn] = None, recall: float = 0.95, block_size: int = 128,
                  breakeven: Optional[float] = None, measure: bool = False, rows: int = 256, seed: int = 0,
-                 head_policy: str = "layer", kernel_options: Optional[dict] = None, remainder: str = "none"):
+                 head_policy: str = "layer", kernel_options: Optional[dict] = None, remainder: str = "none",
+                 windows: Optional[list] = None):
         if mode not in ("flash", "cudnn", "sparse", "auto"):
             raise ConfigError(f"unknown prefill mode {mode!r}")
         if head_policy not in ("layer", "head"):
@@ -101,6 +123,11 @@ class PrefillHandler:
         self.mode, self.predict, self.p, self.bs = mode, predict, recall, block_size
         self.breakeven, self.measure, self.rows, self.seed = breakeven, measure, rows, seed
         self.head_policy, self.kernel_options, self.remainder = head_policy, kernel_options, remainder
+        self.windows = windows  # per layer from the config (None: not checked); the call's own window runs
+        from .window import MaskProbe
+
+        self.mask_probe = MaskProbe()  # the prefill mask function: checks the model's masks, builds none
+        self.layer_windows: dict[int, Optional[int]] = {}  # effective window each layer ran with
         self.records: list[LayerRecord] = []
         self.dense_layers: set[int] = set()  # layers where prediction + sparse kernel measured slower than dense
         self._events: list[tuple[int, Any, Any]] = []
@@ -141,13 +168,32 @@ class PrefillHandler:
             out[layer] = out.get(layer, 0.0) + a.elapsed_time(b)
         return out
 
+    def _window(self, call: Any, n: int) -> Optional[int]:
+        """The call's effective sliding window at length ``n``, checked against the config's and the masks'."""
+        w = effective_window(getattr(call, "window", None), n)
+        if self.windows is not None and call.layer < len(self.windows):
+            wc = effective_window(self.windows[call.layer], n)
+            if wc != w:
+                raise ModelError(f"layer {call.layer}: the model passes sliding_window={getattr(call, 'window', None)}"
+                                 f" to its attention but its config gives {self.windows[call.layer]}")
+        seen = {effective_window(x, n) for x in self.mask_probe.windows}
+        if seen and w not in seen:
+            raise ModelError(f"layer {call.layer}: sliding window {w} is not among the windows of the model's masks "
+                             f"({sorted(seen, key=str)})")
+        return w
+
     def __call__(self, call: Any) -> Tensor:
-        if call.valid is not None or call.bias is not None or call.softcap:
-            raise ModelError("prefill supports plain causal self-attention only: this model passes an explicit "
-                             "mask, bias or softcap to its attention (padding, sliding window, ALiBi, ...)")
+        if call.valid is not None or call.bias is not None:
+            raise ModelError("prefill supports causal self-attention (optionally sliding-window and softcapped) "
+                             "only: this model passes an explicit mask or bias to its attention (padding, ALiBi, ...)")
         q, k, v = call.query, call.key, call.value
         if q.shape[2] != k.shape[2]:
             raise ModelError("prefill needs self-attention over the whole sequence (no KV cache)")
+        window, softcap = self._window(call, q.shape[2]), (call.softcap or None)
+        self.layer_windows[call.layer] = window
+        if window is not None and self.remainder != "none":
+            raise ConfigError(f"--remainder {self.remainder}: not supported on sliding-window layers (layer "
+                              f"{call.layer}, window {window})")
         cuda = q.is_cuda
         if cuda:
             a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -155,21 +201,35 @@ class PrefillHandler:
         else:
             t0 = time.perf_counter()
         if call.layer in self.dense_layers:
-            out, pattern, dense_heads, dens, macs = dense_sdpa(q, k, v, call.scaling), None, None, None, 0.0
+            out, pattern, dense_heads, dens, macs = (self._dense(q, k, v, call.scaling, "cudnn", window, softcap),
+                                                     None, None, None, 0.0)
         else:
-            out, pattern, dense_heads, dens, macs = self._attend(q, k, v, call.scaling, call.layer)
+            out, pattern, dense_heads, dens, macs = self._attend(q, k, v, call.scaling, call.layer, window, softcap)
         if cuda:
             b.record()
             self._events.append((call.layer, a, b))
         else:
             self._cpu_s += time.perf_counter() - t0
         if self.measure:
-            self._record(call.layer, q, k, v, call.scaling, out, pattern, dense_heads, dens, macs)
+            self._record(call.layer, q, k, v, call.scaling, out, pattern, dense_heads, dens, macs, window, softcap)
         return out
 
-    def _attend(self, q: Tensor, k: Tensor, v: Tensor, scale: float, layer: int = 0):
+    def _dense(self, q: Tensor, k: Tensor, v: Tensor, scale: float, backend: str, window: Optional[int] = None,
+               softcap: Optional[float] = None) -> Tensor:
+        """Dense attention as the model computes it: causal SDPA, or with a sliding window / softcap every tile
+        of the window band (FlexAttention with the softcap score_mod on CUDA, the exact masked path on CPU)."""
+        if window is None and not softcap:
+            return dense_sdpa(q, k, v, scale, backend)
+        B, H, N, _ = q.shape
+        n = -(-N // self.bs) * self.bs
+        band = band_pattern(B, H, n, self.bs, window, q.device)
+        return run_pattern(_pad(q, n), _pad(k, n), _pad(v, n), band, "auto", scale, softcap=softcap,
+                           kernel_options=self.kernel_options)[:, :, :N]
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, scale: float, layer: int = 0, window: Optional[int] = None,
+                softcap: Optional[float] = None):
         if self.mode != "sparse":
-            return dense_sdpa(q, k, v, scale, self.mode), None, None, None, 0.0
+            return self._dense(q, k, v, scale, self.mode, window, softcap), None, None, None, 0.0
         B, H, N, D = q.shape
         n = -(-N // self.bs) * self.bs  # pad to a multiple of the block size (causal: padding is never seen)
         qp, kp, vp = _pad(q, n), _pad(k, n), _pad(v, n)
@@ -178,10 +238,12 @@ class PrefillHandler:
             a.record()
         else:
             t0 = time.perf_counter()
-        if getattr(self.predict, "wants_layer", False):
-            pattern, macs = self.predict(qp, kp, self.p, self.bs, scale, layer=layer)
-        else:
-            pattern, macs = self.predict(qp, kp, self.p, self.bs, scale)
+        kw: dict = {"layer": layer} if getattr(self.predict, "wants_layer", False) else {}
+        if getattr(self.predict, "wants_window", False):
+            kw.update(window=window, softcap=softcap)
+        pattern, macs = self.predict(qp, kp, self.p, self.bs, scale, **kw)
+        if window is not None and pattern.window != window:  # tiles outside the window are never computed
+            pattern = window_pattern(pattern, window)
         dens = head_density(pattern)
         if self.breakeven is None:
             dense_heads = torch.zeros(H, dtype=torch.bool)
@@ -199,21 +261,25 @@ class PrefillHandler:
             self._cpu_pred_s += time.perf_counter() - t0
         nd = int(dense_heads.sum())
         if nd == H:
-            out = dense_sdpa(q, k, v, scale)
+            out = self._dense(q, k, v, scale, "cudnn", window, softcap)
         elif nd == 0:
-            out = self._sparse(qp, kp, vp, pattern, scale)[:, :, :N]
+            out = self._sparse(qp, kp, vp, pattern, scale, softcap)[:, :, :N]
         else:
             sp = (~dense_heads).nonzero().flatten().to(q.device)
             dn = dense_heads.nonzero().flatten().to(q.device)
             out = torch.empty_like(q)
-            out[:, sp] = self._sparse(qp[:, sp], kp[:, sp], vp[:, sp], sub_pattern(pattern, sp), scale)[:, :, :N]
-            out[:, dn] = dense_sdpa(q[:, dn], k[:, dn], v[:, dn], scale)
+            out[:, sp] = self._sparse(qp[:, sp], kp[:, sp], vp[:, sp], sub_pattern(pattern, sp), scale,
+                                      softcap)[:, :, :N]
+            out[:, dn] = self._dense(q[:, dn], k[:, dn], v[:, dn], scale, "cudnn", window, softcap)
         return out, pattern, dense_heads, dens, macs
 
-    def _sparse(self, q: Tensor, k: Tensor, v: Tensor, pattern: BlockPattern, scale: float) -> Tensor:
+    def _sparse(self, q: Tensor, k: Tensor, v: Tensor, pattern: BlockPattern, scale: float,
+                softcap: Optional[float] = None) -> Tensor:
         """The sparse kernel on ``pattern``; with a remainder method, plus its estimate of the skipped tiles."""
         if self.remainder == "none":
-            return run_pattern(q, k, v, pattern, "auto", scale, kernel_options=self.kernel_options)
+            return run_pattern(q, k, v, pattern, "auto", scale, kernel_options=self.kernel_options, softcap=softcap)
+        if softcap:
+            raise ConfigError(f"--remainder {self.remainder}: not supported with softcapped scores")
         from ..remainder import add_remainder  # lazy: written in its own branch (issue 28)
 
         if pattern.permuted:
@@ -226,11 +292,12 @@ class PrefillHandler:
     @torch.no_grad()
     def _record(self, layer: int, q: Tensor, k: Tensor, v: Tensor, scale: float, out: Tensor,
                 pattern: Optional[BlockPattern], dense_heads: Optional[Tensor], dens: Optional[Tensor],
-                macs: float) -> None:
+                macs: float, window: Optional[int] = None, softcap: Optional[float] = None) -> None:
         B, H, N, D = q.shape
         rows = sample_rows(N, self.rows, self.seed + 1000 * layer + 1, None, q.device)
         dt = torch.float64 if not q.is_cuda else torch.float32
-        prob = torch.softmax(row_scores(q, k, rows, True, scale, dt), dim=-1)  # (B, H, R, N)
+        # exact attention as the model computes it (softcap, causal, sliding window): recall's and error's reference
+        prob = torch.softmax(windowed_row_scores(q, k, rows, scale, dt, window, softcap), dim=-1)  # (B, H, R, N)
         ref = torch.matmul(prob, v.to(dt))  # exact dense output of these rows
         if pattern is None:
             rec = torch.ones(H, dtype=torch.float64)

@@ -33,13 +33,15 @@ def load_causal_model(name: str, device: torch.device, dtype: torch.dtype) -> An
 
 @contextlib.contextmanager
 def prefill_hooks(hf: Any, handler: PrefillHandler) -> Iterator[None]:
-    """Route every attention layer to ``handler``; the causal mask is skipped (no N x N tensor), as SDPA does."""
+    """Route every attention layer to ``handler``. No N x N mask is built: the handler's mask probe checks on
+    sampled rows that each mask the model asks for is causal (optionally a sliding window) and returns None;
+    the handler applies causality and each layer's window itself."""
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask, sdpa_mask
 
     from ...sources.hf import IMPL_NAME, attention_hooks
 
     with attention_hooks(hf, handler):
-        ALL_MASK_ATTENTION_FUNCTIONS.register(IMPL_NAME, sdpa_mask)
+        ALL_MASK_ATTENTION_FUNCTIONS.register(IMPL_NAME, getattr(handler, "mask_probe", sdpa_mask))
         try:
             yield
         finally:

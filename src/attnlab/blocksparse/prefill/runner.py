@@ -91,17 +91,19 @@ def _breakeven(cfg: PrefillConfig, hf: Any, info: DistInfo, device: torch.device
 
 
 def _handlers(cfg: PrefillConfig, predict: PredictFn, threshold: Optional[float], cuda: bool,
-              kernel_options: Optional[dict] = None
+              kernel_options: Optional[dict] = None, windows: Optional[list] = None
               ) -> tuple[PrefillHandler, dict[str, PrefillHandler], list[tuple[str, PrefillHandler]]]:
-    """(measuring handler, dense handlers by backend, every timed mode in order)."""
+    """(measuring handler, dense handlers by backend, every timed mode in order); ``windows``: each layer's
+    sliding window from the config (checked against what the model passes)."""
     def sparse(measure: bool = False, rows: bool = True) -> PrefillHandler:
         kw = {"rows": cfg.rows} if rows else {}
         return PrefillHandler("sparse", predict, cfg.recall, cfg.block_size, threshold, measure=measure,
                               seed=cfg.seed, head_policy=cfg.head_policy, kernel_options=kernel_options,
-                              remainder=cfg.remainder, **kw)
+                              remainder=cfg.remainder, windows=windows, **kw)
 
     measure = sparse(measure=True)
-    dense = {m: PrefillHandler(m) for m in (("flash", "cudnn") if cuda else ("auto",))}
+    dense = {m: PrefillHandler(m, block_size=cfg.block_size, windows=windows)
+             for m in (("flash", "cudnn") if cuda else ("auto",))}
     # 'unguarded': every layer predicted and run sparse; 'sparse' (as executed): layers whose measured
     # prediction + sparse attention time was not below dense cuDNN on the first window run dense (no prediction)
     unguarded = [("unguarded", sparse(rows=False))] if cuda and cfg.fallback else []
@@ -234,7 +236,10 @@ def run_prefill(cfg: PrefillConfig, log: Optional[Callable[[str], None]] = None,
 
         kopts = tuned_kernel_options(hf.head_dim)
     threshold = None if be is None else be["breakeven"]
-    measure, dense, modes = _handlers(cfg, predict, threshold, cuda, kopts)
+    from .window import layer_windows
+
+    windows = layer_windows(hf.model.config, hf.n_layers)
+    measure, dense, modes = _handlers(cfg, predict, threshold, cuda, kopts, windows)
     sparse = modes[-1][1]
     guard = cuda and cfg.fallback
     per_window = []
@@ -284,4 +289,9 @@ def run_prefill(cfg: PrefillConfig, log: Optional[Callable[[str], None]] = None,
                           "recalibrations": list(getattr(predict, "recalibrations", []))}
     res["kernel_options"] = kopts
     res["remainder"] = cfg.remainder
+    # per layer: the sliding window it ran with at this length (None: full causal), and the score softcap
+    res["sliding_windows"] = [measure.layer_windows.get(i) for i in range(hf.n_layers)]
+    if cuda and any(w is not None for w in res["sliding_windows"]):
+        res["notices"].append("dense baseline of sliding-window layers: FlexAttention over every tile of the "
+                              "window band ('flash'/'cudnn' rows are labels there, not those kernels)")
     return res

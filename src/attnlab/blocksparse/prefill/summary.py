@@ -77,7 +77,9 @@ def format_summary(res: dict) -> str:
     lines += [f"notice: {n}" for n in res["notices"]]
     lines.append(f"recall per head: min {s['recall_min_head']:.4f}, mean {s['recall_mean']:.4f} "
                  f"({'met' if s['recall_met_every_head'] else 'NOT met'} in every head)")
-    lines.append(f"density (causal tiles): predicted {s['density_predicted_mean']:.3f}, executed "
+    sw = [w for w in res.get("sliding_windows", []) if w is not None]
+    of = "causal tiles" if not sw else f"causal tiles; sliding-window layers: the window's tiles, window {max(sw)}"
+    lines.append(f"density ({of}): predicted {s['density_predicted_mean']:.3f}, executed "
                  f"{s['density_executed_mean']:.3f}; dense fallback {s['dense_fallback_heads']}/{s['heads_total']} heads")
     lines.append(f"output error vs dense: mean {s['out_error_mean']:.2e}, max {s['out_error_max']:.2e}")
     lines.append(f"held-out loss: dense {s['loss_dense']:.4f}, every layer sparse {s['loss_sparse']:.4f} "
