@@ -198,3 +198,18 @@ def test_topk_at_row_length_is_refused():
     with pytest.raises(ConfigError, match="--topk 16"):
         ReconstructConfig(seq_len=16, topk=16).validate()
     ReconstructConfig(seq_len=16, topk=5).validate()
+
+
+def test_n_down_zero_section_renders(tmp_path):
+    """--n-down 0 (skip the downstream step) writes a section the report renders without a failure note."""
+    from attnlab.report.html import render_report
+    from attnlab.sparsity import sparsity
+    from attnlab.sparsity.train_entmax import EntmaxTrainConfig
+
+    cfg = EntmaxTrainConfig(objective="clm", seq_len=24, vocab_size=256, d_model=32, n_heads=2, n_layers=2, steps=4,
+                            batch_size=8, max_windows=64, seed=0)
+    info = sparsity(tmp_path, train=cfg, methods=["window", "oracle-topk"], n_fit=8, n_eval=4, n_down=0, epochs=1,
+                    quiet=True)
+    assert info["complete"] and "not requested" in info["downstream"]["skipped"]
+    page = render_report(tmp_path, strict=True).read_text()
+    assert "Sparsefinder" in page or "sparsity" in page.lower()
