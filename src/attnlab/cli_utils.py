@@ -163,6 +163,8 @@ def harden(cmd):
         from .io import lock_output, os_error
 
         show_warnings()
+        if kwargs.get("quiet"):  # --quiet: the same meaning everywhere (no progress lines, no info messages)
+            logging.getLogger("attnlab").setLevel(logging.WARNING)
         try:
             _check_values(params, kwargs)
             if lock_out and kwargs.get("out") is not None:

@@ -7,13 +7,13 @@ from typing import Optional
 
 import typer
 
-from ..cli_config import config_command, option
+from ..cli_config import config_command, option, quiet_option
 from ..cli_utils import fail
 
 __all__ = ["register"]
 
 
-def _prefill(settings: dict, out: Optional[str]) -> None:
+def _prefill(settings: dict, out: Optional[str], quiet: bool = False) -> None:
     """Real forward of a causal model with every attention layer replaced by predicted block-sparse attention:
     per-head density, measured recall and output error; loss change and speed vs SDPA flash / cuDNN."""
     from ..errors import AttnlabError
@@ -22,7 +22,7 @@ def _prefill(settings: dict, out: Optional[str]) -> None:
     from .prefill import PrefillConfig, format_summary, run_prefill
 
     try:
-        res = run_prefill(PrefillConfig(**settings), log=typer.echo)
+        res = run_prefill(PrefillConfig(**settings), log=None if quiet else typer.echo)
     except AttnlabError as e:
         fail(e)
     if not is_main_process():  # torchrun: rank 0 prints and writes
@@ -48,4 +48,5 @@ def register(app: typer.Typer) -> None:
                                "fallback": "Run heads above the kernel's measured break-even density dense",
                                "device": "auto (cuda if available) | cpu | cuda", "seed": "Seed of the window choice"},
                    extra=[option("out", Optional[str], None, "--out", help="Write the full result (per layer/head) as "
-                                                                           "JSON here.")])
+                                                                           "JSON here."),
+                          quiet_option()])

@@ -19,7 +19,10 @@ RUN = "attnlab.sparsity.run:sparsity"
 TRAIN_HELP = {"alpha": "entmax alpha (> 1; 1.5 = exact entmax15, 2 = sparsemax, else bisection)",
               "corpus": "Text file / folder / .jsonl (None: Python stdlib docstrings)",
               "vocab_size": "Compact vocabulary size (most frequent MiniLM-tokenizer ids)",
-              "checkpoint_every": "Write a resumable partial training checkpoint every N steps (0 = never)"}
+              "checkpoint_every": "Write a resumable partial training checkpoint every N steps (0 = never)",
+              "d_model": "Model width (hidden size)", "n_layers": "Number of transformer layers",
+              "steps": "Optimiser steps of the entmax training",
+              "device": "Where training runs: cpu, cuda or cuda:N"}
 
 
 def _train(settings: dict, out: str, resume: bool, quiet: bool) -> None:
