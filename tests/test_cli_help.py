@@ -133,3 +133,29 @@ def test_defaults_are_values():
     assert "[default: gaussian, basis, proxy+gaussian]" in by["estimators"]
     assert "[default: 0.03125, 0.0625, 0.125, 0.25, 0.5]" in by["frontier_budgets"]
     assert "[default: minilm]" in by["model"]
+
+
+def test_reconstruct_resume_keeps_a_finished_section(tmp_path, monkeypatch):
+    """`reconstruct run --resume` recomputes nothing when --out holds a section with the same settings."""
+    import json
+    from dataclasses import asdict
+
+    import attnlab.reconstruct.run as rr
+    from attnlab.cli import run_cli
+    from attnlab.io import RunDir
+
+    calls = []
+    cfg = rr.ReconstructConfig(model="minilm", seq_len=64)
+    done = {"config": json.loads(json.dumps(asdict(cfg))), "table": {}, "best": "x", "best_chosen_at": "pair budget 16",
+            "best_worst_layer_tv": 0.1, "best_compute": 0.5}
+    monkeypatch.setattr(rr, "reconstruct", lambda out, progress=True, **kw: calls.append(kw) or done)
+    monkeypatch.setattr(rr, "format_table", lambda t: "table")
+    RunDir(tmp_path).write_section(rr.SECTION, done)
+    monkeypatch.setattr("attnlab.cli_utils.write_report", lambda out: None)
+    monkeypatch.setattr("attnlab.reconstruct.cli.write_report", lambda out: None)
+    for argv, n in ((["--resume"], 0), (["--resume", "--n-eval", "32"], 1)):
+        try:
+            run_cli(["reconstruct", "run", "--seq-len", "64", "--out", str(tmp_path), *argv])
+        except SystemExit as e:
+            assert e.code in (0, None)
+        assert len(calls) == n, argv  # same settings: kept; other settings: run again
