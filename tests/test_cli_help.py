@@ -159,3 +159,47 @@ def test_reconstruct_resume_keeps_a_finished_section(tmp_path, monkeypatch):
         except SystemExit as e:
             assert e.code in (0, None)
         assert len(calls) == n, argv  # same settings: kept; other settings: run again
+
+
+def test_numbers_are_rounded_and_one_seed_has_no_interval():
+    from attnlab.reconstruct.train import format_summary
+    from attnlab.textfmt import NO_INTERVAL, interval, num
+
+    assert interval([-31.216380043874913, 45.158180663281264]) == "[-31.2, 45.2]"
+    assert interval([21, 21], n=1) == NO_INTERVAL and interval([21.0, 21.0]) == NO_INTERVAL
+    assert "inf" not in interval([float("-inf"), float("inf")])
+    assert num(0.919812345) == "0.92" and num(21.0) == "21"
+    one = {"objective": "clm", "label": "full", "budget": 1.0, "compute": 1.0, "gap_to_full": None,
+           "heldout_loss": {"mean": 2.5, "std": 0.0, "n": 1}}
+    text = format_summary([one])
+    assert "± 0.0000" not in text and NO_INTERVAL in text
+    two = {**one, "heldout_loss": {"mean": 2.5, "std": 0.01, "n": 2}}
+    assert "± 0.0100" in format_summary([two]) and NO_INTERVAL not in format_summary([two])
+
+
+def test_other_torchrun_ranks_print_nothing(monkeypatch):
+    """Under torchrun every result line is printed once (rank 0); other ranks are silent on stdout."""
+    import logging
+
+    from typer.testing import CliRunner
+
+    from attnlab.cli_utils import HardenedGroup
+
+    demo_app = typer.Typer(cls=HardenedGroup)
+
+    @demo_app.command()
+    def hello() -> None:
+        typer.echo("result line")
+
+    @demo_app.command()
+    def other() -> None:
+        pass
+
+    level = logging.getLogger("attnlab").level
+    try:
+        for rank, shown in (("1", False), ("0", True)):
+            monkeypatch.setenv("RANK", rank)
+            res = CliRunner().invoke(demo_app, ["hello"])
+            assert res.exit_code == 0 and ("result line" in res.stdout) == shown, (rank, res.stdout)
+    finally:
+        logging.getLogger("attnlab").setLevel(level)

@@ -135,6 +135,19 @@ def _guard_empty(param) -> None:
     param.process_value = process_value
 
 
+def _rank0_output():
+    """Under torchrun, ranks other than 0 print nothing on stdout and log only errors (every result line once)."""
+    import contextlib
+    import os
+
+    if int(os.environ.get("RANK", "0") or 0) == 0:  # (attnlab.distributed.is_main_process, without importing torch)
+        return contextlib.nullcontext()
+    logging.getLogger("attnlab").setLevel(logging.ERROR)
+    stack = contextlib.ExitStack()
+    stack.enter_context(contextlib.redirect_stdout(stack.enter_context(open(os.devnull, "w"))))
+    return stack
+
+
 def harden(cmd):
     """Wrap every command's callback (once): options validated before any work (attnlab.validate.RULES; no NaN/inf),
     --out checked and locked against concurrent runs, attnlab errors and full disks as one line + exit 2,
@@ -159,12 +172,22 @@ def harden(cmd):
 
     @functools.wraps(orig)
     def run(*args, **kwargs):
+        show_warnings()
+        if not sys.stderr.isatty():  # off a terminal: no transformers / hub tqdm bars ("Writing model shards")
+            import os
+
+            os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+            if "transformers" in sys.modules:
+                sys.modules["transformers"].utils.logging.disable_progress_bar()
+        if kwargs.get("quiet"):  # --quiet: the same meaning everywhere (no progress lines, no info messages)
+            logging.getLogger("attnlab").setLevel(logging.WARNING)
+        with _rank0_output():
+            return _call(*args, **kwargs)
+
+    def _call(*args, **kwargs):
         from .errors import AttnlabError
         from .io import lock_output, os_error
 
-        show_warnings()
-        if kwargs.get("quiet"):  # --quiet: the same meaning everywhere (no progress lines, no info messages)
-            logging.getLogger("attnlab").setLevel(logging.WARNING)
         try:
             _check_values(params, kwargs)
             if lock_out and kwargs.get("out") is not None:

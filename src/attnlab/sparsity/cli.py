@@ -129,7 +129,9 @@ def _print_summary(info: dict, all_points: bool = False) -> None:
 
     from .run import pareto_table
 
-    con = Console()
+    import sys
+
+    con = Console() if sys.stdout.isatty() else Console(width=240)  # piped: full-width tables, not 80 columns
     t = Table(title=f"Sparsity predictors (gold sparsity {info['gold']['sparsity']:.3f})")
     for c in ("method", "knob", "sparsity", "recall", "exact", "cost", "comp.sparsity", "front"):
         t.add_column(c)
