@@ -203,3 +203,9 @@ def test_other_torchrun_ranks_print_nothing(monkeypatch):
             assert res.exit_code == 0 and ("result line" in res.stdout) == shown, (rank, res.stdout)
     finally:
         logging.getLogger("attnlab").setLevel(level)
+
+
+def test_report_cells_flatten_nested_lists():
+    from attnlab.report.html import cell
+
+    assert cell([[0.919812]]) == "0.9198" and cell([0.1234567, 2]) == "0.1235, 2"
