@@ -72,15 +72,34 @@ def write_report(out) -> None:
 PATH_OPTIONS = ("out", "corpus", "checkpoint", "model", "fit_path", "spectrum", "run_dir", "run_a", "run_b",
                 "tensorboard")
 READ_ONLY_COMMANDS = ("table",)  # their --out is read, not written: no lock, no creation
-FILE_OUT_COMMANDS = ("prefill",)  # their --out names a JSON file (default None: no file), not a run directory
+FILE_OUT_COMMANDS = ()  # (kept for imports) commands now say which file suffixes their --out takes: out_files()
+# Suffixes that make an --out value look like a file: a command whose --out is a run directory refuses them.
+FILE_SUFFIXES = (".json", ".safetensors", ".pt", ".bin", ".html", ".png", ".txt", ".toml", ".csv", ".jsonl")
 
 
-def _out_kind(param) -> str:
-    """'file' when the command's --out default names a file (has a suffix), else 'dir'."""
+def out_files(*suffixes: str):
+    """Decorator for a command callback: besides a run directory, its --out may name a file with these suffixes."""
+    def mark(fn):
+        fn._attnlab_out_files = tuple(suffixes)
+        return fn
+    return mark
+
+
+def out_kind(value, files: Sequence[str] = ()) -> str:
+    """'file' when ``value`` ends in one of ``files``, else 'dir'; a file-like value for a run directory is refused
+    with a clear error (it would otherwise become a directory named like a file)."""
     from pathlib import Path
 
-    default = getattr(param, "default", None)
-    return "file" if default and Path(str(default)).suffix else "dir"
+    from .errors import ConfigError
+
+    suffix = Path(str(value)).suffix.lower()
+    if suffix and suffix in files:
+        return "file"
+    if suffix in FILE_SUFFIXES:
+        also = f" (or a {' / '.join(files)} file)" if files else ""
+        raise ConfigError(f"--out {value}: looks like a file; this command writes a run directory{also}, "
+                          f"e.g. --out {Path(str(value)).with_suffix('')}")
+    return "dir"
 
 
 def _check_values(params: dict, kwargs: dict) -> None:
@@ -166,8 +185,9 @@ def harden(cmd):
     for name in PATH_OPTIONS:
         if name in params:
             _guard_empty(params[name])
-    can_resume = "resume" in params
-    kind = "file" if cmd.name in FILE_OUT_COMMANDS else _out_kind(params["out"]) if "out" in params else "dir"
+    # --resume continues an interrupted run, unless the command says it only keeps finished results
+    can_resume = "resume" in params and getattr(orig, "_attnlab_resume_interrupted", True)
+    files = getattr(orig, "_attnlab_out_files", ())
     lock_out = "out" in params and cmd.name not in READ_ONLY_COMMANDS
 
     @functools.wraps(orig)
@@ -191,7 +211,7 @@ def harden(cmd):
         try:
             _check_values(params, kwargs)
             if lock_out and kwargs.get("out") is not None:
-                with lock_output(kwargs["out"], "--out", kind):
+                with lock_output(kwargs["out"], "--out", out_kind(kwargs["out"], files)):
                     out = orig(*args, **kwargs)
             else:
                 out = orig(*args, **kwargs)
@@ -204,7 +224,7 @@ def harden(cmd):
             fail(e)
         except KeyboardInterrupt:
             hint = ("re-run the same command with --resume to continue" if can_resume else
-                    "this command cannot resume; re-run it to start over")
+                    "this command cannot continue an interrupted run; re-run it to start over")
             typer.secho(f"interrupted: files written so far are intact; {hint}", err=True)
             raise typer.Exit(130) from None
         except OSError as e:

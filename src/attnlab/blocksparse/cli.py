@@ -8,16 +8,16 @@ from typing import Optional
 import typer
 
 from ..cli_config import config_command, option, quiet_option
-from ..cli_utils import fail
+from ..cli_utils import fail, out_files
 
 __all__ = ["register"]
 
 
+@out_files(".json")
 def _prefill(settings: dict, out: Optional[str], quiet: bool = False) -> None:
     """Real forward of a causal model with every attention layer replaced by predicted block-sparse attention:
     per-head density, measured recall and output error; loss change and speed vs SDPA flash / cuDNN."""
     from ..errors import AttnlabError
-    from ..io import write_json
     from ..distributed import is_main_process
     from .prefill import PrefillConfig, format_summary, run_prefill
 
@@ -29,8 +29,25 @@ def _prefill(settings: dict, out: Optional[str], quiet: bool = False) -> None:
         return
     typer.echo(format_summary(res))
     if out:
+        _write(out, res)
+
+
+def _write(out: str, res: dict) -> None:
+    """``--out FILE.json``: the result as JSON; ``--out DIR``: DIR/prefill.json, imported as DIR's speed section."""
+    from pathlib import Path
+
+    from ..io import write_json
+
+    if Path(out).suffix == ".json":
         write_json(out, res)
         typer.echo(f"wrote {out}")
+        return
+    from ..report.speed import import_speed
+
+    path = Path(out) / "prefill.json"
+    write_json(path, res)
+    import_speed(out, [path])
+    typer.echo(f"wrote {path} (speed section of {out}; render with `attnlab report {out}`)")
 
 
 def register(app: typer.Typer) -> None:
@@ -47,6 +64,7 @@ def register(app: typer.Typer) -> None:
                                "reps": "Timed forwards per window and mode",
                                "fallback": "Run heads above the kernel's measured break-even density dense",
                                "device": "auto (cuda if available) | cpu | cuda", "seed": "Seed of the window choice"},
-                   extra=[option("out", Optional[str], None, "--out", help="Write the full result (per layer/head) as "
-                                                                           "JSON here."),
+                   extra=[option("out", Optional[str], None, "--out", help="Run directory for the full result (per "
+                                                 "layer/head) as prefill.json and a report speed section; a path ending "
+                                                 "in .json names the file itself. [default: print only]"),
                           quiet_option()])

@@ -7,7 +7,7 @@ from typing import Optional
 import typer
 
 from ..cli_config import QUIET_HELP, config_command, option, out_option, quiet_option
-from ..cli_utils import HardenedGroup, write_report
+from ..cli_utils import HardenedGroup, out_files, write_report
 
 app = typer.Typer(cls=HardenedGroup,
                   help="Reconstruct attention scores from a subset of computed pairs (eigen-analysis paper).",
@@ -54,6 +54,8 @@ def _run(settings: dict, out: str, quiet: bool, resume: bool, all_methods: bool 
     write_report(out)
 
 
+_run._attnlab_resume_interrupted = False  # --resume keeps a finished section; an interrupted run starts over
+
 config_command(app, "run", "attnlab.reconstruct.run:ReconstructConfig", _run,
                extra=[out_option("runs/reconstruct", "Run directory (results.json section 'reconstruct', PNGs)"),
                       quiet_option(),
@@ -81,6 +83,7 @@ config_command(app, "run", "attnlab.reconstruct.run:ReconstructConfig", _run,
 
 
 @app.command()
+@out_files(".safetensors")
 def fit(
     model: str = typer.Option("minilm", help="HF hub id (cached), local folder, or 'minilm' (packaged "
                                              "all-MiniLM-L6-v2)."),
