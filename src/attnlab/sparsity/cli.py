@@ -139,12 +139,12 @@ def table(out: str = typer.Option("runs/sparsity", help="Run directory with a 's
 
 
 def _print_summary(info: dict, all_points: bool = False) -> None:
+    import sys
+
     from rich.console import Console
     from rich.table import Table
 
     from .run import pareto_table
-
-    import sys
 
     con = Console() if sys.stdout.isatty() else Console(width=240)  # piped: full-width tables, not 80 columns
     t = Table(title=f"Sparsity predictors (gold sparsity {info['gold']['sparsity']:.3f})")
