@@ -120,25 +120,30 @@ def _placeholders(argv: list[str], tmp: Path) -> list[str]:
     return out
 
 
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """One directory for all README lines (later lines use earlier outputs: RUN, runs/lm), README.md inside it so
+    that `--corpus README.md` reads as from the repo root."""
+    d = tmp_path_factory.mktemp("readme")
+    (d / "README.md").write_text(README.read_text())
+    return d
+
+
 @pytest.mark.slow
-def test_readme_commands_run(tmp_path, monkeypatch, capsys):
-    """Every README command line (GPU-only lines excepted) finishes with exit code 0 at tiny sizes, in README order
-    (later lines use earlier outputs: RUN, runs/lm)."""
+@pytest.mark.parametrize("argv", COMMANDS, ids=[" ".join(a)[:60] for a in COMMANDS])
+def test_readme_command_runs(argv, workdir, monkeypatch, capsys):
+    """Each README command line (GPU-only lines excepted) finishes with exit code 0 at tiny sizes. The lines run in
+    README order and share one directory; run the whole test, not a single line."""
     from attnlab.cli import invoke
 
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("ATTNLAB_CACHE", str(tmp_path / "cache"))
-    (tmp_path / "README.md").write_text(README.read_text())  # `--corpus README.md` as from the repo root
-    failed = {}
-    for argv in COMMANDS:
-        line = " ".join(argv)
-        if any(g in line for g in NEEDS_GPU):
-            continue
-        if _command(argv)[0] == "compare":  # two spectrum runs: the README's RUN twice
-            argv = [a if not a.startswith("RUN_") or a == "RUN_C" else "RUN" for a in argv]
-        args = _placeholders(tiny(argv), tmp_path)
-        code = invoke(args)
-        err = capsys.readouterr().err
-        if code != 0:
-            failed[line] = (args, err[-600:])
-    assert not failed, failed
+    line = " ".join(argv)
+    if any(g in line for g in NEEDS_GPU):
+        pytest.skip("GPU-only line")
+    monkeypatch.chdir(workdir)
+    monkeypatch.setenv("ATTNLAB_CACHE", str(workdir / "cache"))
+    if _command(argv)[0] == "compare":  # two spectrum runs: the README's RUN twice
+        argv = [a if not a.startswith("RUN_") or a == "RUN_C" else "RUN" for a in argv]
+    args = _placeholders(tiny(argv), workdir)
+    code = invoke(args)
+    err = capsys.readouterr().err
+    assert code == 0, (args, err[-1500:])
