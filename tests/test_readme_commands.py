@@ -77,7 +77,7 @@ TINY: dict[str, dict[str, list[str]]] = {
     "spectrum": {"--n-sequences": ["4"], "--seq-len": ["32"], "--layers": ["0-1"], "--batch-size": ["4"],
                  "--no-report": []},
     "capture": {"--n-sequences": ["2"], "--seq-len": ["32"]},
-    "reconstruct run": {"--seq-len": ["32"], "--n-fit": ["8"], "--n-eval": ["4"], "--layers": ["0"], "--heads": ["0-1"],
+    "reconstruct run": {"--seq-len": ["32"], "--n-fit": ["8"], "--n-eval": ["4"], "--layers": ["0"],
                         "--budgets": ["0.5"], "--frontier-ranks": ["2"], "--frontier-budgets": ["0.25,0.5"],
                         "--extra-ranks": ["2"]},
     "reconstruct train": {"--steps": ["4"], "--seq-len": ["16"], "--max-chars": ["20000"], "--eval-windows": ["4"],
