@@ -209,3 +209,17 @@ def test_report_cells_flatten_nested_lists():
     from attnlab.report.html import cell
 
     assert cell([[0.919812]]) == "0.9198" and cell([0.1234567, 2]) == "0.1235, 2"
+
+
+def test_prefill_out_dir_is_a_run_directory_with_a_speed_section(tiny_lm, tmp_path):
+    """`sparsity prefill --out DIR`: DIR/prefill.json plus DIR's speed section (what `attnlab report DIR` shows)."""
+    from typer.testing import CliRunner
+
+    from attnlab.io import RunDir
+
+    out = tmp_path / "run"
+    r = CliRunner().invoke(app, ["sparsity", "prefill", "--model", tiny_lm, "--seq-len", "64", "--block-size", "16",
+                                 "--predictor", "oracle", "--windows", "1", "--reps", "1", "--rows", "16", "--device",
+                                 "cpu", "--quiet", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert (out / "prefill.json").is_file() and RunDir(out, create=False).section("speed")["sources"]
