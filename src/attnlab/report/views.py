@@ -191,44 +191,54 @@ def attention_figure(attn: np.ndarray, tokens: Sequence[str], layer: int, heads:
     return png_data_uri(fig)
 
 
-def _tiles_image(mass: np.ndarray, kept: np.ndarray, vmax: float) -> np.ndarray:
-    """RGB image: kept tiles filled in red (shade = mass), dropped tiles in grey (shade = mass)."""
+def _tiles_image(mass: np.ndarray, kept: np.ndarray, vmax: float, px: int = 8) -> np.ndarray:
+    """RGB image, ``px`` pixels per tile with a white border: kept tiles filled red, dropped ones grey (shade = the
+    tile's attention mass), so that one kept tile never looks like two."""
     import matplotlib.pyplot as plt
 
     x = np.clip(mass / max(vmax, 1e-12), 0.0, 1.0)
-    red, grey = plt.get_cmap("Reds")(0.25 + 0.75 * x), plt.get_cmap("Greys")(0.05 + 0.6 * x)
-    return np.where(kept[..., None], red, grey)[..., :3]
+    rgb = np.where(kept[..., None], plt.get_cmap("Reds")(0.25 + 0.75 * x), plt.get_cmap("Greys")(0.05 + 0.6 * x))[..., :3]
+    img = np.kron(rgb, np.ones((px, px, 1)))
+    img[px - 1::px, :, :] = 1.0
+    img[:, px - 1::px, :] = 1.0
+    return img
 
 
 def block_figure(blocks: np.ndarray, mass: np.ndarray, layer: int, heads: Sequence[int], block_size: int) -> str:
-    """Per head, two panels: the predicted block mask (kept tiles filled red, dropped grey, shade = exact attention
-    mass of the tile) and the oracle with the same number of tiles per query block, as a data URI."""
+    """Per head, the predicted block mask (left: kept tiles filled red, dropped grey, shade = exact attention mass of
+    the tile) beside the oracle with the same number of tiles per query block (right), as a data URI."""
     from matplotlib.patches import Patch
 
     from .html import png_data_uri
 
-    fig, axes = _heads_grid(2 * len(heads), ncols=4)
-    vmax = float(mass.max())
+    import matplotlib.pyplot as plt
+
+    ncols = min(3, len(heads))
+    nrows = -(-len(heads) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.6 * ncols, 2.2 * nrows + 0.5), squeeze=False)
+    for ax in axes.flat[len(heads):]:
+        ax.axis("off")
+    vmax, px = float(mass.max()), 8
     for i, h in enumerate(heads):
         m, kept = mass[i], blocks[i].astype(bool)
         oracle = oracle_tiles(m, kept)
         total = max(float(m.sum()), 1e-12)
-        for j, (tiles, who) in enumerate(((kept, "predicted"), (oracle, "oracle"))):
-            ax = axes.flat[2 * i + j]
-            ax.imshow(_tiles_image(m, tiles, vmax), interpolation="nearest")
-            nb = m.shape[0]
-            ax.set_xticks(np.arange(-0.5, nb, 1), minor=True)
-            ax.set_yticks(np.arange(-0.5, nb, 1), minor=True)
-            ax.grid(which="minor", color="white", lw=0.6)  # tile borders: a kept tile never looks like two
-            ax.tick_params(which="both", length=0, labelsize=6)
-            ax.set_title(f"L{layer} H{h} {who}: {int(tiles.sum())}/{tiles.size} tiles, "
-                         f"{float((m * tiles).sum()) / total:.0%} of mass", fontsize=7)
-            ax.set_xlabel(f"key block ({block_size} tokens)", fontsize=7)
-            ax.set_ylabel("query block", fontsize=7)
+        left, right = _tiles_image(m, kept, vmax, px), _tiles_image(m, oracle, vmax, px)
+        gap = np.ones((left.shape[0], 2 * px, 3))
+        ax = axes.flat[i]
+        ax.imshow(np.concatenate([left, gap, right], axis=1), interpolation="nearest")
+        ax.set_xticks([left.shape[1] / 2, left.shape[1] + 2 * px + right.shape[1] / 2], ["predicted", "oracle"],
+                      fontsize=7)
+        ax.set_yticks([])
+        ax.tick_params(length=0)
+        share = lambda t: float((m * t).sum()) / total  # noqa: E731
+        ax.set_title(f"L{layer} H{h}: {int(kept.sum())}/{kept.size} tiles; mass {share(kept):.0%} vs oracle "
+                     f"{share(oracle):.0%}", fontsize=7)
+        ax.set_ylabel(f"query block ({block_size} tokens)", fontsize=7)
     fig.legend(handles=[Patch(color="#cb181d", label="kept tile (darker: more attention mass)"),
                         Patch(color="#969696", label="dropped tile (darker: more mass lost)")],
                loc="lower center", ncol=2, fontsize=7, frameon=False)
-    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    fig.subplots_adjust(bottom=0.5 / (2.2 * nrows + 0.5) + 0.03, top=0.95, hspace=0.45, wspace=0.15)
     return png_data_uri(fig)
 
 
@@ -264,8 +274,9 @@ def render_section(run: RunDir) -> str:
                  "computed and the share of attention mass they cover.</p>")
     parts.append(toggles("views-blocks", [f"layer {l}" for l in layers], "layers", on=[f"layer {layers[-1]}"]))
     bfigs = [figure(block_figure(tensors[f"blocks.{l}"].numpy(), tensors[f"block_mass.{l}"].numpy(), l, heads, bs),
-                    f"Layer {l}, {heads_note(heads, meta.get('n_heads'))}: predicted block mask (left of each pair) "
-                    f"and the oracle at the same tile count (right).", group=f"layer {l}",
+                    f"Layer {l}, {heads_note(heads, meta.get('n_heads'))}: predicted block mask (left in each panel) "
+                    f"and the oracle at the same tile count per query block (right); columns are key blocks.",
+                    group=f"layer {l}",
                     hidden=l != layers[-1])
              for l in layers]
     parts.append(f'<div id="views-blocks">{"".join(bfigs)}</div>')
