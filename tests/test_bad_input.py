@@ -50,7 +50,8 @@ CASES = [
     (["reconstruct", "run", "--out", ""], "--out"),
     (["spectrum", "--out", "{file}"], "--out"),
     (["spectrum", "--out", "{file}/sub"], "{file}"),
-    (["sparsity", "train", "--out", "{tmp}"], "--out"),
+    (["sparsity", "train", "--out", "{tmp}/model.json"], "--out"),  # a directory is fine, a non-checkpoint file is not
+    (["spectrum", "--out", "{tmp}/results.json"], "--out"),  # a run directory, not a file
 ]
 
 
@@ -90,12 +91,18 @@ def test_empty_sweep_is_an_error(out, capsys):
     assert code == 2 and "raise --budget-s" in err
 
 
-def test_sparsity_train_into_a_directory_fails_before_training(tmp_path, capsys, monkeypatch):
+def test_sparsity_train_out_is_a_run_directory(tmp_path, capsys, monkeypatch):
+    """--out DIR writes DIR/entmax_model.safetensors; a path that looks like another file fails before training."""
     import attnlab.sparsity.train_entmax as te
 
-    monkeypatch.setattr(te, "train_and_save", lambda *a, **k: pytest.fail("trained before checking --out"))
-    code, _, err = _run(["sparsity", "train", "--out", tmp_path, "--steps", "1"], capsys)
-    assert code == 2 and "is a directory" in err
+    seen = []
+    monkeypatch.setattr(te, "train_and_save", lambda cfg, out, **k: seen.append(out) or (None, None,
+                                                                                         {"loss": [1.0], "seconds": 0}))
+    code, _, err = _run(["sparsity", "train", "--out", str(tmp_path / "m.json"), "--steps", "1"], capsys)
+    assert code == 2 and "looks like a file" in err and not seen
+    code, out, err = _run(["sparsity", "train", "--out", str(tmp_path), "--steps", "1"], capsys)
+    assert code == 0, err
+    assert seen == [str(tmp_path / "entmax_model.safetensors")] and "--checkpoint" in out
 
 
 def test_text_field_option_exists(tmp_path, capsys):
@@ -111,7 +118,8 @@ def test_text_field_option_exists(tmp_path, capsys):
 
 
 def test_interrupt_message_fits_the_command(monkeypatch, out, capsys):
-    """Ctrl-C: commands with --resume say so; `reconstruct run` (no --resume) does not (exit 130)."""
+    """Ctrl-C: commands that continue an interrupted run say --resume; `reconstruct run` (its --resume only keeps a
+    finished section) does not (exit 130)."""
     import attnlab.reconstruct.run as rr
 
     def interrupted(*a, **k):

@@ -13,7 +13,7 @@ from typing import Any, Optional
 
 import typer
 
-from .cli_config import config_command, option, out_option, quiet_option, resume_option
+from .cli_config import QUIET_HELP, config_command, option, out_option, quiet_option, resume_option
 from .cli_utils import HardenedGroup, parse_int_list  # noqa: F401  (re-exported: attnlab.cli.parse_int_list)
 
 app = typer.Typer(
@@ -52,9 +52,10 @@ ModelOpt = typer.Option(None, "--model", help="HF hub id (already cached), local
                                               "(packaged all-MiniLM-L6-v2). [default: minilm]")
 CorpusOpt = typer.Option(None, "--corpus", help="Text file, directory of .txt/.md/.jsonl files, or .jsonl file. "
                                                 "[default: Python stdlib docstrings]")
-LayersOpt = typer.Option(None, "--layers", help="Layers to analyse, e.g. '0,2-4'. [default: all]")
-HeadsOpt = typer.Option(None, "--heads", help="Heads to analyse, e.g. '0-3,7'. [default: all]")
-DeviceOpt = typer.Option(None, "--device", help="cpu, cuda or cuda:N. [default: cpu]")
+LayersOpt = typer.Option(None, "--layers", help="Layers to draw, e.g. '0,2-4'. [default: all]")
+HeadsOpt = typer.Option(None, "--heads", help="Heads to draw, e.g. '0-3,7'; the figures name the subset. "
+                                              "[default: all]")
+DeviceOpt = typer.Option(None, "--device", help="Where the model runs: cpu, cuda or cuda:N. [default: cpu]")
 SeedOpt = typer.Option(None, "--seed", help="Random seed (same seed, same numbers). [default: 0]")
 
 
@@ -75,13 +76,15 @@ _MODEL_HELP = {"model": "HF hub id (already cached), local model folder, or 'min
                "corpus": "Text file, directory of .txt/.md/.jsonl files, or .jsonl file (None: Python stdlib "
                          "docstrings)",
                "layers": "Layers to analyse, e.g. '0,2-4' (None: all)",
-               "heads": "Heads to analyse, e.g. '0-3,7' (None: all)"}
+               "heads": "Heads to analyse, e.g. '0-3,7' (None: all)",
+               "batch_size": "Windows per forward pass (bounds peak memory)",
+               "device": "Where the model runs: cpu, cuda or cuda:N"}
 
 config_command(app, "capture", "attnlab.capture.dump:capture", _capture, skip=("out", "progress"),
                kinds={"layers": "ints", "heads": "ints", "model": "str"},
                help_extra={**_MODEL_HELP, "seq_len": "Tokens per window", "n_sequences": "Windows to capture",
                            "batch_size": "Windows per forward pass", "with_qk": "Also save queries and keys",
-                           "split": "fit | heldout | all documents", "device": "cpu, cuda or cuda:N",
+                           "split": "fit | heldout | all documents",
                            "seed": "Random seed (same seed, same numbers)",
                            "text_field": "JSON-lines field holding the text"},
                extra=[out_option("runs/capture", "Run directory to write capture.safetensors into"), quiet_option()])
@@ -108,7 +111,9 @@ config_command(app, "spectrum", "attnlab.spectral.run:SpectrumConfig", _spectrum
                       resume_option(),
                       option("report", bool, True, "--report/--no-report", help="Render report.html at the end."),
                       quiet_option()],
-               help_extra=_MODEL_HELP)
+               help_extra={**_MODEL_HELP, "n_sequences": "Windows of the corpus analysed (more windows: steadier k90)",
+                           "basis_k": "Basis size of the eigenspace overlaps (None: --seq-len / 8)",
+                           "layers": "Layers to analyse, e.g. '0,2-4' (None: all)"})
 
 
 @app.command()
@@ -142,6 +147,7 @@ def views(
     budget: float = typer.Option(0.25, "--budget", help="Share of key blocks per query block that the drawn "
                                                         "sparse_attention block mask may keep."),
     device: Optional[str] = DeviceOpt,
+    quiet: bool = typer.Option(False, "--quiet", help=QUIET_HELP),
 ) -> None:
     """Attention heatmaps (per layer and head, token labels) and sparse_attention's block mask for your text.
 
@@ -185,7 +191,8 @@ def _render(run_dir: Path) -> None:
 
 @app.command()
 def demo(
-    out: Path = typer.Option(Path("runs/demo"), "--out", help="Run directory."),
+    out: Path = typer.Option(Path("runs/demo"), "--out", help="Run directory (every pillar's results.json section, "
+                                                             "PNGs and report.html)."),
     n_sequences: Optional[int] = typer.Option(None, "--n-sequences", show_default=False,
                                               help="Windows of stdlib docstrings for the spectrum [default: 64; "
                                                    "16 with --quick]."),
@@ -195,6 +202,7 @@ def demo(
                                 help="Comma-separated subset of spectrum,reconstruct,sparsity,variables."),
     quick: bool = typer.Option(False, "--quick", help="Smallest settings of every pillar: a smoke test of every "
                                                       "report view, not a measurement."),
+    quiet: bool = typer.Option(False, "--quiet", help=QUIET_HELP),
 ) -> None:
     """Every pillar on the packaged MiniLM and stdlib docstrings, then report.html and one bottom line per pillar.
 
@@ -212,7 +220,8 @@ def demo(
     # --quick sets the sizes it needs only where the flag was not given (an explicit size always wins)
     n_sequences = n_sequences if n_sequences is not None else 16 if quick else 64
     seq_len = seq_len if seq_len is not None else 64 if quick else 128
-    path = run_demo(out, n_sequences=n_sequences, seq_len=seq_len, quick=quick, pillars=chosen)
+    path = run_demo(out, n_sequences=n_sequences, seq_len=seq_len, quick=quick, pillars=chosen,
+                    progress=not quiet)
     typer.echo(f"report: {path.resolve()}")
     for line in bottom_lines(out):
         typer.echo(f"- {line}")

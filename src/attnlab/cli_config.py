@@ -12,6 +12,7 @@ so the CLI, the TOML file and the Python API check values in one place.
 from __future__ import annotations
 
 import ast
+import re
 import dataclasses
 import importlib.util
 import inspect
@@ -33,8 +34,9 @@ class ConfigField:
     name: str
     kind: str  # int | float | str | bool | list (comma/space separated values) | ints (e.g. '0,2-4')
     optional: bool  # None is a valid value
-    default: str  # the default as written in the source (for --help)
+    default: str  # the default as written in the source ("required" for none)
     help: str  # the field's trailing comment
+    value: Any = None  # the default evaluated from the source (:data:`UNKNOWN` when it is not a plain value)
 
     @property
     def flag(self) -> str:
@@ -73,6 +75,78 @@ def _default_text(node: Optional[ast.expr]) -> str:
     return ast.unparse(node)
 
 
+UNKNOWN = object()  # a default that is not a literal (shown as written; the help test flags it)
+REQUIRED = object()  # a field without a default
+_CALLS = {"list": list, "tuple": tuple, "sorted": sorted, "float": float, "int": int, "str": str}
+
+
+def _value(node: Optional[ast.expr], consts: dict[str, ast.expr], depth: int = 0) -> Any:
+    """The value of a default expression: literals, arithmetic on numbers (``1 / 32``), module constants and
+    ``list(...)`` / ``tuple(...)`` of those; :data:`UNKNOWN` for anything else (the module is never imported)."""
+    import operator
+
+    if node is None:
+        return REQUIRED
+    if depth > 8:
+        return UNKNOWN
+    if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "field":
+        for kw in node.keywords:
+            if kw.arg == "default":
+                return _value(kw.value, consts, depth + 1)
+            if kw.arg == "default_factory":
+                v = kw.value
+                if isinstance(v, ast.Lambda):
+                    return _value(v.body, consts, depth + 1)
+                return _CALLS[v.id]() if isinstance(v, ast.Name) and v.id in _CALLS else UNKNOWN
+        return REQUIRED
+    ops = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
+           ast.Pow: operator.pow, ast.USub: operator.neg}
+    try:
+        if isinstance(node, ast.Constant):
+            return node.value
+        if isinstance(node, (ast.List, ast.Tuple)):
+            items = [_value(e, consts, depth + 1) for e in node.elts]
+            if any(i is UNKNOWN for i in items):
+                return UNKNOWN
+            return items if isinstance(node, ast.List) else tuple(items)
+        if isinstance(node, ast.BinOp) and type(node.op) in ops:
+            a, b = _value(node.left, consts, depth + 1), _value(node.right, consts, depth + 1)
+            return UNKNOWN if UNKNOWN in (a, b) else ops[type(node.op)](a, b)
+        if isinstance(node, ast.UnaryOp) and type(node.op) in ops:
+            a = _value(node.operand, consts, depth + 1)
+            return UNKNOWN if a is UNKNOWN else ops[type(node.op)](a)
+        if isinstance(node, ast.Name) and node.id in consts:
+            return _value(consts[node.id], consts, depth + 1)
+        if isinstance(node, ast.Call) and getattr(node.func, "id", "") in _CALLS and len(node.args) == 1:
+            a = _value(node.args[0], consts, depth + 1)
+            return UNKNOWN if a is UNKNOWN else _CALLS[node.func.id](a)
+    except (TypeError, ValueError, ZeroDivisionError):
+        pass
+    return UNKNOWN
+
+
+def _constants(tree: ast.Module) -> dict[str, ast.expr]:
+    """Module-level ``NAME = expr`` assignments (the constants a default may name)."""
+    out: dict[str, ast.expr] = {}
+    for stmt in tree.body:
+        if isinstance(stmt, ast.Assign) and len(stmt.targets) == 1 and isinstance(stmt.targets[0], ast.Name):
+            out[stmt.targets[0].id] = stmt.value
+        elif isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name) and stmt.value is not None:
+            out[stmt.target.id] = stmt.value
+    return out
+
+
+def show_value(v: Any, flag: str = "") -> str:
+    """A default as a person writes it on the command line: 0.25, minilm, 0.0625, 0.125, on/off flags by name."""
+    if isinstance(v, bool):
+        return flag.lstrip("-") if v else "no-" + flag.lstrip("-")
+    if isinstance(v, float):
+        return f"{v:g}"
+    if isinstance(v, (list, tuple)):
+        return ", ".join(show_value(x) for x in v) if v else "none"
+    return str(v)
+
+
 def _comments(source: str) -> dict[int, str]:
     out = {}
     for tok in tokenize.generate_tokens(io.StringIO(source).readline):
@@ -92,7 +166,9 @@ def config_fields(target: str) -> tuple[ConfigField, ...]:
     with open(spec.origin, encoding="utf-8") as f:
         source = f.read()
     comments = _comments(source)
-    node = next((n for n in ast.walk(ast.parse(source))
+    tree = ast.parse(source)
+    consts = _constants(tree)
+    node = next((n for n in ast.walk(tree)
                  if isinstance(n, (ast.ClassDef, ast.FunctionDef)) and n.name == cls), None)
     if node is None:
         raise ImportError(f"{module} has no class or function {cls}")
@@ -104,14 +180,15 @@ def config_fields(target: str) -> tuple[ConfigField, ...]:
             if a.annotation is None:
                 continue
             kind, optional = _kind(ast.unparse(a.annotation))
-            fields.append(ConfigField(a.arg, kind, optional, _default_text(d), comments.get(a.lineno, "")))
+            fields.append(ConfigField(a.arg, kind, optional, _default_text(d), comments.get(a.lineno, ""),
+                                      _value(d, consts)))
         return tuple(fields)
     for stmt in node.body:
         if not isinstance(stmt, ast.AnnAssign) or not isinstance(stmt.target, ast.Name):
             continue
         kind, optional = _kind(ast.unparse(stmt.annotation))
         fields.append(ConfigField(stmt.target.id, kind, optional, _default_text(stmt.value),
-                                  comments.get(stmt.lineno, "").rstrip(".")))
+                                  comments.get(stmt.lineno, "").rstrip("."), _value(stmt.value, consts)))
     return tuple(fields)
 
 
@@ -148,34 +225,74 @@ def _number(x: Any) -> Any:
     return x
 
 
-def _option(f: ConfigField, help_extra: dict[str, str]) -> tuple[Any, Any]:
-    text = help_extra.get(f.name) or (f.help[:1].upper() + f.help[1:]) or f.name.replace("_", " ").capitalize()
-    text = f"{text}. [default: {f.default}]"  # plain help (the app sets rich_markup_mode=None): shown as is
+def _none_means(text: str) -> tuple[str, Optional[str]]:
+    """Split "Basis size (None: min(k90, budget))" into ("Basis size", "min(k90, budget)"); (text, None) if absent."""
+    m = re.search(r"\(None\s*[:=]\s*", text)
+    if not m:
+        m = re.match(r"None\s*[:=]\s*", text)
+        return ("", text[m.end():].strip()) if m else (text, None)
+    depth, i = 1, m.end()
+    while i < len(text) and depth:
+        depth += {"(": 1, ")": -1}.get(text[i], 0)
+        i += 1
+    meaning = text[m.end():i - 1 if depth == 0 else i].strip()
+    return (text[:m.start()] + text[i:]).strip().rstrip(".,;"), meaning
+_RST = re.compile(r"``([^`]+)``|:[a-z]+:`~?([^`]+)`")
+
+
+def _sentence(text: str) -> str:
+    """A comment as a help sentence: first letter upper-cased unless it starts with a value name ('mlm | clm',
+    'k of ...'); RST markup gone (``x`` -> x)."""
+    text = _RST.sub(lambda m: m.group(1) or m.group(2).rsplit(".", 1)[-1], text).strip().rstrip(".")
+    first = text.split(" ", 1)
+    literal = len(first[0]) == 1 or (len(first) > 1 and first[1][:1] in "|(")
+    return text if literal or not text else text[:1].upper() + text[1:]
+
+
+def help_text(f: ConfigField, help_extra: dict[str, str], shown: Optional[dict[str, str]] = None) -> str:
+    """The help line of field ``f``: a sentence and its default as a value (``[default: 0.25]``), never source text.
+    A None default is explained by the help's own "(None: ...)" phrase, which becomes the default note."""
+    text = _sentence(help_extra.get(f.name) or f.help or SHARED_HELP.get(f.name, ""))
+    if (shown or {}).get(f.name):
+        return f"{text}. [default: {shown[f.name]}]"
+    if f.value is REQUIRED:
+        return f"{text}."  # click adds [required]
+    if f.value is None:
+        text, meaning = _none_means(text)
+        return f"{text}. [default: {meaning}]" if meaning else f"{text}."
+    value = f.default if f.value is UNKNOWN else show_value(f.value, f.flag)
+    return f"{text}. [default: {value}]"  # plain help (the app sets rich_markup_mode=None): shown as is
+
+
+def _option(f: ConfigField, help_extra: dict[str, str], shown: Optional[dict[str, str]] = None) -> tuple[Any, Any]:
+    text = help_text(f, help_extra, shown)
     if f.kind == "bool":
         return Optional[bool], typer.Option(None, f"{f.flag}/--no-{f.flag[2:]}", help=text, show_default=False)
     if f.kind == "list":  # repeat the flag or give a comma/space separated list
         return Optional[List[str]], typer.Option(None, f.flag, help=text, show_default=False)
     typ = {"int": int, "float": float}.get(f.kind, str)
-    if f.default == "required":  # a field without a default must be given
-        return typ, typer.Option(..., f.flag, help=text.replace(" \\[default: required]", ""), show_default=False)
+    if f.value is REQUIRED:  # a field without a default must be given
+        return typ, typer.Option(..., f.flag, help=text, show_default=False)
     return Optional[typ], typer.Option(None, f.flag, help=text, show_default=False)
 
 
 def config_command(app: typer.Typer, name: str, target: str | Sequence[str], run: Callable[..., None], *,
                    skip: Sequence[str] = (), extra: Sequence[inspect.Parameter] = (),
                    help_extra: Optional[dict[str, str]] = None, kinds: Optional[dict[str, str]] = None,
-                   doc: Optional[str] = None) -> Callable[..., None]:
+                   doc: Optional[str] = None, shown: Optional[dict[str, str]] = None) -> Callable[..., None]:
     """Register command ``name`` on ``app`` with one option per field of ``target`` (minus ``skip``) plus the
     ``extra`` parameters; ``run(settings, **extra_values)`` gets the given fields, parsed to their types.
     Several targets (e.g. a training config and the run function): ``settings`` is a dict per target, and a
-    name both have belongs to the first. ``kinds`` overrides a field's parsed kind: 'ints' ('0,2-4'), 'list' (words/numbers), 'number' (int or float)."""
+    name both have belongs to the first. ``kinds`` overrides a field's parsed kind: 'ints' ('0,2-4'), 'list'
+    (words/numbers), 'number' (int or float). ``help_extra`` gives a field's help where its comment is missing or
+    too terse; ``shown`` a default note where the default depends on another option (e.g. ``lm train --preset``)."""
     targets = [target] if isinstance(target, str) else list(target)
     owner = {f.name: t for t in reversed(targets) for f in config_fields(t)}  # a shared name goes to the first
     fields = [dataclasses.replace(f, kind=(kinds or {}).get(f.name, f.kind))
               for t in targets for f in config_fields(t) if f.name not in skip and owner[f.name] == t]
     params, annotations = [], {}
     for f in fields:
-        typ, opt = _option(f, help_extra or {})
+        typ, opt = _option(f, help_extra or {}, shown)
         params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=opt, annotation=typ))
         annotations[f.name] = typ
     for p in extra:
@@ -194,6 +311,9 @@ def config_command(app: typer.Typer, name: str, target: str | Sequence[str], run
     command.__annotations__ = annotations
     command.__doc__ = doc or run.__doc__
     command.__name__ = name.replace("-", "_")
+    for mark in ("_attnlab_out_files", "_attnlab_resume_interrupted"):  # see cli_utils.out_files / harden
+        if hasattr(run, mark):
+            setattr(command, mark, getattr(run, mark))
     from .cli_utils import HardenedCommand
 
     return app.command(name, cls=HardenedCommand)(command)
@@ -216,6 +336,12 @@ def resume_option() -> inspect.Parameter:
                   help="Continue an interrupted run from its checkpoint (settings must match).")
 
 
+QUIET_HELP = "No progress lines or info messages; results, warnings and errors still print."
+SEED_HELP = "Random seed (same seed, same numbers)"
+# Fallback help of fields every config has (a field's own comment or the command's help_extra wins).
+SHARED_HELP = {"seed": SEED_HELP, "device": "Where the model runs: cpu, cuda or cuda:N"}
+
+
 def quiet_option() -> inspect.Parameter:
-    """``--quiet``: no progress output."""
-    return option("quiet", bool, False, "--quiet", help="No progress output.")
+    """``--quiet``: no progress lines or info messages (the same flag and meaning in every command)."""
+    return option("quiet", bool, False, "--quiet", help=QUIET_HELP)

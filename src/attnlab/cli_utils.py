@@ -72,15 +72,34 @@ def write_report(out) -> None:
 PATH_OPTIONS = ("out", "corpus", "checkpoint", "model", "fit_path", "spectrum", "run_dir", "run_a", "run_b",
                 "tensorboard")
 READ_ONLY_COMMANDS = ("table",)  # their --out is read, not written: no lock, no creation
-FILE_OUT_COMMANDS = ("prefill",)  # their --out names a JSON file (default None: no file), not a run directory
+FILE_OUT_COMMANDS = ()  # (kept for imports) commands now say which file suffixes their --out takes: out_files()
+# Suffixes that make an --out value look like a file: a command whose --out is a run directory refuses them.
+FILE_SUFFIXES = (".json", ".safetensors", ".pt", ".bin", ".html", ".png", ".txt", ".toml", ".csv", ".jsonl")
 
 
-def _out_kind(param) -> str:
-    """'file' when the command's --out default names a file (has a suffix), else 'dir'."""
+def out_files(*suffixes: str):
+    """Decorator for a command callback: besides a run directory, its --out may name a file with these suffixes."""
+    def mark(fn):
+        fn._attnlab_out_files = tuple(suffixes)
+        return fn
+    return mark
+
+
+def out_kind(value, files: Sequence[str] = ()) -> str:
+    """'file' when ``value`` ends in one of ``files``, else 'dir'; a file-like value for a run directory is refused
+    with a clear error (it would otherwise become a directory named like a file)."""
     from pathlib import Path
 
-    default = getattr(param, "default", None)
-    return "file" if default and Path(str(default)).suffix else "dir"
+    from .errors import ConfigError
+
+    suffix = Path(str(value)).suffix.lower()
+    if suffix and suffix in files:
+        return "file"
+    if suffix in FILE_SUFFIXES:
+        also = f" (or a {' / '.join(files)} file)" if files else ""
+        raise ConfigError(f"--out {value}: looks like a file; this command writes a run directory{also}, "
+                          f"e.g. --out {Path(str(value)).with_suffix('')}")
+    return "dir"
 
 
 def _check_values(params: dict, kwargs: dict) -> None:
@@ -135,6 +154,19 @@ def _guard_empty(param) -> None:
     param.process_value = process_value
 
 
+def _rank0_output():
+    """Under torchrun, ranks other than 0 print nothing on stdout and log only errors (every result line once)."""
+    import contextlib
+    import os
+
+    if int(os.environ.get("RANK", "0") or 0) == 0:  # (attnlab.distributed.is_main_process, without importing torch)
+        return contextlib.nullcontext()
+    logging.getLogger("attnlab").setLevel(logging.ERROR)
+    stack = contextlib.ExitStack()
+    stack.enter_context(contextlib.redirect_stdout(stack.enter_context(open(os.devnull, "w"))))
+    return stack
+
+
 def harden(cmd):
     """Wrap every command's callback (once): options validated before any work (attnlab.validate.RULES; no NaN/inf),
     --out checked and locked against concurrent runs, attnlab errors and full disks as one line + exit 2,
@@ -153,20 +185,33 @@ def harden(cmd):
     for name in PATH_OPTIONS:
         if name in params:
             _guard_empty(params[name])
-    can_resume = "resume" in params
-    kind = "file" if cmd.name in FILE_OUT_COMMANDS else _out_kind(params["out"]) if "out" in params else "dir"
+    # --resume continues an interrupted run, unless the command says it only keeps finished results
+    can_resume = "resume" in params and getattr(orig, "_attnlab_resume_interrupted", True)
+    files = getattr(orig, "_attnlab_out_files", ())
     lock_out = "out" in params and cmd.name not in READ_ONLY_COMMANDS
 
     @functools.wraps(orig)
     def run(*args, **kwargs):
+        show_warnings()
+        if not sys.stderr.isatty():  # off a terminal: no transformers / hub tqdm bars ("Writing model shards")
+            import os
+
+            os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+            if "transformers" in sys.modules:
+                sys.modules["transformers"].utils.logging.disable_progress_bar()
+        if kwargs.get("quiet"):  # --quiet: the same meaning everywhere (no progress lines, no info messages)
+            logging.getLogger("attnlab").setLevel(logging.WARNING)
+        with _rank0_output():
+            return _call(*args, **kwargs)
+
+    def _call(*args, **kwargs):
         from .errors import AttnlabError
         from .io import lock_output, os_error
 
-        show_warnings()
         try:
             _check_values(params, kwargs)
             if lock_out and kwargs.get("out") is not None:
-                with lock_output(kwargs["out"], "--out", kind):
+                with lock_output(kwargs["out"], "--out", out_kind(kwargs["out"], files)):
                     out = orig(*args, **kwargs)
             else:
                 out = orig(*args, **kwargs)
@@ -179,7 +224,7 @@ def harden(cmd):
             fail(e)
         except KeyboardInterrupt:
             hint = ("re-run the same command with --resume to continue" if can_resume else
-                    "this command cannot resume; re-run it to start over")
+                    "this command cannot continue an interrupted run; re-run it to start over")
             typer.secho(f"interrupted: files written so far are intact; {hint}", err=True)
             raise typer.Exit(130) from None
         except OSError as e:

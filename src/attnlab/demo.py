@@ -62,8 +62,10 @@ def demo_settings(quick: bool, n_sequences: int, seq_len: int) -> dict[str, dict
 
 
 def run_demo(out: str | Path, n_sequences: int = 64, seq_len: int = 128, quick: bool = False,
-             pillars: tuple[str, ...] = PILLARS, log: Optional[Callable[[str], None]] = None) -> Path:
-    """Run the demo into ``out``; returns the path of report.html (``log``: where the step lines go)."""
+             pillars: tuple[str, ...] = PILLARS, log: Optional[Callable[[str], None]] = None,
+             progress: bool = True) -> Path:
+    """Run the demo into ``out``; returns the path of report.html (``log``: where the step lines go; ``progress``:
+    live progress of every step)."""
     from .io import RunDir
     from .reconstruct.run import reconstruct
     from .report.html import render_report
@@ -76,11 +78,11 @@ def run_demo(out: str | Path, n_sequences: int = 64, seq_len: int = 128, quick: 
     log = log or _log.info
     cfg = demo_settings(quick, n_sequences, seq_len)
     steps: dict[str, Callable[[], object]] = {
-        "spectrum": lambda: spectrum(out, model="minilm", progress=True, **cfg["spectrum"]),
-        "rank vs length": lambda: rank_vs_length(out, model="minilm", progress=True, **cfg["lengths"]),
-        "reconstruct": lambda: reconstruct(out, model="minilm", progress=True, **cfg["reconstruct"]),
-        "sparsity": lambda: sparsity(out, model="minilm", quiet=False, **cfg["sparsity"]),
-        "variables": lambda: run_variables(out, progress=True, **cfg["variables"]),
+        "spectrum": lambda: spectrum(out, model="minilm", progress=progress, **cfg["spectrum"]),
+        "rank vs length": lambda: rank_vs_length(out, model="minilm", progress=progress, **cfg["lengths"]),
+        "reconstruct": lambda: reconstruct(out, model="minilm", progress=progress, **cfg["reconstruct"]),
+        "sparsity": lambda: sparsity(out, model="minilm", quiet=not progress, **cfg["sparsity"]),
+        "variables": lambda: run_variables(out, progress=progress, **cfg["variables"]),
     }
     chosen = [s for s in steps if s.split()[0] in pillars or (s == "rank vs length" and "spectrum" in pillars)]
     phases = Phases()

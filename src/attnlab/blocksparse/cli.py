@@ -7,25 +7,45 @@ from typing import Optional
 
 import typer
 
-from ..cli_config import config_command, option
+from ..cli_config import config_command, option, quiet_option
+from ..cli_utils import out_files
 
 __all__ = ["register"]
 
 
-def _prefill(settings: dict, out: Optional[str]) -> None:
+@out_files(".json")
+def _prefill(settings: dict, out: Optional[str], quiet: bool = False) -> None:
     """Real forward of a causal model with every attention layer replaced by predicted block-sparse attention:
     per-head density, measured recall and output error; loss change and speed vs SDPA flash / cuDNN."""
-    from ..io import OUTPUT_MARK, write_json
     from ..distributed import is_main_process
     from .prefill import PrefillConfig, format_summary, run_prefill
 
-    res = run_prefill(PrefillConfig(**settings), log=typer.echo)
+    res = run_prefill(PrefillConfig(**settings), log=None if quiet else typer.echo)
     if not is_main_process():  # torchrun: rank 0 prints and writes
         return
     typer.echo(format_summary(res))
     if out:
-        write_json(out, {OUTPUT_MARK: "sparsity prefill", **res})  # the mark lets a re-run replace it
+        _write(out, res)
+
+
+def _write(out: str, res: dict) -> None:
+    """``--out FILE.json``: the result as JSON; ``--out DIR``: DIR/prefill.json, imported as DIR's speed section.
+    The ``attnlab_output`` mark lets a re-run replace the file (files without it are refused)."""
+    from pathlib import Path
+
+    from ..io import OUTPUT_MARK, write_json
+
+    res = {OUTPUT_MARK: "sparsity prefill", **res}
+    if Path(out).suffix == ".json":
+        write_json(out, res)
         typer.echo(f"wrote {out}")
+        return
+    from ..report.speed import import_speed
+
+    path = Path(out) / "prefill.json"
+    write_json(path, res)
+    import_speed(out, [path])
+    typer.echo(f"wrote {path} (speed section of {out}; render with `attnlab report {out}`)")
 
 
 def register(app: typer.Typer) -> None:
@@ -53,5 +73,7 @@ def register(app: typer.Typer) -> None:
                                "kernel": "default | tuned (measured FlexAttention kernel_options for the head dim)",
                                "remainder": "none | a method of attnlab.blocksparse.remainder that adds the "
                                             "skipped tiles' estimated contribution"},
-                   extra=[option("out", Optional[str], None, "--out", help="Write the full result (per layer/head) as "
-                                                                           "JSON here.")])
+                   extra=[option("out", Optional[str], None, "--out", help="Run directory for the full result (per "
+                                 "layer/head) as prefill.json and a report speed section; a path ending in .json names "
+                                 "the file itself. [default: print only]"),
+                          quiet_option()])

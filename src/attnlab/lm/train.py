@@ -163,7 +163,9 @@ def train_lm(cfg: LMConfig, out: str | Path, log: Optional[Callable[[str], None]
     log = log or (lambda s: None)
     device = _device(cfg.device)
     corpus = load_corpus(cfg.corpus, cfg.heldout_frac, cfg.max_bytes, min_heldout_tokens=2 * max(cfg.seq_len, cfg.long_seq_len))
-    log(f"corpus: {corpus.describe()}")
+    d = corpus.describe()
+    log(f"corpus: {d['source']}: {d['train_tokens']:,} training bytes ({d['train_docs']} files), "
+        f"{d['heldout_tokens']:,} held-out bytes ({d['heldout_docs']} files)")
     model = build_model(cfg).to(device)
     n_params = sum(p.numel() for p in model.parameters())
     log(f"model: {n_params / 1e6:.2f}M parameters, device {device}")
@@ -235,7 +237,9 @@ def train_lm(cfg: LMConfig, out: str | Path, log: Optional[Callable[[str], None]
             "long_eval_windows": nl}
     check_diverged(model, step, train_loss + held_loss, cfg.lr)  # NaN/inf if either is
     log(f"done: {step} steps in {seconds:.0f}s; at {cfg.seq_len}: train loss {train_loss:.4f}, held-out loss "
-        f"{held_loss:.4f} (nats/byte); at {cfg.long_seq_len}: {long_eval}")
+        f"{held_loss:.4f} (nats/byte)" + (f"; at {cfg.long_seq_len}: train loss {long_eval['long_train_loss']:.4f}, "
+        f"held-out loss {long_eval['long_heldout_loss']:.4f} ({long_eval['long_eval_windows']} windows)"
+        if long_eval else ""))
     meta = {"key": cfg.key(), "config": asdict(cfg), "device": str(device), "n_params": n_params, "steps": step,
             "tokens": tokens, "train_seconds": seconds, "train_loss": train_loss, "heldout_loss": held_loss,
             **long_eval, "final_batch_rows": batch_rows,

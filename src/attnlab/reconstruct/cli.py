@@ -6,15 +6,32 @@ from typing import Optional
 
 import typer
 
-from ..cli_config import config_command, option, out_option, quiet_option
-from ..cli_utils import HardenedGroup, write_report
+from ..cli_config import QUIET_HELP, config_command, option, out_option, quiet_option
+from ..cli_utils import HardenedGroup, out_files, write_report
 
 app = typer.Typer(cls=HardenedGroup,
                   help="Reconstruct attention scores from a subset of computed pairs (eigen-analysis paper).",
                   no_args_is_help=True)
 
 
-def _run(settings: dict, out: str, quiet: bool, all_methods: bool = False) -> None:
+def _finished(out: str, settings: dict) -> Optional[dict]:
+    """The 'reconstruct' section of ``out`` when it was written with exactly these settings (--resume), else None."""
+    import json
+    from dataclasses import asdict
+    from pathlib import Path
+
+    from ..io import RunDir
+    from .run import SECTION, ReconstructConfig
+
+    if not (Path(out) / "results.json").is_file():
+        return None
+    prev = RunDir(out, create=False).section(SECTION) or {}
+    cfg = ReconstructConfig(**{"model": "minilm", **settings})
+    same = json.loads(json.dumps(asdict(cfg), default=str)) == prev.get("config")
+    return prev if same and "table" in prev else None
+
+
+def _run(settings: dict, out: str, quiet: bool, resume: bool, all_methods: bool = False) -> None:
     """Fit on the fit split, evaluate every estimator x selection on held-out text, sweep budgets, drop-in."""
     from .estimators import ALL_ESTIMATORS
     from .run import format_table, reconstruct
@@ -22,7 +39,11 @@ def _run(settings: dict, out: str, quiet: bool, all_methods: bool = False) -> No
 
     if all_methods:
         settings = {**settings, "estimators": list(ALL_ESTIMATORS), "selections": list(STRATEGIES)}
-    res = reconstruct(out, progress=not quiet, **settings)
+    res = _finished(out, settings) if resume else None
+    if res is not None:
+        typer.echo(f"{out}: reconstruct already finished with these settings (--resume); nothing recomputed")
+    else:
+        res = reconstruct(out, progress=not quiet, **settings)
     from ..distributed import is_main_process
 
     if not is_main_process():  # torchrun: rank 0 reports
@@ -33,9 +54,14 @@ def _run(settings: dict, out: str, quiet: bool, all_methods: bool = False) -> No
     write_report(out)
 
 
+_run._attnlab_resume_interrupted = False  # --resume keeps a finished section; an interrupted run starts over
+
 config_command(app, "run", "attnlab.reconstruct.run:ReconstructConfig", _run,
                extra=[out_option("runs/reconstruct", "Run directory (results.json section 'reconstruct', PNGs)"),
                       quiet_option(),
+                      option("resume", bool, False, "--resume/--no-resume",
+                             help="Keep a finished 'reconstruct' section of --out written with the same settings "
+                                  "(nothing recomputed); otherwise run from the start."),
                       option("all_methods", bool, False, "--all",
                              help="Evaluate every estimator x selection (overrides --estimators/--selections).")],
                kinds={"budget": "number", "layers": "ints", "heads": "ints"},
@@ -45,25 +71,45 @@ config_command(app, "run", "attnlab.reconstruct.run:ReconstructConfig", _run,
                                          "proxy, proxy+gaussian",
                            "selections": "Selection strategies (comma list; --all for every one): random, fixed, "
                                          "evenly, local, leverage, qr, adaptive, oracle",
-                           "layers": "Layers, e.g. '0,2-4' (None: all)", "heads": "Heads, e.g. '0-3' (None: all)"})
+                           "layers": "Layers, e.g. '0,2-4' (None: all)", "heads": "Heads, e.g. '0-3' (None: all)",
+                           "corpus": "Text file, directory of .txt/.md/.jsonl files, or .jsonl file (None: Python "
+                                     "stdlib docstrings)",
+                           "k": "Basis size of the basis estimator (None: min(k90 of the head, budget))",
+                           "batch_size": "Windows per forward pass (bounds peak memory)",
+                           "families": "Frontier method families (None: all)",
+                           "frontier_budgets": "Pair fractions (exact pairs per row / keys) of the frontier",
+                           "seed": "Random seed of the window choice and the random selections (same seed, same "
+                                   "numbers)"})
 
 
 @app.command()
+@out_files(".safetensors")
 def fit(
-    model: str = typer.Option("minilm", help="HF hub id (cached), local folder, or 'minilm'."),
-    out: str = typer.Option("runs/reconstruct/reconstruct_fit.safetensors", help="Output safetensors file."),
+    model: str = typer.Option("minilm", help="HF hub id (cached), local folder, or 'minilm' (packaged "
+                                             "all-MiniLM-L6-v2)."),
+    out: str = typer.Option("runs/reconstruct", help="Run directory to write reconstruct_fit.safetensors into (a path "
+                                                     "ending in .safetensors names the file itself)."),
     seq_len: int = typer.Option(128, help="Tokens per window."),
-    n_fit: int = typer.Option(256, help="Windows of the fit split."),
-    corpus: Optional[str] = typer.Option(None, help="Corpus file/dir/.jsonl (default: stdlib docstrings)."),
-    batch_size: int = typer.Option(8, help="Windows per forward pass."),
-    seed: int = typer.Option(0, help="Seed of the window choice."),
+    n_fit: int = typer.Option(256, help="Windows of the fit split (never the held-out documents)."),
+    corpus: Optional[str] = typer.Option(None, help="Text file, directory or .jsonl file. [default: Python stdlib "
+                                                    "docstrings]"),
+    batch_size: int = typer.Option(8, help="Windows per forward pass (bounds peak memory)."),
+    device: str = typer.Option("cpu", help="Where the model runs: cpu, cuda or cuda:N."),
+    seed: int = typer.Option(0, help="Random seed of the window choice (same seed, same numbers)."),
+    quiet: bool = typer.Option(False, "--quiet", help=QUIET_HELP),
 ) -> None:
     """Fit and save the statistics only (reuse with `run --fit-path`)."""
-    from .fit import fit_corpus
+    from pathlib import Path
 
-    f = fit_corpus(model, n_fit, seq_len, corpus=corpus, batch_size=batch_size, seed=seed)
-    f.save(out)
-    typer.echo(f"saved {out}")
+    from .fit import FIT_FILE, fit_corpus, load_checked
+
+    path = Path(out) if Path(out).suffix == ".safetensors" else Path(out) / FIT_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    hf = load_checked(model, seq_len, device=device)
+    f = fit_corpus(hf, n_fit, seq_len, corpus=corpus, batch_size=batch_size, seed=seed, progress=not quiet)
+    f.meta["model"] = model
+    f.save(path)
+    typer.echo(f"saved {path} (reuse with `attnlab reconstruct run --fit-path {path}`)")
 
 
 @app.command("long")
@@ -103,4 +149,11 @@ def _train(settings: dict, out: str, quiet: bool) -> None:
 config_command(app, "train", "attnlab.reconstruct.train:TrainConfig", _train,
                extra=[out_option("runs/reconstruct", "Run directory (stored under reconstruct.train)"), quiet_option()],
                help_extra={"budgets": "Budgets (fractions or counts, comma list)",
-                           "selections": "Selection strategies compared (comma list)"})
+                           "selections": "Selection strategies compared (comma list)",
+                           "estimators": "Several estimators compared (overrides --estimator; None: --estimator only)",
+                           "d_model": "Model width (hidden size)", "n_layers": "Number of transformer blocks",
+                           "objectives": "Training objectives: clm (next byte, causal) and/or mlm (masked byte)",
+                           "device": "Where training runs: cpu, cuda or cuda:N",
+                           "mask_rate": "Share of positions masked (mlm objective)",
+                           "eval_every": "Steps between held-out curve points (0: every --log-every steps)",
+                           "seed": "Base seed of the held-out choice (--seeds seed the runs)"})

@@ -268,13 +268,18 @@ def format_summary(summary: list[dict[str, Any]]) -> str:
     head = (f"{'objective':9s} {'method':24s} {'budget':>6s} {'compute':>7s}  {'held-out loss':>17s}  "
             f"{'gap to full (paired)':>22s}  {'95% CI':>19s}  verdict")
     lines = [head, "-" * len(head)]
+    pm = lambda s, signed="": f"{s['mean']:{signed}.4f} ± {s['std']:.4f}" if s.get("n", 2) > 1 else f"{s['mean']:{signed}.4f}"  # noqa: E731
     for r in summary:
         h, gp = r["heldout_loss"], r["gap_to_full"]
         comp = "" if r["compute"] is None else f"{r['compute']:.3f}"
         lines.append(f"{r['objective']:9s} {r['label']:24s} {str(r['budget']):>6s} {comp:>7s}  "
-                     f"{h['mean']:.4f} ± {h['std']:.4f}  " + (f"{gp['mean']:+.4f} ± {gp['std']:.4f}" if gp else "-")
+                     f"{pm(h):>17s}  " + (f"{pm(gp, '+'):>22s}" if gp else f"{'-':>22s}")
                      + (f"  [{r['gap_ci95'][0]:+.4f}, {r['gap_ci95'][1]:+.4f}]" if "gap_ci95" in r else " " * 21)
                      + f"  {r.get('gap_verdict', '')}")
+    if summary and all(r["heldout_loss"].get("n", 2) <= 1 for r in summary):
+        from ..textfmt import NO_INTERVAL
+
+        lines.append(f"{NO_INTERVAL} (give --seeds 0,1,2 for paired 95% intervals of the gap)")
     return "\n".join(lines)
 
 

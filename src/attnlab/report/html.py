@@ -91,7 +91,18 @@ def cell(v: Any, float_fmt: str = "{:.4g}") -> str:
         return "yes" if v else "no"
     if isinstance(v, float):
         return float_fmt.format(v)
+    if isinstance(v, (list, tuple)):  # nested lists ([[0.9198]]) flattened, each number rounded
+        flat = list(_flatten(v))
+        return ", ".join(cell(x, float_fmt) for x in flat) if flat else "&mdash;"
     return html.escape(str(v))
+
+
+def _flatten(v: Any):
+    for x in v:
+        if isinstance(x, (list, tuple)):
+            yield from _flatten(x)
+        else:
+            yield x
 
 
 def _td(v: Any, float_fmt: str) -> str:

@@ -20,6 +20,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from ..io import RunDir, read_tensors, write_tensors
+from .block_view import block_figure, oracle_tiles  # noqa: F401  (oracle_tiles re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +28,24 @@ VIEWS = "views.safetensors"
 SPARSITY_VIEWS = "sparsity_views.safetensors"
 MAX_TOKENS = 40  # tokens shown per heatmap axis (labels stay readable)
 MAX_HEADS = 12  # heads drawn per layer
+MAX_LABELS = 24  # token labels per heatmap axis (every k-th token beyond this, so labels never overlap)
+LOG_FLOOR = 1e-3  # heatmap colour scale: log from this probability to the largest (small weights stay visible)
+
+
+def thin_labels(tokens: Sequence[str], max_labels: int = MAX_LABELS) -> list[str]:
+    """Every k-th token label (the others blank) so that at most ``max_labels`` are drawn per axis."""
+    step = max(1, -(-len(tokens) // max_labels))
+    return [t if i % step == 0 else "" for i, t in enumerate(tokens)]
+
+
+def heads_note(heads: Sequence[int], n_heads: Optional[int]) -> str:
+    """'heads 0-3 of 12 (the first 4)' / 'all 12 heads' / 'heads 0, 5': which heads a figure shows, in words."""
+    hs = list(heads)
+    if n_heads is not None and hs == list(range(n_heads)):
+        return f"all {n_heads} heads"
+    run = hs == list(range(hs[0], hs[0] + len(hs))) and len(hs) > 2
+    names = f"{hs[0]}&ndash;{hs[-1]}" if run else ", ".join(str(h) for h in hs)
+    return f"heads {names}" + (f" of {n_heads}" if n_heads else "")
 
 
 def _tokens(model: Any, ids: Sequence[int]) -> list[str]:
@@ -34,6 +53,16 @@ def _tokens(model: Any, ids: Sequence[int]) -> list[str]:
     if tok is None:
         return [str(int(i)) for i in ids]
     return [t.replace("\u0120", "_").replace("\u2581", "_") for t in tok.convert_ids_to_tokens([int(i) for i in ids])]
+
+
+def _n_heads(model: Any, default: int) -> int:
+    """Heads per layer of ``model`` (for "heads 0-3 of 12" captions), or ``default`` when it does not say."""
+    try:
+        from ..capture.run import n_heads_of
+
+        return int(n_heads_of(model))
+    except Exception:  # noqa: BLE001  (any model object: the caption then names the drawn heads only)
+        return default
 
 
 def save_views(run: RunDir, model: Any, window: Any, layers: Sequence[int], heads: Sequence[int],
@@ -69,6 +98,7 @@ def save_views(run: RunDir, model: Any, window: Any, layers: Sequence[int], head
         tensors[f"block_mass.{l}"] = pp.reshape(len(heads), nb, bs, nb, bs).sum((2, 4)).float() / n
     ids = [int(i) for i in window[0]]
     meta = {"tokens": _tokens(model, ids), "layers": list(layers), "heads": heads, "seq_len": n, "shown": show,
+            "n_heads": _n_heads(model, len(heads)),
             "source": source,
             "block_size": bs, "budget": budget, "padded_tokens": pad,
             "predictor": overlay.describe(bs, budget)}
@@ -131,47 +161,29 @@ def _heads_grid(n_heads: int, ncols: int = 4):
 
 
 def attention_figure(attn: np.ndarray, tokens: Sequence[str], layer: int, heads: Sequence[int]) -> str:
-    """Token-labelled heatmaps of one layer's heads (rows: queries, columns: keys) as a data URI."""
+    """Token-labelled heatmaps of one layer's heads (rows: queries, columns: keys) as a data URI: a log colour
+    scale (small weights stay visible in every head) and at most :data:`MAX_LABELS` labels per axis."""
+    from matplotlib.colors import LogNorm
+
     from .html import png_data_uri
 
     fig, axes = _heads_grid(len(heads))
     n = attn.shape[-1]
-    fs = 5.5 if n > 24 else 7
+    labels = thin_labels(list(tokens[:n]))
+    fs = 6 if n > 16 else 7
     ncols = axes.shape[1]
+    norm = LogNorm(vmin=LOG_FLOOR, vmax=max(2 * LOG_FLOOR, float(attn.max())), clip=True)
     im = None
     for i, h in enumerate(heads):
         ax = axes.flat[i]
-        im = ax.imshow(attn[i], cmap="Blues", vmin=0.0, vmax=max(1e-6, float(attn.max())), interpolation="nearest")
+        im = ax.imshow(np.maximum(attn[i], LOG_FLOOR), cmap="Blues", norm=norm, interpolation="nearest")
         ax.set_title(f"layer {layer}, head {h}", fontsize=8)
         # token labels on the outer panels only (left column: queries, bottom row: keys)
         bottom = i + ncols >= len(heads)
-        ax.set_xticks(range(n), tokens[:n] if bottom else [""] * n, rotation=90, fontsize=fs)
-        ax.set_yticks(range(n), tokens[:n] if i % ncols == 0 else [""] * n, fontsize=fs)
+        ax.set_xticks(range(n), labels if bottom else [""] * n, rotation=90, fontsize=fs)
+        ax.set_yticks(range(n), labels if i % ncols == 0 else [""] * n, fontsize=fs)
         ax.tick_params(length=0)
-    fig.colorbar(im, ax=axes, shrink=0.6, label="attention probability (query row -> key column)")
-    return png_data_uri(fig)
-
-
-def block_figure(blocks: np.ndarray, mass: np.ndarray, layer: int, heads: Sequence[int], block_size: int) -> str:
-    """Block mask (outlined) over the true attention mass per tile, one panel per head, as a data URI."""
-    from matplotlib.patches import Rectangle
-
-    from .html import png_data_uri
-
-    fig, axes = _heads_grid(len(heads))
-    im = None
-    for i, h in enumerate(heads):
-        ax = axes.flat[i]
-        m = mass[i]
-        im = ax.imshow(m, cmap="Greys", vmin=0.0, vmax=max(1e-6, float(mass.max())), interpolation="nearest")
-        for (r, c), on in np.ndenumerate(blocks[i]):
-            if on:
-                ax.add_patch(Rectangle((c - 0.5, r - 0.5), 1, 1, fill=False, ec="tab:red", lw=1.2))
-        covered = float((m * blocks[i]).sum() / max(m.sum(), 1e-12))
-        ax.set_title(f"L{layer} H{h}: {blocks[i].mean():.0%} of tiles, {covered:.0%} of mass", fontsize=8)
-        ax.set_xlabel(f"key block ({block_size} tokens)", fontsize=7)
-        ax.set_ylabel("query block", fontsize=7)
-    fig.colorbar(im, ax=axes, shrink=0.6, label="share of attention mass in the tile")
+    fig.colorbar(im, ax=axes, shrink=0.6, label=f"attention probability, log scale (below {LOG_FLOOR:g} as {LOG_FLOOR:g})")
     return png_data_uri(fig)
 
 
@@ -195,17 +207,21 @@ def render_section(run: RunDir) -> str:
     figs = []
     for l in layers:
         uri = attention_figure(tensors[f"attn.{l}"].numpy(), tokens, l, heads)
-        figs.append(figure(uri, f"Attention of layer {l} (heads {heads[0]}&ndash;{heads[-1]}) on the window above, "
-                                f"token labels on both axes.", group=f"layer {l}", hidden=l != layers[0]))
+        figs.append(figure(uri, f"Attention of layer {l} ({heads_note(heads, meta.get('n_heads'))}) on the window "
+                                f"above, token labels on both axes (every label when they fit, else every k-th); "
+                                f"log colour scale.", group=f"layer {l}", hidden=l != layers[0]))
     parts.append(f'<div id="views-attn">{"".join(figs)}</div>')
     parts.append("<h3>Block mask of <code>sparse_attention</code></h3>"
                  f"<p class=\"note\">Tiles of {bs}&times;{bs} tokens that {html.escape(meta['predictor'])} keeps "
-                 f"for this window (red outlines; budget {meta['budget']:g} = at most that share of key blocks per "
-                 "query block), over the exact attention mass per tile (grey). Titles give the share of tiles "
-                 "computed and of the attention mass they cover.</p>")
+                 f"for this window (filled red; budget {meta['budget']:g} = at most that share of key blocks per "
+                 "query block), beside the oracle that keeps the same number of tiles per query block by exact "
+                 "attention mass. Shade: the tile's attention mass; dropped tiles grey. Titles give the tiles "
+                 "computed and the share of attention mass they cover.</p>")
     parts.append(toggles("views-blocks", [f"layer {l}" for l in layers], "layers", on=[f"layer {layers[-1]}"]))
     bfigs = [figure(block_figure(tensors[f"blocks.{l}"].numpy(), tensors[f"block_mass.{l}"].numpy(), l, heads, bs),
-                    f"Layer {l}: predicted block mask (red) over exact attention mass per tile.", group=f"layer {l}",
+                    f"Layer {l}, {heads_note(heads, meta.get('n_heads'))}: predicted block mask (left in each panel) "
+                    f"and the oracle at the same tile count per query block (right); columns are key blocks.",
+                    group=f"layer {l}",
                     hidden=l != layers[-1])
              for l in layers]
     parts.append(f'<div id="views-blocks">{"".join(bfigs)}</div>')
@@ -242,7 +258,8 @@ def eigenvector_figure(run: RunDir, res: dict[str, Any], n_vectors: int = 8) -> 
         return None
     ncols = min(3, len(layers))
     nrows = (len(layers) + ncols - 1) // ncols
-    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 1.9 * nrows + 0.6), squeeze=False)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 2.2 * nrows + 0.6), squeeze=False,
+                             layout="constrained")  # titles never overlap the row above
     im = None
     for ax in axes.flat[len(layers):]:
         ax.axis("off")
@@ -284,7 +301,7 @@ def save_sparsity_views(run: RunDir, fitted: dict[str, list], ev: list, op: dict
             tensors[f"pred.{m}.{l}"] = g[0, heads, :show, :show].to(torch.uint8)
     write_tensors(run.file(SPARSITY_VIEWS), tensors,
                   {"methods": list(fitted), "layers": list(range(len(ev))), "heads": heads, "seq_len": n, "shown": show,
-                   "operating_points": op})
+                   "operating_points": op, "n_heads": int(ev[0].q.shape[1])})
 
 
 def overlay_figure(gold: np.ndarray, pred: np.ndarray, valid: Optional[np.ndarray], method: str, layers: Sequence[int],
@@ -344,6 +361,8 @@ def sparsity_figures(run: RunDir) -> str:
                                 f"(measured {op.get('sparsity', float('nan')):.2f}), first evaluation window.", group=m,
                           hidden=m != methods[0]))
     crop = (f" First {meta['shown']} of {meta['seq_len']} tokens shown." if meta["shown"] < meta["seq_len"] else "")
+    crop += f" Shown: {heads_note(heads, meta.get('n_heads'))}" + (" (the first ones)." if meta.get("n_heads", 0) > len(heads)
+                                                                   else ".")
     return ("<h3>Predicted vs gold graphs</h3><p class=\"note\">Green: gold edge predicted (hit); red: gold edge "
             f"missed; blue: predicted pair outside the gold graph (extra, costs compute only).{crop}</p>"
             + toggles("sp-overlay", [m for m in methods], "methods", on=methods[:1]) + f'<div id="sp-overlay">{"".join(figs)}</div>')

@@ -7,7 +7,7 @@ from typing import Optional
 import typer
 
 from ..cli_config import config_command, option, out_option, quiet_option
-from ..cli_utils import HardenedGroup, fail, write_report
+from ..cli_utils import HardenedGroup, fail, out_files, write_report
 
 app = typer.Typer(cls=HardenedGroup,
                   help="Sparsefinder: entmax gold graphs, learned sparsity predictors, Pareto evaluation.",
@@ -19,15 +19,24 @@ RUN = "attnlab.sparsity.run:sparsity"
 TRAIN_HELP = {"alpha": "entmax alpha (> 1; 1.5 = exact entmax15, 2 = sparsemax, else bisection)",
               "corpus": "Text file / folder / .jsonl (None: Python stdlib docstrings)",
               "vocab_size": "Compact vocabulary size (most frequent MiniLM-tokenizer ids)",
-              "checkpoint_every": "Write a resumable partial training checkpoint every N steps (0 = never)"}
+              "checkpoint_every": "Write a resumable partial training checkpoint every N steps (0 = never)",
+              "d_model": "Model width (hidden size)", "n_layers": "Number of transformer layers",
+              "steps": "Optimiser steps of the entmax training",
+              "device": "Where training runs: cpu, cuda or cuda:N"}
 
 
+@out_files(".safetensors")
 def _train(settings: dict, out: str, resume: bool, quiet: bool) -> None:
     """Train a small entmax transformer on the corpus and save a checkpoint."""
     from pathlib import Path
 
     from ..errors import ResultsError
+    from .run import CHECKPOINT
     from .train_entmax import EntmaxTrainConfig, load_small, partial_path, train_and_save
+
+    run_dir = Path(out).suffix != ".safetensors"
+    if run_dir:  # a run directory: the checkpoint goes inside it, where `sparsity run --out DIR --resume` finds it
+        out = str(Path(out) / CHECKPOINT)
 
     cfg = EntmaxTrainConfig(**settings)
     if resume and Path(out).is_file() and not partial_path(out).exists():
@@ -39,11 +48,13 @@ def _train(settings: dict, out: str, resume: bool, quiet: bool) -> None:
         typer.echo(f"{out}: already trained with these settings (resume); nothing to do")
         return
     _, _, hist = train_and_save(cfg, out, resume=resume, quiet=quiet)
-    typer.echo(f"saved {out} (final loss {hist['loss'][-1]:.3f}, {hist['seconds']:.0f}s)")
+    typer.echo(f"saved {out} (final loss {hist['loss'][-1]:.3f}, {hist['seconds']:.0f}s); next: attnlab sparsity run "
+               f"--checkpoint {out} --out {Path(out).parent if run_dir else 'RUN'}")
 
 
 config_command(app, "train", TRAIN, _train, help_extra=TRAIN_HELP,
-               extra=[out_option("runs/sparsity/entmax_model.safetensors", "Checkpoint file to write"),
+               extra=[out_option("runs/sparsity", "Run directory to write entmax_model.safetensors into (a path "
+                                                  "ending in .safetensors names the checkpoint file itself)"),
                       option("resume", bool, False, "--resume/--no-resume",
                              help="Continue an interrupted training from its partial checkpoint (<out stem>.partial"
                                   ".safetensors); a finished --out with the same settings is kept."),
@@ -57,6 +68,12 @@ def _run(settings: dict, out: str, resume: bool, quiet: bool, all_methods: bool 
 
     cfg = EntmaxTrainConfig(**settings[TRAIN])
     run_settings = dict(settings[RUN])
+    from pathlib import Path
+
+    if run_settings.get("checkpoint") and Path(run_settings["checkpoint"]).is_dir():  # a `sparsity train` run dir
+        from .run import CHECKPOINT
+
+        run_settings["checkpoint"] = str(Path(run_settings["checkpoint"]) / CHECKPOINT)
     if all_methods:
         from .predictors import METHODS
 
@@ -73,7 +90,8 @@ def _run(settings: dict, out: str, resume: bool, quiet: bool, all_methods: bool 
 config_command(app, "run", [TRAIN, RUN], _run, skip=("out", "train", "resume", "quiet"),
                help_extra={**TRAIN_HELP,
                            "model": "'small' (our entmax transformer) or an HF model ('minilm') with entmax swapped in",
-                           "checkpoint": "Load this small-model checkpoint instead of training",
+                           "checkpoint": "Load this small-model checkpoint (a file, or a `sparsity train` run "
+                                         "directory) instead of training",
                            "methods": "Predictors (repeat or comma-separate; None: distance-knn, quantization, "
                                       "clustering, rank, window, bigbird, oracle-topk; --all adds distance-thr, lsh, "
                                       "routing, longformer, strided; also clustering-top2, quantization-fixed, "
@@ -125,12 +143,14 @@ def table(out: str = typer.Option("runs/sparsity", help="Run directory with a 's
 
 
 def _print_summary(info: dict, all_points: bool = False) -> None:
+    import sys
+
     from rich.console import Console
     from rich.table import Table
 
     from .run import pareto_table
 
-    con = Console()
+    con = Console() if sys.stdout.isatty() else Console(width=240)  # piped: full-width tables, not 80 columns
     t = Table(title=f"Sparsity predictors (gold sparsity {info['gold']['sparsity']:.3f})")
     for c in ("method", "knob", "sparsity", "recall", "exact", "cost", "comp.sparsity", "front"):
         t.add_column(c)

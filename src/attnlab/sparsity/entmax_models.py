@@ -56,6 +56,17 @@ def prepare_small(run: RunDir, train: EntmaxTrainConfig, checkpoint: Optional[st
     return model, vmap, train, hist, str(path)
 
 
+def finetune_made_worse(mlm: dict) -> Optional[str]:
+    """A warning when entmax fine-tuning left the held-out MLM probe loss above the untuned entmax swap's."""
+    ft, nf = mlm.get("entmax_finetuned"), mlm.get("entmax_no_finetune")
+    if not isinstance(ft, dict) or not isinstance(nf, dict) or ft["loss"] <= nf["loss"]:
+        return None
+    se = (ft.get("loss_se", 0.0) ** 2 + nf.get("loss_se", 0.0) ** 2) ** 0.5
+    return (f"entmax fine-tuning made the held-out MLM probe loss worse: {ft['loss']:.3f} fine-tuned vs "
+            f"{nf['loss']:.3f} for the untuned swap (difference {ft['loss'] - nf['loss']:.3f}, se {se:.3f}); "
+            f"the gold graphs may not be those of a working entmax model (try more --hf-finetune-steps)")
+
+
 @dataclass
 class EntmaxModel:
     """A model with entmax attention ready for the evaluation: its source, per-layer alphas, the fit /
@@ -141,6 +152,9 @@ def _hf_model(run, name, train, quiet, n_fit, n_eval, n_down, hf_seq_len, hf_fin
     warnings = ["gold graphs come from a model never trained with entmax (--hf-finetune-steps 0)"] \
         if hf_finetune_steps == 0 else []
     mlm = rec.get("mlm", {})
+    worse = finetune_made_worse(mlm)
+    if worse:
+        warnings.append(worse)
     if "entmax_finetuned" in mlm:
         _log(quiet, "MLM probe loss (held-out): softmax original {:.3f}, entmax swap {:.3f}, entmax fine-tuned "
                     "{:.3f}".format(mlm["softmax_original"]["loss"], mlm["entmax_no_finetune"]["loss"],

@@ -148,7 +148,7 @@ def train_small(cfg: EntmaxTrainConfig, windows: Optional[torch.Tensor] = None, 
                 raise NumericalError(f"training diverged: loss {hist['loss'][-1]} at step {step}; lower --lr "
                                      f"(now {cfg.lr:g})")
             if not quiet:
-                _log.info(f"  step {step:5d}  loss {float(loss):.3f}  acc {float(accs[0]):.3f}  ({time.time() - t0:.0f}s)")
+                _log.info(f"  step {step:5d}  loss {hist['loss'][-1]:.3f}  acc {float(accs[0]):.3f}  ({time.time() - t0:.0f}s)")
         if ckpt is not None and cfg.checkpoint_every > 0 and done % cfg.checkpoint_every == 0 and done < cfg.steps:
             save_checkpoint(ckpt, fp, done, model, opt, sched, g, hist, time.time() - t0)
             checkpoint_written()

@@ -7,6 +7,7 @@ from typing import Annotated, List, Optional
 
 import typer
 
+from ..cli_config import QUIET_HELP
 from ..cli_utils import HardenedGroup, write_report
 
 app = typer.Typer(cls=HardenedGroup,
@@ -20,12 +21,12 @@ T_HELP = ("Context lengths T. Give them as --T 16 32 64, --T 16,32,64 or --T 16 
 Task = Annotated[str, typer.Option(help="Boolean function: parity | and | or | majority | random.")]
 Balanced = Annotated[bool, typer.Option(help="Sample labels 50/50 (relevant bits uniform per label).")]
 Noise = Annotated[float, typer.Option(help="Probability of flipping each training label, in [0, 0.5).")]
-DModel = Annotated[int, typer.Option(help="Model width.")]
-NHeads = Annotated[int, typer.Option(help="Attention heads.")]
-NLayers = Annotated[int, typer.Option(help="Transformer blocks.")]
+DModel = Annotated[int, typer.Option(help="Model width (hidden size).")]
+NHeads = Annotated[int, typer.Option(help="Attention heads per layer.")]
+NLayers = Annotated[int, typer.Option(help="Number of transformer blocks (--model transformer).")]
 Attention = Annotated[str, typer.Option(help="softmax | entmax | sparsemax.")]
 Lr = Annotated[float, typer.Option(help="Adam learning rate.")]
-BatchSize = Annotated[int, typer.Option(help="Minibatch size.")]
+BatchSize = Annotated[int, typer.Option(help="Training examples per optimiser step.")]
 MaxSteps = Annotated[int, typer.Option(help="Optimiser steps at most per training run.")]
 WeightDecay = Annotated[float, typer.Option(help="AdamW decoupled weight decay.")]
 NormMode = Annotated[str, typer.Option(help="Norm control: none | constrain (project each step) | penalty.")]
@@ -35,7 +36,8 @@ OutBound = Annotated[Optional[float], typer.Option(help="Bound on the classifier
 Penalty = Annotated[float, typer.Option(help="Coefficient of the summed norms added to the loss (penalty).")]
 NTest = Annotated[int, typer.Option(help="Test (and validation) set size.")]
 Monitor = Annotated[str, typer.Option(help="Early stopping on: val | test | train accuracy.")]
-Device = Annotated[str, typer.Option(help="cpu | cuda | cuda:N | auto.")]
+Device = Annotated[str, typer.Option(help="Where training runs: cpu, cuda, cuda:N or auto (cuda if available).")]
+Quiet = Annotated[bool, typer.Option("--quiet", help=QUIET_HELP)]
 
 
 def parse_ints(values: List[str], extra: List[str], flag: str = "--T", kind: type = int) -> list:
@@ -89,7 +91,7 @@ def sweep(
     T: List[str] = typer.Option([str(t) for t in (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)], "--T",
                                 help=T_HELP + " The law fits need at least 5 values with a reached m*."),
     seeds: int = typer.Option(5, help="Number of seeds (seed, seed+1, ...); each changes positions, data and init."),
-    seed: int = typer.Option(0, help="First seed."),
+    seed: int = typer.Option(0, help="First random seed (the seeds are seed, seed+1, ...)."),
     threshold: float = typer.Option(0.95, help="Test accuracy that counts as learned, in (0, 1]."),
     m_min: int = typer.Option(8, help="First train size tried by the doubling search."),
     m_max: int = typer.Option(65536, help="Largest train size tried; beyond it a seed is 'not learned up to m_max'."),
@@ -138,6 +140,7 @@ def sweep(
     out: str = typer.Option("runs/variables", help="Run directory (results.json section 'variables', PNGs)."),
     resume: bool = typer.Option(False, help="Reuse finished (T, m, seed) trials from the run directory."),
     device: Device = "cpu",
+    quiet: Quiet = False,
 ) -> None:
     """Find m*(T) per seed (median, bootstrap CI) for the model and a contrast learner; fit log vs power laws."""
     from ..errors import ConfigError
@@ -173,7 +176,7 @@ def sweep(
                       search=search, norm_sweep=sweep_bounds, norm_T=norm_t, probe=probe, budget_s=budget_s,
                       probe_bounds=pbounds, probe_T=probe_t, probe_m=probe_m,
                       fit_acc=fit_acc)
-    section = run_sweep(cfg, out, device=device, resume=resume, log=typer.echo)
+    section = run_sweep(cfg, out, device=device, resume=resume, log=None if quiet else typer.echo)
     if section.get("skipped_T"):
         typer.secho(f"warning: --budget-s {budget_s:g} ran out; skipped T = {section['skipped_T']}", err=True)
     if not section["results"] and section.get("skipped_T"):
@@ -214,6 +217,7 @@ def train(
     n_test: NTest = 1000,
     monitor: Monitor = "val",
     device: Device = "cpu",
+    quiet: Quiet = False,
 ) -> None:
     """Train one model on m examples; print accuracies, norms and the readout-attention probe as JSON."""
     from .probe import attention_probe

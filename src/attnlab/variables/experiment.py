@@ -179,9 +179,11 @@ def _summary(res, t1: float) -> dict[str, Any]:
 
 def _log_result(log: Callable[[str], None], name: str, d: dict[str, Any]) -> None:
     """One progress line per T."""
-    ci = d["ci"]
+    from ..textfmt import interval
+
     rs = d.get("restarts") or {}
-    log(f"{name:>11} T={d['T']:5d}  m*={d['m_star']}  CI [{ci[0]}, {ci[1]}]  per-seed={list(d['per_seed'].values())}"
+    ci = interval(d["ci"], len(d["per_seed"]))
+    log(f"{name:>11} T={d['T']:5d}  m*={d['m_star']}  CI {ci}  per-seed={list(d['per_seed'].values())}"
         f"  fit {d.get('fit_rate', 1):.2f}" + (f", restarted {rs['restarted']}/{rs['trials']}" if rs else "") +
         f"{'  FLAG: ' + d['flag'] if d.get('flag') else ''}  {d['seconds']:.1f}s")
 
@@ -361,9 +363,11 @@ def _fit_into(target: dict[str, Any], results: list[dict[str, Any]], log: Callab
         fits = fit_laws([r["T"] for r in done], [r["m_star"] for r in done],
                         per_seed=[list(r["per_seed"].values()) for r in done])
         target["fits"], target["fit_error"] = fits.to_dict(), None
-        c = fits.power.ci["c"]
-        log(f"{name} fits: log R2={fits.log.r2:.3f} (CI {fits.log.ci.get('r2')}), b={fits.log.params['b']:.3g} "
-            f"CI {fits.log.ci['b']}; power c={fits.power.params['c']:.3g} CI [{c[0]:.3g}, {c[1]:.3g}]; "
+        from ..textfmt import interval
+
+        log(f"{name} fits: log R2={fits.log.r2:.3f} (CI {interval(fits.log.ci.get('r2'))}), "
+            f"b={fits.log.params['b']:.3g} CI {interval(fits.log.ci['b'])}; power c="
+            f"{fits.power.params['c']:.3g} CI {interval(fits.power.ci['c'])}; "
             f"verdict: {fits.verdict} ({fits.reason})")
     except AttnlabError as e:
         target["fits"], target["fit_error"] = None, str(e)
