@@ -141,7 +141,7 @@ def test_demo_quick_keeps_explicit_sizes(tmp_path, monkeypatch, args, want):
 
     seen = {}
 
-    def fake(out, n_sequences, seq_len, quick, pillars):
+    def fake(out, n_sequences, seq_len, quick, pillars, **_):
         seen.update(n=n_sequences, s=seq_len)
         raise ConfigError("stop here")
 
