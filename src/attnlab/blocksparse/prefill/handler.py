@@ -147,11 +147,7 @@ class PrefillHandler:
 
     def layer_prediction_ms(self) -> dict[int, float]:
         """Prediction time per layer of the last forward (CUDA only; synchronises)."""
-        torch.cuda.synchronize()
-        out: dict[int, float] = {}
-        for layer, a, b in self._pred_events:
-            out[layer] = out.get(layer, 0.0) + a.elapsed_time(b)
-        return out
+        return _per_layer_ms(self._pred_events)
 
     def attention_ms(self) -> float:
         """Total attention time of the last forward (synchronises)."""
@@ -162,11 +158,7 @@ class PrefillHandler:
 
     def layer_ms(self) -> dict[int, float]:
         """Attention time per layer of the last forward (CUDA only; synchronises)."""
-        torch.cuda.synchronize()
-        out: dict[int, float] = {}
-        for layer, a, b in self._events:
-            out[layer] = out.get(layer, 0.0) + a.elapsed_time(b)
-        return out
+        return _per_layer_ms(self._events)
 
     def _window(self, call: Any, n: int) -> Optional[int]:
         """The call's effective sliding window at length ``n``, checked against the config's and the masks'."""
@@ -330,3 +322,12 @@ def sparse_with_lse(q: Tensor, k: Tensor, v: Tensor, pattern: BlockPattern, scal
     s = s.masked_fill(~pattern.token_mask(), float("-inf"))
     lse = torch.logsumexp(s, dim=-1)
     return torch.matmul(torch.softmax(s, dim=-1), v.to(dt)).to(q.dtype), lse
+
+
+def _per_layer_ms(events: list) -> dict[int, float]:
+    """Sum of CUDA-event intervals per layer, from (layer, start, end) records (synchronises)."""
+    torch.cuda.synchronize()
+    out: dict[int, float] = {}
+    for layer, a, b in events:
+        out[layer] = out.get(layer, 0.0) + a.elapsed_time(b)
+    return out
