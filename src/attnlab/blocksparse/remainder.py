@@ -49,6 +49,7 @@ Only causal, unpermuted tile masks are supported: a ``keep`` that drops a diagon
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Union
 
 import torch
