@@ -16,8 +16,8 @@ runner = CliRunner()
 def test_help_keeps_defaults_and_brackets():
     top = runner.invoke(app, ["--help"]).output
     assert "[command] table (e.g. [spectrum], [reconstruct.run])" in " ".join(top.split())
-    for path, want in ((["spectrum"], ["[default: 'fit']", "[default: 256]", "[default: 'minilm']"]),
-                       (["capture"], ["[default: 8]", "[default: 'minilm']", "[default: 'all']"]),
+    for path, want in ((["spectrum"], ["[default: fit]", "[default: 256]", "[default: minilm]"]),
+                       (["capture"], ["[default: 8]", "[default: minilm]", "[default: all]"]),
                        (["reconstruct", "run"], ["[default: 0.25]"])):
         text = " ".join(runner.invoke(app, [*path, "--help"], terminal_width=200).output.split())
         for w in want:
