@@ -43,6 +43,9 @@ def _t(n: int) -> float:
 
 def spread(xs: list[float]) -> dict[str, float]:
     """Mean, sd and 95% t-interval half-width over windows."""
+    xs = [x for x in xs if math.isfinite(x)]  # a window without dropped tiles has no remainder statistic
+    if not xs:
+        return {"mean": float("nan"), "sd": float("nan"), "ci": float("nan"), "n": 0}
     m = statistics.fmean(xs)
     sd = statistics.stdev(xs) if len(xs) > 1 else float("nan")
     return {"mean": m, "sd": sd, "ci": _t(len(xs) - 1) * sd / math.sqrt(len(xs)) if len(xs) > 1 else float("nan"),
@@ -188,10 +191,21 @@ def run(args: argparse.Namespace) -> dict:
             "rows": rows, "targets": targets(rows)}
 
 
+def _jsonable(x):
+    """NaN / inf -> None (JSON has no NaN)."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    return x
+
+
 def _write(path: str, obj: dict) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
-        json.dump(obj, f, indent=1)
+        json.dump(_jsonable(obj), f, indent=1, allow_nan=False)
 
 
 def _fmt(s: dict, f: str = ".4f") -> str:
@@ -257,7 +271,16 @@ def main() -> None:
     ap.add_argument("--methods", type=lambda s: s.split(","), default=["none", "pooled", "pooled-sub4", "gaussian",
                                                                         "gaussian-rem", "gaussian-rem-r4"])
     ap.add_argument("--out", default="results/remainder.json")
+    ap.add_argument("--quick", action="store_true", help="CPU smoke run: a tiny LM trained a few seconds next to "
+                    "--out, 256 tokens, 2 windows, the oracle, none/pooled (checks the script, measures nothing)")
     args = ap.parse_args()
+    if args.quick:
+        base = args.out[:-5] if args.out.endswith(".json") else args.out
+        args.model, args.train, args.train_seconds, args.train_preset = base + "-lm", True, 4.0, "tiny"
+        args.seq_len, args.block, args.windows = 256, 32, 2
+        args.predictors, args.p, args.methods = ["oracle"], [0.9, 0.98], ["none", "pooled"]
+        if not args.out.endswith(".json"):
+            args.out = os.path.join(args.out, "remainder.json")
     res = run(args)
     print("\ntargets (ratios paired per window, mean ± 95% CI; vs high p: interval comparison):")
     for t in res["targets"]:

@@ -361,8 +361,25 @@ def test_file_out_refuses_foreign_files(tmp_path, capsys, name, content):
     target = tmp_path / name
     target.write_text(content)
     assert _invoke(["sparsity", "train", "--out", target]) != 0
-    assert "refusing to overwrite" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "refusing to overwrite" in err or "looks like a file" in err
     assert target.read_text() == content
+
+
+@pytest.mark.parametrize("cmd, name", [(["sparsity", "train"], "entmax_model.safetensors"),
+                                       (["reconstruct", "fit"], None),
+                                       (["sparsity", "prefill", "--model", "m"], "prefill.json")])
+def test_run_dir_out_refuses_a_foreign_file_inside(tmp_path, capsys, cmd, name):
+    """--out DIR: the file the command writes inside DIR is checked too (a foreign one is never replaced)."""
+    if name is None:
+        from attnlab.reconstruct.fit import FIT_FILE
+
+        name = FIT_FILE
+    target = tmp_path / name
+    target.write_text("mine\n")
+    assert _invoke([*cmd, "--out", tmp_path]) != 0
+    assert "refusing to overwrite" in capsys.readouterr().err
+    assert target.read_text() == "mine\n"
 
 
 def test_file_out_may_replace_its_own_output(tmp_path):

@@ -20,6 +20,12 @@ def _prefill(settings: dict, out: Optional[str], quiet: bool = False) -> None:
     from ..distributed import is_main_process
     from .prefill import PrefillConfig, format_summary, run_prefill
 
+    if out:  # a file attnlab did not write is never replaced (checked before the forward passes)
+        from pathlib import Path
+
+        from ..io import check_foreign_file
+
+        check_foreign_file(Path(out) if Path(out).suffix == ".json" else Path(out) / "prefill.json")
     res = run_prefill(PrefillConfig(**settings), log=None if quiet else typer.echo)
     if not is_main_process():  # torchrun: rank 0 prints and writes
         return

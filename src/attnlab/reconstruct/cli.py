@@ -103,7 +103,10 @@ def fit(
 
     from .fit import FIT_FILE, fit_corpus, load_checked
 
+    from ..io import check_foreign_file
+
     path = Path(out) if Path(out).suffix == ".safetensors" else Path(out) / FIT_FILE
+    check_foreign_file(path)  # a file attnlab did not write is never replaced (checked before the fit)
     path.parent.mkdir(parents=True, exist_ok=True)
     hf = load_checked(model, seq_len, device=device)
     f = fit_corpus(hf, n_fit, seq_len, corpus=corpus, batch_size=batch_size, seed=seed, progress=not quiet)

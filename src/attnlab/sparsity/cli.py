@@ -37,6 +37,9 @@ def _train(settings: dict, out: str, resume: bool, quiet: bool) -> None:
     run_dir = Path(out).suffix != ".safetensors"
     if run_dir:  # a run directory: the checkpoint goes inside it, where `sparsity run --out DIR --resume` finds it
         out = str(Path(out) / CHECKPOINT)
+    from ..io import check_foreign_file
+
+    check_foreign_file(Path(out))  # a file attnlab did not write is never replaced (checked before training)
 
     cfg = EntmaxTrainConfig(**settings)
     if resume and Path(out).is_file() and not partial_path(out).exists():
