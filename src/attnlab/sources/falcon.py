@@ -64,6 +64,17 @@ def _forward(self, hidden_states, alibi, attention_mask, position_ids=None, laye
     return self.dense(out.transpose(1, 2).reshape(B, N, H * D)), None
 
 
+def needed(model: torch.nn.Module) -> bool:
+    """True when this transformers' FalconAttention computes attention in its own code (ALiBi passed as
+    ``alibi``); from transformers 5.25 it calls the AttentionInterface (ALiBi inside ``attention_mask``) and the
+    generic route reads it."""
+    import inspect
+
+    from transformers.models.falcon.modeling_falcon import FalconAttention
+
+    return "alibi" in inspect.signature(FalconAttention.forward).parameters
+
+
 def install(model: torch.nn.Module) -> int:
     """Wrap every FalconAttention of ``model`` (idempotent); returns how many were wrapped."""
     from transformers.models.falcon.modeling_falcon import FalconAttention

@@ -169,7 +169,10 @@ def _adapter_route(model: torch.nn.Module) -> str:
         return "interface"
     import importlib
 
-    importlib.import_module(f"{__package__}.{fam.route}").install(model)
+    adapter = importlib.import_module(f"{__package__}.{fam.route}")
+    if not getattr(adapter, "needed", lambda m: True)(model):  # this transformers routes it through the interface
+        return "interface"
+    adapter.install(model)
     return fam.route
 
 
