@@ -70,20 +70,35 @@ def spectrum_run(tmp_path_factory, minilm):
     return out
 
 
-@pytest.fixture(scope="session")
-def tiny_lm(tmp_path_factory):
-    """An untrained tiny byte Llama (GQA) with sharpened attention, saved as an HF folder (no training: fast)."""
+def save_sharp_lm(preset: str, seed: int, folder) -> str:
+    """An untrained byte Llama of ``preset`` with sharpened attention (q/k weights x 8, so patterns are not
+    uniform), saved as an HF folder under ``folder`` (no training: fast)."""
     import dataclasses
 
     from attnlab.lm.train import PRESETS, build_model, save_model
 
-    cfg = dataclasses.replace(PRESETS["tiny"], seed=3)
+    cfg = dataclasses.replace(PRESETS[preset], seed=seed)
     model = build_model(cfg)
     with torch.no_grad():  # sharper attention than the 0.02-std init, so patterns are not uniform
         for layer in model.model.layers:
             layer.self_attn.q_proj.weight.mul_(8.0)
             layer.self_attn.k_proj.weight.mul_(8.0)
-    out = tmp_path_factory.mktemp("lm") / "tiny"
+    out = folder / preset
     save_model(model, out, {"key": cfg.key(), "config": dataclasses.asdict(cfg), "train_loss": 0.0,
                             "heldout_loss": 0.0, "steps": 0, "train_seconds": 0.0})
     return str(out)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models: one torch thread is fastest and shared CPUs are not oversubscribed."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(tmp_path_factory):
+    """An untrained tiny byte Llama (GQA) with sharpened attention, saved as an HF folder (no training: fast)."""
+    return save_sharp_lm("tiny", 3, tmp_path_factory.mktemp("lm"))

@@ -3,8 +3,6 @@ checked against float64 exact attention and the reference predictor; the 8B-geom
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 
@@ -22,18 +20,9 @@ SMALL = dict(last_q=16, vertical_size=40, slash_size=60, sink_tokens=4, local_of
 @pytest.fixture(scope="module")
 def tiny_8b_lm(tmp_path_factory):
     """Untrained CPU twin of the 8B-geometry preset (8 q / 2 kv heads of 16), sharpened attention."""
-    from attnlab.lm.train import PRESETS, build_model, save_model
+    from conftest import save_sharp_lm
 
-    cfg = dataclasses.replace(PRESETS["tiny-8b-attn"], seed=5)
-    model = build_model(cfg)
-    with torch.no_grad():
-        for layer in model.model.layers:
-            layer.self_attn.q_proj.weight.mul_(8.0)
-            layer.self_attn.k_proj.weight.mul_(8.0)
-    out = tmp_path_factory.mktemp("lm8b") / "tiny8b"
-    save_model(model, out, {"key": cfg.key(), "config": dataclasses.asdict(cfg), "train_loss": 0.0,
-                            "heldout_loss": 0.0, "steps": 0, "train_seconds": 0.0})
-    return str(out)
+    return save_sharp_lm("tiny-8b-attn", 5, tmp_path_factory.mktemp("lm8b"))
 
 
 def _load(path):

@@ -17,13 +17,7 @@ from attnlab.variables.train import NormControl, TrainConfig, model_norms, train
 
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread: tiny models are fastest that way and shared CPUs are not oversubscribed."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one torch thread (conftest)
 
 
 # ---------------------------------------------------------------- generators

@@ -205,6 +205,7 @@ def attention_bytes(batch: int, heads: int, n: int, layers: int = 1, factor: flo
 
 def _fits(value: Any, hint: Any) -> bool:
     """Whether ``value`` has the annotated type (int, float, str, bool, Optional/Union, list/tuple of those)."""
+    import types
     import typing
 
     origin, args = typing.get_origin(hint), typing.get_args(hint)
@@ -212,7 +213,7 @@ def _fits(value: Any, hint: Any) -> bool:
         return True if hint is not None else value is None
     if hint is type(None):
         return value is None
-    if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
+    if origin in (typing.Union, types.UnionType):
         return any(_fits(value, a) for a in args)
     if origin is typing.Literal:
         return value in args
