@@ -10,7 +10,9 @@ registration.
 - ``proxy`` (:mod:`.proxy`): the low-rank proxy shifted to the row's mean (no fitted statistics).
 - ``proxy+gaussian`` (:mod:`.proxy_gaussian`): proxy plus the conditional-Gaussian estimate of its residual.
 
-Registration order is the order of ``--all`` (and of the results).
+A new built-in estimator is one file here whose :class:`EstimatorKind` calls :func:`register_estimator`, plus its
+import line below (registration order is the order of ``--all`` and of the results); from outside the package,
+``register_estimator`` alone (see tests/test_estimator_registry.py).
 """
 
 from __future__ import annotations
