@@ -4,7 +4,8 @@ Compute the scores of a subset of query-key pairs exactly and estimate the rest 
 on a corpus. Public API:
 
 - selection: :func:`select`, :func:`budget_count`, :func:`make_proxy`, ``STRATEGIES``
-- estimation: :class:`Estimator`, :class:`RowModel`, ``ESTIMATORS``
+- estimation: one registered object per estimator (:data:`ESTIMATOR_REGISTRY`, :class:`EstimatorKind`, each with
+  its cost); :class:`Estimator`, :class:`RowModel`, ``ESTIMATORS``
 - fitting: :func:`fit_corpus`, :func:`fit_from_windows`, :func:`fit_from_spectrum`, :class:`ReconstructionFit`
 - evaluation: :class:`Combo`, :class:`Method`, :func:`make_methods`, :func:`evaluate`, metrics in :mod:`.metrics`
 - total compute: :func:`cost_breakdown`, :func:`method_cost` (units of dense QK^T multiply-adds); frontier:
@@ -35,6 +36,9 @@ _EXPORTS = {
     "evaluate_points": "frontier",
     "best_at": "frontier",
     "ESTIMATORS": "estimators",
+    "ESTIMATOR_REGISTRY": "estimators",
+    "EstimatorKind": "estimators",
+    "register_estimator": "estimators",
     "Estimator": "estimators",
     "RowModel": "estimators",
     "Combo": "evaluate",

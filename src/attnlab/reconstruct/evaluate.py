@@ -14,13 +14,7 @@ import torch
 
 from ..attention import AttentionCall
 from ..errors import ConfigError
-from .estimators import (
-    ALL_ESTIMATORS,
-    PROXY_ESTIMATORS,
-    Estimator,
-    ResidualEstimator,
-    RowModel,
-)
+from .estimators import EstimatorKind, HeadEstimator, RowModel, estimator_kind
 from .fit import ReconstructionFit
 from .metrics import MetricSums, row_metrics
 from .selection import SELECTIONS, STRATEGIES, budget_count, select
@@ -45,15 +39,13 @@ class Combo:
         return f"{self.estimator}{extra}/{self.selection}"
 
     def validate(self) -> None:
-        """Raise ConfigError for unknown names."""
-        if self.estimator not in ALL_ESTIMATORS:
-            raise ConfigError(f"--estimators: unknown {self.estimator!r} (choose from {', '.join(ALL_ESTIMATORS)})")
+        """Raise ConfigError for unknown names and for variants the estimator cannot run."""
+        kind = estimator_kind(self.estimator)
         if self.selection not in STRATEGIES:
             raise ConfigError(f"--selections: unknown {self.selection!r} (choose from {', '.join(STRATEGIES)})")
         if self.offset not in ("exact", "estimate"):
             raise ConfigError(f"--offset must be exact or estimate (got {self.offset!r})")
-        if self.estimator == "proxy+gaussian" and self.pool_heads:
-            raise ConfigError("proxy+gaussian has per-head residual statistics only (no pooled heads)")
+        kind.validate(self)
 
 
 @dataclass
@@ -85,32 +77,23 @@ class Method:
         """Combo label plus the proxy rank where the proxy is used, e.g. 'proxy/adaptive[r=4]'."""
         if self.name:
             return self.name
-        uses = self.combo.selection == "adaptive" or self.combo.estimator in PROXY_ESTIMATORS
+        uses = self.combo.selection == "adaptive" or self.kind.reads_proxy
         return self.combo.label + (f"[r={self.proxy_rank}]" if uses else "")
+
+    @property
+    def kind(self) -> EstimatorKind:
+        """The registered estimator of the combo."""
+        return estimator_kind(self.combo.estimator)
 
     def row_model(self, layer: int, head: int) -> RowModel:
         """The fitted statistics this method uses for (layer, head)."""
         return self.fit.row_model(layer, head, self.combo.position, self.combo.pool_heads)
 
-    def estimator(self, layer: int, head: int) -> Estimator | ResidualEstimator:
-        """Cached estimator of (layer, head)."""
+    def estimator(self, layer: int, head: int) -> HeadEstimator:
+        """Cached estimator of (layer, head), built by the registered estimator from this method's fit."""
         key = (layer, head)
         if key not in self._est:
-            k = self.k
-            if self.combo.estimator == "proxy":
-                raise ConfigError("the proxy estimator has no row model")
-            if self.combo.estimator == "proxy+gaussian":
-                model = self.fit.residual_model(layer, head, self.proxy, self.proxy_rank, self.seed, self.combo.position)
-                self._est[key] = ResidualEstimator(model, jitter=self.jitter, dtype=self.dtype,
-                                                   var_correction=self.combo.var)
-                return self._est[key]
-            if self.combo.estimator == "basis" and k is None:
-                k = min(self.fit.rank_for(layer, head, 0.9, self.combo.position, self.combo.pool_heads), self.b)
-            model = self.row_model(layer, head)
-            if self.combo.estimator == "basis":
-                model = model.with_basis(k, self.fit.eigen(layer, head, self.combo.position, self.combo.pool_heads))
-            self._est[key] = Estimator(self.combo.estimator, model, k=k, ridge=self.ridge, jitter=self.jitter,
-                                       dtype=self.dtype, var_correction=self.combo.var)
+            self._est[key] = self.kind.build(self, layer, head)
         return self._est[key]
 
     def selection(self, layer: int, head: int, call: AttentionCall, scores_h: torch.Tensor,
@@ -144,36 +127,13 @@ class Method:
         valid_h = None if call.valid is None else call.valid[:, 0]
         idx = self.selection(call.layer, head, call, scores_h, valid_h)
         rm = exact_row_mean(call, head, scores_h) if self.combo.offset == "exact" else None
-        if self.combo.estimator == "proxy":
-            return self._proxy_fill(call, head, scores_h, idx, valid_h, rm)
-        if self.combo.estimator == "proxy+gaussian":
-            return self.estimator(call.layer, head)(scores_h, self.proxy_scores(call, head), idx, valid_h, rm)
-        return self.estimator(call.layer, head)(scores_h, idx, valid_h, rm)
+        px = self.proxy_scores(call, head) if self.kind.reads_proxy else None
+        return self.estimator(call.layer, head).estimate(scores_h, idx, valid_h, rm, px)
 
     def proxy_scores(self, call: AttentionCall, head: int) -> torch.Tensor:
         """The low-rank proxy scores (B, Nq, N) of every pair of one head (cost r/d_head of the full scores)."""
         px = self.fit.proxy(call.layer, head, self.proxy, self.proxy_rank, self.seed)
         return px.scores(call.query[:, head], call.key[:, head], call.scaling)
-
-    def _proxy_fill(self, call, head, scores_h, idx, valid_h, rm) -> torch.Tensor:
-        """Unobserved scores from the low-rank proxy, shifted so the row keeps its exact mean."""
-        ps = self.proxy_scores(call, head).to(scores_h.dtype)  # (B, N, N)
-        B, nq, n = scores_h.shape
-        v = torch.ones_like(scores_h, dtype=torch.bool) if valid_h is None else valid_h.expand(B, nq, n)
-        full = idx.expand(B, nq, -1) if idx.dim() < 3 else idx
-        if idx.dim() == 1:
-            full = idx.expand(B, nq, -1)
-        obs_mask = torch.zeros_like(v).scatter(-1, full, True)
-        unobs = v & ~obs_mask
-        s0 = torch.where(v, scores_h, torch.zeros_like(scores_h))
-        if rm is None:  # estimate the shift from the observed pairs
-            shift = ((s0 - ps) * (obs_mask & v)).sum(-1) / (obs_mask & v).sum(-1).clamp_min(1)
-        else:
-            n_unobs = unobs.sum(-1).clamp_min(1)
-            target = rm * v.sum(-1) - (s0 * (obs_mask & v)).sum(-1)  # exact total of the unobserved scores
-            shift = (target - (ps * unobs).sum(-1)) / n_unobs
-        est = torch.where(obs_mask, scores_h, ps + shift.unsqueeze(-1))
-        return est.masked_fill(~v, float("-inf"))
 
 
 def exact_row_mean(call: AttentionCall, head: int, scores_h: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -198,22 +158,15 @@ def exact_row_mean(call: AttentionCall, head: int, scores_h: Optional[torch.Tens
 def make_methods(fit: ReconstructionFit, combos: list[Combo], budget: float | int, **kw: Any) -> list[Method]:
     """One :class:`Method` per combo at a budget (fraction or count per row)."""
     b = budget_count(budget, fit.seq_len)
-    k = kw.get("k")
-    if k is not None:
-        from .estimators import check_k
-
-        if any(c.estimator == "basis" for c in combos):
-            check_k(int(k), b)
     out = []
     for c in combos:
         c.validate()
-        if (c.selection == "adaptive" or c.estimator in PROXY_ESTIMATORS) and kw.get("proxy", "bilinear") != "random" \
+        kind = estimator_kind(c.estimator)
+        if (c.selection == "adaptive" or kind.reads_proxy) and kw.get("proxy", "bilinear") != "random" \
                 and fit.meta.get("d_head") is None:
             raise ConfigError("--selection adaptive with a fitted proxy needs a corpus fit (query/key moments); "
                               "this fit came from a spectrum run: use --proxy random")
-        if c.estimator == "proxy+gaussian":  # fail before evaluating anything when the residual statistics are missing
-            fit.residual_model(fit.layers[0], fit.heads[0], kw.get("proxy", "bilinear"), kw.get("proxy_rank", 4),
-                               kw.get("seed", 0))
+        kind.check(fit, b, kw)  # fail before evaluating anything (a --k above the budget, missing statistics)
         out.append(Method(fit, c, b, **kw))
     return out
 

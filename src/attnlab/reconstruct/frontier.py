@@ -16,6 +16,7 @@ import torch
 
 from ..errors import ConfigError
 from .cost import check_compute, method_cost
+from .estimators import estimator_kind
 from .evaluate import Combo, Method, evaluate
 from .fit import ReconstructionFit
 
@@ -67,7 +68,7 @@ def candidates(fit: ReconstructionFit, families: Optional[list[str]] = None, fra
         f = FAMILIES[name]
         for b in ([0] if f.zero_pairs else budgets):
             for r in (rks if f.uses_rank else [rks[0] if rks else 1]):
-                if f.estimator == "proxy+gaussian" and r not in resid:
+                if estimator_kind(f.estimator).needs_residual and r not in resid:
                     continue
                 m = Method(fit, Combo(f.estimator, f.selection), b, proxy=proxy, proxy_rank=r, seed=seed,
                            name=_point_label(f, b, r))

@@ -31,6 +31,7 @@ from ..models.transformer import SmallTransformer, TransformerConfig
 from ..seeding import seed_everything
 from ..sources.small import SmallSource
 from ..training import adamw, train_steps, warmup_cosine
+from .estimators import estimator_kind
 from .evaluate import Combo, Method
 from .fit import fit_from_windows
 
@@ -148,7 +149,7 @@ def _loss(model: SmallTransformer, ids: torch.Tensor, labels: Optional[torch.Ten
 
 
 def _refit(model: SmallTransformer, windows: torch.Tensor, combo: Combo, budget, cfg: TrainConfig) -> Method:
-    resid = [(cfg.proxy, cfg.proxy_rank, cfg.seed)] if combo.estimator == "proxy+gaussian" else []
+    resid = [(cfg.proxy, cfg.proxy_rank, cfg.seed)] if estimator_kind(combo.estimator).needs_residual else []
     fit = fit_from_windows(model, windows, batch_size=64, model_name="small-transformer", residual_proxies=resid)
     m = Method(fit, combo, 0, proxy=cfg.proxy, proxy_rank=cfg.proxy_rank, seed=cfg.seed, dtype=torch.float32)
     from .selection import budget_count
