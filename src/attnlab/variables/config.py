@@ -15,7 +15,8 @@ import math
 
 from ..errors import ConfigError
 from .complexity import SearchConfig
-from .ensemble import Bounds, EnsembleConfig
+from .ensemble import EnsembleConfig
+from .ensemble_models import Bounds
 from .tasks import make_task
 from .train import NormControl, TrainConfig
 
