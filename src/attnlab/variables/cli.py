@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import inspect
 import json
-from typing import List
+from typing import TYPE_CHECKING, List
 
 import typer
 
 from ..cli_config import config_command, option, out_option, quiet_option
 from ..cli_utils import HardenedGroup, write_report
+
+if TYPE_CHECKING:
+    from .config import SweepOptions
 
 app = typer.Typer(cls=HardenedGroup,
                   help="Variable creation (Edelman et al.): sparse Boolean tasks, m*(T) sweeps, law fits.",
@@ -52,7 +55,7 @@ def _check_memory(T: int, cfg) -> None:
                  "lower --T (or --n-test / --batch-size / --n-heads)")
 
 
-def _sweep_options(settings: dict, extra_args: List[str]):
+def _sweep_options(settings: dict, extra_args: List[str]) -> "SweepOptions":
     """The SweepOptions of the given options: list options parsed (bare integers after the options join --T)."""
     from ..errors import ConfigError
     from .config import DEFAULT_TS, SweepOptions

@@ -9,9 +9,9 @@ A command option can feed several learners (``--d-model`` sizes the bounded head
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Optional
-import math
 
 from ..errors import ConfigError
 from .complexity import SearchConfig
@@ -176,12 +176,11 @@ class SweepOptions:
         search = SearchConfig(threshold=self.threshold, m_min=self.m_min, m_max=self.m_max, rtol=self.rtol,
                               points=self.points, doubling=self.doubling)
         return SweepConfig(task=self.task, s=self.s, Ts=list(self.T), seeds=self.seeds, seed=self.seed,
-                           balanced=self.balanced, noise=self.noise, model=self.model, bounded=bounded,
-                           train=train, contrast=self.contrast,
-                           mlp=mlp, contrast_max_T=self.contrast_max_t, search=search, norm_sweep=list(self.norm_sweep),
-                           norm_T=self.norm_t, probe=self.probe, budget_s=self.budget_s,
-                           probe_bounds=list(self.probe_bounds), probe_T=self.probe_t, probe_m=self.probe_m,
-                           fit_acc=self.fit_acc)
+                           balanced=self.balanced, noise=self.noise, model=self.model, bounded=bounded, train=train,
+                           contrast=self.contrast, mlp=mlp, contrast_max_T=self.contrast_max_t, search=search,
+                           norm_sweep=list(self.norm_sweep), norm_T=self.norm_t, probe=self.probe,
+                           budget_s=self.budget_s, probe_bounds=list(self.probe_bounds), probe_T=self.probe_t,
+                           probe_m=self.probe_m, fit_acc=self.fit_acc)
 
 
 @dataclass
@@ -218,10 +217,10 @@ class TrainOptions:
                              max_steps=self.max_steps)
 
 
-def _train_config(o: SweepOptions | TrainOptions, bounded: bool, **given: Any) -> TrainConfig:
-    """The transformer's TrainConfig from a command's options (norm bounds only where ``bounded``)."""
-    norm = NormControl(mode=o.norm_mode, qk_bound=o.qk_bound if bounded else None,
-                       v_bound=o.v_bound if bounded else None, out_bound=o.out_bound if bounded else None,
+def _train_config(o: SweepOptions | TrainOptions, with_bounds: bool, **given: Any) -> TrainConfig:
+    """The transformer's TrainConfig from a command's options (its norm bounds only ``with_bounds``)."""
+    norm = NormControl(mode=o.norm_mode, qk_bound=o.qk_bound if with_bounds else None,
+                       v_bound=o.v_bound if with_bounds else None, out_bound=o.out_bound if with_bounds else None,
                        penalty=o.penalty)
     return TrainConfig(n_layers=o.n_layers, attention=o.attention, batch_size=o.batch_size,
                        weight_decay=o.weight_decay, norm=norm, n_test=o.n_test, n_val=o.n_test, monitor=o.monitor,
