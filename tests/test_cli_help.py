@@ -108,6 +108,19 @@ def test_shared_options_exist_and_mean_the_same(name):
         assert len(texts) == 1, texts
 
 
+def test_variables_options_come_from_their_dataclasses():
+    """`variables sweep` / `train` follow the one convention: an option per field of their options dataclass, plus
+    the shared options (no hand-written option restating a default)."""
+    from attnlab.cli_config import config_fields
+
+    for path, target, shared in (("variables sweep", "SweepOptions", {"out", "resume", "quiet"}),
+                                 ("variables train", "TrainOptions", {"quiet"})):
+        fields = {f.name for f in config_fields(f"attnlab.variables.config:{target}")}
+        assert {p.name for p in COMMANDS[path].params} - {"help"} == fields | shared, path
+    flags = {o for p in COMMANDS["variables sweep"].params for o in p.opts}
+    assert {"--T", "--contrast-max-T", "--norm-T", "--probe-T", "--probe-m", "--s"} <= flags
+
+
 def test_filler_is_caught():
     """The checker fails on the help lines the issue quoted (a check that cannot fail is a defect)."""
     for name, text in [("d_ff", "D ff. [default: 1536]"), ("batch_size", "Batch size."), ("device", "Device."),

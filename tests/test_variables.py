@@ -368,6 +368,39 @@ def test_cli_parses_t_lists_and_reports_bad_flags(tmp_path):
     assert res.exit_code == 2 and "--model" in res.output
 
 
+
+def test_command_options_default_to_the_library_defaults():
+    """The options' defaults (written once in SweepOptions / TrainOptions) build the library's default configs."""
+    from dataclasses import asdict
+
+    from attnlab.variables.config import SweepConfig, SweepOptions, TrainOptions
+
+    assert asdict(SweepOptions().config()) == {**asdict(SweepConfig()), "fit_acc": 1.0}
+    assert TrainOptions().config() == TrainConfig()
+
+
+def test_sweep_options_reach_every_learner_they_apply_to(tmp_path, monkeypatch):
+    """--d-model sizes the bounded head and the transformer (not the MLP); the norm bounds reach the transformer
+    only with --norm-mode constrain; bare integers after the options join --T."""
+    from typer.testing import CliRunner
+
+    import attnlab.variables.experiment as experiment
+    from attnlab.variables.cli import app
+
+    seen = []
+    monkeypatch.setattr(experiment, "run_sweep", lambda cfg, out, **kw: seen.append((cfg, kw)) or {"results": []})
+    monkeypatch.setattr("attnlab.variables.cli.write_report", lambda out: None)
+    base = ["sweep", "--s", "2", "--d-model", "16", "--qk-bound", "8", "--max-steps", "7", "--out", str(tmp_path)]
+    for extra in (["--T", "4,6", "--norm-mode", "constrain", "--device", "cpu", "8"], ["--T", "4"]):
+        res = CliRunner().invoke(app, [*base, *extra])
+        assert res.exit_code == 0, res.output
+    (on, kw), (off, _) = seen
+    assert on.Ts == [4, 6, 8] and off.Ts == [4] and kw["device"] == "cpu"
+    assert on.bounded.d_model == on.train.d_model == 16 and on.mlp.width == 128 and on.mlp.max_steps == 7
+    assert on.bounded.bounds.qk == on.train.norm.qk_bound == 8.0 and on.train.norm.v_bound == 4.0
+    assert off.bounded.bounds.qk == 8.0 and off.train.norm.qk_bound is None
+
+
 # ---------------------------------------------------------------- bounded-norm ensemble and the MLP contrast
 
 

@@ -32,16 +32,17 @@ class ConfigField:
     """One dataclass field as the CLI sees it."""
 
     name: str
-    kind: str  # int | float | str | bool | list (comma/space separated values) | ints (e.g. '0,2-4')
+    kind: str  # int | float | str | bool | list (comma/space separated values) | ints (e.g. '0,2-4') | words
     optional: bool  # None is a valid value
     default: str  # the default as written in the source ("required" for none)
     help: str  # the field's trailing comment
     value: Any = None  # the default evaluated from the source (:data:`UNKNOWN` when it is not a plain value)
+    alias: str = ""  # the flag when it is not ``--field-name`` (config_command's ``flags``)
 
     @property
     def flag(self) -> str:
-        """``--field-name``."""
-        return "--" + self.name.replace("_", "-")
+        """``--field-name`` (or the alias)."""
+        return self.alias or "--" + self.name.replace("_", "-")
 
 
 def _kind(annotation: str) -> tuple[str, bool]:
@@ -268,7 +269,7 @@ def _option(f: ConfigField, help_extra: dict[str, str], shown: Optional[dict[str
     text = help_text(f, help_extra, shown)
     if f.kind == "bool":
         return Optional[bool], typer.Option(None, f"{f.flag}/--no-{f.flag[2:]}", help=text, show_default=False)
-    if f.kind == "list":  # repeat the flag or give a comma/space separated list
+    if f.kind in ("list", "words"):  # repeat the flag or give a comma/space separated list
         return Optional[List[str]], typer.Option(None, f.flag, help=text, show_default=False)
     typ = {"int": int, "float": float}.get(f.kind, str)
     if f.value is REQUIRED:  # a field without a default must be given
@@ -279,16 +280,20 @@ def _option(f: ConfigField, help_extra: dict[str, str], shown: Optional[dict[str
 def config_command(app: typer.Typer, name: str, target: str | Sequence[str], run: Callable[..., None], *,
                    skip: Sequence[str] = (), extra: Sequence[inspect.Parameter] = (),
                    help_extra: Optional[dict[str, str]] = None, kinds: Optional[dict[str, str]] = None,
-                   doc: Optional[str] = None, shown: Optional[dict[str, str]] = None) -> Callable[..., None]:
+                   doc: Optional[str] = None, shown: Optional[dict[str, str]] = None,
+                   flags: Optional[dict[str, str]] = None,
+                   context_settings: Optional[dict[str, Any]] = None) -> Callable[..., None]:
     """Register command ``name`` on ``app`` with one option per field of ``target`` (minus ``skip``) plus the
     ``extra`` parameters; ``run(settings, **extra_values)`` gets the given fields, parsed to their types.
     Several targets (e.g. a training config and the run function): ``settings`` is a dict per target, and a
     name both have belongs to the first. ``kinds`` overrides a field's parsed kind: 'ints' ('0,2-4'), 'list'
-    (words/numbers), 'number' (int or float). ``help_extra`` gives a field's help where its comment is missing or
-    too terse; ``shown`` a default note where the default depends on another option (e.g. ``lm train --preset``)."""
+    (words/numbers), 'number' (int or float), 'words' (the strings as given, parsed by ``run``). ``help_extra``
+    gives a field's help where its comment is missing or too terse; ``shown`` a default note where the default
+    depends on another option (e.g. ``lm train --preset``). ``flags`` names a field's flag where it is not
+    --field-name (e.g. --norm-T); ``context_settings`` go to click (e.g. allow_extra_args)."""
     targets = [target] if isinstance(target, str) else list(target)
     owner = {f.name: t for t in reversed(targets) for f in config_fields(t)}  # a shared name goes to the first
-    fields = [dataclasses.replace(f, kind=(kinds or {}).get(f.name, f.kind))
+    fields = [dataclasses.replace(f, kind=(kinds or {}).get(f.name, f.kind), alias=(flags or {}).get(f.name, ""))
               for t in targets for f in config_fields(t) if f.name not in skip and owner[f.name] == t]
     params, annotations = [], {}
     for f in fields:
@@ -316,7 +321,7 @@ def config_command(app: typer.Typer, name: str, target: str | Sequence[str], run
             setattr(command, mark, getattr(run, mark))
     from .cli_utils import HardenedCommand
 
-    return app.command(name, cls=HardenedCommand)(command)
+    return app.command(name, cls=HardenedCommand, context_settings=context_settings)(command)
 
 
 def option(name: str, annotation: Any, default: Any, *decls: str, **kw: Any) -> inspect.Parameter:

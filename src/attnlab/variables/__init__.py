@@ -11,7 +11,8 @@ from .._lazy import lazy_package
 _EXPORTS = {
     "ComplexityResult": "complexity", "Learner": "complexity", "SearchConfig": "complexity",
     "TrialStore": "complexity", "sample_complexity": "complexity", "sweep": "complexity",
-    "SweepConfig": "experiment", "make_learner": "experiment", "run_sweep": "experiment",
+    "SweepConfig": "config", "SweepOptions": "config", "TrainOptions": "config",
+    "make_learner": "experiment", "run_sweep": "experiment",
     "run_variables": "experiment",
     "FitReport": "fit", "LawFit": "fit", "fit_laws": "fit",
     "attention_probe": "probe", "mass_at_mstar": "probe", "mass_cap": "probe", "relevant_mass": "probe",

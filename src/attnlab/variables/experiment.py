@@ -16,21 +16,21 @@ take the same next round, rank 0 saves the merged trials once per round. The tri
 from __future__ import annotations
 
 import logging
-import math
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
 from ..distributed import DistInfo, broadcast_object, device_for, init_distributed
-from ..errors import AttnlabError, ConfigError
+from ..errors import AttnlabError
 from ..io import RunDir
-from .complexity import Learner, SearchConfig, TrialStore, distributed_learner, sample_complexity
+from .complexity import Learner, TrialStore, distributed_learner, sample_complexity
+from .config import CONTRASTS, DEFAULT_TS, MODELS, SHARED, SweepConfig  # noqa: F401 (the experiment's names)
 from .ensemble import Bounds, EnsembleConfig, Member, train_ensemble
 from .fit import MIN_POINTS
 from .probe import mass_at_mstar
 from .tasks import make_task
-from .train import TrainConfig, resolve_device, train_model
+from .train import resolve_device, train_model
 
 _log = logging.getLogger(__name__)
 
@@ -38,100 +38,6 @@ SECTION = "variables"
 TRIALS_FILE = "variables_trials.json"
 CONTRAST_TRIALS_FILE = "variables_contrast_trials.json"
 NORM_TRIALS_FILE = "variables_norm_trials.json"
-MODELS = ("bounded", "transformer")
-CONTRASTS = ("mlp", "none")
-DEFAULT_TS = [16, 32, 64, 128, 256, 512, 1024, 2048, 4096]
-# settings shared by the transformer's TrainConfig and the ensembles' EnsembleConfig
-SHARED = ("d_model", "n_heads", "lr", "batch_size", "max_steps", "eval_every", "patience", "n_test")
-
-
-@dataclass
-class SweepConfig:
-    """What to sweep: task, context lengths, seeds, the model (and contrast), training and search settings."""
-
-    task: str = "and"  # parity | and | or | majority | random
-    s: int = 3  # number of relevant bits
-    Ts: list[int] = field(default_factory=lambda: list(DEFAULT_TS))  # context lengths
-    seeds: int = 5  # seeds 0 .. seeds-1 (offset by seed)
-    seed: int = 0  # first seed
-    balanced: bool = True  # 50/50 labels
-    noise: float = 0.0  # train label-flip probability
-    model: str = "bounded"  # bounded (the theorem's norm-bounded class) | transformer (SmallTransformer)
-    bounded: EnsembleConfig = field(default_factory=lambda: EnsembleConfig(kind="bounded", bounds=Bounds()))
-    train: TrainConfig = field(default_factory=TrainConfig)  # the transformer's settings
-    contrast: str = "mlp"  # mlp | none
-    mlp: EnsembleConfig = field(default_factory=lambda: EnsembleConfig(kind="mlp", lr=0.05))
-    contrast_max_T: Optional[int] = None  # no contrast above this T (None = every T)
-    search: SearchConfig = field(default_factory=SearchConfig)
-    norm_sweep: list[float] = field(default_factory=list)  # qk bounds for the norm/sample trade-off
-    norm_T: Optional[int] = None  # T of the trade-off sweep (default: the median --T)
-    probe: bool = True  # probe attention at the largest T reached
-    probe_bounds: list[float] = field(default_factory=list)  # qk bounds of the attention probe against the norm bound
-    probe_T: Optional[int] = None  # T of that probe (default: the largest T with a reached m*)
-    probe_m: Optional[int] = None  # train size of that probe (default: twice the median m* at probe_T)
-    budget_s: Optional[float] = None  # start no new T after this many seconds
-    max_members: int = 96  # largest ensemble trained at once (memory)
-    fit_acc: Optional[float] = None  # fit criterion of every learner (train acc on all m examples); None: each config's own
-
-    def __post_init__(self) -> None:
-        if isinstance(self.train, dict):
-            given = dict(self.train)
-            self.train = TrainConfig(**given)
-            if isinstance(self.bounded, EnsembleConfig):  # shared keys given for the training apply to both
-                self.bounded = EnsembleConfig(**{**asdict(self.bounded), **{k: v for k, v in given.items() if k in SHARED}})
-        if isinstance(self.bounded, dict):
-            self.bounded = EnsembleConfig(**{"kind": "bounded", "bounds": Bounds(), **self.bounded})
-        if isinstance(self.mlp, dict):
-            self.mlp = EnsembleConfig(**{"kind": "mlp", "lr": 0.05, **self.mlp})
-        if isinstance(self.search, dict):
-            self.search = SearchConfig(**self.search)
-        if self.fit_acc is not None:  # one fit criterion for every learner
-            if not 0 < self.fit_acc <= 1:
-                raise ConfigError(f"--fit-acc must be in (0, 1] (got {self.fit_acc})")
-            self.bounded = replace(self.bounded, fit_acc=self.fit_acc)
-            self.mlp = replace(self.mlp, fit_acc=self.fit_acc)
-        if self.model not in MODELS:
-            raise ConfigError(f"--model must be one of {', '.join(MODELS)} (got {self.model!r})")
-        if self.contrast not in CONTRASTS:
-            raise ConfigError(f"--contrast must be one of {', '.join(CONTRASTS)} (got {self.contrast!r})")
-        if not self.Ts:
-            raise ConfigError("--T: give at least one context length")
-        for T in self.Ts:
-            make_task(self.task, T, self.s, 0, self.balanced, self.noise)  # validates task, s, T, noise
-        if self.seeds < 1:
-            raise ConfigError(f"--seeds must be >= 1 (got {self.seeds})")
-        if any(not b > 0 for b in self.norm_sweep):
-            raise ConfigError(f"--norm-sweep bounds must be > 0 (got {self.norm_sweep})")
-        if self.norm_sweep and self.model != "bounded":
-            raise ConfigError("--norm-sweep needs --model bounded")
-        self.probe_bounds = [float(b) for b in self.probe_bounds]
-        if any(not (math.isfinite(b) and b > 0) for b in self.probe_bounds):
-            raise ConfigError(f"--probe-bounds must be finite and > 0 (got {self.probe_bounds})")
-        if self.probe_bounds and self.model != "bounded":
-            raise ConfigError("--probe-bounds needs --model bounded")
-        if self.probe_T is not None:
-            make_task(self.task, self.probe_T, self.s, 0)
-        if self.probe_m is not None and self.probe_m < 1:
-            raise ConfigError(f"--probe-m must be >= 1 (got {self.probe_m})")
-        self.Ts = sorted(set(int(t) for t in self.Ts))
-        if self.norm_T is not None:
-            make_task(self.task, self.norm_T, self.s, 0, flag="--norm-T")
-        if self.max_members < 1:
-            raise ConfigError(f"--max-members must be >= 1 (got {self.max_members})")
-
-    def seed_list(self) -> list[int]:
-        """The seeds used."""
-        return list(range(self.seed, self.seed + self.seeds))
-
-    def fingerprint(self, learner: str) -> dict[str, Any]:
-        """Settings a trial's outcome depends on (a resume must match them)."""
-        base = {"task": self.task, "s": self.s, "balanced": self.balanced, "noise": self.noise, "learner": learner}
-        if learner == "transformer":
-            return {**base, "train": self.train.to_dict()}
-        cfg = self.mlp if learner == "mlp" else self.bounded
-        return {**base, "train": asdict(cfg)}
-
-
 def ensemble_learner(cfg: SweepConfig, ens: EnsembleConfig, device: str) -> Learner:
     """A batched learner: (T, [(m, seed), ...]) -> records, training the trials as ensembles."""
 
