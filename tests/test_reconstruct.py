@@ -352,3 +352,34 @@ def test_cli_help():
     for cmd in ("run", "train", "fit"):
         r = CliRunner().invoke(app, [cmd, "--help"])
         assert r.exit_code == 0 and "--" in r.output
+
+
+def test_dropin_head_subset_keeps_other_heads_exact(tmp_path):
+    """--heads 0 (a subset): the drop-in reconstructs head 0 only, head 1 keeps exact attention, and the result
+    names both (it used to fail: no statistics for head 1)."""
+    from attnlab.capture.hf import run_forward
+    from attnlab.reconstruct.approx import ApproxAttention, output_effect
+    from attnlab.reconstruct.evaluate import Combo, make_methods
+    from attnlab.reconstruct.fit import fit_from_windows
+    from attnlab.sources.hf import attention_hooks
+
+    hf = _tiny_hf(tmp_path, "bert")
+    w = torch.randint(1000, 5000, (6, 16), generator=torch.Generator().manual_seed(0))
+    fit = fit_from_windows(hf, w, heads=[0], model_name="bert")
+    m = make_methods(fit, [Combo("gaussian", "random")], 0.25)[0]
+    diff = []
+
+    def spy(call):  # the handler's output against exact attention, per head
+        out = ApproxAttention(m, [0])(call)
+        exact = torch.nan_to_num(torch.softmax(call.scores().double(), -1), nan=0.0).to(call.value.dtype) @ call.value
+        diff.append((out - exact).abs().amax(dim=(0, 2, 3)))
+        return out
+
+    with attention_hooks(hf, spy, [0]):
+        run_forward(hf, w[:2])
+    assert diff and float(diff[0][1]) == 0.0 and float(diff[0][0]) > 1e-4
+    eff = output_effect(hf, w[:4], m, batch_size=2)  # default: the fitted heads
+    assert eff["heads"] == [0] and eff["exact_heads"] == [1] and 0 < eff["hidden_cosine"] <= 1 + 1e-6
+    full = output_effect(hf, w[:4], make_methods(fit_from_windows(hf, w, model_name="bert"),
+                                                 [Combo("gaussian", "random")], 0.25)[0], batch_size=2)
+    assert "exact_heads" not in full and "heads" not in full  # every head: the record is as before

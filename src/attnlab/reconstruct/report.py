@@ -47,7 +47,9 @@ def render_section(run: RunDir) -> str:
         best = sec.get("best_at_compute") or {}
         parts.append("<p>" + "; ".join(f"best at compute &le; {escape(c)}: {_fmt(b)}" for c, b in best.items()) + "</p>")
     for d in sec.get("dropin") or []:
-        parts.append(f"<p>Drop-in {_fmt(d['method'])} in layers {_fmt(d['layers'])}: hidden-state cosine "
+        scope = (f", heads {_fmt(d['heads'])} (heads {_fmt(d['exact_heads'])} kept exact attention)"
+                 if d.get("exact_heads") else "")
+        parts.append(f"<p>Drop-in {_fmt(d['method'])} in layers {_fmt(d['layers'])}{scope}: hidden-state cosine "
                      f"{_fmt(d['hidden_cosine'])}, sentence-embedding cosine {_fmt(d['sentence_cosine'])}"
                      + (f", LM loss {_fmt(d['loss_exact'])} &rarr; {_fmt(d['loss_approx'])}" if "loss_exact" in d else "")
                      + ".</p>")

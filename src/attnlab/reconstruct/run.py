@@ -289,10 +289,11 @@ def reconstruct(out: str | Path, model: str = "minilm", progress: bool = True, *
             m0 = by_label[lab]
             m = make_methods(fit, [m0.combo], cfg.budget, **{**kw, "proxy_rank": m0.proxy_rank})[0]
             with phases("dropin"):
-                d = output_effect(hf, windows, m, cfg.layers, cfg.batch_size, seed=cfg.seed)
+                d = output_effect(hf, windows, m, cfg.layers, cfg.batch_size, seed=cfg.seed, heads=cfg.heads)
             res["dropin"].append({**d, "compute": method_cost(m, hf.head_dim)["compute"]})
-        say("drop-in: " + "; ".join(f"{d['method']}: hidden cos {d['hidden_cosine']:.4f}, sentence cos "
-                                     f"{d['sentence_cosine']:.4f}" for d in res["dropin"]))
+        say("drop-in" + dropin_scope(res["dropin"][0]) + ": " + "; ".join(
+            f"{d['method']}: hidden cos {d['hidden_cosine']:.4f}, sentence cos {d['sentence_cosine']:.4f}"
+            for d in res["dropin"]))
     res["seconds"] = round(time.perf_counter() - t0, 2)
     res["phases"] = phases.as_dict()  # *_seconds: kept in timings.json
     write_tensors(run.file(TENSORS), tensors, {"model": cfg.model, "seq_len": cfg.seq_len, "layers": L, "heads": H})
@@ -306,6 +307,13 @@ def reconstruct(out: str | Path, model: str = "minilm", progress: bool = True, *
     run.write_section(SECTION, res)
     barrier(info)
     return res
+
+
+def dropin_scope(d: dict[str, Any]) -> str:
+    """'' when the drop-in replaced every head, else ' (heads [0, 1] reconstructed, heads [2, 3] exact)'."""
+    if not d.get("exact_heads"):
+        return ""
+    return f" (--heads: heads {d['heads']} reconstructed, heads {d['exact_heads']} kept exact)"
 
 
 def train(out: str | Path, progress: bool = True, **settings: Any) -> dict[str, Any]:
