@@ -75,3 +75,24 @@ def test_lm_cli_tiny(tmp_path):
     assert "held-out loss" in r.output and (tmp_path / "m" / "config.json").exists()
     r = CliRunner().invoke(app, ["lm", "train", "--preset", "tiny", "--n-heads", "3", "--out", str(tmp_path / "x")])
     assert r.exit_code == 2 and "error" in r.output
+
+
+def test_lm_model_files_honour_umask(tmp_path):
+    """Every file of the saved model folder (model.safetensors included: save_pretrained made it 0600) gets
+    0666 minus the umask, like an ordinary open(); a file the writer did not touch keeps its own mode."""
+    import os
+    import stat
+
+    out = tmp_path / "lm"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    os.chmod(out / "notes.txt", 0o600)
+    old = os.umask(0o027)
+    try:
+        load_or_train(dataclasses.replace(_tiny(), steps=1, long_frac=0.0, max_bytes=60_000, eval_every=0), out)
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir() if p.is_file() and p.name != "notes.txt"}
+    assert "model.safetensors" in modes and META in modes
+    assert set(modes.values()) == {0o640}, modes
+    assert stat.S_IMODE((out / "notes.txt").stat().st_mode) == 0o600

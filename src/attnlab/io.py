@@ -66,6 +66,23 @@ def public_mode(path: str | os.PathLike) -> None:
     os.chmod(path, 0o666 & ~mask)
 
 
+def _files(folder: Path) -> dict[str, tuple[int, int]]:
+    return {e.name: (e.inode(), e.stat().st_mtime_ns) for e in os.scandir(folder) if e.is_file(follow_symlinks=False)}
+
+
+@contextlib.contextmanager
+def public_writes(folder: str | os.PathLike) -> Iterator[Path]:
+    """Around a third-party writer (``save_pretrained`` writes 0600 files through a temp file): every file of
+    ``folder`` it creates or replaces gets the mode of an ordinary new file (0666 minus the umask)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    before = _files(folder)
+    yield folder
+    for name, sig in _files(folder).items():
+        if before.get(name) != sig:
+            public_mode(folder / name)
+
+
 def os_error(e: OSError, path: str | os.PathLike, action: str = "write") -> ResultsError:
     """A one-line ResultsError for a failed write (disk full, read-only, permission) naming the path."""
     why = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded", errno.EROFS: "read-only file system",

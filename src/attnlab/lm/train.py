@@ -14,7 +14,7 @@ from typing import Callable, Optional
 import torch
 
 from ..errors import ConfigError, ResultsError
-from ..io import write_json
+from ..io import public_writes, write_json
 from ..training import check_diverged
 from .data import EOS_ID, VOCAB, load_corpus, windows
 
@@ -258,8 +258,9 @@ def save_model(model, out: str | Path, meta: dict) -> None:
     (out / META).unlink(missing_ok=True)
     model = model.to(torch.bfloat16)
     model.config.use_cache = True
-    model.save_pretrained(out, max_shard_size="15MB")
-    ByT5Tokenizer(extra_ids=0).save_pretrained(out)
+    with public_writes(out):  # the weights follow the umask like every other attnlab file
+        model.save_pretrained(out, max_shard_size="15MB")
+        ByT5Tokenizer(extra_ids=0).save_pretrained(out)
     write_json(out / META, meta)
 
 
