@@ -48,8 +48,10 @@ def _run(settings: dict, out: str, quiet: bool, resume: bool, all_methods: bool 
 
     if not is_main_process():  # torchrun: rank 0 reports
         return
+    from .report import methods_text
+
     typer.echo(format_table(res["table"]))
-    typer.echo(f"best {res['best']} (chosen at {res['best_chosen_at']}): worst-layer TV {res['best_worst_layer_tv']:.4f} "
+    typer.echo(f"{methods_text(res)}; best {res['best']} (chosen at {res['best_chosen_at']}): worst-layer TV {res['best_worst_layer_tv']:.4f} "
                f"(target 0.05) at total compute {res['best_compute']:.3f}; results in {out}")
     write_report(out)
 

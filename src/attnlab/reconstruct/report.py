@@ -10,6 +10,25 @@ from ..report.html import cell as _fmt, figure, table as _table
 SECTION = "reconstruct"
 
 
+def method_counts(res: dict) -> dict[str, int]:
+    """How many methods a reconstruct section holds: rows of its table, of which oracle bounds, and frontier points."""
+    table = res.get("table") or {}
+    return {"table": len(table), "oracle": sum(v.get("selection") == "oracle" for v in table.values()),
+            "frontier": len(res.get("frontier_points") or {})}
+
+
+def methods_text(res: dict) -> str:
+    """The one wording of the method count, shared by the CLI and the report: '20 methods (4 of them oracle
+    bounds) + 12 frontier points' (the table's rows, then the frontier's points when there are any)."""
+    c = method_counts(res)
+    text = f"{c['table']} method{'s' * (c['table'] != 1)}"
+    if c["oracle"]:
+        text += f" ({c['oracle']} of them oracle bound{'s' * (c['oracle'] != 1)})"
+    if c["frontier"]:
+        text += f" + {c['frontier']} frontier point{'s' * (c['frontier'] != 1)}"
+    return text
+
+
 def render_section(run: RunDir) -> str:
     """The reconstruct section: method table (TV per layer), drop-in effect, training runs, and the PNGs."""
     sec = run.section(SECTION)
@@ -35,15 +54,18 @@ def render_section(run: RunDir) -> str:
                 [table[lab]["mean"]["rel_err"], table[lab]["mean"]["top1"], table[lab]["mean"]["kl"],
                  table[lab]["budget_pairs"], (table[lab].get("cost") or {}).get("compute")] for lab in order]
         parts.append(_table(["method"] + [f"TV L{l}" for l in layers] + ["rel. err", "top-1", "KL", "pairs", "total compute"],
-                            rows, caption="Softmax total variation (TV) per layer on held-out windows, sorted by "
-                            "worst layer (click a header to re-sort, hover a value for full precision)."))
+                            rows, caption=f"{methods_text({'table': table})}: softmax total variation (TV) per "
+                            "layer on held-out windows, sorted by worst layer (click a header to re-sort, hover a "
+                            "value for full precision)."))
     front = sec.get("frontier") or {}
     if front:
         parts.append("<h3>Quality vs total compute (Pareto points of each family; spread across groups of held-out "
                      "windows)</h3>")
         rows = [[p["label"], p["compute"], p["budget_pairs"], p["worst_layer_tv"]["mean"], p["worst_layer_tv"]["std"],
                  p["mean_tv"]["mean"]] for pts in front.values() for p in pts]
-        parts.append(_table(["point", "total compute", "pairs", "worst-layer TV", "sd", "mean TV"], rows))
+        parts.append(_table(["point", "total compute", "pairs", "worst-layer TV", "sd", "mean TV"], rows,
+                            caption=f"The Pareto points of the {len(sec.get('frontier_points') or {})} frontier "
+                            "points evaluated."))
         best = sec.get("best_at_compute") or {}
         parts.append("<p>" + "; ".join(f"best at compute &le; {escape(c)}: {_fmt(b)}" for c, b in best.items()) + "</p>")
     for d in sec.get("dropin") or []:

@@ -217,7 +217,9 @@ def reconstruct(out: str | Path, model: str = "minilm", progress: bool = True, *
     for m in methods:
         table[m.label]["cost"] = method_cost(m, hf.head_dim)
     best = best_label(table)
-    say(f"evaluated {len(combos)} methods on {len(windows)} held-out windows; best at --budget {best} "
+    from .report import methods_text
+
+    say(f"evaluated {methods_text({'table': table})} on {len(windows)} held-out windows; best at --budget {best} "
         f"(total compute {table[best]['cost']['compute']:.3f})")
     b = budget_count(cfg.budget, cfg.seq_len)
     res: dict[str, Any] = {

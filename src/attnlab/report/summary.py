@@ -111,7 +111,10 @@ def _reconstruct(res: dict[str, Any]) -> str:
     comp = res.get("best_compute")
     pool = methods_by_cost(res)
     chosen = html.escape(str(res.get("best_chosen_at") or f"pair budget {res.get('budget_pairs')}"))
-    line = (f"<b>Reconstruction</b>: the best of {len(pool)} methods at {chosen}, <b>{html.escape(best)}</b>, costs "
+    from ..reconstruct.report import methods_text
+
+    line = (f"<b>Reconstruction</b>: the best (oracle bounds excluded) of {methods_text(res)} at {chosen}, "
+            f"<b>{html.escape(best)}</b>, costs "
             f"<b>{_x(comp)} dense</b> total compute and reaches worst-layer softmax TV <b>{_f(worst)}</b> (mean "
             f"{_f(m)} &plusmn; {_f(sd)}, sd across {len(per_layer)} layers) on {res.get('n_eval')} held-out windows")
     if comp is not None and comp >= 1.0:
