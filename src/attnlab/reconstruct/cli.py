@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from ..cli_config import QUIET_HELP, config_command, option, out_option, quiet_option
+from ..cli_config import QUIET_HELP, config_command, option, out_option, quiet_option, resume_option
 from ..cli_utils import HardenedGroup, out_files, write_report
 
 app = typer.Typer(cls=HardenedGroup,
@@ -140,11 +140,11 @@ def long_cmd(
     typer.echo(f"results in {out}")
 
 
-def _train(settings: dict, out: str, quiet: bool) -> None:
+def _train(settings: dict, out: str, quiet: bool, resume: bool = False) -> None:
     """Train our small transformer (char LM) with reconstructed attention vs full attention; saves the curve."""
     from .run import train as run_train
 
-    res = run_train(out, progress=not quiet, **settings)
+    res = run_train(out, progress=not quiet, resume=resume, **settings)
     from .train import format_summary
 
     typer.echo(format_summary(res["summary"]))
@@ -152,7 +152,8 @@ def _train(settings: dict, out: str, quiet: bool) -> None:
 
 
 config_command(app, "train", "attnlab.reconstruct.train:TrainConfig", _train,
-               extra=[out_option("runs/reconstruct", "Run directory (stored under reconstruct.train)"), quiet_option()],
+               extra=[out_option("runs/reconstruct", "Run directory (stored under reconstruct.train)"), quiet_option(),
+                      resume_option()],
                help_extra={"budgets": "Budgets (fractions or counts, comma list)",
                            "selections": "Selection strategies compared (comma list)",
                            "estimators": "Several estimators compared (overrides --estimator; None: --estimator only)",

@@ -318,18 +318,20 @@ def dropin_scope(d: dict[str, Any]) -> str:
     return f" (--heads: heads {d['heads']} reconstructed, heads {d['exact_heads']} kept exact)"
 
 
-def train(out: str | Path, progress: bool = True, **settings: Any) -> dict[str, Any]:
-    """Run the training comparison and store it under 'train' in the reconstruct section."""
-    from .train import train_compare
+def train(out: str | Path, progress: bool = True, resume: bool = False, **settings: Any) -> dict[str, Any]:
+    """Run the training comparison and store it under 'train' in the reconstruct section. Every finished training
+    run is checkpointed in ``out``; ``resume`` continues an interrupted comparison with the same settings."""
+    from .train import PARTIAL, train_compare
 
     run = RunDir(out)
-    res = train_compare(progress=progress, **settings)
+    res = train_compare(progress=progress, checkpoint=run.file(PARTIAL), resume=resume, **settings)
     sec = run.section(SECTION) or {}
     sec["train"] = res
     from .plots import plot_reconstruct
 
     sec["plots"] = sorted(set(sec.get("plots", [])) | set(plot_reconstruct(run, {"train": res})))
     run.write_section(SECTION, sec)
+    run.file(PARTIAL).unlink(missing_ok=True)
     return res
 
 
