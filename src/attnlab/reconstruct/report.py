@@ -84,14 +84,28 @@ def render_section(run: RunDir) -> str:
         summ = tr.get("summary") or []
         if summ:
             rows = [[r["objective"], r["label"], r["budget"], r.get("compute"), r["heldout_loss"]["mean"],
-                     r["heldout_loss"]["std"], (r.get("gap_to_full") or {}).get("mean"),
-                     (r.get("gap_to_full") or {}).get("std"), r.get("gap_verdict", "")] for r in summ]
+                     _sd(r["heldout_loss"]), (r.get("gap_to_full") or {}).get("mean"), _sd(r.get("gap_to_full")),
+                     r.get("gap_verdict") or ("n/a (1 seed)" if _one_seed(r) and r["label"] != "full" else "")]
+                    for r in summ]
             parts.append(_table(["objective", "method", "budget", "total compute", "held-out loss (mean over seeds)",
-                                 "sd", "paired gap to full", "sd", "95% t-interval verdict"], rows))
+                                 "sd", "paired gap to full", "sd", "95% t-interval verdict"], rows,
+                                caption="sd and the interval need two seeds or more (--seeds 0,1,2); one seed shows "
+                                        "n/a." if any(_one_seed(r) for r in summ) else ""))
     for png in sec.get("plots") or []:
         if run.file(png).exists():
             parts.append(figure(png, _caption(png, sec)))
     return "\n".join(parts)
+
+
+def _one_seed(row: dict) -> bool:
+    return (row.get("heldout_loss") or {}).get("n", 2) <= 1
+
+
+def _sd(stats: dict | None) -> str | float | None:
+    """The sd over seeds, or 'n/a (1 seed)' where there is a single seed (never a spread of 0)."""
+    if not stats:
+        return None
+    return "n/a (1 seed)" if stats.get("n", 2) <= 1 else stats.get("std")
 
 
 def _caption(png: str, sec: dict) -> str:

@@ -28,6 +28,15 @@ def _spread(xs: Sequence[float]) -> tuple[float, float, float, float]:
     return statistics.fmean(v), statistics.stdev(v) if len(v) > 1 else 0.0, min(v), max(v)
 
 
+def _mean_sd(xs: Sequence[float], across: str) -> str:
+    """'m &plusmn; sd (sd across n layers, range lo&ndash;hi)'; a single value alone, with no spread shown."""
+    m, sd, lo, hi = _spread(xs)
+    n = len([x for x in xs if x is not None and x == x])
+    if n <= 1:
+        return f"{_f(m)} (one {across[:-1] if across.endswith('s') else across}: no spread)"
+    return f"{_f(m)} &plusmn; {_f(sd)} (sd across {n} {across}, range {_f(lo)}&ndash;{_f(hi)})"
+
+
 def _halves(ci: Optional[Sequence[int]]) -> str:
     """' (k90 of each half of the windows: a, b)' when both halves were measured, else ''."""
     if not ci or len(ci) != 2 or None in ci:
@@ -73,15 +82,12 @@ def _rank_vs_length(res: dict[str, Any]) -> str:
 def _compare(res: dict[str, Any]) -> str:
     ov = res["overlap"]
     diag = [ov[i][i] for i in range(min(len(ov), len(ov[0])))]
-    m, sd, lo, hi = _spread(diag)
     a, b = res.get("label_a") or res.get("model_a"), res.get("label_b") or res.get("model_b")
     line = (f"<b>Cross-run overlap</b> {html.escape(str(a))} vs {html.escape(str(b))}: same-layer eigenspace overlap "
-            f"{_f(m)} &plusmn; {_f(sd)} (sd across {len(diag)} layers, range {_f(lo)}&ndash;{_f(hi)}); chance "
-            f"{_f(res['chance'])}")
+            f"{_mean_sd(diag, 'layers')}; chance {_f(res['chance'])}")
     nf = res.get("noise_floor")
     if nf:
-        nm, nsd, _, _ = _spread(nf.get("diagonal", []))
-        line += f", noise floor (two halves of one corpus) {_f(nm)} &plusmn; {_f(nsd)}"
+        line += f", noise floor (two halves of one corpus) {_mean_sd(nf.get('diagonal', []), 'layers')}"
     return line + "."
 
 
@@ -106,7 +112,7 @@ def _reconstruct(res: dict[str, Any]) -> str:
         return "<b>Reconstruction</b>: training comparison only (see section)."
     best, target = res["best"], res.get("target_tv", 0.05)
     per_layer = _best_layers(res)
-    m, sd, _, hi = _spread(per_layer)
+    hi = _spread(per_layer)[3]
     worst = res.get("best_worst_layer_tv", hi)
     comp = res.get("best_compute")
     pool = methods_by_cost(res)
@@ -115,8 +121,8 @@ def _reconstruct(res: dict[str, Any]) -> str:
 
     line = (f"<b>Reconstruction</b>: the best (oracle bounds excluded) of {methods_text(res)} at {chosen}, "
             f"<b>{html.escape(best)}</b>, costs "
-            f"<b>{_x(comp)} dense</b> total compute and reaches worst-layer softmax TV <b>{_f(worst)}</b> (mean "
-            f"{_f(m)} &plusmn; {_f(sd)}, sd across {len(per_layer)} layers) on {res.get('n_eval')} held-out windows")
+            f"<b>{_x(comp)} dense</b> total compute and reaches worst-layer softmax TV <b>{_f(worst)}</b> on "
+            f"{res.get('n_eval')} held-out windows; per-layer TV {_mean_sd(per_layer, 'layers')}")
     if comp is not None and comp >= 1.0:
         line += " &mdash; more than computing attention densely, so it saves nothing"
     line += ". "
