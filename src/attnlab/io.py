@@ -11,7 +11,7 @@ import re
 import signal
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Optional
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -222,9 +222,12 @@ def check_out(path: str | os.PathLike | None, flag: str = "--out", kind: str = "
 
 
 @contextlib.contextmanager
-def lock_output(path: str | os.PathLike, flag: str = "--out", kind: str = "dir") -> Iterator[Path]:
+def lock_output(path: str | os.PathLike, flag: str = "--out", kind: str = "dir",
+                inside: Optional[str] = None) -> Iterator[Path]:
     """Hold an exclusive lock on an output directory (or file) so that two runs cannot mix their files.
 
+    Before the lock, the file the command will write is checked (:func:`check_foreign_file`): a file output
+    itself, or ``inside`` (a file name) within a run directory; a foreign one is refused with a ResultsError.
     The lock is ``fcntl.flock`` on ``.attnlab.lock`` (``.<name>.lock`` next to a file output); the kernel releases
     it when the process ends, even on SIGKILL. Re-entrant within one process. Raises ResultsError if busy.
     """
@@ -238,8 +241,8 @@ def lock_output(path: str | os.PathLike, flag: str = "--out", kind: str = "dir")
                 break
             fresh = d
     p = check_out(path, flag, kind)
-    if kind == "file":
-        check_foreign_file(p, flag)
+    if kind == "file" or inside:  # the one place every command's output file is checked before any work
+        check_foreign_file(p if kind == "file" else p / inside, flag)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and int(os.environ.get("RANK", "0")) != 0:
         yield p  # under torchrun rank 0 holds the lock for the whole job (the other ranks do not write)
         return

@@ -85,7 +85,7 @@ config_command(app, "run", "attnlab.reconstruct.run:ReconstructConfig", _run,
 
 
 @app.command()
-@out_files(".safetensors")
+@out_files(".safetensors", inside="reconstruct_fit.safetensors")  # = fit.FIT_FILE
 def fit(
     model: str = typer.Option("minilm", help="HF hub id (cached), local folder, or 'minilm' (packaged "
                                              "all-MiniLM-L6-v2)."),
@@ -105,10 +105,8 @@ def fit(
 
     from .fit import FIT_FILE, fit_corpus, load_checked
 
-    from ..io import check_foreign_file
-
+    # (a foreign file at the path was refused with the --out lock: io.lock_output)
     path = Path(out) if Path(out).suffix == ".safetensors" else Path(out) / FIT_FILE
-    check_foreign_file(path)  # a file attnlab did not write is never replaced (checked before the fit)
     path.parent.mkdir(parents=True, exist_ok=True)
     hf = load_checked(model, seq_len, device=device)
     f = fit_corpus(hf, n_fit, seq_len, corpus=corpus, batch_size=batch_size, seed=seed, progress=not quiet)
