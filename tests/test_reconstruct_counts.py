@@ -28,7 +28,7 @@ def _results() -> dict:
 
 
 def test_methods_text_counts_rows_oracles_and_frontier_points():
-    from attnlab.reconstruct.report import method_counts, methods_text
+    from attnlab.report.summary import method_counts, methods_text
 
     res = _results()
     assert method_counts(res) == {"table": 5, "oracle": 1, "frontier": 2}
@@ -66,7 +66,7 @@ def test_cli_table_report_and_summary_agree(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_real_run_evaluation_line_counts_table_rows(tmp_path, caplog):
     """The evaluation line counted the estimator x selection grid (17) and left out the --extra-ranks rows."""
-    from attnlab.reconstruct.report import methods_text
+    from attnlab.report.summary import methods_text
     from attnlab.reconstruct.run import reconstruct
 
     with caplog.at_level(logging.INFO, logger="attnlab"):

@@ -48,7 +48,7 @@ def _run(settings: dict, out: str, quiet: bool, resume: bool, all_methods: bool 
 
     if not is_main_process():  # torchrun: rank 0 reports
         return
-    from .report import methods_text
+    from ..report.summary import methods_text
 
     typer.echo(format_table(res["table"]))
     typer.echo(f"{methods_text(res)}; best {res['best']} (chosen at {res['best_chosen_at']}): worst-layer TV {res['best_worst_layer_tv']:.4f} "

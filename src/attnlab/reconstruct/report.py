@@ -6,27 +6,9 @@ from html import escape
 
 from ..io import RunDir
 from ..report.html import cell as _fmt, figure, table as _table
+from ..report.summary import methods_text
 
 SECTION = "reconstruct"
-
-
-def method_counts(res: dict) -> dict[str, int]:
-    """How many methods a reconstruct section holds: rows of its table, of which oracle bounds, and frontier points."""
-    table = res.get("table") or {}
-    return {"table": len(table), "oracle": sum(v.get("selection") == "oracle" for v in table.values()),
-            "frontier": len(res.get("frontier_points") or {})}
-
-
-def methods_text(res: dict) -> str:
-    """The one wording of the method count, shared by the CLI and the report: '20 methods (4 of them oracle
-    bounds) + 12 frontier points' (the table's rows, then the frontier's points when there are any)."""
-    c = method_counts(res)
-    text = f"{c['table']} method{'s' * (c['table'] != 1)}"
-    if c["oracle"]:
-        text += f" ({c['oracle']} of them oracle bound{'s' * (c['oracle'] != 1)})"
-    if c["frontier"]:
-        text += f" + {c['frontier']} frontier point{'s' * (c['frontier'] != 1)}"
-    return text
 
 
 def render_section(run: RunDir) -> str:

@@ -217,7 +217,7 @@ def reconstruct(out: str | Path, model: str = "minilm", progress: bool = True, *
     for m in methods:
         table[m.label]["cost"] = method_cost(m, hf.head_dim)
     best = best_label(table)
-    from .report import methods_text
+    from ..report.summary import methods_text
 
     say(f"evaluated {methods_text({'table': table})} on {len(windows)} held-out windows; best at --budget {best} "
         f"(total compute {table[best]['cost']['compute']:.3f})")

@@ -91,6 +91,25 @@ def _compare(res: dict[str, Any]) -> str:
     return line + "."
 
 
+def method_counts(res: dict) -> dict[str, int]:
+    """How many methods a reconstruct section holds: rows of its table, of which oracle bounds, and frontier points."""
+    table = res.get("table") or {}
+    return {"table": len(table), "oracle": sum(v.get("selection") == "oracle" for v in table.values()),
+            "frontier": len(res.get("frontier_points") or {})}
+
+
+def methods_text(res: dict) -> str:
+    """The one wording of the method count, shared by the CLI and the report: '20 methods (4 of them oracle
+    bounds) + 12 frontier points' (the table's rows, then the frontier's points when there are any)."""
+    c = method_counts(res)
+    text = f"{c['table']} method{'s' * (c['table'] != 1)}"
+    if c["oracle"]:
+        text += f" ({c['oracle']} of them oracle bound{'s' * (c['oracle'] != 1)})"
+    if c["frontier"]:
+        text += f" + {c['frontier']} frontier point{'s' * (c['frontier'] != 1)}"
+    return text
+
+
 def methods_by_cost(res: dict[str, Any]) -> dict[str, dict[str, float]]:
     """Every evaluated method (table and frontier; oracle selections excluded): total compute and worst-layer TV."""
     pool = {k: {"compute": v["cost"]["compute"], "tv": max(x["tv"] for x in v["per_layer"].values())}
@@ -117,8 +136,6 @@ def _reconstruct(res: dict[str, Any]) -> str:
     comp = res.get("best_compute")
     pool = methods_by_cost(res)
     chosen = html.escape(str(res.get("best_chosen_at") or f"pair budget {res.get('budget_pairs')}"))
-    from ..reconstruct.report import methods_text
-
     line = (f"<b>Reconstruction</b>: the best (oracle bounds excluded) of {methods_text(res)} at {chosen}, "
             f"<b>{html.escape(best)}</b>, costs "
             f"<b>{_x(comp)} dense</b> total compute and reaches worst-layer softmax TV <b>{_f(worst)}</b> on "
