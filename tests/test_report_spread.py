@@ -64,3 +64,21 @@ def test_summary_one_layer_has_no_plus_minus():
     assert "±" not in line and "one layer: no spread" in line
     two = {**one, "overlap": [[0.5, 0.1], [0.2, 0.7]]}
     assert "0.600 ± 0.141 (sd across 2 layers" in plain(summary_lines({"compare": two})[0])
+
+
+def test_reconstruct_frontier_one_window_group_shows_no_sd(tmp_path):
+    from attnlab.reconstruct.report import render_section
+
+    def point(n_chunks):
+        return {"family": "proxy-only", "compute": 0.1, "budget_pairs": 0, "proxy_rank": 2, "n_chunks": n_chunks,
+                "worst_layer_tv": {"mean": 0.4, "std": 0.0 if n_chunks == 1 else 0.03}, "mean_tv": {"mean": 0.3},
+                "worst_layer_tv_pooled": 0.4}
+
+    from attnlab.reconstruct.frontier import frontier_curves
+
+    for n, want in ((1, "n/a (1 group)"), (4, "0.03")):
+        pts = {"proxy-only [b=0, r=2]": point(n)}
+        run = RunDir(tmp_path / str(n))
+        run.write_section("reconstruct", {"frontier_points": pts, "frontier": frontier_curves(pts)})
+        row = next(r for r in re.findall(r"<tr>(.*?)</tr>", render_section(run), re.S) if "proxy-only" in r)
+        assert want in row

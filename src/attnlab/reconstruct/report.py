@@ -43,8 +43,10 @@ def render_section(run: RunDir) -> str:
     if front:
         parts.append("<h3>Quality vs total compute (Pareto points of each family; spread across groups of held-out "
                      "windows)</h3>")
-        rows = [[p["label"], p["compute"], p["budget_pairs"], p["worst_layer_tv"]["mean"], p["worst_layer_tv"]["std"],
-                 p["mean_tv"]["mean"]] for pts in front.values() for p in pts]
+        groups = {k: v.get("n_chunks", 2) for k, v in (sec.get("frontier_points") or {}).items()}  # of windows
+        rows = [[p["label"], p["compute"], p["budget_pairs"], p["worst_layer_tv"]["mean"],
+                 p["worst_layer_tv"]["std"] if groups.get(p["label"], 2) > 1 else "n/a (1 group)", p["mean_tv"]["mean"]]
+                for pts in front.values() for p in pts]
         parts.append(_table(["point", "total compute", "pairs", "worst-layer TV", "sd", "mean TV"], rows,
                             caption=f"The Pareto points of the {len(sec.get('frontier_points') or {})} frontier "
                             "points evaluated."))
