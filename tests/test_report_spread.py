@@ -82,3 +82,15 @@ def test_reconstruct_frontier_one_window_group_shows_no_sd(tmp_path):
         run.write_section("reconstruct", {"frontier_points": pts, "frontier": frontier_curves(pts)})
         row = next(r for r in re.findall(r"<tr>(.*?)</tr>", render_section(run), re.S) if "proxy-only" in r)
         assert want in row
+
+
+def test_summary_names_a_head_subset_drop_in():
+    """reconstruct run --heads 0,1: the summary's drop-in figure says the other heads stayed exact."""
+    layers = {"0": {"tv": 0.1}}
+    res = {"table": {"gaussian/random": {"selection": "random", "per_layer": layers, "cost": {"compute": 0.7}}},
+           "best": "gaussian/random", "best_compute": 0.7, "best_worst_layer_tv": 0.1, "n_eval": 4,
+           "dropin": [{"method": "gaussian/random", "sentence_cosine": 0.999, "heads": [0, 1], "exact_heads": [2, 3]}]}
+    line = plain(summary_lines({"reconstruct": res})[0])
+    assert "As drop-in attention (heads 0, 1 only; the other heads kept exact attention)" in line
+    del res["dropin"][0]["heads"], res["dropin"][0]["exact_heads"]
+    assert "As drop-in attention: sentence-embedding cosine 0.9990" in plain(summary_lines({"reconstruct": res})[0])

@@ -159,7 +159,9 @@ def _reconstruct(res: dict[str, Any]) -> str:
                  f"{html.escape(k)} at {_x(pool[k]['compute'])} dense).")
     for d in res.get("dropin") or []:
         if d.get("method") == best:
-            line += f" As drop-in attention: sentence-embedding cosine {_f(d['sentence_cosine'], 4)}."
+            scope = (f" (heads {', '.join(map(str, d['heads']))} only; the other heads kept exact attention)"
+                     if d.get("exact_heads") else "")
+            line += f" As drop-in attention{scope}: sentence-embedding cosine {_f(d['sentence_cosine'], 4)}."
     return line
 
 
