@@ -467,3 +467,14 @@ def test_train_resume_keeps_finished_runs_fast(tmp_path, monkeypatch):
     trained.clear()
     rtrain.train_compare(checkpoint=part, **kw)  # without --resume: starts over
     assert len(trained) == 9
+
+
+@pytest.mark.slow
+def test_run_with_head_subset_reaches_the_dropin(tmp_path):
+    """`reconstruct run --heads 0-1` end to end: it failed at the drop-in (no statistics for head 2)."""
+    from attnlab.reconstruct.run import reconstruct
+
+    res = reconstruct(tmp_path / "r", seq_len=32, n_fit=8, n_eval=4, layers=[0], heads=[0, 1], budgets=[],
+                      estimators=["gaussian"], selections=["random", "oracle"], position=False, progress=False)
+    d = res["dropin"][0]
+    assert d["heads"] == [0, 1] and d["exact_heads"] == list(range(2, 12)) and 0 < d["hidden_cosine"] <= 1 + 1e-6
