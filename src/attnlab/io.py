@@ -66,21 +66,18 @@ def public_mode(path: str | os.PathLike) -> None:
     os.chmod(path, 0o666 & ~mask)
 
 
-def _files(folder: Path) -> dict[str, tuple[int, int]]:
-    return {e.name: (e.inode(), e.stat().st_mtime_ns) for e in os.scandir(folder) if e.is_file(follow_symlinks=False)}
-
-
 @contextlib.contextmanager
 def public_writes(folder: str | os.PathLike) -> Iterator[Path]:
-    """Around a third-party writer (``save_pretrained`` writes 0600 files through a temp file): every file of
-    ``folder`` it creates or replaces gets the mode of an ordinary new file (0666 minus the umask)."""
+    """Around a third-party writer (``save_pretrained`` writes 0600 files): each file of ``folder`` it creates or
+    replaces gets the mode of an ordinary new file (0666 minus the umask)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    before = _files(folder)
+    files = lambda: {e.name: (e.inode(), e.stat().st_mtime_ns) for e in os.scandir(folder)
+                     if e.is_file(follow_symlinks=False)}  # noqa: E731
+    before = files()
     yield folder
-    for name, sig in _files(folder).items():
-        if before.get(name) != sig:
-            public_mode(folder / name)
+    for name in [n for n, sig in files().items() if before.get(n) != sig]:
+        public_mode(folder / name)
 
 
 def os_error(e: OSError, path: str | os.PathLike, action: str = "write") -> ResultsError:
@@ -226,8 +223,7 @@ def lock_output(path: str | os.PathLike, flag: str = "--out", kind: str = "dir",
                 inside: Optional[str] = None) -> Iterator[Path]:
     """Hold an exclusive lock on an output directory (or file) so that two runs cannot mix their files.
 
-    Before the lock, the file the command will write is checked (:func:`check_foreign_file`): a file output
-    itself, or ``inside`` (a file name) within a run directory; a foreign one is refused with a ResultsError.
+    First the file the command writes (a file output, or ``inside`` a run directory) must not be foreign.
     The lock is ``fcntl.flock`` on ``.attnlab.lock`` (``.<name>.lock`` next to a file output); the kernel releases
     it when the process ends, even on SIGKILL. Re-entrant within one process. Raises ResultsError if busy.
     """

@@ -165,6 +165,17 @@ def _fingerprint(cfg: LMConfig) -> str:
     return f"{cfg.key()}:eval_every={cfg.eval_every}"
 
 
+def _resume(ckpt: Path, fp: str, model, opt, gen: torch.Generator, cfg: LMConfig,
+            log: Callable[[str], None]) -> tuple[int, list, int, int, float]:
+    """(step, history, tokens, batch rows, elapsed seconds) from the checkpoint, restored in place; a fresh start
+    when there is none."""
+    if not ckpt.exists():
+        return 0, [], 0, cfg.batch_size, 0.0
+    step, state, elapsed = load_checkpoint(ckpt, fp, model, opt, None, gen, kind=PARTIAL_KIND)
+    log(f"resuming from {ckpt} at step {step}/{cfg.steps}")
+    return step, state["history"], int(state["tokens"]), int(state["batch_rows"]), elapsed
+
+
 def train_lm(cfg: LMConfig, out: str | Path, log: Optional[Callable[[str], None]] = None,
              resume: bool = False) -> TrainResult:
     """Train and save the HF folder (weights in bf16, shards <= 15 MB) plus ``attnlab_lm.json``.
@@ -188,14 +199,9 @@ def train_lm(cfg: LMConfig, out: str | Path, log: Optional[Callable[[str], None]
                             lr=cfg.lr, betas=(0.9, 0.95), fused=fused)
     gen = torch.Generator().manual_seed(cfg.seed)
     held_curve = windows(corpus.heldout, cfg.seq_len, 2, contiguous=True)
-    history: list[dict] = []
-    step, tokens, elapsed = 0, 0, 0.0
-    batch_rows = cfg.batch_size
     ckpt, fp = Path(out) / PARTIAL, _fingerprint(cfg)
-    if resume and ckpt.exists():
-        step, state, elapsed = load_checkpoint(ckpt, fp, model, opt, None, gen, kind=PARTIAL_KIND)
-        history, tokens, batch_rows = state["history"], int(state["tokens"]), int(state["batch_rows"])
-        log(f"resuming from {ckpt} at step {step}/{cfg.steps}")
+    step, history, tokens, batch_rows, elapsed = _resume(ckpt, fp, model, opt, gen, cfg, log) if resume else (
+        0, [], 0, cfg.batch_size, 0.0)
     t0 = time.perf_counter() - elapsed
     model.train()
     while step < cfg.steps:
