@@ -75,3 +75,53 @@ def test_lm_cli_tiny(tmp_path):
     assert "held-out loss" in r.output and (tmp_path / "m" / "config.json").exists()
     r = CliRunner().invoke(app, ["lm", "train", "--preset", "tiny", "--n-heads", "3", "--out", str(tmp_path / "x")])
     assert r.exit_code == 2 and "error" in r.output
+
+
+def test_lm_model_files_honour_umask(tmp_path):
+    """Every file of the saved model folder (model.safetensors included: save_pretrained made it 0600) gets
+    0666 minus the umask, like an ordinary open(); a file the writer did not touch keeps its own mode."""
+    import os
+    import stat
+
+    out = tmp_path / "lm"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    os.chmod(out / "notes.txt", 0o600)
+    old = os.umask(0o027)
+    try:
+        load_or_train(dataclasses.replace(_tiny(), steps=1, long_frac=0.0, max_bytes=60_000, eval_every=0), out)
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir() if p.is_file() and p.name != "notes.txt"}
+    assert "model.safetensors" in modes and META in modes
+    assert set(modes.values()) == {0o640}, modes
+    assert stat.S_IMODE((out / "notes.txt").stat().st_mode) == 0o600
+
+
+def test_lm_train_resume_matches_uninterrupted(tmp_path, monkeypatch):
+    """Interrupted right after its first checkpoint (step 3 of 6), `lm train --resume` continues from it and saves
+    the same weights and losses as an uninterrupted run; a checkpoint from other settings is refused."""
+    import attnlab.lm.train as lm_train
+    from attnlab.errors import ResultsError
+
+    cfg = dataclasses.replace(_tiny(), steps=6, eval_every=3, long_frac=0.0, max_bytes=60_000)
+    ref = load_or_train(cfg, tmp_path / "ref")
+    assert not (tmp_path / "ref" / lm_train.PARTIAL).exists()  # removed once the model is saved
+
+    def stop():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(lm_train, "checkpoint_written", stop)
+    with pytest.raises(KeyboardInterrupt):
+        load_or_train(cfg, tmp_path / "cut")
+    assert (tmp_path / "cut" / lm_train.PARTIAL).exists() and not (tmp_path / "cut" / META).exists()
+    monkeypatch.undo()
+    with pytest.raises(ResultsError, match="other settings"):
+        load_or_train(dataclasses.replace(cfg, lr=1e-3), tmp_path / "cut", resume=True)
+    logs: list = []
+    res = load_or_train(cfg, tmp_path / "cut", resume=True, log=logs.append)
+    assert any("resuming from" in x and "step 3/6" in x for x in logs)
+    assert (res.train_loss, res.heldout_loss, res.steps) == (ref.train_loss, ref.heldout_loss, ref.steps)
+    assert (tmp_path / "cut" / "model.safetensors").read_bytes() == (tmp_path / "ref" / "model.safetensors").read_bytes()
+    assert [h["loss"] for h in res.meta["history"]] == [h["loss"] for h in ref.meta["history"]]
+    assert not (tmp_path / "cut" / lm_train.PARTIAL).exists()

@@ -352,3 +352,129 @@ def test_cli_help():
     for cmd in ("run", "train", "fit"):
         r = CliRunner().invoke(app, [cmd, "--help"])
         assert r.exit_code == 0 and "--" in r.output
+
+
+def test_dropin_head_subset_keeps_other_heads_exact(tmp_path):
+    """--heads 0 (a subset): the drop-in reconstructs head 0 only, head 1 keeps exact attention, and the result
+    names both (it used to fail: no statistics for head 1)."""
+    from attnlab.capture.hf import run_forward
+    from attnlab.reconstruct.approx import ApproxAttention, output_effect
+    from attnlab.reconstruct.evaluate import Combo, make_methods
+    from attnlab.reconstruct.fit import fit_from_windows
+    from attnlab.sources.hf import attention_hooks
+
+    hf = _tiny_hf(tmp_path, "bert")
+    w = torch.randint(1000, 5000, (6, 16), generator=torch.Generator().manual_seed(0))
+    fit = fit_from_windows(hf, w, heads=[0], model_name="bert")
+    m = make_methods(fit, [Combo("gaussian", "random")], 0.25)[0]
+    diff = []
+
+    def spy(call):  # the handler's output against exact attention, per head
+        out = ApproxAttention(m, [0])(call)
+        exact = torch.nan_to_num(torch.softmax(call.scores().double(), -1), nan=0.0).to(call.value.dtype) @ call.value
+        diff.append((out - exact).abs().amax(dim=(0, 2, 3)))
+        return out
+
+    with attention_hooks(hf, spy, [0]):
+        run_forward(hf, w[:2])
+    assert diff and float(diff[0][1]) == 0.0 and float(diff[0][0]) > 1e-4
+    eff = output_effect(hf, w[:4], m, batch_size=2)  # default: the fitted heads
+    assert eff["heads"] == [0] and eff["exact_heads"] == [1] and 0 < eff["hidden_cosine"] <= 1 + 1e-6
+    full = output_effect(hf, w[:4], make_methods(fit_from_windows(hf, w, model_name="bert"),
+                                                 [Combo("gaussian", "random")], 0.25)[0], batch_size=2)
+    assert "exact_heads" not in full and "heads" not in full  # every head: the record is as before
+
+
+@pytest.mark.slow
+def test_train_resume_matches_uninterrupted(tmp_path, monkeypatch, one_thread):
+    """`reconstruct train --resume`: interrupted after its second training run (seed 0 done), it keeps those runs,
+    trains seed 1 and ends with the same results as an uninterrupted run; other settings are refused."""
+    import json
+
+    import attnlab.reconstruct.train as rtrain
+    from attnlab.errors import ResultsError
+    from attnlab.io import RunDir
+    from attnlab.reconstruct.run import train as run_train
+
+    kw = dict(budgets=[0.5], selections=["random"], seeds=[0, 1], steps=1, seq_len=16, d_model=16, n_heads=2,
+              n_layers=1, batch_size=4, refresh=2, refit_windows=8, eval_windows=4, max_chars=20_000, log_every=1,
+              progress=False)
+    ref = run_train(tmp_path / "ref", **kw)
+    calls = []
+
+    def stop():
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(rtrain, "checkpoint_written", stop)
+    with pytest.raises(KeyboardInterrupt):
+        run_train(tmp_path / "cut", **kw)
+    part = tmp_path / "cut" / rtrain.PARTIAL
+    assert len(json.loads(part.read_text())["runs"]) == 2
+    with pytest.raises(ResultsError, match="other settings"):
+        run_train(tmp_path / "cut", resume=True, **{**kw, "steps": 2})
+    trained = []
+    real_one = rtrain.train_one
+    monkeypatch.setattr(rtrain, "train_one", lambda *a, **k: trained.append(k["seed"]) or real_one(*a, **k))
+    res = run_train(tmp_path / "cut", resume=True, **kw)
+    assert trained == [1, 1]  # seed 0's runs were kept, not retrained
+    strip = lambda runs: [{k: v for k, v in r.items() if k != "seconds"} for r in runs]  # noqa: E731
+    assert strip(res["runs"]) == strip(ref["runs"]) and res["summary"] == ref["summary"]
+    assert not part.exists() and RunDir(tmp_path / "cut", create=False).section("reconstruct")["train"]["runs"]
+
+
+def test_train_resume_keeps_finished_runs_fast(tmp_path, monkeypatch):
+    """The resume logic with a stub trainer (the real training: the slow test above): an interrupted comparison
+    keeps its finished runs, trains only the rest in the same order, and ends equal to an uninterrupted one."""
+    import attnlab.reconstruct.train as rtrain
+    from attnlab.errors import ResultsError
+
+    monkeypatch.setattr(rtrain, "char_windows", lambda n, split, m: torch.zeros(40, n, dtype=torch.long))
+    trained = []
+
+    def fake_one(cfg, train, held, combo, budget=None, objective="clm", seed=0, heldout_labels=None):
+        lab = "full" if combo is None else combo.label
+        trained.append((seed, lab))
+        loss = 1.0 + seed / 10 + (0.0 if combo is None else float(budget))
+        return {"label": lab, "budget": budget, "objective": objective, "seed": seed, "budget_pairs": None,
+                "curve": [], "heldout_curve": [{"step": 1, "heldout_loss": loss}], "heldout_loss": loss,
+                "heldout_loss_exact_attention": loss, "seconds": 0.0}
+
+    monkeypatch.setattr(rtrain, "train_one", fake_one)
+    kw = dict(budgets=[0.25, 0.5], selections=["random"], seeds=[0, 1, 2], seq_len=16, progress=False)
+    ref = rtrain.train_compare(**kw)
+    assert len(trained) == 9
+    part = tmp_path / rtrain.PARTIAL
+    calls = []
+
+    def stop():
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(rtrain, "checkpoint_written", stop)
+    trained.clear()
+    with pytest.raises(KeyboardInterrupt):
+        rtrain.train_compare(checkpoint=part, **kw)
+    monkeypatch.setattr(rtrain, "checkpoint_written", lambda: None)
+    with pytest.raises(ResultsError, match="other settings"):
+        rtrain.train_compare(checkpoint=part, resume=True, **{**kw, "seeds": [0, 1]})
+    trained.clear()
+    res = rtrain.train_compare(checkpoint=part, resume=True, **kw)
+    assert trained == [(1, "gaussian/random")] * 2 + [(2, "full")] + [(2, "gaussian/random")] * 2
+    assert res["runs"] == ref["runs"] and res["summary"] == ref["summary"]
+    trained.clear()
+    rtrain.train_compare(checkpoint=part, **kw)  # without --resume: starts over
+    assert len(trained) == 9
+
+
+@pytest.mark.slow
+def test_run_with_head_subset_reaches_the_dropin(tmp_path):
+    """`reconstruct run --heads 0-1` end to end: it failed at the drop-in (no statistics for head 2)."""
+    from attnlab.reconstruct.run import reconstruct
+
+    res = reconstruct(tmp_path / "r", seq_len=32, n_fit=8, n_eval=4, layers=[0], heads=[0, 1], budgets=[],
+                      estimators=["gaussian"], selections=["random", "oracle"], position=False, progress=False)
+    d = res["dropin"][0]
+    assert d["heads"] == [0, 1] and d["exact_heads"] == list(range(2, 12)) and 0 < d["hidden_cosine"] <= 1 + 1e-6

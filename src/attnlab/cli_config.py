@@ -316,7 +316,7 @@ def config_command(app: typer.Typer, name: str, target: str | Sequence[str], run
     command.__annotations__ = annotations
     command.__doc__ = doc or run.__doc__
     command.__name__ = name.replace("-", "_")
-    for mark in ("_attnlab_out_files", "_attnlab_resume_interrupted"):  # see cli_utils.out_files / harden
+    for mark in ("_attnlab_out_files", "_attnlab_out_inside", "_attnlab_resume_interrupted"):  # see cli_utils.out_files / harden
         if hasattr(run, mark):
             setattr(command, mark, getattr(run, mark))
     from .cli_utils import HardenedCommand

@@ -77,10 +77,12 @@ FILE_OUT_COMMANDS = ()  # (kept for imports) commands now say which file suffixe
 FILE_SUFFIXES = (".json", ".safetensors", ".pt", ".bin", ".html", ".png", ".txt", ".toml", ".csv", ".jsonl")
 
 
-def out_files(*suffixes: str):
-    """Decorator for a command callback: besides a run directory, its --out may name a file with these suffixes."""
+def out_files(*suffixes: str, inside: Optional[str] = None):
+    """Decorator for a command callback: besides a run directory, its --out may name a file with these suffixes;
+    ``inside``: the file it writes within a run directory (checked for a foreign file with the --out lock)."""
     def mark(fn):
         fn._attnlab_out_files = tuple(suffixes)
+        fn._attnlab_out_inside = inside
         return fn
     return mark
 
@@ -188,6 +190,7 @@ def harden(cmd):
     # --resume continues an interrupted run, unless the command says it only keeps finished results
     can_resume = "resume" in params and getattr(orig, "_attnlab_resume_interrupted", True)
     files = getattr(orig, "_attnlab_out_files", ())
+    inside = getattr(orig, "_attnlab_out_inside", None)  # the file written inside a run directory --out
     lock_out = "out" in params and cmd.name not in READ_ONLY_COMMANDS
 
     @functools.wraps(orig)
@@ -211,7 +214,7 @@ def harden(cmd):
         try:
             _check_values(params, kwargs)
             if lock_out and kwargs.get("out") is not None:
-                with lock_output(kwargs["out"], "--out", out_kind(kwargs["out"], files)):
+                with lock_output(kwargs["out"], "--out", out_kind(kwargs["out"], files), inside=inside):
                     out = orig(*args, **kwargs)
             else:
                 out = orig(*args, **kwargs)

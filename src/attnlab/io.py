@@ -11,7 +11,7 @@ import re
 import signal
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Optional
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -64,6 +64,20 @@ def public_mode(path: str | os.PathLike) -> None:
     mask = os.umask(0)
     os.umask(mask)
     os.chmod(path, 0o666 & ~mask)
+
+
+@contextlib.contextmanager
+def public_writes(folder: str | os.PathLike) -> Iterator[Path]:
+    """Around a third-party writer (``save_pretrained`` writes 0600 files): each file of ``folder`` it creates or
+    replaces gets the mode of an ordinary new file (0666 minus the umask)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    files = lambda: {e.name: (e.inode(), e.stat().st_mtime_ns) for e in os.scandir(folder)
+                     if e.is_file(follow_symlinks=False)}  # noqa: E731
+    before = files()
+    yield folder
+    for name in [n for n, sig in files().items() if before.get(n) != sig]:
+        public_mode(folder / name)
 
 
 def os_error(e: OSError, path: str | os.PathLike, action: str = "write") -> ResultsError:
@@ -205,9 +219,11 @@ def check_out(path: str | os.PathLike | None, flag: str = "--out", kind: str = "
 
 
 @contextlib.contextmanager
-def lock_output(path: str | os.PathLike, flag: str = "--out", kind: str = "dir") -> Iterator[Path]:
+def lock_output(path: str | os.PathLike, flag: str = "--out", kind: str = "dir",
+                inside: Optional[str] = None) -> Iterator[Path]:
     """Hold an exclusive lock on an output directory (or file) so that two runs cannot mix their files.
 
+    First the file the command writes (a file output, or ``inside`` a run directory) must not be foreign.
     The lock is ``fcntl.flock`` on ``.attnlab.lock`` (``.<name>.lock`` next to a file output); the kernel releases
     it when the process ends, even on SIGKILL. Re-entrant within one process. Raises ResultsError if busy.
     """
@@ -221,8 +237,8 @@ def lock_output(path: str | os.PathLike, flag: str = "--out", kind: str = "dir")
                 break
             fresh = d
     p = check_out(path, flag, kind)
-    if kind == "file":
-        check_foreign_file(p, flag)
+    if kind == "file" or inside:  # the one place every command's output file is checked before any work
+        check_foreign_file(p if kind == "file" else p / inside, flag)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and int(os.environ.get("RANK", "0")) != 0:
         yield p  # under torchrun rank 0 holds the lock for the whole job (the other ranks do not write)
         return

@@ -13,19 +13,13 @@ from ..cli_utils import out_files
 __all__ = ["register"]
 
 
-@out_files(".json")
+@out_files(".json", inside="prefill.json")
 def _prefill(settings: dict, out: Optional[str], quiet: bool = False) -> None:
     """Real forward of a causal model with every attention layer replaced by predicted block-sparse attention:
     per-head density, measured recall and output error; loss change and speed vs SDPA flash / cuDNN."""
     from ..distributed import is_main_process
     from .prefill import PrefillConfig, format_summary, run_prefill
 
-    if out:  # a file attnlab did not write is never replaced (checked before the forward passes)
-        from pathlib import Path
-
-        from ..io import check_foreign_file
-
-        check_foreign_file(Path(out) if Path(out).suffix == ".json" else Path(out) / "prefill.json")
     res = run_prefill(PrefillConfig(**settings), log=None if quiet else typer.echo)
     if not is_main_process():  # torchrun: rank 0 prints and writes
         return

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from ..cli_config import config_command, option, out_option, quiet_option
+from ..cli_config import config_command, option, out_option, quiet_option, resume_option
 from ..cli_utils import HardenedGroup
 
 app = typer.Typer(cls=HardenedGroup,
@@ -12,12 +12,12 @@ app = typer.Typer(cls=HardenedGroup,
                   no_args_is_help=True)
 
 
-def _train(settings: dict, out: str, preset: str, force: bool, quiet: bool) -> None:
+def _train(settings: dict, out: str, preset: str, force: bool, quiet: bool, resume: bool = False) -> None:
     """Train (or load from the --out cache) the byte-level Llama; print train and held-out loss."""
     from .train import config_from, load_or_train
 
     cfg = config_from(preset, **settings)
-    res = load_or_train(cfg, out, force=force, log=None if quiet else typer.echo)
+    res = load_or_train(cfg, out, force=force, log=None if quiet else typer.echo, resume=resume)
     typer.echo(f"model: {res.path} ({'cached' if res.cached else 'trained'}, {res.steps} steps, "
                f"{res.seconds:.0f}s); train loss {res.train_loss:.4f}, held-out loss {res.heldout_loss:.4f} nats/byte")
 
@@ -43,7 +43,8 @@ LM_HELP = {
     "steps": "Maximum optimizer steps (training also stops at --max-seconds)",
     "max_seconds": "Training time budget in seconds; the learning-rate schedule follows it",
     "eval_windows": "Held-out windows of the final train / held-out loss",
-    "eval_every": "Log the held-out loss every this many steps (the overfitting curve; 0 = never)",
+    "eval_every": "Log the held-out loss every this many steps (the overfitting curve) and write the checkpoint "
+                  "--resume continues from (0 = neither)",
     "heldout_frac": "Share of the corpus files kept out of training for the held-out loss",
     "max_bytes": "Read at most this many corpus bytes (None: the whole corpus)",
     "corpus": "Folder of .py files to train on (None: this Python's standard library)",
@@ -89,4 +90,4 @@ config_command(app, "train", "attnlab.lm.train:LMConfig", _train, help_extra=LM_
                              "preset's value."),
                       option("force", bool, False, "--force", help="Retrain even if --out holds a model with the "
                              "same settings."),
-                      quiet_option()])
+                      resume_option(), quiet_option()])

@@ -14,11 +14,13 @@ from typing import Callable, Optional
 import torch
 
 from ..errors import ConfigError, ResultsError
-from ..io import write_json
-from ..training import check_diverged
+from ..io import checkpoint_written, public_writes, write_json
+from ..training import check_diverged, load_checkpoint, save_checkpoint
 from .data import EOS_ID, VOCAB, load_corpus, windows
 
 META = "attnlab_lm.json"
+PARTIAL = "attnlab_lm.partial.safetensors"  # the resumable checkpoint inside --out (removed once the model is saved)
+PARTIAL_KIND = "attnlab lm partial training"
 
 
 @dataclass(frozen=True)
@@ -158,8 +160,29 @@ def evaluate(model, batch: torch.Tensor, device: torch.device) -> float:
     return tot / batch.shape[0]
 
 
-def train_lm(cfg: LMConfig, out: str | Path, log: Optional[Callable[[str], None]] = None) -> TrainResult:
-    """Train from scratch and save the HF folder (weights in bf16, shards <= 15 MB) plus ``attnlab_lm.json``."""
+def _fingerprint(cfg: LMConfig) -> str:
+    """What a resumed run must share with the checkpoint: the weight settings and the checkpoint interval."""
+    return f"{cfg.key()}:eval_every={cfg.eval_every}"
+
+
+def _resume(ckpt: Path, fp: str, model, opt, gen: torch.Generator, cfg: LMConfig,
+            log: Callable[[str], None]) -> tuple[int, list, int, int, float]:
+    """(step, history, tokens, batch rows, elapsed seconds) from the checkpoint, restored in place; a fresh start
+    when there is none."""
+    if not ckpt.exists():
+        return 0, [], 0, cfg.batch_size, 0.0
+    step, state, elapsed = load_checkpoint(ckpt, fp, model, opt, None, gen, kind=PARTIAL_KIND)
+    log(f"resuming from {ckpt} at step {step}/{cfg.steps}")
+    return step, state["history"], int(state["tokens"]), int(state["batch_rows"]), elapsed
+
+
+def train_lm(cfg: LMConfig, out: str | Path, log: Optional[Callable[[str], None]] = None,
+             resume: bool = False) -> TrainResult:
+    """Train and save the HF folder (weights in bf16, shards <= 15 MB) plus ``attnlab_lm.json``.
+
+    Every ``eval_every`` steps the model, AdamW state, data RNG, history and elapsed time go atomically to
+    ``PARTIAL`` inside ``out``; with ``resume`` training continues from it (a checkpoint from other settings is
+    refused) and ends as an uninterrupted run would (CPU; the time budget counts the time before the interruption)."""
     log = log or (lambda s: None)
     device = _device(cfg.device)
     corpus = load_corpus(cfg.corpus, cfg.heldout_frac, cfg.max_bytes, min_heldout_tokens=2 * max(cfg.seq_len, cfg.long_seq_len))
@@ -176,10 +199,10 @@ def train_lm(cfg: LMConfig, out: str | Path, log: Optional[Callable[[str], None]
                             lr=cfg.lr, betas=(0.9, 0.95), fused=fused)
     gen = torch.Generator().manual_seed(cfg.seed)
     held_curve = windows(corpus.heldout, cfg.seq_len, 2, contiguous=True)
-    history: list[dict] = []
-    t0 = time.perf_counter()
-    step, tokens = 0, 0
-    batch_rows = cfg.batch_size
+    ckpt, fp = Path(out) / PARTIAL, _fingerprint(cfg)
+    step, history, tokens, batch_rows, elapsed = _resume(ckpt, fp, model, opt, gen, cfg, log) if resume else (
+        0, [], 0, cfg.batch_size, 0.0)
+    t0 = time.perf_counter() - elapsed
     model.train()
     while step < cfg.steps:
         elapsed = time.perf_counter() - t0
@@ -221,6 +244,10 @@ def train_lm(cfg: LMConfig, out: str | Path, log: Optional[Callable[[str], None]
             if cfg.eval_every and (step == 1 or step % cfg.eval_every == 0):
                 history[-1]["heldout_loss"] = evaluate(model, held_curve, device)
             log(f"step {step}: loss {lv:.4f} (len {n}) lr {lr:.2e} {tokens / max(el, 1e-9):,.0f} tok/s")
+        if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+            save_checkpoint(ckpt, fp, step, model, opt, None, gen, {"history": history, "tokens": tokens,
+                            "batch_rows": batch_rows}, time.perf_counter() - t0, kind=PARTIAL_KIND)
+            checkpoint_written()
     if device.type == "cuda":
         torch.cuda.synchronize()
     check_diverged(model, step, lr=cfg.lr)  # never evaluate, save or cache a NaN model
@@ -246,6 +273,7 @@ def train_lm(cfg: LMConfig, out: str | Path, log: Optional[Callable[[str], None]
             "loss_unit": "nats per byte (eval on windows of seq_len)", "corpus": corpus.describe(), "history": history,
             "torch": torch.__version__}
     save_model(model, out, meta)
+    ckpt.unlink(missing_ok=True)
     return TrainResult(Path(out), cfg, train_loss, held_loss, step, seconds, False, meta)
 
 
@@ -258,8 +286,9 @@ def save_model(model, out: str | Path, meta: dict) -> None:
     (out / META).unlink(missing_ok=True)
     model = model.to(torch.bfloat16)
     model.config.use_cache = True
-    model.save_pretrained(out, max_shard_size="15MB")
-    ByT5Tokenizer(extra_ids=0).save_pretrained(out)
+    with public_writes(out):  # the weights follow the umask like every other attnlab file
+        model.save_pretrained(out, max_shard_size="15MB")
+        ByT5Tokenizer(extra_ids=0).save_pretrained(out)
     write_json(out / META, meta)
 
 
@@ -275,14 +304,15 @@ def read_meta(path: str | Path) -> Optional[dict]:
 
 
 def load_or_train(cfg: LMConfig, out: str | Path, force: bool = False,
-                  log: Optional[Callable[[str], None]] = None) -> TrainResult:
-    """Reuse ``out`` when it holds a model trained with the same settings (the cache), else train."""
+                  log: Optional[Callable[[str], None]] = None, resume: bool = False) -> TrainResult:
+    """Reuse ``out`` when it holds a model trained with the same settings (the cache), else train (continuing
+    from an interrupted run's checkpoint with ``resume``)."""
     meta = read_meta(out)
     if meta is not None and meta.get("key") == cfg.key() and not force:
         (log or (lambda s: None))(f"cached model in {out} (same settings); use --force to retrain")
         return TrainResult(Path(out), cfg, meta["train_loss"], meta["heldout_loss"], meta["steps"],
                            meta["train_seconds"], True, meta)
-    return train_lm(cfg, out, log)
+    return train_lm(cfg, out, log, resume=resume)
 
 
 def config_from(preset: str, **overrides) -> LMConfig:

@@ -13,13 +13,14 @@ from typing import Any, Iterator, Optional
 import torch
 import torch.nn.functional as F
 
-from ..attention import AttentionCall, check_layers
+from ..attention import AttentionCall, check_heads, check_layers
 from ..sources.hf import HFModel, attention_hooks, run_forward
 from .evaluate import Method
 
 
 class ApproxAttention:
-    """Attention handler: every head of a hooked layer is replaced by the reconstruction of ``method``."""
+    """Attention handler: the ``heads`` (None: every head) of a hooked layer use the reconstruction of ``method``;
+    the other heads keep their exact scores."""
 
     def __init__(self, method: Method, heads: Optional[list[int]] = None):
         self.method, self.heads = method, heads
@@ -34,12 +35,19 @@ class ApproxAttention:
         return (probs.to(call.value.dtype) @ call.value)  # (B, H, N, dh)
 
 
+def dropin_heads(hf: HFModel, method: Method, heads: Optional[list[int]] = None) -> list[int]:
+    """The heads that use the reconstruction (default: those fitted); every other head stays exact."""
+    return check_heads(heads if heads is not None else method.fit.heads, hf.n_heads)
+
+
 @contextlib.contextmanager
 def approximate(hf: HFModel, method: Method, layers: Optional[list[int]] = None,
                 heads: Optional[list[int]] = None) -> Iterator[None]:
-    """Context manager: the model's ``layers`` (default: those fitted) use the reconstruction."""
+    """Context manager: the ``heads`` (default: those fitted) of the model's ``layers`` (default: those fitted) use
+    the reconstruction; the other heads keep exact attention."""
     layers = check_layers(layers if layers is not None else method.fit.layers, hf.n_layers)
-    with attention_hooks(hf, ApproxAttention(method, heads), layers):
+    heads = dropin_heads(hf, method, heads)
+    with attention_hooks(hf, ApproxAttention(method, None if len(heads) == hf.n_heads else heads), layers):
         yield
 
 
@@ -74,10 +82,13 @@ def _outputs(hf: HFModel, ids: torch.Tensor, labels: Optional[torch.Tensor]):
 
 
 def output_effect(hf: HFModel, windows: torch.Tensor, method: Method, layers: Optional[list[int]] = None,
-                  batch_size: int = 8, mlm_rate: float = 0.15, seed: int = 0) -> dict[str, Any]:
-    """Change of the model's outputs when ``layers`` use the reconstruction: mean token hidden-state cosine,
-    mean-pooled sentence-embedding cosine, and the LM loss (exact vs approximate) when the model has an LM head."""
+                  batch_size: int = 8, mlm_rate: float = 0.15, seed: int = 0,
+                  heads: Optional[list[int]] = None) -> dict[str, Any]:
+    """Change of the model's outputs when ``heads`` of ``layers`` use the reconstruction (the other heads stay
+    exact; the result then lists both): mean token hidden-state cosine, mean-pooled sentence-embedding cosine, and
+    the LM loss (exact vs approximate) when the model has an LM head."""
     kind = _lm_kind(hf)
+    heads = dropin_heads(hf, method, heads)
     g = torch.Generator().manual_seed(seed)
     tok_cos, sent_cos, n_tok, n_seq = 0.0, 0.0, 0, 0
     loss_exact, loss_approx, n_loss = 0.0, 0.0, 0
@@ -88,7 +99,7 @@ def output_effect(hf: HFModel, windows: torch.Tensor, method: Method, layers: Op
         elif kind == "causal-lm":
             labels = ids.clone()
         h0, l0 = _outputs(hf, ids, labels)
-        with approximate(hf, method, layers):
+        with approximate(hf, method, layers, heads):
             h1, l1 = _outputs(hf, ids, labels)
         tok_cos += float(F.cosine_similarity(h0, h1, dim=-1).sum())
         n_tok += h0.shape[0] * h0.shape[1]
@@ -102,6 +113,8 @@ def output_effect(hf: HFModel, windows: torch.Tensor, method: Method, layers: Op
                            "layers": check_layers(layers if layers is not None else method.fit.layers, hf.n_layers),
                            "hidden_cosine": tok_cos / max(n_tok, 1), "sentence_cosine": sent_cos / max(n_seq, 1),
                            "lm": kind}
+    if len(heads) < hf.n_heads:  # a --heads subset: say which heads were replaced and which stayed exact
+        res.update({"heads": heads, "exact_heads": [h for h in range(hf.n_heads) if h not in heads]})
     if n_loss:
         res.update({"loss_exact": loss_exact / n_loss, "loss_approx": loss_approx / n_loss})
     return res

@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from ..cli_config import QUIET_HELP, config_command, option, out_option, quiet_option
+from ..cli_config import QUIET_HELP, config_command, option, out_option, quiet_option, resume_option
 from ..cli_utils import HardenedGroup, out_files, write_report
 
 app = typer.Typer(cls=HardenedGroup,
@@ -48,8 +48,10 @@ def _run(settings: dict, out: str, quiet: bool, resume: bool, all_methods: bool 
 
     if not is_main_process():  # torchrun: rank 0 reports
         return
+    from ..report.summary import methods_text
+
     typer.echo(format_table(res["table"]))
-    typer.echo(f"best {res['best']} (chosen at {res['best_chosen_at']}): worst-layer TV {res['best_worst_layer_tv']:.4f} "
+    typer.echo(f"{methods_text(res)}; best {res['best']} (chosen at {res['best_chosen_at']}): worst-layer TV {res['best_worst_layer_tv']:.4f} "
                f"(target 0.05) at total compute {res['best_compute']:.3f}; results in {out}")
     write_report(out)
 
@@ -83,7 +85,7 @@ config_command(app, "run", "attnlab.reconstruct.run:ReconstructConfig", _run,
 
 
 @app.command()
-@out_files(".safetensors")
+@out_files(".safetensors", inside="reconstruct_fit.safetensors")  # = fit.FIT_FILE
 def fit(
     model: str = typer.Option("minilm", help="HF hub id (cached), local folder, or 'minilm' (packaged "
                                              "all-MiniLM-L6-v2)."),
@@ -103,10 +105,8 @@ def fit(
 
     from .fit import FIT_FILE, fit_corpus, load_checked
 
-    from ..io import check_foreign_file
-
+    # (a foreign file at the path was refused with the --out lock: io.lock_output)
     path = Path(out) if Path(out).suffix == ".safetensors" else Path(out) / FIT_FILE
-    check_foreign_file(path)  # a file attnlab did not write is never replaced (checked before the fit)
     path.parent.mkdir(parents=True, exist_ok=True)
     hf = load_checked(model, seq_len, device=device)
     f = fit_corpus(hf, n_fit, seq_len, corpus=corpus, batch_size=batch_size, seed=seed, progress=not quiet)
@@ -138,11 +138,11 @@ def long_cmd(
     typer.echo(f"results in {out}")
 
 
-def _train(settings: dict, out: str, quiet: bool) -> None:
+def _train(settings: dict, out: str, quiet: bool, resume: bool = False) -> None:
     """Train our small transformer (char LM) with reconstructed attention vs full attention; saves the curve."""
     from .run import train as run_train
 
-    res = run_train(out, progress=not quiet, **settings)
+    res = run_train(out, progress=not quiet, resume=resume, **settings)
     from .train import format_summary
 
     typer.echo(format_summary(res["summary"]))
@@ -150,7 +150,8 @@ def _train(settings: dict, out: str, quiet: bool) -> None:
 
 
 config_command(app, "train", "attnlab.reconstruct.train:TrainConfig", _train,
-               extra=[out_option("runs/reconstruct", "Run directory (stored under reconstruct.train)"), quiet_option()],
+               extra=[out_option("runs/reconstruct", "Run directory (stored under reconstruct.train)"), quiet_option(),
+                      resume_option()],
                help_extra={"budgets": "Budgets (fractions or counts, comma list)",
                            "selections": "Selection strategies compared (comma list)",
                            "estimators": "Several estimators compared (overrides --estimator; None: --estimator only)",

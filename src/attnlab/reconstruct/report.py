@@ -6,6 +6,7 @@ from html import escape
 
 from ..io import RunDir
 from ..report.html import cell as _fmt, figure, table as _table
+from ..report.summary import methods_text
 
 SECTION = "reconstruct"
 
@@ -35,19 +36,26 @@ def render_section(run: RunDir) -> str:
                 [table[lab]["mean"]["rel_err"], table[lab]["mean"]["top1"], table[lab]["mean"]["kl"],
                  table[lab]["budget_pairs"], (table[lab].get("cost") or {}).get("compute")] for lab in order]
         parts.append(_table(["method"] + [f"TV L{l}" for l in layers] + ["rel. err", "top-1", "KL", "pairs", "total compute"],
-                            rows, caption="Softmax total variation (TV) per layer on held-out windows, sorted by "
-                            "worst layer (click a header to re-sort, hover a value for full precision)."))
+                            rows, caption=f"{methods_text({'table': table})}: softmax total variation (TV) per "
+                            "layer on held-out windows, sorted by worst layer (click a header to re-sort, hover a "
+                            "value for full precision)."))
     front = sec.get("frontier") or {}
     if front:
         parts.append("<h3>Quality vs total compute (Pareto points of each family; spread across groups of held-out "
                      "windows)</h3>")
-        rows = [[p["label"], p["compute"], p["budget_pairs"], p["worst_layer_tv"]["mean"], p["worst_layer_tv"]["std"],
-                 p["mean_tv"]["mean"]] for pts in front.values() for p in pts]
-        parts.append(_table(["point", "total compute", "pairs", "worst-layer TV", "sd", "mean TV"], rows))
+        groups = {k: v.get("n_chunks", 2) for k, v in (sec.get("frontier_points") or {}).items()}  # of windows
+        rows = [[p["label"], p["compute"], p["budget_pairs"], p["worst_layer_tv"]["mean"],
+                 p["worst_layer_tv"]["std"] if groups.get(p["label"], 2) > 1 else "n/a (1 group)", p["mean_tv"]["mean"]]
+                for pts in front.values() for p in pts]
+        parts.append(_table(["point", "total compute", "pairs", "worst-layer TV", "sd", "mean TV"], rows,
+                            caption=f"The Pareto points of the {len(sec.get('frontier_points') or {})} frontier "
+                            "points evaluated."))
         best = sec.get("best_at_compute") or {}
         parts.append("<p>" + "; ".join(f"best at compute &le; {escape(c)}: {_fmt(b)}" for c, b in best.items()) + "</p>")
     for d in sec.get("dropin") or []:
-        parts.append(f"<p>Drop-in {_fmt(d['method'])} in layers {_fmt(d['layers'])}: hidden-state cosine "
+        scope = (f", heads {_fmt(d['heads'])} (heads {_fmt(d['exact_heads'])} kept exact attention)"
+                 if d.get("exact_heads") else "")
+        parts.append(f"<p>Drop-in {_fmt(d['method'])} in layers {_fmt(d['layers'])}{scope}: hidden-state cosine "
                      f"{_fmt(d['hidden_cosine'])}, sentence-embedding cosine {_fmt(d['sentence_cosine'])}"
                      + (f", LM loss {_fmt(d['loss_exact'])} &rarr; {_fmt(d['loss_approx'])}" if "loss_exact" in d else "")
                      + ".</p>")
@@ -60,14 +68,28 @@ def render_section(run: RunDir) -> str:
         summ = tr.get("summary") or []
         if summ:
             rows = [[r["objective"], r["label"], r["budget"], r.get("compute"), r["heldout_loss"]["mean"],
-                     r["heldout_loss"]["std"], (r.get("gap_to_full") or {}).get("mean"),
-                     (r.get("gap_to_full") or {}).get("std"), r.get("gap_verdict", "")] for r in summ]
+                     _sd(r["heldout_loss"]), (r.get("gap_to_full") or {}).get("mean"), _sd(r.get("gap_to_full")),
+                     r.get("gap_verdict") or ("n/a (1 seed)" if _one_seed(r) and r["label"] != "full" else "")]
+                    for r in summ]
             parts.append(_table(["objective", "method", "budget", "total compute", "held-out loss (mean over seeds)",
-                                 "sd", "paired gap to full", "sd", "95% t-interval verdict"], rows))
+                                 "sd", "paired gap to full", "sd", "95% t-interval verdict"], rows,
+                                caption="sd and the interval need two seeds or more (--seeds 0,1,2); one seed shows "
+                                        "n/a." if any(_one_seed(r) for r in summ) else ""))
     for png in sec.get("plots") or []:
         if run.file(png).exists():
             parts.append(figure(png, _caption(png, sec)))
     return "\n".join(parts)
+
+
+def _one_seed(row: dict) -> bool:
+    return (row.get("heldout_loss") or {}).get("n", 2) <= 1
+
+
+def _sd(stats: dict | None) -> str | float | None:
+    """The sd over seeds, or 'n/a (1 seed)' where there is a single seed (never a spread of 0)."""
+    if not stats:
+        return None
+    return "n/a (1 seed)" if stats.get("n", 2) <= 1 else stats.get("std")
 
 
 def _caption(png: str, sec: dict) -> str:

@@ -217,7 +217,9 @@ def reconstruct(out: str | Path, model: str = "minilm", progress: bool = True, *
     for m in methods:
         table[m.label]["cost"] = method_cost(m, hf.head_dim)
     best = best_label(table)
-    say(f"evaluated {len(combos)} methods on {len(windows)} held-out windows; best at --budget {best} "
+    from ..report.summary import methods_text
+
+    say(f"evaluated {methods_text({'table': table})} on {len(windows)} held-out windows; best at --budget {best} "
         f"(total compute {table[best]['cost']['compute']:.3f})")
     b = budget_count(cfg.budget, cfg.seq_len)
     res: dict[str, Any] = {
@@ -289,10 +291,11 @@ def reconstruct(out: str | Path, model: str = "minilm", progress: bool = True, *
             m0 = by_label[lab]
             m = make_methods(fit, [m0.combo], cfg.budget, **{**kw, "proxy_rank": m0.proxy_rank})[0]
             with phases("dropin"):
-                d = output_effect(hf, windows, m, cfg.layers, cfg.batch_size, seed=cfg.seed)
+                d = output_effect(hf, windows, m, cfg.layers, cfg.batch_size, seed=cfg.seed, heads=cfg.heads)
             res["dropin"].append({**d, "compute": method_cost(m, hf.head_dim)["compute"]})
-        say("drop-in: " + "; ".join(f"{d['method']}: hidden cos {d['hidden_cosine']:.4f}, sentence cos "
-                                     f"{d['sentence_cosine']:.4f}" for d in res["dropin"]))
+        say("drop-in" + dropin_scope(res["dropin"][0]) + ": " + "; ".join(
+            f"{d['method']}: hidden cos {d['hidden_cosine']:.4f}, sentence cos {d['sentence_cosine']:.4f}"
+            for d in res["dropin"]))
     res["seconds"] = round(time.perf_counter() - t0, 2)
     res["phases"] = phases.as_dict()  # *_seconds: kept in timings.json
     write_tensors(run.file(TENSORS), tensors, {"model": cfg.model, "seq_len": cfg.seq_len, "layers": L, "heads": H})
@@ -308,18 +311,27 @@ def reconstruct(out: str | Path, model: str = "minilm", progress: bool = True, *
     return res
 
 
-def train(out: str | Path, progress: bool = True, **settings: Any) -> dict[str, Any]:
-    """Run the training comparison and store it under 'train' in the reconstruct section."""
-    from .train import train_compare
+def dropin_scope(d: dict[str, Any]) -> str:
+    """'' when the drop-in replaced every head, else ' (heads [0, 1] reconstructed, heads [2, 3] exact)'."""
+    if not d.get("exact_heads"):
+        return ""
+    return f" (--heads: heads {d['heads']} reconstructed, heads {d['exact_heads']} kept exact)"
+
+
+def train(out: str | Path, progress: bool = True, resume: bool = False, **settings: Any) -> dict[str, Any]:
+    """Run the training comparison and store it under 'train' in the reconstruct section. Every finished training
+    run is checkpointed in ``out``; ``resume`` continues an interrupted comparison with the same settings."""
+    from .train import PARTIAL, train_compare
 
     run = RunDir(out)
-    res = train_compare(progress=progress, **settings)
+    res = train_compare(progress=progress, checkpoint=run.file(PARTIAL), resume=resume, **settings)
     sec = run.section(SECTION) or {}
     sec["train"] = res
     from .plots import plot_reconstruct
 
     sec["plots"] = sorted(set(sec.get("plots", [])) | set(plot_reconstruct(run, {"train": res})))
     run.write_section(SECTION, sec)
+    run.file(PARTIAL).unlink(missing_ok=True)
     return res
 
 

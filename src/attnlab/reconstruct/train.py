@@ -15,16 +15,20 @@ are read: this simulates the approximation's effect on learning; it does not mak
 from __future__ import annotations
 
 import contextlib
+import functools
+import json
 import logging
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 
 from ..attention import AttentionCall
-from ..errors import ConfigError, CorpusError
+from ..errors import ConfigError, CorpusError, ResultsError
+from ..io import checkpoint_written, read_json, write_json
 from ..validate import check_fields
 from ..models.attention import masked_softmax
 from ..models.transformer import SmallTransformer, TransformerConfig
@@ -105,8 +109,10 @@ OBJECTIVES = ("clm", "mlm")
 MASK_ID = 256  # mlm mask id (bytes are 0..255)
 
 
+@functools.lru_cache(maxsize=8)
 def char_windows(seq_len: int, split: str, max_chars: int) -> torch.Tensor:
-    """Byte-level windows (M, seq_len) of stdlib docstrings from one split ('fit' or 'heldout')."""
+    """Byte-level windows (M, seq_len) of stdlib docstrings from one split ('fit' or 'heldout'); cached (callers
+    only index it)."""
     from ..capture.corpus import is_heldout, stdlib_docstrings
 
     buf = bytearray()
@@ -284,42 +290,79 @@ def format_summary(summary: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def train_compare(cfg: Optional[TrainConfig] = None, progress: bool = True, **kw: Any) -> dict[str, Any]:
-    """Full attention vs reconstructed attention at every objective, budget, estimator, selection and seed."""
+PARTIAL = "reconstruct_train.partial.json"  # finished runs of an interrupted `reconstruct train` (inside --out)
+PARTIAL_KIND = "attnlab reconstruct train partial"
+
+
+def _jobs(cfg: TrainConfig) -> list[tuple[str, int, Optional[Combo], Any]]:
+    """Every training run in order: (objective, seed, combo or None for full attention, budget)."""
+    out: list[tuple[str, int, Optional[Combo], Any]] = []
+    for obj in cfg.objectives:
+        for seed in cfg.seeds:
+            out.append((obj, seed, None, None))
+            for est in cfg.estimators or [cfg.estimator]:
+                for sel in cfg.selections:
+                    for b in cfg.budgets:
+                        combo = Combo(est, sel)
+                        combo.validate()
+                        out.append((obj, seed, combo, b))
+    return out
+
+
+def _finished_runs(path: Optional[Path], cfg: TrainConfig, resume: bool) -> list[dict[str, Any]]:
+    """The runs an interrupted run with the same settings finished (``resume``), else none."""
+    if path is None or not resume or not path.exists():
+        return []
+    prev = read_json(path)
+    if not isinstance(prev, dict) or prev.get("kind") != PARTIAL_KIND:
+        raise ResultsError(f"{path}: not an attnlab reconstruct-train checkpoint; delete it or run without --resume")
+    if prev.get("config") != json.loads(json.dumps(asdict(cfg))):
+        raise ResultsError(f"{path}: the interrupted run had other settings; re-run with the original settings, "
+                           "or without --resume to start over")
+    return list(prev.get("runs") or [])
+
+
+def train_compare(cfg: Optional[TrainConfig] = None, progress: bool = True, checkpoint: Optional[str | Path] = None,
+                  resume: bool = False, **kw: Any) -> dict[str, Any]:
+    """Full attention vs reconstructed attention at every objective, budget, estimator, selection and seed.
+
+    ``checkpoint``: a JSON file rewritten atomically after every training run with the runs finished so far; with
+    ``resume`` those runs are kept and training continues with the next one (each run depends on its own seed
+    only, so the result equals an uninterrupted run's); a checkpoint from other settings is refused."""
     from .cost import cost_breakdown
     from .selection import budget_count
 
     cfg = cfg or TrainConfig(**kw)
     cfg.validate()
+    path = None if checkpoint is None else Path(checkpoint)
+    jobs, done = _jobs(cfg), _finished_runs(path, cfg, resume)  # other settings: refused before any work
     torch.manual_seed(cfg.seed)
     train = char_windows(cfg.seq_len, "fit", cfg.max_chars)
     heldout = char_windows(cfg.seq_len, "heldout", cfg.max_chars // 4)
     g = torch.Generator().manual_seed(cfg.seed)
     heldout = heldout[torch.randperm(len(heldout), generator=g)[: cfg.eval_windows]]
-    estimators = cfg.estimators or [cfg.estimator]
     say = _log.info if progress else _log.debug
-    runs = []
     d_head = cfg.d_model // cfg.n_heads
-    for obj in cfg.objectives:
-        h_ids, h_lab = heldout, None
-        if obj == "mlm":  # fixed masks on the held-out windows, the same for every run
-            h_ids, h_lab = mlm_mask(heldout, cfg.mask_rate, torch.Generator().manual_seed(cfg.seed + 7))
-        for seed in cfg.seeds:
-            r = train_one(cfg, train, h_ids, None, objective=obj, seed=seed, heldout_labels=h_lab)
-            r["compute"] = 1.0
-            runs.append(r)
+    held = {o: (heldout, None) for o in cfg.objectives}
+    if "mlm" in held:  # fixed masks on the held-out windows, the same for every run
+        held["mlm"] = mlm_mask(heldout, cfg.mask_rate, torch.Generator().manual_seed(cfg.seed + 7))
+    if done:
+        say(f"resuming from {path}: {len(done)} of {len(jobs)} training runs already finished")
+    runs = list(done[:len(jobs)])
+    for obj, seed, combo, b in jobs[len(runs):]:
+        h_ids, h_lab = held[obj]
+        r = train_one(cfg, train, h_ids, combo, b, objective=obj, seed=seed, heldout_labels=h_lab)
+        r["compute"] = 1.0 if combo is None else cost_breakdown(
+            combo.estimator, combo.selection, cfg.seq_len, d_head, budget_count(b, cfg.seq_len), cfg.proxy_rank)["compute"]
+        runs.append(r)
+        if combo is None:
             say(f"[{obj} seed {seed}] full attention: held-out loss {r['heldout_loss']:.4f} ({r['seconds']} s)")
-            for est in estimators:
-                for sel in cfg.selections:
-                    for b in cfg.budgets:
-                        combo = Combo(est, sel)
-                        combo.validate()
-                        r = train_one(cfg, train, h_ids, combo, b, objective=obj, seed=seed, heldout_labels=h_lab)
-                        r["compute"] = cost_breakdown(est, sel, cfg.seq_len, d_head, budget_count(b, cfg.seq_len),
-                                                      cfg.proxy_rank)["compute"]
-                        runs.append(r)
-                        say(f"[{obj} seed {seed}] {combo.label} budget {b}: held-out loss {r['heldout_loss']:.4f} "
-                            f"(exact attention {r['heldout_loss_exact_attention']:.4f}; {r['seconds']} s)")
+        else:
+            say(f"[{obj} seed {seed}] {combo.label} budget {b}: held-out loss {r['heldout_loss']:.4f} "
+                f"(exact attention {r['heldout_loss_exact_attention']:.4f}; {r['seconds']} s)")
+        if path is not None and len(runs) < len(jobs):
+            write_json(path, {"kind": PARTIAL_KIND, "config": asdict(cfg), "runs": runs})
+            checkpoint_written()
     tasks = {"clm": "next-byte causal LM", "mlm": f"masked-byte LM ({cfg.mask_rate:.0%} masked)"}
     return {"config": asdict(cfg), "runs": runs, "summary": summarise_runs(runs),
             "task": "; ".join(tasks[o] for o in cfg.objectives) + " on stdlib docstrings (bytes)",

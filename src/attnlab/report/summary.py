@@ -28,6 +28,15 @@ def _spread(xs: Sequence[float]) -> tuple[float, float, float, float]:
     return statistics.fmean(v), statistics.stdev(v) if len(v) > 1 else 0.0, min(v), max(v)
 
 
+def _mean_sd(xs: Sequence[float], across: str) -> str:
+    """'m &plusmn; sd (sd across n layers, range lo&ndash;hi)'; a single value alone, with no spread shown."""
+    m, sd, lo, hi = _spread(xs)
+    n = len([x for x in xs if x is not None and x == x])
+    if n <= 1:
+        return f"{_f(m)} (one {across[:-1] if across.endswith('s') else across}: no spread)"
+    return f"{_f(m)} &plusmn; {_f(sd)} (sd across {n} {across}, range {_f(lo)}&ndash;{_f(hi)})"
+
+
 def _halves(ci: Optional[Sequence[int]]) -> str:
     """' (k90 of each half of the windows: a, b)' when both halves were measured, else ''."""
     if not ci or len(ci) != 2 or None in ci:
@@ -73,16 +82,32 @@ def _rank_vs_length(res: dict[str, Any]) -> str:
 def _compare(res: dict[str, Any]) -> str:
     ov = res["overlap"]
     diag = [ov[i][i] for i in range(min(len(ov), len(ov[0])))]
-    m, sd, lo, hi = _spread(diag)
     a, b = res.get("label_a") or res.get("model_a"), res.get("label_b") or res.get("model_b")
     line = (f"<b>Cross-run overlap</b> {html.escape(str(a))} vs {html.escape(str(b))}: same-layer eigenspace overlap "
-            f"{_f(m)} &plusmn; {_f(sd)} (sd across {len(diag)} layers, range {_f(lo)}&ndash;{_f(hi)}); chance "
-            f"{_f(res['chance'])}")
+            f"{_mean_sd(diag, 'layers')}; chance {_f(res['chance'])}")
     nf = res.get("noise_floor")
     if nf:
-        nm, nsd, _, _ = _spread(nf.get("diagonal", []))
-        line += f", noise floor (two halves of one corpus) {_f(nm)} &plusmn; {_f(nsd)}"
+        line += f", noise floor (two halves of one corpus) {_mean_sd(nf.get('diagonal', []), 'layers')}"
     return line + "."
+
+
+def method_counts(res: dict) -> dict[str, int]:
+    """How many methods a reconstruct section holds: rows of its table, of which oracle bounds, and frontier points."""
+    table = res.get("table") or {}
+    return {"table": len(table), "oracle": sum(v.get("selection") == "oracle" for v in table.values()),
+            "frontier": len(res.get("frontier_points") or {})}
+
+
+def methods_text(res: dict) -> str:
+    """The one wording of the method count, shared by the CLI and the report: '20 methods (4 of them oracle
+    bounds) + 12 frontier points' (the table's rows, then the frontier's points when there are any)."""
+    c = method_counts(res)
+    text = f"{c['table']} method{'s' * (c['table'] != 1)}"
+    if c["oracle"]:
+        text += f" ({c['oracle']} of them oracle bound{'s' * (c['oracle'] != 1)})"
+    if c["frontier"]:
+        text += f" + {c['frontier']} frontier point{'s' * (c['frontier'] != 1)}"
+    return text
 
 
 def methods_by_cost(res: dict[str, Any]) -> dict[str, dict[str, float]]:
@@ -106,14 +131,15 @@ def _reconstruct(res: dict[str, Any]) -> str:
         return "<b>Reconstruction</b>: training comparison only (see section)."
     best, target = res["best"], res.get("target_tv", 0.05)
     per_layer = _best_layers(res)
-    m, sd, _, hi = _spread(per_layer)
+    hi = _spread(per_layer)[3]
     worst = res.get("best_worst_layer_tv", hi)
     comp = res.get("best_compute")
     pool = methods_by_cost(res)
     chosen = html.escape(str(res.get("best_chosen_at") or f"pair budget {res.get('budget_pairs')}"))
-    line = (f"<b>Reconstruction</b>: the best of {len(pool)} methods at {chosen}, <b>{html.escape(best)}</b>, costs "
-            f"<b>{_x(comp)} dense</b> total compute and reaches worst-layer softmax TV <b>{_f(worst)}</b> (mean "
-            f"{_f(m)} &plusmn; {_f(sd)}, sd across {len(per_layer)} layers) on {res.get('n_eval')} held-out windows")
+    line = (f"<b>Reconstruction</b>: the best (oracle bounds excluded) of {methods_text(res)} at {chosen}, "
+            f"<b>{html.escape(best)}</b>, costs "
+            f"<b>{_x(comp)} dense</b> total compute and reaches worst-layer softmax TV <b>{_f(worst)}</b> on "
+            f"{res.get('n_eval')} held-out windows; per-layer TV {_mean_sd(per_layer, 'layers')}")
     if comp is not None and comp >= 1.0:
         line += " &mdash; more than computing attention densely, so it saves nothing"
     line += ". "
@@ -133,7 +159,9 @@ def _reconstruct(res: dict[str, Any]) -> str:
                  f"{html.escape(k)} at {_x(pool[k]['compute'])} dense).")
     for d in res.get("dropin") or []:
         if d.get("method") == best:
-            line += f" As drop-in attention: sentence-embedding cosine {_f(d['sentence_cosine'], 4)}."
+            scope = (f" (heads {', '.join(map(str, d['heads']))} only; the other heads kept exact attention)"
+                     if d.get("exact_heads") else "")
+            line += f" As drop-in attention{scope}: sentence-embedding cosine {_f(d['sentence_cosine'], 4)}."
     return line
 
 

@@ -25,7 +25,7 @@ TRAIN_HELP = {"alpha": "entmax alpha (> 1; 1.5 = exact entmax15, 2 = sparsemax, 
               "device": "Where training runs: cpu, cuda or cuda:N"}
 
 
-@out_files(".safetensors")
+@out_files(".safetensors", inside="entmax_model.safetensors")  # = sparsity.run.CHECKPOINT
 def _train(settings: dict, out: str, resume: bool, quiet: bool) -> None:
     """Train a small entmax transformer on the corpus and save a checkpoint."""
     from pathlib import Path
@@ -36,11 +36,7 @@ def _train(settings: dict, out: str, resume: bool, quiet: bool) -> None:
 
     run_dir = Path(out).suffix != ".safetensors"
     if run_dir:  # a run directory: the checkpoint goes inside it, where `sparsity run --out DIR --resume` finds it
-        out = str(Path(out) / CHECKPOINT)
-    from ..io import check_foreign_file
-
-    check_foreign_file(Path(out))  # a file attnlab did not write is never replaced (checked before training)
-
+        out = str(Path(out) / CHECKPOINT)  # (a foreign file there was refused with the --out lock: io.lock_output)
     cfg = EntmaxTrainConfig(**settings)
     if resume and Path(out).is_file() and not partial_path(out).exists():
         _, _, done, _ = load_small(out)

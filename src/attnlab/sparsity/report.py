@@ -30,8 +30,15 @@ def render_section(run: RunDir) -> str:
              "units, selection included) / valid pairs (lower is better; causal: n(n+1)/2 valid pairs); computation "
              "sparsity = the Sparsefinder authors' 1 - bucket operations / n<sup>2</sup>. Means over heads and layers on held-out windows.</p>"]
     r9 = sec.get("recall_at_0.9", {})
+    win = {m: ((sec.get("methods", {}).get(m) or {}).get("windows_at_0.9") or {}).get("recall") or {} for m in r9}
+    spread = {m: w if (w.get("n") or 0) >= 2 and w.get("ci95") is not None else {} for m, w in win.items()}
     parts.append("<h3>Recall at sparsity 0.9 (interpolated on the Pareto front)</h3>"
-                 + _table(["method", "recall@0.9"], [[m, v] for m, v in r9.items()], collapse=None))
+                 + _table(["method", "recall@0.9", "recall at the point nearest 0.9: mean over windows", "± 95% CI",
+                           "sd", "windows"],
+                          [[m, v, spread[m].get("mean"), spread[m].get("ci95"), spread[m].get("std"), win[m].get("n")]
+                           for m, v in r9.items()], collapse=None,
+                          caption="The spread is over held-out windows at each method's measured operating point "
+                                  "nearest sparsity 0.9 (a dash: fewer than two windows)."))
     caps = {"pareto": "Recall of gold entmax edges against sparsity for every method: dots are operating points, the "
                       "solid line each method's Pareto front; dashed grey: the sparsity-0.9 reference; dotted black: "
                       "the gold graph's own sparsity (an oracle's best point).",
