@@ -5,7 +5,9 @@ Presets (``--preset``):
 - ``gpu`` (default): AND and OR with s = 3 and sparse parity with s = 2, T = 16 .. 4096 (9 values), 9 seeds; the
   bounded-norm one-layer attention head (one head; two on parity, because one softmax head's decision is a linear
   threshold function of the bits) and, on the same tasks and protocol, a ReLU MLP on the flattened bits trained
-  with SGD (T <= 1024); each task starts no new T after 170 s. NOT RUN on a GPU yet: its wall time is unmeasured.
+  with SGD (T <= 1024); each task starts no new T after 170 s. Measured on an H200 (2026-12-04, NOTES-variables.md):
+  about 125 s reach only T = 16..256 of the bounded head (8.6 to 57 s per T; tiny models are latency-bound), so
+  T = 4096 needs roughly an hour per task, not the 170 s budgeted here.
 - ``cpu``: the budgeted CPU sweep, T = 8 .. 128, 9 seeds, 800 steps, 1 restart, a coarse search (4 doubling
   sizes, 2 refinement points, rtol 0.25). Measured on 2 shared cores: AND about 8 min of CPU, OR about 2.5;
   parity (2 heads) is optimisation-limited and took 7 min for T = 8 and 16 alone. Numbers:
@@ -62,18 +64,21 @@ def parse_tasks(spec: str) -> list[tuple[str, int]]:
 
 def print_block(title: str, block: dict) -> None:
     """m*(T) table and fits of one learner."""
+    from attnlab.textfmt import interval
+
     print(f"\n{title}")
     print(f"{'T':>6} {'m*':>8} {'95% CI':>18} {'fit':>5} {'mass':>6}  per-seed m*")
     for r in block.get("results", []):
         ms = r["m_star"] if r["m_star"] is not None else f">{r['m_max']}"
         mass = (r.get("attn") or {}).get("mass_median")
-        print(f"{r['T']:>6} {str(ms):>8} {str(r['ci']):>18} {r.get('fit_rate', 1):>5.2f} "
+        print(f"{r['T']:>6} {str(ms):>8} {interval(r['ci']):>18} {r.get('fit_rate', 1):>5.2f} "
               f"{'' if mass is None else f'{mass:.3f}':>6}  {list(r['per_seed'].values())}"
               f"{'  FLAG ' + r['flag'] if r.get('flag') else ''}")
     f = block.get("fits")
     if f:
-        print(f"  log fit: R2 {f['log']['r2']:.3f} CI {f['log']['ci'].get('r2')}, b {f['log']['params']['b']:.3g} "
-              f"CI {f['log']['ci']['b']}; power c {f['power']['params']['c']:.3g} CI {f['power']['ci']['c']}")
+        ci = f["log"]["ci"]
+        print(f"  log fit: R2 {f['log']['r2']:.3f} CI {interval(ci.get('r2'))}, b {f['log']['params']['b']:.3g} "
+              f"CI {interval(ci['b'])}; power c {f['power']['params']['c']:.3g} CI {interval(f['power']['ci']['c'])}")
         print(f"  verdict: {f['verdict']} - {f['reason']}")
     else:
         print(f"  no fit: {block.get('fit_error')}")
