@@ -102,3 +102,22 @@ def one_thread():
 def tiny_lm(tmp_path_factory):
     """An untrained tiny byte Llama (GQA) with sharpened attention, saved as an HF folder (no training: fast)."""
     return save_sharp_lm("tiny", 3, tmp_path_factory.mktemp("lm"))
+
+
+@pytest.fixture
+def saved_overlaps(monkeypatch):
+    """Every matplotlib figure saved while the test runs (PNG files and inline data URIs): (its axes' titles,
+    its overlapping text pairs from :func:`attnlab.report.overlap.text_overlaps`)."""
+    from matplotlib.figure import Figure
+
+    from attnlab.report.overlap import text_overlaps
+
+    found: list[tuple[str, list]] = []
+    orig = Figure.savefig
+
+    def hooked(self, *a, **k):
+        found.append((" | ".join(ax.get_title() for ax in self.axes)[:80], text_overlaps(self)))
+        return orig(self, *a, **k)
+
+    monkeypatch.setattr(Figure, "savefig", hooked)
+    return found

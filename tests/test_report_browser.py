@@ -57,9 +57,10 @@ def test_report_alone_renders_its_plots(spectrum_run, tmp_path):
 
 @pytest.mark.slow
 @needs_browser
-def test_demo_report_screenshot(tmp_path):
+def test_demo_report_screenshot(tmp_path, saved_overlaps):
     from attnlab.demo import run_demo
 
     html = run_demo(tmp_path / "run", n_sequences=8, seq_len=32, quick=True)
+    assert saved_overlaps and [f for f in saved_overlaps if f[1]] == []  # no figure of any pillar has overlapping text
     img = screenshot(html, tmp_path, height=6000)
     assert colourful(img) > 1000

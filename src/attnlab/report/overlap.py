@@ -12,10 +12,25 @@ from typing import Any
 from matplotlib.text import Text
 
 
+def _undrawn_tick_labels(fig: Any) -> set[int]:
+    """Ids of tick labels matplotlib keeps but does not draw: ticks outside their axis' view interval."""
+    out: set[int] = set()
+    for ax in fig.axes:
+        for axis in (ax.xaxis, ax.yaxis):
+            lo, hi = sorted(axis.get_view_interval())
+            eps = 1e-9 * max(1.0, abs(hi - lo))
+            for tick in axis.get_major_ticks() + axis.get_minor_ticks():
+                loc = tick.get_loc()
+                if loc is None or not lo - eps <= loc <= hi + eps:
+                    out.update((id(tick.label1), id(tick.label2)))
+    return out
+
+
 def _visible_texts(fig: Any) -> list[Text]:
     out = []
+    undrawn = _undrawn_tick_labels(fig)
     for t in fig.findobj(Text):
-        if not t.get_visible() or not t.get_text().strip() or t.get_alpha() == 0:
+        if id(t) in undrawn or not t.get_visible() or not t.get_text().strip() or t.get_alpha() == 0:
             continue
         ax = getattr(t, "axes", None)
         if ax is not None and not ax.get_visible():

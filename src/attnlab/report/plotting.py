@@ -79,8 +79,31 @@ def curves(series: dict[str, Sequence[float]], title: str, xlabel: str, ylabel: 
     for h, lab, ls in zip(hlines, labels, ("--", ":", "-.", "--")):
         ax.axhline(h, color="grey", lw=0.9, ls=ls, label=lab)
     if logx:
-        ax.set_xscale("log")
+        log_ticks(ax, xs)
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return save_figure(fig, path)
+
+
+def tick_text(x: float) -> str:
+    """A short tick label: '1/64' for unit fractions, else '%g'."""
+    if 0 < x < 1 and abs(1 / x - round(1 / x)) < 1e-9 * (1 / x):
+        return f"1/{round(1 / x)}"
+    return f"{x:g}"
+
+
+def log_ticks(ax, xs: Optional[Sequence[float]] = None, max_labels: int = 10) -> None:
+    """Log x axis without matplotlib's crowded minor labels (2x10^-2, 3x10^-2, ... collide on short ranges):
+    the data's own x values as labelled ticks when there are few, no minor labels."""
+    from matplotlib.ticker import NullFormatter
+
+    ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    if xs is not None:
+        ticks = sorted({float(x) for x in xs if x > 0})
+        if ticks and len(ticks) > max_labels:
+            ticks = ticks[:: -(-len(ticks) // max_labels)]
+        if ticks:
+            ax.set_xticks(ticks, [tick_text(t) for t in ticks])
+            ax.xaxis.set_minor_formatter(NullFormatter())
