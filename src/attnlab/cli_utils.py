@@ -256,3 +256,10 @@ class HardenedCommand(TyperCommand):
     def main(self, *args, **kwargs):
         harden(self)
         return super().main(*args, **kwargs)
+
+    def format_help(self, ctx, formatter):
+        """The help page, with option help read late from registries (cli_config.fill_late_help)."""
+        from .cli_config import fill_late_help
+
+        fill_late_help(self)
+        return super().format_help(ctx, formatter)

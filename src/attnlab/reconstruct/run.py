@@ -17,7 +17,7 @@ from ..errors import ConfigError
 from ..validate import check_fields
 from ..io import RunDir, write_tensors
 from ..seeding import seed_everything
-from .estimators import ALL_ESTIMATORS
+from .estimators import ALL_ESTIMATORS, estimator_kind
 from .evaluate import Combo, evaluate, make_methods
 from .fit import FIT_FILE, ReconstructionFit, check_no_leak, fit_corpus, fit_from_spectrum, load_checked, windows_for
 from .cost import method_cost
@@ -88,13 +88,13 @@ class ReconstructConfig:
         b = budget_count(self.budget, self.seq_len)
         for x in self.budgets:
             budget_count(x, self.seq_len, flag="--budgets")
-        if self.k is not None and "basis" in self.estimators and self.k > b:
-            raise ConfigError(f"--k {self.k} exceeds --budget {b} pairs per row")
         if not self.estimators or not self.selections:
             raise ConfigError("--estimators and --selections must not be empty")
         for e in self.estimators:
             if e not in ALL_ESTIMATORS:
                 raise ConfigError(f"--estimators: unknown {e!r} (choose from {', '.join(ALL_ESTIMATORS)})")
+        if self.k is not None and self.k > b and any(estimator_kind(e).needs_k for e in self.estimators):
+            raise ConfigError(f"--k {self.k} exceeds --budget {b} pairs per row")
         for s in self.selections:
             if s not in STRATEGIES:
                 raise ConfigError(f"--selections: unknown {s!r} (choose from {', '.join(STRATEGIES)})")
@@ -153,8 +153,10 @@ def check_ranks(cfg: ReconstructConfig, d_head: int) -> None:
 
 
 def residual_proxies(cfg: ReconstructConfig) -> list[tuple[str, int, int]]:
-    """The proxies (kind, rank, seed) whose residual statistics proxy+gaussian needs (none if not evaluated)."""
-    ranks = [cfg.proxy_rank, *cfg.extra_ranks] if "proxy+gaussian" in cfg.estimators else []
+    """The proxies (kind, rank, seed) whose residual statistics the estimators tagged 'residual' need (none if no
+    such estimator is evaluated)."""
+    residual = any(estimator_kind(e).needs_residual for e in cfg.estimators)
+    ranks = [cfg.proxy_rank, *cfg.extra_ranks] if residual else []
     if cfg.frontier or cfg.compute is not None:
         ranks += list(cfg.frontier_ranks)
     return [(cfg.proxy, r, cfg.seed) for r in dict.fromkeys(ranks)]
@@ -203,7 +205,7 @@ def reconstruct(out: str | Path, model: str = "minilm", progress: bool = True, *
     kw = dict(k=cfg.k, ridge=cfg.ridge, jitter=cfg.jitter, proxy=cfg.proxy, proxy_rank=cfg.proxy_rank, seed=cfg.seed)
     combos = combos_for(cfg)
     methods = make_methods(fit, combos, cfg.budget, **kw)
-    extra = [c for c in combos if c.selection == "adaptive" and c.estimator in ("proxy", "proxy+gaussian", "gaussian", "basis")
+    extra = [c for c in combos if c.selection == "adaptive" and estimator_kind(c.estimator).rank_sweep
              and not c.position and not c.pool_heads]
     for rk in cfg.extra_ranks:
         if rk != cfg.proxy_rank:
@@ -271,7 +273,7 @@ def reconstruct(out: str | Path, model: str = "minilm", progress: bool = True, *
             for bud in cfg.budgets:
                 m0 = by_label[lab]
                 kk = {**kw, "proxy_rank": m0.proxy_rank}
-                if m0.combo.estimator == "basis" and cfg.k is not None:
+                if estimator_kind(m0.combo.estimator).needs_k and cfg.k is not None:
                     kk["k"] = min(cfg.k, budget_count(bud, cfg.seq_len))
                 ms = make_methods(fit, [m0.combo], bud, **kk)
                 with phases("sweep"):
