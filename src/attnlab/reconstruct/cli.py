@@ -67,7 +67,7 @@ def _registry_help(module: str) -> str:
 
 _run._attnlab_resume_interrupted = False  # --resume keeps a finished section; an interrupted run starts over
 
-config_command(app, "run", "attnlab.reconstruct.run:ReconstructConfig", _run,
+config_command(app, "run", "attnlab.reconstruct.config:ReconstructConfig", _run,
                extra=[out_option("runs/reconstruct", "Run directory (results.json section 'reconstruct', PNGs)"),
                       quiet_option(),
                       option("resume", bool, False, "--resume/--no-resume",
