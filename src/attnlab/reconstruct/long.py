@@ -205,6 +205,35 @@ def points_for(families, fractions, ranks, n: int, d: int, max_compute: float) -
     return pts, skipped
 
 
+def _selection(kind: str, rank: int, s: torch.Tensor, ps: Optional[torch.Tensor], b: torch.Tensor, keys: torch.Tensor,
+               rows: torch.Tensor, cache: dict[Any, torch.Tensor]) -> torch.Tensor:
+    """The exact pairs (W, c, N) of one chunk for selection ``kind``: none, adaptive (the proxy's top b_i), oracle
+    (the true top b_i), local, or hybrid (ceil(b/2) local keys, then the proxy's top floor(b/2) of the others).
+    ``cache`` keeps the key orders of the chunk across points."""
+    if kind == "none":
+        return torch.zeros_like(s, dtype=torch.bool)
+    if kind == "adaptive":
+        if ("order", rank) not in cache:
+            cache[("order", rank)] = _ranks_of(ps)
+        return cache[("order", rank)] < b
+    if kind == "oracle":
+        if "true" not in cache:
+            cache["true"] = _ranks_of(s)
+        return cache["true"] < b
+    if kind == "local":
+        return _local(keys, rows, b).expand_as(s)
+    if ("sorted", rank) not in cache:
+        cache[("sorted", rank)] = torch.sort(ps, dim=-1, descending=True, stable=True).indices
+    idx = cache[("sorted", rank)]
+    bl = b - b // 2
+    loc = _local(keys, rows, bl).expand_as(s)
+    loc_sorted = torch.gather(loc, -1, idx)
+    before = torch.cumsum(loc_sorted, -1) - loc_sorted.long()  # local keys ranked above each position
+    pos = torch.arange(s.shape[-1], device=s.device)
+    pick = ~loc_sorted & (pos - before < (b - bl))
+    return loc | torch.zeros_like(loc).scatter(-1, idx, pick)
+
+
 def evaluate_head(q: torch.Tensor, k: torch.Tensor, rows: list[torch.Tensor], scaling: float, points: list[Point],
                   proxies: dict[int, Proxy], chunk: int = 256,
                   on_chunk: Optional[Callable[[int], None]] = None) -> dict[str, torch.Tensor]:
@@ -225,9 +254,7 @@ def evaluate_head(q: torch.Tensor, k: torch.Tensor, rows: list[torch.Tensor], sc
         rmean = (q[:, r] * kbar[:, r]).sum(-1) * scaling  # (W, c)
         p = torch.softmax(s, -1)
         by_rank: dict[int, torch.Tensor] = {}
-        order: dict[int, torch.Tensor] = {}
-        sorted_idx: dict[int, torch.Tensor] = {}
-        ranks_true = None
+        cache: dict[Any, torch.Tensor] = {}  # per-chunk key orders: the true scores' and each proxy rank's
         for pt in points:
             fam = FAMILIES[pt.family]
             b = row_budgets(pt.frac, r + 1).unsqueeze(-1)  # (c, 1)
@@ -239,29 +266,7 @@ def evaluate_head(q: torch.Tensor, k: torch.Tensor, rows: list[torch.Tensor], sc
                     by_rank[pt.rank] = (((q[:, r] @ wq) @ (k @ wk).transpose(-1, -2)) * scaling).masked_fill(
                         ~valid, float("-inf"))
                 ps = by_rank[pt.rank]
-            if fam.selection == "none":
-                sel = torch.zeros_like(s, dtype=torch.bool)
-            elif fam.selection == "adaptive":
-                if pt.rank not in order:
-                    order[pt.rank] = _ranks_of(ps)
-                sel = order[pt.rank] < b
-            elif fam.selection == "oracle":
-                if ranks_true is None:
-                    ranks_true = _ranks_of(s)
-                sel = ranks_true < b
-            elif fam.selection == "local":
-                sel = _local(keys, r, b).expand_as(s)
-            else:  # hybrid: ceil(b/2) local keys, then the proxy's top floor(b/2) of the other keys
-                if pt.rank not in sorted_idx:
-                    sorted_idx[pt.rank] = torch.sort(ps, dim=-1, descending=True, stable=True).indices
-                idx = sorted_idx[pt.rank]
-                bl = b - b // 2
-                loc = _local(keys, r, bl).expand_as(s)
-                loc_sorted = torch.gather(loc, -1, idx)
-                before = torch.cumsum(loc_sorted, -1) - loc_sorted.long()  # local keys ranked above each position
-                pos = torch.arange(n, device=s.device)
-                pick = ~loc_sorted & (pos - before < (b - bl))
-                sel = loc | torch.zeros_like(loc).scatter(-1, idx, pick)
+            sel = _selection(fam.selection, pt.rank, s, ps, b, keys, r, cache)
             sel = sel & valid
             if fam.fill == "none":
                 est = s.masked_fill(~sel, float("-inf"))
@@ -269,7 +274,7 @@ def evaluate_head(q: torch.Tensor, k: torch.Tensor, rows: list[torch.Tensor], sc
                 est = _proxy_fill(s, torch.where(valid, ps, torch.zeros_like(ps)), sel, valid, rmean, n_i)
             sums[pt.label] += _tv(p, est).double().sum(-1)
             del sel, est
-        del s, p, by_rank, order, sorted_idx, ranks_true
+        del s, p, by_rank, cache
     return {lab: v.cpu() / len(rows_all) for lab, v in sums.items()}
 
 
