@@ -21,7 +21,7 @@ def _params(*path: str) -> dict[str, click.Parameter]:
 
 @pytest.mark.parametrize("path,cls,skip", [
     (("spectrum",), "attnlab.spectral.run:SpectrumConfig", ()),
-    (("reconstruct", "run"), "attnlab.reconstruct.run:ReconstructConfig", ()),
+    (("reconstruct", "run"), "attnlab.reconstruct.config:ReconstructConfig", ()),
     (("reconstruct", "train"), "attnlab.reconstruct.train:TrainConfig", ()),
     (("sparsity", "train"), "attnlab.sparsity.train_entmax:EntmaxTrainConfig", ()),
     (("sparsity", "run"), "attnlab.sparsity.train_entmax:EntmaxTrainConfig", ()),

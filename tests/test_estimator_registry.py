@@ -148,3 +148,36 @@ def test_old_names_and_the_estimator_factory():
         check_k(3, 2)
     with pytest.raises(ConfigError, match="the 'none' estimator with no exact pairs computes nothing"):
         cost_breakdown("none", "none", 16, 16, 0)
+
+
+class BasisMedian(MedianFill):
+    """Toy with a basis size and residual statistics: the run's k check and fit plan read its tags, not its name."""
+
+    name = "test-basis-residual"
+    tags = ("basis", "residual", "proxy")
+
+
+def test_registered_estimator_reaches_the_run_config_and_the_help():
+    from typer.testing import CliRunner
+
+    from attnlab.cli import app
+    from attnlab.reconstruct.run import ReconstructConfig, combos_for, residual_proxies
+
+    kind = BasisMedian()
+    register_estimator(kind)
+    try:
+        cfg = ReconstructConfig(estimators=[kind.name], selections=["adaptive"], seq_len=16, budget=4, k=5,
+                                extra_ranks=[8])
+        with pytest.raises(ConfigError, match="--k 5 exceeds --budget 4"):  # tagged 'basis': k is checked
+            cfg.validate()
+        cfg.k = 4
+        cfg.validate()
+        assert residual_proxies(cfg) == [("bilinear", 4, 0), ("bilinear", 8, 0)]  # tagged 'residual'
+        assert combos_for(cfg) == [Combo(kind.name, "adaptive")]
+        res = CliRunner().invoke(app, ["reconstruct", "run", "--help"], terminal_width=400)
+        assert res.exit_code == 0 and "test-basis-residual: median of the observed scores" in res.output
+    finally:
+        ESTIMATOR_REGISTRY.remove(kind.name)
+    cfg = ReconstructConfig(estimators=["mean"], k=10**6)
+    cfg.validate()  # no estimator with a basis: --k is not checked against the budget
+    assert residual_proxies(cfg) == []

@@ -282,7 +282,8 @@ def config_command(app: typer.Typer, name: str, target: str | Sequence[str], run
                    help_extra: Optional[dict[str, str]] = None, kinds: Optional[dict[str, str]] = None,
                    doc: Optional[str] = None, shown: Optional[dict[str, str]] = None,
                    flags: Optional[dict[str, str]] = None,
-                   context_settings: Optional[dict[str, Any]] = None) -> Callable[..., None]:
+                   context_settings: Optional[dict[str, Any]] = None,
+                   late_help: Optional[dict[str, Callable[[], str]]] = None) -> Callable[..., None]:
     """Register command ``name`` on ``app`` with one option per field of ``target`` (minus ``skip``) plus the
     ``extra`` parameters; ``run(settings, **extra_values)`` gets the given fields, parsed to their types.
     Several targets (e.g. a training config and the run function): ``settings`` is a dict per target, and a
@@ -290,7 +291,9 @@ def config_command(app: typer.Typer, name: str, target: str | Sequence[str], run
     (words/numbers), 'number' (int or float), 'words' (the strings as given, parsed by ``run``). ``help_extra``
     gives a field's help where its comment is missing or too terse; ``shown`` a default note where the default
     depends on another option (e.g. ``lm train --preset``). ``flags`` names a field's flag where it is not
-    --field-name (e.g. --norm-T); ``context_settings`` go to click (e.g. allow_extra_args)."""
+    --field-name (e.g. --norm-T); ``context_settings`` go to click (e.g. allow_extra_args). ``late_help`` gives a
+    field a function whose text is appended to its help when --help is shown (e.g. names read from a registry that
+    imports torch: nothing is imported until then)."""
     targets = [target] if isinstance(target, str) else list(target)
     owner = {f.name: t for t in reversed(targets) for f in config_fields(t)}  # a shared name goes to the first
     fields = [dataclasses.replace(f, kind=(kinds or {}).get(f.name, f.kind), alias=(flags or {}).get(f.name, ""))
@@ -316,12 +319,22 @@ def config_command(app: typer.Typer, name: str, target: str | Sequence[str], run
     command.__annotations__ = annotations
     command.__doc__ = doc or run.__doc__
     command.__name__ = name.replace("-", "_")
+    command._attnlab_late_help = {k: (fn, by_name[k], help_extra or {}, shown) for k, fn in (late_help or {}).items()}
     for mark in ("_attnlab_out_files", "_attnlab_out_inside", "_attnlab_resume_interrupted"):  # see cli_utils.out_files / harden
         if hasattr(run, mark):
             setattr(command, mark, getattr(run, mark))
     from .cli_utils import HardenedCommand
 
     return app.command(name, cls=HardenedCommand, context_settings=context_settings)(command)
+
+
+def fill_late_help(cmd: Any) -> None:
+    """Complete the help of ``cmd``'s options that have a ``late_help`` function (see :func:`config_command`)."""
+    late = getattr(cmd.callback, "_attnlab_late_help", None) or {}
+    for p in cmd.params:
+        if p.name in late:
+            fn, f, extra, shown = late[p.name]
+            p.help = help_text(f, {f.name: f"{_sentence(extra.get(f.name) or f.help)}: {fn()}"}, shown)
 
 
 def option(name: str, annotation: Any, default: Any, *decls: str, **kw: Any) -> inspect.Parameter:

@@ -169,11 +169,58 @@ def _rank0_output():
     return stack
 
 
+def _prepare_output(kwargs: dict) -> None:
+    """Before a command runs: warnings shown; off a terminal no transformers / hub tqdm bars ("Writing model
+    shards"); --quiet means the same everywhere (no progress lines, no info messages)."""
+    show_warnings()
+    if not sys.stderr.isatty():
+        import os
+
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        if "transformers" in sys.modules:
+            sys.modules["transformers"].utils.logging.disable_progress_bar()
+    if kwargs.get("quiet"):
+        logging.getLogger("attnlab").setLevel(logging.WARNING)
+
+
+def _guarded_call(orig, args: tuple, kwargs: dict, params: dict, lock_out: bool, files, inside, can_resume: bool):
+    """``orig(*args, **kwargs)`` with the option values checked and --out locked; attnlab errors and full disks
+    become one line + exit 2, Ctrl-C a hint + exit 130; under torchrun every rank ends together."""
+    import errno
+
+    from .errors import AttnlabError
+    from .io import lock_output, os_error
+
+    try:
+        _check_values(params, kwargs)
+        if lock_out and kwargs.get("out") is not None:
+            with lock_output(kwargs["out"], "--out", out_kind(kwargs["out"], files), inside=inside):
+                out = orig(*args, **kwargs)
+        else:
+            out = orig(*args, **kwargs)
+        if "torch.distributed" in sys.modules:  # (commands that never load torch skip the import)
+            from .distributed import finish
+
+            finish()  # torchrun: every rank ends together (no-op in a single process)
+        return out
+    except AttnlabError as e:
+        fail(e)
+    except KeyboardInterrupt:
+        hint = ("re-run the same command with --resume to continue" if can_resume else
+                "this command cannot continue an interrupted run; re-run it to start over")
+        typer.secho(f"interrupted: files written so far are intact; {hint}", err=True)
+        raise typer.Exit(130) from None
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
+            action = "access" if e.errno == errno.EACCES else "write"
+            fail(os_error(e, e.filename or kwargs.get("out") or "output", action))
+        raise
+
+
 def harden(cmd):
     """Wrap every command's callback (once): options validated before any work (attnlab.validate.RULES; no NaN/inf),
     --out checked and locked against concurrent runs, attnlab errors and full disks as one line + exit 2,
     Ctrl-C as a hint + exit 130. Works on any click command tree (hand-written or generated options)."""
-    import errno
     import functools
 
     if hasattr(cmd, "commands"):  # a group (typer vendors its own click: no isinstance check)
@@ -195,46 +242,9 @@ def harden(cmd):
 
     @functools.wraps(orig)
     def run(*args, **kwargs):
-        show_warnings()
-        if not sys.stderr.isatty():  # off a terminal: no transformers / hub tqdm bars ("Writing model shards")
-            import os
-
-            os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-            if "transformers" in sys.modules:
-                sys.modules["transformers"].utils.logging.disable_progress_bar()
-        if kwargs.get("quiet"):  # --quiet: the same meaning everywhere (no progress lines, no info messages)
-            logging.getLogger("attnlab").setLevel(logging.WARNING)
+        _prepare_output(kwargs)
         with _rank0_output():
-            return _call(*args, **kwargs)
-
-    def _call(*args, **kwargs):
-        from .errors import AttnlabError
-        from .io import lock_output, os_error
-
-        try:
-            _check_values(params, kwargs)
-            if lock_out and kwargs.get("out") is not None:
-                with lock_output(kwargs["out"], "--out", out_kind(kwargs["out"], files), inside=inside):
-                    out = orig(*args, **kwargs)
-            else:
-                out = orig(*args, **kwargs)
-            if "torch.distributed" in sys.modules:  # (commands that never load torch skip the import)
-                from .distributed import finish
-
-                finish()  # torchrun: every rank ends together (no-op in a single process)
-            return out
-        except AttnlabError as e:
-            fail(e)
-        except KeyboardInterrupt:
-            hint = ("re-run the same command with --resume to continue" if can_resume else
-                    "this command cannot continue an interrupted run; re-run it to start over")
-            typer.secho(f"interrupted: files written so far are intact; {hint}", err=True)
-            raise typer.Exit(130) from None
-        except OSError as e:
-            if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
-                action = "access" if e.errno == errno.EACCES else "write"
-                fail(os_error(e, e.filename or kwargs.get("out") or "output", action))
-            raise
+            return _guarded_call(orig, args, kwargs, params, lock_out, files, inside, can_resume)
 
     run._attnlab_hardened = True
     cmd.callback = run
@@ -256,3 +266,10 @@ class HardenedCommand(TyperCommand):
     def main(self, *args, **kwargs):
         harden(self)
         return super().main(*args, **kwargs)
+
+    def format_help(self, ctx, formatter):
+        """The help page, with option help read late from registries (cli_config.fill_late_help)."""
+        from .cli_config import fill_late_help
+
+        fill_late_help(self)
+        return super().format_help(ctx, formatter)

@@ -185,18 +185,11 @@ def train_lm(cfg: LMConfig, out: str | Path, log: Optional[Callable[[str], None]
     refused) and ends as an uninterrupted run would (CPU; the time budget counts the time before the interruption)."""
     log = log or (lambda s: None)
     device = _device(cfg.device)
-    corpus = load_corpus(cfg.corpus, cfg.heldout_frac, cfg.max_bytes, min_heldout_tokens=2 * max(cfg.seq_len, cfg.long_seq_len))
-    d = corpus.describe()
-    log(f"corpus: {d['source']}: {d['train_tokens']:,} training bytes ({d['train_docs']} files), "
-        f"{d['heldout_tokens']:,} held-out bytes ({d['heldout_docs']} files)")
+    corpus = _corpus(cfg, log)
     model = build_model(cfg).to(device)
     n_params = sum(p.numel() for p in model.parameters())
     log(f"model: {n_params / 1e6:.2f}M parameters, device {device}")
-    fused = device.type == "cuda"
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=cfg.lr, betas=(0.9, 0.95), fused=fused)
+    opt = _optimizer(model, cfg, device)
     gen = torch.Generator().manual_seed(cfg.seed)
     held_curve = windows(corpus.heldout, cfg.seq_len, 2, contiguous=True)
     ckpt, fp = Path(out) / PARTIAL, _fingerprint(cfg)
@@ -209,41 +202,20 @@ def train_lm(cfg: LMConfig, out: str | Path, log: Optional[Callable[[str], None]
         progress = max(step / cfg.steps, elapsed / cfg.max_seconds)
         if progress >= 1.0:
             break
-        warm = min(1.0, (step + 1) / max(1, cfg.warmup_steps))
-        lr = cfg.lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
-        for g in opt.param_groups:
-            g["lr"] = lr
+        lr = _set_lr(opt, cfg, step, progress)
         n = cfg.long_seq_len if progress >= 1.0 - cfg.long_frac else cfg.seq_len  # length curriculum
         rows = max(1, batch_rows * cfg.seq_len // n)
         batch = windows(corpus.train, n, rows, gen).to(device, non_blocking=True)
-        try:
-            with _autocast(device):
-                loss = model(input_ids=batch, labels=batch).loss
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-        except torch.OutOfMemoryError:
-            if batch_rows == 1:
-                raise
-            loss = None
-            opt.zero_grad(set_to_none=True)
-            batch_rows //= 2
-            log(f"out of GPU memory: batch size now {batch_rows}")
-            torch.cuda.empty_cache()
+        loss, batch_rows = _backward(model, opt, batch, device, batch_rows, log)
+        if loss is None:  # out of GPU memory: the same step again at half the batch
             continue
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         step += 1
         tokens += batch.numel()
         if step == 1 or step % 25 == 0:
-            lv = float(loss.detach())
-            if not math.isfinite(lv):
-                check_diverged(model, step, lv, cfg.lr)
-            el = time.perf_counter() - t0
-            history.append({"step": step, "loss": lv, "lr": lr, "elapsed_s": round(el, 2)})
-            history[-1]["seq_len"] = n
-            if cfg.eval_every and (step == 1 or step % cfg.eval_every == 0):
-                history[-1]["heldout_loss"] = evaluate(model, held_curve, device)
-            log(f"step {step}: loss {lv:.4f} (len {n}) lr {lr:.2e} {tokens / max(el, 1e-9):,.0f} tok/s")
+            _log_step(history, model, cfg, step, float(loss.detach()), lr, n, time.perf_counter() - t0, tokens,
+                      held_curve, device, log)
         if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
             save_checkpoint(ckpt, fp, step, model, opt, None, gen, {"history": history, "tokens": tokens,
                             "batch_rows": batch_rows}, time.perf_counter() - t0, kind=PARTIAL_KIND)
@@ -252,6 +224,88 @@ def train_lm(cfg: LMConfig, out: str | Path, log: Optional[Callable[[str], None]
         torch.cuda.synchronize()
     check_diverged(model, step, lr=cfg.lr)  # never evaluate, save or cache a NaN model
     seconds = time.perf_counter() - t0
+    train_loss, held_loss, long_eval = _final_losses(model, corpus, cfg, device)
+    check_diverged(model, step, train_loss + held_loss, cfg.lr)  # NaN/inf if either is
+    log(_done_line(cfg, step, seconds, train_loss, held_loss, long_eval))
+    meta = {"key": cfg.key(), "config": asdict(cfg), "device": str(device), "n_params": n_params, "steps": step,
+            "tokens": tokens, "train_seconds": seconds, "train_loss": train_loss, "heldout_loss": held_loss,
+            **long_eval, "final_batch_rows": batch_rows,
+            "loss_unit": "nats per byte (eval on windows of seq_len)", "corpus": corpus.describe(), "history": history,
+            "torch": torch.__version__}
+    save_model(model, out, meta)
+    ckpt.unlink(missing_ok=True)
+    return TrainResult(Path(out), cfg, train_loss, held_loss, step, seconds, False, meta)
+
+
+def _corpus(cfg: LMConfig, log: Callable[[str], None]):
+    """The training / held-out byte corpus of ``cfg`` (held-out long enough for two long windows), logged."""
+    corpus = load_corpus(cfg.corpus, cfg.heldout_frac, cfg.max_bytes, min_heldout_tokens=2 * max(cfg.seq_len, cfg.long_seq_len))
+    d = corpus.describe()
+    log(f"corpus: {d['source']}: {d['train_tokens']:,} training bytes ({d['train_docs']} files), "
+        f"{d['heldout_tokens']:,} held-out bytes ({d['heldout_docs']} files)")
+    return corpus
+
+
+def _optimizer(model, cfg: LMConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with weight decay on the matrices only (fused on CUDA)."""
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}],
+                             lr=cfg.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
+
+
+def _set_lr(opt: torch.optim.Optimizer, cfg: LMConfig, step: int, progress: float) -> float:
+    """Linear warm-up then cosine decay to a tenth of ``cfg.lr`` over ``progress`` (steps or time); set and returned."""
+    warm = min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+    lr = cfg.lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+    for g in opt.param_groups:
+        g["lr"] = lr
+    return lr
+
+
+def _backward(model, opt: torch.optim.Optimizer, batch: torch.Tensor, device: torch.device, batch_rows: int,
+              log: Callable[[str], None]) -> tuple[Optional[torch.Tensor], int]:
+    """Loss and gradients of one batch; on GPU out-of-memory (None, half the batch rows), unless already at one."""
+    try:
+        with _autocast(device):
+            loss = model(input_ids=batch, labels=batch).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        return loss, batch_rows
+    except torch.OutOfMemoryError:
+        if batch_rows == 1:
+            raise
+        loss = None
+        opt.zero_grad(set_to_none=True)
+        batch_rows //= 2
+        log(f"out of GPU memory: batch size now {batch_rows}")
+        torch.cuda.empty_cache()
+        return None, batch_rows
+
+
+def _log_step(history: list, model, cfg: LMConfig, step: int, lv: float, lr: float, n: int, el: float, tokens: int,
+              held_curve: torch.Tensor, device: torch.device, log: Callable[[str], None]) -> None:
+    """Append a point to the loss curve (held-out loss every ``eval_every`` steps) and log it; stop on divergence."""
+    if not math.isfinite(lv):
+        check_diverged(model, step, lv, cfg.lr)
+    history.append({"step": step, "loss": lv, "lr": lr, "elapsed_s": round(el, 2)})
+    history[-1]["seq_len"] = n
+    if cfg.eval_every and (step == 1 or step % cfg.eval_every == 0):
+        history[-1]["heldout_loss"] = evaluate(model, held_curve, device)
+    log(f"step {step}: loss {lv:.4f} (len {n}) lr {lr:.2e} {tokens / max(el, 1e-9):,.0f} tok/s")
+
+
+def _done_line(cfg: LMConfig, step: int, seconds: float, train_loss: float, held_loss: float, long_eval: dict) -> str:
+    """The closing log line: steps, time and the final losses (also at the long length when trained there)."""
+    return (f"done: {step} steps in {seconds:.0f}s; at {cfg.seq_len}: train loss {train_loss:.4f}, held-out loss "
+            f"{held_loss:.4f} (nats/byte)" + (f"; at {cfg.long_seq_len}: train loss {long_eval['long_train_loss']:.4f}, "
+            f"held-out loss {long_eval['long_heldout_loss']:.4f} ({long_eval['long_eval_windows']} windows)"
+            if long_eval else ""))
+
+
+def _final_losses(model, corpus, cfg: LMConfig, device: torch.device) -> tuple[float, float, dict]:
+    """Train and held-out loss at ``seq_len`` on ``eval_windows`` windows, and at ``long_seq_len`` when trained there."""
     eg = torch.Generator().manual_seed(cfg.seed + 1)
     train_loss = evaluate(model, windows(corpus.train, cfg.seq_len, cfg.eval_windows, eg), device)
     held_loss = evaluate(model, windows(corpus.heldout, cfg.seq_len, cfg.eval_windows, contiguous=True), device)
@@ -262,19 +316,7 @@ def train_lm(cfg: LMConfig, out: str | Path, log: Optional[Callable[[str], None]
             "long_train_loss": evaluate(model, windows(corpus.train, cfg.long_seq_len, nl, eg), device),
             "long_heldout_loss": evaluate(model, windows(corpus.heldout, cfg.long_seq_len, nl, contiguous=True), device),
             "long_eval_windows": nl}
-    check_diverged(model, step, train_loss + held_loss, cfg.lr)  # NaN/inf if either is
-    log(f"done: {step} steps in {seconds:.0f}s; at {cfg.seq_len}: train loss {train_loss:.4f}, held-out loss "
-        f"{held_loss:.4f} (nats/byte)" + (f"; at {cfg.long_seq_len}: train loss {long_eval['long_train_loss']:.4f}, "
-        f"held-out loss {long_eval['long_heldout_loss']:.4f} ({long_eval['long_eval_windows']} windows)"
-        if long_eval else ""))
-    meta = {"key": cfg.key(), "config": asdict(cfg), "device": str(device), "n_params": n_params, "steps": step,
-            "tokens": tokens, "train_seconds": seconds, "train_loss": train_loss, "heldout_loss": held_loss,
-            **long_eval, "final_batch_rows": batch_rows,
-            "loss_unit": "nats per byte (eval on windows of seq_len)", "corpus": corpus.describe(), "history": history,
-            "torch": torch.__version__}
-    save_model(model, out, meta)
-    ckpt.unlink(missing_ok=True)
-    return TrainResult(Path(out), cfg, train_loss, held_loss, step, seconds, False, meta)
+    return train_loss, held_loss, long_eval
 
 
 def save_model(model, out: str | Path, meta: dict) -> None:

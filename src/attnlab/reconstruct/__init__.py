@@ -59,7 +59,7 @@ _EXPORTS = {
     "render_section": "report",
     "study_length": "long_run",
     "run_long": "long_run",
-    "ReconstructConfig": "run",
+    "ReconstructConfig": "config",
     "reconstruct": "run",
     "train": "run",
     "STRATEGIES": "selection",

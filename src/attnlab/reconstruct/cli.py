@@ -56,9 +56,18 @@ def _run(settings: dict, out: str, quiet: bool, resume: bool, all_methods: bool 
     write_report(out)
 
 
+def _registry_help(module: str) -> str:
+    """'name: help; ...' of every registered estimator or selection (read when --help is shown: imports torch)."""
+    from importlib import import_module
+
+    reg = (import_module(f"{__package__}.estimators").ESTIMATOR_REGISTRY if module == "estimators"
+           else import_module(f"{__package__}.selection").SELECTIONS)
+    return "; ".join(f"{n}: {reg.entry(n).help}" if reg.entry(n).help else n for n in reg.names())
+
+
 _run._attnlab_resume_interrupted = False  # --resume keeps a finished section; an interrupted run starts over
 
-config_command(app, "run", "attnlab.reconstruct.run:ReconstructConfig", _run,
+config_command(app, "run", "attnlab.reconstruct.config:ReconstructConfig", _run,
                extra=[out_option("runs/reconstruct", "Run directory (results.json section 'reconstruct', PNGs)"),
                       quiet_option(),
                       option("resume", bool, False, "--resume/--no-resume",
@@ -69,10 +78,8 @@ config_command(app, "run", "attnlab.reconstruct.run:ReconstructConfig", _run,
                kinds={"budget": "number", "layers": "ints", "heads": "ints"},
                help_extra={"budget": "Exact pairs per row: a fraction in (0, 1] (0.25) or a count (32)",
                            "budgets": "Budgets of the sweep (comma list; empty = no sweep)",
-                           "estimators": "Estimators (comma list; --all for every one): gaussian, basis, mean, none, "
-                                         "proxy, proxy+gaussian",
-                           "selections": "Selection strategies (comma list; --all for every one): random, fixed, "
-                                         "evenly, local, leverage, qr, adaptive, oracle",
+                           "estimators": "Estimators (comma list; --all for every one)",
+                           "selections": "Selection strategies (comma list; --all for every one)",
                            "layers": "Layers, e.g. '0,2-4' (None: all)", "heads": "Heads, e.g. '0-3' (None: all)",
                            "corpus": "Text file, directory of .txt/.md/.jsonl files, or .jsonl file (None: Python "
                                      "stdlib docstrings)",
@@ -81,7 +88,9 @@ config_command(app, "run", "attnlab.reconstruct.run:ReconstructConfig", _run,
                            "families": "Frontier method families (None: all)",
                            "frontier_budgets": "Pair fractions (exact pairs per row / keys) of the frontier",
                            "seed": "Random seed of the window choice and the random selections (same seed, same "
-                                   "numbers)"})
+                                   "numbers)"},
+               late_help={"estimators": lambda: _registry_help("estimators"),
+                          "selections": lambda: _registry_help("selection")})
 
 
 @app.command()

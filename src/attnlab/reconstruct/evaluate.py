@@ -229,17 +229,20 @@ def evaluate(model, windows: torch.Tensor, methods: list[Method], layers: Option
         sums.merge_ranks(info)
         timing = merge_timing(timing, info)
     means = sums.means()
-    out: dict[str, Any] = {}
-    for m in methods:
-        lab = m.label
-        per_head = {f"{l}.{h}": means[(lab, l, h)] for l in layers for h in heads}
-        per_layer = {}
-        for l in layers:
-            vals = [means[(lab, l, h)] for h in heads]
-            per_layer[str(l)] = {met: sum(v[met] for v in vals) / len(vals) for met in vals[0]}
-        overall = {met: sum(v[met] for v in per_layer.values()) / len(per_layer) for met in next(iter(per_layer.values()))}
-        out[lab] = {"estimator": m.combo.estimator, "selection": m.combo.selection, "position": m.combo.position,
-                    "pool_heads": m.combo.pool_heads, "var": m.combo.var, "offset": m.combo.offset,
-                    "proxy_rank": m.proxy_rank if "[r=" in lab else None, "budget_pairs": m.b, "per_layer": per_layer,
-                    "per_head": per_head, "mean": overall, "seconds": round(timing.get(lab, 0.0), 3)}
-    return out
+    return {m.label: _method_entry(m, means, layers, heads, timing.get(m.label, 0.0)) for m in methods}
+
+
+def _method_entry(m: Method, means: dict, layers: list[int], heads: list[int], seconds: float) -> dict[str, Any]:
+    """One method's results: its combo, the metrics per head, per layer (mean over heads) and overall (mean over
+    layers), and the seconds its reconstruction took."""
+    lab = m.label
+    per_head = {f"{l}.{h}": means[(lab, l, h)] for l in layers for h in heads}
+    per_layer = {}
+    for l in layers:
+        vals = [means[(lab, l, h)] for h in heads]
+        per_layer[str(l)] = {met: sum(v[met] for v in vals) / len(vals) for met in vals[0]}
+    overall = {met: sum(v[met] for v in per_layer.values()) / len(per_layer) for met in next(iter(per_layer.values()))}
+    return {"estimator": m.combo.estimator, "selection": m.combo.selection, "position": m.combo.position,
+            "pool_heads": m.combo.pool_heads, "var": m.combo.var, "offset": m.combo.offset,
+            "proxy_rank": m.proxy_rank if "[r=" in lab else None, "budget_pairs": m.b, "per_layer": per_layer,
+            "per_head": per_head, "mean": overall, "seconds": round(seconds, 3)}

@@ -72,12 +72,7 @@ def study_length(hf, fit_windows: torch.Tensor, eval_windows: torch.Tensor, cfg:
     """Row spectrum (k90/95/99 per head, fit windows) and the TV-vs-total-compute frontier (held-out windows)."""
     import time
 
-    cfg.validate()
-    if not getattr(hf, "causal", True):
-        raise ConfigError("the long-context study needs a causal LM (this model is bidirectional)")
-    n = int(eval_windows.shape[1])
-    if int(fit_windows.shape[1]) != n:
-        raise ConfigError("fit and held-out windows must have the same length")
+    n = _check_inputs(hf, fit_windows, eval_windows, cfg)
     dtype = getattr(torch, cfg.dtype)
     dev = torch.device(cfg.device)
     layers = list(range(hf.n_layers)) if cfg.layers is None else list(cfg.layers)
@@ -92,31 +87,20 @@ def study_length(hf, fit_windows: torch.Tensor, eval_windows: torch.Tensor, cfg:
     eval_rows = sample_rows(n, cfg.eval_rows, 1, cfg.seed + 1)
     ranks = sorted({p.rank for p in pts if p.rank})
     spectra, tv = {}, {}
-    cuda = dev.type == "cuda"
     peak_eval, peak_spec = 0, 0
     t_spec = t_eval = 0.0
     for l in layers:
         for h in heads:
             qf, kf = fit.q[l][:, h], fit.k[l][:, h]
             t1 = time.perf_counter()
-            base = torch.cuda.memory_allocated(dev) if cuda else 0
-            if cuda:
-                torch.cuda.reset_peak_memory_stats(dev)
-            ev_ = head_spectrum(qf, kf, spec_rows, fit.scaling, cfg.key_chunk)
-            if cuda:
-                torch.cuda.synchronize(dev)
-                peak_spec = max(peak_spec, torch.cuda.max_memory_allocated(dev) - base)
+            ev_, peak = _measured(dev, lambda: head_spectrum(qf, kf, spec_rows, fit.scaling, cfg.key_chunk))
+            peak_spec = max(peak_spec, peak)
             spectra[f"{l}.{h}"] = spectrum_summary(ev_, sum(len(r) for r in spec_rows))
             t2 = time.perf_counter()
             proxies = {r: fit_proxy(qf, kf, r, seed=cfg.seed + 1000 * l + h) for r in ranks}
-            if cuda:
-                base = torch.cuda.memory_allocated(dev)
-                torch.cuda.reset_peak_memory_stats(dev)
-            tv[(l, h)] = evaluate_head(ev.q[l][:, h], ev.k[l][:, h], eval_rows, ev.scaling, pts, proxies,
-                                       cfg.chunk_rows)
-            if cuda:
-                torch.cuda.synchronize(dev)
-                peak_eval = max(peak_eval, torch.cuda.max_memory_allocated(dev) - base)
+            tv[(l, h)], peak = _measured(dev, lambda: evaluate_head(ev.q[l][:, h], ev.k[l][:, h], eval_rows,
+                                                                    ev.scaling, pts, proxies, cfg.chunk_rows))
+            peak_eval = max(peak_eval, peak)
             t_spec += t2 - t1
             t_eval += time.perf_counter() - t2
         log(f"N={n}: layer {l} done ({time.perf_counter() - t0:.1f} s)")
@@ -124,37 +108,71 @@ def study_length(hf, fit_windows: torch.Tensor, eval_windows: torch.Tensor, cfg:
     best = best_at(front, cfg.target_compute)
     per_layer_k = {str(l): {f"k{round(v * 100)}": sum(spectra[f'{l}.{h}'][f'k{round(v * 100)}'] for h in heads) / len(heads)
                             for v in LEVELS} for l in layers}
-    B = len(eval_windows)
-    c = min(cfg.chunk_rows, len(eval_rows[0]))
-    item = torch.empty(0, dtype=dtype).element_size()
     R = sum(len(r) for r in spec_rows)
     res: dict[str, Any] = {
-        "seq_len": n, "n_fit": len(fit_windows), "n_eval": B, "eval_rows_per_window": len(eval_rows[0]),
+        "seq_len": n, "n_fit": len(fit_windows), "n_eval": len(eval_windows), "eval_rows_per_window": len(eval_rows[0]),
         "spectrum_rows": R, "layers": layers, "heads": heads, "d_head": d, "dtype": cfg.dtype,
         "spectrum": spectra, "spectrum_per_layer": per_layer_k, "frontier": front, "skipped": skipped,
         "costed_only": costed_only(n, d, spectra, cfg.fractions, cfg.ranks),
         "best_at_target": best, "target": {"tv": cfg.target_tv, "compute": cfg.target_compute},
-        "memory": {"eval_formula": f"({EVAL_BASE} + {EVAL_PER_RANK} * n_ranks) * B * c * N * {item} bytes per head",
-                   "eval_formula_bytes": eval_peak_bytes(B, c, n, item, len(ranks)),
-                   "spectrum_formula": f"(3 R^2 + {SPEC_BUFFERS} * R * kc + W N d) * {item} bytes per head",
-                   "spectrum_formula_bytes": spectrum_peak_bytes(R, min(cfg.key_chunk, n), item, len(fit_windows), n, d),
-                   "dense_scores_per_head_bytes": B * n * n * item,
-                   "corpus_path_statistics_per_head_bytes": 2 * 8 * n * n,
-                   "measured_eval_peak_bytes": peak_eval if cuda else None,
-                   "measured_spectrum_peak_bytes": peak_spec if cuda else None,
-                   "chunk_rows": c, "key_chunk": min(cfg.key_chunk, n)},
+        "memory": _memory(cfg, dev, len(eval_windows), len(fit_windows), len(eval_rows[0]), R, n, d, len(ranks),
+                          peak_eval, peak_spec),
         "seconds": {"capture": round(t_cap, 2), "spectrum": round(t_spec, 2), "frontier": round(t_eval, 2)},
     }
+    _add_best(res, front, best, cfg)
+    return res
+
+
+def _check_inputs(hf, fit_windows: torch.Tensor, eval_windows: torch.Tensor, cfg: LongConfig) -> int:
+    """The window length, after checking the settings, that the model is causal and both splits share a length."""
+    cfg.validate()
+    if not getattr(hf, "causal", True):
+        raise ConfigError("the long-context study needs a causal LM (this model is bidirectional)")
+    n = int(eval_windows.shape[1])
+    if int(fit_windows.shape[1]) != n:
+        raise ConfigError("fit and held-out windows must have the same length")
+    return n
+
+
+def _measured(dev: torch.device, fn: Callable[[], Any]) -> tuple[Any, int]:
+    """``fn()`` and the peak CUDA memory it allocated beyond what was already allocated (0 off CUDA)."""
+    if dev.type != "cuda":
+        return fn(), 0
+    base = torch.cuda.memory_allocated(dev)
+    torch.cuda.reset_peak_memory_stats(dev)
+    out = fn()
+    torch.cuda.synchronize(dev)
+    return out, torch.cuda.max_memory_allocated(dev) - base
+
+
+def _memory(cfg: LongConfig, dev: torch.device, B: int, W: int, rows: int, R: int, n: int, d: int, n_ranks: int,
+            peak_eval: int, peak_spec: int) -> dict[str, Any]:
+    """The memory formulas of the evaluation and the spectrum, their values here, and the measured peaks (CUDA)."""
+    cuda = dev.type == "cuda"
+    c = min(cfg.chunk_rows, rows)
+    item = torch.empty(0, dtype=getattr(torch, cfg.dtype)).element_size()
+    return {"eval_formula": f"({EVAL_BASE} + {EVAL_PER_RANK} * n_ranks) * B * c * N * {item} bytes per head",
+            "eval_formula_bytes": eval_peak_bytes(B, c, n, item, n_ranks),
+            "spectrum_formula": f"(3 R^2 + {SPEC_BUFFERS} * R * kc + W N d) * {item} bytes per head",
+            "spectrum_formula_bytes": spectrum_peak_bytes(R, min(cfg.key_chunk, n), item, W, n, d),
+            "dense_scores_per_head_bytes": B * n * n * item,
+            "corpus_path_statistics_per_head_bytes": 2 * 8 * n * n,
+            "measured_eval_peak_bytes": peak_eval if cuda else None,
+            "measured_spectrum_peak_bytes": peak_spec if cuda else None,
+            "chunk_rows": c, "key_chunk": min(cfg.key_chunk, n)}
+
+
+def _add_best(res: dict[str, Any], front: dict[str, Any], best: Optional[str], cfg: LongConfig) -> None:
+    """The best point at the target compute (and whether it meets the target TV), and the cheapest point that
+    reaches the target TV (pooled) whatever its compute."""
     if best is not None:
         b = front[best]
         res["best"] = {"label": best, "compute": b["compute"], "worst_layer_tv_pooled": b["worst_layer_tv_pooled"],
                        "worst_layer_tv": b["worst_layer_tv"]}
         res["meets_target"] = b["worst_layer_tv"]["max"] <= cfg.target_tv
         res["meets_target_pooled"] = b["worst_layer_tv_pooled"] <= cfg.target_tv
-    # cheapest evaluated point that reaches the target TV (pooled), whatever its compute
     ok = {k: v for k, v in front.items() if v["worst_layer_tv_pooled"] <= cfg.target_tv and v["family"] != "oracle-none"}
     res["cheapest_at_target_tv"] = (min(ok, key=lambda k: ok[k]["compute"]) if ok else None)
-    return res
 
 
 def format_length(res: dict[str, Any]) -> str:

@@ -16,7 +16,16 @@ def render_section(run: RunDir) -> str:
     sec = run.section(SECTION)
     if not sec:
         return "<p>No reconstruct results in this run.</p>"
-    parts = []
+    parts = _method_table(sec) + _frontier_part(sec) + _dropin_part(sec) + _train_part(sec)
+    for png in sec.get("plots") or []:
+        if run.file(png).exists():
+            parts.append(figure(png, _caption(png, sec)))
+    return "\n".join(parts)
+
+
+def _method_table(sec: dict) -> list[str]:
+    """The run's summary sentence and the method table (TV per layer, sorted by the worst layer)."""
+    parts: list[str] = []
     table = sec.get("table") or {}
     if table:
         layers = sorted(next(iter(table.values()))["per_layer"], key=int)
@@ -39,6 +48,12 @@ def render_section(run: RunDir) -> str:
                             rows, caption=f"{methods_text({'table': table})}: softmax total variation (TV) per "
                             "layer on held-out windows, sorted by worst layer (click a header to re-sort, hover a "
                             "value for full precision)."))
+    return parts
+
+
+def _frontier_part(sec: dict) -> list[str]:
+    """The Pareto points of each frontier family and the best point at each compute budget."""
+    parts: list[str] = []
     front = sec.get("frontier") or {}
     if front:
         parts.append("<h3>Quality vs total compute (Pareto points of each family; spread across groups of held-out "
@@ -52,6 +67,12 @@ def render_section(run: RunDir) -> str:
                             "points evaluated."))
         best = sec.get("best_at_compute") or {}
         parts.append("<p>" + "; ".join(f"best at compute &le; {escape(c)}: {_fmt(b)}" for c, b in best.items()) + "</p>")
+    return parts
+
+
+def _dropin_part(sec: dict) -> list[str]:
+    """One sentence per drop-in method: output cosines (and the LM loss, when measured)."""
+    parts: list[str] = []
     for d in sec.get("dropin") or []:
         scope = (f", heads {_fmt(d['heads'])} (heads {_fmt(d['exact_heads'])} kept exact attention)"
                  if d.get("exact_heads") else "")
@@ -59,6 +80,12 @@ def render_section(run: RunDir) -> str:
                      f"{_fmt(d['hidden_cosine'])}, sentence-embedding cosine {_fmt(d['sentence_cosine'])}"
                      + (f", LM loss {_fmt(d['loss_exact'])} &rarr; {_fmt(d['loss_approx'])}" if "loss_exact" in d else "")
                      + ".</p>")
+    return parts
+
+
+def _train_part(sec: dict) -> list[str]:
+    """The training comparison: one row per run, and the per-method summary over seeds."""
+    parts: list[str] = []
     tr = sec.get("train")
     if tr:
         rows = [[r["label"], r["budget"], r["heldout_loss"], r.get("heldout_loss_exact_attention"), r["seconds"]]
@@ -75,10 +102,7 @@ def render_section(run: RunDir) -> str:
                                  "sd", "paired gap to full", "sd", "95% t-interval verdict"], rows,
                                 caption="sd and the interval need two seeds or more (--seeds 0,1,2); one seed shows "
                                         "n/a." if any(_one_seed(r) for r in summ) else ""))
-    for png in sec.get("plots") or []:
-        if run.file(png).exists():
-            parts.append(figure(png, _caption(png, sec)))
-    return "\n".join(parts)
+    return parts
 
 
 def _one_seed(row: dict) -> bool:

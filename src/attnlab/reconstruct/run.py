@@ -5,24 +5,30 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
 from ..capture.corpus import MIN_EVAL_WINDOWS
 from ..distributed import barrier, device_for, init_distributed
-from ..errors import ConfigError
-from ..validate import check_fields
 from ..io import RunDir, write_tensors
 from ..seeding import seed_everything
-from .estimators import ALL_ESTIMATORS
-from .evaluate import Combo, evaluate, make_methods
+from .config import (  # noqa: F401  (re-exported: the settings and their checks live there)
+    DEFAULT_ESTIMATORS,
+    DEFAULT_SELECTIONS,
+    ReconstructConfig,
+    check_ranks,
+    combos_for,
+    residual_proxies,
+)
+from .estimators import estimator_kind
+from .evaluate import evaluate, make_methods
 from .fit import FIT_FILE, ReconstructionFit, check_no_leak, fit_corpus, fit_from_spectrum, load_checked, windows_for
 from .cost import method_cost
 from .frontier import best_at, candidates, evaluate_points, format_frontier, frontier_curves, require_affordable
-from .selection import STRATEGIES, budget_count
+from .selection import budget_count
 from ..timing import Phases
 
 _log = logging.getLogger(__name__)
@@ -30,88 +36,6 @@ _log = logging.getLogger(__name__)
 SECTION = "reconstruct"
 TENSORS = "reconstruct.safetensors"
 TV_TARGET = 0.05
-# Focused default grid (the strongest estimators, the plain baseline, the adaptive method and the oracle bound);
-# `--all` / estimators=ALL_ESTIMATORS, selections=STRATEGIES evaluates every combination.
-DEFAULT_ESTIMATORS = ("gaussian", "basis", "proxy+gaussian")
-DEFAULT_SELECTIONS = ("random", "leverage", "adaptive", "oracle")
-
-
-@dataclass
-class ReconstructConfig:
-    """Settings of a reconstruct run (CLI flags have the same names)."""
-
-    model: str = "minilm"  # HF hub id, local folder or 'minilm'
-    corpus: Optional[str] = None  # None = stdlib docstrings
-    seq_len: int = 128  # tokens per window
-    n_fit: int = 256  # windows of the fit split used to fit the statistics
-    n_eval: int = 64  # windows of the held-out split used to evaluate
-    budget: float = 0.25  # pairs per row: fraction in (0, 1] or a count
-    budgets: list = field(default_factory=lambda: [0.0625, 0.125, 0.25, 0.5])  # sweep (empty = no sweep)
-    estimators: list = field(default_factory=lambda: list(DEFAULT_ESTIMATORS))  # ALL_ESTIMATORS with --all
-    selections: list = field(default_factory=lambda: list(DEFAULT_SELECTIONS))  # STRATEGIES with --all
-    position: bool = True  # also evaluate gaussian with query-position-conditioned statistics
-    pooled_baseline: bool = True  # also evaluate the naive basis LS with heads pooled and random pairs
-    k: Optional[int] = None  # basis size (None: min(k90 of the head, budget))
-    ridge: float = 1.0  # basis ridge multiplier (1 = Bayesian ridge)
-    jitter: float = 1e-5  # relative jitter on observed-score covariances
-    proxy: str = "bilinear"  # adaptive-selection proxy: bilinear | pca | random
-    proxy_rank: int = 4  # proxy dimension r
-    extra_ranks: list = field(default_factory=lambda: [8])  # also evaluate the adaptive proxy/gaussian rows at these r
-    layers: Optional[list] = None  # None = all
-    heads: Optional[list] = None  # None = all
-    batch_size: int = 8
-    topk: int = 5  # k of the top-k agreement metric
-    dropin: bool = True  # run the best method as drop-in attention and measure output change
-    fit_path: Optional[str] = None  # reuse a saved fit (file or run dir) instead of fitting
-    spectrum: Optional[str] = None  # take row statistics from a spectrum run dir instead of fitting
-    compute: Optional[float] = None  # choose 'best' at this total compute (fraction of dense QK^T), not at --budget
-    frontier: bool = False  # evaluate the TV-vs-total-compute frontier (families x budgets x ranks); --compute implies it
-    frontier_ranks: list = field(default_factory=lambda: [2, 4, 8])  # proxy ranks of the frontier
-    frontier_budgets: list = field(default_factory=lambda: [1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2])  # pair fractions
-    families: Optional[list] = None  # frontier method families (None = all of frontier.FAMILIES)
-    chunks: int = 4  # groups of held-out windows for the frontier's spread
-    device: str = "cpu"  # where the model and the estimators run: cpu, cuda or cuda:N (statistics stay float64)
-    seed: int = 0
-
-    def validate(self) -> None:
-        """Raise ConfigError on bad values (budget checked against seq_len)."""
-        check_fields(self)
-        from .cost import check_compute
-
-        check_compute(self.compute)
-        for n in ("seq_len", "n_fit", "n_eval", "batch_size", "topk", "proxy_rank", "chunks"):
-            if getattr(self, n) < 1:
-                raise ConfigError(f"--{n.replace('_', '-')} must be >= 1 (got {getattr(self, n)})")
-        if self.topk >= self.seq_len:
-            raise ConfigError(f"--topk {self.topk} must be below --seq-len {self.seq_len} (the top-k of a whole row "
-                              "always agrees: the metric would read 1.0)")
-        b = budget_count(self.budget, self.seq_len)
-        for x in self.budgets:
-            budget_count(x, self.seq_len, flag="--budgets")
-        if self.k is not None and "basis" in self.estimators and self.k > b:
-            raise ConfigError(f"--k {self.k} exceeds --budget {b} pairs per row")
-        if not self.estimators or not self.selections:
-            raise ConfigError("--estimators and --selections must not be empty")
-        for e in self.estimators:
-            if e not in ALL_ESTIMATORS:
-                raise ConfigError(f"--estimators: unknown {e!r} (choose from {', '.join(ALL_ESTIMATORS)})")
-        for s in self.selections:
-            if s not in STRATEGIES:
-                raise ConfigError(f"--selections: unknown {s!r} (choose from {', '.join(STRATEGIES)})")
-        from .train import PROXY_KINDS
-
-        if self.proxy not in PROXY_KINDS:
-            raise ConfigError(f"--proxy must be one of {', '.join(PROXY_KINDS)} (got {self.proxy!r})")
-
-
-def combos_for(cfg: ReconstructConfig) -> list[Combo]:
-    """The estimator x selection grid plus the optional variants."""
-    out = [Combo(e, s) for e in cfg.estimators for s in cfg.selections]
-    if cfg.position and "gaussian" in cfg.estimators:
-        out += [Combo("gaussian", s, position=True) for s in cfg.selections]
-    if cfg.pooled_baseline and "basis" in cfg.estimators and "random" in cfg.selections:
-        out.append(Combo("basis", "random", pool_heads=True))
-    return out
 
 
 def best_label(table: dict[str, Any], exclude_oracle: bool = True) -> str:
@@ -140,26 +64,6 @@ def fit_message(cfg: ReconstructConfig, fit: ReconstructionFit, seconds: float) 
     return f"{what} ({fit.meta.get('source')}, {fit.meta.get('n_sequences')} windows) in {seconds:.1f} s"
 
 
-def check_ranks(cfg: ReconstructConfig, d_head: int) -> None:
-    """Every proxy rank flag within [1, d_head] before any work (the fit takes minutes at full size)."""
-    if not d_head:
-        return
-    for flag, ranks in (("--proxy-rank", [cfg.proxy_rank]), ("--extra-ranks", cfg.extra_ranks),
-                        ("--frontier-ranks", cfg.frontier_ranks if cfg.frontier or cfg.compute is not None else [])):
-        bad = [r for r in ranks or [] if not 1 <= int(r) <= d_head]
-        if bad:
-            raise ConfigError(f"{flag} {','.join(map(str, bad))}: a proxy rank must be in [1, d_head={d_head}] "
-                              f"for --model {cfg.model}")
-
-
-def residual_proxies(cfg: ReconstructConfig) -> list[tuple[str, int, int]]:
-    """The proxies (kind, rank, seed) whose residual statistics proxy+gaussian needs (none if not evaluated)."""
-    ranks = [cfg.proxy_rank, *cfg.extra_ranks] if "proxy+gaussian" in cfg.estimators else []
-    if cfg.frontier or cfg.compute is not None:
-        ranks += list(cfg.frontier_ranks)
-    return [(cfg.proxy, r, cfg.seed) for r in dict.fromkeys(ranks)]
-
-
 def _strip(res: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in res.items() if k != "per_head"}
 
@@ -170,6 +74,51 @@ def reconstruct(out: str | Path, model: str = "minilm", progress: bool = True, *
     Under torchrun (gloo on CPU, nccl with one GPU per rank for ``device='cuda'``) the fit's windows are sharded and its float64
     sums all-reduced, every evaluation shards the held-out windows and sums the per-row metrics across ranks, so
     each rank holds the same numbers; the drop-in output check runs on rank 0 alone, and rank 0 writes."""
+    cfg = _checked_config(model, settings)
+    seed_everything(cfg.seed)
+    info = init_distributed(cfg.device)
+    run = RunDir(out)
+    t0 = time.perf_counter()
+    hf, windows = _model_and_windows(cfg, info)
+    t_work = time.perf_counter()
+    phases = Phases()
+    show = progress and info.is_main
+    say = _log.info if show else _log.debug
+    with phases("fit"):
+        fit = get_fit(cfg, hf, progress=show)
+    fit.meta["model"] = cfg.model
+    if info.is_main:
+        fit.save(run.file(FIT_FILE))
+    say(fit_message(cfg, fit, phases.seconds["fit"]))
+    kw = dict(k=cfg.k, ridge=cfg.ridge, jitter=cfg.jitter, proxy=cfg.proxy, proxy_rank=cfg.proxy_rank, seed=cfg.seed)
+    methods = _all_methods(cfg, fit, kw)
+    by_label = {m.label: m for m in methods}
+    if cfg.compute is not None:  # fail before evaluating anything when nothing fits the compute budget
+        require_affordable(fit, cfg.compute, cfg.families, fractions=cfg.frontier_budgets, ranks=cfg.frontier_ranks)
+    with phases("evaluate"):
+        table = evaluate(hf, windows, methods, cfg.layers, cfg.heads, cfg.batch_size, cfg.topk, progress=show)
+    for m in methods:
+        table[m.label]["cost"] = method_cost(m, hf.head_dim)
+    res = _table_results(cfg, hf, windows, fit, table, say)
+    _frontier_step(cfg, hf, windows, fit, table, res, phases, show, say)
+    tensors, L, H = _head_tensors(table)
+    sweep_labels = _sweep_step(cfg, hf, windows, fit, table, res, by_label, kw, phases, show, say)
+    res["world_size"] = info.world_size
+    res["sharded_seconds"] = round(time.perf_counter() - t_work, 3)  # fit + evaluations (what torchrun spreads)
+    if not info.is_main:  # the drop-in check (rank 0 alone) and the writes are rank 0's
+        barrier(info)
+        return res
+    if cfg.dropin:
+        _dropin_step(cfg, hf, windows, fit, res, by_label, sweep_labels, kw, phases, say)
+    res["seconds"] = round(time.perf_counter() - t0, 2)
+    res["phases"] = phases.as_dict()  # *_seconds: kept in timings.json
+    _write_run(run, cfg, res, tensors, L, H)
+    barrier(info)
+    return res
+
+
+def _checked_config(model: str, settings: dict[str, Any]) -> ReconstructConfig:
+    """The validated config (a --spectrum fit has no per-position sums: position-conditioned gaussian is skipped)."""
     cfg = ReconstructConfig(model=model, **settings)
     if cfg.spectrum and cfg.position:  # a spectrum run has no per-position sums: say so instead of failing late
         from ..capture.corpus import log
@@ -178,61 +127,61 @@ def reconstruct(out: str | Path, model: str = "minilm", progress: bool = True, *
                     "sums); fit from a corpus for it, or pass --no-position to silence this", cfg.spectrum)
         cfg.position = False
     cfg.validate()
-    seed_everything(cfg.seed)
-    info = init_distributed(cfg.device)
-    run = RunDir(out)
-    t0 = time.perf_counter()
-    hf = load_checked(cfg.model, cfg.seq_len, head="auto", device=device_for(info, cfg.device))  # the task head if saved
-    # held-out windows first: a corpus too small to evaluate on fails before the fit, not after it
+    return cfg
+
+
+def _model_and_windows(cfg: ReconstructConfig, info: Any) -> tuple[Any, torch.Tensor]:
+    """The model (its task head if saved) and the held-out windows, loaded first: a corpus too small to evaluate
+    on, a bad proxy rank or too few windows per rank fail before the fit, not after it."""
+    from ..distributed import require_work_per_rank
+
+    hf = load_checked(cfg.model, cfg.seq_len, head="auto", device=device_for(info, cfg.device))
     windows = windows_for(hf.tokenizer, cfg.seq_len, cfg.n_eval, "heldout", cfg.corpus, cfg.seed + 1, flag="--n-eval",
                           minimum=MIN_EVAL_WINDOWS)
     check_ranks(cfg, hf.head_dim)
-    from ..distributed import require_work_per_rank
-
     require_work_per_rank(len(windows), info, "--n-eval")
-    t_work = time.perf_counter()
-    phases = Phases()
-    show = progress and info.is_main
-    with phases("fit"):
-        fit = get_fit(cfg, hf, progress=show)
-    fit.meta["model"] = cfg.model
-    if info.is_main:
-        fit.save(run.file(FIT_FILE))
-    say = _log.info if show else _log.debug
-    say(fit_message(cfg, fit, phases.seconds["fit"]))
-    kw = dict(k=cfg.k, ridge=cfg.ridge, jitter=cfg.jitter, proxy=cfg.proxy, proxy_rank=cfg.proxy_rank, seed=cfg.seed)
+    return hf, windows
+
+
+def _all_methods(cfg: ReconstructConfig, fit: ReconstructionFit, kw: dict[str, Any]) -> list:
+    """The methods of the grid, plus the adaptive rows of the estimators tagged for it at every --extra-ranks."""
     combos = combos_for(cfg)
     methods = make_methods(fit, combos, cfg.budget, **kw)
-    extra = [c for c in combos if c.selection == "adaptive" and c.estimator in ("proxy", "proxy+gaussian", "gaussian", "basis")
+    extra = [c for c in combos if c.selection == "adaptive" and estimator_kind(c.estimator).rank_sweep
              and not c.position and not c.pool_heads]
     for rk in cfg.extra_ranks:
         if rk != cfg.proxy_rank:
             methods += make_methods(fit, extra, cfg.budget, **{**kw, "proxy_rank": rk})
-    by_label = {m.label: m for m in methods}
-    fr_kw = dict(fractions=cfg.frontier_budgets, ranks=cfg.frontier_ranks)
-    if cfg.compute is not None:  # fail before evaluating anything when nothing fits the compute budget
-        require_affordable(fit, cfg.compute, cfg.families, **fr_kw)
-    with phases("evaluate"):
-        table = evaluate(hf, windows, methods, cfg.layers, cfg.heads, cfg.batch_size, cfg.topk, progress=show)
-    for m in methods:
-        table[m.label]["cost"] = method_cost(m, hf.head_dim)
+    return methods
+
+
+def _table_results(cfg: ReconstructConfig, hf: Any, windows: torch.Tensor, fit: ReconstructionFit,
+                   table: dict[str, Any], say: Any) -> dict[str, Any]:
+    """The results section from the evaluated table: config, model, budget, fit, the table and its best method."""
     best = best_label(table)
     from ..report.summary import methods_text
 
     say(f"evaluated {methods_text({'table': table})} on {len(windows)} held-out windows; best at --budget {best} "
         f"(total compute {table[best]['cost']['compute']:.3f})")
     b = budget_count(cfg.budget, cfg.seq_len)
-    res: dict[str, Any] = {
+    return {
         "config": asdict(cfg), "model": hf.describe(), "budget_pairs": b, "budget_fraction": b / cfg.seq_len,
         "n_eval": int(len(windows)), "fit": {k: v for k, v in fit.meta.items() if k != "kind"}, "target_tv": TV_TARGET,
         "table": {k: _strip(v) for k, v in table.items()}, "best": best,
         "best_worst_layer_tv": max(v["tv"] for v in table[best]["per_layer"].values()),
     }
+
+
+def _frontier_step(cfg: ReconstructConfig, hf: Any, windows: torch.Tensor, fit: ReconstructionFit,
+                   table: dict[str, Any], res: dict[str, Any], phases: Phases, show: bool, say: Any) -> None:
+    """The TV-vs-total-compute frontier (--frontier / --compute) into ``res``; with --compute, 'best' is chosen
+    among the table's methods and the frontier's points that fit it. Then the winner's cost in ``res``."""
     if cfg.frontier and cfg.compute is None and not fit.meta.get("d_head"):
         res["frontier_note"] = "no frontier: this fit has no query/key moments (spectrum run), so no proxy"
     elif cfg.frontier or cfg.compute is not None:
         cap = 1.0 if cfg.compute is None else cfg.compute
-        pts, skipped = candidates(fit, cfg.families, max_compute=cap, proxy=cfg.proxy, seed=cfg.seed, **fr_kw)
+        pts, skipped = candidates(fit, cfg.families, max_compute=cap, proxy=cfg.proxy, seed=cfg.seed,
+                                  fractions=cfg.frontier_budgets, ranks=cfg.frontier_ranks)
         with phases("frontier"):
             front = evaluate_points(hf, windows, pts, cfg.chunks, cfg.batch_size, cfg.layers, cfg.heads,
                                     progress=show)
@@ -249,19 +198,32 @@ def reconstruct(out: str | Path, model: str = "minilm", progress: bool = True, *
             best = min(ok, key=lambda k: ok[k]["tv"])
             res.update({"best": best, "best_worst_layer_tv": ok[best]["tv"], "best_compute": ok[best]["compute"],
                         "best_chosen_at": f"total compute <= {cfg.compute}"})
+    best = res["best"]
     if "best_compute" not in res:
-        res.update({"best_compute": table[best]["cost"]["compute"], "best_chosen_at": f"pair budget {b}"})
+        res.update({"best_compute": table[best]["cost"]["compute"], "best_chosen_at": f"pair budget {res['budget_pairs']}"})
     best_cost = table[best]["cost"] if best in table else res["frontier_points"][best]["cost"]
     res["best_cost"] = best_cost
     # the proxy's share at the winning method's own rank (r / d_head), not the base --proxy-rank
     res["proxy_cost_fraction"] = best_cost["fractions"]["proxy_scores"] if best_cost["proxy_rank"] else 0.0
     res["meets_target"] = res["best_worst_layer_tv"] < TV_TARGET
+
+
+def _head_tensors(table: dict[str, Any]) -> tuple[dict[str, torch.Tensor], list[int], list[int]]:
+    """TV per (layer, head) of every method ('tv.<label>': (L, H)), with the layers and heads."""
     tensors = {}
     L = sorted({int(x.split(".")[0]) for x in next(iter(table.values()))["per_head"]})
     H = sorted({int(x.split(".")[1]) for x in next(iter(table.values()))["per_head"]})
     for lab, v in table.items():
         tensors[f"tv.{lab}"] = torch.tensor([[v["per_head"][f"{l}.{h}"]["tv"] for h in H] for l in L])
-    # Budget sweep: the best method of the table and the best input-independent one.
+    return tensors, L, H
+
+
+def _sweep_step(cfg: ReconstructConfig, hf: Any, windows: torch.Tensor, fit: ReconstructionFit, table: dict[str, Any],
+                res: dict[str, Any], by_label: dict[str, Any], kw: dict[str, Any], phases: Phases, show: bool,
+                say: Any) -> list[str]:
+    """Budget sweep (--budgets) of the best method of the table and the best input-independent one, into
+    ``res['sweep']``; returns those labels (the drop-in runs them too)."""
+    best = res["best"]
     fixed = {k: v for k, v in table.items() if v["selection"] not in ("adaptive", "oracle")}
     sweep_labels = [best if best in by_label else best_label(table)] + ([best_label(fixed)] if fixed else [])
     res["sweep"] = {}
@@ -271,33 +233,37 @@ def reconstruct(out: str | Path, model: str = "minilm", progress: bool = True, *
             for bud in cfg.budgets:
                 m0 = by_label[lab]
                 kk = {**kw, "proxy_rank": m0.proxy_rank}
-                if m0.combo.estimator == "basis" and cfg.k is not None:
+                if estimator_kind(m0.combo.estimator).needs_k and cfg.k is not None:
                     kk["k"] = min(cfg.k, budget_count(bud, cfg.seq_len))
                 ms = make_methods(fit, [m0.combo], bud, **kk)
                 with phases("sweep"):
                     r = evaluate(hf, windows, ms, cfg.layers, cfg.heads, cfg.batch_size, cfg.topk, progress=show)
                 res["sweep"][lab][str(bud)] = {**_strip(r[lab]), "cost": method_cost(ms[0], hf.head_dim)}
         say(f"budget sweep over {cfg.budgets} for {list(res['sweep'])}")
-    res["world_size"] = info.world_size
-    res["sharded_seconds"] = round(time.perf_counter() - t_work, 3)  # fit + evaluations (what torchrun spreads)
-    if not info.is_main:  # the drop-in check (rank 0 alone) and the writes are rank 0's
-        barrier(info)
-        return res
-    if cfg.dropin:
-        from .approx import output_effect
+    return sweep_labels
 
-        res["dropin"] = []
-        for lab in dict.fromkeys(sweep_labels):
-            m0 = by_label[lab]
-            m = make_methods(fit, [m0.combo], cfg.budget, **{**kw, "proxy_rank": m0.proxy_rank})[0]
-            with phases("dropin"):
-                d = output_effect(hf, windows, m, cfg.layers, cfg.batch_size, seed=cfg.seed, heads=cfg.heads)
-            res["dropin"].append({**d, "compute": method_cost(m, hf.head_dim)["compute"]})
-        say("drop-in" + dropin_scope(res["dropin"][0]) + ": " + "; ".join(
-            f"{d['method']}: hidden cos {d['hidden_cosine']:.4f}, sentence cos {d['sentence_cosine']:.4f}"
-            for d in res["dropin"]))
-    res["seconds"] = round(time.perf_counter() - t0, 2)
-    res["phases"] = phases.as_dict()  # *_seconds: kept in timings.json
+
+def _dropin_step(cfg: ReconstructConfig, hf: Any, windows: torch.Tensor, fit: ReconstructionFit, res: dict[str, Any],
+                 by_label: dict[str, Any], sweep_labels: list[str], kw: dict[str, Any], phases: Phases,
+                 say: Any) -> None:
+    """Run each swept method as drop-in attention and measure the change of the model's outputs (rank 0)."""
+    from .approx import output_effect
+
+    res["dropin"] = []
+    for lab in dict.fromkeys(sweep_labels):
+        m0 = by_label[lab]
+        m = make_methods(fit, [m0.combo], cfg.budget, **{**kw, "proxy_rank": m0.proxy_rank})[0]
+        with phases("dropin"):
+            d = output_effect(hf, windows, m, cfg.layers, cfg.batch_size, seed=cfg.seed, heads=cfg.heads)
+        res["dropin"].append({**d, "compute": method_cost(m, hf.head_dim)["compute"]})
+    say("drop-in" + dropin_scope(res["dropin"][0]) + ": " + "; ".join(
+        f"{d['method']}: hidden cos {d['hidden_cosine']:.4f}, sentence cos {d['sentence_cosine']:.4f}"
+        for d in res["dropin"]))
+
+
+def _write_run(run: RunDir, cfg: ReconstructConfig, res: dict[str, Any], tensors: dict[str, torch.Tensor],
+               L: list[int], H: list[int]) -> None:
+    """Write the tensors, the config, the plots and the section (keeping a stored 'train' comparison)."""
     write_tensors(run.file(TENSORS), tensors, {"model": cfg.model, "seq_len": cfg.seq_len, "layers": L, "heads": H})
     run.write_config(SECTION, asdict(cfg))
     prev = run.section(SECTION) or {}
@@ -307,8 +273,6 @@ def reconstruct(out: str | Path, model: str = "minilm", progress: bool = True, *
 
     res["plots"] = plot_reconstruct(run, res)
     run.write_section(SECTION, res)
-    barrier(info)
-    return res
 
 
 def dropin_scope(d: dict[str, Any]) -> str:

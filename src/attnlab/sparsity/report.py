@@ -58,6 +58,13 @@ def render_section(run: RunDir) -> str:
                  "(oracle excluded); Pareto (cost): on the front of (cost, recall).</p>"
                  + _table(["method", "knob", "sparsity", "recall", "exact", "cost", "comp. sparsity", "Pareto",
                            "Pareto (cost)"], rows, group_col=0))
+    parts += _downstream_part(sec) + _head_grids(sec)
+    return "\n".join(parts)
+
+
+def _downstream_part(sec: dict) -> list[str]:
+    """The downstream table (loss / accuracy of a task head, or hidden-state error) or why it was skipped."""
+    parts: list[str] = []
     down = sec.get("downstream")
     if down and "skipped" in down:
         parts.append(f"<p class='note'>Downstream: {html.escape(str(down['skipped']))}.</p>")
@@ -76,6 +83,12 @@ def render_section(run: RunDir) -> str:
             drows = [[m, r["knob"], r["sparsity"], r["recall"], r["rel_error"], r["cosine"]]
                      for m, rs in down["methods"].items() for r in rs]
             parts.append(_table(["method", "knob", "sparsity", "recall", "relative error", "cosine"], drows, group_col=0))
+    return parts
+
+
+def _head_grids(sec: dict) -> list[str]:
+    """Per-method grids of recall per layer and head at the operating point closest to sparsity 0.9."""
+    parts: list[str] = []
     heads = [v for k, v in sec.get("plots", {}).items() if k.startswith("heads_")]
     if heads:
         parts.append("<h3>Recall per layer and head at the operating point closest to sparsity 0.9</h3>")
@@ -86,4 +99,4 @@ def render_section(run: RunDir) -> str:
             figure(h, f"{escape(names[h])}: recall of gold edges per layer (rows) and head (columns) at measured "
                       f"sparsity {ops.get(names[h], {}).get('sparsity', float('nan')):.2f}.", group=names[h])
             for h in heads) + "</div>")
-    return "\n".join(parts)
+    return parts

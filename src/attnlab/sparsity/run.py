@@ -7,7 +7,7 @@ import logging
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 
@@ -93,24 +93,10 @@ def sparsity(
     the numbers of one process (to float tolerance); rank 0 alone writes the run directory. ``sharded_seconds``
     times that sharded part (capture + fit + sweep + downstream); ``ranks`` lists each rank's windows and times.
     """
-    from ..distributed import (WindowShard, barrier, device_for, gather_lists, init_distributed, require_work_per_rank,
-                               shard_indices)
-    from .evaluate import capture_layers, downstream, fit_layers, gold_density as gold_density_of, sweep_method
-    from .predictors import PREDICTORS, Projector
-
-    def shard_of(ids: torch.Tensor, d) -> torch.Tensor:  # this rank's windows (round-robin)
-        return ids[shard_indices(len(ids), d)]
-
     train = train or EntmaxTrainConfig()
-    methods = list(methods or DEFAULT_METHODS)  # --all: every PREDICTORS.names("all")
-    for m in methods:
-        PREDICTORS.get(m)  # an unknown name is a ConfigError listing the registered ones
     if authors_defaults:
         force_window, force_cls = max(force_window, 1), True
-    if loss not in ("sum", "pair"):
-        raise ConfigError(f"--loss must be sum or pair (got {loss!r})")
-    if min(n_fit, n_eval) < 1 or n_down < 0:
-        raise ConfigError("--n-fit and --n-eval must be >= 1, --n-down >= 0")
+    methods = _check_args(methods, loss, n_fit, n_eval, n_down)  # --all: every PREDICTORS.names("all")
     run = RunDir(out)
     train_cfg = {k: v for k, v in asdict(train).items() if k != "checkpoint_every"}  # cadence: same results
     config = {"model": model, "checkpoint": checkpoint, "train": train_cfg, "methods": methods, "n_fit": n_fit,
@@ -118,65 +104,141 @@ def sparsity(
               "hf_seq_len": hf_seq_len, "hf_finetune_steps": hf_finetune_steps, "loss": loss,
               "force_window": force_window, "force_cls": force_cls, "predictor_path": predictor_path,
               "authors_defaults": authors_defaults, "score_rank": score_rank}
-    # gloo even with --device cuda: every collective of this workload moves CPU tensors (gradients, float64 sums,
-    # pickled samples and metrics); the model itself runs on this rank's device (device_for)
+    dist, quiet, done = _begin(run, config, resume, quiet)
+    if done is not None:
+        return done
+    seed_everything(seed)
+    t_start = time.time()
+    info: dict = {"config": config, "complete": False}
+    em = _load_model(run, dist, model, train, resume, checkpoint=checkpoint, quiet=quiet, tokenizer=tokenizer,
+                     n_fit=n_fit, n_eval=n_eval, n_down=n_down, hf_seq_len=hf_seq_len,
+                     hf_finetune_steps=hf_finetune_steps, seed=seed)
+    setting_id = _model_info(info, em, quiet, n_fit, n_eval)
+    shards, do_down, mine = _shards(dist, em, n_down)
+    t_work = time.perf_counter()  # the sharded part starts: capture, fit, sweep, downstream
+    fit, ev = _capture_gold(em, dist, shards["eval"], info, mine, quiet)
+    setting = _setting(setting_id, ev, em)
+    results, fitted = _fit_and_sweep(config, fit, ev, setting, shards, info, mine, quiet)
+    _save_fits(run, dist, config, fitted, setting, info)
+    _downstream_step(em, dist, shards["down"], do_down, fitted, results, targets, n_down, info, mine, quiet)
+    return _finish(run, dist, info, mine, results, fitted, ev, t_start, t_work)
+
+
+def _begin(run: RunDir, config: dict, resume: bool, quiet: bool) -> tuple[Any, bool, Optional[dict]]:
+    """Start the process group (gloo even with --device cuda: every collective moves CPU tensors; the model runs on
+    this rank's device) and write the config; returns (dist, quiet, the finished section kept by --resume or None)."""
+    from ..distributed import barrier, init_distributed
+
     dist = init_distributed("cpu")
     quiet = quiet or not dist.is_main  # rank 0 logs progress
     prev = run.section(SECTION)
     if resume and prev and prev.get("config") == config and prev.get("complete"):
         _log(quiet, f"{run.path}: section '{SECTION}' already complete with these settings; kept (resume)")
-        return prev
+        return dist, quiet, prev
     barrier(dist)  # every rank has read the section before rank 0 writes anything
     if dist.is_main:
         run.write_config(SECTION, config)
-    seed_everything(seed)
-    t_start = time.time()
-    info: dict = {"config": config, "complete": False}
+    return dist, quiet, None
 
-    # rank 0 trains / fine-tunes (cached); the others wait, then load the cached model (no second training)
-    local_train = replace(train, device=device_for(dist, train.device))
-    prep = dict(run=run, name=model, train=local_train, checkpoint=checkpoint, quiet=quiet, tokenizer=tokenizer,
-                n_fit=n_fit, n_eval=n_eval, n_down=n_down, hf_seq_len=hf_seq_len, hf_finetune_steps=hf_finetune_steps,
-                seed=seed)
+
+def _setting(setting_id: str, ev: list, em: EntmaxModel) -> dict:
+    """What fitted predictors are valid for (checked when --predictor-path loads them)."""
+    return {"model": setting_id, "seq_len": ev[0].n, "n_layers": len(ev), "n_heads": ev[0].q.shape[1],
+            "d_head": ev[0].q.shape[-1], "alpha": [float(a) if not isinstance(a, torch.Tensor) else "learned"
+                                                    for a in em.alphas]}
+
+
+def _save_fits(run: RunDir, dist, config: dict, fitted: dict, setting: dict, info: dict) -> None:
+    """Rank 0 saves the fitted predictors (unless they were loaded, --predictor-path); the setting into ``info``."""
+    if not config["predictor_path"] and dist.is_main:
+        from .predictors.persist import save_predictors
+
+        info["predictors"] = save_predictors(run.file(PREDICTORS_FILE), fitted, setting).name
+    info["setting"] = setting
+
+
+def _check_args(methods: Optional[Sequence[str]], loss: str, n_fit: int, n_eval: int, n_down: int) -> list[str]:
+    """The predictor names to run (DEFAULT_METHODS if none), each registered; ConfigError on a bad --loss or count."""
+    from .predictors import PREDICTORS
+
+    methods = list(methods or DEFAULT_METHODS)
+    for m in methods:
+        PREDICTORS.get(m)  # an unknown name is a ConfigError listing the registered ones
+    if loss not in ("sum", "pair"):
+        raise ConfigError(f"--loss must be sum or pair (got {loss!r})")
+    if min(n_fit, n_eval) < 1 or n_down < 0:
+        raise ConfigError("--n-fit and --n-eval must be >= 1, --n-down >= 0")
+    return methods
+
+
+def _shard_of(ids: torch.Tensor, d) -> torch.Tensor:
+    """This rank's windows of ``ids`` (round-robin)."""
+    from ..distributed import shard_indices
+
+    return ids[shard_indices(len(ids), d)]
+
+
+def _load_model(run: RunDir, dist, model: str, train: EntmaxTrainConfig, resume: bool, **prep: object) -> EntmaxModel:
+    """Rank 0 trains / fine-tunes (cached); the others wait, then load the cached model (no second training)."""
+    from ..distributed import barrier, device_for
+
+    prep = dict(run=run, name=model, train=replace(train, device=device_for(dist, train.device)), **prep)
     if dist.is_main:
         em = _entmax_model(model)(resume=resume, **prep)
     barrier(dist)
     if not dist.is_main:
         em = _entmax_model(model)(resume=True, main=False, **prep)
-    net, alpha, fit_ids, eval_ids, down_ids = em.source, em.alphas, em.fit_ids, em.eval_ids, em.down_ids
+    return em
+
+
+def _model_info(info: dict, em: EntmaxModel, quiet: bool, n_fit: int, n_eval: int) -> str:
+    """Move the model's info (and warnings) into ``info``, warn about too few windows; returns the setting id."""
     setting_id = em.info.pop("setting_id")
     for w in em.info.pop("warnings", []):
         _warn(info, quiet, w)
     if "downstream_skipped" in em.info:
         info["downstream_skipped"] = em.info.pop("downstream_skipped")
     info["model"] = em.info
-    if len(eval_ids) < n_eval:
-        _warn(info, quiet, f"only {len(eval_ids)} held-out evaluation windows available (--n-eval {n_eval} asked): "
-                           "the corpus is too small")
-    if len(eval_ids) < MIN_EVAL:
-        _warn(info, quiet, f"{len(eval_ids)} evaluation windows < {MIN_EVAL}: spreads across windows are unreliable")
-    if len(fit_ids) < n_fit:
-        _warn(info, quiet, f"only {len(fit_ids)} fit windows available (--n-fit {n_fit} asked)")
+    if len(em.eval_ids) < n_eval:
+        _warn(info, quiet, f"only {len(em.eval_ids)} held-out evaluation windows available (--n-eval {n_eval} "
+                           "asked): the corpus is too small")
+    if len(em.eval_ids) < MIN_EVAL:
+        _warn(info, quiet, f"{len(em.eval_ids)} evaluation windows < {MIN_EVAL}: spreads across windows are unreliable")
+    if len(em.fit_ids) < n_fit:
+        _warn(info, quiet, f"only {len(em.fit_ids)} fit windows available (--n-fit {n_fit} asked)")
+    return setting_id
 
-    require_work_per_rank(len(fit_ids), dist, "--n-fit")
-    require_work_per_rank(len(eval_ids), dist, "--n-eval")
-    do_down = n_down > 0 and len(down_ids) > 0
+
+def _shards(dist, em: EntmaxModel, n_down: int) -> tuple[dict, bool, dict]:
+    """This rank's window shards {'fit', 'eval', 'down'}, whether downstream runs, and the rank's record; every
+    split must give each rank some work."""
+    from ..distributed import WindowShard, barrier, require_work_per_rank
+
+    require_work_per_rank(len(em.fit_ids), dist, "--n-fit")
+    require_work_per_rank(len(em.eval_ids), dist, "--n-eval")
+    do_down = n_down > 0 and len(em.down_ids) > 0
     if do_down:
-        require_work_per_rank(len(down_ids), dist, "--n-down")
-    fit_shard, ev_shard = WindowShard(len(fit_ids), dist), WindowShard(len(eval_ids), dist)
-    down_shard = WindowShard(len(down_ids), dist)
-    mine = {"rank": dist.rank, "windows": {"fit": fit_shard.n_local, "eval": ev_shard.n_local,
-                                           "down": down_shard.n_local if do_down else 0}}
+        require_work_per_rank(len(em.down_ids), dist, "--n-down")
+    shards = {"fit": WindowShard(len(em.fit_ids), dist), "eval": WindowShard(len(em.eval_ids), dist),
+              "down": WindowShard(len(em.down_ids), dist)}
+    mine = {"rank": dist.rank, "windows": {"fit": shards["fit"].n_local, "eval": shards["eval"].n_local,
+                                           "down": shards["down"].n_local if do_down else 0}}
     if dist.enabled:
         _logger.info(f"rank {dist.rank}/{dist.world_size}: {mine['windows']['fit']} fit, {mine['windows']['eval']} eval, "
                      f"{mine['windows']['down']} downstream windows")
     barrier(dist)
-    t_work = time.perf_counter()  # the sharded part starts: capture, fit, sweep, downstream
-    _log(quiet, f"capturing q/k and gold entmax graphs ({len(fit_ids)} fit, {len(eval_ids)} eval windows"
+    return shards, do_down, mine
+
+
+def _capture_gold(em: EntmaxModel, dist, ev_shard, info: dict, mine: dict, quiet: bool) -> tuple[list, list]:
+    """Capture q/k and the gold entmax graphs of this rank's fit and eval windows; gold sparsity into ``info``."""
+    from .evaluate import capture_layers, gold_density as gold_density_of
+
+    _log(quiet, f"capturing q/k and gold entmax graphs ({len(em.fit_ids)} fit, {len(em.eval_ids)} eval windows"
                 f"{f' over {dist.world_size} processes' if dist.enabled else ''})")
     t0 = time.time()
-    fit = capture_layers(net, shard_of(fit_ids, dist), alpha=alpha)
-    ev = capture_layers(net, shard_of(eval_ids, dist), alpha=alpha)
+    fit = capture_layers(em.source, _shard_of(em.fit_ids, dist), alpha=em.alphas)
+    ev = capture_layers(em.source, _shard_of(em.eval_ids, dist), alpha=em.alphas)
     info["capture_seconds"] = mine["capture_seconds"] = time.time() - t0
     gold_density = gold_density_of(ev, ev_shard)
     info["gold"] = {"density_per_layer": gold_density, "sparsity": 1.0 - sum(gold_density) / len(gold_density),
@@ -185,58 +247,76 @@ def sparsity(
     low = gold_below_target(gold_density, TARGET)
     if low:
         _warn(info, quiet, low)
+    return fit, ev
 
-    setting = {"model": setting_id, "seq_len": ev[0].n, "n_layers": len(ev), "n_heads": ev[0].q.shape[1],
-               "d_head": ev[0].q.shape[-1], "alpha": [float(a) if not isinstance(a, torch.Tensor) else "learned" for a in alpha]}
-    projectors = [Projector(rank, epochs=epochs, seed=seed + l, loss=loss) for l in range(len(fit))]
+
+def _fit_and_sweep(config: dict, fit: list, ev: list, setting: dict, shards: dict, info: dict, mine: dict,
+                   quiet: bool) -> tuple[dict, dict]:
+    """Fit (or load, --predictor-path) every predictor of ``config`` and sweep it on the eval windows; the results
+    and timings go into ``info`` / ``mine``. Returns (results, fitted predictors) per method."""
+    from .evaluate import fit_layers, sweep_method
+    from .predictors import PREDICTORS, Projector
+
+    c = config
+    projectors = [Projector(c["rank"], epochs=c["epochs"], seed=c["seed"] + l, loss=c["loss"]) for l in range(len(fit))]
     results, fitted, fit_seconds = {}, {}, {}
     loaded = {}
-    if predictor_path:
+    if c["predictor_path"]:
         from .predictors.persist import load_predictors
 
-        loaded = load_predictors(predictor_path, methods, setting)
-        _log(quiet, f"loaded fitted predictors from {predictor_path}")
-    for m in methods:
+        loaded = load_predictors(c["predictor_path"], c["methods"], setting)
+        _log(quiet, f"loaded fitted predictors from {c['predictor_path']}")
+    for m in c["methods"]:
         t0 = time.time()
         if m in loaded:
             fitted[m] = loaded[m]
             for p in fitted[m]:
-                p.force_window, p.force_cls = int(force_window), bool(force_cls)
+                p.force_window, p.force_cls = int(c["force_window"]), bool(c["force_cls"])
         else:
-            fitted[m] = fit_layers(m, fit, rank=rank, epochs=epochs, seed=seed, projectors=projectors,
-                                   force_window=force_window, force_cls=force_cls, shard=fit_shard,
-                                   **({"score_rank": score_rank} if m in PREDICTORS.names("trained") else {}))
+            fitted[m] = fit_layers(m, fit, rank=c["rank"], epochs=c["epochs"], seed=c["seed"], projectors=projectors,
+                                   force_window=c["force_window"], force_cls=c["force_cls"], shard=shards["fit"],
+                                   **({"score_rank": c["score_rank"]} if m in PREDICTORS.names("trained") else {}))
         fit_seconds[m] = time.time() - t0
-        results[m] = sweep_method(m, fitted[m], ev, target=TARGET, shard=ev_shard)
+        results[m] = sweep_method(m, fitted[m], ev, target=TARGET, shard=shards["eval"])
         results[m]["fit_seconds"] = fit_seconds[m]
         r = results[m][f"recall_at_{TARGET:g}"]
         _log(quiet, f"  {m:14s} recall@{TARGET:g} = {'n/a' if r is None else f'{r:.3f}'}  "
                     f"(fit {fit_seconds[m]:.1f}s, sweep {results[m]['seconds']:.1f}s)")
     info["projector_loss"] = [p.history for p in projectors]
     info["methods"] = results
-    info["recall_at_0.9"] = {m: results[m][f"recall_at_{TARGET:g}"] for m in methods}
+    info["recall_at_0.9"] = {m: results[m][f"recall_at_{TARGET:g}"] for m in c["methods"]}
     info["comparison"] = compare_methods(results, TARGET)
     mine["fit_seconds"] = sum(fit_seconds.values())
     mine["sweep_seconds"] = sum(r["seconds"] for r in results.values())
-    if not predictor_path and dist.is_main:
-        from .predictors.persist import save_predictors
+    return results, fitted
 
-        info["predictors"] = save_predictors(run.file(PREDICTORS_FILE), fitted, setting).name
-    info["setting"] = setting
+
+def _downstream_step(em: EntmaxModel, dist, down_shard, do_down: bool, fitted: dict, results: dict,
+                     targets: Sequence[float], n_down: int, info: dict, mine: dict, quiet: bool) -> None:
+    """Downstream evaluation with attention restricted to the predicted graphs, or why it was skipped."""
+    from .evaluate import downstream
 
     t0 = time.time()
     if do_down:  # (an empty downstream split was reported by _check_split)
-        _log(quiet, f"downstream: attention restricted to predicted graphs ({len(down_ids)} windows)")
-        info["downstream"] = downstream(net, em.task(shard_of(down_ids, dist), down_shard), alpha, fitted, results,
-                                        targets)
+        _log(quiet, f"downstream: attention restricted to predicted graphs ({len(em.down_ids)} windows)")
+        info["downstream"] = downstream(em.source, em.task(_shard_of(em.down_ids, dist), down_shard), em.alphas,
+                                        fitted, results, targets)
     elif n_down > 0:
-        reason = (f"downstream evaluation NOT run: no held-out windows left after the {len(eval_ids)} evaluation "
+        reason = (f"downstream evaluation NOT run: no held-out windows left after the {len(em.eval_ids)} evaluation "
                   f"windows (--n-down {n_down} asked); use a larger corpus or lower --n-eval")
         _warn(info, quiet, reason)
         info["downstream"] = {"skipped": reason}
     else:
         info["downstream"] = {"skipped": "downstream evaluation not requested (--n-down 0)"}
     info["downstream_seconds"] = mine["downstream_seconds"] = time.time() - t0
+
+
+def _finish(run: RunDir, dist, info: dict, mine: dict, results: dict, fitted: dict, ev: list, t_start: float,
+            t_work: float) -> dict:
+    """Time the sharded part (since ``t_work``), gather every rank's record; rank 0 writes tensors, plots, views and
+    the complete section (the others wait)."""
+    from ..distributed import barrier, gather_lists
+
     info["sharded_seconds"] = mine["sharded_seconds"] = time.perf_counter() - t_work
     info["world_size"] = dist.world_size
     info["ranks"] = gather_lists([mine], dist, to_all=True)

@@ -97,6 +97,14 @@ def entmax_schedule(opt: torch.optim.Optimizer, steps: int) -> torch.optim.lr_sc
         opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + torch.cos(torch.tensor(min(s, steps) / max(steps, 1) * 3.14159)).item()))
 
 
+def _entmax_transformer(cfg: EntmaxTrainConfig, vocab_size: int) -> SmallTransformer:
+    """The untrained small entmax transformer of ``cfg`` (causal for the clm objective), on ``cfg.device``."""
+    mcfg = TransformerConfig(vocab_size=vocab_size, d_model=cfg.d_model, n_heads=cfg.n_heads, n_layers=cfg.n_layers,
+                             max_len=cfg.seq_len, causal=cfg.objective == "clm", attention="entmax", alpha=cfg.alpha,
+                             learn_alpha=cfg.learn_alpha)
+    return SmallTransformer(mcfg).to(cfg.device)
+
+
 def train_small(cfg: EntmaxTrainConfig, windows: Optional[torch.Tensor] = None, tokenizer=None,
                 log_every: int = 50, quiet: bool = False, checkpoint: Optional[str | Path] = None,
                 resume: bool = False, on_step: Optional[Callable[[int], None]] = None,
@@ -115,10 +123,7 @@ def train_small(cfg: EntmaxTrainConfig, windows: Optional[torch.Tensor] = None, 
         windows = load_corpus_windows(cfg, tokenizer, "fit", cfg.max_windows)
     vmap = VocabMap.from_windows(windows, cfg.vocab_size, tokenizer)
     data = vmap(windows)
-    mcfg = TransformerConfig(vocab_size=vmap.size, d_model=cfg.d_model, n_heads=cfg.n_heads, n_layers=cfg.n_layers,
-                             max_len=cfg.seq_len, causal=cfg.objective == "clm", attention="entmax", alpha=cfg.alpha,
-                             learn_alpha=cfg.learn_alpha)
-    model = SmallTransformer(mcfg).to(cfg.device)
+    model = _entmax_transformer(cfg, vmap.size)
     opt = adamw(model, cfg.lr, cfg.weight_decay)
     sched = entmax_schedule(opt, cfg.steps)
     hist: dict = {"step": [], "loss": [], "acc": []}

@@ -94,6 +94,19 @@ def _log_result(log: Callable[[str], None], name: str, d: dict[str, Any]) -> Non
         f"{'  FLAG: ' + d['flag'] if d.get('flag') else ''}  {d['seconds']:.1f}s")
 
 
+def _plan(cfg: SweepConfig, section: dict[str, Any], learner: Learner, contrast_learner: Optional[Learner]) -> list:
+    """The sweeps to run, in order (name, results list, learner, trials file, fingerprint, Ts): the model over every
+    T first, then the contrast (up to --contrast-max-T), so a time budget cuts the contrast before the model."""
+    if cfg.contrast != "none":
+        section["contrast"] = {"model": cfg.contrast, "results": []}
+    plan = [(cfg.model, section["results"], learner, TRIALS_FILE, cfg.fingerprint(cfg.model), list(cfg.Ts))]
+    if section["contrast"] is not None:
+        cts = [T for T in cfg.Ts if cfg.contrast_max_T is None or T <= cfg.contrast_max_T]
+        plan.append((cfg.contrast, section["contrast"]["results"], contrast_learner, CONTRAST_TRIALS_FILE,
+                     cfg.fingerprint("mlp"), cts))
+    return plan
+
+
 def run_sweep(
     cfg: SweepConfig, out: Union[str, Path, RunDir], device: str = "cpu", resume: bool = False,
     learner: Optional[Learner] = None, log: Optional[Callable[[str], None]] = None, plots: bool = True,
@@ -124,14 +137,8 @@ def run_sweep(
         if info.is_main:
             run.write_section(SECTION, section)
 
-    if cfg.contrast != "none":
-        section["contrast"] = {"model": cfg.contrast, "results": []}
-    # the model over every T first, then the contrast: a time budget cuts the contrast before the model
-    plan = [(cfg.model, section["results"], learner, TRIALS_FILE, cfg.fingerprint(cfg.model), list(cfg.Ts))]
-    if section["contrast"] is not None:
-        cts = [T for T in cfg.Ts if cfg.contrast_max_T is None or T <= cfg.contrast_max_T]
-        plan.append((cfg.contrast, section["contrast"]["results"], contrast_learner, CONTRAST_TRIALS_FILE,
-                     cfg.fingerprint("mlp"), cts))
+    plan = _plan(cfg, section, learner, contrast_learner)
+
     def budget_spent() -> bool:  # this rank's clock
         return cfg.budget_s is not None and time.perf_counter() - t0 > cfg.budget_s
 

@@ -99,15 +99,7 @@ def render_section(run: RunDir) -> str:
         f"chosen on training data only); m*(T) = median over seeds with a bootstrap 95% CI. "
         f"Device {_fmt(sec.get('device'))}, wall {_fmt(sec.get('wall_s'))} s.</p>",
     ]
-    if model == "bounded":
-        b = (cfg.get("bounded") or {}).get("bounds") or {}
-        parts.append("<p>Model: the <b>bounded-norm attention head</b> (the class of the log T bound): one layer, CLS "
-                     "readout, no biases, LayerNorm, MLP or residual; after every step the norms are projected onto "
-                     f"||E_tok[i]||, ||E_pos[t]|| &le; {_fmt(b.get('emb'))}, ||W_Q^h^T W_K^h||_F &le; {_fmt(b.get('qk'))}, "
-                     f"||W_V||_F &le; {_fmt(b.get('v'))}, ||W_c||_F &le; {_fmt(b.get('out'))}. The last table column "
-                     "shows the largest norm any trained model ended with.</p>")
-    else:
-        parts.append(f"<p>Model: {escape(str(model))} (SmallTransformer; norms only as set by --norm-mode).</p>")
+    parts.append(_model_html(cfg, model))
     parts.append(_results_table(sec.get("results", [])))
     if sec.get("skipped_T"):
         skipped = ", ".join(f"{d['learner']} T={d['T']}" if isinstance(d, dict) else str(d) for d in sec["skipped_T"])
@@ -118,23 +110,7 @@ def render_section(run: RunDir) -> str:
         parts.append(f"<h3>Contrast learner: {escape(con['model'])} on the flattened bits (SGD)</h3>")
         parts.append(_results_table(con["results"]))
         parts.append(_fits_html(con, con["model"]))
-    ns = sec.get("norm_sweep")
-    if ns and ns.get("results"):
-        parts.append(f"<h3>Norm / sample trade-off at T = {ns['T']} (bound on ||W_Q^T W_K||_F)</h3>")
-        rows = [[r["qk_bound"], r["m_star"] if r["m_star"] is not None else f"not learned up to m = {r['m_max']}",
-                 _ci(r.get("ci")), ", ".join(f"{k}: {_fmt(v)}" for k, v in r["per_seed"].items()), r.get("flag") or ""]
-                for r in ns["results"]]
-        parts.append(_table(["qk bound", "m*", "95% CI", "per seed", "flag"], rows))
-    probe = sec.get("probe")
-    if probe:
-        parts.append(f"<h3>Attention probe (T = {probe['T']}, each seed at its m*)</h3>")
-        prow = [[k, p["m"], p.get("test_acc"), _fmt(p["mass"]), _fmt(p["topk_precision"])]
-                for k, p in probe["per_seed"].items()]
-        parts.append(_table(["seed", "m", "test acc", "readout mass on relevant (mean over heads)", "top-s precision"],
-                            prow))
-        cap = f"; the norm bounds allow at most {probe['cap']:.3f}" if probe.get("cap") is not None else ""
-        parts.append(f"<p>Median mass on the {probe['s']} relevant positions: <b>{probe['mass_median']:.3f}</b> "
-                     f"(uniform attention would give {probe['uniform_mass']:.4f}{cap}).</p>")
+    parts += _norm_sweep_and_probe(sec)
     parts.append(_mass_vs_T(sec))
     parts.append(_probe_bounds_html(sec.get("probe_bounds")))
     fits_caption = "; ".join(verdict_line(n, t) for n, t in ((str(model), sec), (str((con or {}).get("model")), con))
@@ -153,3 +129,38 @@ def render_section(run: RunDir) -> str:
         if run.file(png).exists():
             parts.append(figure(png, captions.get(png, escape(png))))
     return "\n".join(parts)
+
+
+def _model_html(cfg: dict, model: Any) -> str:
+    """The paragraph describing the model: the bounded-norm head and its bounds, or the SmallTransformer."""
+    if model != "bounded":
+        return f"<p>Model: {escape(str(model))} (SmallTransformer; norms only as set by --norm-mode).</p>"
+    b = (cfg.get("bounded") or {}).get("bounds") or {}
+    return ("<p>Model: the <b>bounded-norm attention head</b> (the class of the log T bound): one layer, CLS "
+            "readout, no biases, LayerNorm, MLP or residual; after every step the norms are projected onto "
+            f"||E_tok[i]||, ||E_pos[t]|| &le; {_fmt(b.get('emb'))}, ||W_Q^h^T W_K^h||_F &le; {_fmt(b.get('qk'))}, "
+            f"||W_V||_F &le; {_fmt(b.get('v'))}, ||W_c||_F &le; {_fmt(b.get('out'))}. The last table column "
+            "shows the largest norm any trained model ended with.</p>")
+
+
+def _norm_sweep_and_probe(sec: dict) -> list[str]:
+    """The norm / sample trade-off table and the attention probe (readout mass on the relevant positions)."""
+    parts: list[str] = []
+    ns = sec.get("norm_sweep")
+    if ns and ns.get("results"):
+        parts.append(f"<h3>Norm / sample trade-off at T = {ns['T']} (bound on ||W_Q^T W_K||_F)</h3>")
+        rows = [[r["qk_bound"], r["m_star"] if r["m_star"] is not None else f"not learned up to m = {r['m_max']}",
+                 _ci(r.get("ci")), ", ".join(f"{k}: {_fmt(v)}" for k, v in r["per_seed"].items()), r.get("flag") or ""]
+                for r in ns["results"]]
+        parts.append(_table(["qk bound", "m*", "95% CI", "per seed", "flag"], rows))
+    probe = sec.get("probe")
+    if probe:
+        parts.append(f"<h3>Attention probe (T = {probe['T']}, each seed at its m*)</h3>")
+        prow = [[k, p["m"], p.get("test_acc"), _fmt(p["mass"]), _fmt(p["topk_precision"])]
+                for k, p in probe["per_seed"].items()]
+        parts.append(_table(["seed", "m", "test acc", "readout mass on relevant (mean over heads)", "top-s precision"],
+                            prow))
+        cap = f"; the norm bounds allow at most {probe['cap']:.3f}" if probe.get("cap") is not None else ""
+        parts.append(f"<p>Median mass on the {probe['s']} relevant positions: <b>{probe['mass_median']:.3f}</b> "
+                     f"(uniform attention would give {probe['uniform_mass']:.4f}{cap}).</p>")
+    return parts

@@ -230,23 +230,12 @@ def run_prefill(cfg: PrefillConfig, log: Optional[Callable[[str], None]] = None,
     hf, ids, notices, n_pad = _inputs(cfg, hf, ids, info, device, log)
     predict, calib = _predictor(cfg, hf, info, log)
     be = _breakeven(cfg, hf, info, device, n_pad, log)
-    kopts = None
-    if cfg.kernel == "tuned":
-        from ..flex import tuned_kernel_options
-
-        kopts = tuned_kernel_options(hf.head_dim)
+    kopts = _kernel_options(cfg, hf)
     threshold = None if be is None else be["breakeven"]
     from .window import layer_windows
 
     windows = layer_windows(hf.model.config, hf.n_layers)
     measure, dense, modes = _handlers(cfg, predict, threshold, cuda, kopts, windows)
-    sparse = modes[-1][1]
-    guard = cuda and cfg.fallback
-    per_window = []
-    timings = {m: {"attention_ms": [], "forward_ms": [], "prediction_ms": [], "kernel_ms": []} for m, _ in modes}
-    layer_times: dict[str, dict[int, list[float]]] = {m: {} for m, _ in modes}
-    layer_pred: dict[str, dict[int, list[float]]] = {m: {} for m, _ in modes}
-    dense_layers: list[int] = []
     mine = shard_indices(ids.shape[0], info)
     t_warm = time.perf_counter()
     if cuda:  # compile and autotune every mode once on this rank's first window, outside the timed loop
@@ -255,6 +244,44 @@ def run_prefill(cfg: PrefillConfig, log: Optional[Callable[[str], None]] = None,
     warmup_s = time.perf_counter() - t_warm
     barrier(info)  # every rank starts the timed loop together (a rank's compile is setup, like loading the model)
     t_loop = time.perf_counter()
+    per_window, timings, layer_times, layer_pred, dense_layers = _timed_windows(cfg, hf, ids, mine, measure, dense,
+                                                                                modes, cuda, info, log)
+    own_s = time.perf_counter() - t_loop  # this rank's windows, before waiting for the others
+    per_window, timings, layer_times, layer_pred = _merge_ranks(per_window, timings, layer_times, layer_pred,
+                                                                ids.shape[0], info)
+    res = summarise(cfg, hf, per_window, timings, be, notices, str(device), n_pad)
+    res["summary"]["dense_layers"] = dense_layers
+    res["world_size"] = info.world_size
+    # evaluation wall time (windows + merge; after the gather every rank has waited for the slowest one)
+    res["seconds"] = round(time.perf_counter() - t_loop, 3)
+    # where the time goes per rank: compile/autotune warm-up (untimed), own windows, and the rest of the timed
+    # section (waiting for the slowest rank + gather)
+    res["ranks"] = gather_lists([{"rank": info.rank, "windows": len(mine), "warmup_s": round(warmup_s, 3),
+                                  "own_windows_s": round(own_s, 3)}], info, to_all=True)
+    _describe(res, cfg, hf, cuda, measure, layer_times, layer_pred, dense_layers, threshold, calib, predict, kopts)
+    return res
+
+
+def _kernel_options(cfg: PrefillConfig, hf: Any) -> Optional[dict]:
+    """FlexAttention kernel options for --kernel tuned (tuned for the head size), else None (the defaults)."""
+    if cfg.kernel != "tuned":
+        return None
+    from ..flex import tuned_kernel_options
+
+    return tuned_kernel_options(hf.head_dim)
+
+
+def _timed_windows(cfg: PrefillConfig, hf: Any, ids: Tensor, mine: list, measure: Any, dense: Any, modes: list,
+                   cuda: bool, info: DistInfo, log: Callable[[str], None]) -> tuple[list, dict, dict, dict, list]:
+    """Time every mode on this rank's windows ``mine``: (per-window records, timings, per-layer times, per-layer
+    prediction times, the layers the first-window guard sent to dense)."""
+    sparse = modes[-1][1]
+    guard = cuda and cfg.fallback
+    per_window = []
+    timings = {m: {"attention_ms": [], "forward_ms": [], "prediction_ms": [], "kernel_ms": []} for m, _ in modes}
+    layer_times: dict[str, dict[int, list[float]]] = {m: {} for m, _ in modes}
+    layer_pred: dict[str, dict[int, list[float]]] = {m: {} for m, _ in modes}
+    dense_layers: list[int] = []
     for j, w in enumerate(mine):  # j: this rank's window count (the guard is decided on j == 0)
         x = ids[w: w + 1]
         logits, _, _ = timed_forward(hf, measure, x)
@@ -269,18 +296,12 @@ def run_prefill(cfg: PrefillConfig, log: Optional[Callable[[str], None]] = None,
         ref = per_window[-1]
         log(f"window {w}: loss dense {ref['loss_dense']:.4f} sparse {loss_sparse:.4f} as executed "
             f"{losses['sparse']:.4f}")
-    own_s = time.perf_counter() - t_loop  # this rank's windows, before waiting for the others
-    per_window, timings, layer_times, layer_pred = _merge_ranks(per_window, timings, layer_times, layer_pred,
-                                                                ids.shape[0], info)
-    res = summarise(cfg, hf, per_window, timings, be, notices, str(device), n_pad)
-    res["summary"]["dense_layers"] = dense_layers
-    res["world_size"] = info.world_size
-    # evaluation wall time (windows + merge; after the gather every rank has waited for the slowest one)
-    res["seconds"] = round(time.perf_counter() - t_loop, 3)
-    # where the time goes per rank: compile/autotune warm-up (untimed), own windows, and the rest of the timed
-    # section (waiting for the slowest rank + gather)
-    res["ranks"] = gather_lists([{"rank": info.rank, "windows": len(mine), "warmup_s": round(warmup_s, 3),
-                                  "own_windows_s": round(own_s, 3)}], info, to_all=True)
+    return per_window, timings, layer_times, layer_pred, dense_layers
+
+
+def _describe(res: dict, cfg: PrefillConfig, hf: Any, cuda: bool, measure: Any, layer_times: dict, layer_pred: dict,
+              dense_layers: list, threshold: Any, calib: Optional[dict], predict: Any, kopts: Optional[dict]) -> None:
+    """Add per-layer medians, the path each layer took, the calibration, kernel options and sliding windows."""
     res["layer_ms"] = {m: {str(i): statistics.median(v) for i, v in d.items()} for m, d in layer_times.items()}
     res["layer_prediction_ms"] = {m: {str(i): statistics.median(v) for i, v in d.items()}
                                   for m, d in layer_pred.items() if d}
@@ -294,4 +315,3 @@ def run_prefill(cfg: PrefillConfig, log: Optional[Callable[[str], None]] = None,
     if cuda and any(w is not None for w in res["sliding_windows"]):
         res["notices"].append("dense baseline of sliding-window layers: FlexAttention over every tile of the "
                               "window band ('flash'/'cudnn' rows are labels there, not those kernels)")
-    return res

@@ -37,6 +37,7 @@ TAGS = {
     "basis": "needs a basis size k (--k, else min(k90 of the head, budget))",
     "residual": "needs the fitted statistics of the proxy's residual rows",
     "sparse": "fills nothing: unselected keys are masked out (no row mean; nothing to do without exact pairs)",
+    "baseline": "a reference floor: not repeated at --extra-ranks (its adaptive rows are shown at --proxy-rank only)",
 }
 
 
@@ -72,6 +73,11 @@ class EstimatorKind:
     def needs_residual(self) -> bool:
         """Needs the fitted residual statistics of the proxy."""
         return "residual" in self.tags
+
+    @property
+    def rank_sweep(self) -> bool:
+        """Its adaptive-selection rows are also evaluated at every --extra-ranks (False for baselines)."""
+        return "baseline" not in self.tags
 
     @property
     def fills(self) -> bool:

@@ -26,7 +26,7 @@ class MeanKind(RowModelKind):
 
     name = "mean"
     help = "the fitted mean row, shifted to the exact row mean"
-    tags = ("row-model",)
+    tags = ("row-model", "baseline")
     row_class = MeanEstimator
 
     def cost(self, s: CostShape) -> dict[str, float]:

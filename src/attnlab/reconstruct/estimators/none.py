@@ -22,7 +22,7 @@ class NoneKind(RowModelKind):
 
     name = "none"
     help = "unselected keys masked out (attention over the selected pairs only)"
-    tags = ("row-model", "sparse")
+    tags = ("row-model", "sparse", "baseline")
     row_class = NoneEstimator
 
     def cost(self, s: CostShape) -> dict[str, float]:
