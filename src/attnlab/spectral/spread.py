@@ -1,0 +1,143 @@
+"""Intervals over windows for the ranks k90 / k95 / k99: a delete-one-group jackknife of the row statistics.
+
+The windows are cut into G contiguous groups (by their index in the whole run, so any number of torchrun
+processes gives the same groups); the collector keeps one row statistic per group. Replicate g merges every
+group but g; the rank is read from its pooled spectrum as a fractional rank (where the explained-variance
+curve crosses the level, linearly interpolated), so steps of one rank still give a spread. The interval is
+point +- t(G-1) * jackknife se, read back as integer ranks.
+
+What it is: the sampling spread of the rank at this number of windows. What it is not: the bias of finite
+samples. The rank grows with the number of windows (the k90 of each half of the windows shows by how much),
+and no resampling of these windows can say where it stops.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import torch
+
+from .eigen import LEVELS, eigh_desc, explained_variance, rank_for
+from .stats import StreamingCovariance, pooled_within
+
+#: largest size of the per-group row statistics (G x layers x heads x N^2 float64) kept for the interval
+SPREAD_MAX_BYTES = 2 << 30
+CONFIDENCE = 0.95
+METHOD = "delete-one-group jackknife over contiguous groups of windows (t interval)"
+NOTE = ("sampling spread at this number of windows, not the bias of finite samples: the rank grows with the number "
+        "of windows (compare the k90 of each half of the windows), which this interval does not include")
+
+
+def window_groups(n_windows: int, groups: int, rank: int = 0, world: int = 1) -> torch.Tensor:
+    """Group (0..groups-1) of each of this process's windows ``rank::world``: contiguous blocks of the whole run."""
+    ids = torch.arange(n_windows, dtype=torch.int64) * groups // max(n_windows, 1)
+    return ids[rank::world]
+
+
+def groups_bytes(groups: int, layers: int, heads: int, seq_len: int) -> int:
+    """Memory of the per-group row statistics (second moments and means, float64)."""
+    return groups * layers * heads * (seq_len * seq_len + seq_len) * 8
+
+
+def fractional_rank(curve: torch.Tensor, level: float) -> float:
+    """The rank at which the explained-variance curve reaches ``level``, interpolated between integer ranks
+    (``ceil`` of it is :func:`rank_for` up to ties)."""
+    k = rank_for(curve, level)
+    if k > len(curve):
+        return float(k)
+    prev = float(curve[k - 2]) if k >= 2 else 0.0
+    step = float(curve[k - 1]) - prev
+    frac = (level - prev) / step if step > 0 else 1.0
+    return (k - 1) + min(max(frac, 0.0), 1.0)
+
+
+def pooled_curve(stats: Sequence[StreamingCovariance]) -> torch.Tensor:
+    """Explained-variance curve of the heads pooled with equal weight (as the point estimates)."""
+    return explained_variance(eigh_desc(pooled_within(list(stats)))[0])
+
+
+def jackknife(point: float, reps: Sequence[float], confidence: float = CONFIDENCE) -> tuple[float, float, float]:
+    """(lo, hi, se): ``point`` +- t(G-1) se with the delete-one jackknife se of the G replicates ``reps``."""
+    from scipy import stats
+
+    g = len(reps)
+    mean = sum(reps) / g
+    se = math.sqrt((g - 1) / g * sum((r - mean) ** 2 for r in reps))
+    t = float(stats.t.ppf(0.5 + confidence / 2, g - 1))
+    return point - t * se, point + t * se, se
+
+
+def rank_interval(point_curve: torch.Tensor, rep_curves: Sequence[torch.Tensor],
+                  confidence: float = CONFIDENCE) -> dict[str, Any]:
+    """{'k90': [lo, hi], ..., 'se': {'k90': se, ...}}: integer ranks, always containing the point estimate."""
+    out: dict[str, Any] = {}
+    ses: dict[str, float] = {}
+    n = len(point_curve)
+    for level in LEVELS:
+        key = f"k{round(level * 100)}"
+        k = rank_for(point_curve, level)
+        lo, hi, se = jackknife(fractional_rank(point_curve, level), [fractional_rank(c, level) for c in rep_curves],
+                               confidence)
+        out[key] = [min(k, max(1, math.ceil(lo - 1e-9))), max(k, min(n, math.ceil(hi - 1e-9)))]
+        ses[key] = round(se, 4)
+    return {**out, "se": ses}
+
+
+def _merged(parts: Sequence[StreamingCovariance]) -> StreamingCovariance:
+    """One statistic from several (a copy; the parts are left alone)."""
+    first = parts[0]
+    out = StreamingCovariance(first.dim, first.diag_only, first.mean.device, first.groups)
+    for p in parts:
+        out.merge(p)
+    return out
+
+
+def rank_spread(totals: dict[int, StreamingCovariance], groups: dict[int, list[StreamingCovariance]],
+                confidence: float = CONFIDENCE) -> dict[str, Any]:
+    """Jackknife intervals of the pooled and per-layer ranks from the per-layer totals (heads grouped) and
+    the per-layer, per-window-group statistics; ``{'reason': ...}`` when fewer than two groups hold windows."""
+    layers = list(totals)
+    if not groups:
+        return {"reason": "no per-group statistics were kept (--spread-groups 0, too large, or resumed from an "
+                          "older checkpoint)"}
+    n_groups = len(groups[layers[0]])
+    used = [g for g in range(n_groups) if all(groups[l][g].n > 0 for l in layers)]
+    if len(used) < 2:
+        return {"reason": f"only {len(used)} group(s) of windows hold rows: no interval (use more --n-sequences)"}
+    heads = range(totals[layers[0]].groups)
+
+    def split(stat: StreamingCovariance) -> list[StreamingCovariance]:
+        return [stat.group(h) for h in heads]
+
+    reps = [{l: split(_merged([groups[l][j] for j in used if j != g])) for l in layers} for g in used]
+    point = {l: split(totals[l]) for l in layers}
+    res: dict[str, Any] = {"method": METHOD, "confidence": confidence, "groups": len(used),
+                           "rows_per_group": [groups[layers[0]][g].n for g in used]}
+    res["pooled"] = rank_interval(pooled_curve([s for l in layers for s in point[l]]),
+                                  [pooled_curve([s for l in layers for s in r[l]]) for r in reps], confidence)
+    res["per_layer"] = {str(l): rank_interval(pooled_curve(point[l]), [pooled_curve(r[l]) for r in reps], confidence)
+                        for l in layers}
+    res["note"] = NOTE
+    return res
+
+
+def interval_of(spread: dict[str, Any] | None, key: str = "k90", layer: int | str | None = None) -> str:
+    """'[lo, hi]' of one rank (pooled, or of ``layer``) from results' ``rank_interval``; '' when there is none."""
+    part = (spread or {}).get("pooled") if layer is None else ((spread or {}).get("per_layer") or {}).get(str(layer))
+    ci = (part or {}).get(key)
+    return f"[{ci[0]}, {ci[1]}]" if ci else ""
+
+
+def spread_line(res: dict[str, Any]) -> str:
+    """One line on the pooled ranks' intervals and the halves' k90 (why there is none when there is none)."""
+    sp = res.get("rank_interval")
+    halves = ((res.get("noise_floor") or {}).get("k90_halves") or {}).get("pooled")
+    half = f"; k90 of each half of the windows: {halves[0]} and {halves[1]}" if halves else ""
+    if not sp:
+        return f"no interval over windows (not computed: --spread-groups 0, or an older run){half}"
+    if "reason" in sp:
+        return f"no interval over windows ({sp['reason']}){half}"
+    ks = ", ".join(f"{k} {interval_of(sp, k)}" for k in ("k90", "k95", "k99"))
+    return (f"{round(100 * sp['confidence'])}% interval over windows ({sp['groups']}-group jackknife): {ks}{half} "
+            "(the interval is the spread at this number of windows; k90 still grows with more windows)")
