@@ -45,12 +45,12 @@ def _halves(ci: Optional[Sequence[int]]) -> str:
 
 
 def _window_ci(res: dict[str, Any]) -> str:
-    """' (95% interval over windows [a, b])' of the pooled k90 when the run has it, else ''."""
+    """'; 95% interval over windows [a, b]' of the pooled k90 when the run has it, else ''."""
     from ..spectral.spread import interval_of
 
     sp = res.get("rank_interval")
     ci = interval_of(sp, "k90")
-    return f" ({round(100 * sp['confidence'])}% interval over windows {ci})" if ci else ""
+    return f"; {round(100 * sp['confidence'])}% interval over windows {ci}" if ci else ""
 
 
 def _spectrum(res: dict[str, Any]) -> str:
@@ -60,7 +60,8 @@ def _spectrum(res: dict[str, Any]) -> str:
     med = statistics.median(ks) if ks else None
     lay = [res["per_layer"][str(l)]["k90"] for l in res["layers"]]
     line = (f"<b>Spectrum</b> ({html.escape(str(res.get('model', {}).get('name')))}, {res['n_sequences']} windows of "
-            f"{n} tokens): {p['k90']}{_window_ci(res)} of {n} eigenvectors explain 90% of score-row variance (all heads pooled)"
+            f"{n} tokens): {p['k90']} of {n} eigenvectors explain 90% of score-row variance (all heads pooled"
+            f"{_window_ci(res)})"
             f"{_halves(((res.get('noise_floor') or {}).get('k90_halves') or {}).get('pooled'))}; "
             f"per head k90 median {med:g}, range {min(ks)}&ndash;{max(ks)} over {len(ks)} heads; per layer "
             f"{min(lay)}&ndash;{max(lay)}.")
