@@ -44,3 +44,13 @@ def test_fitted_laws_and_plot_labels_print_no_raw_inf():
     line = verdict_line("model", target)
     assert "unbounded" in line and "inf" not in line.replace("unbounded", "")
     assert _interval(["-inf", 0.5]) == "(unbounded, 0.5]"  # JSON may hold the ends as strings
+
+
+def test_variables_report_cells_name_unbounded_ends_and_one_seed():
+    from attnlab.textfmt import NO_INTERVAL
+    from attnlab.variables.report import _ci
+
+    assert _ci([40, None], 3) == "[40, unbounded)"
+    assert _ci([21, 21], 1) == NO_INTERVAL  # one seed: no [21, 21]
+    assert _ci([21, 21], 3) == "[21, 21]"  # three seeds that agree: a real (degenerate) interval
+    assert _ci([-31.216380043874913, 45.158180663281264]) == "[-31.2, 45.2]"
