@@ -171,3 +171,22 @@ def test_report_and_summary_show_the_interval_and_the_halves(spectrum_run):
     assert f"95% interval over windows [{lo}, {hi}]" in line
     old = {k: v for k, v in res.items() if k != "rank_interval"}  # a run from before the intervals: no column
     assert "interval</th>" not in _layer_table(old) and spread_line(old).startswith("no interval")
+
+
+def test_rank_vs_length_keeps_and_shows_the_interval(tmp_path):
+    from attnlab.io import RunDir
+    from attnlab.report.lengths import SECTION, render_section
+    from attnlab.report.summary import summary_lines
+
+    run = RunDir(tmp_path / "run")
+    pts = [{"seq_len": 32, "n_windows": 16, "k90": 23, "k95": 27, "k99": 30, "k90_halves": [22, 21],
+            "k90_interval": [22, 24]},
+           {"seq_len": 64, "n_windows": 16, "k90": 45, "k95": 52, "k99": 60, "k90_halves": None}]
+    run.write_section(SECTION, {"model": "m", "n_sequences": 16, "points": pts, "settings": {}})
+    page = render_section(run)
+    assert "95% interval over windows</th>" in page and "[22, 24]" in page and "not that growth" in page
+    line = next(s for s in summary_lines({SECTION: run.section(SECTION)}) if "length" in s)
+    assert "N = 32: 23 (72%) [95% interval over windows [22, 24]] [halves 22, 21]" in line
+    pts[0].pop("k90_interval")
+    run.write_section(SECTION, {"model": "m", "n_sequences": 16, "points": pts, "settings": {}})
+    assert "interval" not in render_section(run)

@@ -76,6 +76,8 @@ def _rank_vs_length(res: dict[str, Any]) -> str:
     if not pts:
         return "<b>Rank vs length</b>: no lengths measured."
     body = ", ".join(f"N = {r['seq_len']}: {r['k90']} ({100 * r['k90'] / r['seq_len']:.0f}%)"
+                     + (f" [95% interval over windows [{r['k90_interval'][0]}, {r['k90_interval'][1]}]]"
+                        if r.get("k90_interval") else "")
                      + (f" [halves {r['k90_halves'][0]}, {r['k90_halves'][1]}]" if r.get("k90_halves") else "")
                      for r in pts)
     line = f"<b>Rank needed vs length</b> (pooled k90, {res.get('n_sequences')} windows each): {body}"
