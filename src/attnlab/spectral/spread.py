@@ -53,8 +53,13 @@ def fractional_rank(curve: torch.Tensor, level: float) -> float:
 
 
 def pooled_curve(stats: Sequence[StreamingCovariance]) -> torch.Tensor:
-    """Explained-variance curve of the heads pooled with equal weight (as the point estimates)."""
+    """Explained-variance curve of the heads pooled with equal weight, computed as the point estimates are."""
     return explained_variance(eigh_desc(pooled_within(list(stats)))[0])
+
+
+def _curve(cov: torch.Tensor) -> torch.Tensor:
+    """Explained-variance curve from the eigenvalues alone (the replicates)."""
+    return explained_variance(torch.linalg.eigvalsh(cov.double()).flip(0).clamp_min(0))
 
 
 def jackknife(point: float, reps: Sequence[float], confidence: float = CONFIDENCE) -> tuple[float, float, float]:
@@ -84,12 +89,24 @@ def rank_interval(point_curve: torch.Tensor, rep_curves: Sequence[torch.Tensor],
     return {**out, "se": ses}
 
 
-def _merged(parts: Sequence[StreamingCovariance]) -> StreamingCovariance:
-    """One statistic from several (a copy; the parts are left alone)."""
+def leave_one_out(parts: Sequence[StreamingCovariance]) -> list[StreamingCovariance]:
+    """For each part, the merge of all the others (prefix and suffix merges: 3G merges, no subtraction)."""
     first = parts[0]
-    out = StreamingCovariance(first.dim, first.diag_only, first.mean.device, first.groups)
-    for p in parts:
-        out.merge(p)
+
+    def empty() -> StreamingCovariance:
+        return StreamingCovariance(first.dim, first.diag_only, first.mean.device, first.groups)
+
+    prefix, suffix = [empty()], [empty()]
+    for p in parts[:-1]:
+        prefix.append(_copy(prefix[-1]).merge(p))
+    for p in reversed(parts[1:]):
+        suffix.append(_copy(suffix[-1]).merge(p))
+    return [_copy(prefix[g]).merge(suffix[len(parts) - 1 - g]) for g in range(len(parts))]
+
+
+def _copy(st: StreamingCovariance) -> StreamingCovariance:
+    out = StreamingCovariance(st.dim, st.diag_only, st.mean.device, st.groups)
+    out.n, out.mean, out.m2 = st.n, st.mean.clone(), st.m2.clone()
     return out
 
 
@@ -106,17 +123,17 @@ def rank_spread(totals: dict[int, StreamingCovariance], groups: dict[int, list[S
     if len(used) < 2:
         return {"reason": f"only {len(used)} group(s) of windows hold rows: no interval (use more --n-sequences)"}
     heads = range(totals[layers[0]].groups)
-
-    def split(stat: StreamingCovariance) -> list[StreamingCovariance]:
-        return [stat.group(h) for h in heads]
-
-    reps = [{l: split(_merged([groups[l][j] for j in used if j != g])) for l in layers} for g in used]
-    point = {l: split(totals[l]) for l in layers}
+    point = {l: [totals[l].group(h) for h in heads] for l in layers}
+    # replicate i of each layer reduced at once to its heads-pooled covariance (N x N): one layer's G
+    # leave-one-out statistics are in memory at a time; all layers pooled = the mean of the layers' (H heads each)
+    rep_covs = {l: [pooled_within([st.group(h) for h in heads]) for st in leave_one_out([groups[l][g] for g in used])]
+                for l in layers}
     res: dict[str, Any] = {"method": METHOD, "confidence": confidence, "groups": len(used),
                            "rows_per_group": [groups[layers[0]][g].n for g in used]}
     res["pooled"] = rank_interval(pooled_curve([s for l in layers for s in point[l]]),
-                                  [pooled_curve([s for l in layers for s in r[l]]) for r in reps], confidence)
-    res["per_layer"] = {str(l): rank_interval(pooled_curve(point[l]), [pooled_curve(r[l]) for r in reps], confidence)
+                                  [_curve(torch.stack([rep_covs[l][i] for l in layers]).mean(0))
+                                   for i in range(len(used))], confidence)
+    res["per_layer"] = {str(l): rank_interval(pooled_curve(point[l]), [_curve(c) for c in rep_covs[l]], confidence)
                         for l in layers}
     res["note"] = NOTE
     return res
