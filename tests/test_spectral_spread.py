@@ -74,7 +74,7 @@ def test_interval_narrows_with_more_windows_on_a_known_spectrum():
         assert hi - lo <= few["pooled"][key][1] - few["pooled"][key][0]
 
 
-def _reference_interval(x: np.ndarray, ids: np.ndarray, level: float) -> tuple[list[int], float]:
+def _reference_interval(x: np.ndarray, ids: np.ndarray, level: float) -> tuple[list[int], float, float]:
     """The jackknife in float64 numpy straight from the samples (heads pooled with unit-trace covariances)."""
     def frac(samples: np.ndarray) -> float:
         covs = [np.cov(samples[:, h].T) for h in range(samples.shape[1])]
@@ -91,7 +91,8 @@ def _reference_interval(x: np.ndarray, ids: np.ndarray, level: float) -> tuple[l
     se = math.sqrt((G - 1) / G * np.sum((np.array(reps) - np.mean(reps)) ** 2))
     t = sstats.t.ppf(0.975, G - 1)
     k = math.ceil(point - 1e-9)
-    return [min(k, max(1, math.ceil(point - t * se - 1e-9))), max(k, min(x.shape[2], math.ceil(point + t * se - 1e-9)))], se
+    ci = [min(k, max(1, math.ceil(point - t * se - 1e-9))), max(k, min(x.shape[2], math.ceil(point + t * se - 1e-9)))]
+    return ci, se, (G - 1) * (np.mean(reps) - point)
 
 
 def test_jackknife_matches_a_float64_reference_on_a_tiny_case():
@@ -108,9 +109,10 @@ def test_jackknife_matches_a_float64_reference_on_a_tiny_case():
     got = rank_spread({0: total}, {0: parts})
     for level in LEVELS:
         key = f"k{round(level * 100)}"
-        want, se = _reference_interval(x, ids, level)
+        want, se, bias = _reference_interval(x, ids, level)
         assert got["pooled"][key] == want, key
         assert got["pooled"]["se"][key] == pytest.approx(se, abs=1e-4)
+        assert got["pooled"]["bias"][key] == pytest.approx(bias, abs=1e-4)
 
 
 def test_fractional_rank_is_between_integer_ranks():

@@ -62,31 +62,34 @@ def _curve(cov: torch.Tensor) -> torch.Tensor:
     return explained_variance(torch.linalg.eigvalsh(cov.double()).flip(0).clamp_min(0))
 
 
-def jackknife(point: float, reps: Sequence[float], confidence: float = CONFIDENCE) -> tuple[float, float, float]:
-    """(lo, hi, se): ``point`` +- t(G-1) se with the delete-one jackknife se of the G replicates ``reps``."""
+def jackknife(point: float, reps: Sequence[float], confidence: float = CONFIDENCE) -> tuple[float, float, float, float]:
+    """(lo, hi, se, bias): ``point`` +- t(G-1) se with the delete-one jackknife se of the G replicates ``reps``,
+    and the jackknife's first-order bias estimate (G-1)(mean of reps - point) (exact for a bias ~ 1/windows)."""
     from scipy import stats
 
     g = len(reps)
     mean = sum(reps) / g
     se = math.sqrt((g - 1) / g * sum((r - mean) ** 2 for r in reps))
     t = float(stats.t.ppf(0.5 + confidence / 2, g - 1))
-    return point - t * se, point + t * se, se
+    return point - t * se, point + t * se, se, (g - 1) * (mean - point)
 
 
 def rank_interval(point_curve: torch.Tensor, rep_curves: Sequence[torch.Tensor],
                   confidence: float = CONFIDENCE) -> dict[str, Any]:
-    """{'k90': [lo, hi], ..., 'se': {'k90': se, ...}}: integer ranks, always containing the point estimate."""
+    """{'k90': [lo, hi], ..., 'se': {'k90': se, ...}, 'bias': {...}}: integer ranks, always containing the point
+    estimate; se and the first-order bias estimate in (fractional) ranks."""
     out: dict[str, Any] = {}
     ses: dict[str, float] = {}
+    bias: dict[str, float] = {}
     n = len(point_curve)
     for level in LEVELS:
         key = f"k{round(level * 100)}"
         k = rank_for(point_curve, level)
-        lo, hi, se = jackknife(fractional_rank(point_curve, level), [fractional_rank(c, level) for c in rep_curves],
-                               confidence)
+        lo, hi, se, b = jackknife(fractional_rank(point_curve, level),
+                                  [fractional_rank(c, level) for c in rep_curves], confidence)
         out[key] = [min(k, max(1, math.ceil(lo - 1e-9))), max(k, min(n, math.ceil(hi - 1e-9)))]
-        ses[key] = round(se, 4)
-    return {**out, "se": ses}
+        ses[key], bias[key] = round(se, 4), round(b, 4)
+    return {**out, "se": ses, "bias": bias}
 
 
 def leave_one_out(parts: Sequence[StreamingCovariance]) -> list[StreamingCovariance]:
