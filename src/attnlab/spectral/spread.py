@@ -159,5 +159,8 @@ def spread_line(res: dict[str, Any]) -> str:
     if "reason" in sp:
         return f"no interval over windows ({sp['reason']}){half}"
     ks = ", ".join(f"{k} {interval_of(sp, k)}" for k in ("k90", "k95", "k99"))
-    return (f"{round(100 * sp['confidence'])}% interval over windows ({sp['groups']}-group jackknife): {ks}{half} "
+    bias = (sp.get("pooled") or {}).get("bias", {}).get("k90")
+    grow = f", first-order jackknife bias of k90 {bias:+.1f}" if bias is not None else ""
+    pct = round(100 * sp["confidence"])
+    return (f"{pct}% interval over windows ({sp['groups']}-group jackknife): {ks}{half}{grow} "
             "(the interval is the spread at this number of windows; k90 still grows with more windows)")
