@@ -9,7 +9,7 @@ import sys
 
 import torch
 
-from attnlab.io import read_tensors
+from attnlab.io import read_json, read_tensors
 
 
 COMMON = ["spectrum", "--n-sequences", "8", "--seq-len", "32", "--batch-size", "2", "--layers", "0,4",
@@ -36,6 +36,13 @@ def _assert_same_statistics(single, dist) -> None:
     assert len(keys) == 3 * 2 * 3
     for k in keys:
         torch.testing.assert_close(a[k], b[k], rtol=1e-9, atol=1e-9)
+    ra = read_json(single / "results.json")["spectrum"]["rank_interval"]  # per-group statistics all-reduced too
+    rb = read_json(dist / "results.json")["spectrum"]["rank_interval"]
+    assert ra["groups"] == rb["groups"] == 8 and ra["rows_per_group"] == rb["rows_per_group"]
+    pairs = [(ra["pooled"], rb["pooled"])] + [(ra["per_layer"][l], rb["per_layer"][l]) for l in ra["per_layer"]]
+    for x, y in pairs:
+        assert all(x[k] == y[k] for k in ("k90", "k95", "k99"))
+        assert all(abs(x["se"][k] - y["se"][k]) < 1e-3 for k in x["se"])
 
 
 def test_torchrun_two_processes_equal_single(tmp_path):

@@ -58,7 +58,7 @@ def test_killed_spectrum_resumes_to_same_numbers(tmp_path, sig, spectrum_ref):
     assert res.returncode == 0, res.stderr
     a = read_json(spectrum_ref / "results.json")["spectrum"]
     b = read_json(tmp_path / "run" / "results.json")["spectrum"]
-    for key in ("per_head", "per_layer", "pooled", "overlap_layers", "full_matrix", "n_rows"):
+    for key in ("per_head", "per_layer", "pooled", "overlap_layers", "full_matrix", "n_rows", "rank_interval"):
         assert json.dumps(a[key], sort_keys=True) == json.dumps(b[key], sort_keys=True), key
 
 

@@ -100,8 +100,11 @@ def _spectrum(settings: dict[str, Any], out: str, resume: bool, report: bool, qu
 
     name = settings.pop("model", "minilm")
     res = run_spectrum(out, model=name, resume=resume, progress=not quiet, **settings)
+    from .spectral.spread import spread_line
+
     typer.echo(f"pooled rank for 90/95/99% of row variance: {res['pooled']['k90']}/{res['pooled']['k95']}/"
                f"{res['pooled']['k99']} of {res['seq_len']}")
+    typer.echo(spread_line(res))
     if report:
         _render(Path(out))
 

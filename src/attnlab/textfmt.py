@@ -31,7 +31,7 @@ def num(x: Any, digits: int = 3) -> str:
 
 def interval(ci: Optional[Sequence[Any]], n: Optional[int] = None, digits: int = 3) -> str:
     """'[lo, hi]' rounded; :data:`NO_INTERVAL` for a single seed (``n == 1``) or a degenerate interval, and
-    'unbounded' ends named as such instead of printing [-inf, inf]."""
+    infinite ends named as such: '[-0.74, unbounded)', not [-0.735, inf] (both: 'unbounded (...)')."""
     if ci is None or len(ci) != 2 or n == 1:
         return NO_INTERVAL
     lo, hi = ci
@@ -41,7 +41,9 @@ def interval(ci: Optional[Sequence[Any]], n: Optional[int] = None, digits: int =
         return NO_INTERVAL
     if math.isinf(float(lo)) and math.isinf(float(hi)):
         return "unbounded (the data do not pin it down)"
-    return f"[{num(lo, digits)}, {num(hi, digits)}]"
+    left = "(unbounded" if math.isinf(float(lo)) else f"[{num(lo, digits)}"
+    right = "unbounded)" if math.isinf(float(hi)) else f"{num(hi, digits)}]"
+    return f"{left}, {right}"
 
 
 def spread(mean: float, sd: float, n: int, digits: int = 4) -> str:

@@ -44,6 +44,15 @@ def _halves(ci: Optional[Sequence[int]]) -> str:
     return f" (each half of the windows: {ci[0]} and {ci[1]}; k90 grows with the number of windows)"
 
 
+def _window_ci(res: dict[str, Any]) -> str:
+    """'; 95% interval over windows [a, b]' of the pooled k90 when the run has it, else ''."""
+    from ..spectral.spread import interval_of
+
+    sp = res.get("rank_interval")
+    ci = interval_of(sp, "k90")
+    return f"; {round(100 * sp['confidence'])}% interval over windows {ci}" if ci else ""
+
+
 def _spectrum(res: dict[str, Any]) -> str:
     n = res["seq_len"]
     p = res["pooled"]
@@ -51,7 +60,8 @@ def _spectrum(res: dict[str, Any]) -> str:
     med = statistics.median(ks) if ks else None
     lay = [res["per_layer"][str(l)]["k90"] for l in res["layers"]]
     line = (f"<b>Spectrum</b> ({html.escape(str(res.get('model', {}).get('name')))}, {res['n_sequences']} windows of "
-            f"{n} tokens): {p['k90']} of {n} eigenvectors explain 90% of score-row variance (all heads pooled)"
+            f"{n} tokens): {p['k90']} of {n} eigenvectors explain 90% of score-row variance (all heads pooled"
+            f"{_window_ci(res)})"
             f"{_halves(((res.get('noise_floor') or {}).get('k90_halves') or {}).get('pooled'))}; "
             f"per head k90 median {med:g}, range {min(ks)}&ndash;{max(ks)} over {len(ks)} heads; per layer "
             f"{min(lay)}&ndash;{max(lay)}.")
@@ -66,6 +76,8 @@ def _rank_vs_length(res: dict[str, Any]) -> str:
     if not pts:
         return "<b>Rank vs length</b>: no lengths measured."
     body = ", ".join(f"N = {r['seq_len']}: {r['k90']} ({100 * r['k90'] / r['seq_len']:.0f}%)"
+                     + (f" [95% interval over windows [{r['k90_interval'][0]}, {r['k90_interval'][1]}]]"
+                        if r.get("k90_interval") else "")
                      + (f" [halves {r['k90_halves'][0]}, {r['k90_halves'][1]}]" if r.get("k90_halves") else "")
                      for r in pts)
     line = f"<b>Rank needed vs length</b> (pooled k90, {res.get('n_sequences')} windows each): {body}"

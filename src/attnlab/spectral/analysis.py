@@ -8,23 +8,9 @@ import numpy as np
 import torch
 
 from .collector import SpectrumCollector
+from .spread import rank_spread
 from .eigen import LEVELS, eigh_desc, explained_variance, overlap_matrix, ranks_for
-from .stats import StreamingCovariance, gram_covariance, sketch_covariance_eig
-
-
-def pooled_within(stats: list[StreamingCovariance]) -> torch.Tensor:
-    """Heads pooled with equal weight: the mean of their covariances, each scaled to unit total variance.
-
-    Each head's covariance is its own centred second moment, so differences between the heads' mean rows
-    (not variation over inputs) stay out; the unit-trace scaling stops one high-variance head from
-    deciding the pooled spectrum on its own.
-    """
-    covs = []
-    for s in stats:
-        c = s.covariance()
-        total = torch.trace(c)
-        covs.append(c / total if total > 0 else c)
-    return torch.stack(covs).mean(0)
+from .stats import gram_covariance, pooled_within, sketch_covariance_eig
 
 
 def summarise(col: SpectrumCollector, basis_k: Optional[int] = None) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -91,6 +77,8 @@ def summarise(col: SpectrumCollector, basis_k: Optional[int] = None) -> tuple[di
                 "reached": {k_: v <= col.sketch_size for k_, v in ranks.items()}}
             tensors[f"full.eigvals.{l}.{h}"] = evals
     res["k90_grid"] = [[head_ranks[(l, h)]["k90"] for h in H] for l in L]
+    if col.spread_groups:  # asked for (--spread-groups > 0): the interval, or why there is none
+        res["rank_interval"] = rank_spread(col.rows, col.group_rows)
     return res, tensors
 
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+import logging
+from typing import Optional, Sequence
 
 import torch
 
 from ..attention import AttentionCall
 from ..errors import NumericalError, ShapeError
+from .spread import SPREAD_MAX_BYTES, groups_bytes
 from .stats import StreamingSketch, StreamingCovariance, row_centre
 
 # Longest window for which a second row statistic over every other batch is kept (the noise floor of
@@ -39,11 +41,15 @@ class SpectrumCollector:
     that see no key are skipped. Statistics of one layer's heads are grouped and updated in one
     batched step. ``head_chunk`` heads are scored at a time, so peak memory is B x head_chunk x N^2
     whatever the number of layers and heads.
+
+    ``window_group`` (the group of each of this process's windows, in order, see
+    :func:`attnlab.spectral.spread.window_groups`) keeps one row statistic per group of windows as well, for
+    the intervals of the ranks (skipped, with a warning, when they would take more than ``SPREAD_MAX_BYTES``).
     """
 
     def __init__(self, layers: Sequence[int], heads: Sequence[int], seq_len: int, sketch_size: int = 16,
                  head_chunk: int = 4, centre_rows: bool = True, device: str | torch.device = "cpu",
-                 full_exact: bool = False):
+                 full_exact: bool = False, spread_groups: int = 0, window_group: Optional[torch.Tensor] = None):
         self.layers, self.heads, self.seq_len = list(layers), list(heads), seq_len
         self.full_exact = bool(full_exact)
         self.sketch_size = 0 if self.full_exact else sketch_size
@@ -60,6 +66,36 @@ class SpectrumCollector:
         self.rows_half = {l: StreamingCovariance(N, device=device, groups=G) for l in self.layers} \
             if N <= HALF_MAX_N else {}
         self.calls = {l: 0 for l in self.layers}
+        self.window_group = window_group
+        self.spread_groups = spread_groups if window_group is not None else 0
+        self.seen = {l: 0 for l in self.layers}  # windows of this process seen per layer (their groups)
+        self.group_rows = self._make_groups(spread_groups, window_group)
+
+    def _make_groups(self, n: int, window_group: Optional[torch.Tensor]) -> dict[int, list[StreamingCovariance]]:
+        """Per layer, one row statistic (heads grouped) per group of windows; {} when off or too large."""
+        if not n or window_group is None:
+            return {}
+        size = groups_bytes(n, len(self.layers), len(self.heads), self.seq_len)
+        if size > SPREAD_MAX_BYTES:
+            logging.getLogger("attnlab.spectral").warning(
+                "--spread-groups %d would keep %.1f GiB of row statistics (limit %.0f GiB): no interval for the "
+                "ranks; use fewer groups", n, size / 2**30, SPREAD_MAX_BYTES / 2**30)
+            return {}
+        G = len(self.heads)
+        return {l: [StreamingCovariance(self.seq_len, device=self.device, groups=G) for _ in range(n)]
+                for l in self.layers}
+
+    def _update_groups(self, layer: int, rows: torch.Tensor, row_ok: Optional[torch.Tensor], B: int) -> None:
+        """Add the rows (G, R, N) of the next ``B`` windows to their groups' statistics."""
+        start = self.seen[layer]
+        ids = self.window_group[start:start + B]
+        if len(ids) != B:
+            raise ShapeError(f"more windows than the {len(self.window_group)} the window groups were set up for")
+        self.seen[layer] = start + B
+        counts = torch.full((B,), self.seq_len) if row_ok is None else row_ok.sum(1).cpu()
+        per_row = torch.repeat_interleave(ids, counts).to(rows.device)
+        for g in ids.unique().tolist():
+            self.group_rows[layer][g].update(rows[:, per_row == g])
 
     def __call__(self, call: AttentionCall) -> None:
         if call.layer not in self.rows:
@@ -86,6 +122,8 @@ class SpectrumCollector:
         if self.rows_half and self.calls[call.layer] % 2 == 0:
             self.rows_half[call.layer].update(rows_all)
         self.calls[call.layer] += 1
+        if self.group_rows:
+            self._update_groups(call.layer, rows_all, row_ok, B)
         if self.full_exact:
             self.full_samples[call.layer].append(torch.cat(flats).float().cpu())  # (G, B, N^2)
         elif self.sketch_size:
@@ -119,7 +157,8 @@ class SpectrumCollector:
     # --- persistence and distribution -------------------------------------------------------------
     def cpu(self) -> "SpectrumCollector":
         """Move every statistic to the CPU (before the eigen analysis)."""
-        for st in list(self.rows.values()) + list(self.full_diag.values()) + list(self.rows_half.values()):
+        groups = [st for per in self.group_rows.values() for st in per]
+        for st in list(self.rows.values()) + list(self.full_diag.values()) + list(self.rows_half.values()) + groups:
             st.to("cpu")
         for fd in self.full_sketch.values():
             fd.buf = fd.buf.cpu()
@@ -134,6 +173,10 @@ class SpectrumCollector:
             if self.rows_half:
                 out.update(self.rows_half[l].state(f"half.{l}."))
                 out[f"half.calls.{l}"] = torch.tensor([self.calls[l]], dtype=torch.int64)
+            if self.group_rows:
+                for g, st in enumerate(self.group_rows[l]):
+                    out.update(st.state(f"groups.{l}.{g}."))
+                out[f"groups.seen.{l}"] = torch.tensor([self.seen[l]], dtype=torch.int64)
             if self.sketch_size:
                 out.update(self.full_diag[l].state(f"full.{l}."))
                 out[f"sketch.{l}"] = self.full_sketch[l].buf.cpu().clone()
@@ -151,6 +194,12 @@ class SpectrumCollector:
                 self.calls[l] = int(tensors[f"half.calls.{l}"].item())
             elif self.rows_half:  # a checkpoint without the split: no noise floor for this run
                 self.rows_half = {}
+            if self.group_rows and f"groups.seen.{l}" in tensors:
+                self.group_rows[l] = [StreamingCovariance.from_state(tensors, f"groups.{l}.{g}.", G).to(self.device)
+                                      for g in range(len(self.group_rows[l]))]
+                self.seen[l] = int(tensors[f"groups.seen.{l}"].item())
+            elif self.group_rows:  # a checkpoint without window groups (older version): no interval
+                self.group_rows = {}
             if self.sketch_size:
                 self.full_diag[l] = StreamingCovariance.from_state(tensors, f"full.{l}.", G).to(self.device)
                 self.full_sketch[l].buf = tensors[f"sketch.{l}"].double().to(self.device)
@@ -165,6 +214,8 @@ class SpectrumCollector:
             self.rows[l].all_reduce()
             if self.rows_half:
                 self.rows_half[l].all_reduce()
+            for st in self.group_rows.get(l, []):
+                st.all_reduce()
             if not self.sketch_size:
                 continue
             self.full_diag[l].all_reduce()

@@ -7,6 +7,7 @@ import html
 from ..io import RunDir
 from ..report.html import figure, table
 from .plots import PLOTS
+from .spread import NOTE, interval_of, spread_line
 
 
 def _rank(v: int, limit: int) -> str:
@@ -41,6 +42,32 @@ def full_matrix_note(res: dict) -> str:
             "--full-exact windows on one process get exact spectra instead.")
 
 
+def _layer_table(res: dict) -> str:
+    """Ranks per layer, with their intervals over windows when the run has them."""
+    sp = res.get("rank_interval") or {}
+    levels = ("k90", "k95", "k99")
+    ci = bool(sp.get("per_layer"))
+    pct = f"{round(100 * sp.get('confidence', 0.95))}% interval"
+    rows = []
+    for l in res["layers"]:
+        pl = res["per_layer"][str(l)]
+        ks = [res["per_head"][f"{l}.{h}"]["k90"] for h in res["heads"]]
+        row = [l] + [c for k in levels for c in ([pl[k], interval_of(sp, k, l)] if ci else [pl[k]])]
+        row += [min(ks), sum(ks) / len(ks), max(ks)]
+        if res.get("full_matrix"):
+            row += _full_cells(res, l)
+        rows.append(row)
+    names = ["k90 (heads pooled)", "k95", "k99"]
+    header = ["layer"] + [c for name in names for c in ([name, pct] if ci else [name])]
+    header += ["min head k90", "mean head k90", "max head k90"]
+    if res.get("full_matrix"):
+        header += ["whole-matrix k90, layer", "whole-matrix k90, heads min / median / max"]
+    caption = "Ranks per layer (real layer indices); the head columns show the spread across heads."
+    if ci:
+        caption += f" Intervals: {sp['method']}, {sp['groups']} groups; {html.escape(NOTE)}."
+    return table(header, rows, "{:.1f}", caption=caption)
+
+
 def render_section(run: RunDir) -> str:
     """Spectrum section: summary, per-layer table, plots (with captions), top eigenvectors drawn as rows."""
     from ..report.views import eigenvector_figure
@@ -57,20 +84,8 @@ def render_section(run: RunDir) -> str:
              f"shift-invariant). Pooling all layers and heads with equal weight (each head's covariance scaled to unit "
              f"total variance; differences between heads' mean rows excluded), <b>{res['pooled']['k90']}</b> / "
              f"{res['pooled']['k95']} / {res['pooled']['k99']} of {n} eigenvectors explain 90 / 95 / 99% of the "
-             "variance.</p>"]
-    rows = []
-    for l in res["layers"]:
-        pl = res["per_layer"][str(l)]
-        ks = [res["per_head"][f"{l}.{h}"]["k90"] for h in res["heads"]]
-        row = [l, pl["k90"], pl["k95"], pl["k99"], min(ks), sum(ks) / len(ks), max(ks)]
-        if res.get("full_matrix"):
-            row += _full_cells(res, l)
-        rows.append(row)
-    header = ["layer", "k90 (heads pooled)", "k95", "k99", "min head k90", "mean head k90", "max head k90"]
-    if res.get("full_matrix"):
-        header += ["whole-matrix k90, layer", "whole-matrix k90, heads min / median / max"]
-    parts.append(table(header, rows, "{:.1f}", caption="Ranks per layer (real layer indices); the head columns "
-                                                        "show the spread across heads."))
+             f"variance; {html.escape(spread_line(res))}.</p>"]
+    parts.append(_layer_table(res))
     for name, caption in PLOTS.items():
         if run.file(name).exists():
             parts.append(figure(name, caption))

@@ -44,6 +44,7 @@ class SpectrumConfig:
     seed: int = 0
     checkpoint_every: int = 8  # batches between checkpoints (resume)
     text_field: str = "text"  # JSON-lines field holding the text
+    spread_groups: int = 8  # window groups for the 95% interval of k90/k95/k99 (memory: row statistics x this; 0: none)
 
     def validate(self) -> None:
         """Raise ConfigError on bad values."""
@@ -51,6 +52,8 @@ class SpectrumConfig:
         for name in ("seq_len", "n_sequences", "batch_size", "head_chunk", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(self, name)})")
+        if self.spread_groups < 0 or self.spread_groups == 1:
+            raise ConfigError(f"--spread-groups must be 0 (no interval) or >= 2 (got {self.spread_groups})")
         if self.full_exact < 0:
             raise ConfigError(f"--full-exact must be >= 0 (got {self.full_exact})")
         if self.sketch_size < 0 or self.sketch_size == 1:
@@ -97,10 +100,13 @@ def spectrum(out: str | Path, model: str | Model = "minilm", windows: Optional[t
     mine = windows[info.rank::info.world_size]
     # Exact whole matrices keep every matrix (float32, M N^2 per head): only when the run is small and on one process.
     exact = bool(cfg.sketch_size) and info.world_size == 1 and len(windows) <= cfg.full_exact
+    from .spread import window_groups
+
+    groups = window_groups(len(windows), cfg.spread_groups, info.rank, info.world_size) if cfg.spread_groups else None
     col = SpectrumCollector(layers, heads, cfg.seq_len, cfg.sketch_size, cfg.head_chunk, device=device,
-                            full_exact=exact)
+                            full_exact=exact, spread_groups=cfg.spread_groups, window_group=groups)
     conf = asdict(cfg)
-    fp = fingerprint({**conf, "windows": windows_digest(windows)})  # corpus content, not only its path
+    fp = fingerprint({**_settings_id(conf), "windows": windows_digest(windows)})  # corpus content, not only its path
     ckpt = run.file(f"spectrum.ckpt.rank{info.rank}.safetensors")
     start = 0
     done = run.section("spectrum") if resume and not ckpt.exists() and run.file(TENSORS).exists() else None
@@ -155,6 +161,15 @@ def spectrum(out: str | Path, model: str | Model = "minilm", windows: Optional[t
     if ckpt.exists():
         ckpt.unlink()
     return results
+
+
+def _settings_id(conf: dict[str, Any]) -> dict[str, Any]:
+    """The settings that name a run: fields added later are left out at their defaults, so a run made before
+    they existed keeps its fingerprint (resume across the upgrade, same results.json)."""
+    return {k: v for k, v in conf.items() if not (k in _LATER and v == _LATER[k])}
+
+
+_LATER = {"spread_groups": SpectrumConfig.spread_groups}
 
 
 def windows_digest(windows: torch.Tensor) -> str:

@@ -174,6 +174,21 @@ def sketch_covariance_eig(sketch: torch.Tensor, mean: torch.Tensor, n: int, k: i
     return evals[order].clamp_min(0), q @ evecs[:, order]
 
 
+def pooled_within(stats: list[StreamingCovariance]) -> torch.Tensor:
+    """Heads pooled with equal weight: the mean of their covariances, each scaled to unit total variance.
+
+    Each head's covariance is its own centred second moment, so differences between the heads' mean rows
+    (not variation over inputs) stay out; the unit-trace scaling stops one high-variance head from
+    deciding the pooled spectrum on its own.
+    """
+    covs = []
+    for s in stats:
+        c = s.covariance()
+        total = torch.trace(c)
+        covs.append(c / total if total > 0 else c)
+    return torch.stack(covs).mean(0)
+
+
 def gram_covariance(x: torch.Tensor) -> torch.Tensor:
     """The M x M Gram matrix of the centred samples, Xc Xc^T / (M - 1), in float64, from samples x (M, D): it has
     the same nonzero eigenvalues as the D x D sample covariance (exact whole-matrix spectra when M < D)."""

@@ -20,6 +20,7 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 
 from ..errors import ConfigError
+from ..textfmt import interval
 
 MIN_POINTS = 5  # AICc of the 3-parameter power law needs n - k - 1 > 0
 
@@ -218,7 +219,8 @@ def _verdict(log_fit: LawFit, power_fit: LawFit, c_poly: float, level: float) ->
     c_lo, c_hi = power_fit.ci["c"]
     b_lo = log_fit.ci["b"][0]
     pct = f"{100 * level:g}%"
-    cs = f"exponent c in [{c_lo:.3g}, {c_hi:.3g}] ({pct})"
+    ivl = interval([c_lo, c_hi])
+    cs = f"exponent c in {ivl} ({pct})" if ivl[0] in "[(" else f"exponent c: {ivl}"
     if c_lo > 0:
         return "power", f"{cs} excludes 0: grows faster than any log law"
     if c_hi < c_poly and b_lo > 0:

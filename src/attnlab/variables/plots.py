@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
+
+from ..textfmt import interval
 
 
 COMPLEXITY_PNG = "variables_mstar.png"
@@ -58,11 +59,10 @@ def _curve(ax, results: Sequence[Mapping[str, Any]], fits: Optional[Mapping[str,
 
 
 def _interval(ci: Optional[Sequence[float]]) -> str:
-    """[lo, hi] with infinite ends written as -inf / inf."""
+    """[lo, hi] rounded, infinite ends written as 'unbounded' (:func:`attnlab.textfmt.interval`)."""
     if not ci:
         return "?"
-    vals = [float(v) for v in ci]  # JSON may hold infinite ends as strings
-    return "[" + ", ".join(("inf" if v > 0 else "-inf") if not math.isfinite(v) else f"{v:.2f}" for v in vals) + "]"
+    return interval([float(v) for v in ci])  # JSON may hold infinite ends as strings
 
 
 def verdict_line(name: str, target: Mapping[str, Any]) -> str:

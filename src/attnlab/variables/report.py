@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
+import math
 from html import escape
 from typing import Any, Mapping
 
 from ..io import RunDir
 from ..report.html import cell as _fmt, figure, table as _table
+from ..textfmt import interval
 from .experiment import SECTION
 from .plots import verdict_line
 
 
-def _ci(ci: Any) -> str:
-    """[lo, hi] with None shown as infinity."""
+def _ci(ci: Any, n: int | None = None) -> str:
+    """[lo, hi] rounded, a None or infinite end as 'unbounded'; no interval for one seed (``n == 1``)."""
     if not ci:
         return ""
-    return f"[{_fmt(ci[0]) if ci[0] is not None else '-inf'}, {_fmt(ci[1]) if ci[1] is not None else 'inf'}]"
+    return interval([-math.inf if ci[0] is None else float(ci[0]), math.inf if ci[1] is None else float(ci[1])], n)
 
 
 def _fit_cell(r: Mapping[str, Any]) -> str:
@@ -29,8 +31,9 @@ def _fit_cell(r: Mapping[str, Any]) -> str:
 def _results_table(results: list[Mapping[str, Any]]) -> str:
     """m*(T) rows: median, CI, per seed, fit rate and restarts, flags, trials, the largest norms reached."""
     rows = [[r["T"], r["m_star"] if r["m_star"] is not None else f"not learned up to m = {r.get('m_max')}",
-             _ci(r.get("ci")), ", ".join(f"{k}: {_fmt(v)}" for k, v in r.get("per_seed", {}).items()),
-             _fit_cell(r), r.get("flag") or "", r.get("n_trials"),
+             _ci(r.get("ci"), len(r.get("per_seed") or {}) or None),
+             ", ".join(f"{k}: {_fmt(v)}" for k, v in r.get("per_seed", {}).items()), _fit_cell(r), r.get("flag") or "",
+             r.get("n_trials"),
              ", ".join(f"{k} {v:.3g}" for k, v in r.get("norms_max", {}).items()), r.get("seconds")]
             for r in results]
     return _table(["T", "m* (median over seeds, fitting trials only)", "95% CI", "per seed m*",
@@ -150,7 +153,8 @@ def _norm_sweep_and_probe(sec: dict) -> list[str]:
     if ns and ns.get("results"):
         parts.append(f"<h3>Norm / sample trade-off at T = {ns['T']} (bound on ||W_Q^T W_K||_F)</h3>")
         rows = [[r["qk_bound"], r["m_star"] if r["m_star"] is not None else f"not learned up to m = {r['m_max']}",
-                 _ci(r.get("ci")), ", ".join(f"{k}: {_fmt(v)}" for k, v in r["per_seed"].items()), r.get("flag") or ""]
+                 _ci(r.get("ci"), len(r["per_seed"]) or None),
+                 ", ".join(f"{k}: {_fmt(v)}" for k, v in r["per_seed"].items()), r.get("flag") or ""]
                 for r in ns["results"]]
         parts.append(_table(["qk bound", "m*", "95% CI", "per seed", "flag"], rows))
     probe = sec.get("probe")
