@@ -121,3 +121,23 @@ def saved_overlaps(monkeypatch):
 
     monkeypatch.setattr(Figure, "savefig", hooked)
     return found
+
+
+def triton_interpreter(module: str):
+    """Generator for a module-scoped fixture of the Triton kernel tests: without CUDA, set TRITON_INTERPRET=1 and
+    (re)load the kernel ``module`` under it (the variable is read when the kernels are defined), restore after."""
+    import importlib
+    import sys
+
+    if torch.cuda.is_available():
+        yield
+        return
+    old = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    if module in sys.modules:  # loaded compiled (not interpreted) by an earlier test: load it again
+        importlib.reload(sys.modules[module])
+    yield
+    if old is None:
+        del os.environ["TRITON_INTERPRET"]
+    else:
+        os.environ["TRITON_INTERPRET"] = old

@@ -3,9 +3,7 @@ FlexAttention backend. Without CUDA the kernel runs in Triton's interpreter (TRI
 
 from __future__ import annotations
 
-import importlib
 import os
-import sys
 
 import pytest
 import torch
@@ -28,20 +26,10 @@ from attnlab.blocksparse.sparse_entmax import (  # noqa: E402
 
 @pytest.fixture(scope="module", autouse=True)
 def interpret():
-    """CPU: run the kernel in Triton's interpreter (the env var must be set before the kernel module loads)."""
-    if CUDA:
-        yield
-        return
-    old = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    name = "attnlab.blocksparse.kernels.entmax_triton"
-    if name in sys.modules:  # loaded compiled (not interpreted) by an earlier test: load it again
-        importlib.reload(sys.modules[name])
-    yield
-    if old is None:
-        del os.environ["TRITON_INTERPRET"]
-    else:
-        os.environ["TRITON_INTERPRET"] = old
+    """CPU: the kernel module runs in Triton's interpreter (conftest.triton_interpreter)."""
+    from conftest import triton_interpreter
+
+    yield from triton_interpreter("attnlab.blocksparse.kernels.entmax_triton")
 
 
 def _qkv(H, Hkv, N, d, seed, spread=2.0, dtype=torch.float64):

@@ -3,9 +3,7 @@ eager torch path and a float64 loop. Without CUDA the kernels run in Triton's in
 
 from __future__ import annotations
 
-import importlib
 import os
-import sys
 
 import pytest
 import torch
@@ -25,20 +23,10 @@ SMALL = dict(last_q=16, vertical_size=40, slash_size=60, sink_tokens=4, local_of
 
 @pytest.fixture(scope="module", autouse=True)
 def interpret():
-    """CPU: the kernel module must be (re)loaded while TRITON_INTERPRET=1 is set."""
-    if CUDA:
-        yield
-        return
-    old = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    name = "attnlab.blocksparse.kernels.vertical_slash_triton"
-    if name in sys.modules:
-        importlib.reload(sys.modules[name])
-    yield
-    if old is None:
-        del os.environ["TRITON_INTERPRET"]
-    else:
-        os.environ["TRITON_INTERPRET"] = old
+    """CPU: the kernel module runs in Triton's interpreter (conftest.triton_interpreter)."""
+    from conftest import triton_interpreter
+
+    yield from triton_interpreter("attnlab.blocksparse.kernels.vertical_slash_triton")
 
 
 def _inputs(seed, B=1, Hk=2, G=2, N=256, D=16, dtype=torch.float64):

@@ -251,13 +251,9 @@ def triton_supports(q: Tensor, block_mask: Any) -> bool:
     """True when the fused Triton kernel can run this call: CUDA (or TRITON_INTERPRET=1), triton importable,
     a :class:`BlockCSR` or a mask from :func:`block_mask_from_graph` (its mask_mod is the block graph +
     causal/tail, nothing else), square blocks that are a multiple of 16."""
-    import os
+    from .kernels.runtime import triton_can_run
 
-    if q.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        return False
-    try:
-        import triton  # noqa: F401
-    except Exception:
+    if not triton_can_run(q.device):
         return False
     qb, kb = (block_mask.block,) * 2 if isinstance(block_mask, BlockCSR) else block_mask.BLOCK_SIZE
     return _mask_causal(block_mask) is not None and qb == kb and qb % 16 == 0

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from attnlab.blocksparse.blockmask import KVBlocks
+from attnlab.blocksparse.kernels.runtime import triton_can_run
 from attnlab.errors import ConfigError, ShapeError
 
 __all__ = ["STATS_BACKENDS", "VSParams", "VSResult", "VerticalSlashPlan", "vertical_slash_fast", "lossless_tf32",
@@ -161,12 +162,19 @@ def _core_triton(qrows: Tensor, kn: Tensor, knob: Tensor, c: dict[str, Tensor], 
     return _pattern(*stats, knob, c, p)
 
 
+def _key_heads(k: Tensor, n_heads: int, group: int) -> Tensor:
+    """One key head per group: ``k`` with keys repeated per query head (H heads) or already (H // group)."""
+    kv = k[:, ::group] if k.shape[1] == n_heads else k
+    if kv.shape[1] * group != n_heads:
+        raise ShapeError(f"{n_heads} query heads with group {group} need {n_heads // group} key heads, got "
+                         f"{k.shape[1]}")
+    return kv
+
+
 def _select(q: Tensor, k: Tensor, c: dict[str, Tensor], group: int, dt: torch.dtype) -> tuple[Tensor, Tensor]:
     """The product's inputs: the selected query rows grouped per key head, and the reversed key heads."""
     B, H, n, D = q.shape
-    kv = k[:, ::group] if k.shape[1] == H else k  # keys repeated per query head -> one per group
-    if kv.shape[1] * group != H:
-        raise ShapeError(f"{H} query heads with group {group} need {H // group} key heads, got {k.shape[1]}")
+    kv = _key_heads(k, H, group)
     qsel = q.index_select(2, c["pos_rows"]).to(dt).reshape(B, kv.shape[1], -1, D)
     return qsel, kv.flip(2).to(dt)
 
@@ -188,25 +196,12 @@ def _wrap(full_cnt: Tensor, full_idx: Tensor, density: Tensor, rec: Tensor, sd: 
     return VSResult(kv, density, rec, sd)
 
 
-def triton_stats_available(q: Tensor) -> bool:
-    """Whether the fused Triton statistics can run for ``q``: CUDA (or Triton's interpreter) and Triton importable."""
-    import os
-
-    if not (q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
-        return False
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def _resolve_stats(stats: str, q: Tensor) -> str:
     if stats not in STATS_BACKENDS and stats != "auto":
         raise ConfigError(f"vertical-slash stats backend must be auto, {' or '.join(STATS_BACKENDS)} (got {stats!r})")
     if stats == "auto":
-        return "triton" if q.is_cuda and triton_stats_available(q) else "eager"
-    if stats == "triton" and not triton_stats_available(q):
+        return "triton" if q.is_cuda and triton_can_run(q.device) else "eager"
+    if stats == "triton" and not triton_can_run(q.device):
         raise ConfigError("the triton vertical-slash statistics need CUDA (or TRITON_INTERPRET=1) and triton")
     return stats
 
@@ -216,10 +211,7 @@ def _inputs(q: Tensor, k: Tensor, c: dict[str, Tensor], group: int, stats: str) 
     (the selected query rows and the key heads in the input dtype, natural order)."""
     if stats == "eager":
         return _select(q, k, c, group, torch.float64 if q.dtype == torch.float64 else torch.float32)
-    B, H, n, D = q.shape
-    kv = k[:, ::group] if k.shape[1] == H else k
-    if kv.shape[1] * group != H:
-        raise ShapeError(f"{H} query heads with group {group} need {H // group} key heads, got {k.shape[1]}")
+    kv = _key_heads(k, q.shape[1], group)
     return q.index_select(2, c["pos_rows"]).contiguous(), kv.contiguous()
 
 
@@ -302,8 +294,7 @@ class VerticalSlashPlan:
     @torch.no_grad()
     def run(self, q: Tensor, k: Tensor, knob: Tensor) -> VSResult:
         """The pattern, density and check recall for this call's q, k and knob (H,)."""
-        H = q.shape[1]
-        kv = k[:, :: self.group] if k.shape[1] == H else k
+        kv = _key_heads(k, q.shape[1], self.group)
         rows = q.index_select(2, self.c["pos_rows"])
         self.qsel.copy_(rows.view(self.qsel.shape))  # casts while copying
         self.kf.copy_(kv.flip(2) if self.stats == "eager" else kv)
